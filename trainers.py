@@ -1,0 +1,612 @@
+"""Trainers: one shared training loop and one small subclass per human-aware loss.
+
+To add a loss, subclass PairedPreferenceTrainer (chosen/rejected pairs) or
+UnpairedPreferenceTrainer (desirable/undesirable examples), override `loss`, and add a YAML file to
+config/loss naming the trainer and the dataloader. `loss` receives summed log-probs of the
+completions, shape [batch], and returns per-example (losses, chosen_rewards, rejected_rewards).
+
+The pure loss functions come first; each trainer's `loss` calls one with its hyperparameters from
+`self.config.loss`. BasicTrainer owns the loop, evaluation, logging, clipping and checkpoints.
+"""
+import hashlib
+import json
+import os
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import models
+
+from utils import (MetricAccumulator, add_margins, all_reduce_mean, all_reduce_sum, barrier, formatted_dict,
+                   get_batch_logps, get_rng_state, is_distributed, load_policy_file, on_rank0, pad_to_length,
+                   rank0_print, resolve_checkpoint_dir, save_policy_file, set_rng_state, write_checkpoint_dir)
+
+
+# ---------------------------------------------------------------- loss functions
+# Inputs are summed completion log-probs, shape [batch]. Rewards are detached, for logging.
+
+def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
+    """L_i = -log pi(y_i | x_i), the summed NLL of the target completion."""
+    return -policy_logps
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7), with conservative label smoothing epsilon:
+
+        h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+        L = -(1 - epsilon) log sigmoid(beta h) - epsilon log sigmoid(-beta h)
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             tau: float):
+    """IPO (Azar et al. 2023, eq. 17) on summed log-probs: L = (h - 1 / (2 tau))^2, h as in DPO."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = (chosen_logratios - rejected_logratios - 1 / (2 * tau)) ** 2
+    return losses, tau * chosen_logratios.detach(), tau * rejected_logratios.detach()
+
+
+def slic_loss(policy_chosen_logps, policy_rejected_logps, delta: float, lambda_coef: float):
+    """SLiC-HF (Zhao et al. 2023): L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w).
+
+    Rewards are the raw summed log-probs (there is no reference model).
+    """
+    losses = torch.clamp(delta - policy_chosen_logps + policy_rejected_logps, min=0) \
+        - lambda_coef * policy_chosen_logps
+    return losses, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+
+
+def kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             reference_point, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024), with r = log pi(y|x) - log pi_ref(y|x) and reference point z0:
+
+        desirable:   L = lambda_D (1 - sigmoid(beta (r - z0)))
+        undesirable: L = lambda_U (1 - sigmoid(beta (z0 - r)))
+
+    Returns the desirable losses followed by the undesirable ones.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_logratios - reference_point)))
+    rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - rejected_logratios)))
+    return (torch.cat((chosen_losses, rejected_losses)), beta * chosen_logratios.detach(),
+            beta * rejected_logratios.detach())
+
+
+def simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta: float):
+    """The first KTO of HALOs: each half's reference point is the other half's mean log-ratio.
+
+        KL_c = max(0, mean r_c),  KL_u = max(0, mean r_u)      (not detached)
+        desirable:   L = 1 - sigmoid(beta (r_c - KL_u))
+        undesirable: L = 1 - sigmoid(beta (KL_c - r_u))
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_kl = chosen_logratios.mean().clamp(min=0)
+    rejected_kl = rejected_logratios.mean().clamp(min=0)
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))
+    return (torch.cat((chosen_losses, rejected_losses)), beta * chosen_logratios.detach(),
+            beta * rejected_logratios.detach())
+
+
+# ---------------------------------------------------------------- the shared loop
+
+class BasicTrainer:
+    """The training loop, evaluation, logging, clipping, sharding and checkpoints.
+
+    Subclasses provide `get_batch_metrics(batch, mode) -> (scalar loss, {name: per-example values})`.
+    Class attributes say what a trainer needs, so nothing outside asks for a loss by name.
+    """
+    use_reference_model = False
+    prefixes: Tuple[str, ...] = ('target',)  # the sequences of a batch that go through the models
+
+    def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
+                 reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
+        self.tokenizer, self.config = tokenizer, config
+        self.train_iterator, self.eval_iterator = train_iterator, eval_iterator
+        self.policy, self.reference_model = policy, reference_model
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = config.local_run_dir
+        self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
+        self.policy.to(self.device)
+        if self.reference_model is not None:
+            self.reference_model.to(self.device).eval().requires_grad_(False)
+        if world_size > 1 and config.use_fsdp:
+            self.shard()
+        if config.model.activation_checkpointing and hasattr(self.policy, 'gradient_checkpointing_enable'):
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+
+        self.optimizer = self.build_optimizer()
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.example_counter = 0   # training examples seen (global)
+        self.batch_counter = 0     # optimizer steps taken
+        self.batches_seen = 0      # global microbatches consumed: the data position
+        self.train_metrics = MetricAccumulator()
+        self.reference_logps_cache: Optional[Dict[bytes, float]] = None
+        self.eval_batches = list(tqdm(eval_iterator, desc='tokenizing eval data', disable=not on_rank0(), leave=False))
+
+    # --- setup
+    @classmethod
+    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
+        """The policy model; PPO overrides this to add a value head."""
+        return models.load_causal_lm(name_or_path, dtype, **kwargs)
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        name = self.config.optimizer
+        optimizer_class = getattr(torch.optim, name, None)
+        if not (isinstance(optimizer_class, type) and issubclass(optimizer_class, torch.optim.Optimizer)):
+            valid = sorted(n for n, c in vars(torch.optim).items()
+                           if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and n != 'Optimizer')
+            raise ValueError(f"optimizer={name} is not a torch.optim optimizer; valid: {', '.join(valid)}")
+        return optimizer_class(self.policy.parameters(), lr=self.config.lr)
+
+    def shard(self) -> None:
+        """FSDP2: shard every transformer block, then the whole model, of the policy and the reference."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp_dtype = self.config.model.fsdp_policy_mp
+        mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mp_dtype)) if mp_dtype else MixedPrecisionPolicy()
+        block_name = self.config.model.block_name
+        for model in (self.policy, self.reference_model):
+            if model is None:
+                continue
+            blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+            if not blocks:
+                raise ValueError(f"model.block_name={block_name} matches no module of {type(model).__name__}")
+            for block in blocks:
+                fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+            fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+
+    # --- forward passes
+    def concatenated_logps(self, model: torch.nn.Module, batch: Dict, prefixes: Tuple[str, ...]) -> List[torch.Tensor]:
+        """Summed completion log-probs of the sequences `<prefix>_combined_input_ids` of each prefix.
+
+        All rows go through one forward (padded to a common length), which is faster than one
+        forward per prefix and keeps FSDP's collectives in step across ranks.
+        Returns one [rows] tensor per prefix, in fp32.
+        """
+        length = max(batch[f'{p}_combined_input_ids'].shape[1] for p in prefixes)
+        stack = lambda suffix, pad: torch.cat(
+            [pad_to_length(batch[f'{p}{suffix}'], length, pad) for p in prefixes]).to(self.device)
+        input_ids = stack('_combined_input_ids', self.tokenizer.pad_token_id)
+        attention_mask = stack('_combined_attention_mask', 0)
+        labels = stack('_labels', -100)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        logps = get_batch_logps(logits, labels)
+        return list(logps.split([batch[f'{p}_combined_input_ids'].shape[0] for p in prefixes]))
+
+    def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
+        """Reference log-probs of every prefix of the batch, from the cache or one no-grad forward."""
+        if self.reference_logps_cache is not None:
+            return [torch.tensor([self.reference_logps_cache[key] for key in self.sequence_keys(batch, p)],
+                                 device=self.device) for p in self.prefixes]
+        with torch.no_grad():
+            return self.concatenated_logps(self.reference_model, batch, self.prefixes)
+
+    @staticmethod
+    def sequence_keys(batch: Dict, prefix: str) -> List[bytes]:
+        """A key per sequence: a digest of its tokens and label mask."""
+        keys = []
+        for ids, labels, mask in zip(batch[f'{prefix}_combined_input_ids'], batch[f'{prefix}_labels'],
+                                     batch[f'{prefix}_combined_attention_mask']):
+            n = int(mask.sum())
+            keys.append(hashlib.sha1(ids[:n].numpy().tobytes() + labels[:n].numpy().tobytes()).digest())
+        return keys
+
+    def cache_reference_logprobs(self) -> None:
+        """Compute every reference log-prob of the run (train and eval) in one pass, then free the reference model.
+
+        The cache is saved next to the run, named by a digest of everything that decides the
+        sequences and the reference model, and reused by a later run with the same digest.
+        """
+        path = os.path.join(self.run_dir, f'reference_logps_{self.reference_cache_digest()}.pt')
+        if os.path.exists(path):
+            self.reference_logps_cache = torch.load(path, weights_only=True)
+            rank0_print(f'reusing cached reference log-probs from {path}')
+        else:
+            cache: Dict[bytes, float] = {}
+            batches = tqdm(list_chain(self.train_iterator, self.eval_batches), desc='reference log-probs',
+                           total=len(self.train_iterator) + len(self.eval_batches), disable=not on_rank0())
+            with torch.no_grad():
+                for batch in batches:
+                    logps = self.concatenated_logps(self.reference_model, batch, self.prefixes)
+                    for prefix, values in zip(self.prefixes, logps):
+                        cache.update(zip(self.sequence_keys(batch, prefix), values.tolist()))
+            if is_distributed():
+                gathered = [None] * self.world_size
+                torch.distributed.all_gather_object(gathered, cache)
+                cache = {k: v for part in gathered for k, v in part.items()}
+            if on_rank0():
+                torch.save(cache, path + '.tmp')
+                os.replace(path + '.tmp', path)
+            self.reference_logps_cache = cache
+        self.reference_model = None
+
+    def reference_cache_digest(self) -> str:
+        c = self.config
+        parts = [c.model.name_or_path, c.model.load_from, c.model.reference_dtype, list(c.datasets), c.data_dir, c.seed,
+                 c.model.max_length, c.model.max_prompt_length, c.model.batch_size, c.model.eval_batch_size,
+                 c.n_epochs, c.n_examples, c.n_eval_examples, c.loss.dataloader, c.use_chat_template,
+                 c.human_prefix, c.human_suffix, c.assistant_prefix, c.assistant_suffix,
+                 c.frac_unique_desirable, c.frac_unique_undesirable, len(self.tokenizer), self.world_size]
+        return hashlib.sha1(json.dumps(parts, default=str).encode()).hexdigest()[:16]
+
+    # --- the loop
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def global_batch_size(self, batch: Dict) -> int:
+        return len(batch['prompt_text']) * self.world_size
+
+    def check_finite(self, loss: torch.Tensor, batch: Dict) -> None:
+        """Stop, naming the step and batch, when the loss is NaN or infinite on any rank."""
+        bad = all_reduce_sum(torch.tensor(0.0 if torch.isfinite(loss) else 1.0))
+        if bad.item() > 0:
+            raise FloatingPointError(
+                f"non-finite training loss ({loss.item()}) at optimizer step {self.batch_counter}, microbatch "
+                f"{self.batches_seen} (examples {self.example_counter}..{self.example_counter + self.global_batch_size(batch)}), "
+                f"first prompt {batch['prompt_text'][0][:80]!r}. Nothing was saved: the last checkpoint in "
+                f"{os.path.join(self.run_dir, 'LATEST')} is intact (resume with ++resume=true).")
+
+    def train(self) -> None:
+        """Microbatch loop: evaluate every eval_every examples, backpropagate loss / G, step every G microbatches."""
+        config = self.config
+        accumulation = config.model.gradient_accumulation_steps
+        if config.cache_reference_logprobs and self.use_reference_model and self.reference_logps_cache is None:
+            self.cache_reference_logprobs()
+        self.train_iterator.skip_batches = self.batches_seen
+        progress = tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
+                        disable=not on_rank0())
+        last_log, last_eval = time.time(), (self.example_counter if self.batches_seen else None)
+        accumulated = 0
+        self.policy.train()
+        for batch in self.train_iterator:
+            if self.example_counter % config.eval_every == 0 and last_eval != self.example_counter \
+                    and (self.example_counter > 0 or config.do_first_eval):
+                self.evaluate()
+                last_eval = self.example_counter
+                if self.example_counter > 0:
+                    self.save_checkpoint()
+
+            start = time.time()
+            loss, metrics = self.get_batch_metrics(batch, 'train')
+            self.check_finite(loss, batch)
+            (loss / accumulation).backward()  # the mean over G equal microbatches = the mean over one big batch
+            for name, values in metrics.items():
+                self.train_metrics.add(name, values)
+            accumulated += 1
+            self.batches_seen += 1
+            self.example_counter += self.global_batch_size(batch)
+            if accumulated == accumulation:
+                self.optimizer_step()
+                accumulated = 0
+            progress.update(1)
+            progress.set_postfix(loss=f'{loss.item():.4g}',
+                                 examples_per_s=f'{self.global_batch_size(batch) / (time.time() - start):.3g}')
+            if accumulated == 0 and time.time() - last_log >= config.minimum_log_interval_secs:
+                self.log_train_metrics(self.global_batch_size(batch) / (time.time() - start))
+                last_log = time.time()
+        if accumulated:  # a last, incomplete accumulation still counts, as the mean over its microbatches
+            for parameter in self.policy.parameters():
+                if parameter.grad is not None:
+                    parameter.grad.mul_(accumulation / accumulated)
+            self.optimizer_step()
+        if self.train_metrics.counts:
+            self.log_train_metrics(None)
+        progress.close()
+
+    def optimizer_step(self) -> None:
+        self.grad_norm = self.clip_gradient()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.batch_counter += 1
+
+    def clip_gradient(self) -> float:
+        """Clip to max_grad_norm by the global norm (under FSDP2 the norm of the sharded DTensors is global)."""
+        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.model.max_grad_norm)
+        return (norm.full_tensor() if hasattr(norm, 'full_tensor') else norm).item()
+
+    def evaluate(self) -> Dict[str, float]:
+        """Mean eval metrics over the whole test set (all ranks' slices)."""
+        self.policy.eval()
+        accumulator = MetricAccumulator()
+        with torch.no_grad():
+            for batch in tqdm(self.eval_batches, desc='evaluating', disable=not on_rank0(), leave=False):
+                _, metrics = self.get_batch_metrics(batch, 'eval')
+                for name, values in metrics.items():
+                    accumulator.add(name, values)
+        results = add_margins(accumulator.means())
+        self.policy.train()
+        self.log(results)
+        rank0_print(f'eval after {self.example_counter} examples: {formatted_dict(results)}')
+        self.last_eval_metrics = results
+        return results
+
+    def log_train_metrics(self, examples_per_second: Optional[float]) -> None:
+        metrics = add_margins(self.train_metrics.means())
+        metrics.update({'grad_norm': getattr(self, 'grad_norm', float('nan')), 'lr': self.scheduler.get_last_lr()[0],
+                        'counters/examples': self.example_counter, 'counters/updates': self.batch_counter})
+        if examples_per_second is not None:
+            metrics['examples_per_second'] = examples_per_second
+        self.train_metrics.reset()
+        self.log(metrics)
+
+    def log(self, metrics: Dict[str, float]) -> None:
+        """To wandb (when a run is active) and to <run_dir>/metrics.jsonl, keyed by the example counter."""
+        if not on_rank0():
+            return
+        import wandb
+        if wandb.run is not None:
+            wandb.log(metrics, step=self.example_counter)
+        with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': self.example_counter, **metrics}) + '\n')
+
+    # --- checkpoints
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full policy state dict (gathered from the shards under FSDP2) on CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self) -> Dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.policy, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints) atomically.
+
+        policy.pt holds HALOs' {'step_idx', 'state', 'metrics'}; optimizer.pt, scheduler.pt and
+        trainer_state.pt (counters, data position, RNG) make the run resumable exactly.
+        """
+        metrics = getattr(self, 'last_eval_metrics', {})
+        policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
+        if on_rank0():
+            def write_files(directory: str) -> None:
+                save_policy_file(os.path.join(directory, 'policy.pt'), self.example_counter, policy_state, metrics)
+                torch.save(optimizer_state, os.path.join(directory, 'optimizer.pt'))
+                torch.save(self.scheduler.state_dict(), os.path.join(directory, 'scheduler.pt'))
+                torch.save({'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
+                            'batches_seen': self.batches_seen, 'rng': get_rng_state()},
+                           os.path.join(directory, 'trainer_state.pt'))
+                self.write_extra_files(directory, policy_state)
+
+            write_checkpoint_dir(os.path.join(self.run_dir, 'LATEST'), write_files)
+            if self.config.intermediate_checkpoints and not self.config.debug and not final:
+                write_checkpoint_dir(os.path.join(self.run_dir, f'step-{self.example_counter}'), write_files)
+            self.tokenizer.save_pretrained(self.run_dir)
+            if final:
+                self.export_hf(os.path.join(self.run_dir, 'LATEST', 'hf'), policy_state)
+            rank0_print(f'saved checkpoint after {self.example_counter} examples to {self.run_dir}/LATEST')
+        barrier()
+
+    def write_extra_files(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
+        """Hook for trainers with more to save (PPO's value head)."""
+
+    def export_hf(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
+        """An HF directory (safetensors, config, tokenizer with chat template) for from_pretrained."""
+        self.policy.save_pretrained(directory, state_dict=policy_state)
+        self.tokenizer.save_pretrained(directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore policy, optimizer, scheduler, counters, data position and RNG from a LATEST/ directory."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        resolved = resolve_checkpoint_dir(directory)
+        if resolved is None or not os.path.exists(os.path.join(resolved, 'trainer_state.pt')):
+            raise FileNotFoundError(f"resume=true but there is no complete checkpoint in {directory}")
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.policy, load_policy_file(os.path.join(resolved, 'policy.pt'))['state'], options=options)
+        set_optimizer_state_dict(self.policy, self.optimizer,
+                                 torch.load(os.path.join(resolved, 'optimizer.pt'), weights_only=True), options=options)
+        self.scheduler.load_state_dict(torch.load(os.path.join(resolved, 'scheduler.pt'), weights_only=True))
+        state = torch.load(os.path.join(resolved, 'trainer_state.pt'), weights_only=False)
+        self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
+        self.batches_seen = state['batches_seen']
+        set_rng_state(state['rng'])
+        rank0_print(f'resumed from {resolved} after {self.example_counter} examples ({self.batch_counter} steps)')
+
+
+def list_chain(*iterables):
+    for iterable in iterables:
+        yield from iterable
+
+
+# ---------------------------------------------------------------- families
+
+class SFTTrainer(BasicTrainer):
+    """Supervised fine-tuning on the target completion (also CSFT, with the conditional loader)."""
+
+    def loss(self, policy_chosen_logps: torch.Tensor) -> torch.Tensor:
+        return sft_loss(policy_chosen_logps)
+
+    def get_batch_metrics(self, batch, mode):
+        policy_logps, = self.concatenated_logps(self.policy, batch, ('target',))
+        losses = self.loss(policy_logps)
+        return losses.mean(), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
+
+
+class PreferenceTrainer(BasicTrainer):
+    """Shared metrics of the preference trainers; subclasses provide `compute_losses`."""
+
+    def compute_losses(self, batch: Dict):
+        """-> (losses [n], chosen_rewards, rejected_rewards, accuracies [n], extra metrics {name: value})."""
+        raise NotImplementedError
+
+    def get_batch_metrics(self, batch, mode):
+        losses, chosen_rewards, rejected_rewards, accuracies, extra = self.compute_losses(batch)
+        metrics = {f'rewards_{mode}/chosen': chosen_rewards, f'rewards_{mode}/rejected': rejected_rewards,
+                   f'rewards_{mode}/accuracies': accuracies, f'loss/{mode}': losses.detach()}
+        metrics.update({name.format(mode=mode): value for name, value in extra.items()})
+        return losses.mean(), metrics
+
+
+class PairedPreferenceTrainer(PreferenceTrainer):
+    """Trainers on (chosen, rejected) pairs: one forward per model over [chosen; rejected]."""
+    prefixes = ('chosen', 'rejected')
+
+    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        chosen_logps, rejected_logps = self.concatenated_logps(model, batch, self.prefixes)
+        return chosen_logps, rejected_logps
+
+    def compute_losses(self, batch):
+        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
+        if self.use_reference_model:
+            reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
+            losses, chosen_rewards, rejected_rewards = self.loss(
+                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        else:
+            losses, chosen_rewards, rejected_rewards = self.loss(policy_chosen_logps, policy_rejected_logps)
+        accuracies = (chosen_rewards > rejected_rewards).float()  # each chosen against its own rejected
+        extra = {'logps_{mode}/chosen': policy_chosen_logps.detach(), 'logps_{mode}/rejected': policy_rejected_logps.detach()}
+        return losses, chosen_rewards, rejected_rewards, accuracies, extra
+
+
+class DPOTrainer(PairedPreferenceTrainer):
+    use_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        """L = -log sigmoid(beta h), h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]."""
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta=self.config.loss.beta)
+
+
+class CDPOTrainer(PairedPreferenceTrainer):
+    use_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        """L = -(1 - epsilon) log sigmoid(beta h) - epsilon log sigmoid(-beta h)."""
+        return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, beta=self.config.loss.beta, label_smoothing=self.config.loss.epsilon)
+
+
+class IPOTrainer(PairedPreferenceTrainer):
+    use_reference_model = True
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        """L = (h - 1 / (2 tau))^2 with tau = loss.beta."""
+        return ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, tau=self.config.loss.beta)
+
+
+class SLiCTrainer(PairedPreferenceTrainer):
+    use_reference_model = False
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps):
+        """L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w), delta = loss.beta."""
+        return slic_loss(policy_chosen_logps, policy_rejected_logps, delta=self.config.loss.beta,
+                         lambda_coef=self.config.loss.lambda_coef)
+
+
+class UnpairedPreferenceTrainer(PreferenceTrainer):
+    """Trainers on desirable ('chosen') and undesirable ('rejected') examples, in any mix per batch."""
+    use_reference_model = True
+    prefixes = ('target',)
+
+    @staticmethod
+    def split_by_status(batch, logps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        is_chosen = torch.tensor([status == 'chosen' for status in batch['status']], device=logps.device)
+        return logps[is_chosen], logps[~is_chosen]
+
+    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        logps, = self.concatenated_logps(model, batch, ('target',))
+        return self.split_by_status(batch, logps)
+
+    def compute_losses(self, batch):
+        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
+        reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, self.reference_logps(batch)[0])
+        losses, chosen_rewards, rejected_rewards = self.loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
+        return losses, chosen_rewards, rejected_rewards, unpaired_accuracies(chosen_rewards, rejected_rewards), {}
+
+
+def unpaired_accuracies(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
+    """Per example: does the implied reward have the sign of its label (> 0 desirable, < 0 undesirable)?"""
+    return torch.cat(((chosen_rewards > 0).float(), (rejected_rewards < 0).float()))
+
+
+class SimpleKTOTrainer(UnpairedPreferenceTrainer):
+    """The first KTO of HALOs; needs SimpleKTODataLoader's batches of half desirable, half undesirable."""
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        """desirable: 1 - sigmoid(beta (r_c - KL_u)); undesirable: 1 - sigmoid(beta (KL_c - r_u)); KL = max(0, mean r)."""
+        return simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                               reference_rejected_logps, beta=self.config.loss.beta)
+
+
+class KTOZeroTrainer(UnpairedPreferenceTrainer):
+    """Ablation: KTO with the reference point fixed at 0 and unit weights."""
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
+        """desirable: 1 - sigmoid(beta r); undesirable: 1 - sigmoid(-beta r)."""
+        return kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
+                        reference_rejected_logps, reference_point=0.0, beta=self.config.loss.beta)
+
+
+class KTOTrainer(UnpairedPreferenceTrainer):
+    """KTO with the reference point z0 estimated from mismatched (x_i, y_{i+1}) 'KL' examples."""
+    prefixes = ('target', 'KL')
+
+    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Chosen and rejected log-probs with gradient; the KL rows without (z0 is a constant)."""
+        chosen_logps, rejected_logps = super().forward(model, batch)
+        with torch.no_grad():
+            KL_logps, = self.concatenated_logps(model, batch, ('KL',))
+        return chosen_logps, rejected_logps, KL_logps
+
+    def reference_point(self, policy_KL_logps: torch.Tensor, reference_KL_logps: torch.Tensor) -> torch.Tensor:
+        """z0 = max(0, mean over the global batch of log pi(y'|x) - log pi_ref(y'|x)), detached."""
+        local_mean = (policy_KL_logps - reference_KL_logps).detach().mean()
+        return all_reduce_mean(local_mean).clamp(min=0)
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
+             reference_chosen_logps, reference_rejected_logps, reference_KL_logps):
+        """desirable: lambda_D (1 - sigmoid(beta (r - z0))); undesirable: lambda_U (1 - sigmoid(beta (z0 - r))).
+
+        Returns (losses, chosen_rewards, rejected_rewards, z0).
+        """
+        KL = self.reference_point(policy_KL_logps, reference_KL_logps)
+        losses, chosen_rewards, rejected_rewards = kto_loss(
+            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+            reference_point=KL, beta=self.config.loss.beta, desirable_weight=self.config.loss.desirable_weight,
+            undesirable_weight=self.config.loss.undesirable_weight)
+        return losses, chosen_rewards, rejected_rewards, KL
+
+    def compute_losses(self, batch):
+        policy_chosen_logps, policy_rejected_logps, policy_KL_logps = self.forward(self.policy, batch)
+        reference_target_logps, reference_KL_logps = self.reference_logps(batch)
+        reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, reference_target_logps)
+        losses, chosen_rewards, rejected_rewards, KL = self.loss(
+            policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
+            reference_chosen_logps, reference_rejected_logps, reference_KL_logps)
+        accuracies = unpaired_accuracies(chosen_rewards - self.config.loss.beta * KL,
+                                         rejected_rewards - self.config.loss.beta * KL)
+        return losses, chosen_rewards, rejected_rewards, accuracies, {'rewards_{mode}/KL_estimate': KL.reshape(1)}
+
+
+def get_trainer_class(name: str) -> type:
+    """The trainer class called `name` in this module (so a subclass added here is found by its YAML)."""
+    trainer_class = globals().get(name)
+    if not (isinstance(trainer_class, type) and issubclass(trainer_class, BasicTrainer)
+            and name not in ABSTRACT_TRAINERS):
+        valid = sorted(n for n, c in globals().items() if isinstance(c, type) and issubclass(c, BasicTrainer)
+                       and n not in ABSTRACT_TRAINERS)
+        raise ValueError(f"loss.trainer={name} is not a trainer; valid: {', '.join(valid)}")
+    return trainer_class
+
+
+ABSTRACT_TRAINERS = {'BasicTrainer', 'PreferenceTrainer', 'PairedPreferenceTrainer', 'UnpairedPreferenceTrainer'}

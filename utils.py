@@ -1,0 +1,243 @@
+"""Shared helpers: distributed no-ops at world size 1, log-probs, masked statistics,
+metric accumulation and checkpoint files.
+
+Every distributed helper works without a process group (one process), so single-process
+runs and unit tests need no `torch.distributed` setup.
+"""
+import os
+import random
+import shutil
+from typing import Callable, Dict, Iterable, List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+
+# ---------------------------------------------------------------- distributed
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def on_rank0() -> bool:
+    return get_rank() == 0
+
+
+def rank0_print(*args, **kwargs) -> None:
+    if on_rank0():
+        print(*args, **kwargs, flush=True)
+
+
+def init_distributed_from_env() -> bool:
+    """Join the process group that `torchrun` describes in RANK/WORLD_SIZE/MASTER_ADDR; True if one was joined."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
+        return is_distributed()
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend=backend)
+    return True
+
+
+def all_reduce_mean(value: torch.Tensor) -> torch.Tensor:
+    """Mean of `value` over ranks (the value itself in one process). Not differentiable."""
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value / get_world_size()
+
+
+def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
+    if not is_distributed():
+        return value
+    value = value.detach().clone()
+    dist.all_reduce(value, op=dist.ReduceOp.SUM)
+    return value
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- seeding and RNG state
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def get_rng_state() -> Dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: Dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+# ---------------------------------------------------------------- log-probs and masked statistics
+
+def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
+                    token_level: bool = False) -> torch.Tensor:
+    """Log-probs of the label tokens under the logits, in fp32.
+
+    logits: [B, T, V]; labels: [B, T] with -100 on prompt and padding positions.
+    Token t+1 is predicted from position t, so labels are shifted left by one.
+    Returns [B] sums over completion tokens (or their mean with `average_log_prob`),
+    or the masked per-token values [B, T-1] with `token_level`.
+
+    log p(y_t) = logit[y_t] - logsumexp(logits): a gather after one logsumexp, so no
+    [B, T, V] log-softmax tensor is ever materialised.
+    """
+    labels = labels[:, 1:]
+    logits = logits[:, :-1, :]
+    mask = labels != -100
+    safe_labels = labels.masked_fill(~mask, 0)
+    label_logits = torch.gather(logits, 2, safe_labels.unsqueeze(2)).squeeze(2).float()
+    token_logps = (label_logits - torch.logsumexp(logits.float(), dim=-1)) * mask
+    if token_level:
+        return token_logps
+    if average_log_prob:
+        return token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
+    return token_logps.sum(-1)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over everything when axis is None)."""
+    if axis is None:
+        return (values * mask).sum() / mask.sum()
+    return (values * mask).sum(axis) / mask.sum(axis)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Population variance of `values` where `mask` is 1."""
+    mean = masked_mean(values, mask)
+    return masked_mean((values - mean) ** 2, mask)
+
+
+def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Masked mean entropy of the next-token distributions. logits: [B, T, V]; mask: [B, T]."""
+    logits = logits.float()
+    probs = torch.softmax(logits, dim=-1)
+    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+    return masked_mean(entropy, mask)
+
+
+def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:
+    """Right-pad `tensor` along `dim` to `length`."""
+    if tensor.size(dim) >= length:
+        return tensor
+    pad_size = list(tensor.shape)
+    pad_size[dim] = length - tensor.size(dim)
+    return torch.cat([tensor, pad_value * torch.ones(*pad_size, dtype=tensor.dtype, device=tensor.device)], dim=dim)
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0
+
+
+# ---------------------------------------------------------------- metrics
+
+class MetricAccumulator:
+    """Per-key running sums and counts of per-example values, reduced over ranks at read time.
+
+    Every rank must `add` the same keys (an empty tensor is fine), so that the all-reduce
+    in `means` lines up across ranks.
+    """
+
+    def __init__(self):
+        self.sums: Dict[str, float] = {}
+        self.counts: Dict[str, int] = {}
+
+    def add(self, name: str, values) -> None:
+        values = torch.as_tensor(values).detach().float().flatten().cpu()
+        self.sums[name] = self.sums.get(name, 0.0) + values.sum().item()
+        self.counts[name] = self.counts.get(name, 0) + values.numel()
+
+    def means(self) -> Dict[str, float]:
+        names = sorted(self.sums)
+        totals = torch.tensor([[self.sums[n], self.counts[n]] for n in names], dtype=torch.float64).reshape(-1, 2)
+        totals = all_reduce_sum(totals)
+        return {n: (s / c) for n, (s, c) in zip(names, totals.tolist()) if c > 0}
+
+    def reset(self) -> None:
+        self.sums.clear()
+        self.counts.clear()
+
+
+def add_margins(metrics: Dict[str, float]) -> Dict[str, float]:
+    """Adds rewards_<mode>/margins = mean chosen reward - mean rejected reward, where both exist."""
+    for name in list(metrics):
+        if name.endswith("/chosen") and name.startswith("rewards_"):
+            rejected = name[: -len("chosen")] + "rejected"
+            if rejected in metrics:
+                metrics[name[: -len("chosen")] + "margins"] = metrics[name] - metrics[rejected]
+    return metrics
+
+
+def formatted_dict(d: Dict) -> Dict:
+    return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in d.items()}
+
+
+# ---------------------------------------------------------------- checkpoint files
+
+def write_checkpoint_dir(directory: str, write_files: Callable[[str], None]) -> None:
+    """Write a checkpoint directory atomically.
+
+    `write_files(tmp_dir)` writes everything into a fresh temporary directory; only when it has
+    returned is the old directory swapped out. A crash at any point leaves either the old or the
+    new directory complete (see `resolve_checkpoint_dir` for the one window between two renames).
+    """
+    directory = directory.rstrip("/")
+    tmp_dir, old_dir = directory + ".tmp", directory + ".old"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    write_files(tmp_dir)
+    for name in os.listdir(tmp_dir):  # make the data durable before the rename publishes it
+        with open(os.path.join(tmp_dir, name), "rb") as f:
+            os.fsync(f.fileno())
+    shutil.rmtree(old_dir, ignore_errors=True)
+    if os.path.exists(directory):
+        os.replace(directory, old_dir)
+    os.replace(tmp_dir, directory)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(directory: str) -> Optional[str]:
+    """The complete checkpoint directory for `directory`, recovering from a crash between renames."""
+    directory = directory.rstrip("/")
+    if os.path.isdir(directory):
+        return directory
+    if os.path.isdir(directory + ".old"):
+        return directory + ".old"
+    return None
+
+
+def save_policy_file(path: str, step_idx: int, state: Dict[str, torch.Tensor], metrics: Dict) -> None:
+    """Writes the HALOs checkpoint format: {'step_idx', 'state', 'metrics'}."""
+    torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, path)
+
+
+def load_policy_file(path: str) -> Dict:
+    """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def chunks(items: List, size: int) -> Iterable[List]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
