@@ -78,28 +78,32 @@ def load_models(config: DictConfig, trainer_class, tokenizer):
     return policy, reference_model
 
 
-def worker_main(config: DictConfig) -> None:
-    """Everything one process does: data, models, trainer, train, save."""
+def build_trainer(config: DictConfig):
+    """Data, models and the trainer of one process, from a validated config."""
     rank, world_size = get_rank(), get_world_size()
     set_seed(config.seed)
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     loader_class = dataloader.get_dataloader_class(config.loss.dataloader)
+    tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
+                                      loader_class.control_tokens(config.loss))
+    policy, reference_model = load_models(config, trainer_class, tokenizer)
+    train_loader = build_loader(config, tokenizer, 'train')
+    eval_loader = build_loader(config, tokenizer, 'test')
+    return trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
+                         rank=rank, world_size=world_size)
+
+
+def worker_main(config: DictConfig) -> None:
+    """Everything one process does: save the config, start wandb, train, evaluate, save."""
     os.makedirs(config.local_run_dir, exist_ok=True)
-    if rank == 0:
+    if get_rank() == 0:
         OmegaConf.save(config, os.path.join(config.local_run_dir, 'config.yaml'))
         if config.wandb.enabled and not config.debug:
             import wandb
             os.environ.setdefault('WANDB_MODE', config.wandb.mode)
             wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
                        config=OmegaConf.to_container(config), dir=config.local_run_dir)
-
-    tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
-                                      loader_class.control_tokens(config.loss))
-    policy, reference_model = load_models(config, trainer_class, tokenizer)
-    train_loader = build_loader(config, tokenizer, 'train')
-    eval_loader = build_loader(config, tokenizer, 'test')
-    trainer = trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
-                            rank=rank, world_size=world_size)
+    trainer = build_trainer(config)
     if config.resume:
         trainer.load_checkpoint(os.path.join(config.local_run_dir, 'LATEST'))
     trainer.train()

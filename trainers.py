@@ -119,6 +119,7 @@ class BasicTrainer:
         self.policy, self.reference_model = policy, reference_model
         self.rank, self.world_size = rank, world_size
         self.run_dir = config.local_run_dir
+        os.makedirs(self.run_dir, exist_ok=True)
         self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
         self.policy.to(self.device)
         if self.reference_model is not None:
