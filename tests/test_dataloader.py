@@ -1,0 +1,270 @@
+"""Data: exact counts and strings on the shipped samples, token-level guarantees, and bad input."""
+import os
+
+import pytest
+import torch
+
+import dataloader as D
+from helpers import DATA
+
+FORMAT = dict(human_prefix='\n<|user|>\n', human_suffix='', assistant_prefix='\n<|assistant|>\n', assistant_suffix='')
+
+
+def get(name, split):
+    return D.load_dataset(name, split, **FORMAT, data_dir=DATA, seed=1)
+
+
+def loader(cls, names, tokenizer, split='train', **kwargs):
+    options = dict(split=split, batch_size=4, max_length=256, max_prompt_length=128, n_epochs=1, data_dir=DATA, seed=1)
+    options.update(kwargs)
+    return cls(names, tokenizer, **options)
+
+
+# name, split, prompts, pairs, desirable, undesirable
+# Pairs follow the HALOs rules; unary labels are the sign of (wins - losses) per distinct completion:
+#  - hh/train: 36 pairs, one a tie (record 7: chosen == rejected, 0 wins - 0 losses... net 0) -> 35 / 35
+#  - oasst/train: assistant replies only (3 ranked prompter replies dropped): 17 pairs in 10 prompts; each
+#    ranking chain a > b > c keeps a and c and drops the middle: 7 middles -> 10 / 10
+#  - pairwise feedback: 10 distinct outputs in 3 prompts, 2 of them win as often as they lose -> 4 / 4
+COUNTS = [
+    ('hh', 'train', 33, 36, 35, 35),
+    ('hh', 'test', 11, 12, 11, 11),
+    ('hh_helpful', 'train', 11, 12, 12, 12),
+    ('hh_helpful', 'test', 6, 6, 5, 5),
+    ('hh_harmless', 'train', 12, 12, 12, 12),
+    ('hh_harmless', 'test', 6, 6, 6, 6),
+    ('shp', 'train', 12, 27, 16, 16),
+    ('shp', 'test', 3, 12, 4, 4),
+    ('oasst', 'train', 10, 17, 10, 10),
+    ('oasst', 'test', 4, 6, 4, 4),
+    ('ultrabin', 'train', 20, 20, 20, 20),
+    ('ultrabin', 'test', 8, 8, 8, 8),
+    (os.path.join(DATA, 'feedback', 'pairwise_feedback.jsonl'), 'train', 3, 8, 4, 4),
+    (os.path.join(DATA, 'feedback', 'pairwise_feedback.jsonl'), 'test', 2, 4, 3, 4),
+    (os.path.join(DATA, 'feedback', 'binary_feedback.json'), 'train', 4, 0, 4, 6),
+    (os.path.join(DATA, 'feedback', 'binary_feedback.json'), 'test', 2, 0, 2, 3),
+]
+
+
+@pytest.mark.parametrize('name,split,prompts,pairs,desirable,undesirable', COUNTS)
+def test_counts_per_dataset_and_loader(tokenizer, name, split, prompts, pairs, desirable, undesirable):
+    dataset = get(name, split)
+    assert len(dataset) == prompts and dataset.num_pairs() == pairs
+    assert len(loader(D.SFTDataLoader, [name], tokenizer, split).items) == prompts
+    if pairs:
+        assert len(loader(D.PairedPreferenceDataLoader, [name], tokenizer, split).items) == pairs
+    unpaired = loader(D.UnpairedPreferenceDataLoader, [name], tokenizer, split)
+    statuses = [status for _, _, status in unpaired.items]
+    assert statuses.count('chosen') == desirable and statuses.count('rejected') == undesirable
+
+
+def test_shp_filters_are_counted():
+    train = get('shp', 'train')
+    assert train.counts['records'] == 42
+    assert train.counts['dropped: score ratio < 2'] == 12       # exactly 2.0 (lines 11 and 40) is kept
+    assert train.counts['pairs dropped: more than 5 per prompt'] == 3   # posts of 7 and 6 pairs -> 5 each
+    assert max(len(e.pairs) for e in train.data.values()) == 5
+    test = get('shp', 'test')
+    assert test.counts['dropped: score ratio < 2'] == 0 and test.num_pairs() == 12
+
+
+def test_oasst_filters_and_sft_target():
+    train = get('oasst', 'train')
+    assert train.counts['dropped: not English'] == 11
+    assert train.counts['dropped: ranked prompter reply'] == 3
+    assert train.counts['dropped: no English sibling of the next better rank'] == 1
+    assert train.counts['dropped: ancestor not English or missing'] == 1
+    for example in train.data.values():   # the SFT target is the best-ranked reply, not the last worse one
+        assert example.scores[example.sft_index] == min(example.scores)
+        assert example.prompt.startswith('\n<|user|>\n') and example.prompt.endswith('\n<|assistant|>\n')
+
+
+def test_exact_rendered_hh_strings():
+    dataset = get('hh', 'train')
+    prompt = ('\n<|user|>\nI need to write a short thank-you note to my neighbor.\n<|assistant|>\nHappy to help! '
+              'What did your neighbor do for you?\n<|user|>\nShe watered my plants while I was away for two weeks.'
+              '\n<|assistant|>\n')
+    raw_key = prompt.replace('write a', 'write  a').replace('plants while', 'plants \t while')
+    example = dataset[raw_key]
+    assert example.prompt == prompt
+    assert example.generations[example.sft_index] == (
+        'Here\'s a short note: "Dear Maria, thank you so much for looking after my plants while I was away. '
+        'They look wonderful, and I really appreciate your kindness!"')
+    example = dataset['\n<|user|>\nCan you recommend a board game for a family with young kids?\n<|assistant|>\n']
+    assert example.generations[0] == ('A cooperative game like Outfoxed is a great pick. The rules are simple, games '
+                                      'are short, and the kids win or lose together with the grown-ups. ')
+
+
+def test_exact_rendered_shp_strings():
+    dataset = get('shp', 'train')
+    example = dataset['\n<|user|>\nCan I substitute butter for oil in a muffin recipe? The recipe calls for half a '
+                      'cup of vegetable oil and I only have butter.\n<|assistant|>\n']
+    chosen = example.generations[example.pairs[0][0]]
+    assert chosen == ('You can swap it one to one with melted butter. The muffins will taste richer but can be '
+                      'slightly less moist, since butter is only about 80% fat and the rest is mostly water.')
+    assert example.truncation_mode == 'keep_start'
+
+
+def test_non_empty_suffixes_follow_each_turn():
+    """HALOs put a suffix right after the prefix, before the turn; here it closes the turn."""
+    dataset = D.load_dataset('hh', 'train', '<H>', '</H>', '<A>', '</A>', data_dir=DATA)
+    example = dataset['<H>Can you recommend a board game for a family with young kids?</H><A>']
+    assert example.generations[0].endswith('grown-ups. </A>')
+
+
+# ---------------------------------------------------------------- tokens
+
+def test_labels_mask_exactly_the_prompt_and_padding(tokenizer):
+    paired = loader(D.PairedPreferenceDataLoader, ['hh'], tokenizer)
+    for batch in paired:
+        for side in ('chosen', 'rejected'):
+            for ids, labels, mask, prompt in zip(batch[f'{side}_combined_input_ids'], batch[f'{side}_labels'],
+                                                 batch[f'{side}_combined_attention_mask'], batch['prompt_input_ids']):
+                n_prompt = int((prompt != tokenizer.pad_token_id).sum())  # prompts are left-padded
+                n_real = int(mask.sum())
+                assert (labels[:n_prompt] == -100).all() and (labels[n_real:] == -100).all()
+                assert torch.equal(labels[n_prompt:n_real], ids[n_prompt:n_real])
+                assert n_real <= 256
+
+
+def test_chosen_and_rejected_share_prompt_tokens_even_when_truncated(tokenizer):
+    # max_length 200 forces hh record 10 (a ~500-token prompt, ~400-token reply) to be cut.
+    paired = loader(D.PairedPreferenceDataLoader, ['hh'], tokenizer, max_length=200, max_prompt_length=100)
+    seen_truncation = False
+    for batch in paired:
+        for c_ids, r_ids, c_labels, r_labels in zip(batch['chosen_combined_input_ids'], batch['rejected_combined_input_ids'],
+                                                    batch['chosen_labels'], batch['rejected_labels']):
+            n_c, n_r = int((c_labels == -100).logical_and(c_ids != tokenizer.pad_token_id).sum()), None
+            prompt_c = c_ids[c_labels == -100][:n_c]
+            prompt_r = r_ids[r_labels == -100][:n_c]
+            assert torch.equal(prompt_c, prompt_r)
+            assert (c_ids != tokenizer.pad_token_id).sum() <= 200
+            seen_truncation |= n_c == 100
+    assert seen_truncation and paired.counts['completions truncated'] > 0
+
+
+def test_keep_end_keeps_the_last_prompt_tokens_and_a_cut_completion_has_no_eos(tokenizer):
+    sft = loader(D.SFTDataLoader, ['hh'], tokenizer, max_length=120, max_prompt_length=60, batch_size=1)
+    example = next(e for e in sft.full_data.values() if len(tokenizer(e.prompt)['input_ids']) > 400)
+    element = sft.tokenize_element(example, example.prompt, {'target': example.generations[0]})
+    full_prompt = tokenizer(example.prompt)['input_ids']
+    assert element['prompt_input_ids'] == full_prompt[-60:]
+    assert len(element['target_combined_input_ids']) == 120
+    assert element['target_input_ids'][-1] != tokenizer.eos_token_id
+    short = sft.tokenize_element(example, '\n<|user|>\nhi\n<|assistant|>\n', {'target': 'Hello!'})
+    assert short['target_input_ids'][-1] == tokenizer.eos_token_id
+
+
+def test_a_single_bos(tokenizer):
+    from transformers import AutoTokenizer
+    import models
+    bos_tokenizer = AutoTokenizer.from_pretrained(models.embedded_model_dir('tiny-smollm2'), add_bos_token=True)
+    sft = loader(D.SFTDataLoader, ['hh'], bos_tokenizer)
+    bos = bos_tokenizer.bos_token_id
+    example = next(iter(sft.full_data.values()))
+    element = sft.tokenize_element(example, bos_tokenizer.bos_token + example.prompt,
+                                   {'target': bos_tokenizer.bos_token + 'Sure.'})
+    ids = element['target_combined_input_ids']
+    assert ids[0] == bos and ids.count(bos) == 1
+    element = sft.tokenize_element(example, example.prompt, {'target': 'Sure.'})
+    assert element['target_combined_input_ids'].count(bos) == 1
+
+
+def test_sharding_splits_the_global_batch_and_kl_pairs_are_global(tokenizer):
+    lengths = dict(max_length=2048, max_prompt_length=1024)   # no truncation: KL texts are whole completions
+    whole = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, batch_size=4, **lengths)
+    ranks = [loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, batch_size=4, rank=r, world_size=2, **lengths)
+             for r in (0, 1)]
+    for global_batch, rank0, rank1 in zip(whole, *ranks):
+        assert global_batch['target_text'] == rank0['target_text'] + rank1['target_text']
+        assert global_batch['KL_text'] == rank0['KL_text'] + rank1['KL_text']
+        texts = global_batch['target_text']
+        assert global_batch['KL_text'] == texts[1:] + texts[:1]  # x_i with y_{i+1 mod B}
+
+
+def test_shuffling_is_seeded_and_the_last_partial_batch_is_kept(tokenizer):
+    first = [b['target_text'] for b in loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8)]
+    again = [b['target_text'] for b in loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8)]
+    other = [b['target_text'] for b in loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, seed=2)]
+    assert first == again and first != other
+    assert [len(b) for b in first] == [8, 8, 8, 8, 1]   # 33 prompts: nothing dropped
+    capped = loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, n_epochs=None, n_examples=20)
+    assert [len(b['target_text']) for b in capped] == [8, 8, 8]   # n_examples rounds up to whole batches
+    two_epochs = loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, n_epochs=2)
+    assert len(two_epochs) == 10
+
+
+def test_frac_unique_and_simple_kto_balance(tokenizer):
+    kto = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.2)
+    statuses = [status for _, _, status in kto.items]
+    assert statuses.count('chosen') == 7 and statuses.count('rejected') == 35   # round(0.2 * 35) = 7
+    simple = loader(D.SimpleKTODataLoader, ['hh'], tokenizer, batch_size=4)
+    for batch in simple:
+        assert batch['status'] == ['chosen', 'rejected', 'chosen', 'rejected']
+
+
+def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
+    tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
+    tokenizer.add_special_tokens({'additional_special_tokens': ['<|good|>', '<|bad|>']})
+    csft = loader(D.ConditionalSFTDataLoader, ['hh'], tokenizer)
+    batch = next(iter(csft))
+    good, bad = tokenizer.convert_tokens_to_ids(['<|good|>', '<|bad|>'])
+    for status, prompt_text, ids, labels in zip(batch['status'], batch['prompt_text'],
+                                                batch['target_combined_input_ids'], batch['target_labels']):
+        token, token_id = ('<|good|>', good) if status == 'chosen' else ('<|bad|>', bad)
+        assert prompt_text.endswith('\n<|assistant|>\n' + token)
+        position = (ids == token_id).nonzero().item()
+        assert labels[position] == -100 and labels[position + 1] != -100
+
+
+def test_chat_template_renders_prompts(tokenizer):
+    sft = loader(D.SFTDataLoader, ['ultrabin'], tokenizer, use_chat_template=True)
+    batch = next(iter(sft))
+    assert batch['prompt_text'][0].startswith('<|im_start|>system\n')
+    assert batch['prompt_text'][0].endswith('<|im_end|>\n<|im_start|>assistant\n')
+    length = int(batch['target_attention_mask'][0].sum())
+    assert batch['target_input_ids'][0][length - 1] == tokenizer.eos_token_id
+
+
+# ---------------------------------------------------------------- errors
+
+@pytest.mark.parametrize('file,pattern', [
+    ('missing_field.jsonl', r"missing_field.jsonl: record 3: missing field 'output_B'"),
+    ('empty_completion.jsonl', r"empty_completion.jsonl: record 2: field 'output' is an empty completion"),
+    ('bad_label.jsonl', r"bad_label.jsonl: record 2: field 'label' must be true/false or 0/1, got 'yes'"),
+    ('nonfinite_score.jsonl', r"nonfinite_score.jsonl: record 2: field 'reward_A' must be a finite number, got nan"),
+    ('not_json.json', r"not_json.json: not valid JSON: Expecting property name enclosed in double quotes \(line 5"),
+])
+def test_bad_feedback_files_name_file_record_and_field(file, pattern):
+    with pytest.raises(D.DataError, match=pattern):
+        D.load_dataset(os.path.join(DATA, 'bad', file), 'train', **FORMAT)
+
+
+def test_bad_jsonl_line_is_named(tmp_path):
+    path = tmp_path / 'feedback.jsonl'
+    path.write_text('{"prompt": "a", "output": "b", "label": 1}\n{"prompt": "a", "output": \n')
+    with pytest.raises(D.DataError, match=r'feedback.jsonl: record 2 \(line 2\) is not valid JSON'):
+        D.load_dataset(str(path), 'train', **FORMAT)
+
+
+def test_prompt_that_leaves_no_room_is_an_error(tokenizer):
+    with pytest.raises(ValueError, match=r'max_prompt_length \(256\) must be below max_length \(256\)'):
+        loader(D.SFTDataLoader, ['hh'], tokenizer, max_prompt_length=256)
+    sft = loader(D.SFTDataLoader, ['hh'], tokenizer)
+    sft.max_prompt_length = sft.max_length   # as if the check above were bypassed
+    example = next(e for e in sft.full_data.values() if len(tokenizer(e.prompt)['input_ids']) > 400)
+    with pytest.raises(D.DataError, match=r"hh/train.jsonl record 10: field 'prompt' is 256 tokens and leaves no room"):
+        sft.tokenize_element(example, example.prompt, {'target': 'x'})
+
+
+def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
+    with pytest.raises(FileNotFoundError, match=r"dataset 'hh': no file .*hh/train.jsonl"):
+        D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"unknown dataset 'hhh'; valid names: alpacaeval, hh, "):
+        D.load_dataset('hhh', 'train', **FORMAT)
+    with pytest.raises(ConnectionError, match=r"dataset 'hh': could not fetch Anthropic/hh-rlhf .* pass \+\+data_dir=DIR"):
+        D.load_dataset('hh', 'train', **FORMAT)
+    with pytest.raises(ValueError, match='set n_epochs or n_examples'):
+        loader(D.SFTDataLoader, ['hh'], tokenizer, n_epochs=None)
+    with pytest.raises(ValueError, match=r'loss.dataloader=Nope is not a dataloader; valid: ConditionalSFTDataLoader'):
+        D.get_dataloader_class('Nope')
