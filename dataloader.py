@@ -770,8 +770,9 @@ class SimpleKTODataLoader(UnpairedPreferenceDataLoader):
     """Unpaired items in batches of exactly B/2 desirable and B/2 undesirable, alternating."""
 
     def epoch_batches(self, rng):
-        if self.batch_size % 2:
-            raise ValueError(f"SimpleKTODataLoader needs an even batch_size, got {self.batch_size}")
+        if (self.batch_size // self.world_size) % 2:
+            raise ValueError(f"SimpleKTODataLoader needs an even number of examples per process, got batch_size "
+                             f"{self.batch_size} over {self.world_size} processes")
         order = list(self.items)
         rng.shuffle(order)
         chosen = [item for item in order if item[2] == 'chosen']

@@ -119,9 +119,8 @@ def resolve_load_from(load_from: str, cache_dir: str) -> str:
                             f"and the working directory); give a policy.pt file or an HF model directory")
 
 
-def load_state_into(model: torch.nn.Module, path: str) -> None:
-    """Load a HALOs policy.pt into `model`, with a clear error when it does not match."""
-    state = load_policy_file(path)['state']
+def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
+    """Load the state of the HALOs policy.pt at `path` into `model`, with a clear error when it does not match."""
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -143,7 +142,11 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention))
     if checkpoint is not None:
-        load_state_into(model, checkpoint)
+        state = load_policy_file(checkpoint)['state']
+        embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
+        if vocab_size is not None and embedding in state and state[embedding].shape[0] == vocab_size:
+            model.resize_token_embeddings(vocab_size)  # the checkpoint already has the added control tokens
+        load_state_into(model, state, checkpoint)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
     return model

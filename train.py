@@ -130,6 +130,8 @@ def main(config: DictConfig) -> None:
     validate_config(config)
     try:
         if init_distributed_from_env():
+            if not config.use_fsdp:
+                raise ValueError("several processes need use_fsdp=true (nothing else averages their gradients)")
             worker_main(config)
         elif config.use_fsdp and torch.cuda.device_count() > 1:
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

@@ -121,11 +121,14 @@ class BasicTrainer:
         self.run_dir = config.local_run_dir
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
-        self.policy.to(self.device)
         if self.reference_model is not None:
-            self.reference_model.to(self.device).eval().requires_grad_(False)
-        if world_size > 1 and config.use_fsdp:
-            self.shard()
+            self.reference_model.eval().requires_grad_(False)
+        if world_size > 1:
+            self.shard()  # fully_shard moves each shard to the device: the whole model never is
+        else:
+            self.policy.to(self.device)
+            if self.reference_model is not None:
+                self.reference_model.to(self.device)
         if config.model.activation_checkpointing and hasattr(self.policy, 'gradient_checkpointing_enable'):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
 
@@ -255,13 +258,18 @@ class BasicTrainer:
 
     def check_finite(self, loss: torch.Tensor, batch: Dict) -> None:
         """Stop, naming the step and batch, when the loss is NaN or infinite on any rank."""
-        bad = all_reduce_sum(torch.tensor(0.0 if torch.isfinite(loss) else 1.0))
-        if bad.item() > 0:
-            raise FloatingPointError(
-                f"non-finite training loss ({loss.item()}) at optimizer step {self.batch_counter}, microbatch "
-                f"{self.batches_seen} (examples {self.example_counter}..{self.example_counter + self.global_batch_size(batch)}), "
-                f"first prompt {batch['prompt_text'][0][:80]!r}. Nothing was saved: the last checkpoint in "
-                f"{os.path.join(self.run_dir, 'LATEST')} is intact (resume with ++resume=true).")
+        finite = bool(torch.isfinite(loss))
+        if all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0:
+            return
+        latest = os.path.join(self.run_dir, 'LATEST')
+        saved = f"the last checkpoint in {latest} is intact (resume with ++resume=true)" \
+            if resolve_checkpoint_dir(latest) else "no checkpoint had been written yet"
+        where = f"on this rank ({self.rank}), first prompt {batch['prompt_text'][0][:80]!r}" if not finite \
+            else "on another rank"
+        raise FloatingPointError(
+            f"non-finite training loss at optimizer step {self.batch_counter}, microbatch {self.batches_seen} "
+            f"(examples {self.example_counter}..{self.example_counter + self.global_batch_size(batch)}) {where}. "
+            f"Nothing was saved: {saved}.")
 
     def train(self) -> None:
         """Microbatch loop: evaluate every eval_every examples, backpropagate loss / G, step every G microbatches."""
@@ -272,14 +280,16 @@ class BasicTrainer:
         self.train_iterator.skip_batches = self.batches_seen
         progress = tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
                         disable=not on_rank0())
-        last_log, last_eval = time.time(), (self.example_counter if self.batches_seen else None)
+        last_log = time.time()
+        # evaluations (and checkpoints) happen between optimizer steps, each time eval_every more examples are done
+        next_eval = 0 if config.do_first_eval and not self.batches_seen else \
+            (self.example_counter // config.eval_every + 1) * config.eval_every
         accumulated = 0
         self.policy.train()
         for batch in self.train_iterator:
-            if self.example_counter % config.eval_every == 0 and last_eval != self.example_counter \
-                    and (self.example_counter > 0 or config.do_first_eval):
+            if accumulated == 0 and self.example_counter >= next_eval:
                 self.evaluate()
-                last_eval = self.example_counter
+                next_eval = (self.example_counter // config.eval_every + 1) * config.eval_every
                 if self.example_counter > 0:
                     self.save_checkpoint()
 
@@ -298,7 +308,8 @@ class BasicTrainer:
             progress.update(1)
             progress.set_postfix(loss=f'{loss.item():.4g}',
                                  examples_per_s=f'{self.global_batch_size(batch) / (time.time() - start):.3g}')
-            if accumulated == 0 and time.time() - last_log >= config.minimum_log_interval_secs:
+            due = time.time() - last_log >= config.minimum_log_interval_secs
+            if accumulated == 0 and all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
                 self.log_train_metrics(self.global_batch_size(batch) / (time.time() - start))
                 last_log = time.time()
         if accumulated:  # a last, incomplete accumulation still counts, as the mean over its microbatches
@@ -385,13 +396,13 @@ class BasicTrainer:
                             'batches_seen': self.batches_seen, 'rng': get_rng_state()},
                            os.path.join(directory, 'trainer_state.pt'))
                 self.write_extra_files(directory, policy_state)
+                if final:
+                    self.export_hf(os.path.join(directory, 'hf'), policy_state)
 
             write_checkpoint_dir(os.path.join(self.run_dir, 'LATEST'), write_files)
             if self.config.intermediate_checkpoints and not self.config.debug and not final:
                 write_checkpoint_dir(os.path.join(self.run_dir, f'step-{self.example_counter}'), write_files)
             self.tokenizer.save_pretrained(self.run_dir)
-            if final:
-                self.export_hf(os.path.join(self.run_dir, 'LATEST', 'hf'), policy_state)
             rank0_print(f'saved checkpoint after {self.example_counter} examples to {self.run_dir}/LATEST')
         barrier()
 

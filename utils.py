@@ -41,7 +41,8 @@ def init_distributed_from_env() -> bool:
     """Join the process group that `torchrun` describes in RANK/WORLD_SIZE/MASTER_ADDR; True if one was joined."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    # metrics and flags are reduced as CPU tensors, so GPU runs need gloo beside nccl
+    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     dist.init_process_group(backend=backend)
@@ -208,11 +209,12 @@ def write_checkpoint_dir(directory: str, write_files: Callable[[str], None]) -> 
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
     write_files(tmp_dir)
-    for name in os.listdir(tmp_dir):  # make the data durable before the rename publishes it
-        with open(os.path.join(tmp_dir, name), "rb") as f:
-            os.fsync(f.fileno())
-    shutil.rmtree(old_dir, ignore_errors=True)
-    if os.path.exists(directory):
+    for parent, _, names in os.walk(tmp_dir):  # make the data durable before the rename publishes it
+        for name in names:
+            with open(os.path.join(parent, name), "rb") as f:
+                os.fsync(f.fileno())
+    if os.path.exists(directory):  # else .old may be the only complete copy (a crash between the renames)
+        shutil.rmtree(old_dir, ignore_errors=True)
         os.replace(directory, old_dir)
     os.replace(tmp_dir, directory)
     shutil.rmtree(old_dir, ignore_errors=True)

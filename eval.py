@@ -1,0 +1,122 @@
+"""Sample from or evaluate a trained policy.
+
+    python eval.py --config-path=<cache_dir>/<exp_name> ++mode=sample ++n_samples=512 \
+        ++model.eval_batch_size=32 ++samples_dir=samples/
+
+mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
+                 {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt
+mode=eval        the trainer's evaluation metrics on the test split
+mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
+
+`--config-path` is the run directory (train.py saved config.yaml there). The policy is
+`saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
+samples from the base model.
+"""
+import datetime
+import json
+import os
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+import dataloader
+import models
+import trainers
+from utils import disable_dropout, set_seed
+
+
+def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
+    policy = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype,
+                                   use_flash_attention=config.model.use_flash_attention,
+                                   load_from=config.saved_policy, cache_dir=config.cache_dir, vocab_size=len(tokenizer))
+    disable_dropout(policy)
+    return policy.eval()
+
+
+def load_run_tokenizer(config: DictConfig):
+    """The tokenizer saved in the run directory (with any control tokens), else the model's."""
+    run_dir = config.local_run_dir
+    source = run_dir if os.path.exists(os.path.join(run_dir, 'tokenizer_config.json')) else \
+        (config.model.tokenizer_name_or_path or config.model.name_or_path)
+    return models.load_tokenizer(source)
+
+
+def generate(policy, tokenizer, batch, config: DictConfig) -> list:
+    """Completions of the batch's (left-padded) prompts; the prompt is removed by tokens, not characters."""
+    prompt_ids = batch['prompt_input_ids']
+    options = dict(max_length=config.model.max_length, do_sample=True, top_p=config.top_p,
+                   pad_token_id=tokenizer.pad_token_id)
+    if config.get('temperature') is not None:
+        options['temperature'] = config.temperature
+    with torch.no_grad():
+        output = policy.generate(input_ids=prompt_ids, attention_mask=batch['prompt_attention_mask'], **options)
+    return tokenizer.batch_decode(output[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+
+def sample(config: DictConfig, dataset_names, include_original_prompt: bool = False) -> list:
+    tokenizer = load_run_tokenizer(config)
+    policy = load_policy(config, tokenizer)
+    loader = dataloader.SFTDataLoader(
+        list(dataset_names), tokenizer, split='test', batch_size=config.model.eval_batch_size,
+        max_length=config.model.max_length, max_prompt_length=config.model.max_prompt_length, max_prompt_count=1,
+        n_epochs=1, n_examples=config.n_samples, human_prefix=config.human_prefix, human_suffix=config.human_suffix,
+        assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix, seed=config.seed,
+        data_dir=config.data_dir, use_chat_template=config.get('use_chat_template', False))
+    set_seed(config.seed)
+    samples = []
+    with tqdm(total=min(len(loader.items), config.n_samples or len(loader.items)), desc='sampling') as progress:
+        for batch in loader:
+            for i, completion in enumerate(generate(policy, tokenizer, batch, config)):
+                sample_record = {'prompt': batch['prompt_text'][i], 'chosen': batch['target_text'][i],
+                                 'policy': completion}
+                if include_original_prompt:
+                    sample_record['original_prompt'] = batch['original_prompt'][i]
+                samples.append(sample_record)
+            progress.update(len(batch['prompt_text']))
+    return samples[:config.n_samples]
+
+
+def evaluate(config: DictConfig) -> dict:
+    """The run's trainer evaluation (its loss and metrics) on the test split."""
+    import train
+    trainer_class = trainers.get_trainer_class(config.loss.trainer)
+    tokenizer = load_run_tokenizer(config)
+    policy = load_policy(config, tokenizer)
+    reference_model = None
+    if trainer_class.use_reference_model:
+        reference_model = models.load_causal_lm(config.model.name_or_path, config.model.reference_dtype,
+                                                load_from=config.model.load_from, cache_dir=config.cache_dir,
+                                                vocab_size=len(tokenizer))
+    eval_loader = train.build_loader(config, tokenizer, 'test')
+    trainer = trainer_class(tokenizer, config, None, eval_loader, policy, reference_model)
+    return {'metadata': OmegaConf.to_container(config), 'results': trainer.evaluate()}
+
+
+@hydra.main(version_base=None, config_path=None, config_name='config')
+def main(config: DictConfig) -> None:
+    if config.mode not in ('sample', 'eval', 'alpacaeval'):
+        raise ValueError(f"mode={config.mode}: eval.py takes mode=sample, eval or alpacaeval")
+    set_seed(config.seed)
+    os.makedirs(config.samples_dir, exist_ok=True)
+    if config.mode == 'sample':
+        samples = sample(config, config.datasets)
+        path = os.path.join(config.samples_dir, f'{config.exp_name}.json')
+        with open(path, 'w') as f:
+            json.dump({'sampled_at': str(datetime.datetime.now()), 'config': OmegaConf.to_container(config, resolve=True),
+                       'samples': samples}, f, indent=2)
+        print(f'wrote {len(samples)} samples to {path}')
+    elif config.mode == 'eval':
+        print(json.dumps(evaluate(config)['results'], indent=2))
+    else:
+        samples = sample(config, ['alpacaeval'], include_original_prompt=True)
+        path = os.path.join(config.samples_dir, f'alpaca_{config.exp_name}.json')
+        with open(path, 'w') as f:
+            json.dump([{'instruction': s['original_prompt'], 'output': s['policy'].strip(),
+                        'reference': s['chosen'].strip(), 'generator': config.exp_name} for s in samples], f, indent=2)
+        print(f'wrote {len(samples)} AlpacaEval outputs to {path}')
+
+
+if __name__ == '__main__':
+    main()
