@@ -167,3 +167,20 @@ def test_killed_run_resumes_to_the_same_policy(tmp_path):
     assert resumed['step_idx'] == whole['step_idx'] == 32
     for name, tensor in whole['state'].items():
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
+
+
+@pytest.mark.parametrize('loss', ['dpo', 'kto'])
+def test_cached_reference_logprobs_give_the_same_training(tmp_path, loss):
+    common = ['++n_examples=8', '++optimizer=SGD', '++lr=0.1', '++warmup_steps=0', '++do_first_eval=false']
+    plain = train.build_trainer(make_config(tmp_path / 'plain', *common, loss=loss))
+    cached = train.build_trainer(make_config(tmp_path / 'cached', *common, '++cache_reference_logprobs=true', loss=loss))
+    plain.train()
+    cached.train()
+    assert cached.reference_model is None   # freed after the one pass
+    files = [f for f in os.listdir(cached.run_dir) if f.startswith('reference_logps_')]
+    assert len(files) == 1
+    # train + eval sequences: for KTO also the mismatched KL sequences
+    assert len(cached.reference_logps_cache) >= 8 * len(cached.prefixes)
+    for p_plain, p_cached in zip(plain.policy.parameters(), cached.policy.parameters()):
+        assert torch.allclose(p_plain, p_cached, atol=1e-5)
+    assert cached.evaluate()['loss/eval'] == pytest.approx(plain.evaluate()['loss/eval'], abs=1e-5)
