@@ -7,7 +7,7 @@ runs and unit tests need no `torch.distributed` setup.
 import os
 import random
 import shutil
-from typing import Callable, Dict, Iterable, List, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ def set_rng_state(state: Dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
-# ---------------------------------------------------------------- log-probs and masked statistics
+# ---------------------------------------------------------------- log-probs
 
 def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob: bool = False,
                     token_level: bool = False) -> torch.Tensor:
@@ -114,27 +114,6 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
     if average_log_prob:
         return token_logps.sum(-1) / mask.sum(-1).clamp(min=1)
     return token_logps.sum(-1)
-
-
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, axis: Optional[int] = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over everything when axis is None)."""
-    if axis is None:
-        return (values * mask).sum() / mask.sum()
-    return (values * mask).sum(axis) / mask.sum(axis)
-
-
-def masked_var(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Population variance of `values` where `mask` is 1."""
-    mean = masked_mean(values, mask)
-    return masked_mean((values - mean) ** 2, mask)
-
-
-def entropy_from_logits(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Masked mean entropy of the next-token distributions. logits: [B, T, V]; mask: [B, T]."""
-    logits = logits.float()
-    probs = torch.softmax(logits, dim=-1)
-    entropy = torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
-    return masked_mean(entropy, mask)
 
 
 def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:
@@ -240,6 +219,3 @@ def load_policy_file(path: str) -> Dict:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
-def chunks(items: List, size: int) -> Iterable[List]:
-    for start in range(0, len(items), size):
-        yield items[start:start + size]
