@@ -9,6 +9,7 @@ The pure loss functions come first; each trainer's `loss` calls one with its hyp
 `self.config.loss`. BasicTrainer owns the loop, evaluation, logging, clipping and checkpoints.
 """
 import hashlib
+import itertools
 import json
 import os
 import time
@@ -223,7 +224,7 @@ class BasicTrainer:
             rank0_print(f'reusing cached reference log-probs from {path}')
         else:
             cache: Dict[bytes, float] = {}
-            batches = tqdm(list_chain(self.train_iterator, self.eval_batches), desc='reference log-probs',
+            batches = tqdm(itertools.chain(self.train_iterator, self.eval_batches), desc='reference log-probs',
                            total=len(self.train_iterator) + len(self.eval_batches), disable=not on_rank0())
             with torch.no_grad():
                 for batch in batches:
@@ -431,11 +432,6 @@ class BasicTrainer:
         self.batches_seen = state['batches_seen']
         set_rng_state(state['rng'])
         rank0_print(f'resumed from {resolved} after {self.example_counter} examples ({self.batch_counter} steps)')
-
-
-def list_chain(*iterables):
-    for iterable in iterables:
-        yield from iterable
 
 
 # ---------------------------------------------------------------- families

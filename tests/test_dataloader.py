@@ -22,7 +22,7 @@ def loader(cls, names, tokenizer, split='train', **kwargs):
 
 # name, split, prompts, pairs, desirable, undesirable
 # Pairs follow the HALOs rules; unary labels are the sign of (wins - losses) per distinct completion:
-#  - hh/train: 36 pairs, one a tie (record 7: chosen == rejected, 0 wins - 0 losses... net 0) -> 35 / 35
+#  - hh/train: 36 pairs, one a tie (record 7: chosen == rejected, one win and one loss: net 0, dropped) -> 35 / 35
 #  - oasst/train: assistant replies only (3 ranked prompter replies dropped): 17 pairs in 10 prompts; each
 #    ranking chain a > b > c keeps a and c and drops the middle: 7 middles -> 10 / 10
 #  - pairwise feedback: 10 distinct outputs in 3 prompts, 2 of them win as often as they lose -> 4 / 4
@@ -134,7 +134,7 @@ def test_chosen_and_rejected_share_prompt_tokens_even_when_truncated(tokenizer):
     for batch in paired:
         for c_ids, r_ids, c_labels, r_labels in zip(batch['chosen_combined_input_ids'], batch['rejected_combined_input_ids'],
                                                     batch['chosen_labels'], batch['rejected_labels']):
-            n_c, n_r = int((c_labels == -100).logical_and(c_ids != tokenizer.pad_token_id).sum()), None
+            n_c = int((c_labels == -100).logical_and(c_ids != tokenizer.pad_token_id).sum())  # prompt tokens
             prompt_c = c_ids[c_labels == -100][:n_c]
             prompt_r = r_ids[r_labels == -100][:n_c]
             assert torch.equal(prompt_c, prompt_r)
