@@ -108,6 +108,16 @@ def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] 
     return tokenizer
 
 
+def load_reward_model(path: str, dtype: str):
+    """A sequence-classification reward model and its tokenizer; its score is `reward_model_scores`."""
+    from transformers import AutoModelForSequenceClassification
+    tokenizer = load_tokenizer(path)
+    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), dtype=getattr(torch, dtype))
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model.eval().requires_grad_(False), tokenizer
+
+
 def resolve_load_from(load_from: str, cache_dir: str) -> str:
     """`load_from` relative to cache_dir (as in HALOs), else as given; a policy.pt file or an HF directory."""
     for candidate in (os.path.join(cache_dir, load_from), load_from):
@@ -119,8 +129,43 @@ def resolve_load_from(load_from: str, cache_dir: str) -> str:
                             f"and the working directory); give a policy.pt file or an HF model directory")
 
 
+class ValueHead(torch.nn.Module):
+    """PPO's critic: V(s_t) from the LM's last hidden state at t, by Linear-Dropout-ReLU-Linear-Dropout-ReLU-Linear.
+
+    The hidden states are detached, so the critic's gradient never reaches the LM; the head
+    computes in its own dtype (float32).
+    """
+
+    def __init__(self, hidden_size: int, dropout: float = 0.1):
+        super().__init__()
+        self.mlp = torch.nn.Sequential(
+            torch.nn.Linear(hidden_size, hidden_size), torch.nn.Dropout(dropout), torch.nn.ReLU(),
+            torch.nn.Linear(hidden_size, hidden_size), torch.nn.Dropout(dropout), torch.nn.ReLU(),
+            torch.nn.Linear(hidden_size, 1))
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[B, T, H] -> values [B, T]."""
+        return self.mlp(hidden_states.detach().to(self.mlp[0].weight.dtype)).squeeze(-1)
+
+
+def add_value_head(model: torch.nn.Module) -> torch.nn.Module:
+    """Attach a float32 ValueHead as `model.v_head`, so the policy's state dict holds the LM's keys plus `v_head.*`
+    (as HALOs' policy.pt does) and the model still generates and saves like any causal LM."""
+    model.v_head = ValueHead(model.config.hidden_size).to(device=model.device, dtype=torch.float32)
+    return model
+
+
 def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
-    """Load the state of the HALOs policy.pt at `path` into `model`, with a clear error when it does not match."""
+    """Load the state of the HALOs policy.pt at `path` into `model`, with a clear error when it does not match.
+
+    A PPO checkpoint's `v_head.*` keys are dropped for a plain causal LM; a model with a value head
+    loaded from a checkpoint without one (an SFT policy) keeps its freshly initialised head.
+    """
+    if hasattr(model, 'v_head'):
+        if not any(key.startswith('v_head.') for key in state):
+            state = {**state, **{f'v_head.{key}': value for key, value in model.v_head.state_dict().items()}}
+    else:
+        state = {key: value for key, value in state.items() if not key.startswith('v_head.')}
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -129,8 +174,8 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
 
 def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,
                    load_from: Optional[str] = None, cache_dir: str = '.cache/',
-                   vocab_size: Optional[int] = None) -> torch.nn.Module:
-    """An AutoModelForCausalLM in `dtype`, optionally initialised from `load_from`.
+                   vocab_size: Optional[int] = None, value_head: bool = False) -> torch.nn.Module:
+    """An AutoModelForCausalLM in `dtype` (with a ValueHead for PPO), optionally initialised from `load_from`.
 
     `vocab_size` (when larger than the model's) resizes the embeddings after loading, for added
     control tokens.
@@ -141,6 +186,8 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
         path, checkpoint = checkpoint, None
     model = AutoModelForCausalLM.from_pretrained(
         path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention))
+    if value_head:
+        add_value_head(model)
     if checkpoint is not None:
         state = load_policy_file(checkpoint)['state']
         embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)

@@ -21,9 +21,10 @@ from tqdm import tqdm
 
 import models
 
-from utils import (MetricAccumulator, add_margins, all_reduce_mean, all_reduce_sum, barrier, formatted_dict,
-                   get_batch_logps, get_rng_state, is_distributed, load_policy_file, on_rank0, pad_to_length,
-                   rank0_print, resolve_checkpoint_dir, save_policy_file, set_rng_state, write_checkpoint_dir)
+from utils import (MetricAccumulator, add_margins, all_gather_rows, all_reduce_mean, all_reduce_sum, barrier,
+                   chunked, clip_gradient_norm, formatted_dict, get_batch_logps, get_rng_state, is_distributed,
+                   load_policy_file, on_rank0, pad_to_length, rank0_print, resolve_checkpoint_dir, save_policy_file,
+                   set_rng_state, write_checkpoint_dir)
 
 
 # ---------------------------------------------------------------- loss functions
@@ -100,6 +101,84 @@ def simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen
     rejected_losses = 1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))
     return (torch.cat((chosen_losses, rejected_losses)), beta * chosen_logratios.detach(),
             beta * rejected_logratios.detach())
+
+
+# ---------------------------------------------------------------- offline PPO
+# Token-level tensors are [batch, T-1]: position t holds the prediction of token t+1, `mask` is 1 on
+# completion tokens.
+
+def generalized_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float, target_includes_reward: bool = True) -> Tuple[torch.Tensor, ...]:
+    """GAE (Schulman et al. 2016) backwards over the tokens, with V = 0 after the last one:
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1}
+        value target G_t = r_t + gamma G_{t+1}            (target_includes_reward, as in later HALOs)
+                  or G_t = r_{t+1} + gamma G_{t+1}        (the rewards strictly after t, HALOs 406ed27)
+
+    Returns (advantages, returns = A + V, value targets), all masked.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages, targets = torch.zeros_like(values), torch.zeros_like(values)
+    gae = future_return = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(gae)
+        gae = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * gae
+        advantages[:, t] = gae
+        if target_includes_reward:
+            future_return = rewards[:, t] + gamma * future_return
+            targets[:, t] = future_return
+        else:
+            targets[:, t] = future_return
+            future_return = rewards[:, t] + gamma * future_return
+    advantages = advantages * mask
+    return advantages, advantages + values, targets * mask
+
+
+def whiten_advantages(advantages: List[torch.Tensor], masks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A_hat = (A - mean) / sqrt(var + 1e-8), with the mean and (population) variance over the completion
+    tokens of every given microbatch on every rank."""
+    sums = torch.stack([sum((a * m).sum() for a, m in zip(advantages, masks)),
+                        sum((a ** 2 * m).sum() for a, m in zip(advantages, masks)),
+                        sum(m.sum() for m in masks)]).double()
+    total, total_of_squares, count = all_reduce_sum(sums).tolist()
+    mean = total / count
+    std = (total_of_squares / count - mean ** 2 + 1e-8) ** 0.5
+    return [((a - mean) / std * m).detach() for a, m in zip(advantages, masks)]
+
+
+def ppo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             value_targets: torch.Tensor, mask: torch.Tensor, cliprange: float, critic_coef: float, KL_coef: float,
+             archangel: bool = False, n_tokens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict]:
+    """The clipped surrogate with a critic and a KL term, as token means over the completion tokens:
+
+        ratio = exp(log pi - log pi_old),  pi_old = the reference model (offline data)
+        L_policy = mean(max(-A ratio, -A clip(ratio, 1 - c, 1 + c)))
+        L_critic = 0.5 mean((V - G)^2)
+        L_KL     = mean(log pi - log pi_old)                       (a penalty on drifting from pi_old)
+        L = L_policy + critic_coef L_critic + KL_coef L_KL
+
+    archangel=True reproduces HALOs 406ed27 (the Archangel models): clip(ratio, c, 1/c) and
+    L_KL = mean(log pi_old - log pi). `n_tokens` overrides the token count of the means (for a global mean).
+    Returns (loss, {policy, critic, KL, clipfrac} as detached scalars).
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    mean = lambda x: (x * mask).sum() / n_tokens
+    log_ratio = policy_logps - old_logps
+    ratio = torch.exp(log_ratio)
+    low, high = (cliprange, 1 / cliprange) if archangel else (1 - cliprange, 1 + cliprange)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, low, high)
+    policy_loss = mean(torch.max(unclipped, clipped))
+    critic_loss = 0.5 * mean((values - value_targets) ** 2)
+    KL_term = mean(-log_ratio if archangel else log_ratio)
+    loss = policy_loss + critic_coef * critic_loss + KL_coef * KL_term
+    stats = {'policy': policy_loss, 'critic': critic_loss, 'KL': KL_term, 'clipfrac': mean((clipped > unclipped).float())}
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z per position: [B, T, V] -> [B, T]."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
 
 
 # ---------------------------------------------------------------- the shared loop
@@ -184,15 +263,18 @@ class BasicTrainer:
         forward per prefix and keeps FSDP's collectives in step across ranks.
         Returns one [rows] tensor per prefix, in fp32.
         """
-        length = max(batch[f'{p}_combined_input_ids'].shape[1] for p in prefixes)
-        stack = lambda suffix, pad: torch.cat(
-            [pad_to_length(batch[f'{p}{suffix}'], length, pad) for p in prefixes]).to(self.device)
-        input_ids = stack('_combined_input_ids', self.tokenizer.pad_token_id)
-        attention_mask = stack('_combined_attention_mask', 0)
-        labels = stack('_labels', -100)
+        input_ids, attention_mask, labels = self.stack_sequences(batch, prefixes)
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
         logps = get_batch_logps(logits, labels)
         return list(logps.split([batch[f'{p}_combined_input_ids'].shape[0] for p in prefixes]))
+
+    def stack_sequences(self, batch: Dict, prefixes: Tuple[str, ...]) -> Tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask, labels) of every prefix's sequences, stacked and right-padded, on the device."""
+        length = max(batch[f'{p}_combined_input_ids'].shape[1] for p in prefixes)
+        stack = lambda suffix, pad: torch.cat(
+            [pad_to_length(batch[f'{p}{suffix}'], length, pad) for p in prefixes]).to(self.device)
+        return (stack('_combined_input_ids', self.tokenizer.pad_token_id), stack('_combined_attention_mask', 0),
+                stack('_labels', -100))
 
     def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
         """Reference log-probs of every prefix of the batch, from the cache or one no-grad forward."""
@@ -257,67 +339,68 @@ class BasicTrainer:
     def global_batch_size(self, batch: Dict) -> int:
         return len(batch['prompt_text']) * self.world_size
 
-    def check_finite(self, loss: torch.Tensor, batch: Dict) -> None:
-        """Stop, naming the step and batch, when the loss is NaN or infinite on any rank."""
+    def check_finite(self, loss: torch.Tensor, first_prompt: str) -> None:
+        """Stop, naming the step and the batch's first prompt, when the loss is NaN or infinite on any rank."""
         finite = bool(torch.isfinite(loss))
         if all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0:
             return
         latest = os.path.join(self.run_dir, 'LATEST')
         saved = f"the last checkpoint in {latest} is intact (resume with ++resume=true)" \
             if resolve_checkpoint_dir(latest) else "no checkpoint had been written yet"
-        where = f"on this rank ({self.rank}), first prompt {batch['prompt_text'][0][:80]!r}" if not finite \
-            else "on another rank"
+        where = f"on this rank ({self.rank}), first prompt {first_prompt[:80]!r}" if not finite else "on another rank"
         raise FloatingPointError(
-            f"non-finite training loss at optimizer step {self.batch_counter}, microbatch {self.batches_seen} "
-            f"(examples {self.example_counter}..{self.example_counter + self.global_batch_size(batch)}) {where}. "
-            f"Nothing was saved: {saved}.")
+            f"non-finite training loss at optimizer step {self.batch_counter}, after microbatch {self.batches_seen} "
+            f"({self.example_counter} examples) {where}. Nothing was saved: {saved}.")
+
+    def accumulate(self, loss: torch.Tensor, metrics: Dict[str, torch.Tensor], first_prompt: str,
+                   n_microbatches: int) -> None:
+        """Check the loss, backpropagate loss / G (the mean over G microbatches = the mean over one big batch)
+        and record the metrics."""
+        self.check_finite(loss, first_prompt)
+        (loss / n_microbatches).backward()
+        for name, values in metrics.items():
+            self.train_metrics.add(name, values)
+
+    def train_step(self, microbatches: List[Dict]) -> float:
+        """One optimizer step on G microbatches (fewer at the very end); returns the last microbatch's loss."""
+        for batch in microbatches:
+            loss, metrics = self.get_batch_metrics(batch, 'train')
+            self.accumulate(loss, metrics, batch['prompt_text'][0], len(microbatches))
+        self.optimizer_step()
+        return loss.item()
 
     def train(self) -> None:
-        """Microbatch loop: evaluate every eval_every examples, backpropagate loss / G, step every G microbatches."""
+        """Optimizer-step loop: evaluate (and checkpoint) every eval_every examples, then `train_step` on the
+        next G = gradient_accumulation_steps microbatches."""
         config = self.config
-        accumulation = config.model.gradient_accumulation_steps
         if config.cache_reference_logprobs and self.use_reference_model and self.reference_logps_cache is None:
             self.cache_reference_logprobs()
         self.train_iterator.skip_batches = self.batches_seen
         progress = tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
                         disable=not on_rank0())
         last_log = time.time()
-        # evaluations (and checkpoints) happen between optimizer steps, each time eval_every more examples are done
         next_eval = 0 if config.do_first_eval and not self.batches_seen else \
             (self.example_counter // config.eval_every + 1) * config.eval_every
-        accumulated = 0
         self.policy.train()
-        for batch in self.train_iterator:
-            if accumulated == 0 and self.example_counter >= next_eval:
+        for microbatches in chunked(self.train_iterator, config.model.gradient_accumulation_steps):
+            if self.example_counter >= next_eval:
                 self.evaluate()
                 next_eval = (self.example_counter // config.eval_every + 1) * config.eval_every
                 if self.example_counter > 0:
                     self.save_checkpoint()
 
             start = time.time()
-            loss, metrics = self.get_batch_metrics(batch, 'train')
-            self.check_finite(loss, batch)
-            (loss / accumulation).backward()  # the mean over G equal microbatches = the mean over one big batch
-            for name, values in metrics.items():
-                self.train_metrics.add(name, values)
-            accumulated += 1
-            self.batches_seen += 1
-            self.example_counter += self.global_batch_size(batch)
-            if accumulated == accumulation:
-                self.optimizer_step()
-                accumulated = 0
-            progress.update(1)
-            progress.set_postfix(loss=f'{loss.item():.4g}',
-                                 examples_per_s=f'{self.global_batch_size(batch) / (time.time() - start):.3g}')
+            loss = self.train_step(microbatches)
+            examples = sum(self.global_batch_size(batch) for batch in microbatches)
+            self.batches_seen += len(microbatches)
+            self.example_counter += examples
+            examples_per_second = examples / (time.time() - start)
+            progress.update(len(microbatches))
+            progress.set_postfix(loss=f'{loss:.4g}', examples_per_s=f'{examples_per_second:.3g}')
             due = time.time() - last_log >= config.minimum_log_interval_secs
-            if accumulated == 0 and all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
-                self.log_train_metrics(self.global_batch_size(batch) / (time.time() - start))
+            if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
+                self.log_train_metrics(examples_per_second)
                 last_log = time.time()
-        if accumulated:  # a last, incomplete accumulation still counts, as the mean over its microbatches
-            for parameter in self.policy.parameters():
-                if parameter.grad is not None:
-                    parameter.grad.mul_(accumulation / accumulated)
-            self.optimizer_step()
         if self.train_metrics.counts:
             self.log_train_metrics(None)
         progress.close()
@@ -330,9 +413,7 @@ class BasicTrainer:
         self.batch_counter += 1
 
     def clip_gradient(self) -> float:
-        """Clip to max_grad_norm by the global norm (under FSDP2 the norm of the sharded DTensors is global)."""
-        norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.config.model.max_grad_norm)
-        return (norm.full_tensor() if hasattr(norm, 'full_tensor') else norm).item()
+        return clip_gradient_norm(self.policy.parameters(), self.config.model.max_grad_norm)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean eval metrics over the whole test set (all ranks' slices)."""
@@ -396,7 +477,6 @@ class BasicTrainer:
                 torch.save({'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                             'batches_seen': self.batches_seen, 'rng': get_rng_state()},
                            os.path.join(directory, 'trainer_state.pt'))
-                self.write_extra_files(directory, policy_state)
                 if final:
                     self.export_hf(os.path.join(directory, 'hf'), policy_state)
 
@@ -406,9 +486,6 @@ class BasicTrainer:
             self.tokenizer.save_pretrained(self.run_dir)
             rank0_print(f'saved checkpoint after {self.example_counter} examples to {self.run_dir}/LATEST')
         barrier()
-
-    def write_extra_files(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
-        """Hook for trainers with more to save (PPO's value head)."""
 
     def export_hf(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
         """An HF directory (safetensors, config, tokenizer with chat template) for from_pretrained."""
@@ -604,6 +681,176 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         accuracies = unpaired_accuracies(chosen_rewards - self.config.loss.beta * KL,
                                          rejected_rewards - self.config.loss.beta * KL)
         return losses, chosen_rewards, rejected_rewards, accuracies, {'rewards_{mode}/KL_estimate': KL.reshape(1)}
+
+
+class PPOTrainer(BasicTrainer):
+    """Offline PPO on labelled data: reward +1 (desirable/chosen) or -1 (undesirable/rejected), or a reward
+    model's score, on the last completion token; the reference model is the behaviour ("old") policy.
+
+    Each optimizer step's microbatches are the experience: under no_grad their old log-probs, values,
+    GAE advantages (whitened over the whole experience on every rank) and value targets are computed
+    once, then `ppo_epochs` epochs each reshuffle the experience across microbatches and ranks,
+    backpropagate every microbatch and step the optimizer.
+    """
+    use_reference_model = True
+    SEQUENCE_KEYS = ('input_ids', 'attention_mask', 'labels')  # the others of an experience are token-level
+
+    def __init__(self, tokenizer, config, *args, **kwargs):
+        if config.cache_reference_logprobs:
+            raise ValueError("loss=ppo needs per-token reference log-probs: set cache_reference_logprobs=false")
+        super().__init__(tokenizer, config, *args, **kwargs)
+        self.reward_model = None
+        if config.loss.reward_model:
+            self.reward_model, self.reward_tokenizer = models.load_reward_model(config.loss.reward_model,
+                                                                                config.model.reference_dtype)
+            self.reward_model.to(self.device)
+
+    @classmethod
+    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
+        return models.load_causal_lm(name_or_path, dtype, value_head=True, **kwargs)
+
+    def shard(self) -> None:
+        """The float32 value head is its own FSDP2 unit, so the LM's units keep one dtype."""
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        fully_shard(self.policy.v_head, mesh=init_device_mesh(self.device.type, (self.world_size,)))
+        super().shard()
+
+    # --- experience
+    def rows(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(input_ids, attention_mask, labels, scores) of a batch's completions: unpaired targets with their
+        status, or paired chosen and rejected completions. Scores are +1/-1 or the reward model's."""
+        if 'target_combined_input_ids' in batch:
+            prefixes, signs = ('target',), [1.0 if status == 'chosen' else -1.0 for status in batch['status']]
+        else:
+            prefixes = ('chosen', 'rejected')
+            signs = [1.0] * len(batch['prompt_text']) + [-1.0] * len(batch['prompt_text'])
+        input_ids, attention_mask, labels = self.stack_sequences(batch, prefixes)
+        if self.reward_model is None:
+            scores = torch.tensor(signs, device=self.device)
+        else:
+            scores = self.reward_model_scores([text for p in prefixes for text in batch[f'{p}_combined_text']])
+        return input_ids, attention_mask, labels, scores
+
+    @torch.no_grad()
+    def reward_model_scores(self, texts: List[str]) -> torch.Tensor:
+        """The reward model's score of each text: its class-1 logit when it has two classes, else its first."""
+        inputs = self.reward_tokenizer(texts, return_tensors='pt', padding=True, truncation=True,
+                                       max_length=self.config.model.max_length).to(self.device)
+        logits = self.reward_model(**inputs).logits.float()
+        return logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]
+
+    def policy_forward(self, input_ids, attention_mask, labels) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logits [B, T, V], token log-probs [B, T-1], values [B, T-1]) of the policy."""
+        outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              output_hidden_states=True)
+        values = self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
+        return outputs.logits, get_batch_logps(outputs.logits, labels, token_level=True), values
+
+    @torch.no_grad()
+    def experience(self, microbatches: List[Dict]) -> Tuple[List[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
+        """Per microbatch, [rows, T] tensors: ids, attention mask, labels, and the token-level old log-probs,
+        completion mask, whitened advantages and value targets (zero in the last column). Also the
+        returns and values metrics."""
+        loss_config = self.config.loss
+        experience, raw_advantages, metrics = [], [], {}
+        for batch in microbatches:
+            input_ids, attention_mask, labels, scores = self.rows(batch)
+            reference_logits = self.reference_model(input_ids=input_ids, attention_mask=attention_mask,
+                                                    use_cache=False).logits
+            old_logps = get_batch_logps(reference_logits, labels, token_level=True)
+            _, _, values = self.policy_forward(input_ids, attention_mask, labels)
+            mask = (labels[:, 1:] != -100).float()
+            rewards = torch.zeros_like(mask)
+            rewards[torch.arange(len(scores)), mask.cumsum(1).argmax(1)] = scores.float()  # on the last completion token
+            advantages, returns, targets = generalized_advantages(
+                values, rewards, mask, loss_config.gamma, loss_config.lam,
+                target_includes_reward=not loss_config.archangel)
+            full_length = lambda tokens: pad_to_length(tokens, input_ids.shape[1], 0)
+            raw_advantages.append(full_length(advantages))
+            experience.append({'input_ids': input_ids, 'attention_mask': attention_mask, 'labels': labels,
+                               'old_logps': full_length(old_logps), 'mask': full_length(mask),
+                               'targets': full_length(targets)})
+            for name, tokens in (('returns', returns[mask.bool()]), ('val', values[mask.bool()])):
+                metrics.setdefault(f'{name}/mean', []).append(tokens.mean())
+                metrics.setdefault(f'{name}/var', []).append(tokens.var(unbiased=False))
+        for part, advantages in zip(experience, whiten_advantages(raw_advantages, [p['mask'] for p in experience])):
+            part['advantages'] = advantages
+        return experience, {name: torch.stack(values) for name, values in metrics.items()}
+
+    def reshuffled(self, experience: List[Dict[str, torch.Tensor]]) -> List[Dict[str, torch.Tensor]]:
+        """The experience's rows gathered from every rank, permuted (the same seeded permutation on every
+        rank, fresh at each optimizer step) and cut back into microbatches of the same sizes: this rank's
+        slice of each, trimmed."""
+        padding = {key: 0 for key in experience[0]}
+        padding.update(input_ids=self.tokenizer.pad_token_id, labels=-100)
+        gathered = {key: [all_gather_rows(part[key], pad) for part in experience] for key, pad in padding.items()}
+        length = max(t.shape[1] for t in gathered['input_ids'])
+        rows = {key: torch.cat([pad_to_length(t, length, padding[key]) for t in parts]) for key, parts in gathered.items()}
+        sizes = [t.shape[0] for t in gathered['input_ids']]
+        generator = torch.Generator().manual_seed(self.config.seed * 1_000_003 + self.batch_counter)
+        permutation = torch.randperm(sum(sizes), generator=generator).to(self.device)
+        return [self.trimmed({key: values[indices.tensor_split(self.world_size)[self.rank]]
+                              for key, values in rows.items()}) for indices in permutation.split(sizes)]
+
+    @classmethod
+    def trimmed(cls, part: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A microbatch of experience cut to its longest sequence, its token-level tensors to one column less."""
+        longest = int(part['attention_mask'].sum(1).max())
+        return {key: values[:, :longest if key in cls.SEQUENCE_KEYS else longest - 1] for key, values in part.items()}
+
+    # --- loss
+    def ppo_metrics(self, part: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The PPO loss of one microbatch of experience (token means over the global microbatch) and its metrics."""
+        loss_config = self.config.loss
+        logits, policy_logps, values = self.policy_forward(part['input_ids'], part['attention_mask'], part['labels'])
+        mask = part['mask']
+        n_tokens = all_reduce_mean(mask.sum())  # gradients are averaged over ranks: this makes a global token mean
+        loss, stats = ppo_loss(policy_logps, part['old_logps'], part['advantages'], values, part['targets'], mask,
+                               cliprange=loss_config.cliprange, critic_coef=loss_config.critic_coef,
+                               KL_coef=loss_config.KL_coef, archangel=loss_config.archangel, n_tokens=n_tokens)
+        with torch.no_grad():
+            entropy = (entropy_from_logits(logits[:, :-1]) * mask).sum() / n_tokens
+            sequence_ratios = torch.exp(((policy_logps - part['old_logps']) * mask).sum(-1))
+        return loss, {'loss/total': loss.detach(), 'loss/policy': stats['policy'], 'loss/critic': stats['critic'],
+                      'loss/policykl': stats['KL'], 'loss/entropy': entropy, 'loss/seqratio': sequence_ratios,
+                      'clipfrac/policy': stats['clipfrac']}
+
+    @staticmethod
+    def named_for(mode: str, metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """HALOs' PPO names ('loss/policy') in training; 'loss_eval/policy' and so on in evaluation."""
+        return metrics if mode == 'train' else {name.replace('/', f'_{mode}/', 1): v for name, v in metrics.items()}
+
+    def get_batch_metrics(self, batch, mode):
+        """Evaluation: one batch as its own experience, not reshuffled."""
+        experience, experience_metrics = self.experience([batch])
+        loss, metrics = self.ppo_metrics(self.trimmed(experience[0]))
+        return loss, self.named_for(mode, {**metrics, **experience_metrics})
+
+    def train_step(self, microbatches):
+        """ppo_epochs optimizer steps on the experience of G microbatches, each epoch freshly reshuffled."""
+        experience, experience_metrics = self.experience(microbatches)
+        for name, values in experience_metrics.items():
+            self.train_metrics.add(name, values)
+        for _ in range(self.config.loss.ppo_epochs):
+            for part in self.reshuffled(experience):
+                loss, metrics = self.ppo_metrics(part)
+                first_prompt = self.tokenizer.decode(part['input_ids'][0][part['labels'][0] == -100],
+                                                     skip_special_tokens=True)
+                self.accumulate(loss, metrics, first_prompt, len(microbatches))
+            self.optimizer_step()
+        return loss.item()
+
+    def clip_gradient(self) -> float:
+        """The value head at v_head_max_grad_norm and the LM at max_grad_norm; the sum of both norms."""
+        value_head = set(self.policy.v_head.parameters())
+        language_model = [p for p in self.policy.parameters() if p not in value_head]
+        return (clip_gradient_norm(value_head, self.config.model.v_head_max_grad_norm)
+                + clip_gradient_norm(language_model, self.config.model.max_grad_norm))
+
+    def export_hf(self, directory, policy_state):
+        """The LM alone, loadable with AutoModelForCausalLM (the value head stays in policy.pt)."""
+        super().export_hf(directory, {k: v for k, v in policy_state.items() if not k.startswith('v_head.')})
 
 
 def get_trainer_class(name: str) -> type:

@@ -4,10 +4,11 @@ metric accumulation and checkpoint files.
 Every distributed helper works without a process group (one process), so single-process
 runs and unit tests need no `torch.distributed` setup.
 """
+import itertools
 import os
 import random
 import shutil
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -69,6 +70,38 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def all_gather_rows(tensor: torch.Tensor, pad_value) -> torch.Tensor:
+    """Every rank's [rows, T] tensor concatenated along rows, in rank order (T padded to the longest on the right).
+
+    Ranks may hold different numbers of rows and lengths. One process: the tensor itself.
+    """
+    if not is_distributed():
+        return tensor
+    shape = torch.tensor(tensor.shape, device=tensor.device)
+    shapes = [torch.empty_like(shape) for _ in range(get_world_size())]
+    dist.all_gather(shapes, shape)
+    rows = [int(s[0]) for s in shapes]
+    length = max(int(s[1]) for s in shapes)
+    padded = pad_to_length(pad_to_length(tensor, length, pad_value), max(rows), pad_value, dim=0)
+    gathered = [torch.empty_like(padded) for _ in shapes]
+    dist.all_gather(gathered, padded.contiguous())
+    return torch.cat([part[:n] for part, n in zip(gathered, rows)])
+
+
+def clip_gradient_norm(parameters, max_norm: float) -> float:
+    """Clip the gradients of `parameters` to `max_norm` by their global norm (under FSDP2 the norm of the
+    sharded DTensors is the norm over all shards); returns the norm before clipping."""
+    norm = torch.nn.utils.clip_grad_norm_(list(parameters), max_norm)
+    return (norm.full_tensor() if hasattr(norm, 'full_tensor') else norm).item()
+
+
+def chunked(iterable: Iterable, size: int) -> Iterator[List]:
+    """Consecutive lists of `size` items (the last one may be shorter)."""
+    iterator = iter(iterable)
+    while chunk := list(itertools.islice(iterator, size)):
+        yield chunk
 
 
 # ---------------------------------------------------------------- seeding and RNG state

@@ -89,7 +89,7 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
         return loss, metrics
 
     trainer.get_batch_metrics = poisoned
-    with pytest.raises(FloatingPointError, match=r'optimizer step 2, microbatch 2 \(examples 8\.\.12\)') as error:
+    with pytest.raises(FloatingPointError, match=r'optimizer step 2, after microbatch 2 \(8 examples\)') as error:
         trainer.train()
     assert 'LATEST is intact' in str(error.value)
     saved = load_policy_file(os.path.join(config.local_run_dir, 'LATEST', 'policy.pt'))
@@ -131,25 +131,29 @@ def test_train_py_writes_checkpoint_config_tokenizer_and_hf_export(tmp_path):
 
 
 @pytest.mark.slow
-def test_two_processes_match_one_process(tmp_path):
-    """torchrun with 2 ranks (gloo, FSDP2) gives the same update as 1 process on the same global batch."""
-    common = ['++n_examples=8', '++optimizer=SGD', '++lr=1.0', '++warmup_steps=0', '++do_first_eval=false']
-    run_train(tmp_path, *common, loss='kto', exp_name='one')
-    result = run_train(tmp_path, *common, loss='kto', exp_name='two', nproc=2)
+@pytest.mark.parametrize('loss, eval_loss', [('kto', 'loss/eval'), ('ppo', 'loss_eval/total')])
+def test_two_processes_match_one_process(tmp_path, loss, eval_loss):
+    """torchrun with 2 ranks (gloo, FSDP2) gives the same update as 1 process on the same global batch
+    (for PPO: whitening, reshuffling and token means over both ranks; ppo_epochs 2 steps twice)."""
+    common = ['++n_examples=8', '++optimizer=SGD', '++lr=1.0', '++warmup_steps=0', '++do_first_eval=false',
+              '++loss.ppo_epochs=2' if loss == 'ppo' else '++seed=1']
+    run_train(tmp_path, *common, loss=loss, exp_name='one')
+    run_train(tmp_path, *common, loss=loss, exp_name='two', nproc=2)
     one = load_policy_file(tmp_path / 'one' / 'LATEST' / 'policy.pt')
     two = load_policy_file(tmp_path / 'two' / 'LATEST' / 'policy.pt')
     assert one['step_idx'] == two['step_idx'] == 8
     for name, tensor in one['state'].items():
         assert torch.allclose(tensor, two['state'][name], atol=1e-5), name
-    assert one['metrics']['loss/eval'] == pytest.approx(two['metrics']['loss/eval'], abs=1e-5)
+    assert one['metrics'][eval_loss] == pytest.approx(two['metrics'][eval_loss], abs=1e-5)
 
 
 @pytest.mark.slow
-def test_killed_run_resumes_to_the_same_policy(tmp_path):
+@pytest.mark.parametrize('loss', ['dpo', 'ppo'])
+def test_killed_run_resumes_to_the_same_policy(tmp_path, loss):
     common = ['++n_examples=32', '++eval_every=8', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=2']
-    run_train(tmp_path, *common, loss='dpo', exp_name='whole')
+    run_train(tmp_path, *common, loss=loss, exp_name='whole')
 
-    command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path, 'dpo', 'killed') + common
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path, loss, 'killed') + common
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
     deadline = time.time() + 300
@@ -161,7 +165,7 @@ def test_killed_run_resumes_to_the_same_policy(tmp_path):
     saved = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
     assert saved['step_idx'] < 32, 'the run finished before it was killed'
 
-    run_train(tmp_path, *common, '++resume=true', loss='dpo', exp_name='killed')
+    run_train(tmp_path, *common, '++resume=true', loss=loss, exp_name='killed')
     whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
     resumed = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
     assert resumed['step_idx'] == whole['step_idx'] == 32
