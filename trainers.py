@@ -8,6 +8,7 @@ completions, shape [batch], and returns per-example (losses, chosen_rewards, rej
 The pure loss functions come first; each trainer's `loss` calls one with its hyperparameters from
 `self.config.loss`. BasicTrainer owns the loop, evaluation, logging, clipping and checkpoints.
 """
+import contextlib
 import hashlib
 import itertools
 import json
@@ -24,7 +25,7 @@ import models
 from utils import (MetricAccumulator, add_margins, all_gather_rows, all_reduce_mean, all_reduce_sum, barrier,
                    chunked, clip_gradient_norm, formatted_dict, get_batch_logps, get_rng_state, is_distributed,
                    load_policy_file, on_rank0, pad_to_length, rank0_print, resolve_checkpoint_dir, save_policy_file,
-                   set_rng_state, write_checkpoint_dir)
+                   sequence_logps, set_rng_state, write_checkpoint_dir)
 
 
 # ---------------------------------------------------------------- loss functions
@@ -259,14 +260,19 @@ class BasicTrainer:
     def concatenated_logps(self, model: torch.nn.Module, batch: Dict, prefixes: Tuple[str, ...]) -> List[torch.Tensor]:
         """Summed completion log-probs of the sequences `<prefix>_combined_input_ids` of each prefix.
 
-        All rows go through one forward (padded to a common length), which is faster than one
-        forward per prefix and keeps FSDP's collectives in step across ranks.
+        All rows go through one forward (packed without padding when model.padding_free), which is
+        faster than one forward per prefix and keeps FSDP's collectives in step across ranks.
         Returns one [rows] tensor per prefix, in fp32.
         """
         input_ids, attention_mask, labels = self.stack_sequences(batch, prefixes)
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
-        logps = get_batch_logps(logits, labels)
+        with self.autocast():
+            logps = sequence_logps(model, input_ids, attention_mask, labels, padding_free=self.config.model.padding_free)
         return list(logps.split([batch[f'{p}_combined_input_ids'].shape[0] for p in prefixes]))
+
+    def autocast(self):
+        """torch.autocast in model.autocast_dtype around forwards (nothing when it is null)."""
+        dtype = self.config.model.autocast_dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
 
     def stack_sequences(self, batch: Dict, prefixes: Tuple[str, ...]) -> Tuple[torch.Tensor, ...]:
         """(input_ids, attention_mask, labels) of every prefix's sequences, stacked and right-padded, on the device."""
@@ -325,7 +331,8 @@ class BasicTrainer:
 
     def reference_cache_digest(self) -> str:
         c = self.config
-        parts = [c.model.name_or_path, c.model.load_from, c.model.reference_dtype, list(c.datasets), c.data_dir, c.seed,
+        parts = [c.model.name_or_path, c.model.load_from, c.model.reference_dtype, c.model.autocast_dtype,
+                 c.model.padding_free, list(c.datasets), c.data_dir, c.seed,
                  c.model.max_length, c.model.max_prompt_length, c.model.batch_size, c.model.eval_batch_size,
                  c.n_epochs, c.n_examples, c.n_eval_examples, c.loss.dataloader, c.use_chat_template,
                  c.human_prefix, c.human_suffix, c.assistant_prefix, c.assistant_suffix,
@@ -742,8 +749,9 @@ class PPOTrainer(BasicTrainer):
 
     def policy_forward(self, input_ids, attention_mask, labels) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [B, T, V], token log-probs [B, T-1], values [B, T-1]) of the policy."""
-        outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              output_hidden_states=True)
+        with self.autocast():
+            outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                  output_hidden_states=True)
         values = self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
         return outputs.logits, get_batch_logps(outputs.logits, labels, token_level=True), values
 
@@ -756,8 +764,9 @@ class PPOTrainer(BasicTrainer):
         experience, raw_advantages, metrics = [], [], {}
         for batch in microbatches:
             input_ids, attention_mask, labels, scores = self.rows(batch)
-            reference_logits = self.reference_model(input_ids=input_ids, attention_mask=attention_mask,
-                                                    use_cache=False).logits
+            with self.autocast():
+                reference_logits = self.reference_model(input_ids=input_ids, attention_mask=attention_mask,
+                                                        use_cache=False).logits
             old_logps = get_batch_logps(reference_logits, labels, token_level=True)
             _, _, values = self.policy_forward(input_ids, attention_mask, labels)
             mask = (labels[:, 1:] != -100).float()

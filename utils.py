@@ -149,6 +149,34 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
     return token_logps.sum(-1)
 
 
+def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
+    """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32.
+
+    The LM head runs only at the K positions that predict a label (transformers' boolean
+    `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
+    vocabulary projection. With `padding_free` the rows are packed into one sequence without their
+    padding, with position ids restarting at every row; transformers then builds a block-diagonal
+    causal mask (SDPA, eager) or varlen flash-attention, so no token attends across rows and no padding
+    token is computed.
+    """
+    predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
+    predicts_label[:, :-1] = labels[:, 1:] != -100                    # position t predicts token t+1
+    targets = labels[:, 1:][labels[:, 1:] != -100]                     # [K], row by row
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)[predicts_label]
+    if padding_free:
+        tokens = attention_mask.bool()
+        position_ids = attention_mask.cumsum(1) - 1
+        logits = model(input_ids=input_ids[tokens].unsqueeze(0), position_ids=position_ids[tokens].unsqueeze(0),
+                       logits_to_keep=predicts_label[tokens].unsqueeze(0), use_cache=False).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
+                       use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1]).float()             # [K, V]
+    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+    return torch.zeros(len(labels), device=logits.device).index_add(0, rows, token_logps)
+
+
 def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:
     """Right-pad `tensor` along `dim` to `length`."""
     if tensor.size(dim) >= length:

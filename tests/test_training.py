@@ -12,7 +12,7 @@ import torch
 
 import train
 from helpers import ROOT, base_overrides, make_config, run_train
-from utils import load_policy_file
+from utils import get_batch_logps, load_policy_file, sequence_logps
 
 LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero']
 
@@ -188,3 +188,32 @@ def test_cached_reference_logprobs_give_the_same_training(tmp_path, loss):
     for p_plain, p_cached in zip(plain.policy.parameters(), cached.policy.parameters()):
         assert torch.allclose(p_plain, p_cached, atol=1e-5)
     assert cached.evaluate()['loss/eval'] == pytest.approx(plain.evaluate()['loss/eval'], abs=1e-5)
+
+
+@pytest.mark.parametrize('padding_free', [False, True])
+def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
+    """sequence_logps (LM head at label positions only; packed rows without padding) gives the log-probs
+    and gradients of the plain padded forward with full [B, T, V] logits."""
+    trainer = train.build_trainer(make_config(tmp_path, loss='dpo'))
+    input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
+    assert (attention_mask == 0).any()  # the rows have padding to skip
+    model = trainer.policy
+    full = get_batch_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
+    full.sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast = sequence_logps(model, input_ids, attention_mask, labels, padding_free=padding_free)
+    fast.sum().backward()
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-6)
+    for fast_grad, full_grad in zip((p.grad for p in model.parameters()), full_grads):
+        torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_bf16_autocast_stays_close_to_fp32(tmp_path):
+    plain = train.build_trainer(make_config(tmp_path / 'fp32', loss='sft'))
+    autocast = train.build_trainer(make_config(tmp_path / 'bf16', '++model.autocast_dtype=bfloat16', loss='sft'))
+    batch = plain.eval_batches[0]
+    fp32_logps, = plain.concatenated_logps(plain.policy, batch, ('target',))
+    bf16_logps, = autocast.concatenated_logps(autocast.policy, batch, ('target',))
+    assert bf16_logps.dtype == torch.float32 and not torch.equal(bf16_logps, fp32_logps)
+    torch.testing.assert_close(bf16_logps, fp32_logps, rtol=0.02, atol=0)
