@@ -507,7 +507,8 @@ class DataLoader:
             raise ValueError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}), "
                              f"or no room is left for a completion")
         if batch_size % world_size != 0:
-            raise ValueError(f"batch_size ({batch_size}) must be divisible by the number of processes ({world_size})")
+            key = 'model.batch_size' if split == 'train' else 'model.eval_batch_size'
+            raise ValueError(f"{key} ({batch_size}) must be divisible by the number of processes ({world_size})")
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
         self.tokenizer = tokenizer

@@ -268,3 +268,9 @@ def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
         loader(D.SFTDataLoader, ['hh'], tokenizer, n_epochs=None)
     with pytest.raises(ValueError, match=r'loss.dataloader=Nope is not a dataloader; valid: ConditionalSFTDataLoader'):
         D.get_dataloader_class('Nope')
+
+
+@pytest.mark.parametrize('split, key', [('train', 'model.batch_size'), ('test', 'model.eval_batch_size')])
+def test_batch_size_not_divisible_by_processes_names_the_key(tokenizer, split, key):
+    with pytest.raises(ValueError, match=rf'{key} \(3\) must be divisible by the number of processes \(2\)'):
+        loader(D.SFTDataLoader, ['hh'], tokenizer, split=split, batch_size=3, world_size=2)
