@@ -419,6 +419,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     field is used only for that split; one without is used for both.
     Binary: each output is desirable or not; the SFT target is the first desirable output.
     Pairwise: label 1 means output_A is preferred; identical outputs of one prompt are stored once.
+    One prompt's records are all binary or all pairwise.
     """
     dataset = Dataset(os.path.basename(path))
     records = read_json_records(path)
@@ -439,6 +440,9 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         example.dataset_name = dataset.name
         example.source = example.source or where
         label = _label(record, where)
+        if (example.pairs and not pairwise) or (example.desirable and pairwise):
+            raise DataError(f"{where}: this prompt already has {'pairwise' if example.pairs else 'binary'} feedback "
+                            f"(first at {example.source}); the records of one prompt must be all binary or all pairwise")
         if pairwise:
             outputs = [_completion(record, 'output_A', where), _completion(record, 'output_B', where)]
             rewards = [_score(record, 'reward_A', where), _score(record, 'reward_B', where)]

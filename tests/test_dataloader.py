@@ -274,3 +274,13 @@ def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
 def test_batch_size_not_divisible_by_processes_names_the_key(tokenizer, split, key):
     with pytest.raises(ValueError, match=rf'{key} \(3\) must be divisible by the number of processes \(2\)'):
         loader(D.SFTDataLoader, ['hh'], tokenizer, split=split, batch_size=3, world_size=2)
+
+
+def test_one_prompt_with_binary_and_pairwise_feedback_is_refused(tmp_path):
+    path = tmp_path / 'mixed.jsonl'
+    path.write_text('{"prompt": "a", "output": "b", "label": 1}\n'
+                    '{"prompt": "c", "output_A": "d", "output_B": "e", "label": 1}\n'
+                    '{"prompt": "a", "output_A": "f", "output_B": "g", "label": 0}\n')
+    with pytest.raises(D.DataError, match=r'mixed.jsonl: record 3: this prompt already has binary feedback '
+                                          r'\(first at .*mixed.jsonl: record 1\)'):
+        D.load_dataset(str(path), 'train', **FORMAT)
