@@ -1,0 +1,57 @@
+"""What both sides of the benchmark share: the halos config of a run, its data, and the result file.
+
+A run is described by a spec (a JSON file the parent writes): the trainer name ('sft', 'dpo' or
+'kto'), the number of steps and the halos command-line overrides. Both sides compose the very same
+halos config from those overrides, so they read the same batch size, lengths, dtype, optimizer,
+learning rate, warmup, clipping norm and beta, and both take their examples, in the same order,
+from halos' own data loader.
+"""
+import json
+import os
+import resource
+import sys
+from typing import Dict, List
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# the sequences of a halos batch that go through the policy with a gradient, per trainer
+GRAD_PREFIXES = {'sft': ('target',), 'dpo': ('chosen', 'rejected'), 'kto': ('target',)}
+
+
+def read_spec(path: str) -> Dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def compose_config(overrides: List[str]):
+    """The validated halos config that `python train.py <overrides>` would run with."""
+    from hydra import compose, initialize_config_dir
+    import train
+    with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
+        config = compose('config', overrides=list(overrides))
+    train.validate_config(config)
+    return config
+
+
+def halos_train_batches(config, tokenizer) -> List[Dict]:
+    """The collated training batches of the run, in the order halos trains on them."""
+    import train
+    return list(train.build_loader(config, tokenizer, 'train'))
+
+
+def unpadded_sequences(batch: Dict, prefix: str) -> List[List[int]]:
+    """The token ids of each `<prefix>_combined` sequence of a halos batch, without padding."""
+    ids, mask = batch[f'{prefix}_combined_input_ids'], batch[f'{prefix}_combined_attention_mask']
+    return [row[:int(m.sum())].tolist() for row, m in zip(ids, mask)]
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident set size so far (ru_maxrss is in KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def write_result(path: str, result: Dict) -> None:
+    with open(path, 'w') as f:
+        json.dump(result, f, indent=1)

@@ -1,0 +1,60 @@
+"""The benchmark runs one step of each side for SFT, DPO and KTO and writes its report.
+
+A smoke test, not a benchmark: no timing is asserted. It needs TRL, a benchmark-only dependency
+(`make bench` installs requirements-bench.txt), and is skipped without it.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+pytest.importorskip('trl')
+
+SIDE_FIELDS = ('examples_per_s', 'tokens_per_s', 'compute_examples_per_s', 'seconds_per_step', 'flops_per_s',
+               'fraction_of_matmul_peak', 'peak_rss_mib', 'n_params', 'threads', 'losses', 'runs')
+
+
+@pytest.fixture(scope='module')
+def report(tmp_path_factory):
+    out_dir = tmp_path_factory.mktemp('bench')
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--smoke', '--out-dir', str(out_dir)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(out_dir / 'latest.json') as f:
+        return json.load(f), (out_dir / 'latest.md').read_text()
+
+
+@pytest.mark.slow
+def test_smoke_run_reports_both_sides_of_every_trainer(report):
+    data, _ = report
+    assert data['matmul_peak_flops'] > 0 and data['machine']['cpu'] and data['flops_formula']
+    assert set(data['trainers']) == {'sft', 'dpo', 'kto'}
+    for name, entry in data['trainers'].items():
+        for side in ('halos', 'trl'):
+            summary = entry[side]
+            assert set(SIDE_FIELDS) <= set(summary), (name, side)
+            assert summary['examples_per_s'] > 0 and summary['peak_rss_mib'] > 0
+            assert len(summary['losses']) == 1 and all(math.isfinite(x) for x in summary['losses'])
+        assert entry['trl']['token_mismatches'] == 0, name  # TRL trains on exactly halos' tokens
+        assert set(entry['ratio_halos_over_trl']) >= {'examples_per_s', 'tokens_per_s', 'peak_rss_mib'}
+
+
+@pytest.mark.slow
+def test_both_sides_start_from_the_same_loss(report):
+    trainers = report[0]['trainers']
+    assert trainers['dpo']['halos']['losses'][0] == pytest.approx(math.log(2), abs=1e-4)
+    assert trainers['dpo']['trl']['losses'][0] == pytest.approx(math.log(2), abs=1e-4)
+    for name in ('sft', 'kto'):
+        assert trainers[name]['halos']['losses'][0] == pytest.approx(trainers[name]['trl']['losses'][0], rel=1e-4)
+
+
+def test_markdown_table_lists_every_trainer_and_side(report):
+    _, text = report
+    assert 'Machine:' in text and '| trainer | side | examples/s' in text
+    for name in ('sft', 'dpo', 'kto'):
+        assert f'| {name} | halos |' in text and f'| {name} | trl |' in text
