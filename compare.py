@@ -172,10 +172,11 @@ def judge_messages(history: str, responses: Sequence[str], labels: str, user_tag
 def parse_verdict(answer: str, labels: str) -> Optional[int]:
     """The position (0 or 1) the judge chose, or None when the answer names neither.
 
-    The first "Response <x>" decides (case-insensitive); x must be one of the labels. An answer that
-    is only a label ("2", "2.") counts too.
+    The first "Response <x>" with x one of the labels decides (case-insensitive), so "The best
+    response is Response 2" picks 2. An answer that is only a label ("2", "2.") counts too.
     """
-    match = re.search(r'response\s*(\S)', answer, flags=re.IGNORECASE)
+    labels_pattern = '|'.join(re.escape(label) for label in labels)
+    match = re.search(rf'\bresponse\s*["\']?({labels_pattern})(?!\w)', answer, flags=re.IGNORECASE)
     if match:
         choice = match.group(1)
     else:

@@ -118,6 +118,9 @@ def args_for(**overrides):
     ('Both are fine.', '12', None),
     ('', '12', None),
     ('The second one', '12', None),
+    ('The most helpful and concise response is Response 1', '12', 0),
+    ('The correct response is "Response 2".', '12', 1),
+    ('Response 12 is best', '12', None),
 ])
 def test_parse_verdict(answer, labels, position):
     assert compare.parse_verdict(answer, labels) == position
