@@ -31,10 +31,12 @@ import trainers
 from utils import disable_dropout, set_seed
 
 
-def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
-    policy = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype,
-                                   use_flash_attention=config.model.use_flash_attention,
-                                   load_from=config.saved_policy, cache_dir=config.cache_dir, vocab_size=len(tokenizer))
+def load_policy(config: DictConfig, tokenizer, trainer_class: type = trainers.BasicTrainer) -> torch.nn.Module:
+    """The saved policy, as `trainer_class` builds it (PPO's has its value head; sampling needs none)."""
+    policy = trainer_class.load_policy(config.model.name_or_path, config.model.policy_dtype,
+                                       use_flash_attention=config.model.use_flash_attention,
+                                       load_from=config.saved_policy, cache_dir=config.cache_dir,
+                                       vocab_size=len(tokenizer))
     disable_dropout(policy)
     return policy.eval()
 
@@ -73,11 +75,12 @@ def vllm_generator(policy, tokenizer, config: DictConfig):
         engine = vllm.LLM(model=export_dir, dtype=config.model.policy_dtype, seed=config.seed)
     temperature = config.temperature if config.get('temperature') is not None else \
         (policy.generation_config.temperature or 1.0)
+    top_k = policy.generation_config.top_k or -1  # as generate() samples (vLLM's default is no top-k)
 
     def generate_batch(batch) -> list:
         prompts = [ids[mask.bool()].tolist() for ids, mask in
                    zip(batch['prompt_input_ids'], batch['prompt_attention_mask'])]
-        options = [vllm.SamplingParams(temperature=temperature, top_p=config.top_p,
+        options = [vllm.SamplingParams(temperature=temperature, top_p=config.top_p, top_k=top_k,
                                        max_tokens=config.model.max_length - len(ids)) for ids in prompts]
         outputs = engine.generate([{'prompt_token_ids': ids} for ids in prompts], options, use_tqdm=False)
         return [output.outputs[0].text for output in outputs]
@@ -139,7 +142,7 @@ def evaluate(config: DictConfig) -> dict:
     import train
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     tokenizer = load_run_tokenizer(config)
-    policy = load_policy(config, tokenizer)
+    policy = load_policy(config, tokenizer, trainer_class)
     reference_model = None
     if trainer_class.use_reference_model:
         reference_model = models.load_causal_lm(config.model.name_or_path, config.model.reference_dtype,

@@ -149,8 +149,9 @@ class ValueHead(torch.nn.Module):
 
 
 def add_value_head(model: torch.nn.Module) -> torch.nn.Module:
-    """Attach a float32 ValueHead as `model.v_head`, so the policy's state dict holds the LM's keys plus `v_head.*`
-    (as HALOs' policy.pt does) and the model still generates and saves like any causal LM."""
+    """Attach a float32 ValueHead as `model.v_head`: the policy's state dict (and so policy.pt) holds the LM's
+    keys plus `v_head.*` (HALOs kept them in a separate v_head.pt), and the model still generates and saves
+    like any causal LM."""
     model.v_head = ValueHead(model.config.hidden_size).to(device=model.device, dtype=torch.float32)
     return model
 

@@ -726,22 +726,26 @@ class PPOTrainer(BasicTrainer):
     # --- experience
     def rows(self, batch: Dict) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """(input_ids, attention_mask, labels, scores) of a batch's completions: unpaired targets with their
-        status, or paired chosen and rejected completions. Scores are +1/-1 or the reward model's."""
+        status, or each pair's chosen then rejected completion (pairs stay in data order, so the rows of all
+        ranks gathered are the rows of one process). Scores are +1/-1 or the reward model's."""
         if 'target_combined_input_ids' in batch:
             prefixes, signs = ('target',), [1.0 if status == 'chosen' else -1.0 for status in batch['status']]
+            order = torch.arange(len(signs))
         else:
-            prefixes = ('chosen', 'rejected')
-            signs = [1.0] * len(batch['prompt_text']) + [-1.0] * len(batch['prompt_text'])
-        input_ids, attention_mask, labels = self.stack_sequences(batch, prefixes)
+            prefixes, n = ('chosen', 'rejected'), len(batch['prompt_text'])
+            signs = [1.0] * n + [-1.0] * n
+            order = torch.arange(2 * n).view(2, n).t().flatten()  # [c0, r0, c1, r1, ...] of [c0, c1, ..., r0, r1, ...]
+        input_ids, attention_mask, labels = (t[order] for t in self.stack_sequences(batch, prefixes))
         if self.reward_model is None:
             scores = torch.tensor(signs, device=self.device)
         else:
             scores = self.reward_model_scores([text for p in prefixes for text in batch[f'{p}_combined_text']])
-        return input_ids, attention_mask, labels, scores
+        return input_ids, attention_mask, labels, scores[order.to(scores.device)]
 
     @torch.no_grad()
     def reward_model_scores(self, texts: List[str]) -> torch.Tensor:
         """The reward model's score of each text: its class-1 logit when it has two classes, else its first."""
+        self.reward_tokenizer.truncation_side = 'left'  # a long text loses its prompt's start, not the completion
         inputs = self.reward_tokenizer(texts, return_tensors='pt', padding=True, truncation=True,
                                        max_length=self.config.model.max_length).to(self.device)
         logits = self.reward_model(**inputs).logits.float()
@@ -749,11 +753,15 @@ class PPOTrainer(BasicTrainer):
 
     def policy_forward(self, input_ids, attention_mask, labels) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(logits [B, T, V], token log-probs [B, T-1], values [B, T-1]) of the policy."""
+        outputs, values = self.policy_outputs(input_ids, attention_mask)
+        return outputs.logits, get_batch_logps(outputs.logits, labels, token_level=True), values
+
+    def policy_outputs(self, input_ids, attention_mask, logits_to_keep: int = 0):
+        """The policy's outputs (logits of the last `logits_to_keep` positions; 0 = all) and values [B, T-1]."""
         with self.autocast():
             outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                  output_hidden_states=True)
-        values = self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
-        return outputs.logits, get_batch_logps(outputs.logits, labels, token_level=True), values
+                                  output_hidden_states=True, logits_to_keep=logits_to_keep)
+        return outputs, self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
 
     @torch.no_grad()
     def experience(self, microbatches: List[Dict]) -> Tuple[List[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]:
@@ -768,7 +776,7 @@ class PPOTrainer(BasicTrainer):
                 reference_logits = self.reference_model(input_ids=input_ids, attention_mask=attention_mask,
                                                         use_cache=False).logits
             old_logps = get_batch_logps(reference_logits, labels, token_level=True)
-            _, _, values = self.policy_forward(input_ids, attention_mask, labels)
+            _, values = self.policy_outputs(input_ids, attention_mask, logits_to_keep=1)  # values only
             mask = (labels[:, 1:] != -100).float()
             rewards = torch.zeros_like(mask)
             rewards[torch.arange(len(scores)), mask.cumsum(1).argmax(1)] = scores.float()  # on the last completion token

@@ -155,26 +155,60 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
 
     The LM head runs only at the K positions that predict a label (transformers' boolean
     `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
-    vocabulary projection. With `padding_free` the rows are packed into one sequence without their
-    padding, with position ids restarting at every row; transformers then builds a block-diagonal
-    causal mask (SDPA, eager) or varlen flash-attention, so no token attends across rows and no padding
-    token is computed.
+    vocabulary projection. With `padding_free` the rows are first packed (`pack_rows`) into fewer rows
+    of the same length with position ids restarting at every sequence; transformers turns that into a
+    block-diagonal causal mask (SDPA, eager) or varlen flash-attention, so no token attends across
+    sequences, and attention costs no more than in the padded batch.
     """
     predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
     predicts_label[:, :-1] = labels[:, 1:] != -100                    # position t predicts token t+1
-    targets = labels[:, 1:][labels[:, 1:] != -100]                     # [K], row by row
-    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)[predicts_label]
+    next_labels = torch.roll(labels, -1, dims=1)                      # [B, T]: the token each position predicts
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)
     if padding_free:
-        tokens = attention_mask.bool()
-        position_ids = attention_mask.cumsum(1) - 1
-        logits = model(input_ids=input_ids[tokens].unsqueeze(0), position_ids=position_ids[tokens].unsqueeze(0),
-                       logits_to_keep=predicts_label[tokens].unsqueeze(0), use_cache=False).logits
+        packed = pack_rows(attention_mask.sum(1), input_ids=input_ids, predicts_label=predicts_label,
+                           next_labels=next_labels, rows=rows)
+        input_ids, predicts_label, next_labels, rows = (packed[key] for key in
+                                                        ('input_ids', 'predicts_label', 'next_labels', 'rows'))
+        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], logits_to_keep=predicts_label,
+                       use_cache=False).logits
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
                        use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()             # [K, V]
+    logits = logits.reshape(-1, logits.shape[-1]).float()             # [K, V], row by row
+    targets = next_labels[predicts_label]                             # [K]
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return torch.zeros(len(labels), device=logits.device).index_add(0, rows, token_logps)
+    return torch.zeros(len(labels), device=logits.device).index_add(0, rows[predicts_label], token_logps)
+
+
+def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Pack right-padded [B, T] rows of the given `lengths` into R <= B rows of the longest length, first
+    fit by decreasing length. Returns each tensor packed (the free tail of a row holds zeros) and
+    `position_ids` (0, 1, ... within each sequence and within each free tail)."""
+    capacity = int(lengths.max())
+    bins: List[List[int]] = []
+    free: List[int] = []
+    for row in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
+        n = int(lengths[row])
+        target = next((b for b, room in enumerate(free) if room >= n), None)
+        if target is None:
+            bins.append([])
+            free.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(row)
+        free[target] -= n
+    device = lengths.device
+    packed = {name: torch.zeros(len(bins), capacity, dtype=t.dtype, device=device) for name, t in tensors.items()}
+    packed['position_ids'] = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    for b, rows in enumerate(bins):
+        start = 0
+        for row in rows:
+            n = int(lengths[row])
+            for name, t in tensors.items():
+                packed[name][b, start:start + n] = t[row, :n]
+            packed['position_ids'][b, start:start + n] = torch.arange(n, device=device)
+            start += n
+        packed['position_ids'][b, start:] = torch.arange(capacity - start, device=device)
+    return packed
 
 
 def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:

@@ -143,8 +143,9 @@ def test_ppo_on_paired_data_scores_chosen_plus_and_rejected_minus(tmp_path):
     batch = trainer.eval_batches[0]
     input_ids, _, labels, scores = trainer.rows(batch)
     n = len(batch['prompt_text'])
-    assert scores.tolist() == [1.0] * n + [-1.0] * n
-    assert torch.equal(labels[n:, :batch['rejected_labels'].shape[1]], batch['rejected_labels'])
+    assert scores.tolist() == [1.0, -1.0] * n  # each pair's chosen, then its rejected
+    assert torch.equal(labels[0::2, :batch['chosen_labels'].shape[1]], batch['chosen_labels'])
+    assert torch.equal(labels[1::2, :batch['rejected_labels'].shape[1]], batch['rejected_labels'])
 
 
 def test_ppo_refuses_the_reference_cache(tmp_path):
@@ -177,9 +178,16 @@ def test_ppo_trains_evaluates_checkpoints_and_exports(tmp_path):
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, lm_state[name]), name
 
-    # eval.py samples from policy.pt (dropping the value head).
-    command = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--config-path={run_dir}', '++mode=sample',
-               '++n_samples=2', f'++samples_dir={tmp_path / "samples"}', '++model.max_length=80']
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
+    # eval.py samples from policy.pt (dropping the value head) and evaluates it (with the value head).
+    def run_eval(*overrides):
+        command = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--config-path={run_dir}',
+                   f'++samples_dir={tmp_path / "samples"}', *overrides]
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    run_eval('++mode=sample', '++n_samples=2', '++model.max_length=80')
     assert len(json.load(open(tmp_path / 'samples' / 'ppo.json'))['samples']) == 2
+    output = run_eval('++mode=eval')
+    metrics = json.loads(output[output.index('{\n'):])
+    assert metrics['loss_eval/total'] == pytest.approx(saved['metrics']['loss_eval/total'], abs=1e-5)

@@ -12,6 +12,7 @@ import torch
 
 import train
 from helpers import ROOT, base_overrides, make_config, run_train
+import utils
 from utils import get_batch_logps, load_policy_file, sequence_logps
 
 LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero']
@@ -197,6 +198,7 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     trainer = train.build_trainer(make_config(tmp_path, loss='dpo'))
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
     assert (attention_mask == 0).any()  # the rows have padding to skip
+    assert len(utils.pack_rows(attention_mask.sum(1), ids=input_ids)['ids']) < len(input_ids)  # and share packed rows
     model = trainer.policy
     full = get_batch_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
     full.sum().backward()
@@ -217,3 +219,12 @@ def test_bf16_autocast_stays_close_to_fp32(tmp_path):
     bf16_logps, = autocast.concatenated_logps(autocast.policy, batch, ('target',))
     assert bf16_logps.dtype == torch.float32 and not torch.equal(bf16_logps, fp32_logps)
     torch.testing.assert_close(bf16_logps, fp32_logps, rtol=0.02, atol=0)
+
+
+def test_pack_rows_first_fit_by_decreasing_length():
+    """Lengths [2, 5, 3, 1] into rows of 5: [5], then 3 + 2, then 1 (3 rows instead of 4); every sequence
+    keeps its tokens in order with positions from 0, and a free tail starts its own positions."""
+    ids = torch.tensor([[1, 2, 0, 0, 0], [3, 4, 5, 6, 7], [8, 9, 10, 0, 0], [11, 0, 0, 0, 0]])
+    packed = utils.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
+    assert packed['input_ids'].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2], [11, 0, 0, 0, 0]]
+    assert packed['position_ids'].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
