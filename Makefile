@@ -14,7 +14,7 @@ export TOKENIZERS_PARALLELISM ?= false
 
 .PHONY: install test demo clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt requirements-judge.txt
+$(VENV)/.installed: requirements.txt requirements-test.txt requirements-judge.txt requirements-bench.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt

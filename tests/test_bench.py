@@ -1,7 +1,8 @@
 """The benchmark runs one step of each side for SFT, DPO and KTO and writes its report.
 
-A smoke test, not a benchmark: no timing is asserted. It needs TRL, a benchmark-only dependency
-(`make bench` installs requirements-bench.txt), and is skipped without it.
+A smoke test, not a benchmark: no timing is asserted. It needs TRL, a benchmark-only dependency of
+halos that `make test` installs (requirements-test.txt includes requirements-bench.txt); it is
+skipped where TRL is absent.
 """
 import json
 import math
