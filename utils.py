@@ -8,6 +8,7 @@ import itertools
 import os
 import random
 import shutil
+import socket
 from typing import Callable, Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
@@ -70,6 +71,13 @@ def all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
 def barrier() -> None:
     if is_distributed():
         dist.barrier()
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (for a rendezvous or a local server)."""
+    with socket.socket() as probe:
+        probe.bind(('127.0.0.1', 0))
+        return probe.getsockname()[1]
 
 
 def all_gather_rows(tensor: torch.Tensor, pad_value) -> torch.Tensor:

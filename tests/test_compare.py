@@ -15,7 +15,8 @@ import compare
 import visualize
 from fault_proxy import FaultProxy
 from helpers import DATA, ROOT
-from judge_server import free_port, local_judge_server
+from judge_server import local_judge_server
+from utils import free_port
 
 SECRET_KEY = 'sk-halos-test-3f9c1e7a5b2d-must-never-be-written'
 JUDGE = 'smollm2-135m'
