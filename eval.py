@@ -31,12 +31,12 @@ import trainers
 from utils import disable_dropout, set_seed
 
 
-def load_policy(config: DictConfig, tokenizer, trainer_class: type = trainers.BasicTrainer) -> torch.nn.Module:
-    """The saved policy, as `trainer_class` builds it (PPO's has its value head; sampling needs none)."""
-    policy = trainer_class.load_policy(config.model.name_or_path, config.model.policy_dtype,
-                                       use_flash_attention=config.model.use_flash_attention,
-                                       load_from=config.saved_policy, cache_dir=config.cache_dir,
-                                       vocab_size=len(tokenizer))
+def load_policy(config: DictConfig, tokenizer) -> torch.nn.Module:
+    """The saved policy as a plain causal LM (a PPO policy's value head is dropped: sampling needs none)."""
+    policy = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype,
+                                   use_flash_attention=config.model.use_flash_attention,
+                                   load_from=config.saved_policy, cache_dir=config.cache_dir,
+                                   vocab_size=len(tokenizer))
     disable_dropout(policy)
     return policy.eval()
 
@@ -142,12 +142,8 @@ def evaluate(config: DictConfig) -> dict:
     import train
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     tokenizer = load_run_tokenizer(config)
-    policy = load_policy(config, tokenizer, trainer_class)
-    reference_model = None
-    if trainer_class.use_reference_model:
-        reference_model = models.load_causal_lm(config.model.name_or_path, config.model.reference_dtype,
-                                                load_from=config.model.load_from, cache_dir=config.cache_dir,
-                                                vocab_size=len(tokenizer))
+    policy, reference_model = train.load_models(config, trainer_class, tokenizer, config.saved_policy)
+    policy.eval()
     eval_loader = train.build_loader(config, tokenizer, 'test')
     trainer = trainer_class(tokenizer, config, None, eval_loader, policy, reference_model)
     return {'metadata': OmegaConf.to_container(config), 'results': trainer.evaluate()}

@@ -10,6 +10,7 @@ per GPU itself.
 import os
 import resource
 import sys
+from typing import Optional
 
 import hydra
 import torch
@@ -64,12 +65,14 @@ def build_loader(config: DictConfig, tokenizer, split: str):
     return loader_class(list(config.datasets), tokenizer, **kwargs)
 
 
-def load_models(config: DictConfig, trainer_class, tokenizer):
-    """The policy and (when the loss uses one) the reference model, both from model.load_from if set."""
+def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: Optional[str]):
+    """The policy from `policy_load_from` (train.py: model.load_from; eval.py: the trained policy) and, when
+    the loss uses one, the reference model from model.load_from; the base model where they are null."""
     model_config = config.model
     common = dict(use_flash_attention=model_config.use_flash_attention, load_from=model_config.load_from,
                   cache_dir=config.cache_dir, vocab_size=len(tokenizer))
-    policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype, **common)
+    policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype,
+                                       **{**common, 'load_from': policy_load_from})
     disable_dropout(policy)
     reference_model = None
     if trainer_class.use_reference_model:
@@ -86,7 +89,7 @@ def build_trainer(config: DictConfig):
     loader_class = dataloader.get_dataloader_class(config.loss.dataloader)
     tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
                                       loader_class.control_tokens(config.loss))
-    policy, reference_model = load_models(config, trainer_class, tokenizer)
+    policy, reference_model = load_models(config, trainer_class, tokenizer, config.model.load_from)
     train_loader = build_loader(config, tokenizer, 'train')
     eval_loader = build_loader(config, tokenizer, 'test')
     return trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
