@@ -54,7 +54,9 @@ def generate(policy, tokenizer, batch, config: DictConfig) -> list:
     prompt_ids = batch['prompt_input_ids']
     options = dict(max_length=config.model.max_length, do_sample=True, top_p=config.top_p,
                    pad_token_id=tokenizer.pad_token_id)
-    if config.get('temperature') is not None:
+    if config.get('temperature') == 0:
+        options.update(do_sample=False, top_p=None, top_k=None, temperature=None)  # greedy decoding
+    elif config.get('temperature') is not None:
         options['temperature'] = config.temperature
     with torch.no_grad():
         output = policy.generate(input_ids=prompt_ids, attention_mask=batch['prompt_attention_mask'], **options)

@@ -98,6 +98,7 @@ def build_trainer(config: DictConfig):
 
 def worker_main(config: DictConfig) -> None:
     """Everything one process does: save the config, start wandb, train, evaluate, save."""
+    print(f'process {get_rank()} of {get_world_size()}', flush=True)
     os.makedirs(config.local_run_dir, exist_ok=True)
     if get_rank() == 0:
         OmegaConf.save(config, os.path.join(config.local_run_dir, 'config.yaml'))

@@ -511,7 +511,7 @@ class BasicTrainer:
         set_optimizer_state_dict(self.policy, self.optimizer,
                                  torch.load(os.path.join(resolved, 'optimizer.pt'), weights_only=True), options=options)
         self.scheduler.load_state_dict(torch.load(os.path.join(resolved, 'scheduler.pt'), weights_only=True))
-        state = torch.load(os.path.join(resolved, 'trainer_state.pt'), weights_only=False)
+        state = torch.load(os.path.join(resolved, 'trainer_state.pt'), weights_only=True)
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen = state['batches_seen']
         set_rng_state(state['rng'])

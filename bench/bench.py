@@ -33,9 +33,10 @@ import time
 from common import ROOT
 
 FULL = dict(model='embedded:smollm2-135m-instruct', steps=8, runs=3, batch_size=4, max_length=256,
-            max_prompt_length=128, skip=2, matmul_size=2048)
-SMOKE = dict(model='embedded:tiny-smollm2', steps=1, runs=1, batch_size=2, max_length=64,
-             max_prompt_length=32, skip=0, matmul_size=256)
+            max_prompt_length=128, skip=2, matmul_size=2048, override=[])
+# three steps at a learning rate that moves the tiny model, so that later losses compare the updates too
+SMOKE = dict(model='embedded:tiny-smollm2', steps=3, runs=1, batch_size=2, max_length=64,
+             max_prompt_length=32, skip=0, matmul_size=256, override=['++lr=1e-2'])
 SIDES = ('halos', 'trl')
 FLOPS_FORMULA = ('6 * n_params * trained_tokens + 2 * n_params * forward_only_tokens; trained tokens: non-padding '
                  'tokens of the sequences through the policy with a gradient; forward-only: the reference model\'s '
@@ -56,7 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--matmul-size', type=int)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                         help='weights (and so compute and optimizer state) of policy and reference, on both sides')
-    parser.add_argument('--override', action='append', default=[], metavar='KEY=VALUE',
+    parser.add_argument('--override', action='append', default=None, metavar='KEY=VALUE',
                         help='extra halos config override (repeatable). TRL follows the keys it has: ++lr, '
                              '++optimizer, ++warmup_steps, ++loss.beta, ++seed, ++cache_reference_logprobs '
                              '(as precompute_ref_log_probs); other keys change halos only')

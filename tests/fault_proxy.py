@@ -8,8 +8,12 @@ Chat-completion requests are numbered from 1 in the order they arrive. A request
 - '500': HTTP 500 with an error body (the first `fail_first`, every `fail_every`-th, and those in `fail`);
 - 'hang': no answer for `hang_seconds` (longer than the client's timeout), then the connection closes;
 - 'garbage_text': HTTP 200 with a well-formed completion whose text names no response;
-- 'garbage_json': HTTP 200, Content-Type application/json, with a body that is not JSON.
-Everything else (and every other path, e.g. GET /v1/models) is forwarded to the upstream server.
+- 'garbage_json': HTTP 200, Content-Type application/json, with a body that is not JSON;
+- an HTTP error status of its own (`status={number: code}`, e.g. 401 or 404), with an OpenAI-style error body;
+- 'die': the proxy stops listening and drops the connection, as a server that went away.
+Everything else (and every other path, e.g. GET /v1/models) is forwarded to the upstream server. Without
+an upstream (`upstream=None`) the proxy answers by itself: GET /v1/models lists one model and every chat
+completion says "Response 1". `models_status` makes GET /v1/models answer with that HTTP status instead.
 """
 import collections
 import hashlib
@@ -20,19 +24,21 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from typing import Iterable, Optional
+from typing import Dict, Iterable, Optional
 
 GARBAGE_TEXT = 'banana bread is nice this time of year'
 
 
 class FaultProxy:
-    def __init__(self, upstream: str, fail_first: int = 0, fail_every: int = 0, fail: Iterable[int] = (),
+    def __init__(self, upstream: Optional[str], fail_first: int = 0, fail_every: int = 0, fail: Iterable[int] = (),
                  hang: Iterable[int] = (), garbage_text: Iterable[int] = (), garbage_json: Iterable[int] = (),
-                 hang_seconds: float = 10.0):
-        parts = urllib.parse.urlsplit(upstream)
-        self.upstream_root = f'{parts.scheme}://{parts.netloc}'
+                 hang_seconds: float = 10.0, status: Optional[Dict[int, int]] = None, die: Iterable[int] = (),
+                 models_status: Optional[int] = None):
+        parts = urllib.parse.urlsplit(upstream or 'http://local/v1')
+        self.upstream_root = f'{parts.scheme}://{parts.netloc}' if upstream else None
         self.fail_first, self.fail_every, self.fail = fail_first, fail_every, set(fail)
         self.hang, self.garbage_text, self.garbage_json = set(hang), set(garbage_text), set(garbage_json)
+        self.status, self.die, self.models_status = dict(status or {}), set(die), models_status
         self.hang_seconds = hang_seconds
         self.lock = threading.Lock()
         self.chat_requests = 0
@@ -49,6 +55,11 @@ class FaultProxy:
         return self
 
     def __exit__(self, *exc) -> None:
+        if self.server.socket.fileno() != -1:
+            self.stop_listening()
+
+    def stop_listening(self) -> None:
+        """From now on connections are refused: the server is gone."""
         self.server.shutdown()
         self.server.server_close()
 
@@ -59,13 +70,16 @@ class FaultProxy:
             self.faults.clear()
             self.answered.clear()
             self.fail_first, self.fail_every = plan.get('fail_first', 0), plan.get('fail_every', 0)
-            for name in ('fail', 'hang', 'garbage_text', 'garbage_json'):
+            for name in ('fail', 'hang', 'garbage_text', 'garbage_json', 'die'):
                 setattr(self, name, set(plan.get(name, ())))
+            self.status, self.models_status = dict(plan.get('status', {})), plan.get('models_status')
 
     def fault_for(self, number: int) -> Optional[str]:
         if number <= self.fail_first or number in self.fail or (self.fail_every and number % self.fail_every == 0):
             return '500'
-        for name in ('hang', 'garbage_text', 'garbage_json'):
+        if number in self.status:
+            return str(self.status[number])
+        for name in ('hang', 'garbage_text', 'garbage_json', 'die'):
             if number in getattr(self, name):
                 return name
         return None
@@ -91,15 +105,24 @@ class FaultProxy:
                 pass
 
             def do_GET(self):
-                self.forward(None)
+                if proxy.models_status is not None:
+                    self.reply(proxy.models_status, json.dumps(
+                        {'data': []} if proxy.models_status == 200 else error_body(proxy.models_status)).encode())
+                elif proxy.upstream_root is None:
+                    self.reply(200, json.dumps({'object': 'list', 'data': [{'id': 'judge', 'object': 'model'}]}).encode())
+                else:
+                    self.forward(None)
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
                 fault = proxy.next_fault(self.path)
                 if fault is None:
                     self.forward(body)
-                elif fault == '500':
-                    self.reply(500, json.dumps({'error': {'message': 'injected server error'}}).encode())
+                elif fault.isdigit():
+                    self.reply(int(fault), json.dumps(error_body(int(fault))).encode())
+                elif fault == 'die':
+                    threading.Thread(target=proxy.stop_listening, daemon=True).start()
+                    self.close_connection = True
                 elif fault == 'hang':
                     time.sleep(proxy.hang_seconds)
                     self.close_connection = True
@@ -109,6 +132,8 @@ class FaultProxy:
                     self.reply(200, b'{"id": "chatcmpl-1", "choices": [{"message": ')
 
             def forward(self, body: Optional[bytes]):
+                if proxy.upstream_root is None:
+                    return self.reply(200, json.dumps(completion('Response 1')).encode())
                 request = urllib.request.Request(proxy.upstream_root + self.path, data=body,
                                                  headers={'Content-Type': 'application/json'},
                                                  method='POST' if body is not None else 'GET')
@@ -133,6 +158,11 @@ class FaultProxy:
                     pass
 
         return Handler
+
+
+def error_body(status: int) -> dict:
+    messages = {401: 'Incorrect API key provided', 404: 'The model does not exist', 500: 'injected server error'}
+    return {'error': {'message': messages.get(status, f'injected HTTP {status}'), 'code': status}}
 
 
 def completion(text: str) -> dict:

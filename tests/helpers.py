@@ -24,12 +24,12 @@ def make_config(cache_dir, *overrides, loss='dpo', datasets='[hh]'):
     return config
 
 
-def run_train(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1, timeout=600, check=True):
+def run_train(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1, timeout=600, check=True, env=None):
     """Run train.py in a subprocess (under torchrun when nproc > 1)."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
     command = launcher + [os.path.join(ROOT, 'train.py')] + base_overrides(cache_dir, loss, exp_name) + list(overrides)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     if check and result.returncode != 0:
         raise AssertionError(f'train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result

@@ -1,4 +1,4 @@
-"""The benchmark runs one step of each side for SFT, DPO and KTO and writes its report.
+"""The benchmark runs three steps of each side for SFT, DPO and KTO and writes its report.
 
 A smoke test, not a benchmark: no timing is asserted. It needs TRL, a benchmark-only dependency of
 halos that `make test` installs (requirements-test.txt includes requirements-bench.txt); it is
@@ -40,18 +40,23 @@ def test_smoke_run_reports_both_sides_of_every_trainer(report):
             summary = entry[side]
             assert set(SIDE_FIELDS) <= set(summary), (name, side)
             assert summary['examples_per_s'] > 0 and summary['peak_rss_mib'] > 0
-            assert len(summary['losses']) == 1 and all(math.isfinite(x) for x in summary['losses'])
+            assert len(summary['losses']) == 3 and all(math.isfinite(x) for x in summary['losses'])
         assert entry['trl']['token_mismatches'] == 0, name  # TRL trains on exactly halos' tokens
         assert set(entry['ratio_halos_over_trl']) >= {'examples_per_s', 'tokens_per_s', 'peak_rss_mib'}
 
 
 @pytest.mark.slow
-def test_both_sides_start_from_the_same_loss(report):
+def test_both_sides_make_the_same_updates(report):
+    """The first step's DPO and KTO losses are log 2 and 0.5 for any implementation; the third step's
+    depend on the two updates before it, so they agree only if both sides train the same way."""
     trainers = report[0]['trainers']
     assert trainers['dpo']['halos']['losses'][0] == pytest.approx(math.log(2), abs=1e-4)
-    assert trainers['dpo']['trl']['losses'][0] == pytest.approx(math.log(2), abs=1e-4)
-    for name in ('sft', 'kto'):
-        assert trainers[name]['halos']['losses'][0] == pytest.approx(trainers[name]['trl']['losses'][0], rel=1e-4)
+    for name in ('sft', 'dpo', 'kto'):
+        halos, trl = trainers[name]['halos']['losses'], trainers[name]['trl']['losses']
+        tolerance = 1e-5 * abs(halos[0]) + 2e-6
+        assert max(abs(a - b) for a, b in zip(halos, trl)) <= tolerance, (name, halos, trl)
+        moved = max(abs(loss - halos[0]) for loss in halos[1:])
+        assert moved > 20 * tolerance, f'{name}: the updates hardly moved the loss ({halos}), so agreeing proves little'
 
 
 def test_markdown_table_lists_every_trainer_and_side(report):

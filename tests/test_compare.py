@@ -204,6 +204,54 @@ def test_cache_drops_a_truncated_last_line_and_appends_after_it(tmp_path):
     assert set(reopened) == {'a', 'c'} and reopened['c']['answer'] == 'Response 2\u2028(line separator)'
 
 
+def test_the_cache_key_changes_with_judge_seed_answer_length_and_prompt_version(monkeypatch):
+    messages = compare.judge_messages('q', ['a', 'b'], '12', 'user', 'assistant')
+    key = lambda **overrides: compare.judgment_key(messages, args_for(**overrides))
+    base = key()
+    assert key() == base
+    assert len({base, key(judge='other-judge'), key(seed=1), key(max_tokens=11)}) == 4
+    swapped = compare.judge_messages('q', ['b', 'a'], '12', 'user', 'assistant')
+    assert compare.judgment_key(swapped, args_for()) != base
+    monkeypatch.setattr(compare, 'PROMPT_VERSION', 'halos-judge-v2')
+    assert key() != base
+
+
+class CountingClient:
+    """An OpenAI client stand-in that answers 'Response 1' and counts the requests."""
+
+    def __init__(self):
+        self.requests = []
+        self.chat = self
+        self.completions = self
+
+    def create(self, **request):
+        import types
+        self.requests.append(request['messages'])
+        return types.SimpleNamespace(choices=[types.SimpleNamespace(message=types.SimpleNamespace(content='Response 1'))])
+
+
+def test_identical_comparisons_share_one_judgment_and_the_cache_answers_a_rerun(tmp_path):
+    comparisons = [compare.Comparison(0, 'q', 'same answer', 'other'), compare.Comparison(1, 'q', 'same answer', 'other'),
+                   compare.Comparison(2, 'q2', 'c', 'b')]
+    args = args_for(both_orders=True, sleep_time=0, verbose=False)
+    judgments = compare.plan_judgments(comparisons, args, 'user', 'assistant')
+    assert len(judgments) == 6 and len({j.key for j in judgments}) == 4
+    client = CountingClient()
+    cache = compare.JudgmentCache(str(tmp_path / 'judgments.jsonl'))
+    errors, requested = compare.judge_missing(judgments, client, args, cache)
+    assert errors == {} and requested == 4 and len(client.requests) == 4
+    summary = compare.summarize(judgments, cache.records, errors)
+    assert summary['total'] == 3 and summary['ties'] == 3  # 'Response 1' in both orders: the orders disagree
+    cache.close()
+    reopened = compare.JudgmentCache(str(tmp_path / 'judgments.jsonl'))
+    assert compare.judge_missing(judgments, client, args, reopened) == ({}, 0) and len(client.requests) == 4
+    reopened.close()
+    other_judge = args_for(both_orders=True, sleep_time=0, verbose=False, judge='other-judge')
+    rejudged = compare.plan_judgments(comparisons, other_judge, 'user', 'assistant')
+    _, requested = compare.judge_missing(rejudged, client, other_judge, compare.JudgmentCache(str(tmp_path / 'judgments.jsonl')))
+    assert requested == 4 and len(client.requests) == 8
+
+
 def test_urls_are_written_without_credentials():
     assert compare.public_url('http://user:tok3n@judge.example:8000/v1?api-key=abc#x') == 'http://judge.example:8000/v1'
     assert compare.public_url('https://api.openai.com/v1') == 'https://api.openai.com/v1'
@@ -229,8 +277,9 @@ def test_visualize_plots_new_and_original_result_lines(tmp_path):
 def compare_error(capsys, monkeypatch, argv):
     monkeypatch.delenv('OPENAI_BASE_URL', raising=False)
     assert compare.main(argv) == 2
-    message = capsys.readouterr().err.strip()
-    assert '\n' not in message and message.startswith('compare.py: ')
+    stderr = capsys.readouterr().err
+    message = stderr.strip().split('\n')[-1]  # any line before it is the progress bar's
+    assert message.startswith('compare.py: ') and 'Traceback' not in stderr
     return message
 
 
@@ -264,6 +313,37 @@ def test_no_server_at_the_base_url_says_what_to_do(tmp_path, capsys, monkeypatch
                                                   '--base-url', url])
     assert f'no judge server reachable at {url}' in message and 'llama_cpp.server' in message
     assert time.monotonic() - started < 15
+
+
+def fake_server_error(tmp_path, capsys, monkeypatch, **plan):
+    """compare.py against a stand-in server (no model behind it) that misbehaves as `plan` says."""
+    samples = write_samples(tmp_path / 'samples.json', 4)
+    with FaultProxy(None, **plan) as server:
+        message = compare_error(capsys, monkeypatch, ['-f', str(samples), '-r', str(tmp_path / 'results.jsonl'),
+                                                      '--base-url', server.base_url, '-st', '0', '--concurrency', '1',
+                                                      '--max-retries', '1', '-v', 'false'])
+    return message, server
+
+
+def test_a_rejected_key_is_named(tmp_path, capsys, monkeypatch):
+    message, _ = fake_server_error(tmp_path, capsys, monkeypatch, models_status=401)
+    assert message.startswith('compare.py: the judge server at http://127.0.0.1:')
+    assert 'rejected the API key: check OPENAI_API_KEY' in message
+
+
+def test_an_unknown_judge_model_stops_the_run_and_names_the_judge(tmp_path, capsys, monkeypatch):
+    message, server = fake_server_error(tmp_path, capsys, monkeypatch, status={n: 404 for n in range(1, 9)})
+    assert 'refused the request (NotFoundError' in message and "check --judge 'gpt-4-0613'" in message
+    # a refusal that every request would get is not retried (with one worker, the next request may have left)
+    assert server.chat_requests <= 2
+    assert not (tmp_path / 'results.jsonl').exists() and cache_keys(tmp_path) == []
+
+
+def test_a_lost_server_keeps_what_was_judged_and_says_how_to_continue(tmp_path, capsys, monkeypatch):
+    message, _ = fake_server_error(tmp_path, capsys, monkeypatch, die={3})
+    assert 'lost the judge server at http://127.0.0.1:' in message
+    assert 'restart the server and rerun to continue' in message
+    assert len(cache_keys(tmp_path)) == 2  # the two judgments before the server went away are kept
 
 
 # --- end to end against the real local judge server

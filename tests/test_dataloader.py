@@ -33,7 +33,6 @@ COUNTS = [
     ('hh_helpful', 'test', 6, 6, 5, 5),
     ('hh_harmless', 'train', 12, 12, 12, 12),
     ('hh_harmless', 'test', 6, 6, 6, 6),
-    ('shp', 'train', 12, 27, 16, 16),
     ('shp', 'test', 3, 12, 4, 4),
     ('oasst', 'train', 10, 17, 10, 10),
     ('oasst', 'test', 4, 6, 4, 4),
@@ -56,6 +55,32 @@ def test_counts_per_dataset_and_loader(tokenizer, name, split, prompts, pairs, d
     unpaired = loader(D.UnpairedPreferenceDataLoader, [name], tokenizer, split)
     statuses = [status for _, _, status in unpaired.items]
     assert statuses.count('chosen') == desirable and statuses.count('rejected') == undesirable
+
+
+def test_shp_train_counts_follow_from_the_raw_rows_whatever_the_seed(tokenizer):
+    """The 5-pair cap samples pairs with the seed, so the counts are derived from the raw rows (pairs) and
+    from the sampled pairs themselves (unary labels: the sign of each distinct completion's wins - losses)."""
+    import json
+    from collections import Counter
+    with open(os.path.join(DATA, 'shp', 'train.jsonl')) as f:
+        rows = [json.loads(line) for line in f]
+    kept = Counter(r['post_id'] for r in rows if max(r['score_A'] / r['score_B'], r['score_B'] / r['score_A']) >= 2)
+    for seed in (1, 2, 3):
+        unpaired = loader(D.UnpairedPreferenceDataLoader, ['shp'], tokenizer, seed=seed)
+        examples = list(unpaired.full_data.values())
+        assert len(examples) == len(kept)
+        assert sum(len(e.pairs) for e in examples) == sum(min(5, n) for n in kept.values()) == 27
+        desirable = undesirable = 0
+        for example in examples:
+            net = Counter()
+            for i, j in example.pairs:
+                net[example.generations[i]] += 1
+                net[example.generations[j]] -= 1
+            desirable += sum(score > 0 for score in net.values())
+            undesirable += sum(score < 0 for score in net.values())
+        statuses = [status for _, _, status in unpaired.items]
+        assert (statuses.count('chosen'), statuses.count('rejected')) == (desirable, undesirable)
+        assert len(loader(D.PairedPreferenceDataLoader, ['shp'], tokenizer, seed=seed).items) == 27
 
 
 def test_shp_filters_are_counted():
@@ -215,6 +240,32 @@ def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
         assert prompt_text.endswith('\n<|assistant|>\n' + token)
         position = (ids == token_id).nonzero().item()
         assert labels[position] == -100 and labels[position + 1] != -100
+
+
+@pytest.mark.parametrize('loader_class', [D.SFTDataLoader, D.PairedPreferenceDataLoader, D.UnpairedPreferenceDataLoader])
+@pytest.mark.parametrize('name', ['hh', 'oasst'])
+def test_chat_template_renders_multi_turn_prompts_in_every_loader(tokenizer, name, loader_class):
+    """Every turn of a multi-turn conversation, in order and with its role, through the tokenizer's template;
+    the sequences are the prompt's tokens followed by the completion's, ending in EOS."""
+    templated = loader(loader_class, [name], tokenizer, use_chat_template=True, max_length=2048, max_prompt_length=1024)
+    items = [item for item in templated.items if len(item[0].turns) >= 3][:4]
+    assert items, f'{name} has multi-turn prompts'
+    for item, element in zip(items, templated.tokenize_items(items, items)):
+        example = item[0]
+        prompt = element['prompt_text']
+        assert prompt == tokenizer.apply_chat_template(example.turns, tokenize=False, add_generation_prompt=True)
+        position = 0
+        for turn in example.turns:
+            role = 'assistant' if turn['role'] == 'assistant' else 'user'
+            rendered = f"<|im_start|>{role}\n{turn['content']}<|im_end|>"
+            assert prompt.find(rendered, position) >= 0, (turn, prompt)
+            position = prompt.find(rendered, position) + len(rendered)
+        assert prompt.endswith('<|im_start|>assistant\n') and '<|user|>' not in prompt
+        assert element['prompt_input_ids'] == tokenizer(prompt, add_special_tokens=False)['input_ids']
+        for kind in [key[:-len('_labels')] for key in element if key.endswith('_labels')]:
+            completion = element[f'{kind}_input_ids']
+            assert element[f'{kind}_combined_input_ids'] == element['prompt_input_ids'] + completion
+            assert completion[-1] == tokenizer.eos_token_id
 
 
 def test_chat_template_renders_prompts(tokenizer):

@@ -1,5 +1,7 @@
-"""eval.py loads a trained checkpoint: sampling writes the documented JSON, mode=eval prints metrics,
-a CSFT run is sampled with its desirable control token, and vLLM is used only when it can run."""
+"""eval.py loads a trained checkpoint: samples come from the saved policy with the prompt removed,
+mode=eval reproduces the trained checkpoint's metrics (and the base model's with saved_policy=null),
+mode=alpacaeval writes AlpacaEval outputs, a CSFT run is sampled with its desirable control token, and
+vLLM is used only when it can run."""
 import importlib
 import json
 import os
@@ -9,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from helpers import ROOT, make_config, run_train
+from helpers import DATA, ROOT, make_config, run_train
 
 eval_script = importlib.import_module('eval')
 
@@ -17,7 +19,7 @@ eval_script = importlib.import_module('eval')
 @pytest.fixture(scope='module')
 def trained_run(tmp_path_factory):
     cache_dir = tmp_path_factory.mktemp('runs')
-    run_train(cache_dir, '++n_examples=8', '++lr=1e-3', '++optimizer=AdamW', loss='sft', exp_name='sft')
+    run_train(cache_dir, '++n_examples=8', '++lr=1e-2', '++optimizer=Adam', loss='sft', exp_name='sft')
     return cache_dir / 'sft'
 
 
@@ -26,6 +28,10 @@ def run_eval(run_dir, *overrides):
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     return result
+
+
+def printed_metrics(result) -> dict:
+    return json.loads(result.stdout[result.stdout.index('{\n'):])
 
 
 @pytest.mark.slow
@@ -52,12 +58,65 @@ def test_sampling_writes_the_documented_json_deterministically(trained_run, tmp_
     assert any(first_seed[s['prompt']] != s['policy'] for s in other_seed if s['prompt'] in first_seed)
 
 
+def greedy_completions(model_dir, tokenizer, prompts, max_length):
+    """Greedy continuations of each prompt (alone, unpadded) by the HF model in `model_dir`, new tokens only."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    completions = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors='pt')['input_ids']
+        with torch.no_grad():
+            output = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                    max_length=max_length, pad_token_id=tokenizer.pad_token_id)
+        completions.append(tokenizer.decode(output[0, ids.shape[1]:], skip_special_tokens=True))
+    return completions
+
+
 @pytest.mark.slow
-def test_eval_mode_prints_metrics(trained_run):
-    result = run_eval(trained_run, '++mode=eval')
-    metrics = json.loads(result.stdout[result.stdout.index('{\n'):])
+def test_samples_come_from_the_saved_policy_with_the_prompt_removed(trained_run, tmp_path):
+    """temperature=0 decodes greedily, so eval.py's samples must be the trained checkpoint's greedy
+    continuations (new tokens only), and not the base model's."""
+    import models
+    run_eval(trained_run, '++mode=sample', '++n_samples=3', '++model.eval_batch_size=1', '++model.max_length=160',
+             '++model.max_prompt_length=128', '++temperature=0', f'++samples_dir={tmp_path}')
+    samples = json.load(open(tmp_path / 'sft.json'))['samples']
+    tokenizer = models.load_tokenizer(str(trained_run))
+    prompts = [s['prompt'] for s in samples]
+    trained = greedy_completions(trained_run / 'LATEST' / 'hf', tokenizer, prompts, 160)
+    base = greedy_completions(models.resolve_model_path('embedded:tiny-smollm2'), tokenizer, prompts, 160)
+    assert [s['policy'] for s in samples] == trained
+    assert trained != base
+    assert not any(s['policy'].startswith(s['prompt'].strip()[:20]) for s in samples)
+
+
+@pytest.mark.slow
+def test_eval_mode_reproduces_the_trained_checkpoint_and_the_base_model(trained_run):
+    saved = torch.load(trained_run / 'LATEST' / 'policy.pt', weights_only=True)['metrics']
+    metrics = printed_metrics(run_eval(trained_run, '++mode=eval'))
     assert set(metrics) == {'logps_eval/chosen', 'loss/eval'}
-    assert metrics['loss/eval'] == pytest.approx(-metrics['logps_eval/chosen'])
+    for name, value in metrics.items():
+        assert value == pytest.approx(saved[name], abs=1e-5), name
+    # saved_policy=null evaluates the base model: the run's first evaluation, before any training step
+    with open(trained_run / 'metrics.jsonl') as f:
+        before_training = next(r for r in map(json.loads, f) if 'loss/eval' in r)
+    assert before_training['step'] == 0
+    base = printed_metrics(run_eval(trained_run, '++mode=eval', '++saved_policy=null'))
+    assert base['loss/eval'] == pytest.approx(before_training['loss/eval'], abs=1e-5)
+    assert abs(base['loss/eval'] - metrics['loss/eval']) > 1e-2
+
+
+@pytest.mark.slow
+def test_alpacaeval_mode_writes_model_outputs_for_the_instructions(trained_run, tmp_path):
+    run_eval(trained_run, '++mode=alpacaeval', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96',
+             f'++samples_dir={tmp_path}')
+    outputs = json.load(open(tmp_path / 'alpaca_sft.json'))
+    with open(os.path.join(DATA, 'alpacaeval', 'test.jsonl')) as f:
+        rows = {r['instruction']: r for r in map(json.loads, f)}
+    assert len(outputs) == 3 and all(set(o) == {'instruction', 'output', 'reference', 'generator'} for o in outputs)
+    assert len({o['instruction'] for o in outputs}) == 3
+    for output in outputs:
+        assert output['instruction'] in rows and output['reference'] == rows[output['instruction']]['output'].strip()
+        assert output['generator'] == 'sft' and output['instruction'] not in output['output']
 
 
 def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
@@ -73,13 +132,52 @@ def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_sampling_a_trained_csft_run_writes_prompts_with_the_control_token(tmp_path):
+def test_a_trained_csft_run_has_single_control_tokens_in_tokenizer_embedding_and_samples(tmp_path, tokenizer):
+    import dataloader
+    import models
     run_train(tmp_path, '++n_examples=4', '++model.batch_size=2', loss='csft', exp_name='csft')
-    run_eval(tmp_path / 'csft', '++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96',
+    run_dir = tmp_path / 'csft'
+    run_tokenizer = models.load_tokenizer(str(run_dir))
+    assert len(run_tokenizer) == len(tokenizer) + 2
+    for token in ('<|good|>', '<|bad|>'):
+        token_id = run_tokenizer.convert_tokens_to_ids(token)
+        assert token_id >= len(tokenizer)  # an added token, not pieces of the base vocabulary
+        assert run_tokenizer(f'Hi{token}', add_special_tokens=False)['input_ids'][-1] == token_id
+        assert run_tokenizer(token, add_special_tokens=False)['input_ids'] == [token_id]
+    saved = torch.load(run_dir / 'LATEST' / 'policy.pt', weights_only=True)['state']
+    assert saved['model.embed_tokens.weight'].shape[0] == len(run_tokenizer)
+    from transformers import AutoModelForCausalLM
+    exported = AutoModelForCausalLM.from_pretrained(run_dir / 'LATEST' / 'hf')
+    assert exported.get_input_embeddings().num_embeddings == len(run_tokenizer)
+    assert len(models.load_tokenizer(str(run_dir / 'LATEST' / 'hf'))) == len(run_tokenizer)
+    # the control token belongs to the prompt: masked out of the loss, and the completion right after it is not
+    loader = dataloader.ConditionalSFTDataLoader(['hh'], run_tokenizer, batch_size=4, n_epochs=1, data_dir=DATA)
+    batch = next(iter(loader))
+    for status, ids, labels in zip(batch['status'], batch['target_combined_input_ids'], batch['target_labels']):
+        position = (ids == run_tokenizer.convert_tokens_to_ids('<|good|>' if status == 'chosen' else '<|bad|>'))
+        index = position.nonzero().item()
+        assert labels[index] == -100 and labels[index + 1] == ids[index + 1]
+
+    run_eval(run_dir, '++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96',
              f'++samples_dir={tmp_path / "samples"}')
     with open(tmp_path / 'samples' / 'csft.json') as f:
         samples = json.load(f)['samples']
     assert len(samples) == 3 and all(s['prompt'].endswith('\n<|assistant|>\n<|good|>') for s in samples)
+
+
+@pytest.mark.slow
+def test_chat_template_runs_render_train_export_and_sample_with_the_template(tmp_path, tokenizer):
+    import models
+    run_train(tmp_path, '++n_examples=4', '++use_chat_template=true', loss='sft', exp_name='chat')
+    exported = models.load_tokenizer(str(tmp_path / 'chat' / 'LATEST' / 'hf'))
+    assert exported.chat_template == tokenizer.chat_template and exported.chat_template
+    run_eval(tmp_path / 'chat', '++mode=sample', '++n_samples=2', '++model.eval_batch_size=2', '++model.max_length=160',
+             f'++samples_dir={tmp_path / "samples"}')
+    samples = json.load(open(tmp_path / 'samples' / 'chat.json'))['samples']
+    assert len(samples) == 2
+    for sample in samples:
+        assert sample['prompt'].startswith('<|im_start|>system\n') and sample['prompt'].endswith('<|im_start|>assistant\n')
+        assert '<|user|>' not in sample['prompt']
 
 
 @pytest.mark.parametrize('installed, gpu, expected', [(True, True, True), (True, False, False), (False, True, False)])

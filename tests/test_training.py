@@ -1,12 +1,17 @@
-"""Training: every loss trains, learning is visible, accumulation and sharding are exact,
-checkpoints resume exactly, and bad runs stop with clear messages."""
+"""Training: every loss learns, accumulation and sharding are exact where the loss allows it,
+checkpoints resume exactly (and provably resume), load_from initialises both models, the reference
+cache is reused and invalidated, and bad runs stop with clear messages."""
+import copy
+import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,64 +20,122 @@ from helpers import ROOT, base_overrides, make_config, run_train
 import utils
 from utils import get_batch_logps, load_policy_file, sequence_logps
 
-LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero']
+LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero', 'ppo']
+SEQUENCE_LOSSES = [loss for loss in LOSSES if loss != 'ppo']
 
 
 def parameters(model):
     return {name: p.detach().clone() for name, p in model.named_parameters()}
 
 
+def max_difference(first, second):
+    return max((a - b).abs().max().item() for a, b in zip(first.parameters(), second.parameters()))
+
+
 @pytest.mark.parametrize('loss', LOSSES)
-def test_every_loss_trains_a_few_steps(tmp_path, loss):
-    config = make_config(tmp_path, '++n_examples=8', '++lr=1e-3', '++optimizer=AdamW', loss=loss)
+def test_every_loss_trains_end_to_end_and_leaves_the_reference_frozen(tmp_path, loss):
+    config = make_config(tmp_path, '++n_examples=8', '++lr=1e-3', '++optimizer=Adam', loss=loss)
     trainer = train.build_trainer(config)
-    before = parameters(trainer.policy)
     reference_before = parameters(trainer.reference_model) if trainer.reference_model is not None else None
     trainer.train()
-    after = parameters(trainer.policy)
-    changed = [name for name in before if not torch.equal(before[name], after[name])]
-    assert len(changed) == len(before), f'parameters that did not change: {set(before) - set(changed)}'
     assert trainer.batch_counter == 2 and trainer.example_counter == 8
     if reference_before is not None:
         assert all(torch.equal(p, reference_before[n]) for n, p in parameters(trainer.reference_model).items())
     results = trainer.evaluate()
     assert all(torch.isfinite(torch.tensor(v)) for v in results.values())
-    assert 'loss/eval' in results
+    assert ('loss_eval/total' if loss == 'ppo' else 'loss/eval') in results
+
+
+def implied_margin(trainer, batch, loss) -> float:
+    """How much more the policy favours the batch's desirable completions over its undesirable ones: the
+    trainer's own reward metrics, or for PPO (which has none) the log-ratios to the frozen reference."""
+    if loss == 'ppo':
+        with torch.no_grad():
+            policy, = trainer.concatenated_logps(trainer.policy, batch, ('target',))
+            reference, = trainer.concatenated_logps(trainer.reference_model, batch, ('target',))
+        is_chosen = torch.tensor([status == 'chosen' for status in batch['status']])
+        ratios = policy - reference
+        return (ratios[is_chosen].mean() - ratios[~is_chosen].mean()).item()
+    with torch.no_grad():
+        _, metrics = trainer.get_batch_metrics(batch, 'train')
+    return (metrics['rewards_train/chosen'].mean() - metrics['rewards_train/rejected'].mean()).item()
+
+
+def batch_loss(trainer, batch) -> float:
+    with torch.no_grad():
+        loss, _ = trainer.get_batch_metrics(batch, 'train')
+    return loss.item()
+
+
+@pytest.mark.parametrize('loss', LOSSES)
+def test_on_a_repeated_batch_every_loss_falls_and_preferences_move_the_right_way(tmp_path, loss):
+    """Adam without weight decay, so parameters move only where gradients push them. For preference
+    losses the implied reward margin (chosen minus rejected) must rise: a sign error in a loss lowers
+    the loss just as well, but moves the margin the wrong way."""
+    config = make_config(tmp_path, '++n_examples=8', '++lr=3e-3', '++optimizer=Adam', '++warmup_steps=0', loss=loss)
+    trainer = train.build_trainer(config)
+    batch = next(iter(trainer.train_iterator))
+    loss_before = batch_loss(trainer, batch)
+    margin_before = None if loss in ('sft', 'csft') else implied_margin(trainer, batch, loss)
+    for _ in range(8):
+        trainer.train_step([batch])
+    loss_after = batch_loss(trainer, batch)
+    assert loss_after < loss_before - 0.01 * abs(loss_before), (loss_before, loss_after)
+    if margin_before is not None:
+        margin_after = implied_margin(trainer, batch, loss)
+        assert margin_after > margin_before + 1e-3, (margin_before, margin_after)
 
 
 @pytest.mark.parametrize('loss', ['dpo', 'kto'])
-def test_on_a_repeated_batch_the_loss_falls_and_accuracy_rises(tmp_path, loss):
-    config = make_config(tmp_path, '++n_examples=8', '++lr=3e-3', '++optimizer=AdamW', '++warmup_steps=0',
-                         loss=loss)
+def test_on_a_repeated_batch_accuracy_reaches_one(tmp_path, loss):
+    config = make_config(tmp_path, '++n_examples=8', '++lr=3e-3', '++optimizer=Adam', '++warmup_steps=0', loss=loss)
     trainer = train.build_trainer(config)
     batch = next(iter(trainer.train_iterator))
+    accuracy = lambda: trainer.get_batch_metrics(batch, 'train')[1]['rewards_train/accuracies'].mean().item()
     with torch.no_grad():
-        loss_before, metrics_before = trainer.get_batch_metrics(batch, 'train')
+        before = accuracy()
     for _ in range(8):
-        loss_value, _ = trainer.get_batch_metrics(batch, 'train')
-        loss_value.backward()
-        trainer.optimizer_step()
+        trainer.train_step([batch])
     with torch.no_grad():
-        loss_after, metrics_after = trainer.get_batch_metrics(batch, 'train')
-    assert loss_after < loss_before - 0.05
-    accuracy = lambda m: m['rewards_train/accuracies'].mean().item()
-    assert accuracy(metrics_after) > accuracy(metrics_before)
-    assert accuracy(metrics_after) == 1.0
+        after = accuracy()
+    assert after > before and after == 1.0
 
 
-@pytest.mark.parametrize('loss', ['sft', 'dpo'])
-def test_accumulating_k_microbatches_equals_one_big_batch(tmp_path, loss):
-    """4 examples as 2 x 2 with gradient_accumulation_steps=2 give the same update as 1 x 4 (SGD, lr 1)."""
-    common = ['++n_examples=4', '++optimizer=SGD', '++lr=1.0', '++warmup_steps=0', '++model.max_grad_norm=1e9',
-              '++do_first_eval=false']
+# Which losses give the same update with gradient accumulation as with one big batch. The others compute
+# a statistic over the microbatch, so splitting the batch changes the numbers (as in HALOs):
+#   kto         z0 is the mean log-ratio of the microbatch's mismatched KL rows, which are themselves formed
+#               within the microbatch (x_i with y_{i+1})
+#   kto-simple  each half's reference point is the mean log-ratio of the other half of the microbatch
+#   ppo         its token means are taken per microbatch, and the experience is reshuffled into microbatches
+ACCUMULATION_INVARIANT = {'sft': True, 'csft': True, 'dpo': True, 'cdpo': True, 'ipo': True, 'slic': True,
+                          'kto-zero': True, 'kto': False, 'kto-simple': False, 'ppo': False}
+
+
+# SGD learning rates for 3 steps: IPO's squared loss has large gradients; KTO's z0 stays clamped at 0 (where
+# KTO is KTO-zero, which is invariant) until a larger step makes the mismatched pairs' log-ratios positive.
+ACCUMULATION_LR = {'ipo': 1e-3, 'kto': 1.0}
+
+
+@pytest.mark.parametrize('loss', LOSSES)
+def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it(tmp_path, loss):
+    """3 optimizer steps on 4 examples each, as 2 x 2 with gradient_accumulation_steps=2 or as 1 x 4
+    (SGD): the same policy to 1e-5 for the accumulation-invariant losses, a different one otherwise."""
+    common = ['++n_examples=12', '++optimizer=SGD', f'++lr={ACCUMULATION_LR.get(loss, 1e-2)}', '++warmup_steps=0', '++model.max_grad_norm=1e9',
+              '++do_first_eval=false', '++eval_every=1000']
     big = train.build_trainer(make_config(tmp_path / 'big', *common, '++model.batch_size=4', loss=loss))
     small = train.build_trainer(make_config(tmp_path / 'small', *common, '++model.batch_size=2',
                                             '++model.gradient_accumulation_steps=2', loss=loss))
+    start = parameters(big.policy)
     big.train()
     small.train()
-    assert big.batch_counter == small.batch_counter == 1
-    for (name, p_big), p_small in zip(big.policy.named_parameters(), small.policy.parameters()):
-        assert torch.allclose(p_big, p_small, atol=1e-5), name
+    assert big.batch_counter == small.batch_counter == 3
+    moved = max((p - start[n]).abs().max().item() for n, p in big.policy.named_parameters())
+    difference = max_difference(big.policy, small.policy)
+    assert moved > 1e-4, moved
+    if ACCUMULATION_INVARIANT[loss]:
+        assert difference < 1e-5, difference
+    else:
+        assert difference > 1e-6, f'{loss} became accumulation-invariant: update ACCUMULATION_INVARIANT and the README'
 
 
 def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
@@ -95,6 +158,45 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
     assert 'LATEST is intact' in str(error.value)
     saved = load_policy_file(os.path.join(config.local_run_dir, 'LATEST', 'policy.pt'))
     assert saved['step_idx'] == 8
+
+
+# ---------------------------------------------------------------- load_from
+
+def perturbed_tiny_model():
+    """The tiny model with every weight moved by noise, so that its weights differ from the base model's."""
+    import models
+    model = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    generator = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=generator))
+    return model
+
+
+def assert_weights_equal(model, state):
+    own = model.state_dict()
+    assert set(state) <= set(own)
+    for name, tensor in state.items():
+        assert torch.equal(own[name], tensor), name
+
+
+@pytest.mark.parametrize('form', ['policy.pt relative to cache_dir', 'policy.pt absolute', 'HF directory'])
+def test_load_from_initialises_the_policy_and_the_reference(tmp_path, tokenizer, form):
+    model = perturbed_tiny_model()
+    state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    (tmp_path / 'sft' / 'LATEST').mkdir(parents=True)
+    utils.save_policy_file(str(tmp_path / 'sft' / 'LATEST' / 'policy.pt'), 8, state, {})
+    model.save_pretrained(tmp_path / 'sft_hf')
+    tokenizer.save_pretrained(tmp_path / 'sft_hf')
+    load_from = {'policy.pt relative to cache_dir': 'sft/LATEST/policy.pt',
+                 'policy.pt absolute': str(tmp_path / 'sft' / 'LATEST' / 'policy.pt'),
+                 'HF directory': str(tmp_path / 'sft_hf')}[form]
+    trainer = train.build_trainer(make_config(tmp_path, f'++model.load_from={load_from}', loss='dpo'))
+    assert_weights_equal(trainer.policy, state)
+    assert_weights_equal(trainer.reference_model, state)
+    import models
+    base = models.load_causal_lm('embedded:tiny-smollm2', 'float32').state_dict()
+    assert not torch.equal(base['model.embed_tokens.weight'], state['model.embed_tokens.weight'])
 
 
 def test_load_from_errors_are_clear(tmp_path):
@@ -122,13 +224,22 @@ def test_train_py_writes_checkpoint_config_tokenizer_and_hf_export(tmp_path):
     assert 'loss/eval' in saved['metrics']
     assert (run_dir / 'step-4' / 'policy.pt').exists() and (run_dir / 'config.yaml').exists()
     assert (run_dir / 'tokenizer.json').exists() and (run_dir / 'metrics.jsonl').exists()
+    for name in ('policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt'):
+        torch.load(run_dir / 'LATEST' / name, weights_only=True)  # every file halos reads back loads without pickle
     from transformers import AutoModelForCausalLM
     exported = AutoModelForCausalLM.from_pretrained(run_dir / 'LATEST' / 'hf')
     for name, tensor in exported.state_dict().items():
         assert torch.equal(tensor, saved['state'][name]), name
-    # An SFT checkpoint initialises the next run (policy and reference) through load_from.
-    run_train(tmp_path, '++n_examples=4', f'++model.load_from=test/LATEST/policy.pt', loss='dpo', exp_name='dpo')
-    assert (tmp_path / 'dpo' / 'LATEST' / 'policy.pt').exists()
+
+
+# ---------------------------------------------------------------- several processes
+
+def cpu_only_env():
+    """Two ranks on a machine with fewer than two GPUs run on the CPU (gloo) instead of sharing one GPU."""
+    env = dict(os.environ)
+    if torch.cuda.is_available() and torch.cuda.device_count() < 2:
+        env['CUDA_VISIBLE_DEVICES'] = ''
+    return env
 
 
 @pytest.mark.slow
@@ -138,8 +249,11 @@ def test_two_processes_match_one_process(tmp_path, loss, eval_loss):
     (for PPO: whitening, reshuffling and token means over both ranks; ppo_epochs 2 steps twice)."""
     common = ['++n_examples=8', '++optimizer=SGD', '++lr=1.0', '++warmup_steps=0', '++do_first_eval=false',
               '++loss.ppo_epochs=2' if loss == 'ppo' else '++seed=1']
-    run_train(tmp_path, *common, loss=loss, exp_name='one')
-    run_train(tmp_path, *common, loss=loss, exp_name='two', nproc=2)
+    one_process = run_train(tmp_path, *common, loss=loss, exp_name='one')
+    two_processes = run_train(tmp_path, *common, loss=loss, exp_name='two', nproc=2, env=cpu_only_env())
+    assert 'process 0 of 1' in one_process.stdout
+    for rank in (0, 1):
+        assert f'process {rank} of 2' in two_processes.stdout
     one = load_policy_file(tmp_path / 'one' / 'LATEST' / 'policy.pt')
     two = load_policy_file(tmp_path / 'two' / 'LATEST' / 'policy.pt')
     assert one['step_idx'] == two['step_idx'] == 8
@@ -148,11 +262,73 @@ def test_two_processes_match_one_process(tmp_path, loss, eval_loss):
     assert one['metrics'][eval_loss] == pytest.approx(two['metrics'][eval_loss], abs=1e-5)
 
 
+# ---------------------------------------------------------------- resume
+
+# Two epochs of hh_helpful (12 pairs: 3 batches of 4 each), a checkpoint after 16 examples (in the second,
+# reshuffled epoch), Adam moments and a warm-up that is still running at the checkpoint.
+RESUMABLE = ['++n_epochs=2', '++eval_every=16', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=10',
+             'datasets=[hh_helpful]']
+
+
+def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path):
+    whole = train.build_trainer(make_config(tmp_path / 'whole', *RESUMABLE))
+    at_checkpoint, trained_on = {}, []
+    save_checkpoint, get_batch_metrics = whole.save_checkpoint, whole.get_batch_metrics
+
+    def snapshot_first_checkpoint(final=False):
+        save_checkpoint(final)
+        if not at_checkpoint:
+            shutil.copytree(os.path.join(whole.run_dir, 'LATEST'), tmp_path / 'snapshot')
+            at_checkpoint.update(lr=whole.scheduler.get_last_lr()[0], rng=torch.get_rng_state(),
+                                 python_rng=random.getstate(), numpy_rng=np.random.get_state(),
+                                 optimizer=copy.deepcopy(whole.optimizer.state_dict()), trained=len(trained_on))
+
+    def record(batch, mode):
+        if mode == 'train':
+            trained_on.append(batch['prompt_text'])
+        return get_batch_metrics(batch, mode)
+
+    whole.save_checkpoint, whole.get_batch_metrics = snapshot_first_checkpoint, record
+    whole.train()
+    assert whole.example_counter == 24 and at_checkpoint['trained'] == 4
+
+    resumed = train.build_trainer(make_config(tmp_path / 'resumed', *RESUMABLE))
+    utils.set_seed(12345)  # the RNGs a fresh process would start from
+    resumed.load_checkpoint(str(tmp_path / 'snapshot'))
+    assert (resumed.example_counter, resumed.batch_counter, resumed.batches_seen) == (16, 4, 4)
+    assert torch.equal(torch.get_rng_state(), at_checkpoint['rng']) and random.getstate() == at_checkpoint['python_rng']
+    numpy_rng = np.random.get_state()
+    assert (numpy_rng[1] == at_checkpoint['numpy_rng'][1]).all() and numpy_rng[2] == at_checkpoint['numpy_rng'][2]
+    assert resumed.scheduler.get_last_lr()[0] == pytest.approx(at_checkpoint['lr'])
+    assert at_checkpoint['lr'] < 1e-3  # the warm-up is still running
+    moments = [state['exp_avg_sq'] for state in resumed.optimizer.state_dict()['state'].values()]
+    saved_moments = [state['exp_avg_sq'] for state in at_checkpoint['optimizer']['state'].values()]
+    assert len(moments) == len(saved_moments) > 0 and all(m.abs().sum() > 0 for m in moments)
+    assert all(torch.equal(a, b) for a, b in zip(moments, saved_moments))
+    resumed_on = []
+    resumed_metrics = resumed.get_batch_metrics
+    resumed.get_batch_metrics = lambda batch, mode: (resumed_on.append(batch['prompt_text']) if mode == 'train'
+                                                     else None, resumed_metrics(batch, mode))[1]
+    resumed.train()
+    assert resumed_on == trained_on[4:]  # only the remaining batches, in the second epoch's reshuffled order
+    assert resumed.batch_counter == whole.batch_counter == 6
+    assert max_difference(whole.policy, resumed.policy) == 0
+
+    # Not vacuous: the same weights and data position without the optimizer and scheduler state end elsewhere.
+    fresh = train.build_trainer(make_config(tmp_path / 'fresh', *RESUMABLE))
+    fresh.policy.load_state_dict(load_policy_file(tmp_path / 'snapshot' / 'policy.pt')['state'])
+    fresh.example_counter, fresh.batches_seen = 16, 4
+    fresh.train()
+    assert max_difference(whole.policy, fresh.policy) > 1e-4
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('loss', ['dpo', 'ppo'])
-def test_killed_run_resumes_to_the_same_policy(tmp_path, loss):
-    common = ['++n_examples=32', '++eval_every=8', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=2']
+def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path, loss):
+    common = RESUMABLE[:1] + ['++eval_every=8'] + RESUMABLE[2:]
     run_train(tmp_path, *common, loss=loss, exp_name='whole')
+    whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
+    total = whole['step_idx']  # two epochs: 24 pairs for DPO, 48 desirable or undesirable completions for PPO
 
     command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path, loss, 'killed') + common
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -163,15 +339,28 @@ def test_killed_run_resumes_to_the_same_policy(tmp_path, loss):
     time.sleep(random.uniform(0, 1.5))  # a random moment: mid-step, mid-eval or mid-save
     process.send_signal(signal.SIGKILL)
     process.wait()
-    saved = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
-    assert saved['step_idx'] < 32, 'the run finished before it was killed'
+    killed_at = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')['step_idx']
+    assert 0 < killed_at < total, 'the run finished before it was killed'
+    metrics_file = tmp_path / 'killed' / 'metrics.jsonl'
+    lines_before = len(metrics_file.read_text().splitlines())
 
-    run_train(tmp_path, *common, '++resume=true', loss=loss, exp_name='killed')
-    whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
+    rerun = run_train(tmp_path, *common, '++resume=true', loss=loss, exp_name='killed')
+    assert f'after {killed_at} examples' in rerun.stdout and 'resumed from' in rerun.stdout
+    new_lines = [json.loads(line) for line in metrics_file.read_text().splitlines()[lines_before:]]
+    steps = [line for line in new_lines if 'counters/examples' in line]
+    assert [line['counters/examples'] for line in steps] == list(range(killed_at + 4, total + 1, 4))  # the rest, once
     resumed = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
-    assert resumed['step_idx'] == whole['step_idx'] == 32
+    assert resumed['step_idx'] == total
     for name, tensor in whole['state'].items():
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
+
+
+# ---------------------------------------------------------------- the reference cache
+
+def count_forwards(model) -> list:
+    calls = []
+    model.register_forward_hook(lambda *args: calls.append(1))
+    return calls
 
 
 @pytest.mark.parametrize('loss', ['dpo', 'kto'])
@@ -190,6 +379,28 @@ def test_cached_reference_logprobs_give_the_same_training(tmp_path, loss):
         assert torch.allclose(p_plain, p_cached, atol=1e-5)
     assert cached.evaluate()['loss/eval'] == pytest.approx(plain.evaluate()['loss/eval'], abs=1e-5)
 
+
+def test_the_reference_cache_is_reused_and_missed_when_the_reference_changes(tmp_path):
+    common = ['++n_examples=8', '++optimizer=SGD', '++lr=0.1', '++warmup_steps=0', '++cache_reference_logprobs=true']
+    cache_files = lambda: sorted(f for f in os.listdir(tmp_path / 'test') if f.startswith('reference_logps_'))
+    first = train.build_trainer(make_config(tmp_path, *common))
+    first_calls = count_forwards(first.reference_model)
+    first.train()
+    assert len(first_calls) > 0 and len(cache_files()) == 1
+
+    second = train.build_trainer(make_config(tmp_path, *common))
+    second_calls = count_forwards(second.reference_model)
+    second.train()
+    assert second_calls == [] and cache_files() == cache_files()
+    assert max_difference(first.policy, second.policy) == 0
+
+    third = train.build_trainer(make_config(tmp_path, *common, '++model.reference_dtype=bfloat16'))
+    third_calls = count_forwards(third.reference_model)
+    third.train()
+    assert len(third_calls) > 0 and len(cache_files()) == 2
+
+
+# ---------------------------------------------------------------- forwards
 
 @pytest.mark.parametrize('padding_free', [False, True])
 def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
@@ -211,14 +422,20 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
         torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
 
 
-def test_bf16_autocast_stays_close_to_fp32(tmp_path):
+def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(tmp_path):
+    """A token's log-prob is logit_y - logsumexp(logits); rounding the logits to bf16 (8 significant bits)
+    moves each by at most 2^-8 |logit|, so each token's log-prob by at most 2 * 2^-8 * max |logit|."""
     plain = train.build_trainer(make_config(tmp_path / 'fp32', loss='sft'))
     autocast = train.build_trainer(make_config(tmp_path / 'bf16', '++model.autocast_dtype=bfloat16', loss='sft'))
     batch = plain.eval_batches[0]
     fp32_logps, = plain.concatenated_logps(plain.policy, batch, ('target',))
     bf16_logps, = autocast.concatenated_logps(autocast.policy, batch, ('target',))
     assert bf16_logps.dtype == torch.float32 and not torch.equal(bf16_logps, fp32_logps)
-    torch.testing.assert_close(bf16_logps, fp32_logps, rtol=0.02, atol=0)
+    input_ids, attention_mask, labels = plain.stack_sequences(batch, ('target',))
+    with torch.no_grad():
+        largest_logit = plain.policy(input_ids=input_ids, attention_mask=attention_mask).logits.abs().max()
+    tokens = (labels[:, 1:] != -100).sum(1)
+    assert ((bf16_logps - fp32_logps).abs() <= tokens * 2 * 2 ** -8 * largest_logit).all()
 
 
 def test_pack_rows_first_fit_by_decreasing_length():
