@@ -24,25 +24,21 @@ import random
 import re
 import statistics
 import sys
-import threading
-import time
-import urllib.parse
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import openai
 from tqdm import tqdm
 
+from halos.errors import UserError
+from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
+                         describe_error, fatal_error_message, make_client, public_url)
+
 PROMPT_VERSION = 'halos-judge-v1'
-OPENAI_BASE_URL = 'https://api.openai.com/v1'
-NO_KEY = 'sk-no-key-required'  # servers such as vLLM, llama.cpp and Ollama accept any key
 CANDIDATE, BASELINE = 'candidate', 'baseline'
-# Refusals that every other request would get too: stop the run (what is cached stays).
-FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
 
 
-class CompareError(Exception):
+class CompareError(UserError):
     """A problem the user can fix; main() prints it as one line and exits with status 2."""
 
 
@@ -210,144 +206,17 @@ def judgment_key(messages: List[dict], args: argparse.Namespace) -> str:
     return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
 
 
-# --- the cache of judgments
-class JudgmentCache:
-    """An append-only JSONL file of judgments, one line each, flushed and fsynced as written.
-
-    A last line cut by a crash is dropped when the file is opened, so appends start on a line of their own.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self.records: Dict[str, dict] = {}
-        self.lock = threading.Lock()
-        if os.path.exists(path):
-            self._read()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, 'a', encoding='utf-8')
-
-    def _read(self) -> None:
-        with open(self.path, 'rb') as f:
-            content = f.read()
-        complete = content[:content.rfind(b'\n') + 1]
-        if len(complete) < len(content):
-            print(f"compare.py: dropping an incomplete last line of {self.path} (an interrupted write)", file=sys.stderr)
-            with open(self.path, 'r+b') as f:
-                f.truncate(len(complete))
-        for number, line in enumerate(complete.decode('utf-8', errors='replace').split('\n')[:-1], start=1):
-            try:
-                record = json.loads(line)
-                self.records[record['key']] = record
-            except (json.JSONDecodeError, KeyError, TypeError):
-                print(f"compare.py: skipping unreadable line {number} of {self.path}", file=sys.stderr)
-
-    def add(self, record: dict) -> None:
-        with self.lock:
-            self.file.write(json.dumps(record, ensure_ascii=False) + '\n')
-            self.file.flush()
-            os.fsync(self.file.fileno())
-            self.records[record['key']] = record
-
-    def close(self) -> None:
-        self.file.close()
-
-
-# --- talking to the judge
-def public_url(url: str) -> str:
-    """The URL without user info, query or fragment (which could carry credentials)."""
-    parts = urllib.parse.urlsplit(url)
-    if not parts.hostname:
-        return url
-    host = parts.hostname + (f':{parts.port}' if parts.port else '')
-    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, '', ''))
-
-
-def api_key_for(base_url: str) -> str:
-    """OPENAI_API_KEY; a placeholder for servers other than OpenAI's, which mostly need none."""
-    key = os.environ.get('OPENAI_API_KEY')
-    if key:
-        return key
-    if urllib.parse.urlsplit(base_url).hostname == 'api.openai.com':
-        raise CompareError("judging with OpenAI needs an API key: export OPENAI_API_KEY=... (it is read from the "
-                           "environment only), or point --base-url at a local server such as http://127.0.0.1:8000/v1")
-    return NO_KEY
-
-
-def make_client(args: argparse.Namespace) -> openai.OpenAI:
-    return openai.OpenAI(api_key=api_key_for(args.base_url), base_url=args.base_url, timeout=args.timeout,
-                         max_retries=args.max_retries)
-
-
-def check_reachable(client: openai.OpenAI, base_url: str) -> None:
-    """Fail at once, with what to do, when nothing listens at the base URL."""
-    try:
-        client.with_options(max_retries=1, timeout=10).models.list()
-    except openai.APITimeoutError:
-        return  # something listens; the requests themselves will retry
-    except openai.APIConnectionError:
-        raise CompareError(
-            f"no judge server reachable at {public_url(base_url)}: start one (python -m llama_cpp.server --model "
-            f"M.gguf, vllm serve M, or ollama serve) and pass its URL with --base-url, or unset OPENAI_BASE_URL "
-            f"to use OpenAI") from None
-    except openai.AuthenticationError:
-        raise CompareError(f"the judge server at {public_url(base_url)} rejected the API key: "
-                           f"check OPENAI_API_KEY") from None
-    except openai.APIStatusError:
-        return  # e.g. a server without GET /models
-
-
-class RequestPacer:
-    """Spaces the starts of requests at least `interval` seconds apart, across all threads."""
-
-    def __init__(self, interval: float):
-        self.interval = interval
-        self.lock = threading.Lock()
-        self.next_start = 0.0
-
-    def wait(self) -> None:
-        with self.lock:
-            now = time.monotonic()
-            start = max(now, self.next_start)
-            self.next_start = start + self.interval
-        time.sleep(start - now)
-
-
-def ask_judge(client: openai.OpenAI, args: argparse.Namespace, messages: List[dict]) -> str:
-    """The judge's answer; the client retries timeouts, rate limits, connection errors and 5xx with backoff."""
-    completion = client.chat.completions.create(model=args.judge, messages=messages, temperature=0,
-                                                max_tokens=args.max_tokens, seed=args.seed)
-    choices = getattr(completion, 'choices', None)
-    if not choices or not hasattr(choices[0], 'message'):
-        raise ValueError(f"the judge server sent no completion: {str(completion)[:80]!r}")
-    return choices[0].message.content or ''
-
-
+# --- asking the judge
 def judge_and_cache(judgment: Judgment, client: openai.OpenAI, pacer: RequestPacer, args: argparse.Namespace,
                     cache: JudgmentCache) -> dict:
     """Ask the judge once and append the judgment to the cache (before anything else can interrupt)."""
     pacer.wait()
-    answer = ask_judge(client, args, judgment.messages)
+    answer = ask(client, args.judge, judgment.messages, args.max_tokens, args.seed)
     record = {'key': judgment.key, 'judge': args.judge, 'prompt_version': PROMPT_VERSION, 'seed': args.seed,
               'answer': answer, 'position': parse_verdict(answer, args.labels),
               'judged_at': datetime.datetime.now().isoformat(timespec='seconds')}
     cache.add(record)
     return record
-
-
-def describe_error(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error)[:200]}"
-
-
-def fatal_error_message(error: Exception, args: argparse.Namespace) -> Optional[str]:
-    """What to tell the user when no later request can succeed either (None: only this judgment failed)."""
-    url = public_url(args.base_url)
-    if isinstance(error, FATAL_ERRORS):
-        return (f"the judge server at {url} refused the request ({describe_error(error)}); "
-                f"check --judge '{args.judge}', --base-url and OPENAI_API_KEY")
-    if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
-        return (f"lost the judge server at {url} ({describe_error(error)}); the judgments received are in "
-                f"{args.cache}: restart the server and rerun to continue")
-    return None
 
 
 def judge_missing(judgments: List[Judgment], client: openai.OpenAI, args: argparse.Namespace,
@@ -357,26 +226,17 @@ def judge_missing(judgments: List[Judgment], client: openai.OpenAI, args: argpar
     A failed judgment (after the client's retries) is counted and left out of the cache, so a rerun asks again.
     """
     missing = {j.key: j for j in judgments if j.key not in cache.records}
-    pacer, errors = RequestPacer(args.sleep_time), {}
-    pool = ThreadPoolExecutor(max_workers=args.concurrency)
-    try:
-        futures = {pool.submit(judge_and_cache, j, client, pacer, args, cache): j for j in missing.values()}
-        for future in tqdm(as_completed(futures), total=len(futures), desc='judging', unit='judgment'):
-            judgment = futures[future]
-            try:
-                record = future.result()
-            except (openai.APIError, ValueError) as error:
-                fatal = fatal_error_message(error, args)
-                if fatal:
-                    raise CompareError(fatal) from None
-                errors[judgment.key] = describe_error(error)
-                if args.verbose:
-                    tqdm.write(f"[{judgment.comparison.index}] failed: {errors[judgment.key]}")
-                continue
-            if args.verbose:
-                tqdm.write(f"[{judgment.comparison.index}] {' vs '.join(judgment.order)}: {record['answer']!r}")
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
+    pacer = RequestPacer(args.sleep_time)
+    requests = {key: (lambda j=judgment: judge_and_cache(j, client, pacer, args, cache)) for key, judgment in missing.items()}
+
+    def report(key: str, record: Optional[dict], error: Optional[str]) -> None:
+        if args.verbose:
+            judgment = missing[key]
+            outcome = f"failed: {error}" if error else f"{' vs '.join(judgment.order)}: {record['answer']!r}"
+            tqdm.write(f"[{judgment.comparison.index}] {outcome}")
+
+    errors = ask_all(requests, args.concurrency, lambda error: fatal_error_message(error, args.base_url, args.judge,
+                                                                                   args.cache), report)
     return errors, len(missing)
 
 
@@ -443,15 +303,13 @@ def summarize(judgments: List[Judgment], records: Dict[str, dict], errors: Dict[
 # --- outputs
 def response_lengths(config: dict, texts: List[str]) -> Tuple[List[int], str]:
     """Token counts with the run's tokenizer, or whitespace word counts when it cannot be loaded."""
-    run_dir = config.get('local_run_dir') or ''
     model = config.get('model') or {}
-    source = run_dir if os.path.exists(os.path.join(run_dir, 'tokenizer_config.json')) else \
-        (model.get('tokenizer_name_or_path') or model.get('name_or_path'))
-    if not source:
+    model_name = model.get('tokenizer_name_or_path') or model.get('name_or_path')
+    if not (model_name or config.get('local_run_dir')):
         return [len(text.split()) for text in texts], 'words'
     try:
         import models
-        tokenizer = models.load_tokenizer(source)
+        tokenizer = models.load_run_tokenizer(config.get('local_run_dir') or '', model_name)
         return [len(tokenizer(text, add_special_tokens=False)['input_ids']) for text in texts], 'tokens'
     except Exception as error:  # any failure to find or load a tokenizer: fall back to words
         print(f"compare.py: lengths in words (the run's tokenizer did not load: {describe_error(error)})", file=sys.stderr)
@@ -501,7 +359,7 @@ def run(args: argparse.Namespace) -> dict:
     user_tag = config.get('human_prefix', '\n<|user|>\n').strip() or 'the user'
     assistant_tag = config.get('assistant_prefix', '\n<|assistant|>\n').strip() or 'the assistant'
     judgments = plan_judgments(build_comparisons(config, samples, args), args, user_tag, assistant_tag)
-    client = make_client(args)
+    client = make_client(args.base_url, args.timeout, args.max_retries)
     cache = JudgmentCache(args.cache)
     try:
         if any(j.key not in cache.records for j in judgments):
@@ -521,7 +379,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         result = run(args)
-    except CompareError as error:
+    except UserError as error:  # a CompareError, or the judge unreachable or refusing
         print(f"compare.py: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

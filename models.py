@@ -17,7 +17,8 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from utils import load_policy_file
+from halos.checkpoint import load_policy_file
+from halos.errors import ConfigError, MissingFileError
 
 EMBEDDED_PREFIX = 'embedded:'
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -78,7 +79,7 @@ EMBEDDED_MODELS = {'smollm2-135m-instruct': _convert_smollm2, 'tiny-smollm2': _c
 def embedded_model_dir(name: str) -> str:
     """The HF directory of an embedded model, created on first use."""
     if name not in EMBEDDED_MODELS:
-        raise ValueError(f"unknown embedded model '{name}'; valid: {', '.join(EMBEDDED_MODELS)}")
+        raise ConfigError(f"unknown embedded model '{name}'; valid: {', '.join(EMBEDDED_MODELS)}")
     target = os.path.join(halos_home(), 'models', name)
     if not os.path.isdir(target):
         os.makedirs(os.path.dirname(target), exist_ok=True)
@@ -109,6 +110,12 @@ def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] 
     return tokenizer
 
 
+def load_run_tokenizer(run_dir: str, model_name: Optional[str]):
+    """The tokenizer a training run saved in its directory (with any added control tokens), else the model's."""
+    saved = os.path.exists(os.path.join(run_dir, 'tokenizer_config.json'))
+    return load_tokenizer(run_dir if saved else model_name)
+
+
 def load_reward_model(path: str, dtype: str):
     """A sequence-classification reward model and its tokenizer; its score is `reward_model_scores`."""
     from transformers import AutoModelForSequenceClassification
@@ -126,7 +133,7 @@ def resolve_load_from(load_from: str, cache_dir: str) -> str:
             return os.path.join(candidate, 'policy.pt')
         if os.path.exists(candidate):
             return candidate
-    raise FileNotFoundError(f"model.load_from={load_from!r} does not exist (looked in cache_dir={cache_dir!r} "
+    raise MissingFileError(f"model.load_from={load_from!r} does not exist (looked in cache_dir={cache_dir!r} "
                             f"and the working directory); give a policy.pt file or an HF model directory")
 
 
@@ -171,7 +178,7 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
-        raise ValueError(f"load_from {path} does not match the model {model.config._name_or_path}: {error}") from None
+        raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {error}") from None
 
 
 def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,

@@ -1,5 +1,5 @@
-"""Shared helpers: distributed no-ops at world size 1, log-probs, masked statistics,
-metric accumulation and checkpoint files.
+"""Shared helpers: distributed no-ops at world size 1, seeding, class registries, log-probs, packing and
+metric accumulation.
 
 Every distributed helper works without a process group (one process), so single-process
 runs and unit tests need no `torch.distributed` setup.
@@ -7,9 +7,8 @@ runs and unit tests need no `torch.distributed` setup.
 import itertools
 import os
 import random
-import shutil
 import socket
-from typing import Callable, Dict, Iterable, Iterator, List, Optional
+from typing import Dict, Iterable, Iterator, List
 
 import numpy as np
 import torch
@@ -112,7 +111,7 @@ def chunked(iterable: Iterable, size: int) -> Iterator[List]:
         yield chunk
 
 
-# ---------------------------------------------------------------- seeding and RNG state
+# ---------------------------------------------------------------- seeding and registries
 
 def set_seed(seed: int) -> None:
     random.seed(seed)
@@ -120,29 +119,17 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def get_rng_state() -> Dict:
-    """Every RNG's state as tensors and plain numbers, so that it loads with torch.load(weights_only=True)."""
-    python_version, python_state, python_gauss = random.getstate()
-    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
-    state = {"python": {"version": python_version, "state": torch.tensor(python_state, dtype=torch.int64),
-                        "gauss": python_gauss},
-             "numpy": {"name": numpy_name, "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
-                       "position": int(numpy_position), "has_gauss": int(numpy_has_gauss), "gauss": float(numpy_gauss)},
-             "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Dict) -> None:
-    python = state["python"]
-    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
-    numpy = state["numpy"]
-    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
-                         numpy["has_gauss"], numpy["gauss"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+def find_class(namespace: Dict, base: type, name: str, key: str, description: str) -> type:
+    """The class called `name` in `namespace` (a module's globals) that is a concrete subclass of `base`:
+    not `base` itself, nor a class that sets `abstract = True` in its own body. Else a ConfigError naming
+    the config `key` and the valid names."""
+    from halos.errors import ConfigError
+    concrete = lambda c: isinstance(c, type) and issubclass(c, base) and c is not base and not c.__dict__.get('abstract')
+    found = namespace.get(name)
+    if not concrete(found):
+        valid = sorted(n for n, c in namespace.items() if concrete(c) and n == c.__name__)
+        raise ConfigError(f"{key}={name} is not {description}; valid: {', '.join(valid)}")
+    return found
 
 
 # ---------------------------------------------------------------- log-probs
@@ -290,50 +277,3 @@ def add_margins(metrics: Dict[str, float]) -> Dict[str, float]:
 
 def formatted_dict(d: Dict) -> Dict:
     return {k: (f"{v:.5g}" if isinstance(v, float) else v) for k, v in d.items()}
-
-
-# ---------------------------------------------------------------- checkpoint files
-
-def write_checkpoint_dir(directory: str, write_files: Callable[[str], None]) -> None:
-    """Write a checkpoint directory atomically.
-
-    `write_files(tmp_dir)` writes everything into a fresh temporary directory; only when it has
-    returned is the old directory swapped out. A crash at any point leaves either the old or the
-    new directory complete (see `resolve_checkpoint_dir` for the one window between two renames).
-    """
-    directory = directory.rstrip("/")
-    tmp_dir, old_dir = directory + ".tmp", directory + ".old"
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    os.makedirs(tmp_dir)
-    write_files(tmp_dir)
-    for parent, _, names in os.walk(tmp_dir):  # make the data durable before the rename publishes it
-        for name in names:
-            with open(os.path.join(parent, name), "rb") as f:
-                os.fsync(f.fileno())
-    if os.path.exists(directory):  # else .old may be the only complete copy (a crash between the renames)
-        shutil.rmtree(old_dir, ignore_errors=True)
-        os.replace(directory, old_dir)
-    os.replace(tmp_dir, directory)
-    shutil.rmtree(old_dir, ignore_errors=True)
-
-
-def resolve_checkpoint_dir(directory: str) -> Optional[str]:
-    """The complete checkpoint directory for `directory`, recovering from a crash between renames."""
-    directory = directory.rstrip("/")
-    if os.path.isdir(directory):
-        return directory
-    if os.path.isdir(directory + ".old"):
-        return directory + ".old"
-    return None
-
-
-def save_policy_file(path: str, step_idx: int, state: Dict[str, torch.Tensor], metrics: Dict) -> None:
-    """Writes the HALOs checkpoint format: {'step_idx', 'state', 'metrics'}."""
-    torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, path)
-
-
-def load_policy_file(path: str) -> Dict:
-    """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-

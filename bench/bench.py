@@ -29,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 from common import ROOT
 
@@ -61,6 +62,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='extra halos config override (repeatable). TRL follows the keys it has: ++lr, '
                              '++optimizer, ++warmup_steps, ++loss.beta, ++seed, ++cache_reference_logprobs '
                              '(as precompute_ref_log_probs); other keys change halos only')
+    parser.add_argument('--jobs', type=int, default=1,
+                        help='runs at once; above 1 only to check that everything works (the timings then mean nothing)')
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
     args = parser.parse_args(argv)
     for key, value in (SMOKE if args.smoke else FULL).items():
@@ -127,6 +130,11 @@ def run_side(side: str, trainer: str, args: argparse.Namespace, work_dir: str) -
         raise RuntimeError(f'{side} {trainer} run failed (exit {code}); end of its log {log}:\n{tail}')
     with open(out) as f:
         return json.load(f)
+
+
+def announced_run(run: int, side: str, trainer: str, args: argparse.Namespace, work_dir: str) -> dict:
+    print(f'run {run + 1}/{args.runs}: {side} {trainer}', flush=True)
+    return run_side(side, trainer, args, work_dir)
 
 
 # ---------------------------------------------------------------- summarising
@@ -225,12 +233,12 @@ def main(argv=None) -> dict:
     models.resolve_model_path(args.model)  # convert the embedded model once, before anything is timed
     peak_before = matmul_peak(args.dtype, args.matmul_size)
     results = {name: {side: [] for side in SIDES} for name in args.trainers}
-    with tempfile.TemporaryDirectory(prefix="halos-bench-") as work_dir:
+    with tempfile.TemporaryDirectory(prefix="halos-bench-") as work_dir, ThreadPoolExecutor(args.jobs) as pool:
         for run in range(args.runs):
-            for name in args.trainers:
-                for side in SIDES:
-                    print(f'run {run + 1}/{args.runs}: {side} {name}', flush=True)
-                    results[name][side].append(run_side(side, name, args, work_dir))
+            planned = [(name, side) for name in args.trainers for side in SIDES]
+            futures = [pool.submit(announced_run, run, side, name, args, work_dir) for name, side in planned]
+            for (name, side), future in zip(planned, futures):
+                results[name][side].append(future.result())
     peak_after = matmul_peak(args.dtype, args.matmul_size)
     peak = max(peak_before, peak_after)
     trainers = {}

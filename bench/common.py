@@ -28,17 +28,17 @@ def read_spec(path: str) -> Dict:
 def compose_config(overrides: List[str]):
     """The validated halos config that `python train.py <overrides>` would run with."""
     from hydra import compose, initialize_config_dir
-    import train
+    from halos.build import validate_config
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         config = compose('config', overrides=list(overrides))
-    train.validate_config(config)
+    validate_config(config)
     return config
 
 
 def halos_train_batches(config, tokenizer) -> List[Dict]:
     """The collated training batches of the run, in the order halos trains on them."""
-    import train
-    return list(train.build_loader(config, tokenizer, 'train'))
+    from halos.build import build_loader
+    return list(build_loader(config, tokenizer, 'train'))
 
 
 def unpadded_sequences(batch: Dict, prefix: str) -> List[List[int]]:

@@ -1,6 +1,6 @@
 """One halos run of the benchmark, in its own process:  python bench/halos_side.py SPEC OUT
 
-Builds the trainer exactly as `python train.py <overrides>` does (train.build_trainer on the same
+Builds the trainer exactly as `python train.py <overrides>` does (halos.build.build_trainer on the same
 validated config) and runs `trainer.train()`. It stops there: train.py's final evaluation and
 checkpoint export are not training and would only add to the run's peak memory.
 
@@ -56,9 +56,9 @@ def logged_steps(run_dir: str) -> list:
 def main(spec_path: str, out_path: str) -> None:
     spec = read_spec(spec_path)
     import torch
-    import train
+    from halos.build import build_trainer
     config = compose_config(spec['overrides'])
-    trainer = train.build_trainer(config)
+    trainer = build_trainer(config)
     record = instrument(trainer, spec['trainer'])
     start = time.perf_counter()
     trainer.train()

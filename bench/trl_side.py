@@ -33,7 +33,7 @@ def trl_rows(name: str, batches: list) -> list:
                 rows.append({'prompt': prompt, 'chosen': batch['chosen_text'][i], 'rejected': batch['rejected_text'][i]})
             else:
                 rows.append({'prompt': prompt, 'completion': batch['target_text'][i],
-                             'label': batch['status'][i] == 'chosen'})
+                             'label': bool(batch['is_desirable'][i])})
     return rows
 
 

@@ -1,7 +1,8 @@
-"""Shared helpers of the tests: composing configs and running train.py."""
+"""Shared helpers of the tests: composing configs and running train.py and eval.py."""
 import os
 import subprocess
 import sys
+from typing import Dict, List
 
 from hydra import compose, initialize_config_dir
 
@@ -17,19 +18,72 @@ def base_overrides(cache_dir, loss='dpo', exp_name='test', datasets='[hh]'):
 
 def make_config(cache_dir, *overrides, loss='dpo', datasets='[hh]'):
     """A validated config, as train.py would build it from these command-line overrides."""
-    import train
+    from halos.build import validate_config
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         config = compose('config', overrides=base_overrides(cache_dir, loss, datasets=datasets) + list(overrides))
-    train.validate_config(config)
+    validate_config(config)
     return config
 
 
-def run_train(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1, timeout=600, check=True, env=None):
-    """Run train.py in a subprocess (under torchrun when nproc > 1)."""
+def train_command(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1) -> List[str]:
+    """The train.py command line (under torchrun when nproc > 1)."""
     launcher = [sys.executable, '-m', 'torch.distributed.run', '--standalone', f'--nproc_per_node={nproc}'] \
         if nproc > 1 else [sys.executable]
-    command = launcher + [os.path.join(ROOT, 'train.py')] + base_overrides(cache_dir, loss, exp_name) + list(overrides)
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
-    if check and result.returncode != 0:
-        raise AssertionError(f'train.py failed ({result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
+    return launcher + [os.path.join(ROOT, 'train.py')] + base_overrides(cache_dir, loss, exp_name) + list(overrides)
+
+
+def eval_command(run_dir, *overrides) -> List[str]:
+    return [sys.executable, os.path.join(ROOT, 'eval.py'), f'--config-path={run_dir}', *overrides]
+
+
+def checked(result, command) -> subprocess.CompletedProcess:
+    if result.returncode != 0:
+        raise AssertionError(f'{os.path.basename(command[1])} failed ({result.returncode}):\n'
+                             f'{result.stdout[-3000:]}\n{result.stderr[-5000:]}')
     return result
+
+
+def run_train(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1, timeout=600, check=True, env=None):
+    """Run train.py in a subprocess."""
+    command = train_command(cache_dir, *overrides, loss=loss, exp_name=exp_name, nproc=nproc)
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
+    return checked(result, command) if check else result
+
+
+def run_concurrently(commands: Dict[str, List[str]], timeout=900) -> Dict[str, subprocess.CompletedProcess]:
+    """Run every command at once (most of each one's time is spent importing), each checked for success."""
+    processes = {name: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for name, command in commands.items()}
+    results = {}
+    for name, process in processes.items():
+        stdout, stderr = process.communicate(timeout=timeout)
+        results[name] = checked(subprocess.CompletedProcess(commands[name], process.returncode, stdout, stderr),
+                                commands[name])
+    return results
+
+
+def run_in_process(script: str, argv: List[str], hydra_dir) -> str:
+    """Run train.py's or eval.py's Hydra main in this process (the same code path as the command line, without
+    a second interpreter's imports); returns what it printed. Hydra's own files go to `hydra_dir`."""
+    import contextlib
+    import importlib
+    import io
+    module = importlib.import_module(script[:-len('.py')])
+    config_path = [f'--config-path={ROOT}/config'] if script == 'train.py' else []
+    saved_argv, printed = sys.argv, io.StringIO()
+    sys.argv = [script, *config_path, *argv, f'hydra.run.dir={hydra_dir}']
+    try:
+        with contextlib.redirect_stdout(printed):
+            module.main()
+    finally:
+        sys.argv = saved_argv
+    return printed.getvalue()
+
+
+def train_in_process(cache_dir, *overrides, loss='dpo', exp_name='test') -> str:
+    return run_in_process('train.py', base_overrides(cache_dir, loss, exp_name) + list(overrides),
+                          os.path.join(cache_dir, 'hydra', exp_name))
+
+
+def eval_in_process(run_dir, *overrides) -> str:
+    return run_in_process('eval.py', [f'--config-path={run_dir}', *overrides], os.path.join(run_dir, 'hydra_eval'))

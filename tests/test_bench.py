@@ -14,6 +14,7 @@ import pytest
 
 from helpers import ROOT
 
+
 pytest.importorskip('trl')
 
 SIDE_FIELDS = ('examples_per_s', 'tokens_per_s', 'compute_examples_per_s', 'seconds_per_step', 'flops_per_s',
@@ -23,7 +24,8 @@ SIDE_FIELDS = ('examples_per_s', 'tokens_per_s', 'compute_examples_per_s', 'seco
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('bench')
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--smoke', '--out-dir', str(out_dir)],
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--smoke', '--jobs', '3',
+                             '--out-dir', str(out_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     with open(out_dir / 'latest.json') as f:

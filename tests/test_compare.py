@@ -18,6 +18,7 @@ from helpers import DATA, ROOT
 from judge_server import local_judge_server
 from utils import free_port
 
+
 SECRET_KEY = 'sk-halos-test-3f9c1e7a5b2d-must-never-be-written'
 JUDGE = 'smollm2-135m'
 

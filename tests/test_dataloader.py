@@ -53,8 +53,8 @@ def test_counts_per_dataset_and_loader(tokenizer, name, split, prompts, pairs, d
     if pairs:
         assert len(loader(D.PairedPreferenceDataLoader, [name], tokenizer, split).items) == pairs
     unpaired = loader(D.UnpairedPreferenceDataLoader, [name], tokenizer, split)
-    statuses = [status for _, _, status in unpaired.items]
-    assert statuses.count('chosen') == desirable and statuses.count('rejected') == undesirable
+    labels = [is_desirable for _, _, is_desirable in unpaired.items]
+    assert labels.count(True) == desirable and labels.count(False) == undesirable
 
 
 def test_shp_train_counts_follow_from_the_raw_rows_whatever_the_seed(tokenizer):
@@ -78,8 +78,8 @@ def test_shp_train_counts_follow_from_the_raw_rows_whatever_the_seed(tokenizer):
                 net[example.generations[j]] -= 1
             desirable += sum(score > 0 for score in net.values())
             undesirable += sum(score < 0 for score in net.values())
-        statuses = [status for _, _, status in unpaired.items]
-        assert (statuses.count('chosen'), statuses.count('rejected')) == (desirable, undesirable)
+        labels = [is_desirable for _, _, is_desirable in unpaired.items]
+        assert (labels.count(True), labels.count(False)) == (desirable, undesirable)
         assert len(loader(D.PairedPreferenceDataLoader, ['shp'], tokenizer, seed=seed).items) == 27
 
 
@@ -207,6 +207,16 @@ def test_sharding_splits_the_global_batch_and_kl_pairs_are_global(tokenizer):
         assert global_batch['KL_text'] == texts[1:] + texts[:1]  # x_i with y_{i+1 mod B}
 
 
+def test_kl_rows_are_tokenized_only_for_trainers_that_read_them(tmp_path, tokenizer):
+    from helpers import make_config
+    from halos.build import build_loader
+    plain = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, sequence_kinds=('target',))
+    assert 'KL_combined_input_ids' not in next(iter(plain)) and 'target_combined_input_ids' in next(iter(plain))
+    for loss, has_kl in (('kto', True), ('kto-zero', False), ('kto-simple', False), ('ppo', False)):
+        batch = next(iter(build_loader(make_config(tmp_path, loss=loss), tokenizer, 'train')))
+        assert ('KL_combined_input_ids' in batch) == has_kl, loss
+
+
 def test_shuffling_is_seeded_and_the_last_partial_batch_is_kept(tokenizer):
     first = [b['target_text'] for b in loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8)]
     again = [b['target_text'] for b in loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8)]
@@ -221,11 +231,11 @@ def test_shuffling_is_seeded_and_the_last_partial_batch_is_kept(tokenizer):
 
 def test_frac_unique_and_simple_kto_balance(tokenizer):
     kto = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.2)
-    statuses = [status for _, _, status in kto.items]
-    assert statuses.count('chosen') == 7 and statuses.count('rejected') == 35   # round(0.2 * 35) = 7
+    labels = [is_desirable for _, _, is_desirable in kto.items]
+    assert labels.count(True) == 7 and labels.count(False) == 35   # round(0.2 * 35) = 7
     simple = loader(D.SimpleKTODataLoader, ['hh'], tokenizer, batch_size=4)
     for batch in simple:
-        assert batch['status'] == ['chosen', 'rejected', 'chosen', 'rejected']
+        assert batch['is_desirable'].tolist() == [True, False, True, False]
 
 
 def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
@@ -234,9 +244,9 @@ def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
     csft = loader(D.ConditionalSFTDataLoader, ['hh'], tokenizer)
     batch = next(iter(csft))
     good, bad = tokenizer.convert_tokens_to_ids(['<|good|>', '<|bad|>'])
-    for status, prompt_text, ids, labels in zip(batch['status'], batch['prompt_text'],
+    for is_desirable, prompt_text, ids, labels in zip(batch['is_desirable'], batch['prompt_text'],
                                                 batch['target_combined_input_ids'], batch['target_labels']):
-        token, token_id = ('<|good|>', good) if status == 'chosen' else ('<|bad|>', bad)
+        token, token_id = ('<|good|>', good) if is_desirable else ('<|bad|>', bad)
         assert prompt_text.endswith('\n<|assistant|>\n' + token)
         position = (ids == token_id).nonzero().item()
         assert labels[position] == -100 and labels[position + 1] != -100

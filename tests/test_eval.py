@@ -5,54 +5,84 @@ vLLM is used only when it can run."""
 import importlib
 import json
 import os
+import re
 import subprocess
-import sys
 
 import pytest
 import torch
 
-from helpers import DATA, ROOT, make_config, run_train
+from helpers import DATA, ROOT, eval_command, eval_in_process, make_config, run_train, train_in_process
+
 
 eval_script = importlib.import_module('eval')
 
 
 @pytest.fixture(scope='module')
-def trained_run(tmp_path_factory):
+def runs(tmp_path_factory):
+    """Three trained runs (SFT, CSFT, SFT with the chat template), trained by train.py's main."""
     cache_dir = tmp_path_factory.mktemp('runs')
-    run_train(cache_dir, '++n_examples=8', '++lr=1e-2', '++optimizer=Adam', loss='sft', exp_name='sft')
-    return cache_dir / 'sft'
+    train_in_process(cache_dir, '++n_examples=8', '++lr=1e-2', '++optimizer=Adam', loss='sft', exp_name='sft')
+    train_in_process(cache_dir, '++n_examples=4', '++model.batch_size=2', loss='csft', exp_name='csft')
+    train_in_process(cache_dir, '++n_examples=4', '++use_chat_template=true', loss='sft', exp_name='chat')
+    return {name: cache_dir / name for name in ('sft', 'csft', 'chat')}
 
 
-def run_eval(run_dir, *overrides):
-    command = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--config-path={run_dir}', *overrides]
-    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+@pytest.fixture(scope='module')
+def trained_run(runs):
+    return runs['sft']
 
 
-def printed_metrics(result) -> dict:
-    return json.loads(result.stdout[result.stdout.index('{\n'):])
+@pytest.fixture(scope='module')
+def evaluations(runs, tmp_path_factory):
+    """Every eval.py run of these tests (eval.py's main): name -> (what it printed, samples_dir)."""
+    out = tmp_path_factory.mktemp('evaluations')
+    sample = ('++mode=sample', '++n_samples=6', '++model.eval_batch_size=4', '++model.max_length=96')
+    plans = {
+        'sample a': (runs['sft'], sample), 'sample b': (runs['sft'], sample),
+        'sample all, seed 2': (runs['sft'], ('++mode=sample', '++n_samples=null', '++model.eval_batch_size=4',
+                                             '++model.max_length=96', '++seed=2')),
+        'greedy': (runs['sft'], ('++mode=sample', '++n_samples=3', '++model.eval_batch_size=1', '++model.max_length=160',
+                                 '++model.max_prompt_length=128', '++temperature=0')),
+        'eval': (runs['sft'], ('++mode=eval',)),
+        'eval base': (runs['sft'], ('++mode=eval', '++saved_policy=null')),
+        'alpacaeval': (runs['sft'], ('++mode=alpacaeval', '++n_samples=3', '++model.eval_batch_size=3',
+                                     '++model.max_length=96')),
+        'csft': (runs['csft'], ('++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96')),
+        'chat': (runs['chat'], ('++mode=sample', '++n_samples=2', '++model.eval_batch_size=2', '++model.max_length=160')),
+    }
+    directory = lambda name: out / re.sub(r'\W+', '_', name)
+    return {name: (eval_in_process(run_dir, *overrides, f'++samples_dir={directory(name)}'), directory(name))
+            for name, (run_dir, overrides) in plans.items()}
 
 
 @pytest.mark.slow
-def test_sampling_writes_the_documented_json_deterministically(trained_run, tmp_path):
-    outputs = []
-    for attempt in ('a', 'b'):
-        samples_dir = tmp_path / attempt
-        run_eval(trained_run, '++mode=sample', '++n_samples=6', '++model.eval_batch_size=4', '++model.max_length=96',
-                 f'++samples_dir={samples_dir}')
-        with open(samples_dir / 'sft.json') as f:
-            outputs.append(json.load(f))
-    data = outputs[0]
+def test_the_command_line_trains_and_samples(tmp_path):
+    """Once through real processes: train.py, then eval.py on its run directory."""
+    run_train(tmp_path, '++n_examples=4', loss='sft', exp_name='cli')
+    result = subprocess.run(eval_command(tmp_path / 'cli', '++mode=sample', '++n_samples=2', '++model.eval_batch_size=2',
+                                         '++model.max_length=96', f'++samples_dir={tmp_path / "samples"}'),
+                            cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert 'wrote 2 samples' in result.stdout and len(json.load(open(tmp_path / 'samples' / 'cli.json'))['samples']) == 2
+
+
+def samples_of(evaluations, name, exp_name='sft'):
+    with open(evaluations[name][1] / f'{exp_name}.json') as f:
+        return json.load(f)
+
+
+def printed_metrics(printed: str) -> dict:
+    return json.loads(printed[printed.index('{\n'):])
+
+
+@pytest.mark.slow
+def test_sampling_writes_the_documented_json_deterministically(evaluations):
+    data, again = samples_of(evaluations, 'sample a'), samples_of(evaluations, 'sample b')
     assert set(data) == {'sampled_at', 'config', 'samples'} and len(data['samples']) == 6
     assert all(set(s) == {'prompt', 'chosen', 'policy'} for s in data['samples'])
     assert data['samples'][0]['prompt'].endswith('\n<|assistant|>\n')
-    assert data['samples'] == outputs[1]['samples']
-    everything = tmp_path / 'all'
-    run_eval(trained_run, '++mode=sample', '++n_samples=null', '++model.eval_batch_size=4', '++model.max_length=96',
-             f'++samples_dir={everything}', '++seed=2')
-    with open(everything / 'sft.json') as f:
-        other_seed = json.load(f)['samples']
+    assert data['samples'] == again['samples']
+    other_seed = samples_of(evaluations, 'sample all, seed 2')['samples']
     assert len(other_seed) == 11   # every prompt of hh/test
     first_seed = {s['prompt']: s['policy'] for s in data['samples']}
     assert any(first_seed[s['prompt']] != s['policy'] for s in other_seed if s['prompt'] in first_seed)
@@ -73,13 +103,11 @@ def greedy_completions(model_dir, tokenizer, prompts, max_length):
 
 
 @pytest.mark.slow
-def test_samples_come_from_the_saved_policy_with_the_prompt_removed(trained_run, tmp_path):
+def test_samples_come_from_the_saved_policy_with_the_prompt_removed(trained_run, evaluations):
     """temperature=0 decodes greedily, so eval.py's samples must be the trained checkpoint's greedy
     continuations (new tokens only), and not the base model's."""
     import models
-    run_eval(trained_run, '++mode=sample', '++n_samples=3', '++model.eval_batch_size=1', '++model.max_length=160',
-             '++model.max_prompt_length=128', '++temperature=0', f'++samples_dir={tmp_path}')
-    samples = json.load(open(tmp_path / 'sft.json'))['samples']
+    samples = samples_of(evaluations, 'greedy')['samples']
     tokenizer = models.load_tokenizer(str(trained_run))
     prompts = [s['prompt'] for s in samples]
     trained = greedy_completions(trained_run / 'LATEST' / 'hf', tokenizer, prompts, 160)
@@ -90,9 +118,9 @@ def test_samples_come_from_the_saved_policy_with_the_prompt_removed(trained_run,
 
 
 @pytest.mark.slow
-def test_eval_mode_reproduces_the_trained_checkpoint_and_the_base_model(trained_run):
+def test_eval_mode_reproduces_the_trained_checkpoint_and_the_base_model(trained_run, evaluations):
     saved = torch.load(trained_run / 'LATEST' / 'policy.pt', weights_only=True)['metrics']
-    metrics = printed_metrics(run_eval(trained_run, '++mode=eval'))
+    metrics = printed_metrics(evaluations['eval'][0])
     assert set(metrics) == {'logps_eval/chosen', 'loss/eval'}
     for name, value in metrics.items():
         assert value == pytest.approx(saved[name], abs=1e-5), name
@@ -100,16 +128,15 @@ def test_eval_mode_reproduces_the_trained_checkpoint_and_the_base_model(trained_
     with open(trained_run / 'metrics.jsonl') as f:
         before_training = next(r for r in map(json.loads, f) if 'loss/eval' in r)
     assert before_training['step'] == 0
-    base = printed_metrics(run_eval(trained_run, '++mode=eval', '++saved_policy=null'))
+    base = printed_metrics(evaluations['eval base'][0])
     assert base['loss/eval'] == pytest.approx(before_training['loss/eval'], abs=1e-5)
     assert abs(base['loss/eval'] - metrics['loss/eval']) > 1e-2
 
 
 @pytest.mark.slow
-def test_alpacaeval_mode_writes_model_outputs_for_the_instructions(trained_run, tmp_path):
-    run_eval(trained_run, '++mode=alpacaeval', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96',
-             f'++samples_dir={tmp_path}')
-    outputs = json.load(open(tmp_path / 'alpaca_sft.json'))
+def test_alpacaeval_mode_writes_model_outputs_for_the_instructions(evaluations):
+    with open(evaluations['alpacaeval'][1] / 'alpaca_sft.json') as f:
+        outputs = json.load(f)
     with open(os.path.join(DATA, 'alpacaeval', 'test.jsonl')) as f:
         rows = {r['instruction']: r for r in map(json.loads, f)}
     assert len(outputs) == 3 and all(set(o) == {'instruction', 'output', 'reference', 'generator'} for o in outputs)
@@ -132,11 +159,10 @@ def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_trained_csft_run_has_single_control_tokens_in_tokenizer_embedding_and_samples(tmp_path, tokenizer):
+def test_a_trained_csft_run_has_single_control_tokens_in_tokenizer_embedding_and_samples(runs, evaluations, tokenizer):
     import dataloader
     import models
-    run_train(tmp_path, '++n_examples=4', '++model.batch_size=2', loss='csft', exp_name='csft')
-    run_dir = tmp_path / 'csft'
+    run_dir = runs['csft']
     run_tokenizer = models.load_tokenizer(str(run_dir))
     assert len(run_tokenizer) == len(tokenizer) + 2
     for token in ('<|good|>', '<|bad|>'):
@@ -153,27 +179,21 @@ def test_a_trained_csft_run_has_single_control_tokens_in_tokenizer_embedding_and
     # the control token belongs to the prompt: masked out of the loss, and the completion right after it is not
     loader = dataloader.ConditionalSFTDataLoader(['hh'], run_tokenizer, batch_size=4, n_epochs=1, data_dir=DATA)
     batch = next(iter(loader))
-    for status, ids, labels in zip(batch['status'], batch['target_combined_input_ids'], batch['target_labels']):
-        position = (ids == run_tokenizer.convert_tokens_to_ids('<|good|>' if status == 'chosen' else '<|bad|>'))
+    for is_desirable, ids, labels in zip(batch['is_desirable'], batch['target_combined_input_ids'], batch['target_labels']):
+        position = (ids == run_tokenizer.convert_tokens_to_ids('<|good|>' if is_desirable else '<|bad|>'))
         index = position.nonzero().item()
         assert labels[index] == -100 and labels[index + 1] == ids[index + 1]
 
-    run_eval(run_dir, '++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96',
-             f'++samples_dir={tmp_path / "samples"}')
-    with open(tmp_path / 'samples' / 'csft.json') as f:
-        samples = json.load(f)['samples']
+    samples = samples_of(evaluations, 'csft', 'csft')['samples']
     assert len(samples) == 3 and all(s['prompt'].endswith('\n<|assistant|>\n<|good|>') for s in samples)
 
 
 @pytest.mark.slow
-def test_chat_template_runs_render_train_export_and_sample_with_the_template(tmp_path, tokenizer):
+def test_chat_template_runs_render_train_export_and_sample_with_the_template(runs, evaluations, tokenizer):
     import models
-    run_train(tmp_path, '++n_examples=4', '++use_chat_template=true', loss='sft', exp_name='chat')
-    exported = models.load_tokenizer(str(tmp_path / 'chat' / 'LATEST' / 'hf'))
+    exported = models.load_tokenizer(str(runs['chat'] / 'LATEST' / 'hf'))
     assert exported.chat_template == tokenizer.chat_template and exported.chat_template
-    run_eval(tmp_path / 'chat', '++mode=sample', '++n_samples=2', '++model.eval_batch_size=2', '++model.max_length=160',
-             f'++samples_dir={tmp_path / "samples"}')
-    samples = json.load(open(tmp_path / 'samples' / 'chat.json'))['samples']
+    samples = samples_of(evaluations, 'chat', 'chat')['samples']
     assert len(samples) == 2
     for sample in samples:
         assert sample['prompt'].startswith('<|im_start|>system\n') and sample['prompt'].endswith('<|im_start|>assistant\n')
@@ -186,4 +206,5 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
     monkeypatch.setattr(importlib.util, 'find_spec',
                         lambda name, *a: (object() if installed else None) if name == 'vllm' else real_find_spec(name, *a))
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpu)
-    assert eval_script.use_vllm() is expected
+    from halos import sampling
+    assert sampling.use_vllm() is expected

@@ -1,18 +1,16 @@
 """Offline PPO: GAE, whitening and the clipped surrogate against hand-computed values, the value head,
 and train.py -> checkpoint -> resume -> eval.py / AutoModelForCausalLM end to end."""
 import math
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
 import models
-import train
-from helpers import ROOT, make_config, run_train
+from halos.batch import LabelledCompletions
+from halos.build import build_trainer
+from halos.checkpoint import load_policy_file
+from helpers import eval_in_process, make_config, train_in_process
 from trainers import generalized_advantages, ppo_loss, whiten_advantages
-from utils import load_policy_file
 
 def assert_close(actual: torch.Tensor, expected, atol: float) -> None:
     torch.testing.assert_close(actual, torch.tensor(expected, dtype=actual.dtype), atol=atol, rtol=0)
@@ -128,9 +126,9 @@ def test_ppo_rewards_from_a_reward_model(tmp_path):
     torch.manual_seed(0)
     transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'rm')
     tokenizer.save_pretrained(tmp_path / 'rm')
-    trainer = train.build_trainer(make_config(tmp_path, f'++loss.reward_model={tmp_path / "rm"}', loss='ppo'))
+    trainer = build_trainer(make_config(tmp_path, f'++loss.reward_model={tmp_path / "rm"}', loss='ppo'))
     batch = trainer.eval_batches[0]
-    _, _, _, scores = trainer.rows(batch)
+    scores = trainer.scores(LabelledCompletions.of(batch, trainer.tokenizer.pad_token_id))
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm')
     expected = [reward_model(**tokenizer(text, return_tensors='pt')).logits[0, 0].item()
                 for text in batch['target_combined_text']]
@@ -139,9 +137,10 @@ def test_ppo_rewards_from_a_reward_model(tmp_path):
 
 
 def test_ppo_on_paired_data_scores_chosen_plus_and_rejected_minus(tmp_path):
-    trainer = train.build_trainer(make_config(tmp_path, '++loss.dataloader=PairedPreferenceDataLoader', loss='ppo'))
+    trainer = build_trainer(make_config(tmp_path, '++loss.dataloader=PairedPreferenceDataLoader', loss='ppo'))
     batch = trainer.eval_batches[0]
-    input_ids, _, labels, scores = trainer.rows(batch)
+    completions = LabelledCompletions.of(batch, trainer.tokenizer.pad_token_id)
+    labels, scores = completions.sequences.labels, trainer.scores(completions)
     n = len(batch['prompt_text'])
     assert scores.tolist() == [1.0, -1.0] * n  # each pair's chosen, then its rejected
     assert torch.equal(labels[0::2, :batch['chosen_labels'].shape[1]], batch['chosen_labels'])
@@ -150,13 +149,13 @@ def test_ppo_on_paired_data_scores_chosen_plus_and_rejected_minus(tmp_path):
 
 def test_ppo_refuses_the_reference_cache(tmp_path):
     with pytest.raises(ValueError, match='per-token reference log-probs: set cache_reference_logprobs=false'):
-        train.build_trainer(make_config(tmp_path, '++cache_reference_logprobs=true', loss='ppo'))
+        build_trainer(make_config(tmp_path, '++cache_reference_logprobs=true', loss='ppo'))
 
 
 @pytest.mark.slow
 def test_ppo_trains_evaluates_checkpoints_and_exports(tmp_path):
-    run_train(tmp_path, '++n_examples=16', '++eval_every=8', '++lr=1e-3', '++optimizer=AdamW', '++warmup_steps=0',
-              '++loss.ppo_epochs=2', loss='ppo', exp_name='ppo')
+    train_in_process(tmp_path, '++n_examples=16', '++eval_every=8', '++lr=1e-3', '++optimizer=AdamW',
+                     '++warmup_steps=0', '++loss.ppo_epochs=2', loss='ppo', exp_name='ppo')
     run_dir = tmp_path / 'ppo'
     saved = load_policy_file(run_dir / 'LATEST' / 'policy.pt')
     assert saved['step_idx'] == 16
@@ -179,13 +178,7 @@ def test_ppo_trains_evaluates_checkpoints_and_exports(tmp_path):
         assert torch.equal(tensor, lm_state[name]), name
 
     # eval.py samples from policy.pt (dropping the value head) and evaluates it (with the value head).
-    def run_eval(*overrides):
-        command = [sys.executable, os.path.join(ROOT, 'eval.py'), f'--config-path={run_dir}',
-                   f'++samples_dir={tmp_path / "samples"}', *overrides]
-        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-        assert result.returncode == 0, result.stderr[-3000:]
-        return result.stdout
-
+    run_eval = lambda *overrides: eval_in_process(run_dir, f'++samples_dir={tmp_path / "samples"}', *overrides)
     run_eval('++mode=sample', '++n_samples=2', '++model.max_length=80')
     assert len(json.load(open(tmp_path / 'samples' / 'ppo.json'))['samples']) == 2
     output = run_eval('++mode=eval')

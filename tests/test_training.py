@@ -8,7 +8,6 @@ import random
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import numpy as np
@@ -16,9 +15,11 @@ import pytest
 import torch
 
 import train
-from helpers import ROOT, base_overrides, make_config, run_train
+from halos.build import build_trainer
+from halos.checkpoint import load_policy_file, save_policy_file
+from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process
 import utils
-from utils import get_batch_logps, load_policy_file, sequence_logps
+from utils import get_batch_logps, sequence_logps
 
 LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero', 'ppo']
 SEQUENCE_LOSSES = [loss for loss in LOSSES if loss != 'ppo']
@@ -35,7 +36,7 @@ def max_difference(first, second):
 @pytest.mark.parametrize('loss', LOSSES)
 def test_every_loss_trains_end_to_end_and_leaves_the_reference_frozen(tmp_path, loss):
     config = make_config(tmp_path, '++n_examples=8', '++lr=1e-3', '++optimizer=Adam', loss=loss)
-    trainer = train.build_trainer(config)
+    trainer = build_trainer(config)
     reference_before = parameters(trainer.reference_model) if trainer.reference_model is not None else None
     trainer.train()
     assert trainer.batch_counter == 2 and trainer.example_counter == 8
@@ -53,7 +54,7 @@ def implied_margin(trainer, batch, loss) -> float:
         with torch.no_grad():
             policy, = trainer.concatenated_logps(trainer.policy, batch, ('target',))
             reference, = trainer.concatenated_logps(trainer.reference_model, batch, ('target',))
-        is_chosen = torch.tensor([status == 'chosen' for status in batch['status']])
+        is_chosen = batch['is_desirable']
         ratios = policy - reference
         return (ratios[is_chosen].mean() - ratios[~is_chosen].mean()).item()
     with torch.no_grad():
@@ -73,7 +74,7 @@ def test_on_a_repeated_batch_every_loss_falls_and_preferences_move_the_right_way
     losses the implied reward margin (chosen minus rejected) must rise: a sign error in a loss lowers
     the loss just as well, but moves the margin the wrong way."""
     config = make_config(tmp_path, '++n_examples=8', '++lr=3e-3', '++optimizer=Adam', '++warmup_steps=0', loss=loss)
-    trainer = train.build_trainer(config)
+    trainer = build_trainer(config)
     batch = next(iter(trainer.train_iterator))
     loss_before = batch_loss(trainer, batch)
     margin_before = None if loss in ('sft', 'csft') else implied_margin(trainer, batch, loss)
@@ -89,7 +90,7 @@ def test_on_a_repeated_batch_every_loss_falls_and_preferences_move_the_right_way
 @pytest.mark.parametrize('loss', ['dpo', 'kto'])
 def test_on_a_repeated_batch_accuracy_reaches_one(tmp_path, loss):
     config = make_config(tmp_path, '++n_examples=8', '++lr=3e-3', '++optimizer=Adam', '++warmup_steps=0', loss=loss)
-    trainer = train.build_trainer(config)
+    trainer = build_trainer(config)
     batch = next(iter(trainer.train_iterator))
     accuracy = lambda: trainer.get_batch_metrics(batch, 'train')[1]['rewards_train/accuracies'].mean().item()
     with torch.no_grad():
@@ -122,8 +123,8 @@ def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it
     (SGD): the same policy to 1e-5 for the accumulation-invariant losses, a different one otherwise."""
     common = ['++n_examples=12', '++optimizer=SGD', f'++lr={ACCUMULATION_LR.get(loss, 1e-2)}', '++warmup_steps=0', '++model.max_grad_norm=1e9',
               '++do_first_eval=false', '++eval_every=1000']
-    big = train.build_trainer(make_config(tmp_path / 'big', *common, '++model.batch_size=4', loss=loss))
-    small = train.build_trainer(make_config(tmp_path / 'small', *common, '++model.batch_size=2',
+    big = build_trainer(make_config(tmp_path / 'big', *common, '++model.batch_size=4', loss=loss))
+    small = build_trainer(make_config(tmp_path / 'small', *common, '++model.batch_size=2',
                                             '++model.gradient_accumulation_steps=2', loss=loss))
     start = parameters(big.policy)
     big.train()
@@ -140,7 +141,7 @@ def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it
 
 def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
     config = make_config(tmp_path, '++n_examples=16', '++eval_every=4', '++lr=1e-3', loss='dpo')
-    trainer = train.build_trainer(config)
+    trainer = build_trainer(config)
     real_metrics = trainer.get_batch_metrics
     calls = {'train': 0}
 
@@ -185,13 +186,13 @@ def test_load_from_initialises_the_policy_and_the_reference(tmp_path, tokenizer,
     model = perturbed_tiny_model()
     state = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     (tmp_path / 'sft' / 'LATEST').mkdir(parents=True)
-    utils.save_policy_file(str(tmp_path / 'sft' / 'LATEST' / 'policy.pt'), 8, state, {})
+    save_policy_file(str(tmp_path / 'sft' / 'LATEST' / 'policy.pt'), 8, state, {})
     model.save_pretrained(tmp_path / 'sft_hf')
     tokenizer.save_pretrained(tmp_path / 'sft_hf')
     load_from = {'policy.pt relative to cache_dir': 'sft/LATEST/policy.pt',
                  'policy.pt absolute': str(tmp_path / 'sft' / 'LATEST' / 'policy.pt'),
                  'HF directory': str(tmp_path / 'sft_hf')}[form]
-    trainer = train.build_trainer(make_config(tmp_path, f'++model.load_from={load_from}', loss='dpo'))
+    trainer = build_trainer(make_config(tmp_path, f'++model.load_from={load_from}', loss='dpo'))
     assert_weights_equal(trainer.policy, state)
     assert_weights_equal(trainer.reference_model, state)
     import models
@@ -202,12 +203,12 @@ def test_load_from_initialises_the_policy_and_the_reference(tmp_path, tokenizer,
 def test_load_from_errors_are_clear(tmp_path):
     config = make_config(tmp_path, '++model.load_from=no_such_run/LATEST/policy.pt')
     with pytest.raises(FileNotFoundError, match="model.load_from='no_such_run/LATEST/policy.pt' does not exist"):
-        train.build_trainer(config)
+        build_trainer(config)
     bad = tmp_path / 'bad.pt'
     torch.save({'step_idx': 0, 'state': {'model.embed_tokens.weight': torch.zeros(3, 3)}, 'metrics': {}}, bad)
     config = make_config(tmp_path, f'++model.load_from={bad}')
     with pytest.raises(ValueError, match='does not match the model'):
-        train.build_trainer(config)
+        build_trainer(config)
 
 
 def test_unknown_trainer_lists_the_valid_ones(tmp_path):
@@ -217,7 +218,7 @@ def test_unknown_trainer_lists_the_valid_ones(tmp_path):
 
 @pytest.mark.slow
 def test_train_py_writes_checkpoint_config_tokenizer_and_hf_export(tmp_path):
-    run_train(tmp_path, '++n_examples=8', '++eval_every=4', '++intermediate_checkpoints=true', loss='sft')
+    train_in_process(tmp_path, '++n_examples=8', '++eval_every=4', '++intermediate_checkpoints=true', loss='sft')
     run_dir = tmp_path / 'test'
     saved = torch.load(run_dir / 'LATEST' / 'policy.pt', weights_only=True)
     assert set(saved) == {'step_idx', 'state', 'metrics'} and saved['step_idx'] == 8
@@ -249,9 +250,11 @@ def test_two_processes_match_one_process(tmp_path, loss, eval_loss):
     (for PPO: whitening, reshuffling and token means over both ranks; ppo_epochs 2 steps twice)."""
     common = ['++n_examples=8', '++optimizer=SGD', '++lr=1.0', '++warmup_steps=0', '++do_first_eval=false',
               '++loss.ppo_epochs=2' if loss == 'ppo' else '++seed=1']
-    one_process = run_train(tmp_path, *common, loss=loss, exp_name='one')
-    two_processes = run_train(tmp_path, *common, loss=loss, exp_name='two', nproc=2, env=cpu_only_env())
-    assert 'process 0 of 1' in one_process.stdout
+    two = subprocess.Popen(train_command(tmp_path, *common, loss=loss, exp_name='two', nproc=2), cwd=ROOT,
+                           env=cpu_only_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train.worker_main(make_config(tmp_path, *common, 'exp_name=one', loss=loss))  # train.py's worker, in this process
+    stdout, stderr = two.communicate(timeout=600)
+    two_processes = checked(subprocess.CompletedProcess(two.args, two.returncode, stdout, stderr), two.args)
     for rank in (0, 1):
         assert f'process {rank} of 2' in two_processes.stdout
     one = load_policy_file(tmp_path / 'one' / 'LATEST' / 'policy.pt')
@@ -270,10 +273,16 @@ RESUMABLE = ['++n_epochs=2', '++eval_every=16', '++optimizer=AdamW', '++lr=1e-3'
              'datasets=[hh_helpful]']
 
 
-def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path):
-    whole = train.build_trainer(make_config(tmp_path / 'whole', *RESUMABLE))
+# PPO trains on the desirable and undesirable completions of the pairs: half of each keeps 12 per epoch
+RESUMABLE_LOSS = {'dpo': RESUMABLE, 'ppo': RESUMABLE + ['++frac_unique_desirable=0.5', '++frac_unique_undesirable=0.5']}
+
+
+@pytest.mark.parametrize('loss', ['dpo', 'ppo'])
+def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path, loss):
+    overrides = RESUMABLE_LOSS[loss]
+    whole = build_trainer(make_config(tmp_path / 'whole', *overrides, loss=loss))
     at_checkpoint, trained_on = {}, []
-    save_checkpoint, get_batch_metrics = whole.save_checkpoint, whole.get_batch_metrics
+    save_checkpoint, train_step = whole.save_checkpoint, whole.train_step
 
     def snapshot_first_checkpoint(final=False):
         save_checkpoint(final)
@@ -283,16 +292,16 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path):
                                  python_rng=random.getstate(), numpy_rng=np.random.get_state(),
                                  optimizer=copy.deepcopy(whole.optimizer.state_dict()), trained=len(trained_on))
 
-    def record(batch, mode):
-        if mode == 'train':
-            trained_on.append(batch['prompt_text'])
-        return get_batch_metrics(batch, mode)
+    def record(microbatches):
+        trained_on.append([batch['prompt_text'] for batch in microbatches])
+        return train_step(microbatches)
 
-    whole.save_checkpoint, whole.get_batch_metrics = snapshot_first_checkpoint, record
+    whole.save_checkpoint, whole.train_step = snapshot_first_checkpoint, record
     whole.train()
-    assert whole.example_counter == 24 and at_checkpoint['trained'] == 4
+    total = whole.example_counter
+    assert at_checkpoint['trained'] == 4 and total == 24
 
-    resumed = train.build_trainer(make_config(tmp_path / 'resumed', *RESUMABLE))
+    resumed = build_trainer(make_config(tmp_path / 'resumed', *overrides, loss=loss))
     utils.set_seed(12345)  # the RNGs a fresh process would start from
     resumed.load_checkpoint(str(tmp_path / 'snapshot'))
     assert (resumed.example_counter, resumed.batch_counter, resumed.batches_seen) == (16, 4, 4)
@@ -305,17 +314,16 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path):
     saved_moments = [state['exp_avg_sq'] for state in at_checkpoint['optimizer']['state'].values()]
     assert len(moments) == len(saved_moments) > 0 and all(m.abs().sum() > 0 for m in moments)
     assert all(torch.equal(a, b) for a, b in zip(moments, saved_moments))
-    resumed_on = []
-    resumed_metrics = resumed.get_batch_metrics
-    resumed.get_batch_metrics = lambda batch, mode: (resumed_on.append(batch['prompt_text']) if mode == 'train'
-                                                     else None, resumed_metrics(batch, mode))[1]
+    resumed_on, resumed_step = [], resumed.train_step
+    resumed.train_step = lambda microbatches: (resumed_on.append([b['prompt_text'] for b in microbatches]),
+                                               resumed_step(microbatches))[1]
     resumed.train()
-    assert resumed_on == trained_on[4:]  # only the remaining batches, in the second epoch's reshuffled order
-    assert resumed.batch_counter == whole.batch_counter == 6
+    assert resumed_on == trained_on[4:]  # only the remaining batches, in the later epoch's reshuffled order
+    assert resumed.batch_counter == whole.batch_counter and resumed.example_counter == total
     assert max_difference(whole.policy, resumed.policy) == 0
 
     # Not vacuous: the same weights and data position without the optimizer and scheduler state end elsewhere.
-    fresh = train.build_trainer(make_config(tmp_path / 'fresh', *RESUMABLE))
+    fresh = build_trainer(make_config(tmp_path / 'fresh', *overrides, loss=loss))
     fresh.policy.load_state_dict(load_policy_file(tmp_path / 'snapshot' / 'policy.pt')['state'])
     fresh.example_counter, fresh.batches_seen = 16, 4
     fresh.train()
@@ -323,15 +331,14 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('loss', ['dpo', 'ppo'])
-def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path, loss):
+def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
+    """Killed at a random moment (mid-step, mid-eval or mid-save), then resumed: it starts after the last
+    checkpoint, does only the remaining steps, and ends with the policy of an uninterrupted run."""
     common = RESUMABLE[:1] + ['++eval_every=8'] + RESUMABLE[2:]
-    run_train(tmp_path, *common, loss=loss, exp_name='whole')
-    whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
-    total = whole['step_idx']  # two epochs: 24 pairs for DPO, 48 desirable or undesirable completions for PPO
-
-    command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path, loss, 'killed') + common
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole_process = subprocess.Popen(train_command(tmp_path, *common, exp_name='whole'), cwd=ROOT,
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(train_command(tmp_path, *common, exp_name='killed'), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
     deadline = time.time() + 300
     while not state.exists() and process.poll() is None and time.time() < deadline:
@@ -339,18 +346,20 @@ def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path, loss):
     time.sleep(random.uniform(0, 1.5))  # a random moment: mid-step, mid-eval or mid-save
     process.send_signal(signal.SIGKILL)
     process.wait()
+    assert whole_process.wait(timeout=600) == 0, whole_process.stderr.read()[-3000:]
     killed_at = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')['step_idx']
-    assert 0 < killed_at < total, 'the run finished before it was killed'
+    assert 0 < killed_at < 24, 'the run finished before it was killed'
     metrics_file = tmp_path / 'killed' / 'metrics.jsonl'
     lines_before = len(metrics_file.read_text().splitlines())
 
-    rerun = run_train(tmp_path, *common, '++resume=true', loss=loss, exp_name='killed')
+    rerun = run_train(tmp_path, *common, '++resume=true', exp_name='killed')
     assert f'after {killed_at} examples' in rerun.stdout and 'resumed from' in rerun.stdout
     new_lines = [json.loads(line) for line in metrics_file.read_text().splitlines()[lines_before:]]
     steps = [line for line in new_lines if 'counters/examples' in line]
-    assert [line['counters/examples'] for line in steps] == list(range(killed_at + 4, total + 1, 4))  # the rest, once
+    assert [line['counters/examples'] for line in steps] == list(range(killed_at + 4, 25, 4))  # the rest, once
+    whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
     resumed = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
-    assert resumed['step_idx'] == total
+    assert resumed['step_idx'] == whole['step_idx'] == 24
     for name, tensor in whole['state'].items():
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
 
@@ -366,15 +375,15 @@ def count_forwards(model) -> list:
 @pytest.mark.parametrize('loss', ['dpo', 'kto'])
 def test_cached_reference_logprobs_give_the_same_training(tmp_path, loss):
     common = ['++n_examples=8', '++optimizer=SGD', '++lr=0.1', '++warmup_steps=0', '++do_first_eval=false']
-    plain = train.build_trainer(make_config(tmp_path / 'plain', *common, loss=loss))
-    cached = train.build_trainer(make_config(tmp_path / 'cached', *common, '++cache_reference_logprobs=true', loss=loss))
+    plain = build_trainer(make_config(tmp_path / 'plain', *common, loss=loss))
+    cached = build_trainer(make_config(tmp_path / 'cached', *common, '++cache_reference_logprobs=true', loss=loss))
     plain.train()
     cached.train()
     assert cached.reference_model is None   # freed after the one pass
     files = [f for f in os.listdir(cached.run_dir) if f.startswith('reference_logps_')]
     assert len(files) == 1
     # train + eval sequences: for KTO also the mismatched KL sequences
-    assert len(cached.reference_logps_cache) >= 8 * len(cached.prefixes)
+    assert len(cached.reference.entries) >= 8 * len(cached.prefixes)
     for p_plain, p_cached in zip(plain.policy.parameters(), cached.policy.parameters()):
         assert torch.allclose(p_plain, p_cached, atol=1e-5)
     assert cached.evaluate()['loss/eval'] == pytest.approx(plain.evaluate()['loss/eval'], abs=1e-5)
@@ -383,21 +392,64 @@ def test_cached_reference_logprobs_give_the_same_training(tmp_path, loss):
 def test_the_reference_cache_is_reused_and_missed_when_the_reference_changes(tmp_path):
     common = ['++n_examples=8', '++optimizer=SGD', '++lr=0.1', '++warmup_steps=0', '++cache_reference_logprobs=true']
     cache_files = lambda: sorted(f for f in os.listdir(tmp_path / 'test') if f.startswith('reference_logps_'))
-    first = train.build_trainer(make_config(tmp_path, *common))
+    first = build_trainer(make_config(tmp_path, *common))
     first_calls = count_forwards(first.reference_model)
     first.train()
     assert len(first_calls) > 0 and len(cache_files()) == 1
 
-    second = train.build_trainer(make_config(tmp_path, *common))
+    second = build_trainer(make_config(tmp_path, *common))
     second_calls = count_forwards(second.reference_model)
     second.train()
     assert second_calls == [] and cache_files() == cache_files()
     assert max_difference(first.policy, second.policy) == 0
 
-    third = train.build_trainer(make_config(tmp_path, *common, '++model.reference_dtype=bfloat16'))
+    third = build_trainer(make_config(tmp_path, *common, '++model.reference_dtype=bfloat16'))
     third_calls = count_forwards(third.reference_model)
     third.train()
     assert len(third_calls) > 0 and len(cache_files()) == 2
+
+
+def reference_changes(tmp_path, monkeypatch):
+    """Ways to change what decides the reference model's numbers, as config overrides."""
+    import models
+    base = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    save_policy_file(str(tmp_path / 'same_weights.pt'), 0, base.state_dict(), {})
+    shutil.copytree(models.resolve_model_path('embedded:tiny-smollm2'), tmp_path / 'tiny_copy')
+    return {'reference_dtype': ['++model.reference_dtype=bfloat16'],
+            'autocast_dtype': ['++model.autocast_dtype=bfloat16'],
+            'padding_free': ['++model.padding_free=false'],
+            'load_from': [f'++model.load_from={tmp_path / "same_weights.pt"}'],
+            'name_or_path': [f'++model.name_or_path={tmp_path / "tiny_copy"}'],
+            'attention': lambda: monkeypatch.setattr(models, 'attention_implementation', lambda *args: 'eager')}
+
+
+@pytest.mark.parametrize('change', ['reference_dtype', 'autocast_dtype', 'padding_free', 'load_from', 'name_or_path',
+                                    'attention'])
+def test_changing_what_decides_the_reference_numbers_misses_the_cache(tmp_path, monkeypatch, change):
+    """Even the same weights from another file, or the same file under another attention kernel: the cache
+    is keyed by the reference model's identity, so only the very same reference reuses it."""
+    common = ['++n_examples=4', '++cache_reference_logprobs=true']
+    first = build_trainer(make_config(tmp_path, *common))
+    first.cache_reference_logprobs()
+    again = build_trainer(make_config(tmp_path, *common))
+    how = reference_changes(tmp_path, monkeypatch)[change]
+    overrides = how if isinstance(how, list) else how() or []
+    changed = build_trainer(make_config(tmp_path, *common, *overrides))
+    assert again.reference_cache == first.reference_cache and changed.reference_cache != first.reference_cache
+    calls = count_forwards(changed.reference_model)
+    changed.cache_reference_logprobs()
+    assert len(calls) > 0 and os.path.exists(changed.reference_cache)
+
+
+def test_more_data_computes_only_the_sequences_the_cache_lacks(tmp_path):
+    first = build_trainer(make_config(tmp_path, '++n_examples=4', '++cache_reference_logprobs=true'))
+    first.cache_reference_logprobs()
+    more = build_trainer(make_config(tmp_path, '++n_examples=8', '++cache_reference_logprobs=true'))
+    calls = count_forwards(more.reference_model)
+    more.cache_reference_logprobs()
+    assert more.reference_cache == first.reference_cache
+    assert len(calls) == 1  # the second training batch; the first and the eval batches were cached
+    assert len(more.reference.entries) == len(first.reference.entries) + 2 * 4
 
 
 # ---------------------------------------------------------------- forwards
@@ -406,7 +458,7 @@ def test_the_reference_cache_is_reused_and_missed_when_the_reference_changes(tmp
 def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     """sequence_logps (LM head at label positions only; packed rows without padding) gives the log-probs
     and gradients of the plain padded forward with full [B, T, V] logits."""
-    trainer = train.build_trainer(make_config(tmp_path, loss='dpo'))
+    trainer = build_trainer(make_config(tmp_path, loss='dpo'))
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
     assert (attention_mask == 0).any()  # the rows have padding to skip
     assert len(utils.pack_rows(attention_mask.sum(1), ids=input_ids)['ids']) < len(input_ids)  # and share packed rows
@@ -425,8 +477,8 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
 def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(tmp_path):
     """A token's log-prob is logit_y - logsumexp(logits); rounding the logits to bf16 (8 significant bits)
     moves each by at most 2^-8 |logit|, so each token's log-prob by at most 2 * 2^-8 * max |logit|."""
-    plain = train.build_trainer(make_config(tmp_path / 'fp32', loss='sft'))
-    autocast = train.build_trainer(make_config(tmp_path / 'bf16', '++model.autocast_dtype=bfloat16', loss='sft'))
+    plain = build_trainer(make_config(tmp_path / 'fp32', loss='sft'))
+    autocast = build_trainer(make_config(tmp_path / 'bf16', '++model.autocast_dtype=bfloat16', loss='sft'))
     batch = plain.eval_batches[0]
     fp32_logps, = plain.concatenated_logps(plain.policy, batch, ('target',))
     bf16_logps, = autocast.concatenated_logps(autocast.policy, batch, ('target',))

@@ -1,0 +1,250 @@
+"""The loader machinery every loader of dataloader.py shares: loading the named datasets, the epoch plan,
+sharding a global batch across processes, and tokenizing one prompt with its completions.
+
+A subclass says how Examples become items (`flatten`) and how a batch of items becomes tokenized
+elements (`tokenize_items`), and may declare the special tokens it adds to prompts (`control_tokens`).
+"""
+import random
+from collections import Counter
+from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+
+from halos import batch as schema
+from halos.datasets import load_dataset
+from halos.errors import ConfigError, DataError
+from halos.examples import Example
+from utils import rank0_print
+
+
+class UnaryItem(NamedTuple):
+    """A completion labelled desirable or undesirable."""
+    example: Example
+    completion: str
+    is_desirable: bool
+
+
+class PairItem(NamedTuple):
+    example: Example
+    chosen: str
+    rejected: str
+
+
+def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[str, str, str, str],
+                  data_dir: Optional[str], seed: int) -> Tuple[Dict[str, Example], Counter]:
+    """The Examples of every named dataset (a later dataset's prompt replaces an earlier one's), with counts."""
+    examples: Dict[str, Example] = {}
+    counts: Counter = Counter()
+    for name in dataset_names:
+        dataset = load_dataset(name, split, *formatting, data_dir=data_dir, seed=seed)
+        overlap = sum(key in examples for key in dataset)
+        counts[f'{name}: prompts'] += len(dataset)
+        counts.update({f'{name}: {what}': n for what, n in dataset.counts.items()})
+        if overlap:
+            counts[f'{name}: prompts that replaced an earlier dataset\'s prompt'] += overlap
+        examples.update(dataset.data)
+    return examples, counts
+
+
+class DataLoader:
+    """Base loader: flattening into items is up to the subclass; batching, tokenization and sharding live here.
+
+    Each global batch holds `batch_size` items; this process (rank r of world_size W) tokenizes and
+    yields only its contiguous slice of B/W items, so all ranks together see the global batch.
+    `sequence_kinds` are the sequences the trainer reads (its `prefixes`); a loader leaves out the
+    others (e.g. KTO's mismatched KL rows for trainers that never read them). None: every kind it has.
+    """
+
+    def __init__(self, dataset_names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
+                 max_length: int = 512, max_prompt_length: int = 128, max_prompt_count: Optional[int] = None,
+                 n_epochs: Optional[int] = None, n_examples: Optional[int] = None,
+                 human_prefix: str = '\n<|user|>\n', human_suffix: str = '',
+                 assistant_prefix: str = '\n<|assistant|>\n', assistant_suffix: str = '',
+                 seed: int = 0, data_dir: Optional[str] = None, use_chat_template: bool = False,
+                 frac_unique_desirable: float = 1.0, frac_unique_undesirable: float = 1.0,
+                 sequence_kinds: Optional[Sequence[str]] = None, rank: int = 0, world_size: int = 1):
+        if n_epochs is None and n_examples is None:
+            raise ConfigError("set n_epochs or n_examples (both are null)")
+        if max_prompt_length >= max_length:
+            raise ConfigError(f"max_prompt_length ({max_prompt_length}) must be below max_length ({max_length}), "
+                              f"or no room is left for a completion")
+        if batch_size % world_size != 0:
+            key = 'model.batch_size' if split == 'train' else 'model.eval_batch_size'
+            raise ConfigError(f"{key} ({batch_size}) must be divisible by the number of processes ({world_size})")
+        if tokenizer.pad_token_id is None:
+            raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
+        self.tokenizer = tokenizer
+        self.dataset_names = list(dataset_names)
+        self.split, self.batch_size = split, batch_size
+        self.max_length, self.max_prompt_length, self.max_prompt_count = max_length, max_prompt_length, max_prompt_count
+        self.n_epochs, self.n_examples = n_epochs, n_examples
+        self.seed, self.use_chat_template = seed, use_chat_template
+        self.frac_unique_desirable, self.frac_unique_undesirable = frac_unique_desirable, frac_unique_undesirable
+        self.sequence_kinds = tuple(sequence_kinds) if sequence_kinds is not None else schema.KINDS
+        self.rank, self.world_size = rank, world_size
+        self.skip_batches = 0  # set when resuming: the first batches are planned but not tokenized
+
+        formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+        self.full_data, self.counts = load_examples(dataset_names, split, formatting, data_dir, seed)
+        prompts = list(self.full_data)
+        random.Random(seed).shuffle(prompts)  # a frac_unique_* subset is a random, fixed part of the data
+        self.items = self.flatten([self.full_data[p] for p in prompts])
+        self.counts['items'] = len(self.items)
+        rank0_print(f"[{split}] {type(self).__name__}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
+
+    # --- what subclasses provide
+    @classmethod
+    def control_tokens(cls, loss_config) -> List[str]:
+        """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them)."""
+        return []
+
+    def flatten(self, examples: List[Example]) -> List[Tuple]:
+        raise NotImplementedError
+
+    def tokenize_items(self, items: List[Tuple], global_batch: List[Tuple]) -> List[Dict]:
+        raise NotImplementedError
+
+    # --- shared pairs and labels
+    def example_pairs(self, example: Example, rng: random.Random) -> List[Tuple[int, int]]:
+        if self.max_prompt_count is not None and len(example.pairs) > self.max_prompt_count:
+            return rng.sample(example.pairs, self.max_prompt_count)
+        return example.pairs
+
+    def unary_items(self, examples: List[Example]) -> List[UnaryItem]:
+        """One item per distinct completion of a prompt, desirable or undesirable.
+
+        A completion's label is the sign of (pairs it wins - pairs it loses), or its binary label;
+        a completion with as many wins as losses (e.g. the middle of an OASST ranking a > b > c), or
+        labelled both ways, gets no label and is counted as dropped. The first frac_unique_* of each
+        kind (in shuffled prompt order) is kept.
+        """
+        rng = random.Random(self.seed)
+        desirable, undesirable = [], []
+        for example in examples:
+            net = Counter()
+            for i, j in self.example_pairs(example, rng):
+                net[example.generations[i]] += 1
+                net[example.generations[j]] -= 1
+            for text, label in zip(example.generations, example.desirable):
+                net[text] += 1 if label else -1
+                self.counts['binary labels'] += 1
+            for text, score in net.items():
+                if score > 0:
+                    desirable.append(UnaryItem(example, text, True))
+                elif score < 0:
+                    undesirable.append(UnaryItem(example, text, False))
+                else:
+                    self.counts['unary: dropped, as often preferred as dispreferred'] += 1
+        n_desirable = round(len(desirable) * self.frac_unique_desirable)
+        n_undesirable = round(len(undesirable) * self.frac_unique_undesirable)
+        self.counts['unary: desirable'], self.counts['unary: undesirable'] = n_desirable, n_undesirable
+        self.counts['unary: dropped by frac_unique_*'] = len(desirable) + len(undesirable) - n_desirable - n_undesirable
+        return desirable[:n_desirable] + undesirable[:n_undesirable]
+
+    # --- batching
+    def epoch_batches(self, rng: random.Random) -> List[List[Tuple]]:
+        """One epoch of global batches: the items shuffled, cut into batch_size chunks.
+
+        A last, smaller batch is kept (trimmed to a multiple of the number of processes) rather than
+        dropped; what has to be dropped is counted.
+        """
+        order = list(self.items)
+        rng.shuffle(order)
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if batches and len(batches[-1]) % self.world_size:
+            keep = len(batches[-1]) - len(batches[-1]) % self.world_size
+            batches[-1] = batches[-1][:keep]
+            if not batches[-1]:
+                batches.pop()
+        return batches
+
+    def plan(self) -> Iterator[List[Tuple]]:
+        """The global batches of the whole run, untokenized: epochs until n_epochs or n_examples."""
+        rng = random.Random(self.seed + 1)
+        epoch, n_seen = 0, 0
+        while self.n_epochs is None or epoch < self.n_epochs:
+            batches = self.epoch_batches(rng)
+            if not batches:
+                raise DataError(f"[{self.split}] {', '.join(self.dataset_names)}: no {type(self).__name__} items "
+                                f"to iterate ({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
+            for batch in batches:
+                yield batch
+                n_seen += len(batch)
+                if self.n_examples is not None and n_seen >= self.n_examples:
+                    return
+            epoch += 1
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self.plan())
+
+    def __iter__(self) -> Iterator[Dict]:
+        for index, global_batch in enumerate(self.plan()):
+            if index < self.skip_batches:
+                continue
+            local_size = len(global_batch) // self.world_size
+            local = global_batch[self.rank * local_size:(self.rank + 1) * local_size]
+            yield schema.collate(self.tokenize_items(local, global_batch), self.tokenizer.pad_token_id)
+
+    # --- tokenization
+    def prompt_text(self, example: Example) -> str:
+        if self.use_chat_template:
+            return self.tokenizer.apply_chat_template(example.turns, tokenize=False, add_generation_prompt=True)
+        return example.prompt
+
+    def encode_prompt(self, text: str) -> List[int]:
+        """Prompt tokens with at most one BOS (the tokenizer's, if it adds one) and no trailing EOS."""
+        ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)['input_ids']
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if bos is not None:
+            while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+                ids = ids[1:]
+        if ids and ids[-1] == eos:
+            ids = ids[:-1]
+        return ids
+
+    def encode_completion(self, text: str) -> List[int]:
+        """Completion tokens without special tokens, ending in one EOS."""
+        ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
+        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
+        if bos is not None and ids and ids[0] == bos and bos != eos:
+            ids = ids[1:]
+        while ids and ids[-1] == eos:
+            ids = ids[:-1]
+        return ids + [eos]
+
+    def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
+        """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).
+
+        Each string is tokenized once and the token lists are concatenated, so the label mask is
+        exactly the prompt's token count. Truncation is decided once for all completions of the
+        element, so they share the same prompt tokens: if prompt + longest completion exceeds
+        max_length and the prompt exceeds max_prompt_length, the prompt is cut to max_prompt_length
+        (keeping its start or end, and its BOS); then each completion is cut to the room left. A cut
+        completion loses its EOS: it did not end there. No sequence exceeds max_length.
+        """
+        prompt_ids = self.encode_prompt(prompt)
+        completion_ids = {kind: self.encode_completion(text) for kind, text in completions.items()}
+        longest = max(len(ids) for ids in completion_ids.values())
+        prompt_truncated = len(prompt_ids) + longest > self.max_length and len(prompt_ids) > self.max_prompt_length
+        if prompt_truncated:
+            if example.truncation_mode == 'keep_start':
+                prompt_ids = prompt_ids[:self.max_prompt_length]
+            elif example.truncation_mode == 'keep_end':
+                has_bos = prompt_ids[0] == self.tokenizer.bos_token_id
+                prompt_ids = prompt_ids[:1] * has_bos + prompt_ids[-(self.max_prompt_length - has_bos):]
+            else:
+                raise DataError(f"{example.source}: unknown truncation_mode '{example.truncation_mode}'")
+        room = self.max_length - len(prompt_ids)
+        if room < 1:
+            raise DataError(f"{example.source}: field 'prompt' is {len(prompt_ids)} tokens and leaves no room for "
+                            f"a completion within max_length={self.max_length}; lower max_prompt_length")
+
+        decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
+        prompt_text = decode(prompt_ids) if prompt_truncated else prompt
+        element = {**schema.prompt_fields(prompt_text, prompt_ids), 'truncation_mode': example.truncation_mode}
+        for kind, ids in completion_ids.items():
+            text = completions[kind]
+            if len(ids) > room:
+                ids = ids[:room]
+                text = decode(ids)
+                self.counts['completions truncated'] += 1
+            element.update(schema.sequence_fields(kind, prompt_text, prompt_ids, text, ids))
+        return element

@@ -1,0 +1,141 @@
+"""The checkpoint format: one save and one load of a checkpoint directory (`LATEST/`, `step-<n>/`), and the
+HF export.
+
+    policy.pt         HALOs' {'step_idx', 'state', 'metrics'}: the policy's full state dict
+    optimizer.pt      the optimizer's full state dict
+    scheduler.pt      the LR scheduler's state dict
+    trainer_state.pt  counters, the data position and every RNG's state (tensors and plain numbers)
+    hf/               (final checkpoint) an HF directory that AutoModelForCausalLM.from_pretrained loads
+
+Every file loads with torch.load(weights_only=True). A directory is written into a temporary sibling and
+swapped in with renames, so a crash at any moment leaves the previous checkpoint complete.
+"""
+import os
+import random
+import shutil
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from halos.errors import MissingFileError
+
+POLICY, OPTIMIZER, SCHEDULER, TRAINER_STATE, HF_EXPORT = 'policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt', 'hf'
+LATEST = 'LATEST'
+
+
+@dataclass
+class Checkpoint:
+    """What a checkpoint directory holds, as loaded (everything on CPU)."""
+    policy_state: Dict[str, torch.Tensor]
+    optimizer_state: Dict
+    scheduler_state: Dict
+    trainer_state: Dict     # example_counter, batch_counter, batches_seen, rng (and what a trainer adds)
+    metrics: Dict
+    directory: str = ''      # where it was loaded from
+
+
+def save(directory: str, checkpoint: Checkpoint, export: Optional[Callable[[str], None]] = None) -> None:
+    """Write `checkpoint` to `directory` atomically; `export(hf_dir)` adds the HF export."""
+    def write_files(tmp_dir: str) -> None:
+        save_policy_file(os.path.join(tmp_dir, POLICY), checkpoint.trainer_state['example_counter'],
+                         checkpoint.policy_state, checkpoint.metrics)
+        torch.save(checkpoint.optimizer_state, os.path.join(tmp_dir, OPTIMIZER))
+        torch.save(checkpoint.scheduler_state, os.path.join(tmp_dir, SCHEDULER))
+        torch.save(checkpoint.trainer_state, os.path.join(tmp_dir, TRAINER_STATE))
+        if export is not None:
+            export(os.path.join(tmp_dir, HF_EXPORT))
+    write_checkpoint_dir(directory, write_files)
+
+
+def complete_checkpoint_dir(directory: str) -> str:
+    """`directory`, or its `.old` copy after a crash between the two renames of a save; an error if neither
+    holds a complete checkpoint."""
+    resolved = resolve_checkpoint_dir(directory)
+    if resolved is None or not os.path.exists(os.path.join(resolved, TRAINER_STATE)):
+        raise MissingFileError(f"resume=true but there is no complete checkpoint in {directory}")
+    return resolved
+
+
+def load(directory: str) -> Checkpoint:
+    """The checkpoint in `directory` (see complete_checkpoint_dir)."""
+    resolved = complete_checkpoint_dir(directory)
+    policy = load_policy_file(os.path.join(resolved, POLICY))
+    read = lambda name: torch.load(os.path.join(resolved, name), map_location='cpu', weights_only=True)
+    return Checkpoint(policy['state'], read(OPTIMIZER), read(SCHEDULER), read(TRAINER_STATE), policy['metrics'],
+                      resolved)
+
+
+def export_hf(model, tokenizer, state: Dict[str, torch.Tensor], directory: str) -> None:
+    """An HF directory (safetensors, config, tokenizer with its chat template) for from_pretrained."""
+    model.save_pretrained(directory, state_dict=state)
+    tokenizer.save_pretrained(directory)
+
+
+def write_checkpoint_dir(directory: str, write_files: Callable[[str], None]) -> None:
+    """Write a checkpoint directory atomically.
+
+    `write_files(tmp_dir)` writes everything into a fresh temporary directory; only when it has
+    returned is the old directory swapped out. A crash at any point leaves either the old or the
+    new directory complete (see `resolve_checkpoint_dir` for the one window between two renames).
+    """
+    directory = directory.rstrip("/")
+    tmp_dir, old_dir = directory + ".tmp", directory + ".old"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    write_files(tmp_dir)
+    for parent, _, names in os.walk(tmp_dir):  # make the data durable before the rename publishes it
+        for name in names:
+            with open(os.path.join(parent, name), "rb") as f:
+                os.fsync(f.fileno())
+    if os.path.exists(directory):  # else .old may be the only complete copy (a crash between the renames)
+        shutil.rmtree(old_dir, ignore_errors=True)
+        os.replace(directory, old_dir)
+    os.replace(tmp_dir, directory)
+    shutil.rmtree(old_dir, ignore_errors=True)
+
+
+def resolve_checkpoint_dir(directory: str) -> Optional[str]:
+    """The complete checkpoint directory for `directory`, recovering from a crash between renames."""
+    directory = directory.rstrip("/")
+    if os.path.isdir(directory):
+        return directory
+    if os.path.isdir(directory + ".old"):
+        return directory + ".old"
+    return None
+
+
+def save_policy_file(path: str, step_idx: int, state: Dict[str, torch.Tensor], metrics: Dict) -> None:
+    """Writes the HALOs checkpoint format: {'step_idx', 'state', 'metrics'}."""
+    torch.save({"step_idx": step_idx, "state": state, "metrics": metrics}, path)
+
+
+def load_policy_file(path: str) -> Dict:
+    """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def get_rng_state() -> Dict:
+    """Every RNG's state as tensors and plain numbers, so that it loads with torch.load(weights_only=True)."""
+    python_version, python_state, python_gauss = random.getstate()
+    numpy_name, numpy_keys, numpy_position, numpy_has_gauss, numpy_gauss = np.random.get_state()
+    state = {"python": {"version": python_version, "state": torch.tensor(python_state, dtype=torch.int64),
+                        "gauss": python_gauss},
+             "numpy": {"name": numpy_name, "keys": torch.from_numpy(numpy_keys.astype(np.int64)),
+                       "position": int(numpy_position), "has_gauss": int(numpy_has_gauss), "gauss": float(numpy_gauss)},
+             "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Dict) -> None:
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"].tolist()), python["gauss"]))
+    numpy = state["numpy"]
+    np.random.set_state((numpy["name"], numpy["keys"].numpy().astype(np.uint32), numpy["position"],
+                         numpy["has_gauss"], numpy["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,237 @@
+"""Hub datasets: one `get_<name>` parser per dataset, registered in `DATASETS`, and `load_dataset`.
+
+A parser `get_<name>(split, human_prefix, human_suffix, assistant_prefix, assistant_suffix, data_dir=None)`
+returns a `Dataset` of `Example`s. It reads the Hugging Face hub by default, or
+`<data_dir>/<name>/<split>.jsonl` (or `.parquet`) in the hub's raw schema when `data_dir` is given.
+A name that is a path to a `.json`/`.jsonl` file is read as a feedback file (halos.feedback).
+"""
+import inspect
+import os
+import random
+import re
+from typing import Callable, Dict, List, Optional, Tuple
+
+from halos.errors import DataError, HubUnavailableError, MissingFileError
+from halos.examples import Dataset, Formatting, add_comparison
+from halos.feedback import get_feedback_file, read_json_records
+
+
+def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str,
+                     hub_split: str, hub_data_dir: Optional[str] = None) -> Tuple[List[Dict], str]:
+    """Raw records of one dataset split, from `<data_dir>/<name>/<split>.{jsonl,parquet}` or the hub.
+
+    Returns the records and a description of their origin for messages.
+    """
+    if data_dir is not None:
+        for extension in ('jsonl', 'json', 'parquet'):
+            path = os.path.join(data_dir, name, f'{split}.{extension}')
+            if os.path.exists(path):
+                return read_local_records(path), path
+        raise MissingFileError(
+            f"dataset '{name}': no file {os.path.join(data_dir, name, split)}.jsonl (or .parquet) under data_dir={data_dir}")
+    import datasets
+    try:
+        records = datasets.load_dataset(hub_id, data_dir=hub_data_dir, split=hub_split)
+    except Exception as error:
+        raise HubUnavailableError(
+            f"dataset '{name}': could not fetch {hub_id} (split {hub_split}) from the Hugging Face hub "
+            f"({type(error).__name__}: {error}). Offline? Put the raw records in DIR/{name}/{split}.jsonl "
+            f"and pass ++data_dir=DIR (this repo ships samples: ++data_dir=data).") from error
+    return list(records), f'{hub_id}:{hub_split}'
+
+
+def read_local_records(path: str) -> List[Dict]:
+    """The records of a local copy of a hub dataset: JSON Lines or a JSON array (read directly), or Parquet."""
+    if path.endswith('.parquet'):
+        import datasets
+        try:
+            return list(datasets.load_dataset('parquet', data_files=path, split='train'))
+        except Exception as error:  # the datasets library's parse errors do not name the file
+            cause = error.__cause__ or error
+            raise DataError(f"{path}: not readable as Parquet ({type(cause).__name__}: "
+                            f"{str(cause).splitlines()[0][:200]})") from None
+    return read_json_records(path)
+
+
+def get_shp(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
+            data_dir: Optional[str] = None, seed: int = 0) -> Dataset:
+    """Stanford Human Preferences (stanfordnlp/SHP).
+
+    Train split: rows whose score ratio max(A/B, B/A) is below 2 are dropped, and each prompt keeps
+    at most 5 of its pairs (a seeded sample). The test split keeps every row. The SFT target is the
+    first response added for the prompt.
+    """
+    formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    rows, source = load_raw_records('shp', split, data_dir, 'stanfordnlp/SHP', split)
+    dataset = Dataset('shp')
+    dataset.counts['records'] = len(rows)
+    for number, row in enumerate(rows, 1):
+        ratio = max(row['score_A'] / row['score_B'], row['score_B'] / row['score_A'])
+        if split == 'train' and ratio < 2:
+            dataset.counts['dropped: score ratio < 2'] += 1
+            continue
+        add_comparison(dataset, [{'role': 'user', 'content': row['history']}], (row['human_ref_A'], row['human_ref_B']),
+                       0 if row['labels'] == 1 else 1, formatting, f'{source} record {number}',
+                       scores=(row['score_A'], row['score_B']), truncation_mode='keep_start')
+    if split == 'train':
+        rng = random.Random(seed)
+        for example in dataset.data.values():
+            if len(example.pairs) > 5:
+                dataset.counts['pairs dropped: more than 5 per prompt'] += len(example.pairs) - 5
+                example.pairs = rng.sample(example.pairs, 5)
+    return dataset
+
+
+HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
+
+
+def _load_hh(name: str, hub_data_dir: Optional[str], split: str, formatting: Formatting,
+             data_dir: Optional[str]) -> Dataset:
+    """Anthropic HH-RLHF: the prompt is the transcript up to the last assistant marker."""
+    rows, source = load_raw_records(name, split, data_dir, 'Anthropic/hh-rlhf', split, hub_data_dir)
+    dataset = Dataset(name)
+    dataset.counts['records'] = len(rows)
+    marker = '\n\nAssistant: '
+    for number, row in enumerate(rows, 1):
+        cut = row['chosen'].rfind(marker) + len(marker)
+        history = row['chosen'][:cut]
+        if cut < len(marker) or not row['rejected'].startswith(history):
+            raise DataError(f"{source} record {number}: field 'rejected' does not share the history of 'chosen' "
+                            f"up to the last '\\n\\nAssistant: ' marker")
+        chosen, rejected = row['chosen'][cut:], row['rejected'][cut:]
+        if not chosen.strip() or not rejected.strip():
+            dataset.counts['dropped: empty completion'] += 1
+            continue
+        pieces = HH_TURN.split(history)[1:]  # [role, text, role, text, ..., 'Assistant', '']
+        turns = [{'role': 'user' if role == 'Human' else 'assistant', 'content': text.strip()}
+                 for role, text in zip(pieces[0:-2:2], pieces[1:-2:2])]
+        add_comparison(dataset, turns, (chosen, rejected), 0, formatting, f'{source} record {number}')
+    return dataset
+
+
+def _hh_subset(name: str, hub_data_dir: Optional[str], description: str) -> Callable[..., Dataset]:
+    """The dataset function of one HH-RLHF subset (`hub_data_dir` on the hub; None: all of them)."""
+    def get(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
+            data_dir: Optional[str] = None) -> Dataset:
+        formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+        return _load_hh(name, hub_data_dir, split, formatting, data_dir)
+    get.__name__, get.__qualname__, get.__doc__ = f'get_{name}', f'get_{name}', description
+    return get
+
+
+get_hh = _hh_subset('hh', None, 'Anthropic HH-RLHF, all preference subsets (Anthropic/hh-rlhf).')
+get_hh_helpful = _hh_subset('hh_helpful', 'helpful-base', 'The helpful-base subset of Anthropic HH-RLHF.')
+get_hh_harmless = _hh_subset('hh_harmless', 'harmless-base', 'The harmless-base subset of Anthropic HH-RLHF.')
+
+
+def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
+              data_dir: Optional[str] = None) -> Dataset:
+    """OpenAssistant oasst1, English only; `test` reads the hub's validation split.
+
+    Every ranked assistant reply of rank k > 0 is paired with its English sibling of rank k - 1
+    (the next better reply), so a ranking a > b > c gives the pairs (a, b) and (b, c). The prompt is
+    the conversation from the root down to the replies' parent. The SFT target is the best-ranked
+    reply of the prompt.
+    """
+    formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    rows, source = load_raw_records('oasst', split, data_dir, 'OpenAssistant/oasst1',
+                                    'validation' if split == 'test' else split)
+    dataset = Dataset('oasst')
+    dataset.counts['records'] = len(rows)
+    numbered = [(number, row) for number, row in enumerate(rows, 1) if row['lang'] == 'en']
+    dataset.counts['dropped: not English'] = len(rows) - len(numbered)
+    by_id = {row['message_id']: row for _, row in numbered}
+    by_parent_and_rank = {(row['parent_id'], row['rank']): row for _, row in numbered if row['rank'] is not None}
+
+    for number, row in numbered:
+        if row['rank'] is None or row['rank'] == 0:
+            continue
+        if row['role'] != 'assistant':
+            dataset.counts['dropped: ranked prompter reply'] += 1
+            continue
+        better = by_parent_and_rank.get((row['parent_id'], row['rank'] - 1))
+        if better is None:
+            dataset.counts['dropped: no English sibling of the next better rank'] += 1
+            continue
+        path, parent_id = [], row['parent_id']
+        while parent_id is not None and parent_id in by_id:
+            path.append(by_id[parent_id])
+            parent_id = by_id[parent_id]['parent_id']
+        if parent_id is not None:
+            dataset.counts['dropped: ancestor not English or missing'] += 1
+            continue
+        turns = [{'role': 'assistant' if message['role'] == 'assistant' else 'user', 'content': message['text']}
+                 for message in reversed(path)]
+        example = add_comparison(dataset, turns, (better['text'], row['text']), 0, formatting,
+                                 f'{source} record {number}', scores=(float(better['rank']), float(row['rank'])))
+        example.sft_index = min(range(len(example.scores)), key=lambda i: example.scores[i])
+    return dataset
+
+
+def get_ultrabin(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
+                 data_dir: Optional[str] = None) -> Dataset:
+    """UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized, *_prefs splits)."""
+    formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    rows, source = load_raw_records('ultrabin', split, data_dir, 'HuggingFaceH4/ultrafeedback_binarized',
+                                    f'{split}_prefs')
+    dataset = Dataset('ultrabin')
+    dataset.counts['records'] = len(rows)
+    for number, row in enumerate(rows, 1):
+        add_comparison(dataset, [{'role': 'user', 'content': row['prompt']}],
+                       (row['chosen'][-1]['content'], row['rejected'][-1]['content']), 0, formatting,
+                       f'{source} record {number}', truncation_mode='keep_start')
+    return dataset
+
+
+def get_alpacaeval(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
+                   data_dir: Optional[str] = None) -> Dataset:
+    """AlpacaEval instructions with their reference outputs (test only; for sampling)."""
+    if split != 'test':
+        raise DataError("alpacaeval has only a test split")
+    formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    rows, source = load_raw_records('alpacaeval', split, data_dir, 'tatsu-lab/alpaca_eval', 'eval')
+    dataset = Dataset('alpacaeval')
+    dataset.counts['records'] = len(rows)
+    for number, row in enumerate(rows, 1):
+        turns = [{'role': 'user', 'content': row['instruction']}]
+        prompt = formatting.prompt(turns)
+        example = dataset[prompt]
+        example.prompt, example.turns = prompt, turns
+        example.generations.append(row['output'] + assistant_suffix)
+        example.sft_index = -1
+        example.dataset_name = row['dataset']
+        example.original_prompt = row['instruction']
+        example.source = example.source or f'{source} record {number}'
+    return dataset
+
+
+DATASETS: Dict[str, Callable[..., Dataset]] = {
+    'shp': get_shp,
+    'hh': get_hh,
+    'hh_helpful': get_hh_helpful,
+    'hh_harmless': get_hh_harmless,
+    'oasst': get_oasst,
+    'ultrabin': get_ultrabin,
+    'alpacaeval': get_alpacaeval,
+}
+
+
+def is_feedback_file(name: str) -> bool:
+    return name.endswith('.json') or name.endswith('.jsonl')
+
+
+def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
+                 assistant_suffix: str, data_dir: Optional[str] = None, seed: int = 0) -> Dataset:
+    """A registered dataset by name, or a feedback file by path. `seed` goes to the dataset functions that
+    sample (those with a `seed` parameter, such as get_shp)."""
+    formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    if is_feedback_file(name):
+        if not os.path.exists(name):
+            raise MissingFileError(f"feedback file '{name}' does not exist")
+        return get_feedback_file(name, split, *formatting)
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
+                        f"or a path to a .json/.jsonl feedback file")
+    get = DATASETS[name]
+    options = {'seed': seed} if 'seed' in inspect.signature(get).parameters else {}
+    return get(split, *formatting, data_dir=data_dir, **options)

@@ -1,0 +1,161 @@
+"""Feedback files: a user's own binary or pairwise feedback as JSON or JSON Lines.
+
+    binary:   {"prompt": ..., "output": ..., "label": 1}
+    pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
+
+Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
+`split` and the rewards `reward` / `reward_A` / `reward_B`. Every error names the file, the record and
+the field.
+"""
+import json
+import math
+import os
+from typing import Dict, List, Optional
+
+from halos.errors import DataError
+from halos.examples import ROLES, Dataset, render_turns
+
+
+def read_json_records(path: str) -> List[Dict]:
+    """Records of a JSON array file or a JSON Lines file; errors name the file and record."""
+    with open(path, 'rb') as f:
+        content = f.read()
+    try:
+        text = content.decode('utf-8')
+    except UnicodeDecodeError as error:
+        line = content[:error.start].count(b'\n') + 1
+        raise DataError(f"{path}: not UTF-8 text (byte {error.start}, line {line}: {error.reason}); "
+                        f"save the file as UTF-8") from None
+    if path.endswith('.jsonl'):
+        records = []
+        for number, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as error:
+                raise DataError(f"{path}: record {len(records) + 1} (line {number}) is not valid JSON: {error.msg} "
+                                f"(column {error.colno})") from None
+        return records
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise DataError(f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+    return records
+
+
+def _field(record: Dict, name: str, where: str):
+    if name not in record:
+        raise DataError(f"{where}: missing field '{name}'")
+    return record[name]
+
+
+def _turns(value, name: str, where: str) -> List[Dict[str, str]]:
+    """A prompt or output given as a string or a list of {'role', 'content'} turns."""
+    if isinstance(value, str):
+        return [{'role': 'user' if name == 'prompt' else 'assistant', 'content': value}]
+    if not isinstance(value, list) or not value or not all(
+            isinstance(t, dict) and isinstance(t.get('content'), str) and 'role' in t for t in value):
+        raise DataError(f"{where}: field '{name}' must be a string or a non-empty list of "
+                        f"{{'role', 'content'}} turns")
+    for number, turn in enumerate(value, 1):
+        if turn['role'] not in ROLES:
+            raise DataError(f"{where}: field '{name}' turn {number} has role {turn['role']!r}; "
+                            f"roles are {', '.join(ROLES)}")
+    return [{'role': t['role'], 'content': t['content']} for t in value]
+
+
+def _completion(record: Dict, name: str, where: str) -> str:
+    turns = _turns(_field(record, name, where), name, where)
+    if len(turns) != 1:
+        raise DataError(f"{where}: field '{name}' has {len(turns)} turns; a completion must be one assistant turn")
+    if not turns[0]['content'].strip():
+        raise DataError(f"{where}: field '{name}' is an empty completion")
+    return turns[0]['content']
+
+
+def _label(record: Dict, where: str) -> bool:
+    label = _field(record, 'label', where)
+    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
+        return bool(label)
+    raise DataError(f"{where}: field 'label' must be true/false or 0/1, got {label!r}")
+
+
+def _score(record: Dict, name: str, where: str) -> Optional[float]:
+    if name not in record or record[name] is None:
+        return None
+    value = record[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DataError(f"{where}: field '{name}' must be a finite number, got {value!r}")
+    return float(value)
+
+
+def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
+                      assistant_suffix: str) -> Dataset:
+    """A user's own feedback: binary {prompt, output, label} or pairwise {prompt, output_A, output_B, label}.
+
+    Records group by `prompt_id`, or by prompt text when there is none. A record with a `split`
+    field is used only for that split; one without is used for both.
+    Binary: each output is desirable or not; the SFT target is the first desirable output.
+    Pairwise: label 1 means output_A is preferred; identical outputs of one prompt are stored once.
+    One prompt's records are all binary or all pairwise.
+    """
+    dataset = Dataset(os.path.basename(path))
+    records = read_json_records(path)
+    if not records:
+        raise DataError(f"{path}: the file holds no feedback records")
+    dataset.counts['records'] = len(records)
+    for number, record in enumerate(records, 1):
+        where = f'{path}: record {number}'
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        if record.get('split', split) != split:
+            dataset.counts[f"skipped: split is not '{split}'"] += 1
+            continue
+        pairwise = 'output_A' in record or 'output_B' in record or record.get('type') == 'pairwise_feedback'
+        turns = _turns(_field(record, 'prompt', where), 'prompt', where)
+        prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+        key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
+        example = dataset[key]
+        example.prompt, example.turns = prompt, turns
+        example.dataset_name = dataset.name
+        example.source = example.source or where
+        label = _label(record, where)
+        if (example.pairs and not pairwise) or (example.desirable and pairwise):
+            raise DataError(f"{where}: this prompt already has {'pairwise' if example.pairs else 'binary'} feedback "
+                            f"(first at {example.source}); the records of one prompt must be all binary or all pairwise")
+        if pairwise:
+            outputs = [_completion(record, 'output_A', where), _completion(record, 'output_B', where)]
+            if outputs[0].strip() == outputs[1].strip():
+                raise DataError(f"{where}: fields 'output_A' and 'output_B' are the same text; a preference needs "
+                                f"two different outputs")
+            rewards = [_score(record, 'reward_A', where), _score(record, 'reward_B', where)]
+            indices = []
+            for output, reward in zip(outputs, rewards):
+                text = output + assistant_suffix
+                if text not in example.generations:
+                    example.generations.append(text)
+                    example.scores.append(reward)
+                indices.append(example.generations.index(text))
+            example.pairs.append(tuple(indices) if label else tuple(reversed(indices)))
+        else:
+            example.generations.append(_completion(record, 'output', where) + assistant_suffix)
+            example.desirable.append(label)
+            example.scores.append(_score(record, 'reward', where))
+        example.remove_extra_spaces()
+    if not dataset.data:
+        splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
+        raise DataError(f"{path}: no records for split '{split}': every record's 'split' field names another "
+                        f"split ({', '.join(splits)}); records without a 'split' field are used for both splits")
+
+    for example in dataset.data.values():
+        if example.desirable:
+            example.sft_index = example.desirable.index(True) if True in example.desirable else \
+                max(range(len(example.scores)), key=lambda i: example.scores[i] or -math.inf)
+        elif all(score is not None for score in example.scores):
+            example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
+        else:
+            example.sft_index = example.pairs[0][0]
+    return dataset

@@ -1,0 +1,192 @@
+"""Talking to an LLM judge behind any OpenAI-compatible API, shared by compare.py (head-to-head verdicts) and
+the LLM-judge labeler (pointwise scores): the client with timeouts and retries, a concurrent request pool
+with pacing, the errors that end a run, and an append-only cache of judgments.
+
+The API key is read from OPENAI_API_KEY only and never written anywhere; servers other than OpenAI's get a
+placeholder key.
+"""
+import json
+import os
+import sys
+import threading
+import time
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Callable, Dict, List, Optional
+
+import openai
+from tqdm import tqdm
+
+from halos.errors import UserError
+
+OPENAI_BASE_URL = 'https://api.openai.com/v1'
+NO_KEY = 'sk-no-key-required'  # servers such as vLLM, llama.cpp and Ollama accept any key
+# Refusals that every other request would get too: stop the run (what is cached stays).
+FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)
+
+
+class JudgeError(UserError):
+    """The judge cannot be reached or refuses every request; the message says what to check."""
+
+
+def public_url(url: str) -> str:
+    """The URL without user info, query or fragment (which could carry credentials)."""
+    parts = urllib.parse.urlsplit(url)
+    if not parts.hostname:
+        return url
+    host = parts.hostname + (f':{parts.port}' if parts.port else '')
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, '', ''))
+
+
+def api_key_for(base_url: str) -> str:
+    """OPENAI_API_KEY; a placeholder for servers other than OpenAI's, which mostly need none."""
+    key = os.environ.get('OPENAI_API_KEY')
+    if key:
+        return key
+    if urllib.parse.urlsplit(base_url).hostname == 'api.openai.com':
+        raise JudgeError("judging with OpenAI needs an API key: export OPENAI_API_KEY=... (it is read from the "
+                         "environment only), or point --base-url at a local server such as http://127.0.0.1:8000/v1")
+    return NO_KEY
+
+
+def make_client(base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
+    return openai.OpenAI(api_key=api_key_for(base_url), base_url=base_url, timeout=timeout, max_retries=max_retries)
+
+
+def check_reachable(client: openai.OpenAI, base_url: str) -> None:
+    """Fail at once, with what to do, when nothing listens at the base URL."""
+    try:
+        client.with_options(max_retries=1, timeout=10).models.list()
+    except openai.APITimeoutError:
+        return  # something listens; the requests themselves will retry
+    except openai.APIConnectionError:
+        raise JudgeError(
+            f"no judge server reachable at {public_url(base_url)}: start one (python -m llama_cpp.server --model "
+            f"M.gguf, vllm serve M, or ollama serve) and pass its URL with --base-url, or unset OPENAI_BASE_URL "
+            f"to use OpenAI") from None
+    except openai.AuthenticationError:
+        raise JudgeError(f"the judge server at {public_url(base_url)} rejected the API key: "
+                         f"check OPENAI_API_KEY") from None
+    except openai.APIStatusError:
+        return  # e.g. a server without GET /models
+
+
+class RequestPacer:
+    """Spaces the starts of requests at least `interval` seconds apart, across all threads."""
+
+    def __init__(self, interval: float):
+        self.interval = interval
+        self.lock = threading.Lock()
+        self.next_start = 0.0
+
+    def wait(self) -> None:
+        with self.lock:
+            now = time.monotonic()
+            start = max(now, self.next_start)
+            self.next_start = start + self.interval
+        time.sleep(start - now)
+
+
+def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int, seed: int) -> str:
+    """The judge's answer at temperature 0; the client retries timeouts, rate limits, connection errors and 5xx."""
+    completion = client.chat.completions.create(model=model, messages=messages, temperature=0,
+                                                max_tokens=max_tokens, seed=seed)
+    choices = getattr(completion, 'choices', None)
+    if not choices or not hasattr(choices[0], 'message'):
+        raise ValueError(f"the judge server sent no completion: {str(completion)[:80]!r}")
+    return choices[0].message.content or ''
+
+
+def describe_error(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error)[:200]}"
+
+
+def fatal_error_message(error: Exception, base_url: str, judge: str, cache_path: str) -> Optional[str]:
+    """What to tell the user when no later request can succeed either (None: only this judgment failed)."""
+    url = public_url(base_url)
+    if isinstance(error, FATAL_ERRORS):
+        return (f"the judge server at {url} refused the request ({describe_error(error)}); "
+                f"check --judge '{judge}', --base-url and OPENAI_API_KEY")
+    if isinstance(error, openai.APIConnectionError) and not isinstance(error, openai.APITimeoutError):
+        return (f"lost the judge server at {url} ({describe_error(error)}); the judgments received are in "
+                f"{cache_path}: restart the server and rerun to continue")
+    return None
+
+
+def ask_all(requests: Dict[str, Callable[[], dict]], concurrency: int, on_error: Callable[[Exception], Optional[str]],
+            report: Optional[Callable[[str, Optional[dict], Optional[str]], None]] = None) -> Dict[str, str]:
+    """Run every request (key -> a call that asks the judge and caches its record) on `concurrency` threads.
+
+    Returns the errors by key: a request that still fails after the client's retries is counted there and
+    left out of the cache, so a rerun asks again. An error that `on_error` turns into a message ends the
+    run with a JudgeError. `report(key, record, error)` hears of every outcome.
+    """
+    errors: Dict[str, str] = {}
+    pool = ThreadPoolExecutor(max_workers=concurrency)
+    try:
+        futures = {pool.submit(call): key for key, call in requests.items()}
+        for future in tqdm(as_completed(futures), total=len(futures), desc='judging', unit='judgment'):
+            key = futures[future]
+            try:
+                record = future.result()
+            except (openai.APIError, ValueError) as error:
+                fatal = on_error(error)
+                if fatal:
+                    raise JudgeError(fatal) from None
+                errors[key] = describe_error(error)
+                if report:
+                    report(key, None, errors[key])
+                continue
+            if report:
+                report(key, record, None)
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+    return errors
+
+
+class JudgmentCache:
+    """An append-only JSONL file of judgments, one line each, flushed and fsynced as written.
+
+    A last line cut by a crash is dropped when the file is opened, so appends start on a line of their own.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self.records: Dict[str, dict] = {}
+        self.lock = threading.Lock()
+        if os.path.exists(path):
+            self._read()
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.file = open(path, 'a', encoding='utf-8')
+
+    def _read(self) -> None:
+        with open(self.path, 'rb') as f:
+            content = f.read()
+        complete = content[:content.rfind(b'\n') + 1]
+        if len(complete) < len(content):
+            print(f"dropping an incomplete last line of {self.path} (an interrupted write)", file=sys.stderr)
+            with open(self.path, 'r+b') as f:
+                f.truncate(len(complete))
+        for number, line in enumerate(complete.decode('utf-8', errors='replace').split('\n')[:-1], start=1):
+            try:
+                record = json.loads(line)
+                self.records[record['key']] = record
+            except (json.JSONDecodeError, KeyError, TypeError):
+                print(f"skipping unreadable line {number} of {self.path}", file=sys.stderr)
+
+    def add(self, record: dict) -> None:
+        with self.lock:
+            self.file.write(json.dumps(record, ensure_ascii=False) + '\n')
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.records[record['key']] = record
+
+    def close(self) -> None:
+        self.file.close()
+
+    def __enter__(self) -> 'JudgmentCache':
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+

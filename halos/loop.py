@@ -1,0 +1,316 @@
+"""BasicTrainer: the training loop shared by every loss.
+
+It owns the loop (evaluate and checkpoint every `eval_every` examples, then one optimizer step on the next
+`gradient_accumulation_steps` microbatches), the forwards of policy and reference, logging, clipping,
+FSDP2 sharding and the checkpoint files. Subclasses (trainers.py) provide
+`get_batch_metrics(batch, mode) -> (scalar loss, {name: per-example values})`; class attributes say what a
+trainer needs (`use_reference_model`, `prefixes`: the sequence kinds it reads), so nothing outside asks
+for a loss by name. Config is read once, here in __init__; the loss hyperparameters stay in
+`self.config.loss`, which each trainer's `loss()` reads.
+"""
+import contextlib
+import json
+import os
+import sys
+import time
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from tqdm import tqdm
+
+import models
+from halos import batch as schema
+from halos import checkpoint
+from halos.errors import ConfigError
+from halos.reference import CachedReference, LiveReference, cache_path, model_identity
+from utils import (MetricAccumulator, add_margins, all_reduce_sum, barrier, chunked, clip_gradient_norm, find_class,
+                   formatted_dict, on_rank0, rank0_print, sequence_logps)
+
+
+class BasicTrainer:
+    """The training loop, evaluation, logging, clipping, sharding and checkpoints."""
+    use_reference_model = False
+    prefixes: Tuple[str, ...] = (schema.TARGET,)  # the sequence kinds of a batch that go through the models
+
+    def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
+                 reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
+        self.tokenizer, self.config = tokenizer, config
+        self.train_iterator, self.eval_iterator = train_iterator, eval_iterator
+        self.policy, self.reference_model = policy, reference_model
+        self.rank, self.world_size = rank, world_size
+        self.run_dir = config.local_run_dir
+        model_config = config.model
+        self.padding_free, self.autocast_dtype = model_config.padding_free, model_config.autocast_dtype
+        self.max_grad_norm, self.accumulation_steps = model_config.max_grad_norm, model_config.gradient_accumulation_steps
+        self.eval_every, self.do_first_eval = config.eval_every, config.do_first_eval
+        self.minimum_log_interval_secs = config.minimum_log_interval_secs
+        self.keep_intermediate_checkpoints = config.intermediate_checkpoints and not config.debug
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
+        if self.reference_model is not None:
+            self.reference_model.eval().requires_grad_(False)
+        if world_size > 1:
+            self.shard(model_config.block_name, model_config.fsdp_policy_mp)  # each shard moves to the device
+        else:
+            self.policy.to(self.device)
+            if self.reference_model is not None:
+                self.reference_model.to(self.device)
+        if model_config.activation_checkpointing and hasattr(self.policy, 'gradient_checkpointing_enable'):
+            self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
+        self.reference = LiveReference(self.reference_model, self.concatenated_logps) \
+            if self.reference_model is not None else None
+        self.reference_cache = cache_path(self.run_dir, self.reference_identity(config)) \
+            if config.cache_reference_logprobs and self.use_reference_model else None
+
+        self.optimizer = self.build_optimizer(config.optimizer, config.lr)
+        warmup = config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
+        self.example_counter = 0   # training examples seen (global)
+        self.batch_counter = 0     # optimizer steps taken
+        self.batches_seen = 0      # global microbatches consumed: the data position
+        self.grad_norm = float('nan')
+        self.last_eval_metrics: Dict[str, float] = {}
+        self.train_metrics = MetricAccumulator()
+        self.eval_batches = list(tqdm(eval_iterator, desc='tokenizing eval data', disable=not on_rank0(), leave=False))
+
+    # --- setup
+    @classmethod
+    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
+        """The policy model; PPO overrides this to add a value head."""
+        return models.load_causal_lm(name_or_path, dtype, **kwargs)
+
+    def build_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
+        optimizer_class = find_class(vars(torch.optim), torch.optim.Optimizer, name, 'optimizer', 'a torch.optim optimizer')
+        return optimizer_class(self.policy.parameters(), lr=lr)
+
+    def shard(self, block_name: str, mixed_precision: Optional[str]) -> None:
+        """FSDP2: shard every transformer block, then the whole model, of the policy and the reference."""
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+        mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision)) if mixed_precision \
+            else MixedPrecisionPolicy()
+        for model in (self.policy, self.reference_model):
+            if model is None:
+                continue
+            blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+            if not blocks:
+                raise ConfigError(f"model.block_name={block_name} matches no module of {type(model).__name__}")
+            for block in blocks:
+                fully_shard(block, mesh=self.device_mesh(), mp_policy=mp_policy)
+            fully_shard(model, mesh=self.device_mesh(), mp_policy=mp_policy)
+
+    def device_mesh(self):
+        from torch.distributed.device_mesh import init_device_mesh
+        return init_device_mesh(self.device.type, (self.world_size,))
+
+    def reference_identity(self, config) -> Dict:
+        """What decides the reference model's log-probs (it names the reference cache file)."""
+        model_config = config.model
+        load_from = models.resolve_load_from(model_config.load_from, config.cache_dir) if model_config.load_from else None
+        return model_identity(models.resolve_model_path(model_config.name_or_path), load_from,
+                              model_config.reference_dtype, model_config.autocast_dtype,
+                              models.attention_implementation(model_config.use_flash_attention), model_config.padding_free,
+                              model_config.fsdp_policy_mp if self.world_size > 1 else None, len(self.tokenizer))
+
+    # --- forward passes
+    def concatenated_logps(self, model: torch.nn.Module, batch: Dict, prefixes: Tuple[str, ...]) -> List[torch.Tensor]:
+        """Summed completion log-probs of the batch's sequences of each kind in `prefixes`.
+
+        All rows go through one forward (packed without padding when model.padding_free), which is
+        faster than one forward per kind and keeps FSDP's collectives in step across ranks.
+        Returns one [rows] tensor per kind, in fp32.
+        """
+        sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
+        with self.autocast():
+            logps = sequence_logps(model, sequences.input_ids, sequences.attention_mask, sequences.labels,
+                                   padding_free=self.padding_free)
+        return list(logps.split(schema.rows_per_kind(batch, prefixes)))
+
+    def autocast(self):
+        """torch.autocast in model.autocast_dtype around forwards (nothing when it is null)."""
+        dtype = self.autocast_dtype
+        return torch.autocast(self.device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+
+    def stack_sequences(self, batch: Dict, prefixes: Tuple[str, ...]) -> Tuple[torch.Tensor, ...]:
+        """(input_ids, attention_mask, labels) of every kind's sequences, stacked and right-padded, on the device."""
+        sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
+        return sequences.input_ids, sequences.attention_mask, sequences.labels
+
+    def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
+        """Reference log-probs of every kind of the batch the trainer reads (`prefixes`)."""
+        return self.reference(batch, self.prefixes)
+
+    def cache_reference_logprobs(self) -> None:
+        """Compute every reference log-prob of the run (train and eval) in one pass, then free the reference model."""
+        batches = (batch for part in (self.train_iterator, self.eval_batches) for batch in part)
+        self.reference = CachedReference.build(self.reference_cache, self.reference, batches,
+                                               len(self.train_iterator) + len(self.eval_batches), self.prefixes,
+                                               self.device)
+        self.reference_model = None
+
+    # --- the loop
+    def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def global_batch_size(self, batch: Dict) -> int:
+        return schema.batch_size(batch) * self.world_size
+
+    def check_finite(self, loss: torch.Tensor, first_prompt: str) -> None:
+        """Stop, naming the step and the batch's first prompt, when the loss is NaN or infinite on any rank."""
+        finite = bool(torch.isfinite(loss))
+        if all_reduce_sum(torch.tensor(0.0 if finite else 1.0)).item() == 0:
+            return
+        latest = os.path.join(self.run_dir, checkpoint.LATEST)
+        saved = f"the last checkpoint in {latest} is intact (resume with ++resume=true)" \
+            if checkpoint.resolve_checkpoint_dir(latest) else "no checkpoint had been written yet"
+        where = f"on this rank ({self.rank}), first prompt {first_prompt[:80]!r}" if not finite else "on another rank"
+        raise FloatingPointError(
+            f"non-finite training loss at optimizer step {self.batch_counter}, after microbatch {self.batches_seen} "
+            f"({self.example_counter} examples) {where}. Nothing was saved: {saved}.")
+
+    def accumulate(self, loss: torch.Tensor, metrics: Dict[str, torch.Tensor], first_prompt: str,
+                   n_microbatches: int) -> None:
+        """Check the loss, backpropagate loss / G (the mean over G microbatches = the mean over one big batch)
+        and record the metrics."""
+        self.check_finite(loss, first_prompt)
+        (loss / n_microbatches).backward()
+        for name, values in metrics.items():
+            self.train_metrics.add(name, values)
+
+    def train_step(self, microbatches: List[Dict]) -> float:
+        """One optimizer step on G microbatches (fewer at the very end); returns the last microbatch's loss."""
+        for batch in microbatches:
+            loss, metrics = self.get_batch_metrics(batch, 'train')
+            self.accumulate(loss, metrics, batch[schema.PROMPT_TEXT][0], len(microbatches))
+        self.optimizer_step()
+        return loss.item()
+
+    def train(self) -> None:
+        """Optimizer-step loop: evaluate (and checkpoint) every eval_every examples, then `train_step` on the
+        next G = gradient_accumulation_steps microbatches."""
+        if self.reference_cache and not isinstance(self.reference, CachedReference):
+            self.cache_reference_logprobs()
+        self.train_iterator.skip_batches = self.batches_seen
+        progress = tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
+                        disable=not on_rank0())
+        last_log = time.time()
+        next_eval = 0 if self.do_first_eval and not self.batches_seen else \
+            (self.example_counter // self.eval_every + 1) * self.eval_every
+        self.policy.train()
+        for microbatches in chunked(self.train_iterator, self.accumulation_steps):
+            if self.example_counter >= next_eval:
+                self.evaluate()
+                next_eval = (self.example_counter // self.eval_every + 1) * self.eval_every
+                if self.example_counter > 0:
+                    self.save_checkpoint()
+
+            start = time.time()
+            loss = self.train_step(microbatches)
+            examples = sum(self.global_batch_size(batch) for batch in microbatches)
+            self.batches_seen += len(microbatches)
+            self.example_counter += examples
+            examples_per_second = examples / (time.time() - start)
+            progress.update(len(microbatches))
+            progress.set_postfix(loss=f'{loss:.4g}', examples_per_s=f'{examples_per_second:.3g}')
+            due = time.time() - last_log >= self.minimum_log_interval_secs
+            if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
+                self.log_train_metrics(examples_per_second)
+                last_log = time.time()
+        if self.train_metrics.counts:
+            self.log_train_metrics(None)
+        progress.close()
+
+    def optimizer_step(self) -> None:
+        self.grad_norm = self.clip_gradient()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.batch_counter += 1
+
+    def clip_gradient(self) -> float:
+        return clip_gradient_norm(self.policy.parameters(), self.max_grad_norm)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Mean eval metrics over the whole test set (all ranks' slices)."""
+        self.policy.eval()
+        accumulator = MetricAccumulator()
+        with torch.no_grad():
+            for batch in tqdm(self.eval_batches, desc='evaluating', disable=not on_rank0(), leave=False):
+                _, metrics = self.get_batch_metrics(batch, 'eval')
+                for name, values in metrics.items():
+                    accumulator.add(name, values)
+        results = add_margins(accumulator.means())
+        self.policy.train()
+        self.log(results)
+        rank0_print(f'eval after {self.example_counter} examples: {formatted_dict(results)}')
+        self.last_eval_metrics = results
+        return results
+
+    def log_train_metrics(self, examples_per_second: Optional[float]) -> None:
+        metrics = add_margins(self.train_metrics.means())
+        metrics.update({'grad_norm': self.grad_norm, 'lr': self.scheduler.get_last_lr()[0],
+                        'counters/examples': self.example_counter, 'counters/updates': self.batch_counter})
+        if examples_per_second is not None:
+            metrics['examples_per_second'] = examples_per_second
+        self.train_metrics.reset()
+        self.log(metrics)
+
+    def log(self, metrics: Dict[str, float]) -> None:
+        """To wandb (when a run is active) and to <run_dir>/metrics.jsonl, keyed by the example counter."""
+        if not on_rank0():
+            return
+        wandb = sys.modules.get('wandb')  # imported (by train.py) only when a wandb run is wanted
+        if wandb is not None and wandb.run is not None:
+            wandb.log(metrics, step=self.example_counter)
+        with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
+            f.write(json.dumps({'step': self.example_counter, **metrics}) + '\n')
+
+    # --- checkpoints (the format: halos/checkpoint.py)
+    def policy_state_dict(self) -> Dict[str, torch.Tensor]:
+        """The full policy state dict (gathered from the shards under FSDP2) on CPU."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def optimizer_state_dict(self) -> Dict:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        return get_optimizer_state_dict(self.policy, self.optimizer,
+                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+    def trainer_state(self) -> Dict:
+        """Counters, data position and RNG: what resuming needs beyond the weights and the optimizer."""
+        return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
+                'batches_seen': self.batches_seen, 'rng': checkpoint.get_rng_state()}
+
+    def restore_trainer_state(self, state: Dict) -> None:
+        self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
+        self.batches_seen = state['batches_seen']
+        checkpoint.set_rng_state(state['rng'])
+
+    def save_checkpoint(self, final: bool = False) -> None:
+        """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints; LATEST/hf when final), atomically."""
+        policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
+        if on_rank0():
+            saved = checkpoint.Checkpoint(policy_state, optimizer_state, self.scheduler.state_dict(),
+                                          self.trainer_state(), self.last_eval_metrics)
+            export = (lambda directory: self.export_hf(directory, policy_state)) if final else None
+            checkpoint.save(os.path.join(self.run_dir, checkpoint.LATEST), saved, export)
+            if self.keep_intermediate_checkpoints and not final:
+                checkpoint.save(os.path.join(self.run_dir, f'step-{self.example_counter}'), saved)
+            self.tokenizer.save_pretrained(self.run_dir)
+            rank0_print(f'saved checkpoint after {self.example_counter} examples to {self.run_dir}/{checkpoint.LATEST}')
+        barrier()
+
+    def export_hf(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
+        checkpoint.export_hf(self.policy, self.tokenizer, policy_state, directory)
+
+    def load_checkpoint(self, directory: str) -> None:
+        """Restore policy, optimizer, scheduler, counters, data position and RNG from a checkpoint directory."""
+        from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                             set_optimizer_state_dict)
+        saved = checkpoint.load(directory)
+        options = StateDictOptions(full_state_dict=True)
+        set_model_state_dict(self.policy, saved.policy_state, options=options)
+        set_optimizer_state_dict(self.policy, self.optimizer, saved.optimizer_state, options=options)
+        self.scheduler.load_state_dict(saved.scheduler_state)
+        self.restore_trainer_state(saved.trainer_state)
+        self.last_eval_metrics = saved.metrics
+        rank0_print(f'resumed from {saved.directory} after {self.example_counter} examples ({self.batch_counter} steps)')

@@ -1,0 +1,167 @@
+"""Every loss and advantage function of halos, pure: tensors in, tensors out, hyperparameters as arguments.
+
+Sequence-level losses take summed (or, where the docstring says, per-token mean) completion log-probs of
+shape [batch] and return per-example losses plus detached rewards for logging. Token-level functions take
+[batch, T-1] tensors where position t holds the prediction of token t+1 and `mask` is 1 on completion tokens.
+trainers.py re-exports them all, so `from trainers import dpo_loss` keeps working.
+"""
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from utils import all_reduce_sum
+
+
+# ---------------------------------------------------------------- loss functions
+# Inputs are summed completion log-probs, shape [batch]. Rewards are detached, for logging.
+
+def sft_loss(policy_logps: torch.Tensor) -> torch.Tensor:
+    """L_i = -log pi(y_i | x_i), the summed NLL of the target completion."""
+    return -policy_logps
+
+
+def dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             beta: float, label_smoothing: float = 0.0):
+    """DPO (Rafailov et al. 2023, eq. 7), with conservative label smoothing epsilon:
+
+        h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]
+        L = -(1 - epsilon) log sigmoid(beta h) - epsilon log sigmoid(-beta h)
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    losses = -(1 - label_smoothing) * F.logsigmoid(beta * h) - label_smoothing * F.logsigmoid(-beta * h)
+    return losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach()
+
+
+def ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             tau: float):
+    """IPO (Azar et al. 2023, eq. 17) on summed log-probs: L = (h - 1 / (2 tau))^2, h as in DPO."""
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    losses = (chosen_logratios - rejected_logratios - 1 / (2 * tau)) ** 2
+    return losses, tau * chosen_logratios.detach(), tau * rejected_logratios.detach()
+
+
+def slic_loss(policy_chosen_logps, policy_rejected_logps, delta: float, lambda_coef: float):
+    """SLiC-HF (Zhao et al. 2023): L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w).
+
+    Rewards are the raw summed log-probs (there is no reference model).
+    """
+    losses = torch.clamp(delta - policy_chosen_logps + policy_rejected_logps, min=0) \
+        - lambda_coef * policy_chosen_logps
+    return losses, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+
+
+def kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+             reference_point, beta: float, desirable_weight: float = 1.0, undesirable_weight: float = 1.0):
+    """KTO (Ethayarajh et al. 2024), with r = log pi(y|x) - log pi_ref(y|x) and reference point z0:
+
+        desirable:   L = lambda_D (1 - sigmoid(beta (r - z0)))
+        undesirable: L = lambda_U (1 - sigmoid(beta (z0 - r)))
+
+    Returns the desirable losses followed by the undesirable ones.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_losses = desirable_weight * (1 - torch.sigmoid(beta * (chosen_logratios - reference_point)))
+    rejected_losses = undesirable_weight * (1 - torch.sigmoid(beta * (reference_point - rejected_logratios)))
+    return (torch.cat((chosen_losses, rejected_losses)), beta * chosen_logratios.detach(),
+            beta * rejected_logratios.detach())
+
+
+def simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
+                    beta: float):
+    """The first KTO of HALOs: each half's reference point is the other half's mean log-ratio.
+
+        KL_c = max(0, mean r_c),  KL_u = max(0, mean r_u)      (not detached)
+        desirable:   L = 1 - sigmoid(beta (r_c - KL_u))
+        undesirable: L = 1 - sigmoid(beta (KL_c - r_u))
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    chosen_kl = chosen_logratios.mean().clamp(min=0)
+    rejected_kl = rejected_logratios.mean().clamp(min=0)
+    chosen_losses = 1 - torch.sigmoid(beta * (chosen_logratios - rejected_kl))
+    rejected_losses = 1 - torch.sigmoid(beta * (chosen_kl - rejected_logratios))
+    return (torch.cat((chosen_losses, rejected_losses)), beta * chosen_logratios.detach(),
+            beta * rejected_logratios.detach())
+
+
+# ---------------------------------------------------------------- offline PPO
+# Token-level tensors are [batch, T-1]: position t holds the prediction of token t+1, `mask` is 1 on
+# completion tokens.
+
+def generalized_advantages(values: torch.Tensor, rewards: torch.Tensor, mask: torch.Tensor, gamma: float,
+                           lam: float, target_includes_reward: bool = True) -> Tuple[torch.Tensor, ...]:
+    """GAE (Schulman et al. 2016) backwards over the tokens, with V = 0 after the last one:
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = delta_t + gamma lam A_{t+1}
+        value target G_t = r_t + gamma G_{t+1}            (target_includes_reward, as in later HALOs)
+                  or G_t = r_{t+1} + gamma G_{t+1}        (the rewards strictly after t, HALOs 406ed27)
+
+    Returns (advantages, returns = A + V, value targets), all masked.
+    """
+    values, rewards = values * mask, rewards * mask
+    advantages, targets = torch.zeros_like(values), torch.zeros_like(values)
+    gae = future_return = torch.zeros_like(values[:, 0])
+    for t in reversed(range(values.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < values.shape[1] else torch.zeros_like(gae)
+        gae = rewards[:, t] + gamma * next_value - values[:, t] + gamma * lam * gae
+        advantages[:, t] = gae
+        if target_includes_reward:
+            future_return = rewards[:, t] + gamma * future_return
+            targets[:, t] = future_return
+        else:
+            targets[:, t] = future_return
+            future_return = rewards[:, t] + gamma * future_return
+    advantages = advantages * mask
+    return advantages, advantages + values, targets * mask
+
+
+def whiten_advantages(advantages: List[torch.Tensor], masks: List[torch.Tensor]) -> List[torch.Tensor]:
+    """A_hat = (A - mean) / sqrt(var + 1e-8), with the mean and (population) variance over the completion
+    tokens of every given microbatch on every rank."""
+    sums = torch.stack([sum((a * m).sum() for a, m in zip(advantages, masks)),
+                        sum((a ** 2 * m).sum() for a, m in zip(advantages, masks)),
+                        sum(m.sum() for m in masks)]).double()
+    total, total_of_squares, count = all_reduce_sum(sums).tolist()
+    mean = total / count
+    std = (total_of_squares / count - mean ** 2 + 1e-8) ** 0.5
+    return [((a - mean) / std * m).detach() for a, m in zip(advantages, masks)]
+
+
+def ppo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, advantages: torch.Tensor, values: torch.Tensor,
+             value_targets: torch.Tensor, mask: torch.Tensor, cliprange: float, critic_coef: float, KL_coef: float,
+             archangel: bool = False, n_tokens: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, Dict]:
+    """The clipped surrogate with a critic and a KL term, as token means over the completion tokens:
+
+        ratio = exp(log pi - log pi_old),  pi_old = the reference model (offline data)
+        L_policy = mean(max(-A ratio, -A clip(ratio, 1 - c, 1 + c)))
+        L_critic = 0.5 mean((V - G)^2)
+        L_KL     = mean(log pi - log pi_old)                       (a penalty on drifting from pi_old)
+        L = L_policy + critic_coef L_critic + KL_coef L_KL
+
+    archangel=True reproduces HALOs 406ed27 (the Archangel models): clip(ratio, c, 1/c) and
+    L_KL = mean(log pi_old - log pi). `n_tokens` overrides the token count of the means (for a global mean).
+    Returns (loss, {policy, critic, KL, clipfrac} as detached scalars).
+    """
+    n_tokens = mask.sum() if n_tokens is None else n_tokens
+    mean = lambda x: (x * mask).sum() / n_tokens
+    log_ratio = policy_logps - old_logps
+    ratio = torch.exp(log_ratio)
+    low, high = (cliprange, 1 / cliprange) if archangel else (1 - cliprange, 1 + cliprange)
+    unclipped, clipped = -advantages * ratio, -advantages * torch.clamp(ratio, low, high)
+    policy_loss = mean(torch.max(unclipped, clipped))
+    critic_loss = 0.5 * mean((values - value_targets) ** 2)
+    KL_term = mean(-log_ratio if archangel else log_ratio)
+    loss = policy_loss + critic_coef * critic_loss + KL_coef * KL_term
+    stats = {'policy': policy_loss, 'critic': critic_loss, 'KL': KL_term, 'clipfrac': mean((clipped > unclipped).float())}
+    return loss, {name: value.detach() for name, value in stats.items()}
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """H = logsumexp(z) - sum softmax(z) z per position: [B, T, V] -> [B, T]."""
+    logits = logits.float()
+    return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)

@@ -1,0 +1,85 @@
+"""The token-level RL family's machinery (offline PPO today; GRPO and online PPO build on it): experience
+microbatches, per-token forwards, rewards on the last token, and the reshuffle of an optimizer step's
+experience across microbatches and ranks.
+
+Token-level tensors are [rows, T] like the sequences, with position t holding the value for the
+prediction of token t+1 (so their last column is always 0); `mask` is 1 on completion tokens.
+"""
+from dataclasses import dataclass, fields, replace
+from typing import Callable, List, Tuple
+
+import torch
+
+from halos.batch import IGNORE_INDEX
+from utils import all_gather_rows, get_batch_logps, pad_to_length
+
+
+@dataclass(frozen=True)
+class Experience:
+    """One microbatch of experience."""
+    input_ids: torch.Tensor       # [rows, T] prompt + completion
+    attention_mask: torch.Tensor  # [rows, T]
+    labels: torch.Tensor          # [rows, T] -100 on prompt and padding
+    old_logps: torch.Tensor       # [rows, T] token log-probs of the behaviour ("old") policy
+    mask: torch.Tensor            # [rows, T] 1 where position t predicts a completion token
+    advantages: torch.Tensor      # [rows, T]
+    value_targets: torch.Tensor   # [rows, T]
+
+    def trimmed(self) -> 'Experience':
+        """Cut to the longest sequence; the token-level tensors to one column less (the predictions)."""
+        longest = int(self.attention_mask.sum(1).max())
+        return Experience(*(getattr(self, f.name)[:, :longest if f.name in SEQUENCE_FIELDS else longest - 1]
+                            for f in fields(self)))
+
+
+SEQUENCE_FIELDS = ('input_ids', 'attention_mask', 'labels')
+
+
+def completion_mask(labels: torch.Tensor) -> torch.Tensor:
+    """[rows, T] labels -> [rows, T-1] float mask of the positions that predict a completion token."""
+    return (labels[:, 1:] != IGNORE_INDEX).float()
+
+
+def rewards_on_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[rows] sequence scores -> [rows, T-1] token rewards: each score on its row's last completion token."""
+    rewards = torch.zeros_like(mask)
+    rewards[torch.arange(len(scores)), mask.cumsum(1).argmax(1)] = scores.float()
+    return rewards
+
+
+def full_length(tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """[rows, T-1] token-level values padded with one 0 column to the sequences' length T."""
+    return pad_to_length(tokens, length, 0)
+
+
+def token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
+                autocast: Callable) -> torch.Tensor:
+    """[rows, T-1] masked log-probs of each completion token under `model` (one padded forward)."""
+    with autocast():
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return get_batch_logps(logits, labels, token_level=True)
+
+
+def reshuffled(experience: List[Experience], seed: int, rank: int, world_size: int,
+               pad_token_id: int) -> List[Experience]:
+    """The experience's rows gathered from every rank, permuted (the same seeded permutation on every rank)
+    and cut back into microbatches of the same sizes: this rank's slice of each, trimmed."""
+    padding = {f.name: 0 for f in fields(Experience)}
+    padding.update(input_ids=pad_token_id, labels=IGNORE_INDEX)
+    gathered = {name: [all_gather_rows(getattr(part, name), pad) for part in experience] for name, pad in padding.items()}
+    length = max(t.shape[1] for t in gathered['input_ids'])
+    rows = {name: torch.cat([pad_to_length(t, length, padding[name]) for t in parts]) for name, parts in gathered.items()}
+    sizes = [t.shape[0] for t in gathered['input_ids']]
+    permutation = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed)).to(rows['input_ids'].device)
+    return [Experience(**{name: values[indices.tensor_split(world_size)[rank]] for name, values in rows.items()}).trimmed()
+            for indices in permutation.split(sizes)]
+
+
+def with_advantages(experience: List[Experience], advantages: List[torch.Tensor]) -> List[Experience]:
+    return [replace(part, advantages=values) for part, values in zip(experience, advantages)]
+
+
+def masked_stats(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Mean and population variance of the masked entries."""
+    selected = values[mask.bool()]
+    return selected.mean(), selected.var(unbiased=False)

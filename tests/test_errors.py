@@ -1,0 +1,126 @@
+"""Mistakes a user can fix end train.py and eval.py with one line on stderr that names the file, record and
+field (or the config key, or the checkpoint), and exit status 2, without a traceback.
+
+The entry points' Hydra mains run in this process (fast); one case also runs as a real command line.
+"""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import DATA, ROOT, base_overrides
+
+
+def feedback_file(directory, name, lines=None, content=None):
+    path = directory / name
+    if content is not None:
+        path.write_bytes(content)
+    else:
+        path.write_text(''.join(json.dumps(line) + '\n' for line in lines))
+    return str(path)
+
+
+def torch_optimizers():
+    import torch
+    return sorted(name for name, c in vars(torch.optim).items()
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+
+
+CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs', 'unknown role', 'one split only',
+         'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
+         'eval: unknown key', 'eval: unknown mode']
+
+
+def cases(tmp_path):
+    """name -> (script, overrides, the exact message after '<script>: ')."""
+    binary = {'prompt': 'Say hi.', 'output': 'Hi!', 'label': 1}
+    latin1 = feedback_file(tmp_path, 'latin1.jsonl', content=b'{"prompt": "Caf\xe9?", "output": "Oui.", "label": 1}\n')
+    empty = feedback_file(tmp_path, 'empty.jsonl', content=b'')
+    same = feedback_file(tmp_path, 'same.jsonl', [binary, {'prompt': 'Pick one.', 'output_A': 'This one.',
+                                                           'output_B': 'This one.', 'label': 1}])
+    role = feedback_file(tmp_path, 'role.jsonl', [binary, {'prompt': [{'role': 'user', 'content': 'Hi'},
+                                                                      {'role': 'bot', 'content': 'Hello'},
+                                                                      {'role': 'user', 'content': 'Bye'}],
+                                                           'output': 'Bye!', 'label': 0}])
+    train_only = feedback_file(tmp_path, 'train_only.jsonl', [dict(binary, split='train')] * 3)
+    missing = os.path.join(DATA, 'bad', 'missing_field.jsonl')
+    return {
+        'missing field': ('train.py', [f'datasets=[{missing}]'],
+                          f"{missing}: record 3: missing field 'output_B'"),
+        'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],
+                      f"{latin1}: not UTF-8 text (byte 15, line 1: invalid continuation byte); save the file as UTF-8"),
+        'empty feedback file': ('train.py', [f'datasets=[{empty}]'], f"{empty}: the file holds no feedback records"),
+        'identical outputs': ('train.py', [f'datasets=[{same}]'],
+                              f"{same}: record 2: fields 'output_A' and 'output_B' are the same text; a preference "
+                              f"needs two different outputs"),
+        'unknown role': ('train.py', [f'datasets=[{role}]'],
+                         f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
+        'one split only': ('train.py', [f'datasets=[{train_only}]'],
+                           f"{train_only}: no records for split 'test': every record's 'split' field names another "
+                           f"split (train); records without a 'split' field are used for both splits"),
+        'unknown key': ('train.py', ['++model.bach_size=8'],
+                        "++model.bach_size=8: no config defines the key 'model.bach_size'; did you mean model.batch_size or "
+                        "model.eval_batch_size?"),
+        'unknown loss key': ('train.py', ['++loss.betta=0.2'],
+                             "++loss.betta=0.2: no config defines the key 'loss.betta'; did you mean loss.beta?"),
+        'missing load_from': ('train.py', ['++model.load_from=no_run/LATEST/policy.pt'],
+                              f"model.load_from='no_run/LATEST/policy.pt' does not exist (looked in "
+                              f"cache_dir='{tmp_path}' and the working directory); give a policy.pt file or an HF "
+                              f"model directory"),
+        'resume without a checkpoint': ('train.py', ['++resume=true'],
+                                        f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST"),
+        'bad optimizer': ('train.py', ['++optimizer=Adamm'],
+                          f"optimizer=Adamm is not a torch.optim optimizer; valid: {', '.join(torch_optimizers())}"),
+        'eval: unknown key': ('eval.py', ['++n_sample=3'],
+                              "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
+        'eval: unknown mode': ('eval.py', ['++mode=samples'], "mode=samples: eval.py takes mode=sample, eval, alpacaeval"),
+    }
+
+
+def last_line(stderr: str) -> str:
+    """The last line written (progress bars before it redraw with carriage returns)."""
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def run_in_process(monkeypatch, capsys, script: str, argv: list):
+    """Run train.py's or eval.py's main (the Hydra entry point) in this process; (exit status, stderr)."""
+    import importlib
+    module = importlib.import_module(script[:-len('.py')])
+    monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
+    monkeypatch.setattr(sys, 'argv', [script] + argv)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        module.main()
+    return exit.value.code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_a_user_error_ends_with_one_line_and_status_2(tmp_path, monkeypatch, capsys, name):
+    script, overrides, message = cases(tmp_path)[name]
+    hydra_dir = [f'hydra.run.dir={tmp_path / "hydra"}']
+    if script == 'train.py':
+        argv = [f'--config-path={ROOT}/config'] + base_overrides(tmp_path, 'dpo', 'test') + hydra_dir + overrides
+    else:
+        from helpers import make_config
+        from omegaconf import OmegaConf
+        run_dir = tmp_path / 'run'
+        run_dir.mkdir()
+        (run_dir / 'config.yaml').write_text(OmegaConf.to_yaml(make_config(tmp_path, loss='sft')))  # as train.py saves it
+        argv = [f'--config-path={run_dir}'] + hydra_dir + overrides
+    status, stderr = run_in_process(monkeypatch, capsys, script, argv)
+    assert status == 2, stderr[-2000:]
+    assert 'Traceback' not in stderr and 'HYDRA_FULL_ERROR' not in stderr
+    assert last_line(stderr) == f'{script}: {message}'
+
+
+def test_the_command_line_exits_with_status_2_and_hydra_full_error_shows_the_traceback(tmp_path):
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path) + ['++model.bach_size=8']
+    env = {key: value for key, value in os.environ.items() if key != 'HYDRA_FULL_ERROR'}
+    plain = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert plain.returncode == 2 and 'Traceback' not in plain.stderr
+    assert last_line(plain.stderr).startswith("train.py: ++model.bach_size=8: no config defines the key")
+    full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                          env=dict(env, HYDRA_FULL_ERROR='1'))
+    assert full.returncode == 1 and 'Traceback' in full.stderr and 'ConfigError' in full.stderr
