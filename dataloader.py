@@ -12,10 +12,10 @@ tokenize lazily and yield padded batches (the keys: halos/batch.py). The shared 
 halos.batching.DataLoader; each loader below says only how Examples become items and items become elements.
 """
 import random
-from typing import List
+from typing import Dict, List
 
 from halos import batch as schema
-from halos.batching import DataLoader, PairItem
+from halos.batching import DataLoader, PairItem, ScoredItem
 from halos.datasets import (DATASETS, get_alpacaeval, get_hh, get_hh_harmless, get_hh_helpful, get_oasst,
                             get_shp, get_ultrabin, load_dataset, load_raw_records)
 from halos.errors import ConfigError, DataError
@@ -27,7 +27,7 @@ __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get
            'get_hh_harmless', 'get_hh_helpful', 'get_oasst', 'get_shp', 'get_ultrabin', 'load_dataset',
            'load_raw_records', 'read_json_records', 'render_turns', 'DataLoader', 'SFTDataLoader',
            'UnpairedPreferenceDataLoader', 'SimpleKTODataLoader', 'ConditionalSFTDataLoader',
-           'PairedPreferenceDataLoader', 'get_dataloader_class']
+           'PairedPreferenceDataLoader', 'GroupUnpairedPreferenceDataLoader', 'get_dataloader_class']
 
 class SFTDataLoader(DataLoader):
     """One item per prompt: its SFT target generations[sft_index]. `prompt_suffix` is appended to every
@@ -138,6 +138,58 @@ class PairedPreferenceDataLoader(DataLoader):
         return [self.tokenize_element(item.example, self.prompt_text(item.example),
                                       {schema.CHOSEN: item.chosen, schema.REJECTED: item.rejected})
                 for item in items]
+
+
+class GroupUnpairedPreferenceDataLoader(DataLoader):
+    """Scored completions grouped by prompt (GRPO): every global batch holds whole groups, so a group's
+    statistics are those of all its completions (a group larger than batch_size is cut into parts of
+    batch_size, each then a group, and counted). The score is the data's reward, else +1 for a desirable
+    and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
+    evenly as possible across processes."""
+
+    def flatten(self, examples):
+        rng = random.Random(self.seed)
+        items = []
+        for example in examples:
+            if example.scores and all(score is not None for score in example.scores):
+                scored = zip(example.generations, example.scores)
+            else:
+                scored = [(text, 1.0 if is_desirable else -1.0) for text, is_desirable in self.unary_labels(example, rng)]
+            scored = [ScoredItem(example, completion, float(score)) for completion, score in scored]
+            self.counts['groups larger than batch_size, cut into parts'] += len(scored) > self.batch_size
+            items += scored
+        return items
+
+    def epoch_batches(self, rng):
+        groups: Dict[str, List[ScoredItem]] = {}
+        for item in self.items:
+            groups.setdefault(item.example.group_key(), []).append(item)
+        order = list(groups.values())
+        rng.shuffle(order)
+        batches, current = [], []
+        for group in order:
+            if len(group) > self.batch_size:  # cut into parts that each fill a batch (and are each a group)
+                parts = [group[start:start + self.batch_size] for start in range(0, len(group), self.batch_size)]
+            else:
+                parts = [group]
+            for part in parts:
+                if len(current) + len(part) > self.batch_size:
+                    batches.append(current)
+                    current = []
+                current += part
+        return batches + [current] if current else batches
+
+    def local_items(self, global_batch):
+        bounds = [round(rank * len(global_batch) / self.world_size) for rank in range(self.world_size + 1)]
+        return global_batch[bounds[self.rank]:bounds[self.rank + 1]]
+
+    def tokenize_items(self, items, global_batch):
+        elements = []
+        for item in items:
+            element = self.tokenize_element(item.example, self.prompt_text(item.example), {schema.TARGET: item.completion})
+            element.update({schema.SCORE: item.score, schema.PROMPT_ID: item.example.group_key()})
+            elements.append(element)
+        return elements
 
 
 def get_dataloader_class(name: str) -> type:

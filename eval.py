@@ -63,9 +63,9 @@ def sample(config: DictConfig, dataset_names, include_original_prompt: bool = Fa
     samples = []
     with tqdm(total=min(len(loader.items), config.n_samples or len(loader.items)), desc='sampling') as progress:
         for batch in loader:
-            for i, completion in enumerate(complete(batch)):
-                sample_record = {'prompt': batch[schema.PROMPT_TEXT][i], 'chosen': batch[schema.key(schema.TARGET, schema.TEXT)][i],
-                                 'policy': completion}
+            for i, (completion,) in enumerate(complete(batch, 1)):
+                sample_record = {'prompt': batch[schema.PROMPT_TEXT][i],
+                                 'chosen': batch[schema.key(schema.TARGET, schema.TEXT)][i], 'policy': completion.text}
                 if include_original_prompt:
                     sample_record['original_prompt'] = batch[schema.ORIGINAL_PROMPT][i]
                 samples.append(sample_record)

@@ -164,17 +164,21 @@ def add_value_head(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+HEADS_A_CHECKPOINT_MAY_LACK = ('v_head.', 'score.')  # a fresh head is kept (an SFT policy's checkpoint for PPO or a RM)
+HEADS_A_MODEL_MAY_LACK = ('v_head.', 'score.', 'lm_head.')  # dropped (a PPO checkpoint for a plain LM, an LM for a RM)
+
+
 def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
     """Load the state of the HALOs policy.pt at `path` into `model`, with a clear error when it does not match.
 
-    A PPO checkpoint's `v_head.*` keys are dropped for a plain causal LM; a model with a value head
-    loaded from a checkpoint without one (an SFT policy) keeps its freshly initialised head.
+    Heads that one kind of model has and another lacks are reconciled: a PPO checkpoint's `v_head.*` keys
+    are dropped for a plain causal LM and an LM's `lm_head.*` for a reward model, and a model with a value
+    head or a score head loaded from a checkpoint without one keeps its freshly initialised head.
     """
-    if hasattr(model, 'v_head'):
-        if not any(key.startswith('v_head.') for key in state):
-            state = {**state, **{f'v_head.{key}': value for key, value in model.v_head.state_dict().items()}}
-    else:
-        state = {key: value for key, value in state.items() if not key.startswith('v_head.')}
+    own = model.state_dict()
+    state = {key: value for key, value in state.items() if key in own or not key.startswith(HEADS_A_MODEL_MAY_LACK)}
+    state.update({key: value for key, value in own.items()
+                  if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})
     try:
         model.load_state_dict(state)
     except RuntimeError as error:
@@ -183,8 +187,10 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
 
 def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,
                    load_from: Optional[str] = None, cache_dir: str = '.cache/',
-                   vocab_size: Optional[int] = None, value_head: bool = False) -> torch.nn.Module:
-    """An AutoModelForCausalLM in `dtype` (with a ValueHead for PPO), optionally initialised from `load_from`.
+                   vocab_size: Optional[int] = None, value_head: bool = False,
+                   model_class=AutoModelForCausalLM, **model_options) -> torch.nn.Module:
+    """An AutoModelForCausalLM in `dtype` (with a ValueHead for PPO; or another `model_class`, such as a sequence
+    classifier), optionally initialised from `load_from` (a policy.pt or an HF directory).
 
     `vocab_size` (when larger than the model's) resizes the embeddings after loading, for added
     control tokens.
@@ -193,8 +199,9 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
     if checkpoint is not None and os.path.isdir(checkpoint):
         path, checkpoint = checkpoint, None
-    model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention))
+    model = model_class.from_pretrained(
+        path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention),
+        **model_options)
     if value_head:
         add_value_head(model)
     if checkpoint is not None:
@@ -205,4 +212,17 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
         load_state_into(model, state, checkpoint)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
+    return model
+
+
+def load_sequence_classifier(name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
+    """A one-logit AutoModelForSequenceClassification on the policy's architecture (a Bradley-Terry reward
+    model), its backbone from the model or `load_from`, its score head new unless the checkpoint has one.
+    It reads its score at the last token that is not padding (EOS pads when the model names no pad token,
+    as halos' tokenizers do)."""
+    from transformers import AutoModelForSequenceClassification
+    model = load_causal_lm(name_or_path, dtype, model_class=AutoModelForSequenceClassification, num_labels=1,
+                           **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
     return model

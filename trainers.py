@@ -15,11 +15,12 @@ import models
 from halos import batch as schema
 from halos import rl
 from halos.errors import ConfigError
-from halos.labelers import reward_model_scores
+from halos.labelers import classifier_scores, reward_model_scores, write_reward_model_format
 from halos.loop import BasicTrainer
-from halos.losses import (dpo_loss, entropy_from_logits, generalized_advantages, ipo_loss, kto_loss,  # noqa: F401
-                          ppo_loss, sft_loss, simple_kto_loss, slic_loss, whiten_advantages)
-from utils import all_reduce_mean, clip_gradient_norm, find_class, get_batch_logps
+from halos.losses import (GRPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, entropy_from_logits, generalized_advantages,  # noqa: F401
+                          group_advantages, grpo_loss, grpo_token_losses, humanline_logratios, ipo_loss, kto_loss,
+                          orpo_loss, ppo_loss, sft_loss, simple_kto_loss, simpo_loss, slic_loss, whiten_advantages)
+from utils import all_reduce_mean, all_reduce_sum, clip_gradient_norm, find_class, get_batch_logps
 
 
 class SFTTrainer(BasicTrainer):
@@ -35,8 +36,29 @@ class SFTTrainer(BasicTrainer):
 
 
 class PreferenceTrainer(BasicTrainer):
-    """Shared metrics of the preference trainers; subclasses provide `compute_losses`."""
+    """Shared metrics of the preference trainers; subclasses provide `compute_losses`.
+
+    Under humanline (loss.humanline) the policy's summed log-probs are replaced by the sums of its clamped
+    per-token log-ratios to the reference, and the reference's by 0, so every loss() sees clamped log-ratios.
+    """
     abstract = True
+
+    def policy_logps(self, batch: Dict, kinds: Tuple[str, ...]) -> List[torch.Tensor]:
+        """Summed policy log-probs per kind, [rows] each; under humanline the summed clamped log-ratios (and
+        `self.unclamped` the fraction of each row's tokens inside the band)."""
+        if not self.humanline:
+            return self.concatenated_logps(self.policy, batch, kinds)
+        policy, mask = self.concatenated_token_logps(self.policy, batch, kinds)
+        with torch.no_grad():
+            reference, _ = self.concatenated_token_logps(self.reference_model, batch, kinds)
+        logratios, inside = humanline_logratios(policy, reference, mask, *self.humanline_band)
+        self.unclamped = inside / mask.sum(-1).clamp(min=1)
+        return list(logratios.sum(-1).split(schema.rows_per_kind(batch, kinds)))
+
+    def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
+        if not self.humanline:
+            return super().reference_logps(batch)
+        return [torch.zeros(rows, device=self.device) for rows in schema.rows_per_kind(batch, self.prefixes)]
 
     def compute_losses(self, batch: Dict):
         """-> (losses [n], chosen_rewards, rejected_rewards, accuracies [n], extra metrics {name: value})."""
@@ -47,6 +69,8 @@ class PreferenceTrainer(BasicTrainer):
         metrics = {f'rewards_{mode}/chosen': chosen_rewards, f'rewards_{mode}/rejected': rejected_rewards,
                    f'rewards_{mode}/accuracies': accuracies, f'loss/{mode}': losses.detach()}
         metrics.update({name.format(mode=mode): value for name, value in extra.items()})
+        if self.humanline:
+            metrics[f'rewards_{mode}/unclamped'] = self.unclamped
         return losses.mean(), metrics
 
 
@@ -55,12 +79,8 @@ class PairedPreferenceTrainer(PreferenceTrainer):
     abstract = True
     prefixes = (schema.CHOSEN, schema.REJECTED)
 
-    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        chosen_logps, rejected_logps = self.concatenated_logps(model, batch, self.prefixes)
-        return chosen_logps, rejected_logps
-
     def compute_losses(self, batch):
-        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
+        policy_chosen_logps, policy_rejected_logps = self.policy_logps(batch, self.prefixes)
         if self.use_reference_model:
             reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
             losses, chosen_rewards, rejected_rewards = self.loss(
@@ -74,6 +94,7 @@ class PairedPreferenceTrainer(PreferenceTrainer):
 
 class DPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
+    supports_humanline = True
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = -log sigmoid(beta h), h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]."""
@@ -83,6 +104,7 @@ class DPOTrainer(PairedPreferenceTrainer):
 
 class CDPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
+    supports_humanline = True
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = -(1 - epsilon) log sigmoid(beta h) - epsilon log sigmoid(-beta h)."""
@@ -92,6 +114,7 @@ class CDPOTrainer(PairedPreferenceTrainer):
 
 class IPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
+    supports_humanline = True
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = (h - 1 / (2 tau))^2 with tau = loss.beta."""
@@ -108,10 +131,59 @@ class SLiCTrainer(PairedPreferenceTrainer):
                          lambda_coef=self.config.loss.lambda_coef)
 
 
+class SimPOTrainer(PairedPreferenceTrainer):
+    use_reference_model = False
+    average_log_prob = True  # loss() gets per-token mean log-probs
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps):
+        """L = -log sigmoid(beta (r(y_w) - r(y_l) - gamma / beta)), r = mean token log-prob."""
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=self.config.loss.beta,
+                          gamma_beta_ratio=self.config.loss.gamma_beta_ratio)
+
+
+class ORPOTrainer(PairedPreferenceTrainer):
+    use_reference_model = False
+    average_log_prob = True  # loss() gets per-token mean log-probs
+
+    def loss(self, policy_chosen_logps, policy_rejected_logps):
+        """L = -l(y_w) + lambda (-log sigmoid(odds(y_w) - odds(y_l))), odds(y) = l(y) - log(1 - e^l(y))."""
+        return orpo_loss(policy_chosen_logps, policy_rejected_logps, lambda_coef=self.config.loss.lambda_coef)
+
+
+class BradleyTerryTrainer(PairedPreferenceTrainer):
+    """A reward model: a one-logit sequence-classification head on the policy's architecture scores each
+    prompt + completion; exported as an AutoModelForSequenceClassification directory (LATEST/hf) that the
+    reward-model labeler and loss=ppo's loss.reward_model load."""
+    use_reference_model = False
+
+    @classmethod
+    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
+        return models.load_sequence_classifier(name_or_path, dtype, **kwargs)
+
+    def loss(self, chosen_scores, rejected_scores):
+        """L = -log sigmoid(s(y_w) - s(y_l) - margin)."""
+        return bradley_terry_loss(chosen_scores, rejected_scores, margin=self.config.loss.margin)
+
+    def compute_losses(self, batch):
+        sequences = schema.Sequences.stacked(batch, self.prefixes, self.tokenizer.pad_token_id, self.device)
+        with self.autocast():
+            logits = self.policy(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        chosen_scores, rejected_scores = classifier_scores(logits.float()).split(schema.rows_per_kind(batch, self.prefixes))
+        losses, chosen_rewards, rejected_rewards = self.loss(chosen_scores, rejected_scores)
+        accuracies = (chosen_rewards > rejected_rewards).float()  # a tie is wrong
+        return losses, chosen_rewards, rejected_rewards, accuracies, {}
+
+    def export_hf(self, directory, policy_state):
+        """The reward model, with how its inputs were formatted (the labeler formats the same way)."""
+        super().export_hf(directory, policy_state)
+        write_reward_model_format(directory, self.config)
+
+
 class UnpairedPreferenceTrainer(PreferenceTrainer):
     """Trainers on desirable ('chosen') and undesirable ('rejected') examples, in any mix per batch."""
     abstract = True
     use_reference_model = True
+    supports_humanline = True
     prefixes = (schema.TARGET,)
 
     @staticmethod
@@ -120,12 +192,8 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
         is_desirable = batch[schema.IS_DESIRABLE].to(logps.device)
         return logps[is_desirable], logps[~is_desirable]
 
-    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor]:
-        logps, = self.concatenated_logps(model, batch, (schema.TARGET,))
-        return self.split_by_status(batch, logps)
-
     def compute_losses(self, batch):
-        policy_chosen_logps, policy_rejected_logps = self.forward(self.policy, batch)
+        policy_chosen_logps, policy_rejected_logps = self.split_by_status(batch, self.policy_logps(batch, self.prefixes)[0])
         reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, self.reference_logps(batch)[0])
         losses, chosen_rewards, rejected_rewards = self.loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
@@ -159,11 +227,11 @@ class KTOTrainer(UnpairedPreferenceTrainer):
     """KTO with the reference point z0 estimated from mismatched (x_i, y_{i+1}) 'KL' examples."""
     prefixes = (schema.TARGET, schema.KL)
 
-    def forward(self, model, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def policy_logps_with_kl(self, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen and rejected log-probs with gradient; the KL rows without (z0 is a constant)."""
-        chosen_logps, rejected_logps = super().forward(model, batch)
         with torch.no_grad():
-            KL_logps, = self.concatenated_logps(model, batch, (schema.KL,))
+            KL_logps, = self.policy_logps(batch, (schema.KL,))
+        chosen_logps, rejected_logps = self.split_by_status(batch, self.policy_logps(batch, (schema.TARGET,))[0])
         return chosen_logps, rejected_logps, KL_logps
 
     def reference_point(self, policy_KL_logps: torch.Tensor, reference_KL_logps: torch.Tensor) -> torch.Tensor:
@@ -185,7 +253,7 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         return losses, chosen_rewards, rejected_rewards, KL
 
     def compute_losses(self, batch):
-        policy_chosen_logps, policy_rejected_logps, policy_KL_logps = self.forward(self.policy, batch)
+        policy_chosen_logps, policy_rejected_logps, policy_KL_logps = self.policy_logps_with_kl(batch)
         reference_target_logps, reference_KL_logps = self.reference_logps(batch)
         reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, reference_target_logps)
         losses, chosen_rewards, rejected_rewards, KL = self.loss(
@@ -318,6 +386,67 @@ class PPOTrainer(BasicTrainer):
     def export_hf(self, directory, policy_state):
         """The LM alone, loadable with AutoModelForCausalLM (the value head stays in policy.pt)."""
         super().export_hf(directory, {k: v for k, v in policy_state.items() if not k.startswith('v_head.')})
+
+
+class GRPOTrainer(BasicTrainer):
+    """GRPO on scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole
+    within a global microbatch): group-normalised advantages, the per-token clipped ratio to the "old" policy
+    and the k3 KL to the reference. As in HALOs-2025 the reference model is the old policy: offline it is the
+    starting model; in online rounds with online.reference=previous it is the policy that sampled the round.
+    loss.loss_type picks the reduction (halos, grpo, dr_grpo, dapo; see grpo_loss)."""
+    use_reference_model = True
+    supports_humanline = True
+
+    def __init__(self, tokenizer, config, *args, **kwargs):
+        if config.loss.loss_type not in GRPO_LOSS_TYPES:
+            raise ConfigError(f"loss.loss_type={config.loss.loss_type}: GRPO takes {', '.join(GRPO_LOSS_TYPES)}")
+        super().__init__(tokenizer, config, *args, **kwargs)
+        self.max_completion_length = config.loss.max_completion_length or \
+            config.model.max_length - config.model.max_prompt_length
+
+    def global_batch_size(self, batch):
+        return int(all_reduce_sum(torch.tensor(schema.batch_size(batch))))  # ranks may hold unequal parts
+
+    def grpo_metrics(self, batch: Dict, mode: str, n_step_tokens=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """The loss of one microbatch (dapo: its share of the whole step's token mean) and its metrics."""
+        loss_config = self.config.loss
+        policy_logps, mask = self.concatenated_token_logps(self.policy, batch, (schema.TARGET,))
+        with torch.no_grad():
+            reference_logps, _ = self.concatenated_token_logps(self.reference_model, batch, (schema.TARGET,))
+        scores = batch[schema.SCORE].to(self.device)
+        advantages, degenerate = rl.group_advantages_across_ranks(scores, batch[schema.PROMPT_ID],
+                                                                  loss_config.std_epsilon, loss_config.unbiased_std)
+        log_ratios = policy_logps - reference_logps  # the reference is the old policy
+        if self.humanline:
+            log_ratios, inside = humanline_logratios(policy_logps, reference_logps, mask, *self.humanline_band)
+        token_losses, stats = grpo_token_losses(log_ratios, reference_logps - policy_logps, advantages,
+                                                loss_config.epsilon, loss_config.epsilon_high or loss_config.epsilon,
+                                                loss_config.beta)
+        n_tokens = n_step_tokens if loss_config.loss_type == 'dapo' and n_step_tokens else all_reduce_mean(mask.sum())
+        loss = grpo_loss(token_losses, mask, loss_config.loss_type, n_tokens,
+                         all_reduce_mean(torch.tensor(float(len(scores)), device=self.device)), self.max_completion_length)
+        token_mean = lambda values: (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        metrics = {f'loss/{mode}': loss.detach().reshape(1), f'rewards_{mode}/scores': scores,
+                   f'rewards_{mode}/advantages': advantages, f'rewards_{mode}/KL': token_mean(stats['KL']),
+                   f'clipfrac_{mode}/policy': token_mean(stats['clipped']),
+                   f'groups_{mode}/degenerate': degenerate.float()}
+        if self.humanline:
+            metrics[f'rewards_{mode}/unclamped'] = inside / mask.sum(-1).clamp(min=1)
+        return loss, metrics
+
+    def get_batch_metrics(self, batch, mode):
+        return self.grpo_metrics(batch, mode)
+
+    def train_step(self, microbatches):
+        """One optimizer step; for dapo the token mean runs over every microbatch of the step on every rank."""
+        local_tokens = sum(int(rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)]).sum())
+                           for batch in microbatches)
+        step_tokens = all_reduce_sum(torch.tensor(float(local_tokens))) / (len(microbatches) * self.world_size)
+        for batch in microbatches:
+            loss, metrics = self.grpo_metrics(batch, 'train', step_tokens.to(self.device))
+            self.accumulate(loss, metrics, batch[schema.PROMPT_TEXT][0], len(microbatches))
+        self.optimizer_step()
+        return loss.item()
 
 
 def get_trainer_class(name: str) -> type:

@@ -159,9 +159,9 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
     return token_logps.sum(-1)
 
 
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
-    """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32.
+def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor, padding_free: bool = True):
+    """The log-prob of every label token of right-padded [B, T] rows under `model`, in fp32.
 
     The LM head runs only at the K positions that predict a label (transformers' boolean
     `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
@@ -169,16 +169,18 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     of the same length with position ids restarting at every sequence; transformers turns that into a
     block-diagonal causal mask (SDPA, eager) or varlen flash-attention, so no token attends across
     sequences, and attention costs no more than in the padded batch.
+    Returns (token log-probs [K], their row [K], their predicting position t in the row [K]).
     """
     predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
     predicts_label[:, :-1] = labels[:, 1:] != -100                    # position t predicts token t+1
     next_labels = torch.roll(labels, -1, dims=1)                      # [B, T]: the token each position predicts
     rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
     if padding_free:
         packed = pack_rows(attention_mask.sum(1), input_ids=input_ids, predicts_label=predicts_label,
-                           next_labels=next_labels, rows=rows)
-        input_ids, predicts_label, next_labels, rows = (packed[key] for key in
-                                                        ('input_ids', 'predicts_label', 'next_labels', 'rows'))
+                           next_labels=next_labels, rows=rows, positions=positions)
+        input_ids, predicts_label, next_labels, rows, positions = (
+            packed[key] for key in ('input_ids', 'predicts_label', 'next_labels', 'rows', 'positions'))
         logits = model(input_ids=input_ids, position_ids=packed['position_ids'], logits_to_keep=predicts_label,
                        use_cache=False).logits
     else:
@@ -187,7 +189,29 @@ def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_ma
     logits = logits.reshape(-1, logits.shape[-1]).float()             # [K, V], row by row
     targets = next_labels[predicts_label]                             # [K]
     token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return torch.zeros(len(labels), device=logits.device).index_add(0, rows[predicts_label], token_logps)
+    return token_logps, rows[predicts_label], positions[predicts_label]
+
+
+def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
+    """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32
+    (see completion_token_logps)."""
+    token_logps, rows, _ = completion_token_logps(model, input_ids, attention_mask, labels, padding_free)
+    return torch.zeros(len(labels), device=token_logps.device).index_add(0, rows, token_logps)
+
+
+def token_level_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
+    """Per-token log-probs [B, T-1] (position t: the log-prob of token t+1; 0 where it is not a label), computed
+    like sequence_logps (completion-only LM head, packed rows)."""
+    token_logps, rows, positions = completion_token_logps(model, input_ids, attention_mask, labels, padding_free)
+    result = torch.zeros(labels.shape[0], labels.shape[1] - 1, device=token_logps.device, dtype=token_logps.dtype)
+    return result.index_put((rows, positions), token_logps)
+
+
+def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
+    """[B, T] labels -> [B] number of completion tokens of each row."""
+    return (labels[:, 1:] != -100).sum(1)
 
 
 def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict[str, torch.Tensor]:

@@ -12,6 +12,7 @@ A loader yields a dict per microbatch (HALOs' flat keys, which users' code may s
       k_combined_attention_mask
       k_labels                               [B, T] the combined ids with -100 on the prompt and on padding
     is_desirable                             [B] bool, for unpaired (desirable / undesirable) items
+    score, prompt_id                         [B] float and [B] str, for scored completions grouped by prompt (GRPO)
     original_prompt                          [B] the raw instruction (SFT items)
 
 Trainers read it through the typed views below (`Sequences.of`, `Sequences.stacked`, `labelled_completions`)
@@ -29,6 +30,7 @@ KINDS = (TARGET, CHOSEN, REJECTED, KL)
 PROMPT = 'prompt'
 PROMPT_TEXT, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = 'prompt_text', 'prompt_input_ids', 'prompt_attention_mask'
 IS_DESIRABLE = 'is_desirable'
+SCORE, PROMPT_ID = 'score', 'prompt_id'  # [B] float scores of scored completions (GRPO), [B] ids of their prompts
 ORIGINAL_PROMPT = 'original_prompt'
 IGNORE_INDEX = -100  # the label of a position that is not scored
 
@@ -72,6 +74,8 @@ def collate(elements: List[Dict], pad_token_id: int) -> Dict:
                                        for v in values], dtype=torch.long)
         elif key == IS_DESIRABLE:
             batch[key] = torch.tensor(values, dtype=torch.bool)
+        elif key == SCORE:
+            batch[key] = torch.tensor(values, dtype=torch.float32)
         else:
             batch[key] = values
     return batch

@@ -28,6 +28,36 @@ class PairItem(NamedTuple):
     rejected: str
 
 
+class ScoredItem(NamedTuple):
+    """A completion with its score, in the group of its prompt."""
+    example: Example
+    completion: str
+    score: float
+
+
+def encode_prompt(tokenizer, text: str, use_chat_template: bool) -> List[int]:
+    """Prompt tokens with at most one BOS (the tokenizer's, if it adds one) and no trailing EOS."""
+    ids = tokenizer(text, add_special_tokens=not use_chat_template)['input_ids']
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None:
+        while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
+            ids = ids[1:]
+    if ids and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids
+
+
+def encode_completion(tokenizer, text: str) -> List[int]:
+    """Completion tokens without special tokens, ending in one EOS."""
+    ids = tokenizer(text, add_special_tokens=False)['input_ids']
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if bos is not None and ids and ids[0] == bos and bos != eos:
+        ids = ids[1:]
+    while ids and ids[-1] == eos:
+        ids = ids[:-1]
+    return ids + [eos]
+
+
 def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[str, str, str, str],
                   data_dir: Optional[str], seed: int) -> Tuple[Dict[str, Example], Counter]:
     """The Examples of every named dataset (a later dataset's prompt replaces an earlier one's), with counts."""
@@ -119,25 +149,25 @@ class DataLoader:
         rng = random.Random(self.seed)
         desirable, undesirable = [], []
         for example in examples:
-            net = Counter()
-            for i, j in self.example_pairs(example, rng):
-                net[example.generations[i]] += 1
-                net[example.generations[j]] -= 1
-            for text, label in zip(example.generations, example.desirable):
-                net[text] += 1 if label else -1
-                self.counts['binary labels'] += 1
-            for text, score in net.items():
-                if score > 0:
-                    desirable.append(UnaryItem(example, text, True))
-                elif score < 0:
-                    undesirable.append(UnaryItem(example, text, False))
-                else:
-                    self.counts['unary: dropped, as often preferred as dispreferred'] += 1
+            for text, is_desirable in self.unary_labels(example, rng):
+                (desirable if is_desirable else undesirable).append(UnaryItem(example, text, is_desirable))
         n_desirable = round(len(desirable) * self.frac_unique_desirable)
         n_undesirable = round(len(undesirable) * self.frac_unique_undesirable)
         self.counts['unary: desirable'], self.counts['unary: undesirable'] = n_desirable, n_undesirable
         self.counts['unary: dropped by frac_unique_*'] = len(desirable) + len(undesirable) - n_desirable - n_undesirable
         return desirable[:n_desirable] + undesirable[:n_undesirable]
+
+    def unary_labels(self, example: Example, rng: random.Random) -> List[Tuple[str, bool]]:
+        """(completion, is_desirable) of each distinct completion of a prompt that gets a label (see unary_items)."""
+        net = Counter()
+        for i, j in self.example_pairs(example, rng):
+            net[example.generations[i]] += 1
+            net[example.generations[j]] -= 1
+        for text, label in zip(example.generations, example.desirable):
+            net[text] += 1 if label else -1
+            self.counts['binary labels'] += 1
+        self.counts['unary: dropped, as often preferred as dispreferred'] += sum(score == 0 for score in net.values())
+        return [(text, score > 0) for text, score in net.items() if score != 0]
 
     # --- batching
     def epoch_batches(self, rng: random.Random) -> List[List[Tuple]]:
@@ -179,9 +209,13 @@ class DataLoader:
         for index, global_batch in enumerate(self.plan()):
             if index < self.skip_batches:
                 continue
-            local_size = len(global_batch) // self.world_size
-            local = global_batch[self.rank * local_size:(self.rank + 1) * local_size]
-            yield schema.collate(self.tokenize_items(local, global_batch), self.tokenizer.pad_token_id)
+            yield schema.collate(self.tokenize_items(self.local_items(global_batch), global_batch),
+                                 self.tokenizer.pad_token_id)
+
+    def local_items(self, global_batch: List[Tuple]) -> List[Tuple]:
+        """This process's contiguous slice of a global batch (batches hold a multiple of world_size items)."""
+        local_size = len(global_batch) // self.world_size
+        return global_batch[self.rank * local_size:(self.rank + 1) * local_size]
 
     # --- tokenization
     def prompt_text(self, example: Example) -> str:
@@ -190,25 +224,10 @@ class DataLoader:
         return example.prompt
 
     def encode_prompt(self, text: str) -> List[int]:
-        """Prompt tokens with at most one BOS (the tokenizer's, if it adds one) and no trailing EOS."""
-        ids = self.tokenizer(text, add_special_tokens=not self.use_chat_template)['input_ids']
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if bos is not None:
-            while len(ids) > 1 and ids[0] == bos and ids[1] == bos:
-                ids = ids[1:]
-        if ids and ids[-1] == eos:
-            ids = ids[:-1]
-        return ids
+        return encode_prompt(self.tokenizer, text, self.use_chat_template)
 
     def encode_completion(self, text: str) -> List[int]:
-        """Completion tokens without special tokens, ending in one EOS."""
-        ids = self.tokenizer(text, add_special_tokens=False)['input_ids']
-        bos, eos = self.tokenizer.bos_token_id, self.tokenizer.eos_token_id
-        if bos is not None and ids and ids[0] == bos and bos != eos:
-            ids = ids[1:]
-        while ids and ids[-1] == eos:
-            ids = ids[:-1]
-        return ids + [eos]
+        return encode_completion(self.tokenizer, text)
 
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
         """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).

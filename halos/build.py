@@ -30,6 +30,13 @@ def validate_config(config: DictConfig) -> None:
                           f"{'needs' if trainer_class.use_reference_model else 'does not use'} a reference model")
     if config.n_epochs is None and config.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (both are null)")
+    if config.loss.get('humanline'):
+        if not trainer_class.supports_humanline:
+            raise ConfigError(f"loss.humanline=true: {config.loss.trainer} has no per-token log-ratios to a reference "
+                              f"model to clamp (humanline works with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo)")
+        if config.cache_reference_logprobs:
+            raise ConfigError("loss.humanline=true moves the reference to the policy at every step, so its log-probs "
+                              "cannot be cached: set cache_reference_logprobs=false")
     step_examples = config.model.batch_size * config.model.gradient_accumulation_steps
     if config.eval_every % step_examples:
         rounded = max(step_examples, config.eval_every - config.eval_every % step_examples)

@@ -2,6 +2,7 @@
 `Dataset` maps formatted prompts to Examples. Dataset parsers (halos.datasets, halos.feedback) fill them;
 loaders (dataloader.py) flatten them into training items.
 """
+import hashlib
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -23,10 +24,15 @@ class Example:
     truncation_mode: str = 'keep_end'     # keep the start or the end of an over-long prompt
     dataset_name: str = ''
     original_prompt: str = ''             # the raw instruction (AlpacaEval)
+    prompt_id: str = ''                   # the prompt's id in a feedback or prompts file (else: a digest of it)
     source: str = ''                      # where the first record of this prompt came from, for error messages
 
     def num_generations(self) -> int:
         return len(self.generations)
+
+    def group_key(self) -> str:
+        """What groups the completions of this prompt (GRPO): its prompt_id, else a digest of the prompt."""
+        return self.prompt_id or hashlib.sha256(self.prompt.encode()).hexdigest()[:16]
 
     def remove_extra_spaces(self) -> None:
         """Replace every run of two or more spaces or tabs by one space (prompt and generations)."""

@@ -1,7 +1,8 @@
-"""Feedback files: a user's own binary or pairwise feedback as JSON or JSON Lines.
+"""Feedback files: a user's own binary, pairwise or scalar feedback as JSON or JSON Lines.
 
     binary:   {"prompt": ..., "output": ..., "label": 1}
     pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
+    scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
 
 Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
 `split` and the rewards `reward` / `reward_A` / `reward_B`. Every error names the file, the record and
@@ -92,6 +93,15 @@ def _score(record: Dict, name: str, where: str) -> Optional[float]:
     return float(value)
 
 
+def record_kind(record: Dict) -> str:
+    """'pairwise' (output_A/output_B), 'scalar' (a reward and no label) or 'binary'."""
+    if 'output_A' in record or 'output_B' in record or record.get('type') == 'pairwise_feedback':
+        return 'pairwise'
+    if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
+        return 'scalar'
+    return 'binary'
+
+
 def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
                       assistant_suffix: str) -> Dataset:
     """A user's own feedback: binary {prompt, output, label} or pairwise {prompt, output_A, output_B, label}.
@@ -100,13 +110,15 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     field is used only for that split; one without is used for both.
     Binary: each output is desirable or not; the SFT target is the first desirable output.
     Pairwise: label 1 means output_A is preferred; identical outputs of one prompt are stored once.
-    One prompt's records are all binary or all pairwise.
+    Scalar: each output with its reward and no label; the SFT target is the best-rewarded output.
+    One prompt's records are all of one kind.
     """
     dataset = Dataset(os.path.basename(path))
     records = read_json_records(path)
     if not records:
         raise DataError(f"{path}: the file holds no feedback records")
     dataset.counts['records'] = len(records)
+    kinds: Dict[str, str] = {}  # the kind of feedback of each prompt
     for number, record in enumerate(records, 1):
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
@@ -114,19 +126,24 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         if record.get('split', split) != split:
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue
-        pairwise = 'output_A' in record or 'output_B' in record or record.get('type') == 'pairwise_feedback'
+        kind = record_kind(record)
         turns = _turns(_field(record, 'prompt', where), 'prompt', where)
         prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]
         example.prompt, example.turns = prompt, turns
+        example.prompt_id = str(record['prompt_id']) if record.get('prompt_id') is not None else ''
         example.dataset_name = dataset.name
         example.source = example.source or where
-        label = _label(record, where)
-        if (example.pairs and not pairwise) or (example.desirable and pairwise):
-            raise DataError(f"{where}: this prompt already has {'pairwise' if example.pairs else 'binary'} feedback "
-                            f"(first at {example.source}); the records of one prompt must be all binary or all pairwise")
-        if pairwise:
+        if kinds.setdefault(key, kind) != kind:
+            raise DataError(f"{where}: this prompt already has {kinds[key]} feedback (first at {example.source}); "
+                            f"the records of one prompt must be all binary, all pairwise or all scalar")
+        if kind == 'scalar':
+            example.generations.append(_completion(record, 'output', where) + assistant_suffix)
+            example.scores.append(_score(record, 'reward', where) if record.get('reward') is not None
+                                  else _field(record, 'reward', where))
+        elif kind == 'pairwise':
+            label = _label(record, where)
             outputs = [_completion(record, 'output_A', where), _completion(record, 'output_B', where)]
             if outputs[0].strip() == outputs[1].strip():
                 raise DataError(f"{where}: fields 'output_A' and 'output_B' are the same text; a preference needs "
@@ -141,6 +158,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                 indices.append(example.generations.index(text))
             example.pairs.append(tuple(indices) if label else tuple(reversed(indices)))
         else:
+            label = _label(record, where)
             example.generations.append(_completion(record, 'output', where) + assistant_suffix)
             example.desirable.append(label)
             example.scores.append(_score(record, 'reward', where))
@@ -154,7 +172,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         if example.desirable:
             example.sft_index = example.desirable.index(True) if True in example.desirable else \
                 max(range(len(example.scores)), key=lambda i: example.scores[i] or -math.inf)
-        elif all(score is not None for score in example.scores):
+        elif example.scores and all(score is not None for score in example.scores):
             example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
         else:
             example.sft_index = example.pairs[0][0]

@@ -8,12 +8,14 @@ such a completion is dropped and counted, never scored 0.
 """
 import importlib
 import importlib.util
+import json
 import os
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 
 import models
+from halos.batching import encode_completion, encode_prompt
 from halos.errors import ConfigError, MissingFileError
 from halos.examples import Formatting
 
@@ -60,39 +62,85 @@ class RewardFunctionLabeler:
         return [float(self.function(prompt, completion)) for prompt, completion in zip(prompts, completions)]
 
 
+def classifier_scores(logits: torch.Tensor) -> torch.Tensor:
+    """[rows, labels] -> [rows]: a reward model's score, its class-1 logit when it has two classes (HALOs'
+    Bradley-Terry convention), else its only one."""
+    return logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]
+
+
 @torch.no_grad()
 def reward_model_scores(model, tokenizer, texts: List[str], max_length: int, device, batch_size: int = 8) -> torch.Tensor:
-    """A sequence-classification reward model's score of each text: its class-1 logit when it has two classes
-    (HALOs' Bradley-Terry convention), else its only one. A long text loses its prompt's start, not its end."""
+    """A sequence-classification reward model's score of each text. A long text loses its prompt's start,
+    not its end."""
     tokenizer.truncation_side = 'left'
     scores = []
     for start in range(0, len(texts), batch_size):
         inputs = tokenizer(texts[start:start + batch_size], return_tensors='pt', padding=True, truncation=True,
                            max_length=max_length).to(device)
-        logits = model(**inputs).logits.float()
-        scores.append(logits[:, 1] if logits.shape[1] == 2 else logits[:, 0])
+        scores.append(classifier_scores(model(**inputs).logits.float()))
+    return torch.cat(scores)
+
+
+REWARD_MODEL_FORMAT = 'halos_reward_model.json'  # how a halos-trained reward model's inputs were formatted
+
+
+def write_reward_model_format(directory: str, config) -> None:
+    """Record, next to an exported reward model, how its training inputs were formatted."""
+    fields = ('use_chat_template', 'human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')
+    with open(os.path.join(directory, REWARD_MODEL_FORMAT), 'w') as f:
+        json.dump({field: config[field] for field in fields}, f, indent=1)
+
+
+@torch.no_grad()
+def score_token_rows(model, rows: List[List[int]], pad_token_id: int, device, batch_size: int = 8) -> torch.Tensor:
+    """A reward model's score of each row of token ids (right-padded in batches)."""
+    scores = []
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start:start + batch_size]
+        length = max(len(row) for row in chunk)
+        input_ids = torch.tensor([row + [pad_token_id] * (length - len(row)) for row in chunk], device=device)
+        attention_mask = torch.tensor([[1] * len(row) + [0] * (length - len(row)) for row in chunk], device=device)
+        scores.append(classifier_scores(model(input_ids=input_ids, attention_mask=attention_mask).logits.float()))
     return torch.cat(scores)
 
 
 class RewardModelLabeler:
-    """Scores from any HF sequence-classification model (one logit, or HALOs' two-logit convention). The
-    reward model reads the conversation through its tokenizer's chat template, or the halos prompt
-    format when it has none."""
+    """Scores from any HF sequence-classification model (one logit, or HALOs' two-logit convention).
 
-    def __init__(self, path: str, dtype: str = 'float32', max_length: int = 2048, formatting: Formatting = Formatting(),
-                 device=None):
+    A reward model trained by halos (loss=bradley-terry) reads prompt + completion tokenized exactly as its
+    training pairs were (its export records the format); any other reads the conversation through its
+    tokenizer's chat template (HALOs' convention), or the halos format when it has none. A long input loses
+    the start of its prompt, never the completion.
+    """
+
+    def __init__(self, path: str, dtype: str = 'float32', max_length: int = 2048, device=None):
         self.model, self.tokenizer = models.load_reward_model(path, dtype)
         self.device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.model.to(self.device)
-        self.max_length, self.formatting = max_length, formatting
+        self.max_length = max_length
+        format_file = os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT)
+        self.halos_format = json.load(open(format_file)) if os.path.exists(format_file) else None
 
-    def text(self, prompt: Prompt, completion: str) -> str:
+    def token_ids(self, prompt: Prompt, completion: str) -> List[int]:
         turns = as_turns(prompt)
-        if self.tokenizer.chat_template:
-            return self.tokenizer.apply_chat_template(turns + [{'role': 'assistant', 'content': completion}],
-                                                      tokenize=False)
-        return self.formatting.prompt(turns) + completion + self.formatting.assistant_suffix
+        if self.halos_format is not None:
+            use_chat_template = self.halos_format['use_chat_template']
+            formatting = Formatting(*(self.halos_format[k] for k in ('human_prefix', 'human_suffix', 'assistant_prefix',
+                                                                    'assistant_suffix')))
+            prompt_text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) \
+                if use_chat_template else formatting.prompt(turns)
+            prompt_ids = encode_prompt(self.tokenizer, prompt_text, use_chat_template)
+            completion_ids = encode_completion(self.tokenizer, completion + formatting.assistant_suffix)
+        elif self.tokenizer.chat_template:
+            prompt_ids = []
+            completion_ids = self.tokenizer.apply_chat_template(turns + [{'role': 'assistant', 'content': completion}],
+                                                                tokenize=True)
+        else:
+            prompt_ids = encode_prompt(self.tokenizer, Formatting().prompt(turns), False)
+            completion_ids = encode_completion(self.tokenizer, completion)
+        ids = prompt_ids + completion_ids
+        return ids[-self.max_length:]
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
-        texts = [self.text(prompt, completion) for prompt, completion in zip(prompts, completions)]
-        return reward_model_scores(self.model, self.tokenizer, texts, self.max_length, self.device).tolist()
+        rows = [self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions)]
+        return score_token_rows(self.model, rows, self.tokenizer.pad_token_id, self.device).tolist()

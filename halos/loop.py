@@ -24,13 +24,15 @@ from halos import checkpoint
 from halos.errors import ConfigError
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, barrier, chunked, clip_gradient_norm, find_class,
-                   formatted_dict, on_rank0, rank0_print, sequence_logps)
+                   completion_lengths, formatted_dict, on_rank0, rank0_print, sequence_logps, token_level_logps)
 
 
 class BasicTrainer:
     """The training loop, evaluation, logging, clipping, sharding and checkpoints."""
     use_reference_model = False
     prefixes: Tuple[str, ...] = (schema.TARGET,)  # the sequence kinds of a batch that go through the models
+    average_log_prob = False    # loss() gets per-token mean log-probs instead of sums (SimPO, ORPO)
+    supports_humanline = False  # loss.humanline may clamp its per-token log-ratios (losses with a reference)
 
     def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
@@ -45,6 +47,8 @@ class BasicTrainer:
         self.eval_every, self.do_first_eval = config.eval_every, config.do_first_eval
         self.minimum_log_interval_secs = config.minimum_log_interval_secs
         self.keep_intermediate_checkpoints = config.intermediate_checkpoints and not config.debug
+        self.humanline = bool(config.loss.get('humanline', False))
+        self.humanline_band = (config.loss.get('log_epsilon_P', -1.0), config.loss.get('log_epsilon_R', 1.5))
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
         if self.reference_model is not None:
@@ -117,13 +121,25 @@ class BasicTrainer:
 
         All rows go through one forward (packed without padding when model.padding_free), which is
         faster than one forward per kind and keeps FSDP's collectives in step across ranks.
-        Returns one [rows] tensor per kind, in fp32.
+        Returns one [rows] tensor per kind, in fp32 (per-token means with `average_log_prob`).
         """
         sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
         with self.autocast():
             logps = sequence_logps(model, sequences.input_ids, sequences.attention_mask, sequences.labels,
                                    padding_free=self.padding_free)
+        if self.average_log_prob:
+            logps = logps / completion_lengths(sequences.labels).clamp(min=1)
         return list(logps.split(schema.rows_per_kind(batch, prefixes)))
+
+    def concatenated_token_logps(self, model: torch.nn.Module, batch: Dict,
+                                 prefixes: Tuple[str, ...]) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Per-token log-probs [rows, T-1] of the kinds' sequences (one forward, like concatenated_logps) and the
+        mask [rows, T-1] of the positions that predict a completion token."""
+        sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
+        with self.autocast():
+            logps = token_level_logps(model, sequences.input_ids, sequences.attention_mask, sequences.labels,
+                                      padding_free=self.padding_free)
+        return logps, (sequences.labels[:, 1:] != schema.IGNORE_INDEX).float()
 
     def autocast(self):
         """torch.autocast in model.autocast_dtype around forwards (nothing when it is null)."""
@@ -221,6 +237,8 @@ class BasicTrainer:
 
     def optimizer_step(self) -> None:
         self.grad_norm = self.clip_gradient()
+        if self.humanline:
+            self.sync_reference()
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -228,6 +246,12 @@ class BasicTrainer:
 
     def clip_gradient(self) -> float:
         return clip_gradient_norm(self.policy.parameters(), self.max_grad_norm)
+
+    @torch.no_grad()
+    def sync_reference(self) -> None:
+        """Humanline: the reference becomes the policy before this step (so always the previous iterate)."""
+        for reference_parameter, parameter in zip(self.reference_model.parameters(), self.policy.parameters()):
+            reference_parameter.copy_(parameter)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean eval metrics over the whole test set (all ranks' slices)."""

@@ -165,3 +165,126 @@ def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum softmax(z) z per position: [B, T, V] -> [B, T]."""
     logits = logits.float()
     return torch.logsumexp(logits, dim=-1) - (torch.softmax(logits, dim=-1) * logits).sum(-1)
+
+
+def simpo_loss(policy_chosen_logps, policy_rejected_logps, beta: float, gamma_beta_ratio: float):
+    """SimPO (Meng et al. 2024), reference-free, on per-token mean log-probs r(y) = log pi(y|x) / |y|:
+
+        L = -log sigmoid(beta (r(y_w) - r(y_l) - gamma / beta))
+
+    with gamma / beta = gamma_beta_ratio (HALOs-2025: beta 10, ratio 0.3). Rewards are r(y), as in HALOs.
+    """
+    margins = policy_chosen_logps - policy_rejected_logps - gamma_beta_ratio
+    losses = -F.logsigmoid(beta * margins)
+    return losses, policy_chosen_logps.detach(), policy_rejected_logps.detach()
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - e^x) for x < 0, computed stably on both sides of -log 2 (Maechler 2012)."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def orpo_loss(policy_chosen_logps, policy_rejected_logps, lambda_coef: float):
+    """ORPO (Hong et al. 2024), reference-free, on per-token mean log-probs l(y) = log pi(y|x) / |y|:
+
+        odds(y) = l(y) - log(1 - e^{l(y)})          (the log-odds of the mean token probability)
+        L = -l(y_w) + lambda (-log sigmoid(odds(y_w) - odds(y_l)))
+
+    Rewards are the log-odds (HALOs' legacy branch: lambda = OR_scale = 0.25).
+    """
+    chosen_odds = policy_chosen_logps - log1mexp(policy_chosen_logps)
+    rejected_odds = policy_rejected_logps - log1mexp(policy_rejected_logps)
+    losses = -policy_chosen_logps - lambda_coef * F.logsigmoid(chosen_odds - rejected_odds)
+    return losses, chosen_odds.detach(), rejected_odds.detach()
+
+
+def bradley_terry_loss(chosen_scores, rejected_scores, margin: float = 0.0):
+    """The Bradley-Terry reward-model loss on the scores s of a sequence-classification head:
+
+        L = -log sigmoid(s(y_w) - s(y_l) - margin)
+    """
+    losses = -F.logsigmoid(chosen_scores - rejected_scores - margin)
+    return losses, chosen_scores.detach(), rejected_scores.detach()
+
+
+# ---------------------------------------------------------------- GRPO
+
+def group_advantages(scores: torch.Tensor, group_ids: List, eps: float = 0.01, unbiased: bool = False) -> torch.Tensor:
+    """GRPO's advantage of each completion within its group g (the completions of one prompt):
+
+        A_i = (s_i - mean_g s) / (std_g s + eps)
+
+    with the population std (HALOs-2025) or the unbiased one (TRL). A group of one, or whose scores are all
+    equal, gets A = 0. scores: [N]; group_ids: N hashable ids.
+    """
+    advantages = torch.zeros_like(scores, dtype=torch.float64)
+    members: Dict = {}
+    for index, group in enumerate(group_ids):
+        members.setdefault(group, []).append(index)
+    for indices in members.values():
+        group_scores = scores[indices].double()
+        if len(indices) < 2 or bool((group_scores == group_scores[0]).all()):
+            continue
+        std = group_scores.std(unbiased=unbiased)
+        advantages[indices] = (group_scores - group_scores.mean()) / (std + eps)
+    return advantages.to(scores.dtype)
+
+
+def grpo_token_losses(log_ratios, reference_log_ratios, advantages, epsilon: float, epsilon_high: float,
+                      beta: float) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """GRPO per token (Shao et al. 2024), inputs [rows, T] (advantages [rows]):
+
+        rho_t = exp(log pi_t - log pi_old_t)                                     (log_ratios)
+        L_t = -min(A rho_t, A clip(rho_t, 1 - epsilon, 1 + epsilon_high)) + beta KL_t
+        KL_t = exp(log pi_ref_t - log pi_t) - (log pi_ref_t - log pi_t) - 1      (the k3 estimator;
+                                                                                   reference_log_ratios = log pi_ref - log pi)
+    Returns L [rows, T] and, detached, the per-token KL and whether the clipped term was taken.
+    """
+    advantages = advantages.unsqueeze(1)
+    ratio = torch.exp(log_ratios)
+    unclipped = advantages * ratio
+    clipped = advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    kl = torch.exp(reference_log_ratios) - reference_log_ratios - 1
+    losses = -torch.min(unclipped, clipped) + beta * kl
+    return losses, {'KL': kl.detach(), 'clipped': (clipped < unclipped).float().detach()}
+
+
+GRPO_LOSS_TYPES = ('halos', 'grpo', 'dr_grpo', 'dapo')
+
+
+def grpo_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, n_tokens, n_sequences,
+              max_completion_length: int) -> torch.Tensor:
+    """The reduction of GRPO's per-token losses [rows, T] over the completion tokens (`mask`), by loss_type:
+
+        halos    sum_t L_t / n_tokens                       HALOs-2025 (TRL's bnpo): a token mean
+        grpo     sum_i (sum_t L_it / |y_i|) / n_sequences   TRL's grpo: the mean of each sequence's token mean
+        dr_grpo  sum_t L_t / (n_sequences * max_completion_length)      Dr. GRPO: no length normalisation
+        dapo     sum_t L_t / n_tokens                       DAPO: a token mean over the whole optimizer step
+
+    `n_tokens` and `n_sequences` are the counts the mean is over (the trainer passes this rank's share of
+    the global microbatch, or for dapo of the whole optimizer step, so that averaging gradients over ranks
+    and microbatches gives the global mean).
+    """
+    masked = token_losses * mask
+    if loss_type in ('halos', 'dapo'):
+        return masked.sum() / n_tokens
+    if loss_type == 'grpo':
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_sequences
+    if loss_type == 'dr_grpo':
+        return masked.sum() / (n_sequences * max_completion_length)
+    raise ValueError(f"loss.loss_type={loss_type}: GRPO takes {', '.join(GRPO_LOSS_TYPES)}")
+
+
+def humanline_logratios(policy_logps: torch.Tensor, reference_logps: torch.Tensor, mask: torch.Tensor,
+                        log_epsilon_P: float, log_epsilon_R: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Humanline (HALOs-2025): per-token log-ratios clamped to [log_epsilon_P, log_epsilon_R], inputs [rows, T]:
+
+        delta_t = clamp(log pi_t - log pi_ref_t, P, R)
+
+    A token outside the band contributes its boundary value and no gradient. Returns delta [rows, T]
+    (0 off the mask) and, per row, the number of completion tokens strictly inside the band (for the
+    unclamped fraction).
+    """
+    logratios = (policy_logps - reference_logps) * mask
+    inside = ((logratios > log_epsilon_P) & (logratios < log_epsilon_R) & mask.bool()).sum(-1)
+    return torch.clamp(logratios, log_epsilon_P, log_epsilon_R) * mask, inside

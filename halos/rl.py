@@ -11,7 +11,8 @@ from typing import Callable, List, Tuple
 import torch
 
 from halos.batch import IGNORE_INDEX
-from utils import all_gather_rows, get_batch_logps, pad_to_length
+from halos.losses import group_advantages
+from utils import all_gather_rows, get_batch_logps, get_rank, get_world_size, is_distributed, pad_to_length
 
 
 @dataclass(frozen=True)
@@ -83,3 +84,24 @@ def masked_stats(values: torch.Tensor, mask: torch.Tensor) -> Tuple[torch.Tensor
     """Mean and population variance of the masked entries."""
     selected = values[mask.bool()]
     return selected.mean(), selected.var(unbiased=False)
+
+
+def group_advantages_across_ranks(scores: torch.Tensor, group_ids: List[str], eps: float,
+                                  unbiased: bool) -> Tuple[torch.Tensor, torch.Tensor]:
+    """GRPO advantages of this rank's completions [rows], with each group's statistics over the completions
+    of every rank (the global microbatch holds whole groups), so that 2 processes give what 1 process gives.
+    Also [rows] bool: the completion's group has one completion or all-equal scores (it gets no gradient)."""
+    all_scores, all_ids, start = scores, list(group_ids), 0
+    if is_distributed():
+        gathered_ids = [None] * get_world_size()
+        torch.distributed.all_gather_object(gathered_ids, list(group_ids))
+        all_scores = all_gather_rows(scores.unsqueeze(1), 0.0).squeeze(1)
+        all_ids = [group for part in gathered_ids for group in part]
+        start = sum(len(part) for part in gathered_ids[:get_rank()])
+    members = {}
+    for score, group in zip(all_scores.tolist(), all_ids):
+        members.setdefault(group, []).append(score)
+    degenerate = torch.tensor([len(set(members[group])) == 1 for group in all_ids], device=scores.device)
+    advantages = group_advantages(all_scores, all_ids, eps, unbiased)
+    rows = slice(start, start + len(group_ids))
+    return advantages[rows], degenerate[rows]

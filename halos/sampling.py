@@ -1,26 +1,42 @@
-"""Sampling completions from a policy: HF `generate`, or vLLM when it is installed and a GPU is present.
+"""Sampling completions from a policy: halos' own decoding loop on any HF causal LM, or vLLM when it is
+installed and a GPU is present.
 
-A sampler is a function batch -> completions (strings, the prompt removed by tokens), for the batches of an
-SFT-style loader (left-padded `prompt_input_ids`). eval.py samples through it, and so can training.
+A sampler takes a batch of an SFT-style loader (left-padded `prompt_input_ids`) and k, and returns k
+completions per prompt. halos' loop runs each prompt once (one prefill over the batch), then repeats its
+KV cache k times and decodes the k samples together, so the prompt is never recomputed per sample. Its
+choice of each token follows transformers' generate: temperature, then top-k, then top-p (nucleus);
+temperature 0 decodes greedily. eval.py, the online rounds and online PPO all sample through it.
 """
 import importlib.util
+import inspect
 import tempfile
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
 import torch
+from transformers import DynamicCache
 
 from halos import batch as schema
-
-Sampler = Callable[[Dict], List[str]]
 
 
 @dataclass(frozen=True)
 class SamplingOptions:
-    max_length: int               # prompt + completion tokens
+    max_length: int                      # prompt + completion tokens
     top_p: float = 0.95
     temperature: Optional[float] = None  # None: the model's generation config; 0: greedy decoding
+    top_k: Optional[int] = None          # None: the model's generation config; 0: no top-k
+    max_new_tokens: Optional[int] = None  # also stop after this many new tokens
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Sample:
+    text: str            # the completion, special tokens removed
+    token_ids: List[int]  # the completion's tokens, ending in EOS when it ended there
+    finished: bool       # it ended with EOS (else it ran out of length)
+
+
+Sampler = Callable[[Dict, int], List[List[Sample]]]  # (batch, k) -> k samples per prompt
 
 
 def use_vllm() -> bool:
@@ -28,45 +44,112 @@ def use_vllm() -> bool:
     return importlib.util.find_spec('vllm') is not None and torch.cuda.is_available()
 
 
-def hf_sampler(policy, tokenizer, options: SamplingOptions) -> Sampler:
-    """Completions of a batch's (left-padded) prompts with transformers' generate."""
-    generate_options = dict(max_length=options.max_length, do_sample=True, top_p=options.top_p,
-                            pad_token_id=tokenizer.pad_token_id)
-    if options.temperature == 0:
-        generate_options.update(do_sample=False, top_p=None, top_k=None, temperature=None)  # greedy decoding
-    elif options.temperature is not None:
-        generate_options['temperature'] = options.temperature
+def resolved(options: SamplingOptions, generation_config) -> SamplingOptions:
+    """The options with the model's generation config filling what is left unset."""
+    temperature = options.temperature if options.temperature is not None else (generation_config.temperature or 1.0)
+    top_k = options.top_k if options.top_k is not None else (generation_config.top_k or 0)
+    return SamplingOptions(options.max_length, options.top_p, temperature, top_k, options.max_new_tokens, options.seed)
 
-    def sample(batch: Dict) -> List[str]:
-        prompt_ids = batch[schema.PROMPT_INPUT_IDS]
-        with torch.no_grad():
-            output = policy.generate(input_ids=prompt_ids.to(policy.device),
-                                     attention_mask=batch[schema.PROMPT_ATTENTION_MASK].to(policy.device),
-                                     **generate_options)
-        return tokenizer.batch_decode(output[:, prompt_ids.shape[1]:], skip_special_tokens=True)
+
+def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
+    """[rows, V] logits -> [rows] tokens: greedy at temperature 0, else sampled after temperature, top-k, top-p."""
+    if options.temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / options.temperature
+    if options.top_k:
+        kth_largest = torch.topk(logits, min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth_largest, float('-inf'))
+    if options.top_p < 1.0:
+        ascending, order = torch.sort(logits, dim=-1)
+        cumulative = ascending.softmax(-1).cumsum(-1)
+        drop = cumulative <= 1 - options.top_p   # the least likely tokens whose mass is below 1 - top_p
+        drop[:, -1] = False                      # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+
+
+def cache_keyword(model) -> str:
+    """The name of the forward's KV-cache argument (`cache` in recent transformers, `past_key_values` before)."""
+    return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
+
+
+@torch.no_grad()
+def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
+           eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """[B, P] left-padded prompts -> [B * k, N] new tokens (prompt i's samples are rows i*k .. i*k + k-1),
+    pad after a sample's EOS. One prefill per prompt; its KV cache is repeated for the k samples."""
+    device = next(model.parameters()).device
+    prompt_ids, mask = prompt_ids.to(device), prompt_mask.to(device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    cache_argument = {cache_keyword(model): cache}
+    logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
+                   logits_to_keep=1, **cache_argument).logits[:, -1]
+    if k > 1:
+        cache.batch_repeat_interleave(k)
+        mask, logits = mask.repeat_interleave(k, 0), logits.repeat_interleave(k, 0)
+        positions = positions.repeat_interleave(k, 0)
+    position = positions[:, -1:]
+    budget = options.max_length - prompt_ids.shape[1]
+    if options.max_new_tokens is not None:
+        budget = min(budget, options.max_new_tokens)
+    tokens, finished = [], torch.zeros(len(logits), dtype=torch.bool, device=device)
+    for step in range(max(budget, 0)):
+        token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
+        tokens.append(token)
+        finished |= token == eos_token_id
+        if finished.all() or step == budget - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+        position = position + 1
+        logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
+                       **cache_argument).logits[:, -1]
+    return torch.stack(tokens, 1) if tokens else torch.zeros(len(logits), 0, dtype=torch.long, device=device)
+
+
+def samples_from_tokens(tokens: torch.Tensor, tokenizer, k: int) -> List[List[Sample]]:
+    """[B * k, N] new tokens (pad after EOS) -> k Samples per prompt."""
+    eos = tokenizer.eos_token_id
+    samples = []
+    for row in tokens.tolist():
+        ids = row[:row.index(eos) + 1] if eos in row else row
+        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row))
+    return [samples[i:i + k] for i in range(0, len(samples), k)]
+
+
+def halos_sampler(policy, tokenizer, options: SamplingOptions) -> Sampler:
+    """halos' decoding loop (see `decode`)."""
+    options = resolved(options, policy.generation_config)
+
+    def sample(batch: Dict, k: int = 1) -> List[List[Sample]]:
+        tokens = decode(policy, batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK], k, options,
+                        tokenizer.eos_token_id, tokenizer.pad_token_id)
+        return samples_from_tokens(tokens.cpu(), tokenizer, k)
     return sample
 
 
 def vllm_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sampler:
-    """A sampler like `hf_sampler`, backed by vLLM (the policy is exported for it first)."""
+    """A sampler like `halos_sampler`, backed by vLLM (the policy is exported for it first; its n samples of a
+    prompt share the prompt's prefill)."""
     import vllm
     with tempfile.TemporaryDirectory(prefix='halos_vllm_') as export_dir:
         policy.save_pretrained(export_dir)
         tokenizer.save_pretrained(export_dir)
         engine = vllm.LLM(model=export_dir, dtype=dtype, seed=options.seed)
-    temperature = options.temperature if options.temperature is not None else \
-        (policy.generation_config.temperature or 1.0)
-    top_k = policy.generation_config.top_k or -1  # as generate() samples (vLLM's default is no top-k)
+    options = resolved(options, policy.generation_config)
 
-    def sample(batch: Dict) -> List[str]:
+    def sample(batch: Dict, k: int = 1) -> List[List[Sample]]:
         prompts = [ids[mask.bool()].tolist() for ids, mask in
                    zip(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK])]
-        params = [vllm.SamplingParams(temperature=temperature, top_p=options.top_p, top_k=top_k,
-                                      max_tokens=options.max_length - len(ids)) for ids in prompts]
+        params = [vllm.SamplingParams(n=k, temperature=options.temperature, top_p=options.top_p,
+                                      top_k=options.top_k or -1,
+                                      max_tokens=min(options.max_length - len(ids), options.max_new_tokens or 10 ** 9))
+                  for ids in prompts]
         outputs = engine.generate([{'prompt_token_ids': ids} for ids in prompts], params, use_tqdm=False)
-        return [output.outputs[0].text for output in outputs]
+        return [[Sample(choice.text, list(choice.token_ids), choice.finish_reason == 'stop') for choice in output.outputs]
+                for output in outputs]
     return sample
 
 
 def make_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sampler:
-    return vllm_sampler(policy, tokenizer, options, dtype) if use_vllm() else hf_sampler(policy, tokenizer, options)
+    return vllm_sampler(policy, tokenizer, options, dtype) if use_vllm() else halos_sampler(policy, tokenizer, options)

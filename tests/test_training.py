@@ -21,8 +21,9 @@ from helpers import ROOT, checked, make_config, run_train, train_command, train_
 import utils
 from utils import get_batch_logps, sequence_logps
 
-LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'kto', 'kto-simple', 'kto-zero', 'ppo']
-SEQUENCE_LOSSES = [loss for loss in LOSSES if loss != 'ppo']
+LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'simpo', 'orpo', 'kto', 'kto-simple', 'kto-zero', 'ppo', 'grpo',
+          'bradley-terry']
+TOKEN_LEVEL = ('ppo', 'grpo')  # no per-example rewards: the margin is measured on log-ratios
 
 
 def parameters(model):
@@ -49,12 +50,12 @@ def test_every_loss_trains_end_to_end_and_leaves_the_reference_frozen(tmp_path, 
 
 def implied_margin(trainer, batch, loss) -> float:
     """How much more the policy favours the batch's desirable completions over its undesirable ones: the
-    trainer's own reward metrics, or for PPO (which has none) the log-ratios to the frozen reference."""
-    if loss == 'ppo':
+    trainer's own reward metrics, or for PPO and GRPO (which have none) the log-ratios to the frozen reference."""
+    if loss in TOKEN_LEVEL:
         with torch.no_grad():
             policy, = trainer.concatenated_logps(trainer.policy, batch, ('target',))
             reference, = trainer.concatenated_logps(trainer.reference_model, batch, ('target',))
-        is_chosen = batch['is_desirable']
+        is_chosen = batch['is_desirable'] if 'is_desirable' in batch else batch['score'] > 0
         ratios = policy - reference
         return (ratios[is_chosen].mean() - ratios[~is_chosen].mean()).item()
     with torch.no_grad():
@@ -108,7 +109,10 @@ def test_on_a_repeated_batch_accuracy_reaches_one(tmp_path, loss):
 #               within the microbatch (x_i with y_{i+1})
 #   kto-simple  each half's reference point is the mean log-ratio of the other half of the microbatch
 #   ppo         its token means are taken per microbatch, and the experience is reshuffled into microbatches
+#   grpo        its token mean is taken per microbatch (loss_type halos; grpo and dr_grpo likewise, per
+#               microbatch); loss_type dapo takes it over the whole optimizer step and is invariant
 ACCUMULATION_INVARIANT = {'sft': True, 'csft': True, 'dpo': True, 'cdpo': True, 'ipo': True, 'slic': True,
+                          'simpo': True, 'orpo': True, 'bradley-terry': True, 'grpo': False, 'grpo-dapo': True,
                           'kto-zero': True, 'kto': False, 'kto-simple': False, 'ppo': False}
 
 
@@ -117,15 +121,20 @@ ACCUMULATION_INVARIANT = {'sft': True, 'csft': True, 'dpo': True, 'cdpo': True, 
 ACCUMULATION_LR = {'ipo': 1e-3, 'kto': 1.0}
 
 
-@pytest.mark.parametrize('loss', LOSSES)
-def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it(tmp_path, loss):
+ACCUMULATION_CASES = {loss: (loss, []) for loss in LOSSES}
+ACCUMULATION_CASES['grpo-dapo'] = ('grpo', ['++loss.loss_type=dapo'])  # dapo's token mean spans the whole step
+
+
+@pytest.mark.parametrize('case', list(ACCUMULATION_CASES))
+def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it(tmp_path, case):
     """3 optimizer steps on 4 examples each, as 2 x 2 with gradient_accumulation_steps=2 or as 1 x 4
     (SGD): the same policy to 1e-5 for the accumulation-invariant losses, a different one otherwise."""
-    common = ['++n_examples=12', '++optimizer=SGD', f'++lr={ACCUMULATION_LR.get(loss, 1e-2)}', '++warmup_steps=0', '++model.max_grad_norm=1e9',
-              '++do_first_eval=false', '++eval_every=1000']
+    loss, extra = ACCUMULATION_CASES[case]
+    common = ['++n_examples=12', '++optimizer=SGD', f'++lr={ACCUMULATION_LR.get(loss, 1e-2)}', '++warmup_steps=0',
+              '++model.max_grad_norm=1e9', '++do_first_eval=false', '++eval_every=1000', *extra]
     big = build_trainer(make_config(tmp_path / 'big', *common, '++model.batch_size=4', loss=loss))
     small = build_trainer(make_config(tmp_path / 'small', *common, '++model.batch_size=2',
-                                            '++model.gradient_accumulation_steps=2', loss=loss))
+                                      '++model.gradient_accumulation_steps=2', loss=loss))
     start = parameters(big.policy)
     big.train()
     small.train()
@@ -133,10 +142,10 @@ def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it
     moved = max((p - start[n]).abs().max().item() for n, p in big.policy.named_parameters())
     difference = max_difference(big.policy, small.policy)
     assert moved > 1e-4, moved
-    if ACCUMULATION_INVARIANT[loss]:
+    if ACCUMULATION_INVARIANT[case]:
         assert difference < 1e-5, difference
     else:
-        assert difference > 1e-6, f'{loss} became accumulation-invariant: update ACCUMULATION_INVARIANT and the README'
+        assert difference > 1e-6, f'{case} became accumulation-invariant: update ACCUMULATION_INVARIANT and the README'
 
 
 def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
@@ -497,3 +506,31 @@ def test_pack_rows_first_fit_by_decreasing_length():
     packed = utils.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
     assert packed['input_ids'].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2], [11, 0, 0, 0, 0]]
     assert packed['position_ids'].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+
+
+# ---------------------------------------------------------------- humanline
+
+@pytest.mark.parametrize('loss', ['dpo', 'kto', 'grpo'])
+def test_humanline_makes_the_reference_the_previous_policy_and_logs_the_unclamped_fraction(tmp_path, loss):
+    config = make_config(tmp_path, '++n_examples=8', '++lr=1e-2', '++optimizer=Adam', '++warmup_steps=0',
+                         '++loss.humanline=true', loss=loss)
+    trainer = build_trainer(config)
+    batches = iter(trainer.train_iterator)
+    trainer.train_step([next(batches)])
+    before_second_step = parameters(trainer.policy)
+    trainer.train_step([next(batches)])
+    for name, p in trainer.reference_model.named_parameters():  # synced before the second step's update
+        assert torch.equal(p, before_second_step[name]), name
+    assert max_difference(trainer.policy, trainer.reference_model) > 0
+    unclamped = trainer.train_metrics.means()['rewards_train/unclamped']
+    assert 0 < unclamped <= 1
+
+
+@pytest.mark.parametrize('loss, overrides, message', [
+    ('ppo', [], 'PPOTrainer has no per-token log-ratios to a reference model to clamp'),
+    ('slic', [], 'SLiCTrainer has no per-token log-ratios'),
+    ('dpo', ['++cache_reference_logprobs=true'], 'cannot be cached: set cache_reference_logprobs=false')])
+def test_humanline_refuses_what_cannot_work(tmp_path, loss, overrides, message):
+    from halos.errors import ConfigError
+    with pytest.raises(ConfigError, match=message):
+        make_config(tmp_path, '++loss.humanline=true', *overrides, loss=loss)
