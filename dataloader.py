@@ -27,7 +27,7 @@ __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get
            'get_hh_harmless', 'get_hh_helpful', 'get_oasst', 'get_shp', 'get_ultrabin', 'load_dataset',
            'load_raw_records', 'read_json_records', 'render_turns', 'DataLoader', 'SFTDataLoader',
            'UnpairedPreferenceDataLoader', 'SimpleKTODataLoader', 'ConditionalSFTDataLoader',
-           'PairedPreferenceDataLoader', 'GroupUnpairedPreferenceDataLoader', 'get_dataloader_class']
+           'PairedPreferenceDataLoader', 'GroupUnpairedPreferenceDataLoader', 'PromptDataLoader', 'get_dataloader_class']
 
 class SFTDataLoader(DataLoader):
     """One item per prompt: its SFT target generations[sft_index]. `prompt_suffix` is appended to every
@@ -45,7 +45,7 @@ class SFTDataLoader(DataLoader):
         for example, completion in items:
             prompt = self.prompt_text(example) + self.prompt_suffix
             element = self.tokenize_element(example, prompt, {schema.TARGET: completion})
-            element[schema.ORIGINAL_PROMPT] = example.original_prompt
+            element.update({schema.ORIGINAL_PROMPT: example.original_prompt, schema.WEIGHT: example.weight_of(completion)})
             elements.append(element)
         return elements
 
@@ -71,7 +71,7 @@ class UnpairedPreferenceDataLoader(DataLoader):
                 mismatched = global_batch[(start + offset + 1) % len(global_batch)].completion
                 kl = self.tokenize_element(item.example, prompt, {schema.KL: mismatched})
                 element.update({key: value for key, value in kl.items() if key.startswith(f'{schema.KL}_')})
-            element[schema.IS_DESIRABLE] = item.is_desirable
+            element.update({schema.IS_DESIRABLE: item.is_desirable, schema.WEIGHT: item.weight})
             elements.append(element)
         return elements
 
@@ -116,7 +116,7 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
             token = self.chosen_control_token if item.is_desirable else self.rejected_control_token
             element = self.tokenize_element(item.example, self.prompt_text(item.example) + token,
                                             {schema.TARGET: item.completion})
-            element[schema.IS_DESIRABLE] = item.is_desirable
+            element.update({schema.IS_DESIRABLE: item.is_desirable, schema.WEIGHT: item.weight})
             elements.append(element)
         return elements
 
@@ -131,13 +131,14 @@ class PairedPreferenceDataLoader(DataLoader):
             pairs = self.example_pairs(example, rng)
             if not pairs:
                 self.counts['prompts without pairs'] += 1
-            items += [PairItem(example, example.generations[i], example.generations[j]) for i, j in pairs]
+            items += [PairItem(example, example.generations[i], example.generations[j], example.pair_weight((i, j)))
+                      for i, j in pairs]
         return items
 
     def tokenize_items(self, items, global_batch):
-        return [self.tokenize_element(item.example, self.prompt_text(item.example),
-                                      {schema.CHOSEN: item.chosen, schema.REJECTED: item.rejected})
-                for item in items]
+        return [{**self.tokenize_element(item.example, self.prompt_text(item.example),
+                                         {schema.CHOSEN: item.chosen, schema.REJECTED: item.rejected}),
+                 schema.WEIGHT: item.weight} for item in items]
 
 
 class GroupUnpairedPreferenceDataLoader(DataLoader):
@@ -155,7 +156,8 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
                 scored = zip(example.generations, example.scores)
             else:
                 scored = [(text, 1.0 if is_desirable else -1.0) for text, is_desirable in self.unary_labels(example, rng)]
-            scored = [ScoredItem(example, completion, float(score)) for completion, score in scored]
+            scored = [ScoredItem(example, completion, float(score), example.weight_of(completion))
+                      for completion, score in scored]
             self.counts['groups larger than batch_size, cut into parts'] += len(scored) > self.batch_size
             items += scored
         return items
@@ -187,7 +189,25 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
         elements = []
         for item in items:
             element = self.tokenize_element(item.example, self.prompt_text(item.example), {schema.TARGET: item.completion})
-            element.update({schema.SCORE: item.score, schema.PROMPT_ID: item.example.group_key()})
+            element.update({schema.SCORE: item.score, schema.PROMPT_ID: item.example.group_key(),
+                            schema.WEIGHT: item.weight})
+            elements.append(element)
+        return elements
+
+
+class PromptDataLoader(DataLoader):
+    """One item per prompt, with no completion: what sampling needs (eval.py's k samples per prompt, online
+    rounds, online PPO). Prompts come from any dataset or from a prompts file ({"prompt": ...} records)."""
+
+    def flatten(self, examples):
+        return list(examples)
+
+    def tokenize_items(self, items, global_batch):
+        elements = []
+        for example in items:
+            element = self.tokenize_prompt(example, self.prompt_text(example))
+            element.update({schema.PROMPT_ID: example.group_key(), schema.PROMPT_TURNS: example.turns,
+                            schema.DATASET: example.dataset_name})
             elements.append(element)
         return elements
 

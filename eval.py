@@ -5,7 +5,10 @@
 
 mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
                  {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt;
-                 a CSFT run's prompts end in its desirable control token (loss.chosen_control_token)
+                 a CSFT run's prompts end in its desirable control token (loss.chosen_control_token).
+                 With ++num_samples_per_prompt=k: k samples per prompt as HALOs sample records
+                 {output, prompt, prompt_id, sample_id, generator, dataset, type} in
+                 <samples_dir>/<exp_name>_samples.jsonl (for label.py)
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 
@@ -27,9 +30,11 @@ import dataloader
 import models
 import trainers
 from halos import batch as schema
-from halos.build import build_loader, check_overrides, control_tokens, load_models, load_run_tokenizer, shipped_defaults
+from halos.build import (build_loader, check_overrides, control_tokens, load_models, load_run_tokenizer,
+                         sampling_options, shipped_defaults)
 from halos.errors import ConfigError, reported_as_one_line
-from halos.sampling import SamplingOptions, make_sampler
+from halos.feedback import write_jsonl
+from halos.sampling import make_sampler, sample_records
 from utils import disable_dropout, set_seed
 
 MODES = ('sample', 'eval', 'alpacaeval')
@@ -52,14 +57,24 @@ def sampling_loader(config: DictConfig, tokenizer, dataset_names) -> dataloader.
                         max_prompt_count=1, n_examples=config.n_samples, prompt_suffix=tokens[0] if tokens else '')
 
 
+def policy_sampler(config: DictConfig, tokenizer):
+    return make_sampler(load_policy(config, tokenizer), tokenizer, sampling_options(config), config.model.policy_dtype)
+
+
+def sample_k(config: DictConfig) -> list:
+    """num_samples_per_prompt samples of each test prompt (or of n_samples of them), as HALOs sample records."""
+    tokenizer = load_run_tokenizer(config)
+    complete = policy_sampler(config, tokenizer)
+    loader = build_loader(config, tokenizer, 'test', loader_class=dataloader.PromptDataLoader, n_examples=config.n_samples)
+    set_seed(config.seed)
+    return sample_records(complete, loader, config.num_samples_per_prompt, config.exp_name, config.n_samples)
+
+
 def sample(config: DictConfig, dataset_names, include_original_prompt: bool = False) -> list:
     tokenizer = load_run_tokenizer(config)
-    policy = load_policy(config, tokenizer)
+    complete = policy_sampler(config, tokenizer)
     loader = sampling_loader(config, tokenizer, dataset_names)
     set_seed(config.seed)
-    options = SamplingOptions(max_length=config.model.max_length, top_p=config.top_p, temperature=config.temperature,
-                              seed=config.seed)
-    complete = make_sampler(policy, tokenizer, options, config.model.policy_dtype)
     samples = []
     with tqdm(total=min(len(loader.items), config.n_samples or len(loader.items)), desc='sampling') as progress:
         for batch in loader:
@@ -105,7 +120,12 @@ def main(config: DictConfig) -> None:
             raise ConfigError(f"mode={config.mode}: eval.py takes mode={', '.join(MODES)}")
         set_seed(config.seed)
         os.makedirs(config.samples_dir, exist_ok=True)
-        if config.mode == 'sample':
+        if config.mode == 'sample' and config.num_samples_per_prompt:
+            records = sample_k(config)
+            path = os.path.join(config.samples_dir, f'{config.exp_name}_samples.jsonl')
+            write_jsonl(path, records)
+            print(f'wrote {len(records)} samples ({config.num_samples_per_prompt} per prompt) to {path}')
+        elif config.mode == 'sample':
             samples = sample(config, config.datasets)
             path = os.path.join(config.samples_dir, f'{config.exp_name}.json')
             write_json(path, {'sampled_at': str(datetime.datetime.now()),

@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from halos import checkpoint
-from halos.build import build_trainer, check_overrides, shipped_defaults, validate_config
+from halos.build import build_online_rounds, build_trainer, check_overrides, shipped_defaults, validate_config
 from halos.errors import ConfigError, reported_as_one_line
 from utils import free_port, get_rank, get_world_size, init_distributed_from_env
 
@@ -39,9 +39,13 @@ def worker_main(config: DictConfig) -> None:
     if config.resume:
         checkpoint.complete_checkpoint_dir(latest)  # before anything loads
     trainer = build_trainer(config)
-    if config.resume:
+    rounds = build_online_rounds(config, trainer) if config.online.rounds > 0 else None  # before the resume:
+    if config.resume:                                                   # it decides what the checkpoint holds
         trainer.load_checkpoint(latest)
-    trainer.train()
+    if rounds is not None:
+        rounds.run()
+    else:
+        trainer.train()
     trainer.evaluate()
     trainer.save_checkpoint(final=True)
 

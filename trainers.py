@@ -7,6 +7,7 @@ the dataloader. `loss` receives summed log-probs of the completions, shape [batc
 with its hyperparameters from `self.config.loss`. The loop, evaluation, logging, clipping and checkpoints
 are BasicTrainer's (halos/loop.py); the token-level RL machinery is halos/rl.py.
 """
+import zlib
 from typing import Dict, List, Tuple
 
 import torch
@@ -15,12 +16,14 @@ import models
 from halos import batch as schema
 from halos import rl
 from halos.errors import ConfigError
-from halos.labelers import classifier_scores, reward_model_scores, write_reward_model_format
+from halos.labelers import RewardFunctionLabeler, classifier_scores, reward_model_scores, write_reward_model_format
 from halos.loop import BasicTrainer
-from halos.losses import (GRPO_LOSS_TYPES, bradley_terry_loss, dpo_loss, entropy_from_logits, generalized_advantages,  # noqa: F401
-                          group_advantages, grpo_loss, grpo_token_losses, humanline_logratios, ipo_loss, kto_loss,
-                          orpo_loss, ppo_loss, sft_loss, simple_kto_loss, simpo_loss, slic_loss, whiten_advantages)
-from utils import all_reduce_mean, all_reduce_sum, clip_gradient_norm, find_class, get_batch_logps
+from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss, dpo_loss, entropy_from_logits,  # noqa: F401
+                          generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
+                          ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, sft_loss, simple_kto_loss,
+                          simpo_loss, slic_loss, whiten_advantages)
+from halos.sampling import SamplingOptions, halos_sampler
+from utils import all_reduce_mean, all_reduce_sum, clip_gradient_norm, find_class, get_batch_logps, weighted_mean
 
 
 class SFTTrainer(BasicTrainer):
@@ -32,7 +35,7 @@ class SFTTrainer(BasicTrainer):
     def get_batch_metrics(self, batch, mode):
         policy_logps, = self.concatenated_logps(self.policy, batch, (schema.TARGET,))
         losses = self.loss(policy_logps)
-        return losses.mean(), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
+        return weighted_mean(losses, batch[schema.WEIGHT]), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
 
 
 class PreferenceTrainer(BasicTrainer):
@@ -71,7 +74,11 @@ class PreferenceTrainer(BasicTrainer):
         metrics.update({name.format(mode=mode): value for name, value in extra.items()})
         if self.humanline:
             metrics[f'rewards_{mode}/unclamped'] = self.unclamped
-        return losses.mean(), metrics
+        return weighted_mean(losses, self.loss_weights(batch)), metrics
+
+    def loss_weights(self, batch: Dict) -> torch.Tensor:
+        """The weight of each of compute_losses' losses (the batch's items, in order)."""
+        return batch[schema.WEIGHT]
 
 
 class PairedPreferenceTrainer(PreferenceTrainer):
@@ -192,6 +199,10 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
         is_desirable = batch[schema.IS_DESIRABLE].to(logps.device)
         return logps[is_desirable], logps[~is_desirable]
 
+    def loss_weights(self, batch):
+        """The losses come desirable first, then undesirable: so do their weights."""
+        return torch.cat(self.split_by_status(batch, batch[schema.WEIGHT]))
+
     def compute_losses(self, batch):
         policy_chosen_logps, policy_rejected_logps = self.split_by_status(batch, self.policy_logps(batch, self.prefixes)[0])
         reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, self.reference_logps(batch)[0])
@@ -309,44 +320,66 @@ class PPOTrainer(BasicTrainer):
                                   output_hidden_states=True, logits_to_keep=logits_to_keep)
         return outputs, self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
 
+    def rollout(self, batch: Dict) -> rl.Rollout:
+        """The batch's scored completions: offline, its labelled completions."""
+        completions = schema.LabelledCompletions.of(batch, self.tokenizer.pad_token_id, self.device)
+        return rl.Rollout(completions.sequences, completions.weights, self.scores(completions))
+
+    def behaviour(self, rows: schema.Sequences) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Token log-probs of the behaviour policy (offline: the reference model) and values, [rows, T-1] each."""
+        old_logps = rl.token_logps(self.reference_model, rows.input_ids, rows.attention_mask, rows.labels, self.autocast)
+        _, values = self.policy_outputs(rows.input_ids, rows.attention_mask, logits_to_keep=1)  # values only
+        return old_logps, values
+
+    def token_rewards(self, scores, old_logps, rows, mask) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """Per-token rewards [rows, T-1] (offline: the score on the last completion token) and their metrics."""
+        return rl.rewards_on_last_token(scores, mask), {}
+
+    def value_targets(self, returns: torch.Tensor, monte_carlo: torch.Tensor) -> torch.Tensor:
+        """The critic's targets: offline, HALOs' Monte-Carlo returns."""
+        return monte_carlo
+
     @torch.no_grad()
     def experience(self, microbatches: List[Dict]) -> Tuple[List[rl.Experience], Dict[str, torch.Tensor]]:
-        """Each microbatch's experience (advantages whitened over all of them), and the returns and values metrics."""
+        """Each microbatch's experience (advantages whitened over all of them), and its metrics."""
         loss_config = self.config.loss
         experience, raw_advantages, metrics = [], [], {}
         for batch in microbatches:
-            completions = schema.LabelledCompletions.of(batch, self.tokenizer.pad_token_id, self.device)
-            rows = completions.sequences
-            old_logps = rl.token_logps(self.reference_model, rows.input_ids, rows.attention_mask, rows.labels,
-                                       self.autocast)
-            _, values = self.policy_outputs(rows.input_ids, rows.attention_mask, logits_to_keep=1)  # values only
+            rollout = self.rollout(batch)
+            rows = rollout.sequences
             mask = rl.completion_mask(rows.labels)
-            rewards = rl.rewards_on_last_token(self.scores(completions), mask)
-            advantages, returns, targets = generalized_advantages(
+            old_logps, values = self.behaviour(rows)
+            rewards, reward_metrics = self.token_rewards(rollout.scores, old_logps, rows, mask)
+            reward_metrics.update(rollout.metrics)
+            advantages, returns, monte_carlo = generalized_advantages(
                 values, rewards, mask, loss_config.gamma, loss_config.lam, target_includes_reward=not loss_config.archangel)
             length = rows.input_ids.shape[1]
             raw_advantages.append(rl.full_length(advantages, length))
             experience.append(rl.Experience(rows.input_ids, rows.attention_mask, rows.labels,
                                             rl.full_length(old_logps, length), rl.full_length(mask, length),
-                                            advantages=None, value_targets=rl.full_length(targets, length)))
+                                            advantages=None,
+                                            value_targets=rl.full_length(self.value_targets(returns, monte_carlo), length),
+                                            token_weights=rl.full_length(mask * rollout.weights.unsqueeze(1), length)))
             for name, tokens in (('returns', returns), ('val', values)):
                 mean, variance = rl.masked_stats(tokens, mask)
-                metrics.setdefault(f'{name}/mean', []).append(mean)
-                metrics.setdefault(f'{name}/var', []).append(variance)
+                reward_metrics.update({f'{name}/mean': mean, f'{name}/var': variance})
+            for name, values in reward_metrics.items():
+                metrics.setdefault(name, []).append(values.reshape(-1))
         whitened = whiten_advantages(raw_advantages, [part.mask for part in experience])
-        return rl.with_advantages(experience, whitened), {name: torch.stack(v) for name, v in metrics.items()}
+        return rl.with_advantages(experience, whitened), {name: torch.cat(v) for name, v in metrics.items()}
 
     def ppo_metrics(self, part: rl.Experience) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The PPO loss of one microbatch of experience (token means over the global microbatch) and its metrics."""
         loss_config = self.config.loss
         outputs, values = self.policy_outputs(part.input_ids, part.attention_mask)
         policy_logps = get_batch_logps(outputs.logits, part.labels, token_level=True)
-        n_tokens = all_reduce_mean(part.mask.sum())  # gradients are averaged over ranks: this makes a global token mean
-        loss, stats = ppo_loss(policy_logps, part.old_logps, part.advantages, values, part.value_targets, part.mask,
-                               cliprange=loss_config.cliprange, critic_coef=loss_config.critic_coef,
+        # gradients are averaged over ranks: dividing by the mean count makes a global (weighted) token mean
+        n_tokens = all_reduce_mean(part.token_weights.sum())
+        loss, stats = ppo_loss(policy_logps, part.old_logps, part.advantages, values, part.value_targets,
+                               part.token_weights, cliprange=loss_config.cliprange, critic_coef=loss_config.critic_coef,
                                KL_coef=loss_config.KL_coef, archangel=loss_config.archangel, n_tokens=n_tokens)
         with torch.no_grad():
-            entropy = (entropy_from_logits(outputs.logits[:, :-1]) * part.mask).sum() / n_tokens
+            entropy = (entropy_from_logits(outputs.logits[:, :-1]) * part.mask).sum() / all_reduce_mean(part.mask.sum())
             sequence_ratios = torch.exp(((policy_logps - part.old_logps) * part.mask).sum(-1))
         return loss, {'loss/total': loss.detach(), 'loss/policy': stats['policy'], 'loss/critic': stats['critic'],
                       'loss/policykl': stats['KL'], 'loss/entropy': entropy, 'loss/seqratio': sequence_ratios,
@@ -364,15 +397,19 @@ class PPOTrainer(BasicTrainer):
         return loss, self.named_for(mode, {**metrics, **experience_metrics})
 
     def train_step(self, microbatches):
-        """ppo_epochs optimizer steps on the experience of G microbatches, each epoch freshly reshuffled."""
         experience, experience_metrics = self.experience(microbatches)
+        return self.optimize(experience, experience_metrics, microbatches[0][schema.PROMPT_TEXT][0])
+
+    def optimize(self, experience: List[rl.Experience], experience_metrics: Dict[str, torch.Tensor],
+                 first_prompt: str) -> float:
+        """ppo_epochs optimizer steps on the experience, each epoch freshly reshuffled across microbatches and ranks."""
         for name, values in experience_metrics.items():
             self.train_metrics.add(name, values)
         for _ in range(self.config.loss.ppo_epochs):
             seed = self.config.seed * 1_000_003 + self.batch_counter  # a fresh permutation at each optimizer step
             for part in rl.reshuffled(experience, seed, self.rank, self.world_size, self.tokenizer.pad_token_id):
                 loss, metrics = self.ppo_metrics(part)
-                self.accumulate(loss, metrics, microbatches[0][schema.PROMPT_TEXT][0], len(microbatches))
+                self.accumulate(loss, metrics, first_prompt, len(experience))
             self.optimizer_step()
         return loss.item()
 
@@ -386,6 +423,81 @@ class PPOTrainer(BasicTrainer):
     def export_hf(self, directory, policy_state):
         """The LM alone, loadable with AutoModelForCausalLM (the value head stays in policy.pt)."""
         super().export_hf(directory, {k: v for k, v in policy_state.items() if not k.startswith('v_head.')})
+
+
+class OnlinePPOTrainer(PPOTrainer):
+    """Online PPO with a KL-penalised reward (Ziegler et al. 2019; the StackLLaMA recipe): each optimizer step
+    samples one completion per prompt from the current policy (the behaviour policy), scores it with
+    loss.reward_function or loss.reward_model, and rewards every token with -kl_coef (log pi_old - log pi_ref),
+    plus the score (minus loss.reward_baseline, clipped to +-loss.score_clip) on its last token; GAE with
+    value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved with the state)."""
+
+    def __init__(self, tokenizer, config, *args, **kwargs):
+        loss_config = config.loss
+        if bool(loss_config.reward_function) == bool(loss_config.reward_model):
+            raise ConfigError("loss=ppo-online scores its samples with one of loss.reward_function=file.py:function "
+                              "or loss.reward_model=<sequence classifier>: give exactly one")
+        super().__init__(tokenizer, config, *args, **kwargs)
+        self.reward_function = RewardFunctionLabeler(loss_config.reward_function) if loss_config.reward_function else None
+        self.sampling_options = SamplingOptions(config.model.max_length, config.top_p, config.temperature, config.top_k,
+                                                config.max_new_tokens, config.seed)
+        self.kl_coef = loss_config.init_kl_coef
+
+    def rollout(self, batch):
+        """One sample per prompt from the current policy, scored. Its seed comes from the run's seed, the data
+        position and the batch's first prompt, so a resumed run draws what it would have drawn."""
+        with torch.random.fork_rng():
+            torch.manual_seed(zlib.crc32(f'{self.config.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}'.encode()))
+            samples = [group[0] for group in halos_sampler(self.policy, self.tokenizer, self.sampling_options)(batch, 1)]
+        rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
+                                    [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
+        completions = [sample.text for sample in samples]
+        if self.reward_function is not None:
+            scores = torch.tensor(self.reward_function(batch[schema.PROMPT_TURNS], completions))
+        else:
+            texts = [prompt + completion for prompt, completion in zip(batch[schema.PROMPT_TEXT], completions)]
+            scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.config.model.max_length,
+                                         self.device)
+        raw_scores = scores.float().to(self.device)
+        scores = raw_scores - self.config.loss.reward_baseline
+        if self.config.loss.score_clip:
+            scores = scores.clamp(-self.config.loss.score_clip, self.config.loss.score_clip)
+        return rl.Rollout(rows.to(self.device), torch.ones(len(samples), device=self.device), scores,
+                          {'rewards/score': raw_scores, 'completions/length': rows.labels.ne(schema.IGNORE_INDEX).sum(-1)})
+
+    def behaviour(self, rows):
+        """The current policy is the behaviour policy: its token log-probs and values from one forward."""
+        outputs, values = self.policy_outputs(rows.input_ids, rows.attention_mask)
+        return get_batch_logps(outputs.logits, rows.labels, token_level=True), values
+
+    def token_rewards(self, scores, old_logps, rows, mask):
+        reference_logps = rl.token_logps(self.reference_model, rows.input_ids, rows.attention_mask, rows.labels,
+                                         self.autocast)
+        rewards, kl = kl_penalised_rewards(rl.rewards_on_last_token(scores, mask), old_logps, reference_logps, mask,
+                                           self.kl_coef)
+        return rewards, {'objective/kl': kl.sum(-1), 'objective/kl_coef': torch.tensor(self.kl_coef)}
+
+    def value_targets(self, returns, monte_carlo):
+        """TRL's critic targets: the GAE returns A + V."""
+        return returns
+
+    def train_step(self, microbatches):
+        """Sample, score and build the experience, optimize on it, then adapt kl_coef to the step's KL."""
+        experience, experience_metrics = self.experience(microbatches)
+        loss = self.optimize(experience, experience_metrics, microbatches[0][schema.PROMPT_TEXT][0])
+        if self.config.loss.adaptive_kl:
+            kl = experience_metrics['objective/kl']
+            total_kl, n_rows = all_reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)])).tolist()
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, total_kl / n_rows, self.config.loss.target_kl,
+                                            self.config.loss.horizon, int(n_rows))
+        return loss
+
+    def trainer_state(self):
+        return {**super().trainer_state(), 'kl_coef': self.kl_coef}
+
+    def restore_trainer_state(self, state):
+        super().restore_trainer_state(state)
+        self.kl_coef = state['kl_coef']
 
 
 class GRPOTrainer(BasicTrainer):
@@ -422,9 +534,11 @@ class GRPOTrainer(BasicTrainer):
         token_losses, stats = grpo_token_losses(log_ratios, reference_logps - policy_logps, advantages,
                                                 loss_config.epsilon, loss_config.epsilon_high or loss_config.epsilon,
                                                 loss_config.beta)
-        n_tokens = n_step_tokens if loss_config.loss_type == 'dapo' and n_step_tokens else all_reduce_mean(mask.sum())
-        loss = grpo_loss(token_losses, mask, loss_config.loss_type, n_tokens,
-                         all_reduce_mean(torch.tensor(float(len(scores)), device=self.device)), self.max_completion_length)
+        weights = batch[schema.WEIGHT].to(self.device)
+        n_tokens = n_step_tokens if loss_config.loss_type == 'dapo' and n_step_tokens else \
+            all_reduce_mean((mask * weights.unsqueeze(1)).sum())
+        loss = grpo_loss(token_losses, mask, loss_config.loss_type, n_tokens, all_reduce_mean(weights.sum()),
+                         self.max_completion_length, weights)
         token_mean = lambda values: (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         metrics = {f'loss/{mode}': loss.detach().reshape(1), f'rewards_{mode}/scores': scores,
                    f'rewards_{mode}/advantages': advantages, f'rewards_{mode}/KL': token_mean(stats['KL']),
@@ -439,8 +553,8 @@ class GRPOTrainer(BasicTrainer):
 
     def train_step(self, microbatches):
         """One optimizer step; for dapo the token mean runs over every microbatch of the step on every rank."""
-        local_tokens = sum(int(rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)]).sum())
-                           for batch in microbatches)
+        local_tokens = sum(float((rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)])
+                                  * batch[schema.WEIGHT].unsqueeze(1)).sum()) for batch in microbatches)
         step_tokens = all_reduce_sum(torch.tensor(float(local_tokens))) / (len(microbatches) * self.world_size)
         for batch in microbatches:
             loss, metrics = self.grpo_metrics(batch, 'train', step_tokens.to(self.device))

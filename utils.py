@@ -209,6 +209,12 @@ def token_level_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention
     return result.index_put((rows, positions), token_logps)
 
 
+def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i v_i / sum_i w_i (unit weights give values.mean() exactly; all-zero weights give 0)."""
+    weights = weights.to(values.device, values.dtype)
+    return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
+
+
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] labels -> [B] number of completion tokens of each row."""
     return (labels[:, 1:] != -100).sum(1)

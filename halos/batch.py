@@ -12,7 +12,9 @@ A loader yields a dict per microbatch (HALOs' flat keys, which users' code may s
       k_combined_attention_mask
       k_labels                               [B, T] the combined ids with -100 on the prompt and on padding
     is_desirable                             [B] bool, for unpaired (desirable / undesirable) items
+    weight                                   [B] float, each item's weight in the loss (pairs: the pair's)
     score, prompt_id                         [B] float and [B] str, for scored completions grouped by prompt (GRPO)
+    prompt_turns, dataset                    [B] the prompt as turns and its dataset (prompt batches, for sampling)
     original_prompt                          [B] the raw instruction (SFT items)
 
 Trainers read it through the typed views below (`Sequences.of`, `Sequences.stacked`, `labelled_completions`)
@@ -31,6 +33,8 @@ PROMPT = 'prompt'
 PROMPT_TEXT, PROMPT_INPUT_IDS, PROMPT_ATTENTION_MASK = 'prompt_text', 'prompt_input_ids', 'prompt_attention_mask'
 IS_DESIRABLE = 'is_desirable'
 SCORE, PROMPT_ID = 'score', 'prompt_id'  # [B] float scores of scored completions (GRPO), [B] ids of their prompts
+WEIGHT = 'weight'  # [B] float: each item's weight in the loss (1 unless the data says otherwise)
+PROMPT_TURNS, DATASET = 'prompt_turns', 'dataset'  # [B] each prompt as {role, content} turns, [B] its dataset
 ORIGINAL_PROMPT = 'original_prompt'
 IGNORE_INDEX = -100  # the label of a position that is not scored
 
@@ -74,7 +78,7 @@ def collate(elements: List[Dict], pad_token_id: int) -> Dict:
                                        for v in values], dtype=torch.long)
         elif key == IS_DESIRABLE:
             batch[key] = torch.tensor(values, dtype=torch.bool)
-        elif key == SCORE:
+        elif key in (SCORE, WEIGHT):
             batch[key] = torch.tensor(values, dtype=torch.float32)
         else:
             batch[key] = values
@@ -113,6 +117,9 @@ class Sequences:
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
+    def to(self, device) -> 'Sequences':
+        return Sequences(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device))
+
     def reordered(self, order: torch.Tensor) -> 'Sequences':
         return Sequences(self.input_ids[order], self.attention_mask[order], self.labels[order])
 
@@ -129,6 +136,7 @@ class LabelledCompletions:
     sequences: Sequences
     is_desirable: torch.Tensor   # [rows] bool
     texts: List[str]             # [rows] prompt + completion strings
+    weights: torch.Tensor        # [rows] (a pair's weight for both its rows)
 
     @classmethod
     def of(cls, batch: Dict, pad_token_id: int, device=None) -> 'LabelledCompletions':
@@ -138,6 +146,7 @@ class LabelledCompletions:
             texts = batch[key(CHOSEN, COMBINED_TEXT)] + batch[key(REJECTED, COMBINED_TEXT)]
             is_desirable = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
             sequences = Sequences.stacked(batch, (CHOSEN, REJECTED), pad_token_id, device).reordered(order.to(device))
-            return cls(sequences, is_desirable[order].to(device), [texts[i] for i in order.tolist()])
+            return cls(sequences, is_desirable[order].to(device), [texts[i] for i in order.tolist()],
+                       batch[WEIGHT].repeat(2)[order].to(device))
         return cls(Sequences.stacked(batch, (TARGET,), pad_token_id, device), batch[IS_DESIRABLE].to(device),
-                   list(batch[key(TARGET, COMBINED_TEXT)]))
+                   list(batch[key(TARGET, COMBINED_TEXT)]), batch[WEIGHT].to(device))

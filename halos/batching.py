@@ -20,12 +20,14 @@ class UnaryItem(NamedTuple):
     example: Example
     completion: str
     is_desirable: bool
+    weight: float = 1.0
 
 
 class PairItem(NamedTuple):
     example: Example
     chosen: str
     rejected: str
+    weight: float = 1.0
 
 
 class ScoredItem(NamedTuple):
@@ -33,6 +35,7 @@ class ScoredItem(NamedTuple):
     example: Example
     completion: str
     score: float
+    weight: float = 1.0
 
 
 def encode_prompt(tokenizer, text: str, use_chat_template: bool) -> List[int]:
@@ -150,7 +153,8 @@ class DataLoader:
         desirable, undesirable = [], []
         for example in examples:
             for text, is_desirable in self.unary_labels(example, rng):
-                (desirable if is_desirable else undesirable).append(UnaryItem(example, text, is_desirable))
+                (desirable if is_desirable else undesirable).append(
+                    UnaryItem(example, text, is_desirable, example.weight_of(text)))
         n_desirable = round(len(desirable) * self.frac_unique_desirable)
         n_undesirable = round(len(undesirable) * self.frac_unique_undesirable)
         self.counts['unary: desirable'], self.counts['unary: undesirable'] = n_desirable, n_undesirable
@@ -228,6 +232,16 @@ class DataLoader:
 
     def encode_completion(self, text: str) -> List[int]:
         return encode_completion(self.tokenizer, text)
+
+    def tokenize_prompt(self, example: Example, prompt: str) -> Dict:
+        """The prompt fields of a prompt alone (for sampling), cut to max_prompt_length (keeping its start or end)."""
+        prompt_ids = self.encode_prompt(prompt)
+        if len(prompt_ids) <= self.max_prompt_length:
+            return schema.prompt_fields(prompt, prompt_ids)
+        keep = self.max_prompt_length
+        prompt_ids = prompt_ids[:keep] if example.truncation_mode == 'keep_start' else prompt_ids[-keep:]
+        self.counts['prompts truncated'] += 1
+        return schema.prompt_fields(self.tokenizer.decode(prompt_ids, skip_special_tokens=False), prompt_ids)
 
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
         """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).

@@ -12,6 +12,9 @@ import dataloader
 import models
 import trainers
 from halos.errors import ConfigError
+from halos.labelers import make_labeler
+from halos.online import OnlineRounds, OnlineSettings
+from halos.sampling import SamplingOptions, halos_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, set_seed
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config')
@@ -43,6 +46,11 @@ def validate_config(config: DictConfig) -> None:
         rank0_print(f"eval_every={config.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
                     f"= {step_examples}; using {rounded} so that checkpoints fall on optimizer steps")
         config.eval_every = rounded
+    if config.online.rounds > 0:
+        if config.cache_reference_logprobs:
+            raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
+        if config.online.reference == 'previous' and not trainer_class.use_reference_model:
+            raise ConfigError(f"online.reference=previous: {config.loss.trainer} has no reference model")
     if config.saved_policy is None:
         config.saved_policy = os.path.join(config.local_run_dir, 'LATEST', 'policy.pt')
 
@@ -132,16 +140,45 @@ def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: 
 
 
 def build_trainer(config: DictConfig):
-    """Data, models and the trainer of one process, from a validated config."""
+    """Data, models and the trainer of one process, from a validated config (online: without data; each
+    round gives its own)."""
     set_seed(config.seed)
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
                                       control_tokens(config))
-    train_loader = build_loader(config, tokenizer, 'train')  # data errors surface before the models load
-    eval_loader = build_loader(config, tokenizer, 'test')
+    online = config.online.rounds > 0
+    train_loader = None if online else build_loader(config, tokenizer, 'train')  # data errors surface before models
+    eval_loader = None if online else build_loader(config, tokenizer, 'test')
     policy, reference_model = load_models(config, trainer_class, tokenizer, config.model.load_from)
     return trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
                          rank=get_rank(), world_size=get_world_size())
+
+
+def sampling_options(config: DictConfig) -> SamplingOptions:
+    return SamplingOptions(max_length=config.model.max_length, top_p=config.top_p, temperature=config.temperature,
+                           top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed)
+
+
+def build_labeler(config: DictConfig, cache_path: str):
+    online = config.online
+    return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
+                        online.base_url or os.environ.get('OPENAI_BASE_URL'), cache_path, config.model.max_length)
+
+
+def build_online_rounds(config: DictConfig, trainer) -> OnlineRounds:
+    """The online round loop of a run: the prompt pool, the held-out prompts, the labeler, and each round's
+    loaders (the loss's loader on the round's feedback file)."""
+    tokenizer, online = trainer.tokenizer, config.online
+    prompt_options = dict(loader_class=dataloader.PromptDataLoader, batch_size=config.model.eval_batch_size,
+                          n_epochs=1, n_examples=None)
+    pool = build_loader(config, tokenizer, 'train', list(online.prompts or config.datasets), **prompt_options)
+    held_out = build_loader(config, tokenizer, 'test', [online.eval_prompts], **prompt_options) \
+        if online.eval_prompts else None
+    make_loaders = lambda path: (build_loader(config, tokenizer, 'train', [path], n_examples=None),
+                                 build_loader(config, tokenizer, 'test', [path]))
+    labeler = build_labeler(config, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
+    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, sampling_options(config))
+    return OnlineRounds(trainer, OnlineSettings.of(config), pool, held_out, make_loaders, make_sampler, labeler)
 
 
 def load_run_tokenizer(config: DictConfig):

@@ -4,7 +4,9 @@ HF export.
     policy.pt         HALOs' {'step_idx', 'state', 'metrics'}: the policy's full state dict
     optimizer.pt      the optimizer's full state dict
     scheduler.pt      the LR scheduler's state dict
-    trainer_state.pt  counters, the data position and every RNG's state (tensors and plain numbers)
+    trainer_state.pt  counters, the data position, online rounds done and every RNG's state (tensors, numbers)
+    reference.pt      the reference model's state, when it moves (humanline; online rounds re-anchored to
+                      the previous round's policy)
     hf/               (final checkpoint) an HF directory that AutoModelForCausalLM.from_pretrained loads
 
 Every file loads with torch.load(weights_only=True). A directory is written into a temporary sibling and
@@ -22,6 +24,7 @@ import torch
 from halos.errors import MissingFileError
 
 POLICY, OPTIMIZER, SCHEDULER, TRAINER_STATE, HF_EXPORT = 'policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt', 'hf'
+REFERENCE = 'reference.pt'
 LATEST = 'LATEST'
 
 
@@ -34,6 +37,7 @@ class Checkpoint:
     trainer_state: Dict     # example_counter, batch_counter, batches_seen, rng (and what a trainer adds)
     metrics: Dict
     directory: str = ''      # where it was loaded from
+    reference_state: Optional[Dict[str, torch.Tensor]] = None  # when the reference moves (humanline, online rounds)
 
 
 def save(directory: str, checkpoint: Checkpoint, export: Optional[Callable[[str], None]] = None) -> None:
@@ -44,6 +48,8 @@ def save(directory: str, checkpoint: Checkpoint, export: Optional[Callable[[str]
         torch.save(checkpoint.optimizer_state, os.path.join(tmp_dir, OPTIMIZER))
         torch.save(checkpoint.scheduler_state, os.path.join(tmp_dir, SCHEDULER))
         torch.save(checkpoint.trainer_state, os.path.join(tmp_dir, TRAINER_STATE))
+        if checkpoint.reference_state is not None:
+            torch.save(checkpoint.reference_state, os.path.join(tmp_dir, REFERENCE))
         if export is not None:
             export(os.path.join(tmp_dir, HF_EXPORT))
     write_checkpoint_dir(directory, write_files)
@@ -63,8 +69,9 @@ def load(directory: str) -> Checkpoint:
     resolved = complete_checkpoint_dir(directory)
     policy = load_policy_file(os.path.join(resolved, POLICY))
     read = lambda name: torch.load(os.path.join(resolved, name), map_location='cpu', weights_only=True)
+    reference = read(REFERENCE) if os.path.exists(os.path.join(resolved, REFERENCE)) else None
     return Checkpoint(policy['state'], read(OPTIMIZER), read(SCHEDULER), read(TRAINER_STATE), policy['metrics'],
-                      resolved)
+                      resolved, reference)
 
 
 def export_hf(model, tokenizer, state: Dict[str, torch.Tensor], directory: str) -> None:

@@ -3,6 +3,7 @@
 loaders (dataloader.py) flatten them into training items.
 """
 import hashlib
+import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ class Example:
     scores: List[float] = field(default_factory=list)  # one per generation, when the data has them
     pairs: List[Tuple[int, int]] = field(default_factory=list)  # (i, j): generations[i] preferred to generations[j]
     desirable: List[bool] = field(default_factory=list)        # unary labels, one per generation (binary feedback)
+    weights: List[float] = field(default_factory=list)         # per generation (feedback files); empty: all 1
+    pair_weights: Dict[Tuple[int, int], float] = field(default_factory=dict)  # per pair (feedback files); else 1
     truncation_mode: str = 'keep_end'     # keep the start or the end of an over-long prompt
     dataset_name: str = ''
     original_prompt: str = ''             # the raw instruction (AlpacaEval)
@@ -30,9 +33,16 @@ class Example:
     def num_generations(self) -> int:
         return len(self.generations)
 
+    def weight_of(self, completion: str) -> float:
+        """The weight of a completion (its first occurrence), 1 when the data gives none."""
+        return self.weights[self.generations.index(completion)] if self.weights else 1.0
+
+    def pair_weight(self, pair: Tuple[int, int]) -> float:
+        return self.pair_weights.get(tuple(pair), 1.0)
+
     def group_key(self) -> str:
-        """What groups the completions of this prompt (GRPO): its prompt_id, else a digest of the prompt."""
-        return self.prompt_id or hashlib.sha256(self.prompt.encode()).hexdigest()[:16]
+        """What groups the completions of this prompt (GRPO): its prompt_id, else a digest of its turns."""
+        return self.prompt_id or prompt_digest(self.turns or self.prompt)
 
     def remove_extra_spaces(self) -> None:
         """Replace every run of two or more spaces or tabs by one space (prompt and generations)."""
@@ -78,6 +88,11 @@ class Dataset:
 
     def num_pairs(self) -> int:
         return sum(len(example.pairs) for example in self.data.values())
+
+
+def prompt_digest(prompt) -> str:
+    """A stable id of a prompt (a string or a list of turns): the same in every run, round and process."""
+    return hashlib.sha256(json.dumps(prompt, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)

@@ -3,14 +3,17 @@
     binary:   {"prompt": ..., "output": ..., "label": 1}
     pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
     scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
+    prompt:   {"prompt": ...}                                                     (a prompts file, for sampling)
 
 Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
-`split` and the rewards `reward` / `reward_A` / `reward_B`. Every error names the file, the record and
-the field.
+`split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
+pair) / `weight_A` / `weight_B` (of a pair's outputs, when the pairs are flattened into desirable and
+undesirable outputs). Every error names the file, the record and the field.
 """
 import json
 import math
 import os
+import tempfile
 from typing import Dict, List, Optional
 
 from halos.errors import DataError
@@ -94,12 +97,30 @@ def _score(record: Dict, name: str, where: str) -> Optional[float]:
 
 
 def record_kind(record: Dict) -> str:
-    """'pairwise' (output_A/output_B), 'scalar' (a reward and no label) or 'binary'."""
+    """'pairwise' (output_A/output_B), 'scalar' (a reward and no label), 'prompt' (no output) or 'binary'."""
     if 'output_A' in record or 'output_B' in record or record.get('type') == 'pairwise_feedback':
         return 'pairwise'
+    if 'output' not in record and 'label' not in record:
+        return 'prompt'
     if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
         return 'scalar'
     return 'binary'
+
+
+def _weight(record: Dict, name: str, where: str) -> float:
+    """A weight: a finite number >= 0 (1 when the record has none)."""
+    if record.get(name) is None:
+        return 1.0
+    value = _score(record, name, where)
+    if value < 0:
+        raise DataError(f"{where}: field '{name}' must be a number >= 0, got {value!r}")
+    return value
+
+
+def add_generation(example, text: str, score: Optional[float], weight: float) -> None:
+    example.generations.append(text)
+    example.scores.append(score)
+    example.weights.append(weight)
 
 
 def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
@@ -111,6 +132,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     Binary: each output is desirable or not; the SFT target is the first desirable output.
     Pairwise: label 1 means output_A is preferred; identical outputs of one prompt are stored once.
     Scalar: each output with its reward and no label; the SFT target is the best-rewarded output.
+    Prompt: a prompt alone (a prompts file, for sampling).
     One prompt's records are all of one kind.
     """
     dataset = Dataset(os.path.basename(path))
@@ -138,10 +160,12 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         if kinds.setdefault(key, kind) != kind:
             raise DataError(f"{where}: this prompt already has {kinds[key]} feedback (first at {example.source}); "
                             f"the records of one prompt must be all binary, all pairwise or all scalar")
-        if kind == 'scalar':
-            example.generations.append(_completion(record, 'output', where) + assistant_suffix)
-            example.scores.append(_score(record, 'reward', where) if record.get('reward') is not None
-                                  else _field(record, 'reward', where))
+        if kind == 'prompt':
+            pass
+        elif kind == 'scalar':
+            reward = _score(record, 'reward', where) if record.get('reward') is not None else _field(record, 'reward', where)
+            add_generation(example, _completion(record, 'output', where) + assistant_suffix, reward,
+                           _weight(record, 'weight', where))
         elif kind == 'pairwise':
             label = _label(record, where)
             outputs = [_completion(record, 'output_A', where), _completion(record, 'output_B', where)]
@@ -149,19 +173,21 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                 raise DataError(f"{where}: fields 'output_A' and 'output_B' are the same text; a preference needs "
                                 f"two different outputs")
             rewards = [_score(record, 'reward_A', where), _score(record, 'reward_B', where)]
+            weights = [_weight(record, 'weight_A', where), _weight(record, 'weight_B', where)]
             indices = []
-            for output, reward in zip(outputs, rewards):
+            for output, reward, weight in zip(outputs, rewards, weights):
                 text = output + assistant_suffix
                 if text not in example.generations:
-                    example.generations.append(text)
-                    example.scores.append(reward)
+                    add_generation(example, text, reward, weight)
                 indices.append(example.generations.index(text))
-            example.pairs.append(tuple(indices) if label else tuple(reversed(indices)))
+            pair = tuple(indices) if label else tuple(reversed(indices))
+            example.pairs.append(pair)
+            example.pair_weights[pair] = _weight(record, 'weight', where)
         else:
             label = _label(record, where)
-            example.generations.append(_completion(record, 'output', where) + assistant_suffix)
+            add_generation(example, _completion(record, 'output', where) + assistant_suffix,
+                           _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)
-            example.scores.append(_score(record, 'reward', where))
         example.remove_extra_spaces()
     if not dataset.data:
         splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
@@ -174,6 +200,17 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                 max(range(len(example.scores)), key=lambda i: example.scores[i] or -math.inf)
         elif example.scores and all(score is not None for score in example.scores):
             example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
-        else:
+        elif example.pairs:
             example.sft_index = example.pairs[0][0]
     return dataset
+
+
+def write_jsonl(path: str, records: List[Dict]) -> None:
+    """Write records as JSON Lines atomically: a crash leaves the previous file (or none), never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8', suffix='.tmp') as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(f.name, path)

@@ -6,15 +6,18 @@ with `prompts[i]` as a prompts file gives it (a string, or a list of {role, cont
 a string, and `scores[i]` a float, or None when no score could be had (a failed or unparseable judgment):
 such a completion is dropped and counted, never scored 0.
 """
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
+import re
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
 
 import torch
 
 import models
+from halos import judge
 from halos.batching import encode_completion, encode_prompt
 from halos.errors import ConfigError, MissingFileError
 from halos.examples import Formatting
@@ -144,3 +147,89 @@ class RewardModelLabeler:
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
         rows = [self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions)]
         return score_token_rows(self.model, rows, self.tokenizer.pad_token_id, self.device).tolist()
+
+
+JUDGE_PROMPT_VERSION = 'halos-pointwise-v1'
+JUDGE_INSTRUCTIONS = (
+    "You rate how well an AI assistant answered a user. Consider helpfulness, correctness, clarity and "
+    "concision. Rate the response from 1 (useless or harmful) to 10 (excellent). Answer with 'Score: N' only.")
+SCORE_PATTERN = re.compile(r'score\s*[:=]?\s*(\d+(?:\.\d+)?)', re.IGNORECASE)
+NUMBER_PATTERN = re.compile(r'(?<![\d.])(\d+(?:\.\d+)?)(?![\d.])')
+
+
+def parse_score(answer: str) -> Optional[float]:
+    """The judge's 1-10 score: the number after the first 'Score' (as in 'Score: 7'), else the first number
+    in the answer; None when that number is missing or outside 1-10 (the sample is then dropped, never 0)."""
+    match = SCORE_PATTERN.search(answer) or NUMBER_PATTERN.search(answer)
+    if match is None:
+        return None
+    score = float(match.group(1))
+    return score if 1 <= score <= 10 else None
+
+
+def pointwise_messages(prompt: Prompt, completion: str) -> List[Dict[str, str]]:
+    conversation = '\n\n'.join(f"{turn['role'].upper()}: {turn['content']}" for turn in as_turns(prompt))
+    return [{'role': 'system', 'content': JUDGE_INSTRUCTIONS},
+            {'role': 'user', 'content': f"{conversation}\n\nRESPONSE TO RATE: {completion}"}]
+
+
+class JudgeLabeler:
+    """Pointwise 1-10 scores from an LLM judge on any OpenAI-compatible server (halos/judge.py: timeouts,
+    retries, concurrency, pacing). Every judgment is kept in a JSONL cache as it arrives, keyed by the judge's
+    messages, the judge, the prompt version, the seed and the answer length, so a rerun asks nothing twice;
+    an unparseable answer is cached and scores None, a failed request is not cached and scores None."""
+
+    def __init__(self, model: str, base_url: str, cache_path: str, concurrency: int = 4, timeout: float = 30.0,
+                 max_retries: int = 5, sleep_time: float = 0.0, max_tokens: int = 16, seed: int = 0):
+        self.model, self.base_url, self.cache_path = model, base_url, cache_path
+        self.concurrency, self.sleep_time, self.max_tokens, self.seed = concurrency, sleep_time, max_tokens, seed
+        self.client = judge.make_client(base_url, timeout, max_retries)
+        self.requested = 0  # requests sent by this labeler (a cached judgment costs none)
+
+    def key(self, messages: List[Dict[str, str]]) -> str:
+        identity = [messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens]
+        return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
+        messages = [pointwise_messages(p, c) for p, c in zip(prompts, completions)]
+        keys = [self.key(m) for m in messages]
+        with judge.JudgmentCache(self.cache_path) as cache:
+            missing = {key: m for key, m in zip(keys, messages) if key not in cache.records}
+            if missing:
+                judge.check_reachable(self.client, self.base_url)
+            pacer = judge.RequestPacer(self.sleep_time)
+
+            def ask_and_cache(key: str, request: List[Dict[str, str]]) -> dict:
+                pacer.wait()
+                answer = judge.ask(self.client, self.model, request, self.max_tokens, self.seed)
+                record = {'key': key, 'judge': self.model, 'prompt_version': JUDGE_PROMPT_VERSION, 'answer': answer,
+                          'score': parse_score(answer)}
+                cache.add(record)
+                return record
+            requests = {key: (lambda key=key, request=request: ask_and_cache(key, request))
+                        for key, request in missing.items()}
+            judge.ask_all(requests, self.concurrency,
+                          lambda error: judge.fatal_error_message(error, self.base_url, self.model, self.cache_path))
+            self.requested += len(missing)
+            return [cache.records[key]['score'] if key in cache.records else None for key in keys]
+
+
+LABELERS = ('function', 'reward_model', 'judge')
+
+
+def make_labeler(kind: str, reward_function: Optional[str] = None, reward_model: Optional[str] = None,
+                 judge_model: Optional[str] = None, base_url: Optional[str] = None, cache_path: Optional[str] = None,
+                 max_length: int = 2048, concurrency: int = 4) -> Labeler:
+    """The labeler of `kind` (function, reward_model or judge) from its settings; a ConfigError names what is missing."""
+    needs = {'function': ('reward_function', reward_function), 'reward_model': ('reward_model', reward_model),
+             'judge': ('judge', judge_model)}
+    if kind not in needs:
+        raise ConfigError(f"labeler {kind!r}: give one of {', '.join(LABELERS)}")
+    name, value = needs[kind]
+    if not value:
+        raise ConfigError(f"the {kind} labeler needs {name} to be set")
+    if kind == 'function':
+        return RewardFunctionLabeler(reward_function)
+    if kind == 'reward_model':
+        return RewardModelLabeler(reward_model, max_length=max_length)
+    return JudgeLabeler(judge_model, base_url or judge.OPENAI_BASE_URL, cache_path, concurrency=concurrency)

@@ -37,7 +37,6 @@ class BasicTrainer:
     def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
         self.tokenizer, self.config = tokenizer, config
-        self.train_iterator, self.eval_iterator = train_iterator, eval_iterator
         self.policy, self.reference_model = policy, reference_model
         self.rank, self.world_size = rank, world_size
         self.run_dir = config.local_run_dir
@@ -75,7 +74,16 @@ class BasicTrainer:
         self.grad_norm = float('nan')
         self.last_eval_metrics: Dict[str, float] = {}
         self.train_metrics = MetricAccumulator()
-        self.eval_batches = list(tqdm(eval_iterator, desc='tokenizing eval data', disable=not on_rank0(), leave=False))
+        self.completed_rounds = 0  # online rounds trained (halos/online.py)
+        self.reference_moves = self.humanline  # its weights are then part of the checkpoint
+        self.set_data(train_iterator, eval_iterator)
+
+    def set_data(self, train_iterator, eval_iterator) -> None:
+        """The loaders to train and evaluate on (an online round gives each round's own); the eval batches are
+        tokenized once, here."""
+        self.train_iterator, self.eval_iterator = train_iterator, eval_iterator
+        self.eval_batches = [] if eval_iterator is None else \
+            list(tqdm(eval_iterator, desc='tokenizing eval data', disable=not on_rank0(), leave=False))
 
     # --- setup
     @classmethod
@@ -255,6 +263,8 @@ class BasicTrainer:
 
     def evaluate(self) -> Dict[str, float]:
         """Mean eval metrics over the whole test set (all ranks' slices)."""
+        if not self.eval_batches:
+            return {}
         self.policy.eval()
         accumulator = MetricAccumulator()
         with torch.no_grad():
@@ -290,9 +300,13 @@ class BasicTrainer:
 
     # --- checkpoints (the format: halos/checkpoint.py)
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        """The full policy state dict (gathered from the shards under FSDP2) on CPU."""
+        return self.full_state_dict(self.policy)
+
+    @staticmethod
+    def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
+        """A model's full state dict (gathered from the shards under FSDP2) on CPU."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-        return get_model_state_dict(self.policy, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
     def optimizer_state_dict(self) -> Dict:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
@@ -302,19 +316,21 @@ class BasicTrainer:
     def trainer_state(self) -> Dict:
         """Counters, data position and RNG: what resuming needs beyond the weights and the optimizer."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
-                'batches_seen': self.batches_seen, 'rng': checkpoint.get_rng_state()}
+                'batches_seen': self.batches_seen, 'completed_rounds': self.completed_rounds,
+                'rng': checkpoint.get_rng_state()}
 
     def restore_trainer_state(self, state: Dict) -> None:
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
-        self.batches_seen = state['batches_seen']
+        self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
         checkpoint.set_rng_state(state['rng'])
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints; LATEST/hf when final), atomically."""
         policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
+        reference_state = self.full_state_dict(self.reference_model) if self.reference_moves else None
         if on_rank0():
             saved = checkpoint.Checkpoint(policy_state, optimizer_state, self.scheduler.state_dict(),
-                                          self.trainer_state(), self.last_eval_metrics)
+                                          self.trainer_state(), self.last_eval_metrics, reference_state=reference_state)
             export = (lambda directory: self.export_hf(directory, policy_state)) if final else None
             checkpoint.save(os.path.join(self.run_dir, checkpoint.LATEST), saved, export)
             if self.keep_intermediate_checkpoints and not final:
@@ -335,6 +351,8 @@ class BasicTrainer:
         set_model_state_dict(self.policy, saved.policy_state, options=options)
         set_optimizer_state_dict(self.policy, self.optimizer, saved.optimizer_state, options=options)
         self.scheduler.load_state_dict(saved.scheduler_state)
+        if saved.reference_state is not None:
+            set_model_state_dict(self.reference_model, saved.reference_state, options=options)
         self.restore_trainer_state(saved.trainer_state)
         self.last_eval_metrics = saved.metrics
         rank0_print(f'resumed from {saved.directory} after {self.example_counter} examples ({self.batch_counter} steps)')

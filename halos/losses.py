@@ -161,6 +161,27 @@ def ppo_loss(policy_logps: torch.Tensor, old_logps: torch.Tensor, advantages: to
     return loss, {name: value.detach() for name, value in stats.items()}
 
 
+def kl_penalised_rewards(score_rewards: torch.Tensor, old_logps: torch.Tensor, reference_logps: torch.Tensor,
+                         mask: torch.Tensor, kl_coef: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Online PPO's per-token reward (Ziegler et al. 2019; TRL's classic PPOTrainer), all [rows, T]:
+
+        KL_t = log pi_old(y_t) - log pi_ref(y_t)
+        r_t  = -kl_coef KL_t + s_t      (s_t: the sequence's score on its last completion token, else 0)
+
+    Returns (rewards, KL_t), both masked."""
+    kl = (old_logps - reference_logps) * mask
+    return (score_rewards - kl_coef * kl) * mask, kl
+
+
+def adaptive_kl_coef(kl_coef: float, kl: float, target: float, horizon: int, n_rows: int) -> float:
+    """The adaptive KL controller (Ziegler et al. 2019): with KL the mean over the step's sequences of their
+    summed KL_t and n the step's sequence count (every rank),
+
+        kl_coef <- kl_coef (1 + clip(KL / target - 1, -0.2, 0.2) n / horizon)."""
+    error = min(max(kl / target - 1, -0.2), 0.2)
+    return kl_coef * (1 + error * n_rows / horizon)
+
+
 def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
     """H = logsumexp(z) - sum softmax(z) z per position: [B, T, V] -> [B, T]."""
     logits = logits.float()
@@ -253,7 +274,7 @@ GRPO_LOSS_TYPES = ('halos', 'grpo', 'dr_grpo', 'dapo')
 
 
 def grpo_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, n_tokens, n_sequences,
-              max_completion_length: int) -> torch.Tensor:
+              max_completion_length: int, weights: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The reduction of GRPO's per-token losses [rows, T] over the completion tokens (`mask`), by loss_type:
 
         halos    sum_t L_t / n_tokens                       HALOs-2025 (TRL's bnpo): a token mean
@@ -263,9 +284,11 @@ def grpo_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, n_
 
     `n_tokens` and `n_sequences` are the counts the mean is over (the trainer passes this rank's share of
     the global microbatch, or for dapo of the whole optimizer step, so that averaging gradients over ranks
-    and microbatches gives the global mean).
+    and microbatches gives the global mean). Per-sequence `weights` [rows] multiply each sequence's terms
+    (the counts are then weighted counts).
     """
-    masked = token_losses * mask
+    weights = torch.ones(len(token_losses), device=token_losses.device) if weights is None else weights
+    masked = token_losses * mask * weights.unsqueeze(1)
     if loss_type in ('halos', 'dapo'):
         return masked.sum() / n_tokens
     if loss_type == 'grpo':

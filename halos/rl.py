@@ -1,16 +1,16 @@
-"""The token-level RL family's machinery (offline PPO today; GRPO and online PPO build on it): experience
-microbatches, per-token forwards, rewards on the last token, and the reshuffle of an optimizer step's
-experience across microbatches and ranks.
+"""The token-level RL family's machinery (offline and online PPO, GRPO): experience microbatches, rollout
+rows, per-token forwards, rewards on the last token, and the reshuffle of an optimizer step's experience
+across microbatches and ranks.
 
 Token-level tensors are [rows, T] like the sequences, with position t holding the value for the
 prediction of token t+1 (so their last column is always 0); `mask` is 1 on completion tokens.
 """
-from dataclasses import dataclass, fields, replace
-from typing import Callable, List, Tuple
+from dataclasses import dataclass, field, fields, replace
+from typing import Callable, Dict, List, Tuple
 
 import torch
 
-from halos.batch import IGNORE_INDEX
+from halos.batch import IGNORE_INDEX, Sequences
 from halos.losses import group_advantages
 from utils import all_gather_rows, get_batch_logps, get_rank, get_world_size, is_distributed, pad_to_length
 
@@ -25,6 +25,7 @@ class Experience:
     mask: torch.Tensor            # [rows, T] 1 where position t predicts a completion token
     advantages: torch.Tensor      # [rows, T]
     value_targets: torch.Tensor   # [rows, T]
+    token_weights: torch.Tensor   # [rows, T] the mask times each row's weight: what the loss's means weigh by
 
     def trimmed(self) -> 'Experience':
         """Cut to the longest sequence; the token-level tensors to one column less (the predictions)."""
@@ -34,6 +35,15 @@ class Experience:
 
 
 SEQUENCE_FIELDS = ('input_ids', 'attention_mask', 'labels')
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The completions of one microbatch, scored: what the experience is built from."""
+    sequences: Sequences          # [rows, T] prompt + completion
+    weights: torch.Tensor         # [rows]
+    scores: torch.Tensor          # [rows] each sequence's reward, placed on its last completion token
+    metrics: Dict[str, torch.Tensor] = field(default_factory=dict)  # what the rollout logs (e.g. the raw scores)
 
 
 def completion_mask(labels: torch.Tensor) -> torch.Tensor:
@@ -46,6 +56,20 @@ def rewards_on_last_token(scores: torch.Tensor, mask: torch.Tensor) -> torch.Ten
     rewards = torch.zeros_like(mask)
     rewards[torch.arange(len(scores)), mask.cumsum(1).argmax(1)] = scores.float()
     return rewards
+
+
+def rollout_sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, completions: List[List[int]],
+                      pad_token_id: int) -> Sequences:
+    """[B, P] left-padded prompts and each one's sampled completion tokens -> prompt + completion rows,
+    right-padded, labelled on the completion only."""
+    rows, labels = [], []
+    for ids, mask, completion in zip(prompt_ids, prompt_mask, completions):
+        prompt = ids[mask.bool()].tolist()
+        rows.append(prompt + completion)
+        labels.append([IGNORE_INDEX] * len(prompt) + completion)
+    length = max(len(row) for row in rows)
+    padded = lambda lists, value: torch.tensor([values + [value] * (length - len(values)) for values in lists])
+    return Sequences(padded(rows, pad_token_id), padded([[1] * len(row) for row in rows], 0), padded(labels, IGNORE_INDEX))
 
 
 def full_length(tokens: torch.Tensor, length: int) -> torch.Tensor:

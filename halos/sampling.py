@@ -17,6 +17,7 @@ import torch
 from transformers import DynamicCache
 
 from halos import batch as schema
+from utils import all_reduce_sum
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,8 @@ def cache_keyword(model) -> str:
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
            eos_token_id: int, pad_token_id: int) -> torch.Tensor:
     """[B, P] left-padded prompts -> [B * k, N] new tokens (prompt i's samples are rows i*k .. i*k + k-1),
-    pad after a sample's EOS. One prefill per prompt; its KV cache is repeated for the k samples."""
+    pad after a sample's EOS. One prefill per prompt; its KV cache is repeated for the k samples. In several
+    processes each decodes until every rank's samples are done (its own stop at its own length budget)."""
     device = next(model.parameters()).device
     prompt_ids, mask = prompt_ids.to(device), prompt_mask.to(device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -94,17 +96,17 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, o
     if options.max_new_tokens is not None:
         budget = min(budget, options.max_new_tokens)
     tokens, finished = [], torch.zeros(len(logits), dtype=torch.bool, device=device)
-    for step in range(max(budget, 0)):
+    while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
         tokens.append(token)
-        finished |= token == eos_token_id
-        if finished.all() or step == budget - 1:
+        finished |= (token == eos_token_id) | (len(tokens) >= budget)
+        if all_reduce_sum((~finished).sum()).item() == 0:  # under FSDP every rank runs the same forwards
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                        **cache_argument).logits[:, -1]
-    return torch.stack(tokens, 1) if tokens else torch.zeros(len(logits), 0, dtype=torch.long, device=device)
+    return torch.stack(tokens, 1)[:, :max(budget, 0)]
 
 
 def samples_from_tokens(tokens: torch.Tensor, tokenizer, k: int) -> List[List[Sample]]:
@@ -153,3 +155,20 @@ def vllm_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sam
 
 def make_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sampler:
     return vllm_sampler(policy, tokenizer, options, dtype) if use_vllm() else halos_sampler(policy, tokenizer, options)
+
+
+def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optional[int] = None) -> List[Dict]:
+    """k samples of every prompt of a PromptDataLoader, as HALOs' sample records: {output, prompt (turns),
+    prompt_id (a digest of the prompt, stable across runs and rounds), sample_id, generator, dataset,
+    type: 'sample'}, prompt by prompt. `limit` stops after that many prompts."""
+    records, n_prompts = [], 0
+    for batch in loader:
+        for i, samples in enumerate(sample(batch, k)):
+            if limit is not None and n_prompts >= limit:
+                return records
+            records += [{'output': s.text, 'prompt': batch[schema.PROMPT_TURNS][i], 'prompt_id': batch[schema.PROMPT_ID][i],
+                         'sample_id': sample_id, 'generator': generator,
+                         'dataset': f'{batch[schema.DATASET][i]}_{loader.split}', 'type': 'sample'}
+                        for sample_id, s in enumerate(samples)]
+            n_prompts += 1
+    return records

@@ -53,7 +53,7 @@ def test_counts_per_dataset_and_loader(tokenizer, name, split, prompts, pairs, d
     if pairs:
         assert len(loader(D.PairedPreferenceDataLoader, [name], tokenizer, split).items) == pairs
     unpaired = loader(D.UnpairedPreferenceDataLoader, [name], tokenizer, split)
-    labels = [is_desirable for _, _, is_desirable in unpaired.items]
+    labels = [item.is_desirable for item in unpaired.items]
     assert labels.count(True) == desirable and labels.count(False) == undesirable
 
 
@@ -78,7 +78,7 @@ def test_shp_train_counts_follow_from_the_raw_rows_whatever_the_seed(tokenizer):
                 net[example.generations[j]] -= 1
             desirable += sum(score > 0 for score in net.values())
             undesirable += sum(score < 0 for score in net.values())
-        labels = [is_desirable for _, _, is_desirable in unpaired.items]
+        labels = [item.is_desirable for item in unpaired.items]
         assert (labels.count(True), labels.count(False)) == (desirable, undesirable)
         assert len(loader(D.PairedPreferenceDataLoader, ['shp'], tokenizer, seed=seed).items) == 27
 
@@ -231,7 +231,7 @@ def test_shuffling_is_seeded_and_the_last_partial_batch_is_kept(tokenizer):
 
 def test_frac_unique_and_simple_kto_balance(tokenizer):
     kto = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.2)
-    labels = [is_desirable for _, _, is_desirable in kto.items]
+    labels = [item.is_desirable for item in kto.items]
     assert labels.count(True) == 7 and labels.count(False) == 35   # round(0.2 * 35) = 7
     simple = loader(D.SimpleKTODataLoader, ['hh'], tokenizer, batch_size=4)
     for batch in simple:

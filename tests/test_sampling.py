@@ -62,3 +62,41 @@ def test_sampled_tokens_follow_the_warped_distribution(temperature, top_k, top_p
     observed = torch.bincount(draws, minlength=10).float() / len(draws)
     assert (observed - expected).abs().sum() / 2 < 0.02
     assert observed[expected == 0].sum() == 0  # nothing outside top-k / top-p is ever drawn
+
+
+def greedy_on_rank(rank, port, prompts, length, results):
+    """One rank of an FSDP2-sharded tiny model decoding its own prompt greedily up to `length` tokens."""
+    import os
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
+    dist.init_process_group('gloo', rank=rank, world_size=2)
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    model = models.load_causal_lm('embedded:tiny-smollm2', 'float32').eval()
+    mesh = init_device_mesh('cpu', (2,))
+    for layer in model.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    prompt_ids = tokenizer(prompts[rank], return_tensors='pt')
+    tokens = decode(model, prompt_ids['input_ids'], prompt_ids['attention_mask'], 1,
+                    SamplingOptions(length, temperature=0), tokenizer.eos_token_id, tokenizer.pad_token_id)
+    results[rank] = tokens.tolist()
+    dist.destroy_process_group()
+
+
+def test_sharded_ranks_decode_in_step_each_to_its_own_length(tiny):
+    """Under FSDP2 every forward is a collective: a rank whose prompt leaves less room keeps stepping (without
+    keeping tokens) until the other is done, and each gets what one unsharded process decodes."""
+    import torch.multiprocessing as mp
+    from utils import free_port
+    model, tokenizer = tiny
+    length = len(tokenizer(PROMPTS[1])['input_ids']) + 12
+    results = mp.Manager().dict()
+    mp.spawn(greedy_on_rank, args=(free_port(), PROMPTS, length, results), nprocs=2, join=True)
+    for rank, prompt in enumerate(PROMPTS):
+        ids = tokenizer(prompt, return_tensors='pt')
+        alone = decode(model, ids['input_ids'], ids['attention_mask'], 1, SamplingOptions(length, temperature=0),
+                       tokenizer.eos_token_id, tokenizer.pad_token_id)
+        assert results[rank] == alone.tolist() and len(alone[0]) == length - ids['input_ids'].shape[1]
+    assert len(results[0][0]) < len(results[1][0])  # the budgets differed

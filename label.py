@@ -1,0 +1,86 @@
+"""Label HALOs sample records and write them as feedback halos trains on.
+
+    python label.py samples/run_samples.jsonl feedback.jsonl --reward-function data/task/reward.py:reward \
+        --feedback pairwise --pair-mode max
+    python label.py samples.jsonl feedback.jsonl --reward-model runs/rm/LATEST/hf --feedback binary --threshold median
+    python label.py samples.jsonl feedback.jsonl --judge my-model --base-url http://127.0.0.1:8000/v1 --feedback scalar
+
+The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (or any records with
+`prompt`, `output` and optionally `prompt_id`). Each sample is scored by a reward function
+(`file.py:function` or `module:function`, called as function(prompt, completion) -> float), a reward model
+(any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
+a rerun asks nothing twice). A sample that gets no score is dropped and counted. The feedback (binary,
+pairwise, scalar or best; see halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
+"""
+import argparse
+import os
+import sys
+from typing import List, Optional, Sequence
+
+from halos.errors import DataError, UserError
+from halos.examples import prompt_digest
+from halos.feedback import read_json_records, write_jsonl
+from halos.labelers import make_labeler
+from halos.labelling import FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('samples', help='sample records (JSON Lines or a JSON array)')
+    parser.add_argument('output', help='the feedback file to write (JSON Lines)')
+    labeler = parser.add_mutually_exclusive_group(required=True)
+    labeler.add_argument('--reward-function', help='path/to/file.py:function or module:function')
+    labeler.add_argument('--reward-model', help='an HF sequence-classification model (hub id or directory)')
+    labeler.add_argument('--judge', help='the judge model name on an OpenAI-compatible server')
+    parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
+    parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
+    parser.add_argument('--concurrency', type=int, default=4, help='judge requests in flight at once')
+    parser.add_argument('--max-length', type=int, default=2048, help="the reward model's longest input, in tokens")
+    parser.add_argument('--feedback', choices=FEEDBACK_KINDS, default='pairwise')
+    parser.add_argument('--threshold', default='median',
+                        help='binary: mean, median or a number; pairwise: the least reward gap of a pair (a number)')
+    parser.add_argument('--per-prompt', action='store_true', help="binary: each prompt's own mean or median")
+    parser.add_argument('--pair-mode', choices=PAIR_MODES, default='max')
+    parser.add_argument('--seed', type=int, default=0, help='pairwise: the A/B order and the random pairs')
+    return parser.parse_args(argv)
+
+
+def read_samples(path: str) -> List[dict]:
+    """Sample records with `prompt` and `output`; a record without `prompt_id` gets a digest of its prompt."""
+    samples = []
+    for number, record in enumerate(read_json_records(path), 1):
+        for field in ('prompt', 'output'):
+            if not isinstance(record, dict) or field not in record:
+                raise DataError(f"{path}: record {number}: missing field '{field}'")
+        samples.append({**record, 'prompt_id': str(record.get('prompt_id') or prompt_digest(record['prompt']))})
+    if not samples:
+        raise DataError(f"{path}: the file holds no samples")
+    return samples
+
+
+def run(args: argparse.Namespace) -> dict:
+    samples = read_samples(args.samples)
+    kind = 'function' if args.reward_function else 'reward_model' if args.reward_model else 'judge'
+    cache = args.cache or args.output.rsplit('.jsonl', 1)[0] + '.judgments.jsonl'
+    labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge,
+                           args.base_url or os.environ.get('OPENAI_BASE_URL'), cache, args.max_length, args.concurrency)
+    labelled, counts = label_samples(samples, labeler)
+    records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)
+    write_jsonl(args.output, records)
+    return {'samples': len(samples), **counts, 'feedback records': len(records)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        counts = run(args)
+    except UserError as error:
+        print(f"label.py: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {counts['feedback records']} {args.feedback} feedback records to {args.output} "
+          f"({', '.join(f'{k} {v}' for k, v in counts.items() if k != 'feedback records')})")
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,0 +1,265 @@
+"""Online alignment: feedback built from scores (each pairwise mode, binary thresholds, best-of-k),
+per-example weights, prompt rotation, label.py, the judge labeler's cache, and rounds that resume exactly."""
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from halos import labelling
+from halos.build import build_trainer
+from halos.checkpoint import load_policy_file
+from halos.online import round_block
+from helpers import DATA, ROOT, make_config, run_train, train_command
+
+REWARD = os.path.join(ROOT, 'tests', 'rewards.py')
+UPBEAT = os.path.join(DATA, 'upbeat')
+
+
+def samples(rewards_by_prompt):
+    """Labelled samples: prompt id -> rewards (the outputs are 'p<i>-<j>')."""
+    return [{'prompt_id': prompt, 'prompt': f'prompt {prompt}', 'output': f'{prompt}-{j}', 'reward': reward}
+            for prompt, rewards in rewards_by_prompt.items() for j, reward in enumerate(rewards)]
+
+
+def pairs_of(records):
+    """{(better output, worse output)} of pairwise records, whatever their A/B order."""
+    return {(r['output_A'], r['output_B']) if r['label'] else (r['output_B'], r['output_A']) for r in records}
+
+
+def test_pairwise_max_pairs_best_with_worst_and_drops_ties():
+    records = labelling.pairwise_feedback(samples({'a': [0.2, 0.9, 0.5], 'b': [0.4, 0.4], 'c': [1.0]}), 'max')
+    assert pairs_of(records) == {('a-1', 'a-0')}  # b is a tie: dropped, never labelled; c has no pair
+    assert all(r['label'] == int(r['reward_A'] > r['reward_B']) for r in records)
+
+
+def test_pairwise_min_takes_the_closest_pair_still_above_the_threshold():
+    rewards = {'a': [0.0, 0.5, 0.55, 1.0]}
+    assert pairs_of(labelling.pairwise_feedback(samples(rewards), 'min')) == {('a-2', 'a-1')}  # gap 0.05
+    assert pairs_of(labelling.pairwise_feedback(samples(rewards), 'min', threshold=0.1)) == {('a-3', 'a-2')}  # 0.45
+    assert pairs_of(labelling.pairwise_feedback(samples(rewards), 'min', threshold=0.45)) == {('a-3', 'a-1')}  # > 0.45
+    assert labelling.pairwise_feedback(samples(rewards), 'min', threshold=1.0) == []  # no gap above 1.0
+    assert labelling.pairwise_feedback(samples({'t': [0.3, 0.3, 0.3]}), 'min') == []  # never a tie nor a self-pair
+
+
+def test_pairwise_random_pairs_consecutive_samples_of_a_seeded_shuffle():
+    rewards = {'a': [0.1, 0.2, 0.3, 0.4, 0.5], 'b': [0.0, 1.0, 0.0, 1.0]}
+    first = labelling.pairwise_feedback(samples(rewards), 'random', seed=3)
+    assert first == labelling.pairwise_feedback(samples(rewards), 'random', seed=3)
+    assert len([r for r in first if r['prompt_id'] == 'a']) == 2  # 5 samples: 2 pairs, one left over
+    for record in first:
+        assert record['output_A'] != record['output_B'] and record['reward_A'] != record['reward_B']
+    orders = {labelling.pairwise_feedback(samples(rewards), 'random', seed=seed)[0]['label'] for seed in range(20)}
+    assert orders == {0, 1}  # A is the better output in some seeds and the worse in others
+
+
+def test_pairwise_skips_two_samples_with_the_same_text():
+    same = [{'prompt_id': 'a', 'prompt': 'p', 'output': 'Same text.', 'reward': r} for r in (0.1, 0.9)]
+    assert labelling.pairwise_feedback(same, 'max') == []
+
+
+def test_binary_thresholds_over_the_file_and_per_prompt():
+    labelled = samples({'a': [1.0, 2.0, 3.0], 'b': [10.0, 20.0]})
+    label = lambda records: {r['output']: r['label'] for r in records}
+    assert label(labelling.binary_feedback(labelled, 'median')) == {'a-0': 0, 'a-1': 0, 'a-2': 1, 'b-0': 1, 'b-1': 1}
+    assert label(labelling.binary_feedback(labelled, 'mean')) == {'a-0': 0, 'a-1': 0, 'a-2': 0, 'b-0': 1, 'b-1': 1}
+    assert label(labelling.binary_feedback(labelled, 2.5)) == {'a-0': 0, 'a-1': 0, 'a-2': 1, 'b-0': 1, 'b-1': 1}
+    assert label(labelling.binary_feedback(labelled, '2.0')) == {'a-0': 0, 'a-1': 1, 'a-2': 1, 'b-0': 1, 'b-1': 1}
+    per_prompt = label(labelling.binary_feedback(labelled, 'median', per_prompt=True))
+    assert per_prompt == {'a-0': 0, 'a-1': 1, 'a-2': 1, 'b-0': 0, 'b-1': 1}  # the median itself counts (>=)
+    with pytest.raises(ValueError, match="threshold='middle': give mean, median or a number"):
+        labelling.binary_feedback(labelled, 'middle')
+
+
+def test_best_and_scalar_feedback():
+    labelled = samples({'a': [1.0, 3.0, 2.0], 'b': [5.0]})
+    assert [(r['output'], r['label']) for r in labelling.best_feedback(labelled)] == [('a-1', 1), ('b-0', 1)]
+    scalar = labelling.scalar_feedback(labelled)
+    assert [r['reward'] for r in scalar] == [1.0, 3.0, 2.0, 5.0] and all('label' not in r for r in scalar)
+
+
+def test_unscored_samples_are_dropped_and_counted():
+    labeler = lambda prompts, completions: [None if 'bad' in c else 1.0 for c in completions]
+    raw = [{'prompt_id': 'a', 'prompt': 'p', 'output': o} for o in ('good', 'bad', 'fine')]
+    labelled, counts = labelling.label_samples(raw, labeler)
+    assert [s['output'] for s in labelled] == ['good', 'fine'] and counts == {'dropped: no score': 1, 'labelled': 2}
+
+
+def test_prompt_blocks_rotate_through_the_pool_without_overlap():
+    blocks = [round_block(10, 3, r, seed=1) for r in range(4)]
+    assert blocks == [round_block(10, 3, r, seed=1) for r in range(4)]  # deterministic
+    first_pass = [i for block in blocks[:3] for i in block]
+    assert len(first_pass) == len(set(first_pass)) == 9  # 3 rounds of 3 cover 9 of the 10 prompts once
+    assert len(set(blocks[3])) == 3 and blocks[3] != blocks[0]  # then a fresh permutation
+    assert round_block(10, 3, 0, seed=2) != blocks[0]
+
+
+# ---------------------------------------------------------------- weights
+
+def write_jsonl(path, records):
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    return str(path)
+
+
+PAIRS = [{'prompt': f'Question {i}?', 'output_A': f'A good answer {i}.', 'output_B': f'A bad reply {i}', 'label': 1}
+         for i in range(4)]
+
+
+@pytest.mark.parametrize('loss', ['dpo', 'kto-zero', 'sft', 'grpo'])
+def test_unit_weights_reproduce_the_loss_and_a_zero_weight_removes_the_example(tmp_path, loss):
+    """Three feedback files: no weights, unit weights, and weight 0 on the first pair (or its outputs).
+    Unit weights give the very same loss; a zero weight gives the gradient of the other examples alone."""
+    unary = loss in ('kto-zero', 'sft', 'grpo')
+    records = [{'prompt': p['prompt'], 'output': p[k], 'label': int(k == 'output_A'), 'reward': float(k == 'output_A')}
+               for p in PAIRS for k in ('output_A', 'output_B')] if unary else PAIRS
+    weighted = lambda w: [dict(r, weight=w(i)) for i, r in enumerate(records)]
+    first_prompt = lambda i: (i // 2 if unary else i) == 0
+    files = {'plain': records, 'unit': weighted(lambda i: 1.0), 'zero': weighted(lambda i: 0.0 if first_prompt(i) else 1.0),
+             'dropped': [r for i, r in enumerate(records) if not first_prompt(i)]}
+    results = {}
+    for name, data in files.items():
+        path = write_jsonl(tmp_path / f'{name}.jsonl', data)
+        trainer = build_trainer(make_config(tmp_path / name, f'datasets=[{path}]', '++n_examples=8',
+                                            '++model.batch_size=8', loss=loss))
+        batch = next(iter(trainer.train_iterator))
+        loss_value, _ = trainer.get_batch_metrics(batch, 'train')
+        loss_value.backward()
+        results[name] = (loss_value.detach(), [p.grad.clone() for p in trainer.policy.parameters()])
+    assert torch.equal(results['unit'][0], results['plain'][0])
+    for zero, dropped in zip(results['zero'][1], results['dropped'][1]):
+        torch.testing.assert_close(zero, dropped, atol=1e-6, rtol=1e-5)
+    assert not all(torch.allclose(a, b) for a, b in zip(results['zero'][1], results['plain'][1]))
+
+
+def test_a_negative_weight_is_refused(tmp_path):
+    from halos.errors import DataError
+    import dataloader
+    path = write_jsonl(tmp_path / 'bad.jsonl', [dict(PAIRS[0], weight=-1)])
+    with pytest.raises(DataError, match=r"bad.jsonl: record 1: field 'weight' must be a number >= 0, got -1.0"):
+        dataloader.load_dataset(path, 'train', '\n<|user|>\n', '', '\n<|assistant|>\n', '')
+
+
+# ---------------------------------------------------------------- label.py and the judge labeler
+
+def sample_file(tmp_path, n_prompts=3, k=3):
+    records = [{'output': text, 'prompt': [{'role': 'user', 'content': f'Say something, number {p}.'}],
+                'prompt_id': f'p{p}', 'sample_id': s, 'generator': 'test', 'dataset': 'test', 'type': 'sample'}
+               for p in range(n_prompts) for s, text in enumerate(['Hello there, friend.', 'A quiet evening at home.',
+                                                                   'Everything is wonderful today.'][:k])]
+    return write_jsonl(tmp_path / 'samples.jsonl', records)
+
+
+def test_label_py_writes_feedback_that_trains(tmp_path):
+    import label
+    samples = sample_file(tmp_path)
+    out = str(tmp_path / 'feedback.jsonl')
+    assert label.main([samples, out, '--reward-function', f'{REWARD}:vowels', '--feedback', 'pairwise']) == 0
+    records = [json.loads(line) for line in open(out)]
+    assert len(records) == 3 and all(r['type'] == 'pairwise_feedback' for r in records)
+    assert {r['prompt_id'] for r in records} == {'p0', 'p1', 'p2'}
+    trainer = build_trainer(make_config(tmp_path, f'datasets=[{out}]', '++n_examples=3', '++model.batch_size=1'))
+    assert len(trainer.train_iterator.items) == 3
+
+
+def test_label_py_names_a_bad_sample_and_a_missing_function(tmp_path, capsys):
+    import label
+    bad = write_jsonl(tmp_path / 'bad.jsonl', [{'prompt': 'p', 'output': 'o'}, {'prompt': 'q'}])
+    assert label.main([bad, str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == f"label.py: {bad}: record 2: missing field 'output'"
+    assert label.main([sample_file(tmp_path), str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:nope']) == 2
+    assert capsys.readouterr().err.strip() == f"label.py: reward function '{REWARD}:nope': {REWARD} has no function 'nope'"
+
+
+@pytest.mark.slow
+def test_the_judge_labeler_asks_nothing_twice_on_a_rerun(tmp_path):
+    """Against the local llama.cpp server (SmolLM2 as the judge) behind a proxy that counts requests."""
+    import label
+    from fault_proxy import FaultProxy
+    from judge_server import local_judge_server
+    samples = sample_file(tmp_path)
+    with local_judge_server() as url, FaultProxy(url) as proxy:
+        arguments = [samples, str(tmp_path / 'feedback.jsonl'), '--judge', 'smollm2', '--base-url', proxy.base_url,
+                     '--feedback', 'scalar']
+        assert label.main(arguments) == 0
+        first = proxy.chat_requests
+        cached = [json.loads(line) for line in open(tmp_path / 'feedback.judgments.jsonl')]
+        assert first == len(cached) == 9
+        proxy.reset()
+        assert label.main(arguments) == 0
+        assert proxy.chat_requests == 0  # every judgment came from the cache
+    scored = [json.loads(line) for line in open(tmp_path / 'feedback.jsonl')]
+    assert len(scored) == sum(record['score'] is not None for record in cached)  # unparseable: dropped, not 0
+    assert all(1 <= record['reward'] <= 10 for record in scored)
+
+
+# ---------------------------------------------------------------- sampling k per prompt and online rounds
+
+@pytest.mark.slow
+def test_eval_py_samples_k_per_prompt_with_stable_prompt_ids(tmp_path):
+    from helpers import eval_in_process, train_in_process
+    train_in_process(tmp_path, '++n_examples=4', loss='sft', exp_name='sft')
+    eval_in_process(tmp_path / 'sft', '++mode=sample', '++num_samples_per_prompt=3', '++n_samples=4',
+                    '++max_new_tokens=8', f'++samples_dir={tmp_path / "a"}')
+    eval_in_process(tmp_path / 'sft', '++mode=sample', '++num_samples_per_prompt=2', '++n_samples=4', '++seed=5',
+                    '++max_new_tokens=8', f'++samples_dir={tmp_path / "b"}')
+    first = [json.loads(line) for line in open(tmp_path / 'a' / 'sft_samples.jsonl')]
+    second = [json.loads(line) for line in open(tmp_path / 'b' / 'sft_samples.jsonl')]
+    assert len(first) == 12 and [r['sample_id'] for r in first[:3]] == [0, 1, 2]
+    assert set(first[0]) == {'output', 'prompt', 'prompt_id', 'sample_id', 'generator', 'dataset', 'type'}
+    assert first[0]['type'] == 'sample' and first[0]['dataset'] == 'hh_test' and isinstance(first[0]['prompt'], list)
+    ids = {json.dumps(r['prompt']): r['prompt_id'] for r in first}
+    assert len(set(ids.values())) == 4
+    assert all(ids[json.dumps(r['prompt'])] == r['prompt_id'] for r in second if json.dumps(r['prompt']) in ids)
+
+
+def online_overrides(tmp_path):
+    held_out = tmp_path / 'held_out.jsonl'
+    held_out.write_text(''.join(open(os.path.join(UPBEAT, 'test_prompts.jsonl')).readlines()[:8]))
+    return [f'datasets=[{UPBEAT}/train_prompts.jsonl]', '++online.rounds=3', '++online.prompts_per_round=4',
+            '++online.samples_per_prompt=3', f'++online.reward_function={REWARD}:vowels', '++max_new_tokens=12',
+            f'++online.eval_prompts={held_out}', '++lr=1e-3', '++optimizer=AdamW', '++online.reference=previous',
+            '++model.batch_size=2', '++eval_every=4']
+
+
+@pytest.mark.slow
+def test_online_rounds_resume_exactly_without_resampling_or_relabelling(tmp_path):
+    """An online DPO run killed at a random moment and resumed ends with the policy of an uninterrupted run;
+    the rounds sampled before the kill are not sampled again."""
+    ONLINE = online_overrides(tmp_path)
+    whole = subprocess.Popen(train_command(tmp_path, *ONLINE, exp_name='whole'), cwd=ROOT, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(train_command(tmp_path, *ONLINE, exp_name='killed'), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
+    deadline = time.time() + 300
+    while not state.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 2.0))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-3000:]
+    rounds_dir = tmp_path / 'killed' / 'rounds'
+    sampled = {path: path.stat().st_mtime_ns for path in rounds_dir.glob('*/samples.jsonl')}
+    labelled = {path: path.stat().st_mtime_ns for path in rounds_dir.glob('*/feedback.jsonl')}
+    assert sampled, 'the run was killed before it sampled anything'
+    assert torch.load(state, weights_only=True)['completed_rounds'] < 3, 'the run finished before it was killed'
+
+    rerun = run_train(tmp_path, *ONLINE, '++resume=true', exp_name='killed')
+    assert 'resumed from' in rerun.stdout or not state.exists()
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in sampled.items())
+    assert all(path.stat().st_mtime_ns == mtime for path, mtime in labelled.items())
+    for r in range(3):
+        for name in ('samples.jsonl', 'feedback.jsonl'):
+            assert (rounds_dir / str(r) / name).read_text() == (tmp_path / 'whole' / 'rounds' / str(r) / name).read_text()
+    assert len((rounds_dir / '0' / 'samples.jsonl').read_text().splitlines()) == 4 * 3  # prompts x samples
+    one, two = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('whole', 'killed'))
+    assert one['step_idx'] == two['step_idx'] > 0
+    for name, tensor in one['state'].items():
+        assert torch.allclose(tensor, two['state'][name], atol=1e-6), name
+    evaluations = [json.loads(line) for line in open(tmp_path / 'whole' / 'metrics.jsonl') if 'reward_eval/mean' in line]
+    assert [e['round'] for e in evaluations] == [0, 1, 2, 3] and all(e['reward_eval/n'] == 8 for e in evaluations)

@@ -1,0 +1,102 @@
+"""Online PPO: the KL-penalised per-token reward and the adaptive KL controller by hand, rollout rows, and
+train.py end to end (the score rises on a repeated prompt batch; a killed run resumes to the same policy)."""
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+
+from halos import rl
+from halos.checkpoint import load_policy_file
+from helpers import DATA, ROOT, run_train, train_command, train_in_process
+from trainers import adaptive_kl_coef, kl_penalised_rewards
+
+REWARD = os.path.join(ROOT, 'tests', 'rewards.py')
+PROMPTS = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
+
+
+def test_kl_penalised_rewards_by_hand():
+    mask = torch.tensor([[0.0, 1, 1, 1], [0, 1, 1, 0]])
+    old = torch.tensor([[0.0, -0.9, -2.2, -0.4], [0, -1.6, -0.5, 0]])
+    reference = torch.tensor([[0.0, -1, -2, -0.5], [0, -1.5, -0.7, 0]])
+    score_rewards = rl.rewards_on_last_token(torch.tensor([2.0, -1.0]), mask)
+    rewards, kl = kl_penalised_rewards(score_rewards, old, reference, mask, kl_coef=0.5)
+    torch.testing.assert_close(kl, torch.tensor([[0.0, 0.1, -0.2, 0.1], [0, -0.1, 0.2, 0]]))
+    # r_t = -0.5 KL_t, plus the score on the last completion token (row 0: t=3, row 1: t=2)
+    torch.testing.assert_close(rewards, torch.tensor([[0.0, -0.05, 0.1, 1.95], [0, 0.05, -1.1, 0]]))
+
+
+@pytest.mark.parametrize('kl, expected', [(9.0, 0.2 * (1 + 0.2 * 100 / 10000)),     # error 0.5, clipped to 0.2
+                                          (5.4, 0.2 * (1 - 0.1 * 100 / 10000)),     # error -0.1
+                                          (0.0, 0.2 * (1 - 0.2 * 100 / 10000))])    # error -1, clipped to -0.2
+def test_adaptive_kl_controller_moves_towards_the_target_with_a_clipped_error(kl, expected):
+    assert adaptive_kl_coef(0.2, kl, target=6.0, horizon=10000, n_rows=100) == pytest.approx(expected, abs=1e-12)
+
+
+def test_rollout_rows_join_unpadded_prompts_and_completions():
+    rows = rl.rollout_sequences(torch.tensor([[0, 5, 6], [7, 8, 9]]), torch.tensor([[0, 1, 1], [1, 1, 1]]),
+                                [[1, 2, 3], [4]], pad_token_id=0)
+    assert rows.input_ids.tolist() == [[5, 6, 1, 2, 3], [7, 8, 9, 4, 0]]
+    assert rows.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]
+    assert rows.labels.tolist() == [[-100, -100, 1, 2, 3], [-100, -100, -100, 4, -100]]
+
+
+def four_prompts(tmp_path):
+    path = tmp_path / 'prompts.jsonl'
+    path.write_text(''.join(open(PROMPTS).readlines()[:4]))
+    return path
+
+
+def ppo_overrides(prompts, n_examples, *extra):
+    """Top-4 sampling, so that a 10-token sample of the tiny random model can change within a few steps."""
+    return [f'datasets=[{prompts}]', f'++loss.reward_function={REWARD}:vowels', '++max_new_tokens=10', '++top_k=4',
+            f'++n_examples={n_examples}', '++n_epochs=null', '++model.batch_size=4', '++lr=1e-2', '++optimizer=AdamW',
+            '++do_first_eval=false', '++n_eval_examples=4', *extra]
+
+
+def step_metrics(run_dir, name):
+    return [record[name] for record in map(json.loads, open(os.path.join(run_dir, 'metrics.jsonl'))) if name in record]
+
+
+@pytest.mark.slow
+def test_online_ppo_raises_the_score_on_a_repeated_prompt_batch(tmp_path):
+    prompts = four_prompts(tmp_path)
+    train_in_process(tmp_path, *ppo_overrides(prompts, 4 * 16, '++eval_every=1000'), loss='ppo-online',
+                     exp_name='ppo')
+    scores, kl_coefs = step_metrics(tmp_path / 'ppo', 'rewards/score'), step_metrics(tmp_path / 'ppo', 'objective/kl_coef')
+    assert len(scores) == 16
+    assert sum(scores[-4:]) / 4 > sum(scores[:4]) / 4 + 3.0, scores  # vowels in 10 tokens: about 25 at the start
+    assert kl_coefs[0] == pytest.approx(0.2) and kl_coefs[-1] != kl_coefs[0]  # the controller moved it
+
+
+@pytest.mark.slow
+def test_online_ppo_killed_and_resumed_ends_with_the_same_policy(tmp_path):
+    prompts = four_prompts(tmp_path)
+    overrides = ppo_overrides(prompts, 4 * 8, '++eval_every=8')
+    whole = subprocess.Popen(train_command(tmp_path, *overrides, loss='ppo-online', exp_name='whole'), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(train_command(tmp_path, *overrides, loss='ppo-online', exp_name='killed'), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
+    deadline = time.time() + 300
+    while not state.exists() and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, 0.3))
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-3000:]
+    saved = torch.load(state, weights_only=True)
+    assert 0 < saved['example_counter'] < 32, 'the run was not killed between its first checkpoint and its end'
+
+    rerun = run_train(tmp_path, *overrides, '++resume=true', loss='ppo-online', exp_name='killed')
+    assert 'resumed from' in rerun.stdout
+    one, two = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('whole', 'killed'))
+    assert one['step_idx'] == two['step_idx'] == 32
+    for name, tensor in one['state'].items():
+        assert torch.allclose(tensor, two['state'][name], atol=1e-6), name
+    states = [torch.load(tmp_path / name / 'LATEST' / 'trainer_state.pt', weights_only=True) for name in ('whole', 'killed')]
+    assert states[0]['kl_coef'] == pytest.approx(states[1]['kl_coef'], rel=1e-6) and states[0]['kl_coef'] != 0.2
