@@ -11,17 +11,24 @@ mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
                  <samples_dir>/<exp_name>_samples.jsonl (for label.py)
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
+mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
+                 ++reward_function=file.py:function: prints the mean reward, its standard error, n, the mean
+                 length and the KL to the starting model (the mean summed log-ratio of the samples), and
+                 appends them to <samples_dir>/rewards.jsonl
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
 samples from the base model. Generation uses vLLM when it is installed and a GPU is present, and
 transformers' generate otherwise (halos/sampling.py); the output format is the same.
 """
+import contextlib
 import datetime
 import json
 import os
+import statistics
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
@@ -30,22 +37,29 @@ import dataloader
 import models
 import trainers
 from halos import batch as schema
+from halos import lora, rl
 from halos.build import (build_loader, check_overrides, control_tokens, load_models, load_run_tokenizer,
-                         sampling_options, shipped_defaults)
+                         sampling_options, saved_adapter, shipped_defaults)
 from halos.errors import ConfigError, reported_as_one_line
 from halos.feedback import write_jsonl
+from halos.labelers import RewardFunctionLabeler
+from halos.online import reward_summary
 from halos.sampling import make_sampler, sample_records
 from utils import disable_dropout, set_seed
 
-MODES = ('sample', 'eval', 'alpacaeval')
+MODES = ('sample', 'eval', 'alpacaeval', 'reward')
 
 
 def load_policy(config: DictConfig, tokenizer):
-    """The saved policy as a plain causal LM (a PPO policy's value head is dropped: sampling needs none)."""
+    """The saved policy as a plain causal LM (a PPO policy's value head is dropped: sampling needs none; a
+    LoRA run's adapter is merged into its base model)."""
+    lora_run = config.model.use_peft and config.saved_policy is not None
     policy = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype,
                                    use_flash_attention=config.model.use_flash_attention,
-                                   load_from=config.saved_policy, cache_dir=config.cache_dir,
-                                   vocab_size=len(tokenizer))
+                                   load_from=config.model.load_from if lora_run else config.saved_policy,
+                                   cache_dir=config.cache_dir, vocab_size=len(tokenizer))
+    if lora_run:
+        policy = lora.with_lora(policy, None, saved_adapter(config.saved_policy)).merge_and_unload()
     disable_dropout(policy)
     return policy.eval()
 
@@ -92,11 +106,46 @@ def evaluate(config: DictConfig) -> dict:
     """The run's trainer evaluation (its loss and metrics) on the test split."""
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     tokenizer = load_run_tokenizer(config)
-    policy, reference_model = load_models(config, trainer_class, tokenizer, config.saved_policy)
+    policy, reference_model = load_models(config, trainer_class, tokenizer, config.saved_policy,
+                                          saved_adapter(config.saved_policy) if config.model.use_peft else None)
     policy.eval()
     eval_loader = build_loader(config, tokenizer, 'test')
     trainer = trainer_class(tokenizer, config, None, eval_loader, policy, reference_model)
     return {'metadata': OmegaConf.to_container(config), 'results': trainer.evaluate()}
+
+
+def reward(config: DictConfig) -> dict:
+    """The policy's held-out reward: one sample per prompt, scored by the reward function, with the samples'
+    mean summed log-ratio to the starting model (model.load_from, else the base model) as its KL."""
+    if not config.prompts or not config.reward_function:
+        raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> and "
+                          "++reward_function=path/to/file.py:function")
+    tokenizer = load_run_tokenizer(config)
+    policy = load_policy(config, tokenizer)
+    start = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype, load_from=config.model.load_from,
+                                  cache_dir=config.cache_dir, vocab_size=len(tokenizer)).eval()
+    prompts = [config.prompts] if isinstance(config.prompts, str) else list(config.prompts)
+    loader = build_loader(config, tokenizer, 'test', prompts, loader_class=dataloader.PromptDataLoader,
+                          n_examples=config.n_samples)
+    labeler, complete = RewardFunctionLabeler(config.reward_function), make_sampler(
+        policy, tokenizer, sampling_options(config), config.model.policy_dtype)
+    set_seed(config.seed)
+    rewards, lengths, log_ratios = [], [], []
+    for batch in tqdm(loader, desc='sampling'):
+        samples = [group[0] for group in complete(batch, 1)]
+        rewards += labeler(batch[schema.PROMPT_TURNS], [s.text for s in samples])
+        lengths += [len(s.text.split()) for s in samples]
+        rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
+                                    [s.token_ids for s in samples], tokenizer.pad_token_id)
+        with torch.no_grad():
+            policy_logps, start_logps = (rl.token_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
+                                                        contextlib.nullcontext).sum(-1) for model in (policy, start))
+        log_ratios += (policy_logps - start_logps).tolist()
+    summary = reward_summary(rewards)
+    return {'exp_name': config.exp_name, 'saved_policy': config.saved_policy, 'prompts': prompts,
+            'reward_function': config.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
+            'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
+            'sampled_at': str(datetime.datetime.now())}
 
 
 def write_json(path: str, data) -> None:
@@ -133,6 +182,12 @@ def main(config: DictConfig) -> None:
             print(f'wrote {len(samples)} samples to {path}')
         elif config.mode == 'eval':
             print(json.dumps(evaluate(config)['results'], indent=2))
+        elif config.mode == 'reward':
+            result = reward(config)
+            with open(os.path.join(config.samples_dir, 'rewards.jsonl'), 'a') as f:
+                f.write(json.dumps(result) + '\n')
+            print(f"reward {result['reward_mean']:.4f} +- {result['reward_se']:.4f} (n={result['n']}), "
+                  f"length {result['length_words']:.1f} words, KL to the starting model {result['kl']:.3f}")
         else:
             samples = sample(config, ['alpacaeval'], include_original_prompt=True)
             path = os.path.join(config.samples_dir, f'alpaca_{config.exp_name}.json')

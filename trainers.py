@@ -162,6 +162,7 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
     prompt + completion; exported as an AutoModelForSequenceClassification directory (LATEST/hf) that the
     reward-model labeler and loss=ppo's loss.reward_model load."""
     use_reference_model = False
+    lora_task_type, lora_heads = 'SEQ_CLS', ('score',)
 
     @classmethod
     def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
@@ -285,6 +286,7 @@ class PPOTrainer(BasicTrainer):
     backpropagate every microbatch and step the optimizer.
     """
     use_reference_model = True
+    lora_heads = ('v_head',)
 
     def __init__(self, tokenizer, config, *args, **kwargs):
         if config.cache_reference_logprobs:
@@ -429,7 +431,8 @@ class OnlinePPOTrainer(PPOTrainer):
     """Online PPO with a KL-penalised reward (Ziegler et al. 2019; the StackLLaMA recipe): each optimizer step
     samples one completion per prompt from the current policy (the behaviour policy), scores it with
     loss.reward_function or loss.reward_model, and rewards every token with -kl_coef (log pi_old - log pi_ref),
-    plus the score (minus loss.reward_baseline, clipped to +-loss.score_clip) on its last token; GAE with
+    plus the score (minus loss.reward_baseline, optionally whitened, clipped to +-loss.score_clip) on its last
+    token; GAE with
     value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved with the state)."""
 
     def __init__(self, tokenizer, config, *args, **kwargs):
@@ -460,6 +463,8 @@ class OnlinePPOTrainer(PPOTrainer):
                                          self.device)
         raw_scores = scores.float().to(self.device)
         scores = raw_scores - self.config.loss.reward_baseline
+        if self.config.loss.whiten_scores:  # over the microbatch's rows on every rank
+            scores, = whiten_advantages([scores], [torch.ones_like(scores)])
         if self.config.loss.score_clip:
             scores = scores.clamp(-self.config.loss.score_clip, self.config.loss.score_clip)
         return rl.Rollout(rows.to(self.device), torch.ones(len(samples), device=self.device), scores,

@@ -102,7 +102,12 @@ def build_trainer(name: str, config, dataset, output_dir: str):
     dtype = getattr(torch, config.model.policy_dtype)
     load = lambda: AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation='sdpa')
     model = load()
-    optimizer = getattr(torch.optim, config.optimizer)(model.parameters(), lr=config.lr)
+    if config.model.use_peft:  # the halos run's LoRA settings; the optimizer then holds the adapters only
+        from peft import get_peft_model
+        from halos.lora import LoraSettings, lora_config
+        model = get_peft_model(model, lora_config(LoraSettings.of(config.model), 'CAUSAL_LM', ()),
+                               autocast_adapter_dtype=False)
+    optimizer = getattr(torch.optim, config.optimizer)([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     common = dict(output_dir=output_dir, per_device_train_batch_size=config.model.batch_size,
@@ -116,8 +121,8 @@ def build_trainer(name: str, config, dataset, output_dir: str):
     if name == 'sft':
         return trl.SFTTrainer(args=trl.SFTConfig(**common, completion_only_loss=True), **kwargs)
     common.update(beta=config.loss.beta, precompute_ref_log_probs=config.cache_reference_logprobs)
-    if name == 'dpo':
-        return trl.DPOTrainer(args=trl.DPOConfig(**common), ref_model=load(), **kwargs)
+    if name == 'dpo':  # under LoRA (a PeftModel) TRL's reference is the model with its adapters off
+        return trl.DPOTrainer(args=trl.DPOConfig(**common), ref_model=None if config.model.use_peft else load(), **kwargs)
     kto_args = trl.KTOConfig(**common, desirable_weight=config.loss.desirable_weight,
                              undesirable_weight=config.loss.undesirable_weight)
     return trl.KTOTrainer(args=kto_args, ref_model=load(), **kwargs)

@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 import dataloader
 import models
 import trainers
+from halos import checkpoint, lora
 from halos.errors import ConfigError
 from halos.labelers import make_labeler
 from halos.online import OnlineRounds, OnlineSettings
@@ -46,6 +47,13 @@ def validate_config(config: DictConfig) -> None:
         rank0_print(f"eval_every={config.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
                     f"= {step_examples}; using {rounded} so that checkpoints fall on optimizer steps")
         config.eval_every = rounded
+    if config.model.use_peft:
+        if config.loss.get('humanline'):
+            raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
+                              "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
+        if config.online.rounds > 0 and config.online.reference == 'previous':
+            raise ConfigError("online.reference=previous with model.use_peft=true: under LoRA the reference is the base "
+                              "model with the adapters off, which stays the starting model; use online.reference=fixed")
     if config.online.rounds > 0:
         if config.cache_reference_logprobs:
             raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
@@ -123,12 +131,23 @@ def control_tokens(config: DictConfig) -> List[str]:
     return dataloader.get_dataloader_class(config.loss.dataloader).control_tokens(config.loss)
 
 
-def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: Optional[str]):
+def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: Optional[str],
+                adapter_from: Optional[str] = None):
     """The policy from `policy_load_from` (train.py: model.load_from; eval.py: the trained policy) and, when
-    the loss uses one, the reference model from model.load_from; the base model where they are null."""
+    the loss uses one, the reference model from model.load_from; the base model where they are null.
+    With model.use_peft the policy is model.load_from (or the base model) with LoRA adapters, fresh or from
+    `adapter_from`, and the reference is that policy with its adapters off."""
     model_config = config.model
     common = dict(use_flash_attention=model_config.use_flash_attention, load_from=model_config.load_from,
                   cache_dir=config.cache_dir, vocab_size=len(tokenizer))
+    if model_config.use_peft:
+        quantized = lora.four_bit_options(model_config.policy_dtype) if model_config.peft.load_in_4bit else {}
+        policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype, **common, **quantized)
+        disable_dropout(policy)
+        settings = lora.lora_config(lora.LoraSettings.of(model_config), trainer_class.lora_task_type,
+                                    trainer_class.lora_heads)
+        policy = lora.with_lora(policy, settings, adapter_from)
+        return policy, lora.AdaptersOff(policy) if trainer_class.use_reference_model else None
     policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype,
                                        **{**common, 'load_from': policy_load_from})
     disable_dropout(policy)
@@ -137,6 +156,11 @@ def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: 
         reference_model = models.load_causal_lm(model_config.name_or_path, model_config.reference_dtype, **common)
         disable_dropout(reference_model)
     return policy, reference_model
+
+
+def saved_adapter(saved_policy: str) -> str:
+    """The adapter directory of the checkpoint whose policy.pt is `saved_policy` (a LoRA run's)."""
+    return os.path.join(os.path.dirname(saved_policy), checkpoint.ADAPTER)
 
 
 def build_trainer(config: DictConfig):
@@ -149,7 +173,8 @@ def build_trainer(config: DictConfig):
     online = config.online.rounds > 0
     train_loader = None if online else build_loader(config, tokenizer, 'train')  # data errors surface before models
     eval_loader = None if online else build_loader(config, tokenizer, 'test')
-    policy, reference_model = load_models(config, trainer_class, tokenizer, config.model.load_from)
+    policy, reference_model = load_models(config, trainer_class, tokenizer, config.model.load_from,
+                                          config.model.load_lora_from)
     return trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
                          rank=get_rank(), world_size=get_world_size())
 

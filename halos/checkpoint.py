@@ -8,6 +8,8 @@ HF export.
     reference.pt      the reference model's state, when it moves (humanline; online rounds re-anchored to
                       the previous round's policy)
     hf/               (final checkpoint) an HF directory that AutoModelForCausalLM.from_pretrained loads
+    adapter/          (LoRA) the adapter, as PeftModel.save_pretrained writes it; policy.pt then holds only
+                      the trainable state (adapters and heads), hf/ the merged model
 
 Every file loads with torch.load(weights_only=True). A directory is written into a temporary sibling and
 swapped in with renames, so a crash at any moment leaves the previous checkpoint complete.
@@ -25,6 +27,7 @@ from halos.errors import MissingFileError
 
 POLICY, OPTIMIZER, SCHEDULER, TRAINER_STATE, HF_EXPORT = 'policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt', 'hf'
 REFERENCE = 'reference.pt'
+ADAPTER = 'adapter'
 LATEST = 'LATEST'
 
 
@@ -40,8 +43,9 @@ class Checkpoint:
     reference_state: Optional[Dict[str, torch.Tensor]] = None  # when the reference moves (humanline, online rounds)
 
 
-def save(directory: str, checkpoint: Checkpoint, export: Optional[Callable[[str], None]] = None) -> None:
-    """Write `checkpoint` to `directory` atomically; `export(hf_dir)` adds the HF export."""
+def save(directory: str, checkpoint: Checkpoint, exports: Optional[Dict[str, Callable[[str], None]]] = None) -> None:
+    """Write `checkpoint` to `directory` atomically; each of `exports` ({name: write(dir)}, e.g. the HF export
+    and a LoRA adapter) writes its own subdirectory."""
     def write_files(tmp_dir: str) -> None:
         save_policy_file(os.path.join(tmp_dir, POLICY), checkpoint.trainer_state['example_counter'],
                          checkpoint.policy_state, checkpoint.metrics)
@@ -50,8 +54,8 @@ def save(directory: str, checkpoint: Checkpoint, export: Optional[Callable[[str]
         torch.save(checkpoint.trainer_state, os.path.join(tmp_dir, TRAINER_STATE))
         if checkpoint.reference_state is not None:
             torch.save(checkpoint.reference_state, os.path.join(tmp_dir, REFERENCE))
-        if export is not None:
-            export(os.path.join(tmp_dir, HF_EXPORT))
+        for name, write in (exports or {}).items():
+            write(os.path.join(tmp_dir, name))
     write_checkpoint_dir(directory, write_files)
 
 

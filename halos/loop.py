@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import models
 from halos import batch as schema
-from halos import checkpoint
+from halos import checkpoint, lora
 from halos.errors import ConfigError
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, barrier, chunked, clip_gradient_norm, find_class,
@@ -33,6 +33,8 @@ class BasicTrainer:
     prefixes: Tuple[str, ...] = (schema.TARGET,)  # the sequence kinds of a batch that go through the models
     average_log_prob = False    # loss() gets per-token mean log-probs instead of sums (SimPO, ORPO)
     supports_humanline = False  # loss.humanline may clamp its per-token log-ratios (losses with a reference)
+    lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
+    lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 
     def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
                  reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
@@ -93,7 +95,7 @@ class BasicTrainer:
 
     def build_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
         optimizer_class = find_class(vars(torch.optim), torch.optim.Optimizer, name, 'optimizer', 'a torch.optim optimizer')
-        return optimizer_class(self.policy.parameters(), lr=lr)
+        return optimizer_class([p for p in self.policy.parameters() if p.requires_grad], lr=lr)
 
     def shard(self, block_name: str, mixed_precision: Optional[str]) -> None:
         """FSDP2: shard every transformer block, then the whole model, of the policy and the reference."""
@@ -101,7 +103,7 @@ class BasicTrainer:
         mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision)) if mixed_precision \
             else MixedPrecisionPolicy()
         for model in (self.policy, self.reference_model):
-            if model is None:
+            if model is None or isinstance(model, lora.AdaptersOff):  # the policy's own weights
                 continue
             blocks = [m for m in model.modules() if type(m).__name__ == block_name]
             if not blocks:
@@ -300,7 +302,9 @@ class BasicTrainer:
 
     # --- checkpoints (the format: halos/checkpoint.py)
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
-        return self.full_state_dict(self.policy)
+        """The policy's full state dict; under LoRA only what trains (the adapters and any head)."""
+        state = self.full_state_dict(self.policy)
+        return lora.trainable_state(self.policy, state) if lora.is_lora(self.policy) else state
 
     @staticmethod
     def full_state_dict(model: torch.nn.Module) -> Dict[str, torch.Tensor]:
@@ -331,16 +335,31 @@ class BasicTrainer:
         if on_rank0():
             saved = checkpoint.Checkpoint(policy_state, optimizer_state, self.scheduler.state_dict(),
                                           self.trainer_state(), self.last_eval_metrics, reference_state=reference_state)
-            export = (lambda directory: self.export_hf(directory, policy_state)) if final else None
-            checkpoint.save(os.path.join(self.run_dir, checkpoint.LATEST), saved, export)
+            exports = {}
+            if lora.is_lora(self.policy):
+                exports[checkpoint.ADAPTER] = lambda directory: lora.save_adapter(self.policy, policy_state, directory)
+            if final:
+                exports[checkpoint.HF_EXPORT] = lambda directory: self.export_hf(directory, self.exported_state(policy_state))
+            checkpoint.save(os.path.join(self.run_dir, checkpoint.LATEST), saved, exports)
             if self.keep_intermediate_checkpoints and not final:
-                checkpoint.save(os.path.join(self.run_dir, f'step-{self.example_counter}'), saved)
+                checkpoint.save(os.path.join(self.run_dir, f'step-{self.example_counter}'), saved, exports)
             self.tokenizer.save_pretrained(self.run_dir)
             rank0_print(f'saved checkpoint after {self.example_counter} examples to {self.run_dir}/{checkpoint.LATEST}')
         barrier()
 
+    def exported_state(self, policy_state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """What the HF export holds: the policy's state, or under LoRA the base model with the adapters merged
+        (into a fresh copy of the base, built here, so the live policy keeps its adapters)."""
+        if not lora.is_lora(self.policy):
+            return policy_state
+        model_config = self.config.model
+        base = self.load_policy(model_config.name_or_path, model_config.policy_dtype,
+                                use_flash_attention=model_config.use_flash_attention, load_from=model_config.load_from,
+                                cache_dir=self.config.cache_dir, vocab_size=len(self.tokenizer))
+        return lora.merged_state_dict(base, self.policy, policy_state)
+
     def export_hf(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:
-        checkpoint.export_hf(self.policy, self.tokenizer, policy_state, directory)
+        checkpoint.export_hf(lora.unwrapped(self.policy), self.tokenizer, policy_state, directory)
 
     def load_checkpoint(self, directory: str) -> None:
         """Restore policy, optimizer, scheduler, counters, data position and RNG from a checkpoint directory."""
@@ -348,7 +367,8 @@ class BasicTrainer:
                                                              set_optimizer_state_dict)
         saved = checkpoint.load(directory)
         options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(self.policy, saved.policy_state, options=options)
+        set_model_state_dict(self.policy, saved.policy_state,  # under LoRA the trainable part only
+                             options=StateDictOptions(full_state_dict=True, strict=not lora.is_lora(self.policy)))
         set_optimizer_state_dict(self.policy, self.optimizer, saved.optimizer_state, options=options)
         self.scheduler.load_state_dict(saved.scheduler_state)
         if saved.reference_state is not None:

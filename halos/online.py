@@ -4,6 +4,7 @@ labels them, writes them as a feedback file and trains on it, then checkpoints.
     <run_dir>/rounds/<r>/samples.jsonl     HALOs sample records (written atomically)
     <run_dir>/rounds/<r>/feedback.jsonl    the round's feedback, in the format datasets=[file] reads
     <run_dir>/rounds/judgments.jsonl       the LLM judge's cache, when the labeler is a judge
+    <run_dir>/rounds/reward_per_round.png  the held-out reward per round (with online.eval_prompts)
 
 Round r takes the r-th block of prompts_per_round prompts of a seeded permutation of the pool, so blocks
 never overlap until the pool is used up (then a fresh permutation starts). The files are the resumable
@@ -13,6 +14,7 @@ round cut short resumes at its data position). The optimizer and scheduler carry
 With reference=previous the reference model is set to the policy at the start of each round (its weights
 are then part of every checkpoint, so a resumed round keeps its reference).
 """
+import json
 import math
 import os
 import random
@@ -69,6 +71,26 @@ def reward_summary(rewards: Sequence[float]) -> Dict[str, float]:
     mean = statistics.fmean(rewards) if n else float('nan')
     se = statistics.stdev(rewards) / math.sqrt(n) if n > 1 else float('nan')
     return {'mean': mean, 'se': se, 'n': n}
+
+
+def plot_reward_per_round(metrics_path: str, out_path: str) -> None:
+    """The held-out reward (mean +- SE) per round, from every evaluation logged in metrics.jsonl (a round
+    evaluated again after a resume counts once, with its last value)."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    with open(metrics_path) as f:
+        by_round = {r['round']: r for r in map(json.loads, f) if 'reward_eval/mean' in r}
+    rounds = sorted(by_round)
+    figure, axes = plt.subplots(figsize=(5, 3.5))
+    axes.errorbar(rounds, [by_round[r]['reward_eval/mean'] for r in rounds],
+                  yerr=[by_round[r]['reward_eval/se'] for r in rounds], marker='o', capsize=3)
+    axes.set(xlabel='rounds trained', ylabel='held-out reward (mean ± SE)', xticks=rounds,
+             title='held-out reward per round')
+    figure.tight_layout()
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    figure.savefig(out_path, dpi=120)
+    plt.close(figure)
 
 
 def gathered(records: List[Dict]) -> List[Dict]:
@@ -150,6 +172,8 @@ class OnlineRounds:
                               'reward_eval/n': summary['n'], 'reward_eval/length': statistics.fmean(lengths)})
             rank0_print(f"held-out reward after {round_index} rounds: {summary['mean']:.4f} +- {summary['se']:.4f} "
                         f"(n={summary['n']})")
+            plot_reward_per_round(os.path.join(self.trainer.run_dir, 'metrics.jsonl'),
+                                  os.path.join(self.rounds_dir, 'reward_per_round.png'))
         return summary
 
     def run(self) -> None:

@@ -71,6 +71,7 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
 
 def cache_keyword(model) -> str:
     """The name of the forward's KV-cache argument (`cache` in recent transformers, `past_key_values` before)."""
+    model = model.get_base_model() if hasattr(model, 'get_base_model') else model  # under peft's wrapper
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
 
@@ -154,7 +155,11 @@ def vllm_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sam
 
 
 def make_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sampler:
-    return vllm_sampler(policy, tokenizer, options, dtype) if use_vllm() else halos_sampler(policy, tokenizer, options)
+    """vLLM where it runs (see use_vllm), except for a policy with LoRA adapters (halos' loop samples it
+    as it is, without exporting a merged copy every round)."""
+    if use_vllm() and not hasattr(policy, 'peft_config'):
+        return vllm_sampler(policy, tokenizer, options, dtype)
+    return halos_sampler(policy, tokenizer, options)
 
 
 def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optional[int] = None) -> List[Dict]:

@@ -4,7 +4,7 @@ PPO against that reward model with a KL penalty to the SFT model. Prints the rew
 accuracy, the held-out score of the SFT and the PPO policies (mean +- SE under the reward model), the PPO
 policy's KL to the SFT model and the wall time of every stage, and the train.py commands it ran.
 
-    python scripts/stackllama.py [--runs runs/stackllama] [--ppo-examples 64] [--new-tokens 48]
+    python scripts/stackllama.py [--runs runs/stackllama] [--ppo-examples 96] [--ppo-lr 5e-5] [--new-tokens 48]
 
 Rerunning reuses the stages already trained (delete the run directory to start over).
 """
@@ -22,16 +22,20 @@ DATASETS = '[hh,shp]'
 
 
 def train(runs: str, loss: str, exp_name: str, *extra: str) -> float:
-    """train.py for one stage (skipped when its final checkpoint exists); returns the wall time."""
+    """train.py for one stage (skipped when its final checkpoint exists); returns its wall time (a skipped
+    stage's as recorded when it ran)."""
+    wall_time_file = os.path.join(runs, exp_name, 'wall_seconds.txt')
     if os.path.isdir(os.path.join(runs, exp_name, 'LATEST', 'hf')):
         print(f'{exp_name}: already trained in {runs}/{exp_name}')
-        return float('nan')
+        return float(open(wall_time_file).read()) if os.path.exists(wall_time_file) else float('nan')
     command = [sys.executable, os.path.join(ROOT, 'train.py'), f'loss={loss}', 'model=smollm2', f'datasets={DATASETS}',
                f'exp_name={exp_name}', 'mode=train', '++data_dir=data', f'++cache_dir={runs}', '++wandb.enabled=false',
                '++optimizer=AdamW', '++model.max_length=384', '++model.max_prompt_length=256', *extra]
     print('\n$ ' + ' '.join(command[1:]), flush=True)
     started = time.time()
     subprocess.run(command, cwd=ROOT, check=True)
+    with open(wall_time_file, 'w') as f:
+        f.write(f'{time.time() - started:.1f}')
     return time.time() - started
 
 
@@ -57,6 +61,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         config = compose('config', overrides=['loss=sft', 'model=smollm2', f'datasets={DATASETS}', 'exp_name=held_out',
+                                              'mode=sample',
                                               '++data_dir=data', '++model.max_length=384',
                                               '++model.max_prompt_length=256'])
     validate_config(config)
@@ -91,7 +96,8 @@ def summary(values) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'stackllama'))
-    parser.add_argument('--ppo-examples', type=int, default=64, help='prompts PPO trains on (one sample each)')
+    parser.add_argument('--ppo-examples', type=int, default=96, help='prompts PPO trains on (one sample each)')
+    parser.add_argument('--ppo-lr', type=float, default=5e-5)
     parser.add_argument('--new-tokens', type=int, default=48, help='the longest sample, in new tokens')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
@@ -106,7 +112,7 @@ def main() -> None:
         'ppo': train(runs, 'ppo-online', 'ppo', '++model.load_from=sft/LATEST/hf',
                      f'++loss.reward_model={runs}/rm/LATEST/hf', f'++n_examples={args.ppo_examples}', '++n_epochs=null',
                      '++model.batch_size=8', f'++max_new_tokens={args.new_tokens}', '++top_p=1.0', '++temperature=1.0',
-                     '++top_k=0', '++lr=1.41e-5', '++eval_every=100000', '++n_eval_examples=8', '++do_first_eval=false'),
+                     '++top_k=0', f'++lr={args.ppo_lr}', '++eval_every=100000', '++n_eval_examples=8', '++do_first_eval=false'),
     }
     evaluation_started = time.time()
     scores, kl = held_out_scores(runs, args.new_tokens, args.seed)

@@ -1,7 +1,10 @@
 """Shared helpers of the tests: composing configs and running train.py and eval.py."""
 import os
+import random
+import signal
 import subprocess
 import sys
+import time
 from typing import Dict, List
 
 from hydra import compose, initialize_config_dir
@@ -48,6 +51,23 @@ def run_train(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1, timeo
     command = train_command(cache_dir, *overrides, loss=loss, exp_name=exp_name, nproc=nproc)
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     return checked(result, command) if check else result
+
+
+def whole_and_killed(cache_dir, *overrides, loss='dpo', max_delay=1.0, timeout=900) -> None:
+    """Run `whole` and `killed` side by side; SIGKILL `killed` a random moment (up to `max_delay` s) after its
+    first checkpoint appears; wait for `whole` to finish (checked)."""
+    whole = subprocess.Popen(train_command(cache_dir, *overrides, loss=loss, exp_name='whole'), cwd=ROOT,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    killed = subprocess.Popen(train_command(cache_dir, *overrides, loss=loss, exp_name='killed'), cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    state = os.path.join(cache_dir, 'killed', 'LATEST', 'trainer_state.pt')
+    deadline = time.time() + 300
+    while not os.path.exists(state) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(random.uniform(0, max_delay))  # a random moment: mid-step, mid-eval or mid-save
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert whole.wait(timeout=timeout) == 0, whole.stderr.read()[-3000:]
 
 
 def run_concurrently(commands: Dict[str, List[str]], timeout=900) -> Dict[str, subprocess.CompletedProcess]:

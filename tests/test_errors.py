@@ -75,7 +75,7 @@ def cases(tmp_path):
                           f"optimizer=Adamm is not a torch.optim optimizer; valid: {', '.join(torch_optimizers())}"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
-        'eval: unknown mode': ('eval.py', ['++mode=samples'], "mode=samples: eval.py takes mode=sample, eval, alpacaeval"),
+        'eval: unknown mode': ('eval.py', ['++mode=samples'], "mode=samples: eval.py takes mode=sample, eval, alpacaeval, reward"),
     }
 
 

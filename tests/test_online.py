@@ -2,11 +2,7 @@
 per-example weights, prompt rotation, label.py, the judge labeler's cache, and rounds that resume exactly."""
 import json
 import os
-import random
-import signal
-import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -15,7 +11,7 @@ from halos import labelling
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
 from halos.online import round_block
-from helpers import DATA, ROOT, make_config, run_train, train_command
+from helpers import DATA, ROOT, make_config, run_train, whole_and_killed
 
 REWARD = os.path.join(ROOT, 'tests', 'rewards.py')
 UPBEAT = os.path.join(DATA, 'upbeat')
@@ -217,6 +213,38 @@ def test_eval_py_samples_k_per_prompt_with_stable_prompt_ids(tmp_path):
     assert all(ids[json.dumps(r['prompt'])] == r['prompt_id'] for r in second if json.dumps(r['prompt']) in ids)
 
 
+def test_eval_py_reward_mode_scores_the_policy_and_measures_its_kl(tmp_path):
+    from helpers import eval_in_process, train_in_process
+    sys.path.insert(0, os.path.dirname(REWARD))
+    from rewards import vowels
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text(''.join(open(os.path.join(UPBEAT, 'test_prompts.jsonl')).readlines()[:5]))
+    train_in_process(tmp_path, '++n_examples=8', '++lr=1e-3', '++optimizer=AdamW', loss='sft', exp_name='sft')
+    greedy = ['++temperature=0', '++max_new_tokens=8', f'++samples_dir={tmp_path / "out"}']
+    eval_in_process(tmp_path / 'sft', '++mode=sample', '++num_samples_per_prompt=1', f'datasets=[{prompts}]', *greedy)
+    eval_in_process(tmp_path / 'sft', '++mode=reward', f'++prompts={prompts}', f'++reward_function={REWARD}:vowels',
+                    *greedy)
+    eval_in_process(tmp_path / 'sft', '++mode=reward', f'++prompts={prompts}', f'++reward_function={REWARD}:vowels',
+                    f"++model.load_from={tmp_path / 'sft' / 'LATEST' / 'policy.pt'}", *greedy)  # start = the policy
+    samples = [json.loads(line) for line in open(tmp_path / 'out' / 'sft_samples.jsonl')]
+    trained, against_itself = [json.loads(line) for line in open(tmp_path / 'out' / 'rewards.jsonl')]
+    rewards = [vowels(s['prompt'], s['output']) for s in samples]
+    assert trained['n'] == len(rewards) == 5
+    assert trained['reward_mean'] == pytest.approx(sum(rewards) / 5)
+    mean = sum(rewards) / 5
+    assert trained['reward_se'] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 4 / 5) ** 0.5)
+    assert abs(trained['kl']) > 1e-3 and against_itself['kl'] == pytest.approx(0, abs=1e-4)
+    assert against_itself['reward_mean'] == trained['reward_mean']
+
+
+def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
+    from helpers import eval_in_process, train_in_process
+    train_in_process(tmp_path, '++n_examples=4', loss='sft', exp_name='sft')
+    with pytest.raises(SystemExit):
+        eval_in_process(tmp_path / 'sft', '++mode=reward', f'++reward_function={REWARD}:vowels')
+    assert 'mode=reward needs ++prompts=' in capsys.readouterr().err
+
+
 def online_overrides(tmp_path):
     held_out = tmp_path / 'held_out.jsonl'
     held_out.write_text(''.join(open(os.path.join(UPBEAT, 'test_prompts.jsonl')).readlines()[:8]))
@@ -231,18 +259,8 @@ def test_online_rounds_resume_exactly_without_resampling_or_relabelling(tmp_path
     """An online DPO run killed at a random moment and resumed ends with the policy of an uninterrupted run;
     the rounds sampled before the kill are not sampled again."""
     ONLINE = online_overrides(tmp_path)
-    whole = subprocess.Popen(train_command(tmp_path, *ONLINE, exp_name='whole'), cwd=ROOT, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(train_command(tmp_path, *ONLINE, exp_name='killed'), cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole_and_killed(tmp_path, *ONLINE, max_delay=2.0)
     state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
-    deadline = time.time() + 300
-    while not state.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 2.0))
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-3000:]
     rounds_dir = tmp_path / 'killed' / 'rounds'
     sampled = {path: path.stat().st_mtime_ns for path in rounds_dir.glob('*/samples.jsonl')}
     labelled = {path: path.stat().st_mtime_ns for path in rounds_dir.glob('*/feedback.jsonl')}
@@ -263,3 +281,4 @@ def test_online_rounds_resume_exactly_without_resampling_or_relabelling(tmp_path
         assert torch.allclose(tensor, two['state'][name], atol=1e-6), name
     evaluations = [json.loads(line) for line in open(tmp_path / 'whole' / 'metrics.jsonl') if 'reward_eval/mean' in line]
     assert [e['round'] for e in evaluations] == [0, 1, 2, 3] and all(e['reward_eval/n'] == 8 for e in evaluations)
+    assert (tmp_path / 'whole' / 'rounds' / 'reward_per_round.png').stat().st_size > 1000

@@ -2,17 +2,13 @@
 train.py end to end (the score rises on a repeated prompt batch; a killed run resumes to the same policy)."""
 import json
 import os
-import random
-import signal
-import subprocess
-import time
 
 import pytest
 import torch
 
 from halos import rl
 from halos.checkpoint import load_policy_file
-from helpers import DATA, ROOT, run_train, train_command, train_in_process
+from helpers import DATA, ROOT, run_train, train_in_process, whole_and_killed
 from trainers import adaptive_kl_coef, kl_penalised_rewards
 
 REWARD = os.path.join(ROOT, 'tests', 'rewards.py')
@@ -77,18 +73,8 @@ def test_online_ppo_raises_the_score_on_a_repeated_prompt_batch(tmp_path):
 def test_online_ppo_killed_and_resumed_ends_with_the_same_policy(tmp_path):
     prompts = four_prompts(tmp_path)
     overrides = ppo_overrides(prompts, 4 * 8, '++eval_every=8')
-    whole = subprocess.Popen(train_command(tmp_path, *overrides, loss='ppo-online', exp_name='whole'), cwd=ROOT,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    killed = subprocess.Popen(train_command(tmp_path, *overrides, loss='ppo-online', exp_name='killed'), cwd=ROOT,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    whole_and_killed(tmp_path, *overrides, loss='ppo-online', max_delay=0.3)
     state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
-    deadline = time.time() + 300
-    while not state.exists() and killed.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 0.3))
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
-    assert whole.wait(timeout=900) == 0, whole.stderr.read()[-3000:]
     saved = torch.load(state, weights_only=True)
     assert 0 < saved['example_counter'] < 32, 'the run was not killed between its first checkpoint and its end'
 

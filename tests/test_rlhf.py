@@ -2,7 +2,6 @@
 batch and exports an AutoModelForSequenceClassification directory that scores as the trainer did, the
 reward-model labeler on that export, and online PPO against a reward."""
 import json
-import os
 
 import pytest
 import torch

@@ -6,9 +6,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import subprocess
-import time
 
 import numpy as np
 import pytest
@@ -17,7 +15,7 @@ import torch
 import train
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file, save_policy_file
-from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process
+from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 import utils
 from utils import get_batch_logps, sequence_logps
 
@@ -344,18 +342,7 @@ def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
     """Killed at a random moment (mid-step, mid-eval or mid-save), then resumed: it starts after the last
     checkpoint, does only the remaining steps, and ends with the policy of an uninterrupted run."""
     common = RESUMABLE[:1] + ['++eval_every=8'] + RESUMABLE[2:]
-    whole_process = subprocess.Popen(train_command(tmp_path, *common, exp_name='whole'), cwd=ROOT,
-                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    process = subprocess.Popen(train_command(tmp_path, *common, exp_name='killed'), cwd=ROOT,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    state = tmp_path / 'killed' / 'LATEST' / 'trainer_state.pt'
-    deadline = time.time() + 300
-    while not state.exists() and process.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    time.sleep(random.uniform(0, 1.5))  # a random moment: mid-step, mid-eval or mid-save
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert whole_process.wait(timeout=600) == 0, whole_process.stderr.read()[-3000:]
+    whole_and_killed(tmp_path, *common, max_delay=1.5)
     killed_at = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')['step_idx']
     assert 0 < killed_at < 24, 'the run finished before it was killed'
     metrics_file = tmp_path / 'killed' / 'metrics.jsonl'

@@ -1,0 +1,117 @@
+"""LoRA through peft: wrapping the policy, the reference model as the policy with its adapters off, and the
+adapter files of a checkpoint.
+
+With `model.use_peft=true` the policy is the base model (from `model.name_or_path`, initialised from
+`model.load_from` when given) with LoRA adapters on `model.peft.target_modules`; only the adapters train
+(and a trainer's heads, such as PPO's value head, which train whole). A loss that needs a reference model
+gets `AdaptersOff(policy)`: the same weights run with the adapters disabled, so no second copy is loaded.
+Checkpoints hold the trainable state (policy.pt), the adapter as peft writes it (`adapter/`, loadable with
+PeftModel.from_pretrained) and, at the end, the merged model (`hf/`).
+"""
+import os
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from omegaconf import OmegaConf
+
+ADAPTER_WEIGHTS = 'adapter_model.safetensors'
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """model.peft, with HALOs' key names."""
+    lora_r: int
+    lora_alpha: float
+    lora_dropout: float
+    target_modules: object  # 'all-linear' or a list of module names
+
+    @classmethod
+    def of(cls, model_config) -> 'LoraSettings':
+        peft = model_config.peft
+        targets = peft.target_modules
+        return cls(peft.lora_r, peft.lora_alpha, peft.lora_dropout,
+                   targets if isinstance(targets, str) else list(OmegaConf.to_object(targets)))
+
+
+def lora_config(settings: LoraSettings, task_type: str, heads: Sequence[str]):
+    """peft's LoraConfig; `heads` (a trainer's own output modules) train whole and get no adapter."""
+    from peft import LoraConfig
+    return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
+                      target_modules=settings.target_modules, bias='none', task_type=task_type,
+                      modules_to_save=list(heads) or None,
+                      exclude_modules=rf".*\b({'|'.join(heads)})\b.*" if heads else None)
+
+
+def four_bit_options(compute_dtype: str) -> Dict:
+    """from_pretrained options for 4-bit NF4 base weights (QLoRA), when a GPU and bitsandbytes are present."""
+    import importlib.util
+    if not torch.cuda.is_available() or importlib.util.find_spec('bitsandbytes') is None:
+        from halos.errors import ConfigError
+        raise ConfigError("model.peft.load_in_4bit=true needs a GPU and bitsandbytes (pip install -r "
+                          "requirements-gpu.txt); set it to false to train LoRA on full-precision base weights")
+    from transformers import BitsAndBytesConfig
+    return {'quantization_config': BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4',
+                                                      bnb_4bit_compute_dtype=getattr(torch, compute_dtype))}
+
+
+def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None) -> torch.nn.Module:
+    """`model` with fresh adapters (in the base weights' dtype), or with those saved in `adapter_dir`."""
+    from peft import PeftModel, get_peft_model
+    if adapter_dir is not None:
+        if not os.path.exists(os.path.join(adapter_dir, 'adapter_config.json')):
+            from halos.errors import MissingFileError
+            raise MissingFileError(f"model.load_lora_from={adapter_dir!r} holds no adapter_config.json (give a "
+                                   f"run's LATEST/adapter directory, or any directory PeftModel.save_pretrained wrote)")
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+    return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+def is_lora(model: Optional[torch.nn.Module]) -> bool:
+    return model is not None and hasattr(model, 'peft_config')
+
+
+def unwrapped(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under the adapters (the model itself without LoRA)."""
+    return model.get_base_model() if is_lora(model) else model
+
+
+class AdaptersOff(torch.nn.Module):
+    """The reference model under LoRA: the policy's forward with its adapters disabled. The policy is held
+    outside the module tree, so this module has no parameters of its own (nothing is copied, moved, frozen
+    or sharded through it)."""
+
+    def __init__(self, policy: torch.nn.Module):
+        super().__init__()
+        self.__dict__['policy'] = policy
+
+    def forward(self, *args, **kwargs):
+        with self.policy.disable_adapter():
+            return self.policy(*args, **kwargs)
+
+
+def trainable_state(model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """The entries of a full state dict that training changes (the adapters and the heads)."""
+    trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
+    return {name: value for name, value in state.items() if name in trainable}
+
+
+def save_adapter(model: torch.nn.Module, state: Dict[str, torch.Tensor], directory: str) -> None:
+    """The adapter as PeftModel.save_pretrained writes it (safetensors and adapter_config.json), from a
+    gathered state dict (so it works under FSDP2, where the live model holds shards)."""
+    from peft.utils import get_peft_model_state_dict
+    from safetensors.torch import save_file
+    os.makedirs(directory, exist_ok=True)
+    adapter = get_peft_model_state_dict(model, state_dict=state)
+    save_file({name: tensor.contiguous() for name, tensor in adapter.items()}, os.path.join(directory, ADAPTER_WEIGHTS))
+    model.peft_config['default'].save_pretrained(directory)
+
+
+def merged_state_dict(base: torch.nn.Module, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict:
+    """The state dict of `base` with the adapters of `state` merged in: W + (alpha / r) B A, by peft."""
+    from peft import get_peft_model
+    copy = get_peft_model(base, model.peft_config['default'], autocast_adapter_dtype=False)
+    unexpected = copy.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise KeyError(f"adapter weights that the model does not have: {unexpected[:3]}")
+    return copy.merge_and_unload().state_dict()

@@ -1,0 +1,121 @@
+"""LoRA through peft: only the adapters train, the reference is the base model with the adapters off, the
+merged export and the adapter directory give the adapted model's logits, resume is exact, and 2 processes
+give what 1 process gives."""
+import os
+import shutil
+import subprocess
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import models
+import train
+from halos import lora
+from halos.build import build_trainer
+from halos.checkpoint import load_policy_file
+from halos.errors import ConfigError
+from helpers import ROOT, checked, make_config, train_command, train_in_process
+
+LORA = ['++model.use_peft=true', '++model.peft.lora_r=4', '++model.peft.lora_alpha=8', '++model.peft.lora_dropout=0.0',
+        '++optimizer=AdamW', '++lr=1e-2', '++warmup_steps=0', '++do_first_eval=false']
+
+
+def named(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters()}
+
+
+def test_only_the_adapters_train_and_the_reference_is_the_base_model(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, *LORA, '++n_examples=8', loss='dpo'))
+    assert isinstance(trainer.reference_model, lora.AdaptersOff) and not list(trainer.reference_model.parameters())
+    before = named(trainer.policy)
+    trainer.train()
+    after = named(trainer.policy)
+    adapters = [name for name in after if 'lora_' in name]
+    assert adapters and all(trainer.policy.get_parameter(name).requires_grad for name in adapters)
+    assert all(torch.equal(before[name], after[name]) for name in after if 'lora_' not in name)  # bit-identical
+    assert all(not torch.equal(before[name], after[name]) for name in adapters if 'lora_B' in name)
+
+    batch = trainer.eval_batches[0]
+    base = models.load_causal_lm('embedded:tiny-smollm2', 'float32').eval()
+    with torch.no_grad():
+        adapters_off = trainer.reference_logps(batch)
+        separate = trainer.concatenated_logps(base, batch, trainer.prefixes)
+        adapted = trainer.concatenated_logps(trainer.policy, batch, trainer.prefixes)
+    for off, alone, on in zip(adapters_off, separate, adapted):
+        torch.testing.assert_close(off, alone, atol=1e-5, rtol=0)
+        assert (on - alone).abs().max() > 1e-3  # the adapters do change the policy
+
+
+def test_the_merged_export_and_the_adapter_directory_give_the_adapted_logits(tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    train_in_process(tmp_path, *LORA, '++n_examples=8', loss='dpo', exp_name='lora')
+    latest = tmp_path / 'lora' / 'LATEST'
+    saved = load_policy_file(latest / 'policy.pt')['state']
+    assert saved and all('lora_' in name for name in saved)  # only the trainable state
+    assert os.path.getsize(latest / 'adapter' / 'adapter_model.safetensors') < os.path.getsize(latest / 'hf' / 'model.safetensors') / 4
+    assert set(load_file(latest / 'adapter' / 'adapter_model.safetensors')) and (latest / 'adapter' / 'adapter_config.json').exists()
+
+    base = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    adapted = PeftModel.from_pretrained(base, str(latest / 'adapter')).eval()
+    trainer = build_trainer(make_config(tmp_path / 'resumed', *LORA, '++n_examples=8', loss='dpo'))
+    trainer.load_checkpoint(str(latest))
+    merged = AutoModelForCausalLM.from_pretrained(latest / 'hf').eval()
+    input_ids = torch.tensor([[1, 504, 3458, 314, 253, 1345, 30, 2]])
+    with torch.no_grad():
+        expected = trainer.policy.eval()(input_ids=input_ids).logits
+        torch.testing.assert_close(adapted(input_ids=input_ids).logits, expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-4, rtol=0)
+        assert (expected - models.load_causal_lm('embedded:tiny-smollm2', 'float32')(input_ids=input_ids).logits).abs().max() > 1e-3
+
+
+def test_resume_under_lora_ends_with_the_uninterrupted_adapters(tmp_path):
+    overrides = [*LORA, '++n_epochs=2', '++eval_every=16', 'datasets=[hh_helpful]', '++warmup_steps=10']
+    whole = build_trainer(make_config(tmp_path / 'whole', *overrides, loss='dpo'))
+    save_checkpoint = whole.save_checkpoint
+
+    def keep_first(final=False):
+        save_checkpoint(final)
+        if not (tmp_path / 'snapshot').exists():
+            shutil.copytree(os.path.join(whole.run_dir, 'LATEST'), tmp_path / 'snapshot')
+    whole.save_checkpoint = keep_first
+    whole.train()
+    resumed = build_trainer(make_config(tmp_path / 'resumed', *overrides, loss='dpo'))
+    resumed.load_checkpoint(str(tmp_path / 'snapshot'))
+    assert resumed.example_counter == 16 and len(resumed.optimizer.state_dict()['state']) > 0
+    resumed.train()
+    assert resumed.example_counter == whole.example_counter == 24
+    for name, parameter in whole.policy.named_parameters():
+        assert torch.equal(parameter, resumed.policy.get_parameter(name)), name
+
+
+def test_lora_refuses_a_reference_that_must_move(tmp_path):
+    with pytest.raises(ConfigError, match='humanline=true with model.use_peft=true'):
+        make_config(tmp_path, *LORA, '++loss.humanline=true', loss='dpo')
+    with pytest.raises(ConfigError, match='online.reference=previous with model.use_peft=true'):
+        make_config(tmp_path, *LORA, '++online.rounds=1', '++online.reference=previous', loss='dpo')
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_under_lora(tmp_path):
+    common = [*LORA, '++n_examples=8', '++optimizer=SGD', '++lr=1.0', '++seed=1']
+    two = subprocess.Popen(train_command(tmp_path, *common, loss='dpo', exp_name='two', nproc=2), cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    train.worker_main(make_config(tmp_path, *common, 'exp_name=one', loss='dpo'))
+    stdout, stderr = two.communicate(timeout=600)
+    checked(subprocess.CompletedProcess(two.args, two.returncode, stdout, stderr), two.args)
+    one, two = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('one', 'two'))
+    assert one['step_idx'] == two['step_idx'] == 8 and set(one['state']) == set(two['state'])
+    for name, tensor in one['state'].items():
+        assert torch.allclose(tensor, two['state'][name], atol=1e-5), name
+    assert one['metrics']['loss/eval'] == pytest.approx(two['metrics']['loss/eval'], abs=1e-5)
+
+
+def test_lora_trains_under_bf16_autocast(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, *LORA, '++n_examples=4', '++model.autocast_dtype=bfloat16', loss='dpo'))
+    before = named(trainer.policy)
+    loss = trainer.train_step([next(iter(trainer.train_iterator))])
+    assert torch.isfinite(torch.tensor(loss))
+    changed = [name for name, p in trainer.policy.named_parameters() if not torch.equal(p, before[name])]
+    assert changed and all('lora_' in name for name in changed)
