@@ -15,7 +15,7 @@ from halos import lora
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
 from halos.errors import ConfigError
-from helpers import ROOT, checked, make_config, train_command, train_in_process
+from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 
 LORA = ['++model.use_peft=true', '++model.peft.lora_r=4', '++model.peft.lora_alpha=8', '++model.peft.lora_dropout=0.0',
         '++optimizer=AdamW', '++lr=1e-2', '++warmup_steps=0', '++do_first_eval=false']
@@ -119,3 +119,17 @@ def test_lora_trains_under_bf16_autocast(tmp_path):
     assert torch.isfinite(torch.tensor(loss))
     changed = [name for name, p in trainer.policy.named_parameters() if not torch.equal(p, before[name])]
     assert changed and all('lora_' in name for name in changed)
+
+
+@pytest.mark.slow
+def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path):
+    common = [*LORA, '++n_epochs=2', '++eval_every=8', 'datasets=[hh_helpful]', '++warmup_steps=10']
+    whole_and_killed(tmp_path, *common, max_delay=1.5)
+    killed_at = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')['step_idx']
+    assert 0 < killed_at < 24, 'the run finished before it was killed'
+    rerun = run_train(tmp_path, *common, '++resume=true', exp_name='killed')
+    assert f'after {killed_at} examples' in rerun.stdout
+    whole, resumed = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('whole', 'killed'))
+    assert whole['step_idx'] == resumed['step_idx'] == 24 and set(whole['state']) == set(resumed['state'])
+    for name, tensor in whole['state'].items():
+        assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
