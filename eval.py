@@ -18,7 +18,8 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
-samples from the base model. Generation uses vLLM when it is installed and a GPU is present, and
+samples from the base model, as does `--config-path=config model=<model> loss=<loss> exp_name=<name>
+datasets=[...]` (halos' own config directory: no run needed). Generation uses vLLM when it is installed and a GPU is present, and
 transformers' generate otherwise (halos/sampling.py); the output format is the same.
 """
 import contextlib
@@ -154,10 +155,13 @@ def write_json(path: str, data) -> None:
 
 
 def run_config_keys() -> DictConfig:
-    """The keys this run's config may have: the saved config.yaml of the run directory and halos' defaults."""
-    run_dir = next(source.path for source in HydraConfig.get().runtime.config_sources
-                   if source.provider == 'main' and source.schema == 'file')
+    """The keys this run's config may have: the saved config.yaml of the run directory and halos' defaults
+    (with --config-path=config, halos' own directory, the model= and loss= chosen on the command line)."""
+    runtime = HydraConfig.get().runtime
+    run_dir = next(source.path for source in runtime.config_sources if source.provider == 'main' and source.schema == 'file')
     saved = OmegaConf.load(os.path.join(run_dir, 'config.yaml'))
+    if 'loss' not in saved:
+        return shipped_defaults(runtime.choices.get('model'), runtime.choices.get('loss'))
     return OmegaConf.merge(shipped_defaults(None, saved.loss.get('name')), saved)
 
 

@@ -213,4 +213,7 @@ def write_jsonl(path: str, records: List[Dict]) -> None:
         f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
         f.flush()
         os.fsync(f.fileno())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # the mode of a file written with open(), not the temporary file's 0600
     os.replace(f.name, path)

@@ -245,6 +245,33 @@ def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
     assert 'mode=reward needs ++prompts=' in capsys.readouterr().err
 
 
+def test_the_shipped_upbeat_feedback_is_what_its_reward_function_says():
+    """data/upbeat's offline feedback (scripts/upbeat_data.py) agrees with reward.py on every record."""
+    import statistics
+    sys.path.insert(0, UPBEAT)
+    from reward import reward
+    read = lambda name: [json.loads(line) for line in open(os.path.join(UPBEAT, name))]
+    samples, pairs, binary, scalar = (read(f'{name}.jsonl') for name in ('samples', 'pairs', 'binary', 'scalar'))
+    assert len(samples) == len(binary) == len(scalar) == 110 * 4 and 0 < len(pairs) <= 110
+    assert all(s['reward'] == reward(s['prompt'], s['output']) for s in samples)
+    assert all(p['label'] == int(p['reward_A'] > p['reward_B']) and p['reward_A'] != p['reward_B'] and
+               {p['reward_A'], p['reward_B']} == {reward(p['prompt'], p['output_A']), reward(p['prompt'], p['output_B'])}
+               for p in pairs)
+    medians = {pid: statistics.median(s['reward'] for s in samples if s['prompt_id'] == pid)
+               for pid in {s['prompt_id'] for s in samples}}
+    assert all(b['label'] == (b['reward'] >= medians[b['prompt_id']]) for b in binary)
+
+
+def test_written_feedback_files_get_the_usual_file_mode(tmp_path):
+    from halos.feedback import write_jsonl
+    umask = os.umask(0o022)
+    try:
+        write_jsonl(str(tmp_path / 'f.jsonl'), [{'a': 1}])
+    finally:
+        os.umask(umask)
+    assert (tmp_path / 'f.jsonl').stat().st_mode & 0o777 == 0o644
+
+
 def online_overrides(tmp_path):
     held_out = tmp_path / 'held_out.jsonl'
     held_out.write_text(''.join(open(os.path.join(UPBEAT, 'test_prompts.jsonl')).readlines()[:8]))
