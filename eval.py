@@ -14,7 +14,8 @@ mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.jso
 mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
                  ++reward_function=file.py:function: prints the mean reward, its standard error, n, the mean
                  length and the KL to the starting model (the mean summed log-ratio of the samples), and
-                 appends them to <samples_dir>/rewards.jsonl
+                 appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
+                 ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, which compare.py reads)
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
@@ -27,6 +28,7 @@ import datetime
 import json
 import os
 import statistics
+from typing import List, Tuple
 
 import hydra
 import torch
@@ -115,7 +117,7 @@ def evaluate(config: DictConfig) -> dict:
     return {'metadata': OmegaConf.to_container(config), 'results': trainer.evaluate()}
 
 
-def reward(config: DictConfig) -> dict:
+def reward(config: DictConfig) -> Tuple[List[dict], dict]:
     """The policy's held-out reward: one sample per prompt, scored by the reward function, with the samples'
     mean summed log-ratio to the starting model (model.load_from, else the base model) as its KL."""
     if not config.prompts or not config.reward_function:
@@ -131,10 +133,14 @@ def reward(config: DictConfig) -> dict:
     labeler, complete = RewardFunctionLabeler(config.reward_function), make_sampler(
         policy, tokenizer, sampling_options(config), config.model.policy_dtype)
     set_seed(config.seed)
-    rewards, lengths, log_ratios = [], [], []
+    rewards, lengths, log_ratios, records = [], [], [], []
     for batch in tqdm(loader, desc='sampling'):
         samples = [group[0] for group in complete(batch, 1)]
-        rewards += labeler(batch[schema.PROMPT_TURNS], [s.text for s in samples])
+        batch_rewards = labeler(batch[schema.PROMPT_TURNS], [s.text for s in samples])
+        records += [{'prompt': turns_as_text(turns), 'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
+                    for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
+                                                      batch[schema.PROMPT_ID])]
+        rewards += batch_rewards
         lengths += [len(s.text.split()) for s in samples]
         rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                     [s.token_ids for s in samples], tokenizer.pad_token_id)
@@ -143,10 +149,17 @@ def reward(config: DictConfig) -> dict:
                                                         contextlib.nullcontext).sum(-1) for model in (policy, start))
         log_ratios += (policy_logps - start_logps).tolist()
     summary = reward_summary(rewards)
-    return {'exp_name': config.exp_name, 'saved_policy': config.saved_policy, 'prompts': prompts,
+    return records, {'exp_name': config.exp_name, 'saved_policy': config.saved_policy, 'prompts': prompts,
             'reward_function': config.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
             'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
             'sampled_at': str(datetime.datetime.now())}
+
+
+def turns_as_text(turns) -> str:
+    """A prompt as plain text for a judge: a single turn's content, else one `role: content` line per turn."""
+    if len(turns) == 1:
+        return turns[0]['content']
+    return '\n'.join(f"{turn['role']}: {turn['content']}" for turn in turns)
 
 
 def write_json(path: str, data) -> None:
@@ -187,9 +200,12 @@ def main(config: DictConfig) -> None:
         elif config.mode == 'eval':
             print(json.dumps(evaluate(config)['results'], indent=2))
         elif config.mode == 'reward':
-            result = reward(config)
+            samples, result = reward(config)
             with open(os.path.join(config.samples_dir, 'rewards.jsonl'), 'a') as f:
                 f.write(json.dumps(result) + '\n')
+            write_json(os.path.join(config.samples_dir, f'{config.exp_name}.json'),
+                       {'sampled_at': result['sampled_at'], 'config': OmegaConf.to_container(config, resolve=True),
+                        'samples': samples})
             print(f"reward {result['reward_mean']:.4f} +- {result['reward_se']:.4f} (n={result['n']}), "
                   f"length {result['length_words']:.1f} words, KL to the starting model {result['kl']:.3f}")
         else:

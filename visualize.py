@@ -8,6 +8,7 @@ Wilson interval.
 """
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
@@ -34,7 +35,8 @@ def load_results(path: str) -> List[dict]:
 
 def bar_for(result: dict) -> Optional[Bar]:
     """The bar of one result line, or None when it judged nothing."""
-    label = f"{result.get('exp_name')}\n{result['candidate']['name']} vs {result['baseline']['name']}\n{result['judge']}"
+    judge = os.path.basename(str(result['judge']).rstrip('/'))  # a judge served from a directory: its name
+    label = f"{result.get('exp_name')}: {result['candidate']['name']} vs {result['baseline']['name']}\n(judge {judge})"
     if 'win_rate' in result:
         if result['win_rate'] is None:
             return None
@@ -46,14 +48,16 @@ def bar_for(result: dict) -> Optional[Bar]:
 
 
 def plot_win_rates(bars: List[Bar], path: str) -> None:
-    figure, axis = plt.subplots(figsize=(max(4.0, 1.6 * len(bars)), 4.5))
+    """Horizontal bars, one per line from top to bottom, so that long labels never overlap."""
+    figure, axis = plt.subplots(figsize=(8, 1.2 + 0.8 * len(bars)))
     positions = range(len(bars))
     errors = [[bar.win_rate - bar.interval[0] for bar in bars], [bar.interval[1] - bar.win_rate for bar in bars]]
-    axis.bar(positions, [bar.win_rate for bar in bars], yerr=errors, capsize=6, color='tab:blue')
-    axis.axhline(0.5, color='grey', linestyle='--', linewidth=1)
-    axis.set_xticks(list(positions), [bar.label for bar in bars], fontsize=8)
-    axis.set_ylim(0, 1)
-    axis.set_ylabel('win rate (ties count 1/2), 95% CI')
+    axis.barh(positions, [bar.win_rate for bar in bars], xerr=errors, capsize=6, color='tab:blue', height=0.6)
+    axis.axvline(0.5, color='grey', linestyle='--', linewidth=1)
+    axis.set_yticks(list(positions), [bar.label for bar in bars], fontsize=8)
+    axis.invert_yaxis()
+    axis.set_xlim(0, 1)
+    axis.set_xlabel('win rate (ties count 1/2), 95% CI')
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     plt.close(figure)

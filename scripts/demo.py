@@ -1,120 +1,127 @@
-"""The HALOs loop on the embedded SmolLM2-135M-Instruct and the shipped sample data (run by `make demo`).
+"""`make demo`: align the embedded SmolLM2-135M-Instruct on the shipped upbeat task and measure the result.
 
-SFT on HH, then KTO from the SFT checkpoint, then samples from both with eval.py, then compare.py
-judging KTO against SFT (and both against the human-chosen replies) through a local llama.cpp judge
-server that the demo starts and stops; plots the training curves and the win rates and prints where
-every artifact is. Re-running reuses the converted model and the judgments already made.
+1. SFT on the best of the starting model's 4 samples per train prompt (rejection sampling; data/upbeat).
+2. From the SFT checkpoint: DPO on the shipped best-vs-worst pairs, KTO on their outputs as desirable and
+   undesirable examples, and a round of online DPO (fresh samples from the policy, labelled by the reward function).
+3. The held-out reward (data/upbeat/test_prompts.jsonl, one sample per prompt, mean ± standard error),
+   the KL to the starting model and the length of every model, with `eval.py ++mode=reward`; a table and
+   plots next to the training curves.
+4. compare.py judging online DPO against SFT through a local `transformers serve` judge (the same 135M model):
+   a demonstration of the judging protocol, not a verdict.
+
+Every command is printed, and each is a train.py / eval.py / label.py / compare.py command line to rerun by hand.
+A rerun keeps every run measured before (delete its runs/demo/quality_<name> to redo one), resumes one cut
+short from its checkpoint, and judges again from the cached judgments.
 """
 import json
 import os
-import subprocess
 import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RUNS = os.path.join(ROOT, 'runs', 'demo')
-SAMPLES = os.path.join(RUNS, 'samples')
-RESULTS = os.path.join(RUNS, 'results.jsonl')
 sys.path.insert(0, ROOT)
 
+from bench import quality  # noqa: E402  (after the path insert)
 
-def run(script: str, *args: str) -> None:
-    command = [sys.executable, os.path.join(ROOT, script), *args]
-    print('\n$ ' + ' '.join(command[1:]), flush=True)
-    started = time.time()
-    subprocess.run(command, cwd=ROOT, check=True)
-    print(f'({time.time() - started:.0f} s)', flush=True)
-
-
-def train(loss: str, exp_name: str, *extra: str) -> None:
-    run('train.py', f'loss={loss}', 'model=smollm2', 'datasets=[hh]', f'exp_name={exp_name}', 'mode=train',
-        '++data_dir=data', f'++cache_dir={RUNS}', '++n_examples=32', '++eval_every=16', '++n_eval_examples=8',
-        '++optimizer=AdamW', '++lr=5e-6', '++warmup_steps=2', '++wandb.enabled=false', *extra)
+RUNS = os.path.join('runs', 'demo')
+UPBEAT = os.path.join('data', 'upbeat')
+ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=96',)),
+           quality.Method('dpo', 'dpo', 'pairwise'),
+           quality.METHODS['online-dpo'])
 
 
-def sample(exp_name: str) -> str:
-    run('eval.py', f'--config-path={os.path.join(RUNS, exp_name)}', '++mode=sample', '++n_samples=8',
-        '++model.eval_batch_size=4', '++model.max_length=320', f'++samples_dir={SAMPLES}')
-    return os.path.join(SAMPLES, f'{exp_name}.json')
+def demo_args():
+    return quality.parse_args(['--work-dir', RUNS, '--results-dir', os.path.join(ROOT, RUNS), '--tag', 'demo',
+                               '--reuse', '--epochs', '1', '--rounds', '1', '--prompts-per-round', '16',
+                               '--no-round-eval', '--eval-batch-size', '20'])
 
 
-def head_to_head_file(kto_samples: str, sft_samples: str) -> str:
-    """One samples file with the KTO policy's, the SFT policy's and the human-chosen reply per prompt
-    (eval.py samples the same prompts in the same order for a given seed)."""
-    with open(kto_samples) as f:
-        kto = json.load(f)
-    with open(sft_samples) as f:
-        sft = json.load(f)['samples']
-    for kto_sample, sft_sample in zip(kto['samples'], sft):
-        assert kto_sample['prompt'] == sft_sample['prompt'], 'the two runs sampled different prompts'
-        kto_sample['sft'] = sft_sample['policy']
-    path = os.path.join(SAMPLES, 'kto_vs_sft.json')
-    with open(path, 'w') as f:
-        json.dump(kto, f, indent=2)
+def best_of_k(run: quality.Runner) -> str:
+    """SFT targets: the best of each train prompt's shipped samples (label.py --feedback best)."""
+    path = os.path.join(RUNS, 'feedback', 'best.jsonl')
+    if not os.path.exists(os.path.join(ROOT, path)):
+        run('label.py', os.path.join(UPBEAT, 'samples.jsonl'), path, '--reward-function',
+            os.path.join(UPBEAT, 'reward.py') + ':reward', '--feedback', 'best')
     return path
 
 
-def judge(samples: str) -> list:
-    """compare.py through a local judge server: KTO vs SFT, KTO vs chosen, SFT vs chosen (both orders)."""
-    from judge_server import local_judge_server
-    if os.path.exists(RESULTS):
-        os.remove(RESULTS)  # the result lines of this run only; individual judgments stay cached
-    matchups = [('policy', 'sft'), ('policy', 'chosen'), ('sft', 'chosen')]
-    with local_judge_server() as base_url:
-        for candidate, baseline in matchups:
-            run('compare.py', '-f', samples, '-ck', candidate, '-bk', baseline, '-r', RESULTS, '-mc', '8',
-                '--base-url', base_url, '-j', 'smollm2-135m-instruct', '-st', '0', '-v', 'false', '--both-orders')
-    with open(RESULTS) as f:
-        return [json.loads(line) for line in f]
-
-
-def plot_curves(exp_names) -> str:
+def plot_curves(run_dirs) -> str:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(exp_names), figsize=(5 * len(exp_names), 3.5))
-    for axis, exp_name in zip(axes, exp_names):
-        with open(os.path.join(RUNS, exp_name, 'metrics.jsonl')) as f:
-            records = [json.loads(line) for line in f]
-        for key in ('loss/train', 'loss/eval'):
-            points = [(r['step'], r[key]) for r in records if key in r]
-            if points:
-                axis.plot(*zip(*points), marker='o', label=key)
-        axis.set_title(exp_name)
-        axis.set_xlabel('training examples')
-        axis.legend()
-    path = os.path.join(RUNS, 'training_curves.png')
+    figure, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 3.5))
+    for axis, (name, run_dir) in zip(axes, run_dirs.items()):
+        with open(os.path.join(ROOT, run_dir, 'metrics.jsonl')) as f:
+            points = [(r['step'], r['loss/train']) for r in map(json.loads, f) if 'loss/train' in r]
+        axis.plot(*zip(*points), marker='.')
+        axis.set(title=name, xlabel='training examples', ylabel='training loss')
+    path = os.path.join(ROOT, RUNS, 'training_curves.png')
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path
 
 
+def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
+    """compare.py: the candidate's held-out samples against the baseline's, both orders, through a local judge."""
+    from judge_server import transformers_judge_server
+    import models
+    samples_dir = os.path.join(RUNS, 'rewards')
+    with open(os.path.join(ROOT, samples_dir, f"{candidate['exp_name']}.json")) as f:
+        head_to_head = json.load(f)
+    with open(os.path.join(ROOT, samples_dir, f"{baseline['exp_name']}.json")) as f:
+        baseline_samples = json.load(f)['samples']
+    for sample, other in zip(head_to_head['samples'], baseline_samples):
+        assert sample['prompt_id'] == other['prompt_id'], 'the two runs sampled different prompts'
+        sample['baseline'] = other['policy']
+    path = os.path.join(RUNS, 'head_to_head.json')
+    with open(os.path.join(ROOT, path), 'w') as f:
+        json.dump(head_to_head, f, indent=2)
+    results = os.path.join(RUNS, 'results.jsonl')
+    if os.path.exists(os.path.join(ROOT, results)):
+        os.remove(os.path.join(ROOT, results))  # this run's result line only; the judgments stay cached
+    judge_model = models.embedded_model_dir('smollm2-135m-instruct')
+    with transformers_judge_server(judge_model) as base_url:
+        run('compare.py', '-f', path, '-ck', 'policy', '-bk', 'baseline', '-r', results, '-mc', '8', '--base-url',
+            base_url, '-j', judge_model, '-st', '0', '-v', 'false', '--both-orders')
+    run('visualize.py', results, '-o', os.path.join(RUNS, 'win_rates.png'))
+    with open(os.path.join(ROOT, results)) as f:
+        return json.loads(f.read().splitlines()[-1])
+
+
 def main() -> None:
     started = time.time()
-    train('sft', 'smollm2_sft')
-    train('kto', 'smollm2_kto', f'++model.load_from={os.path.join(RUNS, "smollm2_sft", "LATEST", "policy.pt")}')
-    samples = [sample('smollm2_sft'), sample('smollm2_kto')]
-    curves = plot_curves(['smollm2_sft', 'smollm2_kto'])
-    results = judge(head_to_head_file(samples[1], samples[0]))
-    win_rates = os.path.join(RUNS, 'win_rates.png')
-    run('visualize.py', RESULTS, '-o', win_rates)
-    with open(samples[1]) as f:
-        first = json.load(f)['samples'][0]
-    print('\nArtifacts')
-    for exp_name in ('smollm2_sft', 'smollm2_kto'):
-        print(f'  {exp_name}: checkpoint {os.path.join(RUNS, exp_name, "LATEST", "policy.pt")}, '
-              f'HF export {os.path.join(RUNS, exp_name, "LATEST", "hf")}')
-    print(f'  samples: {samples[0]}, {samples[1]}')
-    print(f'  training curves: {curves}')
-    print(f'  judgments: {RESULTS} (result lines), win rates: {win_rates}')
-    print('\nWin rates (judge: SmolLM2-135M-Instruct, a protocol check rather than a verdict)')
-    names = {'policy': 'KTO', 'sft': 'SFT', 'chosen': 'human-chosen'}
-    for result in results:
-        rate = 'n/a (nothing judged)' if result['win_rate'] is None else \
-            f"{result['win_rate']:.2f} (95% CI {result['win_rate_ci95'][0]:.2f}-{result['win_rate_ci95'][1]:.2f})"
-        print(f"  {names[result['candidate']['name']]} vs {names[result['baseline']['name']]}: {rate}; "
-              f"wins {result['wins']}, losses {result['losses']}, ties {result['ties']}, failures {result['failures']}")
-    print(f'\nA KTO sample:\n  prompt: {first["prompt"].strip()[:200]!r}\n  policy: {first["policy"].strip()[:300]!r}')
+    args, run = demo_args(), quality.Runner()
+    earlier = quality.earlier_report(args, 'demo')  # a rerun keeps what an earlier one measured
+    kept, run.commands = quality.kept_rows(args, earlier), list(earlier['commands']) if earlier else []
+    n_prompts = quality.count_lines(args.prompts_train)
+    feedback = {'samples': os.path.join(UPBEAT, 'samples.jsonl'), 'pairwise': os.path.join(UPBEAT, 'pairs.jsonl'),
+                'best': best_of_k(run)}
+    budget = quality.count_lines(feedback['samples'])
+
+    def measured(method: quality.Method) -> dict:
+        return kept.get(method.name) or quality.run_method(run, args, method, budget, n_prompts, feedback)
+    start = earlier['start'] if earlier else quality.held_out_reward(run, args, quality.start_overrides(args, 'start'))
+    sft = measured(quality.METHODS['sft-best'])
+    args.load_from = os.path.join(quality.run_dir(args, 'sft-best'), 'LATEST', 'policy.pt')
+    aligned = [measured(method) for method in ALIGNED]
+    args.load_from = None  # the table's starting model: the base model
+    report = quality.report_of(args, start, [sft, *aligned], run.commands, budget, n_prompts, 0.0, started)
+    stem = quality.write_report(report, args.results_dir, 'demo')
+    curves = plot_curves({row['method']: quality.run_dir(args, row['method']) for row in [sft, *aligned]})
+    verdict = judge(run, aligned[-1], sft)
+    print(quality.markdown(report).split('## Commands')[0])
+    print('SFT-on-best starts from the starting model; KTO, DPO and online DPO start from the SFT checkpoint. '
+          'The gain is measured against the starting model.\n')
+    rate = 'n/a (nothing judged)' if verdict['win_rate'] is None else \
+        f"{verdict['win_rate']:.2f} (95% CI {verdict['win_rate_ci95'][0]:.2f}-{verdict['win_rate_ci95'][1]:.2f})"
+    print(f"compare.py, online DPO vs SFT on {verdict['total']} held-out prompts in both orders"
+          f" (judge: SmolLM2-135M-Instruct through transformers serve; a protocol demonstration, not a "
+          f"verdict): win rate {rate}; wins {verdict['wins']}, losses {verdict['losses']}, ties {verdict['ties']}, "
+          f"failures {verdict['failures']}")
+    print(f'\nArtifacts in {RUNS}/: checkpoints and HF exports (<run>/LATEST/policy.pt, <run>/LATEST/hf), held-out '
+          f'samples with their rewards (rewards/<run>.json), {os.path.relpath(stem, ROOT)}.md|json, '
+          f'quality-demo-reward.png, quality-demo-frontier.png, {os.path.relpath(curves, ROOT)}, '
+          f'online DPO\'s rounds/ (samples, feedback), results.jsonl and win_rates.png')
     print(f'\ndemo finished in {time.time() - started:.0f} s')
 
 

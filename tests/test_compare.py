@@ -269,7 +269,9 @@ def test_visualize_plots_new_and_original_result_lines(tmp_path):
     bars = [visualize.bar_for(r) for r in visualize.load_results(str(results))]
     assert bars[0].win_rate == 0.75 and bars[0].interval == (0.5, 0.9)
     assert bars[1].win_rate == 0.8 and bars[1].interval == pytest.approx((0.490162, 0.943318), abs=1e-6)
-    assert bars[1].label == 'sft\npolicy vs chosen\ngpt-4-0613' and bars[2] is None
+    assert bars[1].label == 'sft: policy vs chosen\n(judge gpt-4-0613)' and bars[2] is None
+    served = visualize.bar_for(dict(new, judge='/home/me/.cache/halos/models/smollm2-135m-instruct'))
+    assert served.label == 'kto: policy vs chosen\n(judge smollm2-135m-instruct)'  # a judge served from a directory
     assert visualize.main([str(results), '-o', str(tmp_path / 'winrates.png')]) == 0
     assert (tmp_path / 'winrates.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
 

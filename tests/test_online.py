@@ -235,6 +235,9 @@ def test_eval_py_reward_mode_scores_the_policy_and_measures_its_kl(tmp_path):
     assert trained['reward_se'] == pytest.approx((sum((r - mean) ** 2 for r in rewards) / 4 / 5) ** 0.5)
     assert abs(trained['kl']) > 1e-3 and against_itself['kl'] == pytest.approx(0, abs=1e-4)
     assert against_itself['reward_mean'] == trained['reward_mean']
+    written = json.load(open(tmp_path / 'out' / 'sft.json'))['samples']  # the samples behind the figures
+    assert len(written) == 5 and all(s['reward'] == vowels(s['prompt'], s['policy']) for s in written)
+    assert sorted(s['reward'] for s in written) == sorted(rewards)
 
 
 def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):

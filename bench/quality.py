@@ -1,0 +1,382 @@
+"""The quality benchmark (`make quality`): from one starting model and one budget of labelled samples, does
+each alignment method make the model better at a task, and at what KL and wall time?
+
+    python bench/quality.py                          # the upbeat task (data/upbeat) on SmolLM2-135M-Instruct
+    python bench/quality.py --prompts-train P.jsonl --prompts-test Q.jsonl --reward-function file.py:fn
+
+The budget is k samples of every train prompt drawn from the starting model and scored by the reward
+function (eval.py ++mode=sample, then label.py). Offline methods train on feedback built from them: SFT on
+the best of k (`best`, rejection sampling), DPO, IPO and SimPO on the best-vs-worst pairs (`pairwise`), KTO
+on the same pairs' outputs as desirable and undesirable examples (as HALOs flattens paired data; labels at
+each prompt's median, `binary`, are noisier: KTO gained 1.5 SE on them), GRPO on the scored groups (`scalar`). Online DPO
+spends the same budget over rounds of fresh samples from the policy (rounds x prompts_per_round x k <= the
+budget); online PPO draws one rollout per prompt per step, as many rollouts as the budget. Every policy is
+measured on the held-out prompts by `eval.py ++mode=reward`: one sample per prompt, the mean reward and its
+standard error, the KL to the starting model (the samples' mean summed log-ratio) and the mean length.
+
+Writes bench/results/quality-<tag>.md and .json, quality-<tag>-reward.png (held-out reward against the labelled
+samples consumed) and quality-<tag>-frontier.png (reward against KL), and prints every command it ran: each
+is a train.py, eval.py or label.py command line a user can rerun by hand.
+"""
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG_DIR = os.path.join(ROOT, 'config')
+UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One row of the table: the loss it trains, the offline feedback it reads (None: it samples its own,
+    online) and its own overrides."""
+    name: str
+    loss: str
+    feedback: Optional[str]
+    overrides: Sequence[str] = ()
+
+
+METHODS = {method.name: method for method in (
+    Method('sft-best', 'sft', 'best'),
+    Method('dpo', 'dpo', 'pairwise'),
+    Method('ipo', 'ipo', 'pairwise'),
+    Method('simpo', 'simpo', 'pairwise'),
+    Method('kto', 'kto', 'pairwise'),  # each pair's outputs as one desirable and one undesirable (as in HALOs)
+    Method('grpo', 'grpo', 'scalar', ('++n_epochs=1',)),  # one pass: already 2.5x the steps of 2 over the pairs
+    Method('online-dpo', 'dpo', None, ('++online.feedback=pairwise', '++online.pair_mode=max',
+                                       '++online.reference=previous')),
+    Method('online-ppo', 'ppo-online', None, ('++n_epochs=null', '++loss.whiten_scores=true', '++model.batch_size=8',
+                                              '++loss.ppo_epochs=2')),
+)}
+LABEL_OPTIONS = {'best': [], 'pairwise': ['--pair-mode', 'max'], 'binary': ['--threshold', 'median', '--per-prompt'],
+                 'scalar': []}
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--prompts-train', default=os.path.join(UPBEAT, 'train_prompts.jsonl'))
+    parser.add_argument('--prompts-test', default=os.path.join(UPBEAT, 'test_prompts.jsonl'))
+    parser.add_argument('--reward-function', default=os.path.join(UPBEAT, 'reward.py') + ':reward',
+                        help='path/to/file.py:function or module:function, called as function(prompt, completion)')
+    parser.add_argument('--model', default='smollm2', help='a config/model/ name (the starting model)')
+    parser.add_argument('--load-from', help='start every method from this checkpoint (model.load_from)')
+    parser.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
+    parser.add_argument('--samples-per-prompt', type=int, default=4, help='k: the budget is k x the train prompts')
+    parser.add_argument('--rounds', type=int, default=3, help='online DPO: the budget split into this many rounds')
+    parser.add_argument('--max-new-tokens', type=int, default=48)
+    parser.add_argument('--temperature', type=float, default=0.7)
+    parser.add_argument('--top-p', type=float, default=0.95)
+    parser.add_argument('--top-k', type=int, default=0)
+    parser.add_argument('--eval-batch-size', type=int, default=None,
+                        help='prompts sampled at once (model.eval_batch_size; default: the model config\'s)')
+    parser.add_argument('--round-eval', default=True, action=argparse.BooleanOptionalAction,
+                        help='online DPO: the held-out reward before and after every round (its curve)')
+    parser.add_argument('--lr', type=float, default=2e-5)
+    parser.add_argument('--prompts-per-round', type=int, default=None,
+                        help='online DPO: prompts per round (default: the train prompts / rounds)')
+    parser.add_argument('--epochs', type=int, default=2, help='offline methods and each online DPO round')
+    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--seed', type=int, default=1)
+    parser.add_argument('--chat-template', default=True, action=argparse.BooleanOptionalAction)
+    parser.add_argument('--work-dir', default=os.path.join(ROOT, 'runs', 'quality'),
+                        help='runs, samples and feedback (cleared at the start unless --reuse)')
+    parser.add_argument('--reuse', action='store_true',
+                        help="keep the work directory: reuse the samples and feedback on disk, keep the rows of an "
+                             "earlier report with the same --tag whose run is on disk, and resume any other run from "
+                             "its LATEST checkpoint")
+    parser.add_argument('--results-dir', default=os.path.join(ROOT, 'bench', 'results'))
+    parser.add_argument('--tag', default=None, help='the results file name: quality-<tag> (default: the date)')
+    parser.add_argument('--extra', action='append', default=[],
+                        help='one more override for every train.py run (repeatable), e.g. ++model.max_length=256')
+    args = parser.parse_args(argv)
+    args.prompts_train, args.prompts_test = in_root(args.prompts_train), in_root(args.prompts_test)
+    args.reward_function, args.work_dir = reward_function_in_root(args.reward_function), in_root(args.work_dir)
+    unknown = [name for name in args.methods.split(',') if name not in METHODS]
+    if unknown:
+        parser.error(f"--methods: unknown {', '.join(unknown)}; the methods are {', '.join(METHODS)}")
+    return args
+
+
+class Runner:
+    """Runs halos' entry points as subprocesses, printing and recording each command line."""
+
+    def __init__(self):
+        self.commands: List[str] = []
+
+    def __call__(self, script: str, *args: str) -> float:
+        shown = ' '.join(['python', script, *map(shlex.quote, args)])
+        self.commands.append(shown)
+        print(f'\n$ {shown}', flush=True)
+        started = time.time()
+        subprocess.run([sys.executable, script, *args], cwd=ROOT, check=True, env={**os.environ, 'WANDB_MODE': 'disabled'})
+        return time.time() - started
+
+
+def in_root(path: str) -> str:
+    """A path as the commands show it: relative to the repository when inside it (they run there)."""
+    path = os.path.abspath(path)
+    return os.path.relpath(path, ROOT) if path.startswith(ROOT + os.sep) else path
+
+
+def reward_function_in_root(spec: str) -> str:
+    file, _, function = spec.rpartition(':')
+    return f'{in_root(file)}:{function}' if os.path.isfile(file) else spec
+
+
+def count_lines(path: str) -> int:
+    with open(os.path.join(ROOT, path)) as f:
+        return sum(1 for line in f if line.strip())
+
+
+def sampling_overrides(args) -> List[str]:
+    return [f'++max_new_tokens={args.max_new_tokens}', f'++temperature={args.temperature}', f'++top_p={args.top_p}',
+            f'++top_k={args.top_k}', f'++use_chat_template={str(args.chat_template).lower()}', f'++seed={args.seed}',
+            *([f'++model.eval_batch_size={args.eval_batch_size}'] if args.eval_batch_size else [])]
+
+
+def start_overrides(args, exp_name: str) -> List[str]:
+    """eval.py on the starting model, without a run: halos' config directory, the base model or --load-from."""
+    return [f'--config-path={in_root(CONFIG_DIR)}', f'model={args.model}', 'loss=sft', f'exp_name={exp_name}',
+            f'++cache_dir={args.work_dir}', f'++model.load_from={args.load_from or "null"}',
+            f'++saved_policy={args.load_from or "null"}']
+
+
+def build_feedback(run: Runner, args, kinds: Sequence[str]) -> Dict[str, str]:
+    """k samples of every train prompt from the starting model, and the feedback files of `kinds` (with
+    --reuse, those on disk are kept)."""
+    def missing(path: str) -> bool:
+        return not (args.reuse and os.path.exists(os.path.join(ROOT, path)))
+    samples_dir = os.path.join(args.work_dir, 'samples')
+    samples = os.path.join(samples_dir, 'start_samples.jsonl')
+    if missing(samples):
+        run('eval.py', *start_overrides(args, 'start'), f'datasets=[{args.prompts_train}]', '++mode=sample',
+            f'++num_samples_per_prompt={args.samples_per_prompt}', '++n_samples=null', f'++samples_dir={samples_dir}',
+            *sampling_overrides(args))
+    paths = {kind: os.path.join(args.work_dir, 'feedback', f'{kind}.jsonl') for kind in kinds}
+    for kind, path in paths.items():
+        if missing(path):
+            run('label.py', samples, path, '--reward-function', args.reward_function, '--feedback', kind,
+                *LABEL_OPTIONS[kind], '--seed', str(args.seed))
+    return {'samples': samples, **paths}
+
+
+def run_dir(args, name: str) -> str:
+    return os.path.join(args.work_dir, f'quality_{name}')
+
+
+def train_overrides(args, method: Method, budget: int, n_prompts: int, feedback: Dict[str, str]) -> List[str]:
+    resume = args.reuse and os.path.isdir(os.path.join(ROOT, run_dir(args, method.name), 'LATEST'))
+    common = [f'loss={method.loss}', f'model={args.model}', f'exp_name=quality_{method.name}', 'mode=train',
+              f'++cache_dir={args.work_dir}', '++wandb.enabled=false', f'++lr={args.lr}', '++optimizer=AdamW',
+              '++warmup_steps=2', f'++n_epochs={args.epochs}', f'++model.batch_size={args.batch_size}',
+              '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=8', '++minimum_log_interval_secs=0',
+              *sampling_overrides(args), *([f'++model.load_from={args.load_from}'] if args.load_from else []),
+              *(['++resume=true'] if resume else [])]
+    if method.feedback:
+        return common + [f'datasets=[{feedback[method.feedback]}]', *method.overrides, *args.extra]
+    data = [f'datasets=[{args.prompts_train}]']
+    if method.loss == 'ppo-online':
+        return common + data + [f'++loss.reward_function={args.reward_function}', f'++n_examples={budget}',
+                                *method.overrides, *args.extra]
+    prompts_per_round = args.prompts_per_round or n_prompts // args.rounds
+    return common + data + [f'++online.rounds={args.rounds}', f'++online.prompts_per_round={prompts_per_round}',
+                            f'++online.samples_per_prompt={args.samples_per_prompt}',
+                            f'++online.reward_function={args.reward_function}',
+                            *([f'++online.eval_prompts={args.prompts_test}'] if args.round_eval else []),
+                            *method.overrides, *args.extra]
+
+
+def held_out_reward(run: Runner, args, config_overrides: List[str]) -> dict:
+    """eval.py ++mode=reward on the held-out prompts: its record (appended to <work>/rewards/rewards.jsonl)."""
+    rewards_dir = os.path.join(args.work_dir, 'rewards')
+    seconds = run('eval.py', *config_overrides, '++mode=reward', f'++prompts=[{args.prompts_test}]',
+                  f'++reward_function={args.reward_function}', '++n_samples=null', f'++samples_dir={rewards_dir}',
+                  *sampling_overrides(args))
+    with open(os.path.join(ROOT, rewards_dir, 'rewards.jsonl')) as f:
+        record = json.loads(f.read().splitlines()[-1])
+    return {**record, 'eval_seconds': seconds}
+
+
+def metric_curve(directory: str, key: str, se_key: Optional[str] = None) -> List[dict]:
+    """(step or round, value[, se]) of every metrics.jsonl record holding `key`."""
+    with open(os.path.join(ROOT, directory, 'metrics.jsonl')) as f:
+        records = [record for record in map(json.loads, f) if key in record]
+    return [{'round': r.get('round'), 'step': r.get('step'), 'mean': r[key], **({'se': r[se_key]} if se_key else {})}
+            for r in records]
+
+
+def run_method(run: Runner, args, method: Method, budget: int, n_prompts: int, feedback: Dict[str, str]) -> dict:
+    directory = run_dir(args, method.name)
+    train_seconds = run('train.py', *train_overrides(args, method, budget, n_prompts, feedback))
+    result = held_out_reward(run, args, [f'--config-path={directory}'])
+    if method.feedback:
+        limit = [o.split('=', 1)[1] for o in method.overrides if o.startswith('++n_examples=')]
+        trained_on = f'{method.feedback} feedback, {count_lines(feedback[method.feedback])} records' + \
+            (f' (the first {limit[-1]} examples)' if limit else '')
+        curve = []
+    elif method.loss == 'ppo-online':
+        trained_on, curve = f'{budget} rollouts', metric_curve(directory, 'rewards/score')
+    else:
+        trained_on = f'{args.rounds} rounds x {args.prompts_per_round or n_prompts // args.rounds} prompts x ' \
+                     f'{args.samples_per_prompt}'
+        curve = metric_curve(directory, 'reward_eval/mean', 'reward_eval/se')
+    return {'method': method.name, 'loss': method.loss, 'trains_on': trained_on, 'train_seconds': train_seconds,
+            'curve': curve, **result}
+
+
+def gap_in_se(row: dict, start: dict) -> float:
+    """The gain over the starting model in standard errors of the difference of the two means."""
+    return (row['reward_mean'] - start['reward_mean']) / math.hypot(row['reward_se'], start['reward_se'])
+
+
+def markdown(report: dict) -> str:
+    start = report['start']
+    lines = [f"# Quality: held-out reward per method ({report['finished_at'][:10]})", '',
+             f"Task: train prompts `{report['prompts_train']}` ({report['n_train_prompts']}), held-out prompts "
+             f"`{report['prompts_test']}` (n = {start['n']}), reward `{report['reward_function']}`. Starting model: "
+             f"`{report['model']}`{' from ' + report['load_from'] if report['load_from'] else ''}. Budget: "
+             f"{report['budget']} labelled samples ({report['samples_per_prompt']} per train prompt). "
+             f"Machine: {report['machine']}." + (f" Sampling the budget took {report['sampling_seconds']:.0f} s."
+                                                 if report['sampling_seconds'] else ''), '',
+             '| method | trains on | held-out reward ± SE | gain / SE of the difference | KL to start | '
+             'length (words) | train (s) | eval (s) |', '|---|---|---|---|---|---|---|---|',
+             f"| starting model | – | {start['reward_mean']:.3f} ± {start['reward_se']:.3f} | – | 0 | "
+             f"{start['length_words']:.1f} | – | {start['eval_seconds']:.0f} |"]
+    for row in report['methods']:
+        lines.append(f"| {row['method']} (`loss={row['loss']}`) | {row['trains_on']} | {row['reward_mean']:.3f} ± "
+                     f"{row['reward_se']:.3f} | {gap_in_se(row, start):+.1f} | {row['kl']:.2f} | "
+                     f"{row['length_words']:.1f} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+    lines += ['', 'Reward: mean over one sample per held-out prompt (temperature '
+              f"{report['temperature']}, at most {report['max_new_tokens']} new tokens). KL: the mean over those "
+              'samples of their summed log-ratio log pi(y|x) - log pi_start(y|x). Wall times on this machine.',
+              '', '## Commands', '', '```bash', *report['commands'], '```', '']
+    return '\n'.join(lines)
+
+
+def plot(report: dict, reward_path: str, frontier_path: str) -> None:
+    """Two figures: the reward per method against the labelled samples consumed (left: held-out, per round for
+    online DPO; right: the training-time score of online PPO's rollouts per step), and reward against KL."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    start, budget = report['start'], report['budget']
+    figure, (held_out, per_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for row in report['methods']:
+        if row['curve'] and 'se' in row['curve'][0]:   # online rounds: held-out reward after every round
+            rounds = [point['round'] for point in row['curve']]
+            x = [budget * r / max(rounds) for r in rounds]
+            held_out.errorbar(x, [p['mean'] for p in row['curve']], yerr=[p['se'] for p in row['curve']],
+                              marker='o', capsize=3, label=row['method'])
+        else:
+            held_out.errorbar([0, budget], [start['reward_mean'], row['reward_mean']],
+                              yerr=[start['reward_se'], row['reward_se']], marker='o', capsize=3, label=row['method'])
+        if row['curve'] and 'se' not in row['curve'][0]:   # online PPO: its rollouts' mean score per step
+            per_step.plot([p['step'] for p in row['curve']], [p['mean'] for p in row['curve']], marker='.',
+                          label=row['method'])
+    held_out.set(xlabel='labelled samples consumed', ylabel='held-out reward (mean ± SE)',
+                 title='held-out reward per method')
+    held_out.legend(fontsize=8, loc='best')
+    per_step.set(xlabel='rollouts sampled', ylabel='mean score of the step\'s rollouts',
+                 title='training reward per step (online PPO)')
+    if per_step.lines:
+        per_step.legend(fontsize=8, loc='best')
+    figure.tight_layout()
+    figure.savefig(reward_path, dpi=120)
+    plt.close(figure)
+    figure, axes = plt.subplots(figsize=(7, 4.5))
+    axes.errorbar([0], [start['reward_mean']], yerr=[start['reward_se']], fmt='ks', capsize=3, label='starting model')
+    for row in report['methods']:
+        axes.errorbar([row['kl']], [row['reward_mean']], yerr=[row['reward_se']], fmt='o', capsize=3)
+        axes.annotate(row['method'], (row['kl'], row['reward_mean']), textcoords='offset points', xytext=(6, 4),
+                      fontsize=8)
+    axes.set(xlabel='KL to the starting model (mean summed log-ratio, nats)', ylabel='held-out reward (mean ± SE)',
+             title='reward vs KL')
+    axes.legend(fontsize=8, loc='lower right')
+    figure.tight_layout()
+    figure.savefig(frontier_path, dpi=120)
+    plt.close(figure)
+
+
+def machine() -> str:
+    import torch
+    return f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}'
+
+
+def report_of(args, start: dict, rows: List[dict], commands: List[str], budget: int, n_prompts: int,
+              sampling_seconds: float, started: float) -> dict:
+    return {'model': args.model, 'load_from': args.load_from, 'prompts_train': args.prompts_train,
+            'prompts_test': args.prompts_test, 'reward_function': args.reward_function, 'n_train_prompts': n_prompts,
+            'samples_per_prompt': args.samples_per_prompt, 'budget': budget, 'temperature': args.temperature,
+            'max_new_tokens': args.max_new_tokens, 'machine': machine(), 'sampling_seconds': sampling_seconds,
+            'start': start, 'methods': rows, 'commands': commands, 'wall_seconds': time.time() - started,
+            'finished_at': datetime.datetime.now().isoformat()}
+
+
+def write_report(report: dict, results_dir: str, tag: str) -> str:
+    """quality-<tag>.json, .md, -reward.png and -frontier.png in results_dir; returns their common stem."""
+    os.makedirs(results_dir, exist_ok=True)
+    stem = os.path.join(results_dir, f'quality-{tag}')
+    with open(f'{stem}.json', 'w') as f:
+        json.dump(report, f, indent=2)
+    with open(f'{stem}.md', 'w') as f:
+        f.write(markdown(report))
+    plot(report, f'{stem}-reward.png', f'{stem}-frontier.png')
+    return stem
+
+
+def earlier_report(args, tag: str) -> Optional[dict]:
+    """With --reuse, the report of an earlier invocation with the same tag, if any."""
+    path = os.path.join(args.results_dir, f'quality-{tag}.json')
+    if not (args.reuse and os.path.exists(path)):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def kept_rows(args, earlier: Optional[dict]) -> Dict[str, dict]:
+    """The earlier report's rows whose run is still on disk: --reuse keeps them as measured (delete a run's
+    directory to train and measure it again)."""
+    if earlier is None:
+        return {}
+    return {row['method']: row for row in earlier['methods']
+            if os.path.isdir(os.path.join(ROOT, run_dir(args, row['method']), 'LATEST'))}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = parse_args(argv)
+    methods = [METHODS[name] for name in args.methods.split(',')]
+    if not args.reuse:
+        shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)
+    tag = args.tag or datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
+    earlier = earlier_report(args, tag)
+    kept = kept_rows(args, earlier)
+    run, started = Runner(), time.time()
+    run.commands = list(earlier['commands']) if earlier else []
+    n_prompts = count_lines(args.prompts_train)
+    feedback = build_feedback(run, args, sorted({method.feedback for method in methods if method.feedback}))
+    sampling_seconds = earlier['sampling_seconds'] if earlier else time.time() - started
+    budget = count_lines(feedback['samples'])
+    start = earlier['start'] if earlier else held_out_reward(run, args, start_overrides(args, 'start'))
+    rows = []
+    for method in methods:  # the report is rewritten after every method: a crash keeps the rows done
+        rows.append(kept.get(method.name) or run_method(run, args, method, budget, n_prompts, feedback))
+        report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started)
+        stem = write_report(report, args.results_dir, tag)
+    print('\n' + markdown(report).split('## Commands')[0])
+    print(f'wrote {stem}.md, .json, -reward.png and -frontier.png in {report["wall_seconds"]:.0f} s')
+    return report
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,75 @@
+"""bench/quality.py on a second task given on the command line (prompts files and a reward function of the
+tests' own) with the tiny random model: every method trains and is measured, the table and plots are written,
+and every command it ran is a command line a user can rerun."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import ROOT
+
+TASK_PROMPTS = ['Describe the sea.', 'Name a colour.', 'Tell me about trees.', 'What is a kettle?',
+                'Write a line about rain.', 'Say something about bread.']
+HELD_OUT = ['Describe a cloud.', 'What is a spoon?', 'Tell me about rivers.']
+REWARD = os.path.join(ROOT, 'tests', 'rewards.py') + ':letter_e'
+METHODS = ('sft-best', 'dpo', 'kto', 'grpo', 'online-dpo', 'online-ppo')  # IPO and SimPO read DPO's pairs
+
+
+def prompts_file(path, prompts):
+    path.write_text(''.join(json.dumps({'prompt': prompt}) + '\n' for prompt in prompts))
+    return str(path)
+
+
+@pytest.fixture(scope='module')
+def quality(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp('quality')
+    command = [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--model', 'tiny', '--no-chat-template',
+               '--prompts-train', prompts_file(tmp / 'train.jsonl', TASK_PROMPTS),
+               '--prompts-test', prompts_file(tmp / 'test.jsonl', HELD_OUT), '--reward-function', REWARD,
+               '--samples-per-prompt', '2', '--rounds', '2', '--max-new-tokens', '6', '--top-k', '8', '--epochs', '1',
+               '--lr', '1e-3', '--methods', ','.join(METHODS), '--work-dir', str(tmp / 'work'), '--results-dir', str(tmp / 'results'), '--tag', 'second']
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    with open(tmp / 'results' / 'quality-second.json') as f:
+        return json.load(f), (tmp / 'results'), result.stdout
+
+
+@pytest.mark.slow
+def test_every_method_is_measured_on_the_held_out_prompts_of_the_given_task(quality):
+    report, _, _ = quality
+    assert report['budget'] == 2 * len(TASK_PROMPTS) and report['reward_function'].endswith('rewards.py:letter_e')
+    assert [row['method'] for row in report['methods']] == list(METHODS)
+    for row in [report['start'], *report['methods']]:
+        assert row['n'] == len(HELD_OUT) and row['prompts'] == [report['prompts_test']]
+        assert 0 <= row['reward_mean'] <= 1 and math.isfinite(row['reward_se']) and math.isfinite(row['kl'])
+    assert report['start']['kl'] == 0.0  # the starting model against itself
+    assert any(row['kl'] != 0.0 for row in report['methods'])  # training moved the policies
+
+
+@pytest.mark.slow
+def test_the_online_methods_record_their_curves(quality):
+    rows = {row['method']: row for row in quality[0]['methods']}
+    assert [point['round'] for point in rows['online-dpo']['curve']] == [0, 1, 2]
+    assert rows['online-dpo']['trains_on'] == '2 rounds x 3 prompts x 2'
+    ppo_steps = [point['step'] for point in rows['online-ppo']['curve']]  # one score per step: 4 prompts, then 2
+    assert ppo_steps == [4, 6, 10, 12] and ppo_steps[-1] == quality[0]['budget']
+
+
+@pytest.mark.slow
+def test_the_table_plots_and_commands_are_written(quality):
+    report, results, stdout = quality
+    table = (results / 'quality-second.md').read_text()
+    for row in report['methods']:
+        assert f"| {row['method']} (`loss={row['loss']}`) |" in table
+        assert f"{row['reward_mean']:.3f} ± {row['reward_se']:.3f}" in table
+    for name in ('quality-second-reward.png', 'quality-second-frontier.png'):
+        assert (results / name).read_bytes().startswith(b'\x89PNG')
+    commands = report['commands']
+    assert sum(command.startswith('python train.py ') for command in commands) == len(METHODS)
+    assert sum('++mode=reward' in command for command in commands) == len(METHODS) + 1
+    assert sum(command.startswith('python label.py ') for command in commands) == 4
+    assert all(f'$ {command}' in stdout for command in commands)
+    assert all(command in table for command in commands)
