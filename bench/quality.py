@@ -260,6 +260,7 @@ def markdown(report: dict) -> str:
     lines += ['', 'Reward: mean over one sample per held-out prompt (temperature '
               f"{report['temperature']}, at most {report['max_new_tokens']} new tokens). KL: the mean over those "
               'samples of their summed log-ratio log pi(y|x) - log pi_start(y|x). Wall times on this machine.',
+              *[f'Note: {note}' for note in report.get('notes', [])],
               '', '## Commands', '', '```bash', *report['commands'], '```', '']
     return '\n'.join(lines)
 
