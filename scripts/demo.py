@@ -111,7 +111,8 @@ def main() -> None:
     verdict = judge(run, aligned[-1], sft)
     print(quality.markdown(report).split('## Commands')[0])
     print('SFT-on-best starts from the starting model; KTO, DPO and online DPO start from the SFT checkpoint. '
-          'The gain is measured against the starting model.\n')
+          'The gain is measured against the starting model; the KL of KTO, DPO and online DPO is to the SFT '
+          'checkpoint they started from.\n')
     rate = 'n/a (nothing judged)' if verdict['win_rate'] is None else \
         f"{verdict['win_rate']:.2f} (95% CI {verdict['win_rate_ci95'][0]:.2f}-{verdict['win_rate_ci95'][1]:.2f})"
     print(f"compare.py, online DPO vs SFT on {verdict['total']} held-out prompts in both orders"
