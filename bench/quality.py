@@ -272,7 +272,9 @@ def plot(report: dict, reward_path: str, frontier_path: str) -> None:
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     start, budget = report['start'], report['budget']
-    figure, (held_out, per_step) = plt.subplots(1, 2, figsize=(12, 4.5))
+    stepwise = [row for row in report['methods'] if row['curve'] and 'se' not in row['curve'][0]]  # online PPO
+    figure, axes = plt.subplots(1, 2 if stepwise else 1, figsize=(12 if stepwise else 7, 4.5), squeeze=False)
+    held_out = axes[0][0]
     for row in report['methods']:
         if row['curve'] and 'se' in row['curve'][0]:   # online rounds: held-out reward after every round
             rounds = [point['round'] for point in row['curve']]
@@ -282,15 +284,16 @@ def plot(report: dict, reward_path: str, frontier_path: str) -> None:
         else:
             held_out.errorbar([0, budget], [start['reward_mean'], row['reward_mean']],
                               yerr=[start['reward_se'], row['reward_se']], marker='o', capsize=3, label=row['method'])
-        if row['curve'] and 'se' not in row['curve'][0]:   # online PPO: its rollouts' mean score per step
-            per_step.plot([p['step'] for p in row['curve']], [p['mean'] for p in row['curve']], marker='.',
-                          label=row['method'])
     held_out.set(xlabel='labelled samples consumed', ylabel='held-out reward (mean ± SE)',
                  title='held-out reward per method')
     held_out.legend(fontsize=8, loc='best')
-    per_step.set(xlabel='rollouts sampled', ylabel='mean score of the step\'s rollouts',
-                 title='training reward per step (online PPO)')
-    if per_step.lines:
+    if stepwise:   # online PPO: its rollouts' mean score per step
+        per_step = axes[0][1]
+        for row in stepwise:
+            per_step.plot([p['step'] for p in row['curve']], [p['mean'] for p in row['curve']], marker='.',
+                          label=row['method'])
+        per_step.set(xlabel='rollouts sampled', ylabel="mean score of the step's rollouts",
+                     title='training reward per step')
         per_step.legend(fontsize=8, loc='best')
     figure.tight_layout()
     figure.savefig(reward_path, dpi=120)
