@@ -295,9 +295,7 @@ def plot(report: dict, reward_path: str, frontier_path: str) -> None:
         per_step.set(xlabel='rollouts sampled', ylabel="mean score of the step's rollouts",
                      title='training reward per step')
         per_step.legend(fontsize=8, loc='best')
-    figure.tight_layout()
-    figure.savefig(reward_path, dpi=120)
-    plt.close(figure)
+    save(figure, reward_path)
     figure, axes = plt.subplots(figsize=(7, 4.5))
     axes.errorbar([0], [start['reward_mean']], yerr=[start['reward_se']], fmt='ks', capsize=3, label='starting model')
     for row in report['methods']:
@@ -307,8 +305,13 @@ def plot(report: dict, reward_path: str, frontier_path: str) -> None:
     axes.set(xlabel='KL to the starting model (mean summed log-ratio, nats)', ylabel='held-out reward (mean ± SE)',
              title='reward vs KL')
     axes.legend(fontsize=8, loc='lower right')
+    save(figure, frontier_path)
+
+
+def save(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
     figure.tight_layout()
-    figure.savefig(frontier_path, dpi=120)
+    figure.savefig(path, dpi=120)
     plt.close(figure)
 
 
