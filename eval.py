@@ -15,7 +15,8 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  ++reward_function=file.py:function: prints the mean reward, its standard error, n, the mean
                  length and the KL to the starting model (the mean summed log-ratio of the samples), and
                  appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
-                 ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, which compare.py reads)
+                 ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
+                 run's prefixes as in mode=sample; compare.py reads it)
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
@@ -44,6 +45,7 @@ from halos import lora, rl
 from halos.build import (build_loader, check_overrides, control_tokens, load_models, load_run_tokenizer,
                          sampling_options, saved_adapter, shipped_defaults)
 from halos.errors import ConfigError, reported_as_one_line
+from halos.examples import render_turns
 from halos.feedback import write_jsonl
 from halos.labelers import RewardFunctionLabeler
 from halos.online import reward_summary
@@ -137,7 +139,9 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
     for batch in tqdm(loader, desc='sampling'):
         samples = [group[0] for group in complete(batch, 1)]
         batch_rewards = labeler(batch[schema.PROMPT_TURNS], [s.text for s in samples])
-        records += [{'prompt': turns_as_text(turns), 'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
+        records += [{'prompt': render_turns(turns, config.human_prefix, config.human_suffix, config.assistant_prefix,
+                                            config.assistant_suffix),
+                     'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
                     for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
                                                       batch[schema.PROMPT_ID])]
         rewards += batch_rewards
@@ -153,13 +157,6 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
             'reward_function': config.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
             'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
             'sampled_at': str(datetime.datetime.now())}
-
-
-def turns_as_text(turns) -> str:
-    """A prompt as plain text for a judge: a single turn's content, else one `role: content` line per turn."""
-    if len(turns) == 1:
-        return turns[0]['content']
-    return '\n'.join(f"{turn['role']}: {turn['content']}" for turn in turns)
 
 
 def write_json(path: str, data) -> None:

@@ -175,6 +175,10 @@ def run_dir(args, name: str) -> str:
     return os.path.join(args.work_dir, f'quality_{name}')
 
 
+def prompts_per_round(args, n_prompts: int) -> int:
+    return args.prompts_per_round or n_prompts // args.rounds
+
+
 def train_overrides(args, method: Method, budget: int, n_prompts: int, feedback: Dict[str, str]) -> List[str]:
     resume = args.reuse and os.path.isdir(os.path.join(ROOT, run_dir(args, method.name), 'LATEST'))
     common = [f'loss={method.loss}', f'model={args.model}', f'exp_name=quality_{method.name}', 'mode=train',
@@ -189,8 +193,8 @@ def train_overrides(args, method: Method, budget: int, n_prompts: int, feedback:
     if method.loss == 'ppo-online':
         return common + data + [f'++loss.reward_function={args.reward_function}', f'++n_examples={budget}',
                                 *method.overrides, *args.extra]
-    prompts_per_round = args.prompts_per_round or n_prompts // args.rounds
-    return common + data + [f'++online.rounds={args.rounds}', f'++online.prompts_per_round={prompts_per_round}',
+    return common + data + [f'++online.rounds={args.rounds}',
+                            f'++online.prompts_per_round={prompts_per_round(args, n_prompts)}',
                             f'++online.samples_per_prompt={args.samples_per_prompt}',
                             f'++online.reward_function={args.reward_function}',
                             *([f'++online.eval_prompts={args.prompts_test}'] if args.round_eval else []),
@@ -228,8 +232,7 @@ def run_method(run: Runner, args, method: Method, budget: int, n_prompts: int, f
     elif method.loss == 'ppo-online':
         trained_on, curve = f'{budget} rollouts', metric_curve(directory, 'rewards/score')
     else:
-        trained_on = f'{args.rounds} rounds x {args.prompts_per_round or n_prompts // args.rounds} prompts x ' \
-                     f'{args.samples_per_prompt}'
+        trained_on = f'{args.rounds} rounds x {prompts_per_round(args, n_prompts)} prompts x {args.samples_per_prompt}'
         curve = metric_curve(directory, 'reward_eval/mean', 'reward_eval/se')
     return {'method': method.name, 'loss': method.loss, 'trains_on': trained_on, 'train_seconds': train_seconds,
             'curve': curve, **result}
