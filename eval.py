@@ -43,13 +43,13 @@ import trainers
 from halos import batch as schema
 from halos import lora, rl
 from halos.build import (build_loader, check_overrides, control_tokens, load_models, load_run_tokenizer,
-                         sampling_options, saved_adapter, shipped_defaults)
+                         saved_adapter, shipped_defaults)
 from halos.errors import ConfigError, reported_as_one_line
 from halos.examples import render_turns
 from halos.feedback import write_jsonl
 from halos.labelers import RewardFunctionLabeler
 from halos.online import reward_summary
-from halos.sampling import make_sampler, sample_records
+from halos.sampling import SamplingOptions, make_sampler, sample_records
 from utils import disable_dropout, set_seed
 
 MODES = ('sample', 'eval', 'alpacaeval', 'reward')
@@ -77,7 +77,7 @@ def sampling_loader(config: DictConfig, tokenizer, dataset_names) -> dataloader.
 
 
 def policy_sampler(config: DictConfig, tokenizer):
-    return make_sampler(load_policy(config, tokenizer), tokenizer, sampling_options(config), config.model.policy_dtype)
+    return make_sampler(load_policy(config, tokenizer), tokenizer, SamplingOptions.of(config), config.model.policy_dtype)
 
 
 def sample_k(config: DictConfig) -> list:
@@ -133,7 +133,7 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
     loader = build_loader(config, tokenizer, 'test', prompts, loader_class=dataloader.PromptDataLoader,
                           n_examples=config.n_samples)
     labeler, complete = RewardFunctionLabeler(config.reward_function), make_sampler(
-        policy, tokenizer, sampling_options(config), config.model.policy_dtype)
+        policy, tokenizer, SamplingOptions.of(config), config.model.policy_dtype)
     set_seed(config.seed)
     rewards, lengths, log_ratios, records = [], [], [], []
     for batch in tqdm(loader, desc='sampling'):

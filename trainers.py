@@ -442,8 +442,7 @@ class OnlinePPOTrainer(PPOTrainer):
                               "or loss.reward_model=<sequence classifier>: give exactly one")
         super().__init__(tokenizer, config, *args, **kwargs)
         self.reward_function = RewardFunctionLabeler(loss_config.reward_function) if loss_config.reward_function else None
-        self.sampling_options = SamplingOptions(config.model.max_length, config.top_p, config.temperature, config.top_k,
-                                                config.max_new_tokens, config.seed)
+        self.sampling_options = SamplingOptions.of(config)
         self.kl_coef = loss_config.init_kl_coef
 
     def rollout(self, batch):

@@ -1,14 +1,15 @@
-"""Shared helpers: distributed no-ops at world size 1, seeding, class registries, log-probs, packing and
+"""Shared helpers: distributed no-ops at world size 1, seeding, class registries, log-probs of logits and
 metric accumulation.
 
 Every distributed helper works without a process group (one process), so single-process
 runs and unit tests need no `torch.distributed` setup.
 """
+import contextlib
 import itertools
 import os
 import random
 import socket
-from typing import Dict, Iterable, Iterator, List
+from typing import Dict, Iterable, Iterator, List, Optional
 
 import numpy as np
 import torch
@@ -113,6 +114,11 @@ def chunked(iterable: Iterable, size: int) -> Iterator[List]:
 
 # ---------------------------------------------------------------- seeding and registries
 
+def autocast(device_type: str, dtype: Optional[str]):
+    """torch.autocast in `dtype` (a torch dtype name such as 'bfloat16'); nothing when it is None."""
+    return torch.autocast(device_type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+
+
 def set_seed(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -159,56 +165,6 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
     return token_logps.sum(-1)
 
 
-def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           labels: torch.Tensor, padding_free: bool = True):
-    """The log-prob of every label token of right-padded [B, T] rows under `model`, in fp32.
-
-    The LM head runs only at the K positions that predict a label (transformers' boolean
-    `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
-    vocabulary projection. With `padding_free` the rows are first packed (`pack_rows`) into fewer rows
-    of the same length with position ids restarting at every sequence; transformers turns that into a
-    block-diagonal causal mask (SDPA, eager) or varlen flash-attention, so no token attends across
-    sequences, and attention costs no more than in the padded batch.
-    Returns (token log-probs [K], their row [K], their predicting position t in the row [K]).
-    """
-    predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
-    predicts_label[:, :-1] = labels[:, 1:] != -100                    # position t predicts token t+1
-    next_labels = torch.roll(labels, -1, dims=1)                      # [B, T]: the token each position predicts
-    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)
-    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
-    if padding_free:
-        packed = pack_rows(attention_mask.sum(1), input_ids=input_ids, predicts_label=predicts_label,
-                           next_labels=next_labels, rows=rows, positions=positions)
-        input_ids, predicts_label, next_labels, rows, positions = (
-            packed[key] for key in ('input_ids', 'predicts_label', 'next_labels', 'rows', 'positions'))
-        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], logits_to_keep=predicts_label,
-                       use_cache=False).logits
-    else:
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
-                       use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1]).float()             # [K, V], row by row
-    targets = next_labels[predicts_label]                             # [K]
-    token_logps = logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
-    return token_logps, rows[predicts_label], positions[predicts_label]
-
-
-def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
-    """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32
-    (see completion_token_logps)."""
-    token_logps, rows, _ = completion_token_logps(model, input_ids, attention_mask, labels, padding_free)
-    return torch.zeros(len(labels), device=token_logps.device).index_add(0, rows, token_logps)
-
-
-def token_level_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor, padding_free: bool = True) -> torch.Tensor:
-    """Per-token log-probs [B, T-1] (position t: the log-prob of token t+1; 0 where it is not a label), computed
-    like sequence_logps (completion-only LM head, packed rows)."""
-    token_logps, rows, positions = completion_token_logps(model, input_ids, attention_mask, labels, padding_free)
-    result = torch.zeros(labels.shape[0], labels.shape[1] - 1, device=token_logps.device, dtype=token_logps.dtype)
-    return result.index_put((rows, positions), token_logps)
-
-
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """sum_i w_i v_i / sum_i w_i (unit weights give values.mean() exactly; all-zero weights give 0)."""
     weights = weights.to(values.device, values.dtype)
@@ -218,37 +174,6 @@ def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:
     """[B, T] labels -> [B] number of completion tokens of each row."""
     return (labels[:, 1:] != -100).sum(1)
-
-
-def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Pack right-padded [B, T] rows of the given `lengths` into R <= B rows of the longest length, first
-    fit by decreasing length. Returns each tensor packed (the free tail of a row holds zeros) and
-    `position_ids` (0, 1, ... within each sequence and within each free tail)."""
-    capacity = int(lengths.max())
-    bins: List[List[int]] = []
-    free: List[int] = []
-    for row in sorted(range(len(lengths)), key=lambda i: -int(lengths[i])):
-        n = int(lengths[row])
-        target = next((b for b, room in enumerate(free) if room >= n), None)
-        if target is None:
-            bins.append([])
-            free.append(capacity)
-            target = len(bins) - 1
-        bins[target].append(row)
-        free[target] -= n
-    device = lengths.device
-    packed = {name: torch.zeros(len(bins), capacity, dtype=t.dtype, device=device) for name, t in tensors.items()}
-    packed['position_ids'] = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
-    for b, rows in enumerate(bins):
-        start = 0
-        for row in rows:
-            n = int(lengths[row])
-            for name, t in tensors.items():
-                packed[name][b, start:start + n] = t[row, :n]
-            packed['position_ids'][b, start:start + n] = torch.arange(n, device=device)
-            start += n
-        packed['position_ids'][b, start:] = torch.arange(capacity - start, device=device)
-    return packed
 
 
 def pad_to_length(tensor: torch.Tensor, length: int, pad_value, dim: int = -1) -> torch.Tensor:

@@ -179,11 +179,6 @@ def build_trainer(config: DictConfig):
                          rank=get_rank(), world_size=get_world_size())
 
 
-def sampling_options(config: DictConfig) -> SamplingOptions:
-    return SamplingOptions(max_length=config.model.max_length, top_p=config.top_p, temperature=config.temperature,
-                           top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed)
-
-
 def build_labeler(config: DictConfig, cache_path: str):
     online = config.online
     return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
@@ -202,7 +197,7 @@ def build_online_rounds(config: DictConfig, trainer) -> OnlineRounds:
     make_loaders = lambda path: (build_loader(config, tokenizer, 'train', [path], n_examples=None),
                                  build_loader(config, tokenizer, 'test', [path]))
     labeler = build_labeler(config, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
-    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, sampling_options(config))
+    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, SamplingOptions.of(config))
     return OnlineRounds(trainer, OnlineSettings.of(config), pool, held_out, make_loaders, make_sampler, labeler)
 
 

@@ -8,7 +8,6 @@ trainer needs (`use_reference_model`, `prefixes`: the sequence kinds it reads), 
 for a loss by name. Config is read once, here in __init__; the loss hyperparameters stay in
 `self.config.loss`, which each trainer's `loss()` reads.
 """
-import contextlib
 import json
 import os
 import sys
@@ -23,8 +22,9 @@ from halos import batch as schema
 from halos import checkpoint, lora
 from halos.errors import ConfigError
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
-from utils import (MetricAccumulator, add_margins, all_reduce_sum, barrier, chunked, clip_gradient_norm, find_class,
-                   completion_lengths, formatted_dict, on_rank0, rank0_print, sequence_logps, token_level_logps)
+from halos.packing import prompt_sharing_supported, sequence_logps, token_level_logps
+from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
+                   completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
 
 
 class BasicTrainer:
@@ -44,6 +44,10 @@ class BasicTrainer:
         self.run_dir = config.local_run_dir
         model_config = config.model
         self.padding_free, self.autocast_dtype = model_config.padding_free, model_config.autocast_dtype
+        # model.share_prompts where it applies: packed rows, and a kernel that takes the explicit mask (SDPA;
+        # under flash-attention 2 rows are packed as before); runs saved before the option: off
+        self.share_prompts = bool(model_config.get('share_prompts', False)) and self.padding_free and \
+            prompt_sharing_supported(policy)
         self.max_grad_norm, self.accumulation_steps = model_config.max_grad_norm, model_config.gradient_accumulation_steps
         self.eval_every, self.do_first_eval = config.eval_every, config.do_first_eval
         self.minimum_log_interval_secs = config.minimum_log_interval_secs
@@ -123,20 +127,22 @@ class BasicTrainer:
         return model_identity(models.resolve_model_path(model_config.name_or_path), load_from,
                               model_config.reference_dtype, model_config.autocast_dtype,
                               models.attention_implementation(model_config.use_flash_attention), model_config.padding_free,
+                              self.share_prompts,
                               model_config.fsdp_policy_mp if self.world_size > 1 else None, len(self.tokenizer))
 
     # --- forward passes
     def concatenated_logps(self, model: torch.nn.Module, batch: Dict, prefixes: Tuple[str, ...]) -> List[torch.Tensor]:
         """Summed completion log-probs of the batch's sequences of each kind in `prefixes`.
 
-        All rows go through one forward (packed without padding when model.padding_free), which is
-        faster than one forward per kind and keeps FSDP's collectives in step across ranks.
+        All rows go through one forward (packed without padding when model.padding_free, each prompt once
+        for all its completions when model.share_prompts), which is faster than one forward per kind and keeps
+        FSDP's collectives in step across ranks.
         Returns one [rows] tensor per kind, in fp32 (per-token means with `average_log_prob`).
         """
         sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
         with self.autocast():
             logps = sequence_logps(model, sequences.input_ids, sequences.attention_mask, sequences.labels,
-                                   padding_free=self.padding_free)
+                                   padding_free=self.padding_free, share_prompts=self.share_prompts)
         if self.average_log_prob:
             logps = logps / completion_lengths(sequences.labels).clamp(min=1)
         return list(logps.split(schema.rows_per_kind(batch, prefixes)))
@@ -148,13 +154,12 @@ class BasicTrainer:
         sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
         with self.autocast():
             logps = token_level_logps(model, sequences.input_ids, sequences.attention_mask, sequences.labels,
-                                      padding_free=self.padding_free)
+                                      padding_free=self.padding_free, share_prompts=self.share_prompts)
         return logps, (sequences.labels[:, 1:] != schema.IGNORE_INDEX).float()
 
     def autocast(self):
         """torch.autocast in model.autocast_dtype around forwards (nothing when it is null)."""
-        dtype = self.autocast_dtype
-        return torch.autocast(self.device.type, dtype=getattr(torch, dtype)) if dtype else contextlib.nullcontext()
+        return autocast(self.device.type, self.autocast_dtype)
 
     def stack_sequences(self, batch: Dict, prefixes: Tuple[str, ...]) -> Tuple[torch.Tensor, ...]:
         """(input_ids, attention_mask, labels) of every kind's sequences, stacked and right-padded, on the device."""

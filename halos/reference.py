@@ -2,7 +2,7 @@
 every sequence's reference log-prob, computed once and kept next to the run.
 
 A cache file is named by the identity of the reference model: everything that decides its numbers (the
-weights it loads, their dtype, autocast, the attention kernel, packing, FSDP mixed precision, the
+weights it loads, their dtype, autocast, the attention kernel, packing, shared prompts, FSDP mixed precision, the
 vocabulary size). Its entries are keyed by the tokens and label mask of each sequence, so a run on other
 data or another tokenization computes only the sequences it lacks, and a different reference model
 never reuses another's numbers.
@@ -30,13 +30,15 @@ def file_identity(path: str) -> Dict:
 
 
 def model_identity(weights: str, load_from: Optional[str], dtype: str, autocast_dtype: Optional[str],
-                   attention: str, padding_free: bool, mixed_precision: Optional[str], vocab_size: int) -> Dict:
+                   attention: str, padding_free: bool, share_prompts: bool, mixed_precision: Optional[str],
+                   vocab_size: int) -> Dict:
     """What decides a reference model's log-probs. `weights` is the model directory (or hub id), `load_from`
     the resolved checkpoint it is initialised from; `mixed_precision` counts only when sharded."""
     return {'format': CACHE_FORMAT, 'torch': torch.__version__,
             'weights': file_identity(weights) if os.path.exists(weights) else weights,
             'load_from': file_identity(load_from) if load_from else None, 'dtype': dtype,
             'autocast_dtype': autocast_dtype, 'attention': attention, 'padding_free': padding_free,
+            'share_prompts': share_prompts,
             'mixed_precision': mixed_precision, 'vocab_size': vocab_size}
 
 

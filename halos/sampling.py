@@ -7,6 +7,7 @@ KV cache k times and decodes the k samples together, so the prompt is never reco
 choice of each token follows transformers' generate: temperature, then top-k, then top-p (nucleus);
 temperature 0 decodes greedily. eval.py, the online rounds and online PPO all sample through it.
 """
+import dataclasses
 import importlib.util
 import inspect
 import tempfile
@@ -17,7 +18,7 @@ import torch
 from transformers import DynamicCache
 
 from halos import batch as schema
-from utils import all_reduce_sum
+from utils import all_reduce_sum, autocast
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,14 @@ class SamplingOptions:
     top_k: Optional[int] = None          # None: the model's generation config; 0: no top-k
     max_new_tokens: Optional[int] = None  # also stop after this many new tokens
     seed: int = 0
+    autocast_dtype: Optional[str] = None  # decode under torch.autocast in this dtype (None: as the weights are)
+
+    @classmethod
+    def of(cls, config) -> 'SamplingOptions':
+        """A run's sampling settings (top_p, temperature, top_k, max_new_tokens, sampling_dtype; seed)."""
+        return cls(max_length=config.model.max_length, top_p=config.top_p, temperature=config.temperature,
+                   top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed,
+                   autocast_dtype=config.get('sampling_dtype') or config.model.autocast_dtype)
 
 
 @dataclass(frozen=True)
@@ -49,7 +58,32 @@ def resolved(options: SamplingOptions, generation_config) -> SamplingOptions:
     """The options with the model's generation config filling what is left unset."""
     temperature = options.temperature if options.temperature is not None else (generation_config.temperature or 1.0)
     top_k = options.top_k if options.top_k is not None else (generation_config.top_k or 0)
-    return SamplingOptions(options.max_length, options.top_p, temperature, top_k, options.max_new_tokens, options.seed)
+    return dataclasses.replace(options, temperature=temperature, top_k=top_k)
+
+
+NUCLEUS_WIDTHS = (64, 1024)  # the candidate sets tried before a full sort of the vocabulary
+
+
+def nucleus_sample(probs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """[rows, V] probabilities -> [rows] tokens drawn from each row's nucleus: the most likely tokens, in
+    order, while the mass before them is below top_p (transformers' top-p, which drops the tokens whose
+    ascending cumulative mass is at most 1 - top_p). Exact without sorting the vocabulary: a row's nucleus
+    lies inside its `width` most likely tokens once they hold top_p of the mass, so only the rows where
+    they do not try the next width (and, last, the whole vocabulary)."""
+    tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
+    pending = torch.arange(len(probs), device=probs.device)
+    for width in NUCLEUS_WIDTHS + (probs.shape[-1],):
+        top, index = probs[pending].topk(min(width, probs.shape[-1]), dim=-1)  # descending
+        mass_before = top.cumsum(-1) - top
+        covered = (top.sum(-1) >= top_p) | (width >= probs.shape[-1])
+        weights = top.masked_fill(mass_before >= top_p, 0)
+        weights[:, 0] = top[:, 0]                                   # the most likely token always stays
+        draws = torch.multinomial(weights[covered], 1)
+        tokens[pending[covered]] = index[covered].gather(1, draws).squeeze(1)
+        pending = pending[~covered]
+        if len(pending) == 0:
+            break
+    return tokens
 
 
 def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
@@ -61,11 +95,7 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
         kth_largest = torch.topk(logits, min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
     if options.top_p < 1.0:
-        ascending, order = torch.sort(logits, dim=-1)
-        cumulative = ascending.softmax(-1).cumsum(-1)
-        drop = cumulative <= 1 - options.top_p   # the least likely tokens whose mass is below 1 - top_p
-        drop[:, -1] = False                      # the most likely token always stays
-        logits = logits.masked_fill(drop.scatter(1, order, drop), float('-inf'))
+        return nucleus_sample(logits.softmax(-1), options.top_p)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
@@ -79,10 +109,19 @@ def cache_keyword(model) -> str:
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
            eos_token_id: int, pad_token_id: int) -> torch.Tensor:
     """[B, P] left-padded prompts -> [B * k, N] new tokens (prompt i's samples are rows i*k .. i*k + k-1),
-    pad after a sample's EOS. One prefill per prompt; its KV cache is repeated for the k samples. In several
+    pad after a sample's EOS, under autocast in options.autocast_dtype when set. One prefill per prompt; its KV
+    cache is repeated for the k samples. In several
     processes each decodes until every rank's samples are done (its own stop at its own length budget)."""
     device = next(model.parameters()).device
-    prompt_ids, mask = prompt_ids.to(device), prompt_mask.to(device)
+    with autocast(device.type, options.autocast_dtype):
+        return decode_tokens(model, prompt_ids.to(device), prompt_mask.to(device), k, options, eos_token_id,
+                             pad_token_id)
+
+
+def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, options: SamplingOptions,
+                  eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+    """decode's loop, for prompts on the model's device."""
+    device = prompt_ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)  # filled in place by every forward
     cache_argument = {cache_keyword(model): cache}

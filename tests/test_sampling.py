@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import models
-from halos.sampling import SamplingOptions, decode, halos_sampler, next_tokens
+from halos.sampling import SamplingOptions, decode, halos_sampler, next_tokens, nucleus_sample
 
 PROMPTS = ['\n<|user|>\nHello there, how are you today?\n<|assistant|>\n', '\n<|user|>\nName a color.\n<|assistant|>\n']
 
@@ -62,6 +62,34 @@ def test_sampled_tokens_follow_the_warped_distribution(temperature, top_k, top_p
     observed = torch.bincount(draws, minlength=10).float() / len(draws)
     assert (observed - expected).abs().sum() / 2 < 0.02
     assert observed[expected == 0].sum() == 0  # nothing outside top-k / top-p is ever drawn
+
+
+def test_nucleus_beyond_the_first_candidate_widths_is_exact():
+    """nucleus_sample looks at the 64, then 1024 most likely tokens before sorting everything: rows whose
+    nucleus needs each of the three draw only from transformers' top-p set, and the narrow row at its
+    probabilities (total variation of 20,000 draws below 0.03)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+    vocabulary, top_p = 3000, 0.9
+    ranks = torch.arange(vocabulary, dtype=torch.float)
+    logits = torch.stack([-ranks / 8, -ranks / 150, -ranks / 2000])  # nuclei of about 20, 350 and 2300 tokens
+    kept = TopPLogitsWarper(top_p)(None, logits.clone()).isfinite()
+    assert kept[0].sum() < 64 < kept[1].sum() < 1024 < kept[2].sum()
+    torch.manual_seed(0)
+    draws = nucleus_sample(logits.repeat_interleave(20000, 0).softmax(-1), top_p).view(3, 20000)
+    for row in range(3):
+        assert kept[row, draws[row]].all()  # never outside the nucleus
+        assert len(draws[row].unique()) > 0.8 * kept[row].sum()  # and across all of it
+    expected = TopPLogitsWarper(top_p)(None, logits[:1].clone()).softmax(-1)[0]
+    observed = torch.bincount(draws[0], minlength=vocabulary).float() / 20000
+    assert (observed - expected).abs().sum() / 2 < 0.03
+
+
+def test_sampling_dtype_defaults_to_the_forwards_autocast(tmp_path):
+    """++sampling_dtype sets the decoding autocast; unset, sampling runs as the forwards do (model.autocast_dtype)."""
+    from helpers import make_config
+    assert SamplingOptions.of(make_config(tmp_path)).autocast_dtype is None
+    assert SamplingOptions.of(make_config(tmp_path, '++model.autocast_dtype=bfloat16')).autocast_dtype == 'bfloat16'
+    assert SamplingOptions.of(make_config(tmp_path, '++sampling_dtype=bfloat16')).autocast_dtype == 'bfloat16'
 
 
 def greedy_on_rank(rank, port, prompts, length, results):

@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import subprocess
+import types
 
 import numpy as np
 import pytest
@@ -16,8 +17,10 @@ import train
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file, save_policy_file
 from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
+from halos import packing
+from halos.packing import sequence_logps, token_level_logps
 import utils
-from utils import get_batch_logps, sequence_logps
+from utils import get_batch_logps
 
 LOSSES = ['sft', 'csft', 'dpo', 'cdpo', 'ipo', 'slic', 'simpo', 'orpo', 'kto', 'kto-simple', 'kto-zero', 'ppo', 'grpo',
           'bradley-terry']
@@ -457,7 +460,7 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     trainer = build_trainer(make_config(tmp_path, loss='dpo'))
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
     assert (attention_mask == 0).any()  # the rows have padding to skip
-    assert len(utils.pack_rows(attention_mask.sum(1), ids=input_ids)['ids']) < len(input_ids)  # and share packed rows
+    assert len(packing.pack_rows(attention_mask.sum(1), ids=input_ids)['ids']) < len(input_ids)  # and share packed rows
     model = trainer.policy
     full = get_batch_logps(model(input_ids=input_ids, attention_mask=attention_mask).logits, labels)
     full.sum().backward()
@@ -468,6 +471,70 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-6)
     for fast_grad, full_grad in zip((p.grad for p in model.parameters()), full_grads):
         torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
+SHARED_PROMPT_CASES = {  # loss: the kinds that go through one forward, and whether the loss reads token log-probs
+    'dpo': (('chosen', 'rejected'), False),   # each pair's two completions after one prompt
+    'kto': (('target', 'KL'), False),         # each target and the mismatched KL completion after its prompt
+    'grpo': (('target',), True),              # the completions of a group, whole in a microbatch
+}
+
+
+@pytest.mark.parametrize('loss', sorted(SHARED_PROMPT_CASES))
+def test_shared_prompts_equal_the_unshared_forward(tmp_path, loss):
+    """With model.share_prompts each prompt is computed once for all its completions, and the completions'
+    log-probs (summed, and per token for GRPO) and their gradients equal the plain padded forward's."""
+    kinds, token_level = SHARED_PROMPT_CASES[loss]
+    trainer = build_trainer(make_config(tmp_path, loss=loss))
+    assert trainer.share_prompts  # on by default with SDPA
+    input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], kinds)
+    shared = packing.share_prompt_rows(input_ids, attention_mask, labels)
+    assert (shared.allowed.diagonal(dim1=2, dim2=3)).sum() < attention_mask.sum()  # fewer positions than tokens
+    model = trainer.policy
+    forward = token_level_logps if token_level else sequence_logps
+    full_logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    full = get_batch_logps(full_logits, labels, token_level=token_level)
+    full.sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    fast = forward(model, input_ids, attention_mask, labels, share_prompts=True)
+    fast.sum().backward()
+    torch.testing.assert_close(fast, full, atol=1e-4, rtol=1e-6)
+    for fast_grad, full_grad in zip((p.grad for p in model.parameters()), full_grads):
+        torch.testing.assert_close(fast_grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
+def test_shared_prompt_rows_layout():
+    """Rows [5 6 | 7 8], [5 6 | 9] share their prompt; [5 1 | 2] has its own. The segment of the shared
+    prompt is 5 6 7 8 9 with positions 0 1 2 3 2 (both completions continue from the prompt); 9 attends to the
+    prompt and itself, not to 7 8; the prompt's last position (6) predicts both 7 and 9."""
+    input_ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 1, 2, 0]])
+    attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]])
+    labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, 9, -100], [-100, -100, 2, -100]])
+    shared = packing.share_prompt_rows(input_ids, attention_mask, labels)
+    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 1, 2, 0, 0]]
+    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 2] and shared.position_ids[1, :3].tolist() == [0, 1, 2]
+    assert shared.allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                                   [1, 1, 0, 0, 0],
+                                                   [1, 1, 1, 0, 0],
+                                                   [1, 1, 1, 1, 0],
+                                                   [1, 1, 0, 0, 1]]
+    assert shared.allowed[1, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
+                                                   [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]  # the free tail: itself only
+    assert shared.predictor.tolist() == [1, 2, 1, 5 + 1]       # flat positions: 6 -> 7, 7 -> 8, 6 -> 9, 1 -> 2
+    assert shared.targets.tolist() == [7, 8, 9, 2]
+    assert shared.rows.tolist() == [0, 0, 1, 2] and shared.positions.tolist() == [1, 2, 1, 1]
+
+
+def test_prompts_are_shared_only_where_the_forward_allows_it(tmp_path):
+    """Sharing needs packed rows (off under padding_free=false), SDPA (not flash-attention 2) and a plain causal
+    mask (not a sliding window)."""
+    assert not build_trainer(make_config(tmp_path, '++model.padding_free=false')).share_prompts
+    model = lambda **config: types.SimpleNamespace(config=types.SimpleNamespace(**config))
+    assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa'))
+    assert not packing.prompt_sharing_supported(model(_attn_implementation='flash_attention_2'))
+    assert not packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16))
+    assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16, use_sliding_window=False))
 
 
 def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(tmp_path):
@@ -490,7 +557,7 @@ def test_pack_rows_first_fit_by_decreasing_length():
     """Lengths [2, 5, 3, 1] into rows of 5: [5], then 3 + 2, then 1 (3 rows instead of 4); every sequence
     keeps its tokens in order with positions from 0, and a free tail starts its own positions."""
     ids = torch.tensor([[1, 2, 0, 0, 0], [3, 4, 5, 6, 7], [8, 9, 10, 0, 0], [11, 0, 0, 0, 0]])
-    packed = utils.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
+    packed = packing.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
     assert packed['input_ids'].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2], [11, 0, 0, 0, 0]]
     assert packed['position_ids'].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
 

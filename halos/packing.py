@@ -1,0 +1,214 @@
+"""The forward that scores completions: the LM head only where a label is predicted, rows packed without
+padding, and each prompt computed once for all the completions that follow it.
+
+A batch's rows are right-padded prompt + completion sequences with labels -100 on the prompt and on
+padding. Three ways through the model, each giving the same log-probs:
+
+- padded: the rows as they are (`model.padding_free=false`);
+- packed (`pack_rows`): rows placed one after another in fewer rows, position ids restarting per sequence,
+  so transformers builds a block-diagonal causal mask;
+- shared prompts (`share_prompt_rows`, `model.share_prompts`): rows with the same prompt tokens (a pair's
+  chosen and rejected, KTO's target and KL rows of one prompt, a GRPO group) become one segment: the
+  prompt once, then each completion, with position ids continuing from the prompt for every completion
+  and a mask under which a completion attends to the prompt and to itself only. The prompt's last
+  position predicts the first token of every completion. Needs an attention kernel that takes an
+  explicit 4-D mask (SDPA) and a causal model without a sliding window; `prompt_sharing_supported` says when.
+"""
+from dataclasses import dataclass
+from typing import Dict, List, Tuple
+
+import torch
+
+from halos.batch import IGNORE_INDEX
+
+
+def first_fit(lengths: List[int], capacity: int) -> List[List[int]]:
+    """Indices of `lengths` in bins of `capacity`, first fit by decreasing length."""
+    bins: List[List[int]] = []
+    free: List[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        target = next((b for b, room in enumerate(free) if room >= lengths[index]), None)
+        if target is None:
+            bins.append([])
+            free.append(capacity)
+            target = len(bins) - 1
+        bins[target].append(index)
+        free[target] -= lengths[index]
+    return bins
+
+
+def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict[str, torch.Tensor]:
+    """Pack right-padded [B, T] rows of the given `lengths` into R <= B rows of the longest length, first
+    fit by decreasing length. Returns each tensor packed (the free tail of a row holds zeros) and
+    `position_ids` (0, 1, ... within each sequence and within each free tail)."""
+    sizes = lengths.tolist()
+    capacity = max(sizes)
+    bins = first_fit(sizes, capacity)
+    device = lengths.device
+    packed = {name: torch.zeros(len(bins), capacity, dtype=t.dtype, device=device) for name, t in tensors.items()}
+    packed['position_ids'] = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    for b, rows in enumerate(bins):
+        start = 0
+        for row in rows:
+            n = sizes[row]
+            for name, t in tensors.items():
+                packed[name][b, start:start + n] = t[row, :n]
+            packed['position_ids'][b, start:start + n] = torch.arange(n, device=device)
+            start += n
+        packed['position_ids'][b, start:] = torch.arange(capacity - start, device=device)
+    return packed
+
+
+@dataclass(frozen=True)
+class SharedPromptRows:
+    """Rows of prompt segments, each prompt followed by its completions; K = the label tokens scored."""
+    input_ids: torch.Tensor     # [R, L]
+    position_ids: torch.Tensor  # [R, L]: 0.. over the prompt, continuing from it for every completion
+    allowed: torch.Tensor       # [R, 1, L, L] bool: query i may attend key j
+    predictor: torch.Tensor     # [K] flat index (r * L + i) of the position that predicts each label token
+    targets: torch.Tensor       # [K] the label tokens
+    rows: torch.Tensor          # [K] the original row of each label token
+    positions: torch.Tensor     # [K] its predicting position t in the original row (label t + 1)
+
+
+def prompt_lengths(labels: torch.Tensor, lengths: torch.Tensor) -> List[int]:
+    """[B] the number of leading positions labelled -100 (the prompt), at most the row's length."""
+    is_label = labels != IGNORE_INDEX
+    first = torch.where(is_label.any(1), is_label.int().argmax(1), lengths)
+    return torch.minimum(first, lengths).tolist()
+
+
+def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> SharedPromptRows:
+    """Group the [B, T] right-padded rows by their prompt tokens and pack the groups (prompt, then each
+    member's completion) into rows, first fit by decreasing length."""
+    lengths = attention_mask.sum(1).tolist()
+    prompts = prompt_lengths(labels, attention_mask.sum(1))
+    groups: Dict[Tuple, List[int]] = {}
+    for row, p in enumerate(prompts):
+        key = tuple(input_ids[row, :p].tolist()) if p > 0 else ('no prompt', row)
+        groups.setdefault(key, []).append(row)
+    members = list(groups.values())
+    sizes = [prompts[rows[0]] + sum(lengths[r] - prompts[r] for r in rows) for rows in members]
+    capacity = max(sizes)
+    bins = first_fit(sizes, capacity)
+    device = input_ids.device
+    packed_ids = torch.zeros(len(bins), capacity, dtype=input_ids.dtype, device=device)
+    position_ids = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
+    segment = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)  # a group's id, per token
+    part = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)     # 0 the prompt, else its completion
+    predictor, targets, rows_of, positions = [], [], [], []
+    next_segment = 1
+    for b, groups_in_bin in enumerate(bins):
+        start = 0
+        for group in groups_in_bin:
+            rows = members[group]
+            p = prompts[rows[0]]
+            packed_ids[b, start:start + p] = input_ids[rows[0], :p]
+            position_ids[b, start:start + p] = torch.arange(p, device=device)
+            segment[b, start:start + p] = next_segment
+            at = start + p
+            for member, row in enumerate(rows, start=1):
+                c = lengths[row] - p
+                packed_ids[b, at:at + c] = input_ids[row, p:p + c]
+                position_ids[b, at:at + c] = torch.arange(p, p + c, device=device)
+                segment[b, at:at + c] = next_segment
+                part[b, at:at + c] = member
+                tokens = torch.arange(p, p + c, device=device)           # their positions in the original row
+                predicts = torch.arange(at - 1, at + c - 1, device=device)   # b's positions that predict them
+                predicts[:1] = start + p - 1                                  # the first: the prompt's last
+                scored = (tokens >= 1) & (labels[row, p:p + c] != IGNORE_INDEX)
+                predictor.append(b * capacity + predicts[scored])
+                targets.append(input_ids[row, p:p + c][scored])
+                rows_of.append(torch.full((int(scored.sum()),), row, device=device))
+                positions.append(tokens[scored] - 1)
+                at += c
+            start, next_segment = at, next_segment + 1
+        tail = torch.arange(start, capacity, device=device)
+        segment[b, start:] = next_segment + tail  # each free position alone (attends to itself)
+        next_segment += capacity + 1
+    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
+    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)
+    visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(2) == part.unsqueeze(1))  # key in prompt or same part
+    allowed = (same_segment & visible_part & causal).unsqueeze(1)
+    return SharedPromptRows(packed_ids, position_ids, allowed, torch.cat(predictor), torch.cat(targets).long(),
+                            torch.cat(rows_of).long(), torch.cat(positions))
+
+
+def prompt_sharing_supported(model: torch.nn.Module) -> bool:
+    """Shared prompts need a kernel that takes an explicit [R, 1, L, L] mask (SDPA), and a model whose own mask
+    is plain causal (a sliding window would be lost under the explicit mask)."""
+    config = model.config
+    sliding = getattr(config, 'sliding_window', None) and getattr(config, 'use_sliding_window', True)
+    return config._attn_implementation == 'sdpa' and not sliding
+
+
+def label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[K, V] logits and [K] targets -> [K] log-probs in fp32 (a gather after one logsumexp)."""
+    logits = logits.float()
+    return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
+
+
+def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                              labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """completion_token_logps with every prompt computed once (`share_prompt_rows`); the LM head runs once
+    at each predicting position, a prompt's last position serving all its completions."""
+    shared = share_prompt_rows(input_ids, attention_mask, labels)
+    keep = torch.zeros(shared.input_ids.numel(), dtype=torch.bool, device=input_ids.device)
+    keep[shared.predictor] = True
+    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=shared.allowed,
+                   logits_to_keep=keep.view_as(shared.input_ids), use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])                       # [kept positions, V], in flat order
+    kept_index = keep.long().cumsum(0) - 1                              # flat position -> its row of `logits`
+    log_normalisers = torch.logsumexp(logits.float(), dim=-1)           # once per kept position
+    predicting = kept_index[shared.predictor]                           # [K]
+    token_logps = logits[predicting, shared.targets].float() - log_normalisers[predicting]
+    return token_logps, shared.rows, shared.positions
+
+
+def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                           labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False):
+    """The log-prob of every label token of right-padded [B, T] rows under `model`, in fp32.
+
+    The LM head runs only at the K positions that predict a label (transformers' boolean
+    `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
+    vocabulary projection. With `padding_free` the rows are first packed (`pack_rows`); with
+    `share_prompts` rows of one prompt share it (`shared_prompt_token_logps`).
+    Returns (token log-probs [K], their row [K], their predicting position t in the row [K]).
+    """
+    if share_prompts:
+        return shared_prompt_token_logps(model, input_ids, attention_mask, labels)
+    predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
+    predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX            # position t predicts token t+1
+    next_labels = torch.roll(labels, -1, dims=1)                      # [B, T]: the token each position predicts
+    rows = torch.arange(len(labels), device=labels.device).unsqueeze(1).expand_as(labels)
+    positions = torch.arange(labels.shape[1], device=labels.device).expand_as(labels)
+    if padding_free:
+        packed = pack_rows(attention_mask.sum(1), input_ids=input_ids, predicts_label=predicts_label,
+                           next_labels=next_labels, rows=rows, positions=positions)
+        input_ids, predicts_label, next_labels, rows, positions = (
+            packed[key] for key in ('input_ids', 'predicts_label', 'next_labels', 'rows', 'positions'))
+        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], logits_to_keep=predicts_label,
+                       use_cache=False).logits
+    else:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
+                       use_cache=False).logits
+    logits = logits.reshape(-1, logits.shape[-1])                     # [K, V], row by row
+    return label_logps(logits, next_labels[predicts_label]), rows[predicts_label], positions[predicts_label]
+
+
+def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False) -> torch.Tensor:
+    """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32
+    (see completion_token_logps)."""
+    token_logps, rows, _ = completion_token_logps(model, input_ids, attention_mask, labels, padding_free, share_prompts)
+    return torch.zeros(len(labels), device=token_logps.device).index_add(0, rows, token_logps)
+
+
+def token_level_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False) -> torch.Tensor:
+    """Per-token log-probs [B, T-1] (position t: the log-prob of token t+1; 0 where it is not a label), computed
+    like sequence_logps (completion-only LM head, packed rows, shared prompts)."""
+    token_logps, rows, positions = completion_token_logps(model, input_ids, attention_mask, labels, padding_free,
+                                                          share_prompts)
+    result = torch.zeros(labels.shape[0], labels.shape[1] - 1, device=token_logps.device, dtype=token_logps.dtype)
+    return result.index_put((rows, positions), token_logps)
