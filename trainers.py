@@ -527,8 +527,11 @@ class GRPOTrainer(BasicTrainer):
         """The loss of one microbatch (dapo: its share of the whole step's token mean) and its metrics."""
         loss_config = self.config.loss
         policy_logps, mask = self.concatenated_token_logps(self.policy, batch, (schema.TARGET,))
-        with torch.no_grad():
-            reference_logps, _ = self.concatenated_token_logps(self.reference_model, batch, (schema.TARGET,))
+        if self.reference_is_policy:  # the round's first step: the old policy is the policy, its forward the same
+            reference_logps = policy_logps.detach()
+        else:
+            with torch.no_grad():
+                reference_logps, _ = self.concatenated_token_logps(self.reference_model, batch, (schema.TARGET,))
         scores = batch[schema.SCORE].to(self.device)
         advantages, degenerate = rl.group_advantages_across_ranks(scores, batch[schema.PROMPT_ID],
                                                                   loss_config.std_epsilon, loss_config.unbiased_std)

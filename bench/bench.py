@@ -39,6 +39,8 @@ FULL = dict(model='embedded:smollm2-135m-instruct', steps=8, runs=3, batch_size=
 SMOKE = dict(model='embedded:tiny-smollm2', steps=3, runs=1, batch_size=2, max_length=64,
              max_prompt_length=32, skip=0, matmul_size=256, override=['++lr=1e-2'])
 SIDES = ('halos', 'trl')
+# extra halos runs beside the two sides: (the script's side, its extra overrides)
+VARIANTS = {'halos-unshared': ('halos', ['++model.share_prompts=false'])}
 FLOPS_FORMULA = ('6 * n_params * trained_tokens + 2 * n_params * forward_only_tokens; trained tokens: non-padding '
                  'tokens of the sequences through the policy with a gradient; forward-only: the reference model\'s '
                  'forwards and KTO\'s no-grad KL rows through the policy; attention-score FLOPs are not counted')
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='extra halos config override (repeatable). TRL follows the keys it has: ++lr, '
                              '++optimizer, ++warmup_steps, ++loss.beta, ++seed, ++cache_reference_logprobs '
                              '(as precompute_ref_log_probs); other keys change halos only')
+    parser.add_argument('--unshared', action='store_true',
+                        help='also run halos with model.share_prompts=false (a halos-unshared row per trainer)')
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at once; above 1 only to check that everything works (the timings then mean nothing)')
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
@@ -69,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for key, value in (SMOKE if args.smoke else FULL).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.sides = SIDES + (('halos-unshared',) if args.unshared else ())
     return args
 
 
@@ -100,7 +105,7 @@ def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
 
 # ---------------------------------------------------------------- running one side
 
-def halos_overrides(trainer: str, args: argparse.Namespace, cache_dir: str) -> list:
+def halos_overrides(trainer: str, args: argparse.Namespace, cache_dir: str, extra=()) -> list:
     """The train.py command line of a run: the shipped HH sample, no evaluation, a log line per step."""
     b = args.batch_size
     return [f'loss={trainer}', 'model=smollm2', f'++model.name_or_path={args.model}', 'datasets=[hh]',
@@ -110,18 +115,19 @@ def halos_overrides(trainer: str, args: argparse.Namespace, cache_dir: str) -> l
             f'++model.max_length={args.max_length}', f'++model.max_prompt_length={args.max_prompt_length}',
             f'++model.policy_dtype={args.dtype}', f'++model.reference_dtype={args.dtype}',
             '++model.activation_checkpointing=false', '++do_first_eval=false', f'++eval_every={(args.steps + 1) * b}',
-            f'++n_eval_examples={b}', '++minimum_log_interval_secs=0', *args.override]
+            f'++n_eval_examples={b}', '++minimum_log_interval_secs=0', *args.override, *extra]
 
 
 def run_side(side: str, trainer: str, args: argparse.Namespace, work_dir: str) -> dict:
     """One run of one side in a fresh process; returns the result it wrote."""
     cache_dir = tempfile.mkdtemp(prefix='cache-', dir=work_dir)
     spec, out, log = (os.path.join(work_dir, f'{side}_{trainer}.{ext}') for ext in ('spec.json', 'json', 'log'))
+    script_side, extra = VARIANTS.get(side, (side, []))
     with open(spec, 'w') as f:
-        json.dump({'trainer': trainer, 'overrides': halos_overrides(trainer, args, cache_dir)}, f)
+        json.dump({'trainer': trainer, 'overrides': halos_overrides(trainer, args, cache_dir, extra)}, f)
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='disabled',
                TOKENIZERS_PARALLELISM='false')
-    script = os.path.join(ROOT, 'bench', f'{side}_side.py')
+    script = os.path.join(ROOT, 'bench', f'{script_side}_side.py')
     with open(log, 'w') as f:
         code = subprocess.run([sys.executable, script, spec, out], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
     shutil.rmtree(cache_dir, ignore_errors=True)
@@ -188,17 +194,20 @@ def markdown(report: dict) -> str:
              '| trainer | side | examples/s | tokens/s | s/step | peak RSS (MiB) | % of matmul peak | loss step 1 | loss last |',
              '|---|---|---|---|---|---|---|---|---|']
     for name, entry in report['trainers'].items():
-        for side in SIDES:
+        for side in report['settings'].get('sides', SIDES):
             r = entry[side]
             lines.append(f"| {name} | {side} | {r['examples_per_s']:.3f} | {r['tokens_per_s']:.1f} | "
                          f"{r['seconds_per_step']:.2f} | {r['peak_rss_mib']:.0f} | "
                          f"{100 * r['fraction_of_matmul_peak']:.1f} | {r['losses'][0]:.4f} | {r['losses'][-1]:.4f} |")
-    lines += ['', '| trainer | examples/s halos/TRL | tokens/s halos/TRL | peak RSS halos/TRL | TRL token mismatches |',
-              '|---|---|---|---|---|']
+    unshared = 'halos-unshared' in report['settings'].get('sides', SIDES)
+    lines += ['', '| trainer | examples/s halos/TRL | tokens/s halos/TRL | peak RSS halos/TRL | TRL token mismatches |'
+              + (' examples/s shared/unshared prompts |' if unshared else ''),
+              '|---|---|---|---|---|' + ('---|' if unshared else '')]
     for name, entry in report['trainers'].items():
         r = entry['ratio_halos_over_trl']
+        sharing = f" {entry['halos']['examples_per_s'] / entry['halos-unshared']['examples_per_s']:.2f} |" if unshared else ''
         lines.append(f"| {name} | {r['examples_per_s']:.2f} | {r['tokens_per_s']:.2f} | {r['peak_rss_mib']:.2f} | "
-                     f"{entry['trl'].get('token_mismatches')} |")
+                     f"{entry['trl'].get('token_mismatches')} |{sharing}")
     lines += ['', 'Loss per step (first run; SFT: halos\' summed NLL per target converted to TRL\'s mean NLL per token):', '']
     for name, entry in report['trainers'].items():
         halos, trl = entry['halos']['losses'], entry['trl']['losses']
@@ -232,10 +241,10 @@ def main(argv=None) -> dict:
     import models
     models.resolve_model_path(args.model)  # convert the embedded model once, before anything is timed
     peak_before = matmul_peak(args.dtype, args.matmul_size)
-    results = {name: {side: [] for side in SIDES} for name in args.trainers}
+    results = {name: {side: [] for side in args.sides} for name in args.trainers}
     with tempfile.TemporaryDirectory(prefix="halos-bench-") as work_dir, ThreadPoolExecutor(args.jobs) as pool:
         for run in range(args.runs):
-            planned = [(name, side) for name in args.trainers for side in SIDES]
+            planned = [(name, side) for name in args.trainers for side in args.sides]
             futures = [pool.submit(announced_run, run, side, name, args, work_dir) for name, side in planned]
             for (name, side), future in zip(planned, futures):
                 results[name][side].append(future.result())
@@ -244,7 +253,7 @@ def main(argv=None) -> dict:
     trainers = {}
     for name in args.trainers:
         entry = {side: summarize_side([summarize_run(r, args.skip, peak) for r in results[name][side]],
-                                      results[name][side]) for side in SIDES}
+                                      results[name][side]) for side in args.sides}
         entry['ratio_halos_over_trl'] = ratios(entry['halos'], entry['trl'])
         trainers[name] = entry
     report = {'created': datetime.datetime.now().strftime('%Y-%m-%dT%H-%M-%S'),

@@ -82,6 +82,7 @@ class BasicTrainer:
         self.train_metrics = MetricAccumulator()
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
         self.reference_moves = self.humanline  # its weights are then part of the checkpoint
+        self.reference_is_policy = False  # the reference holds the policy's very weights (no update since a sync)
         self.set_data(train_iterator, eval_iterator)
 
     def set_data(self, train_iterator, eval_iterator) -> None:
@@ -255,6 +256,7 @@ class BasicTrainer:
         if self.humanline:
             self.sync_reference()
         self.optimizer.step()
+        self.reference_is_policy = False
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.batch_counter += 1
@@ -264,9 +266,13 @@ class BasicTrainer:
 
     @torch.no_grad()
     def sync_reference(self) -> None:
-        """Humanline: the reference becomes the policy before this step (so always the previous iterate)."""
+        """The reference becomes the policy: before each step under humanline (so always the previous iterate),
+        at the start of each online round with online.reference=previous."""
         for reference_parameter, parameter in zip(self.reference_model.parameters(), self.policy.parameters()):
             reference_parameter.copy_(parameter)
+        model_config = self.config.model
+        self.reference_is_policy = model_config.reference_dtype == model_config.policy_dtype and \
+            not lora.is_lora(self.policy)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean eval metrics over the whole test set (all ranks' slices)."""

@@ -1,4 +1,5 @@
-"""The benchmark runs three steps of each side for SFT, DPO and KTO and writes its report.
+"""The benchmark runs three steps of each side (and of halos with unshared prompts) for SFT, DPO and KTO and
+writes its report.
 
 A smoke test, not a benchmark: no timing is asserted. It needs TRL, a benchmark-only dependency of
 halos that `make test` installs (requirements-test.txt includes requirements-bench.txt); it is
@@ -24,7 +25,7 @@ SIDE_FIELDS = ('examples_per_s', 'tokens_per_s', 'compute_examples_per_s', 'seco
 @pytest.fixture(scope='module')
 def report(tmp_path_factory):
     out_dir = tmp_path_factory.mktemp('bench')
-    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--smoke', '--jobs', '3',
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'bench.py'), '--smoke', '--unshared', '--jobs', '3',
                              '--out-dir', str(out_dir)],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -59,10 +60,13 @@ def test_both_sides_make_the_same_updates(report):
         assert max(abs(a - b) for a, b in zip(halos, trl)) <= tolerance, (name, halos, trl)
         moved = max(abs(loss - halos[0]) for loss in halos[1:])
         assert moved > 20 * tolerance, f'{name}: the updates hardly moved the loss ({halos}), so agreeing proves little'
+        unshared = trainers[name]['halos-unshared']['losses']  # model.share_prompts=false: the same updates
+        assert max(abs(a - b) for a, b in zip(halos, unshared)) <= tolerance, (name, halos, unshared)
 
 
 def test_markdown_table_lists_every_trainer_and_side(report):
     _, text = report
     assert 'Machine:' in text and '| trainer | side | examples/s' in text
     for name in ('sft', 'dpo', 'kto'):
-        assert f'| {name} | halos |' in text and f'| {name} | trl |' in text
+        assert f'| {name} | halos |' in text and f'| {name} | trl |' in text and f'| {name} | halos-unshared |' in text
+    assert 'examples/s shared/unshared prompts' in text

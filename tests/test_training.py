@@ -562,6 +562,25 @@ def test_pack_rows_first_fit_by_decreasing_length():
     assert packed['position_ids'].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
 
 
+def test_grpo_reads_the_old_policy_from_the_policy_forward_until_the_first_update(tmp_path):
+    """Right after the reference is synced to the policy (an online round with online.reference=previous) the
+    two hold the same weights: GRPO takes the old log-probs from the policy's own forward instead of a second
+    one, with the loss and KL of the real reference forward; after the update it runs the reference again."""
+    trainer = build_trainer(make_config(tmp_path, '++n_examples=8', '++lr=1e-2', loss='grpo'))
+    batch = next(iter(trainer.train_iterator))
+    trainer.sync_reference()
+    assert trainer.reference_is_policy
+    reference, trainer.reference_model = trainer.reference_model, None  # any forward of it would fail
+    shortcut_loss, shortcut_metrics = trainer.grpo_metrics(batch, 'train')
+    trainer.reference_model, trainer.reference_is_policy = reference, False
+    loss, metrics = trainer.grpo_metrics(batch, 'train')
+    torch.testing.assert_close(shortcut_loss, loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(shortcut_metrics['rewards_train/KL'], metrics['rewards_train/KL'], atol=1e-6, rtol=0)
+    trainer.sync_reference()
+    trainer.train_step([batch])
+    assert not trainer.reference_is_policy and max_difference(trainer.policy, trainer.reference_model) > 0
+
+
 # ---------------------------------------------------------------- humanline
 
 @pytest.mark.parametrize('loss', ['dpo', 'kto', 'grpo'])
