@@ -37,7 +37,7 @@ install: $(VENV)/.installed
 
 # pytest exits 5 when it collects no test: that must fail loudly, never pass.
 test: install
-	@$(PY) -m pytest -q tests; status=$$?; \
+	@$(PY) -m pytest -q --durations=15 tests; status=$$?; \
 	if [ $$status -eq 5 ]; then echo "make test: no tests were collected" >&2; exit 1; fi; exit $$status
 
 demo: core

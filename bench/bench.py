@@ -63,7 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--override', action='append', default=None, metavar='KEY=VALUE',
                         help='extra halos config override (repeatable). TRL follows the keys it has: ++lr, '
                              '++optimizer, ++warmup_steps, ++loss.beta, ++seed, ++cache_reference_logprobs '
-                             '(as precompute_ref_log_probs); other keys change halos only')
+                             '(as precompute_ref_log_probs), ++model.autocast_dtype=bfloat16 (as bf16=True: '
+                             'autocast over float32 weights on both sides); other keys change halos only')
     parser.add_argument('--unshared', action='store_true',
                         help='also run halos with model.share_prompts=false (a halos-unshared row per trainer)')
     parser.add_argument('--jobs', type=int, default=1,

@@ -114,7 +114,8 @@ def build_trainer(name: str, config, dataset, output_dir: str):
                   gradient_accumulation_steps=1, max_steps=len(dataset) // config.model.batch_size,
                   learning_rate=config.lr, weight_decay=0.0, max_grad_norm=config.model.max_grad_norm,
                   max_length=config.model.max_length, train_sampling_strategy='sequential', seed=config.seed,
-                  activation_checkpointing=config.model.activation_checkpointing, bf16=False, fp16=False, use_cpu=True,
+                  activation_checkpointing=config.model.activation_checkpointing, use_cpu=True, fp16=False,
+                  bf16=config.model.autocast_dtype == 'bfloat16',  # halos' ++model.autocast_dtype: autocast
                   logging_steps=1, save_strategy='no', eval_strategy='no', report_to='none', disable_tqdm=True)
     kwargs = dict(model=model, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
                   optimizers=(optimizer, scheduler))

@@ -2,7 +2,8 @@
 
 1. SFT on the best of the starting model's 4 samples per train prompt (rejection sampling; data/upbeat).
 2. From the SFT checkpoint: DPO on the shipped best-vs-worst pairs, KTO on their outputs as desirable and
-   undesirable examples, and a round of online DPO (fresh samples from the policy, labelled by the reward function).
+   undesirable examples, and two rounds of online DPO (fresh samples from the policy, labelled by the reward
+   function).
 3. The held-out reward (data/upbeat/test_prompts.jsonl, one sample per prompt, mean ± standard error),
    the KL to the starting model and the length of every model, with `eval.py ++mode=reward`; a table and
    plots next to the training curves.
@@ -32,7 +33,7 @@ ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=96',)),
 
 def demo_args():
     return quality.parse_args(['--work-dir', RUNS, '--results-dir', os.path.join(ROOT, RUNS), '--tag', 'demo',
-                               '--reuse', '--epochs', '1', '--rounds', '1', '--prompts-per-round', '16',
+                               '--reuse', '--epochs', '1', '--rounds', '2', '--prompts-per-round', '32',
                                '--no-round-eval', '--eval-batch-size', '20'])
 
 
