@@ -31,7 +31,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import ROOT
+from common import ROOT, with_defaults
 
 FULL = dict(model='embedded:smollm2-135m-instruct', steps=8, runs=3, batch_size=4, max_length=256,
             max_prompt_length=128, skip=2, matmul_size=2048, override=[])
@@ -70,10 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at once; above 1 only to check that everything works (the timings then mean nothing)')
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
-    args = parser.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
     args.sides = SIDES + (('halos-unshared',) if args.unshared else ())
     return args
 

@@ -20,6 +20,14 @@ if ROOT not in sys.path:
 GRAD_PREFIXES = {'sft': ('target',), 'dpo': ('chosen', 'rejected'), 'kto': ('target',)}
 
 
+def with_defaults(args, full: Dict, smoke: Dict):
+    """The parsed arguments with the settings left unset taken from `smoke` (under --smoke) or `full`."""
+    for key, value in (smoke if args.smoke else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
 def read_spec(path: str) -> Dict:
     with open(path) as f:
         return json.load(f)

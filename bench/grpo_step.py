@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT
+from common import ROOT, with_defaults
 
 FULL = dict(model='embedded:smollm2-135m-instruct', prompts=8, k=4, max_new_tokens=48, runs=2)
 SMOKE = dict(model='embedded:tiny-smollm2', prompts=2, k=2, max_new_tokens=8, runs=1)
@@ -45,10 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--side', choices=SIDES, help=argparse.SUPPRESS)  # one run of one side (internal)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
-    args = parser.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
     return args
 
 

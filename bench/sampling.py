@@ -22,7 +22,7 @@ import os
 import platform
 import time
 
-from common import ROOT
+from common import ROOT, with_defaults
 
 FULL = dict(model='embedded:smollm2-135m-instruct', prompts=16, k=4, max_new_tokens=64, runs=2)
 SMOKE = dict(model='embedded:tiny-smollm2', prompts=4, k=2, max_new_tokens=8, runs=1)
@@ -41,10 +41,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--top-p', type=float, default=0.95)
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
-    args = parser.parse_args(argv)
-    for key, value in (SMOKE if args.smoke else FULL).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
     return args
 
 
