@@ -82,6 +82,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='prompts sampled at once (model.eval_batch_size; default: the model config\'s)')
     parser.add_argument('--round-eval', default=True, action=argparse.BooleanOptionalAction,
                         help='online DPO: the held-out reward before and after every round (its curve)')
+    parser.add_argument('--autocast-dtype', default=None, choices=('bfloat16', 'float16'),
+                        help='model.autocast_dtype of every training, sampling and held-out run (default: fp32)')
     parser.add_argument('--lr', type=float, default=2e-5)
     parser.add_argument('--prompts-per-round', type=int, default=None,
                         help='online DPO: prompts per round (default: the train prompts / rounds)')
@@ -140,7 +142,8 @@ def count_lines(path: str) -> int:
 
 
 def sampling_overrides(args) -> List[str]:
-    return [f'++max_new_tokens={args.max_new_tokens}', f'++temperature={args.temperature}', f'++top_p={args.top_p}',
+    """What every train.py and eval.py run shares: the sampling settings and the forwards' dtype."""
+    return [*([f'++model.autocast_dtype={args.autocast_dtype}'] if args.autocast_dtype else []),f'++max_new_tokens={args.max_new_tokens}', f'++temperature={args.temperature}', f'++top_p={args.top_p}',
             f'++top_k={args.top_k}', f'++use_chat_template={str(args.chat_template).lower()}', f'++seed={args.seed}',
             *([f'++model.eval_batch_size={args.eval_batch_size}'] if args.eval_batch_size else [])]
 
@@ -184,7 +187,7 @@ def train_overrides(args, method: Method, budget: int, n_prompts: int, feedback:
     common = [f'loss={method.loss}', f'model={args.model}', f'exp_name=quality_{method.name}', 'mode=train',
               f'++cache_dir={args.work_dir}', '++wandb.enabled=false', f'++lr={args.lr}', '++optimizer=AdamW',
               '++warmup_steps=2', f'++n_epochs={args.epochs}', f'++model.batch_size={args.batch_size}',
-              '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=8', '++minimum_log_interval_secs=0',
+              '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=0', '++minimum_log_interval_secs=0',
               *sampling_overrides(args), *([f'++model.load_from={args.load_from}'] if args.load_from else []),
               *(['++resume=true'] if resume else [])]
     if method.feedback:
@@ -250,7 +253,7 @@ def markdown(report: dict) -> str:
              f"`{report['prompts_test']}` (n = {start['n']}), reward `{report['reward_function']}`. Starting model: "
              f"`{report['model']}`{' from ' + report['load_from'] if report['load_from'] else ''}. Budget: "
              f"{report['budget']} labelled samples ({report['samples_per_prompt']} per train prompt). "
-             f"Machine: {report['machine']}." + (f" Sampling the budget took {report['sampling_seconds']:.0f} s."
+             f"Machine: {report['machine']}; {precision(report.get('autocast_dtype'))}." + (f" Sampling the budget took {report['sampling_seconds']:.0f} s."
                                                  if report['sampling_seconds'] else ''), '',
              '| method | trains on | held-out reward ± SE | gain / SE of the difference | KL to start | '
              'length (words) | train (s) | eval (s) |', '|---|---|---|---|---|---|---|---|',
@@ -318,6 +321,10 @@ def save(figure, path: str) -> None:
     plt.close(figure)
 
 
+def precision(autocast_dtype: Optional[str]) -> str:
+    return f'{autocast_dtype} autocast' if autocast_dtype else 'fp32'
+
+
 def machine() -> str:
     import torch
     return f'{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {platform.python_version()}'
@@ -328,7 +335,7 @@ def report_of(args, start: dict, rows: List[dict], commands: List[str], budget: 
     return {'model': args.model, 'load_from': args.load_from, 'prompts_train': args.prompts_train,
             'prompts_test': args.prompts_test, 'reward_function': args.reward_function, 'n_train_prompts': n_prompts,
             'samples_per_prompt': args.samples_per_prompt, 'budget': budget, 'temperature': args.temperature,
-            'max_new_tokens': args.max_new_tokens, 'machine': machine(), 'sampling_seconds': sampling_seconds,
+            'max_new_tokens': args.max_new_tokens, 'autocast_dtype': args.autocast_dtype, 'machine': machine(), 'sampling_seconds': sampling_seconds,
             'start': start, 'methods': rows, 'commands': commands, 'wall_seconds': time.time() - started,
             'finished_at': datetime.datetime.now().isoformat()}
 

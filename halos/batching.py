@@ -200,10 +200,10 @@ class DataLoader:
                 raise DataError(f"[{self.split}] {', '.join(self.dataset_names)}: no {type(self).__name__} items "
                                 f"to iterate ({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
             for batch in batches:
+                if self.n_examples is not None and n_seen >= self.n_examples:
+                    return  # n_examples=0: no batch (n_eval_examples=0 skips evaluation)
                 yield batch
                 n_seen += len(batch)
-                if self.n_examples is not None and n_seen >= self.n_examples:
-                    return
             epoch += 1
 
     def __len__(self) -> int:

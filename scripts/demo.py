@@ -31,10 +31,18 @@ ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=96',)),
            quality.METHODS['online-dpo'])
 
 
+def has_bf16_matmul() -> bool:
+    """Whether this CPU multiplies in bf16 natively (AMX or AVX512-BF16): there bf16 autocast trains and samples
+    about 1.35x faster; elsewhere it would be slower than fp32."""
+    import torch
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 def demo_args():
+    precision = ['--autocast-dtype', 'bfloat16'] if has_bf16_matmul() else []
     return quality.parse_args(['--work-dir', RUNS, '--results-dir', os.path.join(ROOT, RUNS), '--tag', 'demo',
                                '--reuse', '--epochs', '1', '--rounds', '2', '--prompts-per-round', '32',
-                               '--no-round-eval', '--eval-batch-size', '20'])
+                               '--no-round-eval', '--eval-batch-size', '40', *precision])
 
 
 def best_of_k(run: quality.Runner) -> str:

@@ -225,6 +225,9 @@ def test_shuffling_is_seeded_and_the_last_partial_batch_is_kept(tokenizer):
     assert [len(b) for b in first] == [8, 8, 8, 8, 1]   # 33 prompts: nothing dropped
     capped = loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, n_epochs=None, n_examples=20)
     assert [len(b['target_text']) for b in capped] == [8, 8, 8]   # n_examples rounds up to whole batches
+    exactly_two_batches = loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, n_epochs=None, n_examples=16)
+    assert [len(b['target_text']) for b in exactly_two_batches] == [8, 8]
+    assert list(loader(D.SFTDataLoader, ['hh'], tokenizer, split='test', batch_size=8, n_examples=0)) == []
     two_epochs = loader(D.SFTDataLoader, ['hh'], tokenizer, batch_size=8, n_epochs=2)
     assert len(two_epochs) == 10
 
