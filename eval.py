@@ -24,7 +24,6 @@ samples from the base model, as does `--config-path=config model=<model> loss=<l
 datasets=[...]` (halos' own config directory: no run needed). Generation uses vLLM when it is installed and a GPU is present, and
 transformers' generate otherwise (halos/sampling.py); the output format is the same.
 """
-import contextlib
 import datetime
 import json
 import os
@@ -49,8 +48,9 @@ from halos.examples import render_turns
 from halos.feedback import write_jsonl
 from halos.labelers import RewardFunctionLabeler
 from halos.online import reward_summary
+from halos.packing import sequence_logps
 from halos.sampling import SamplingOptions, make_sampler, sample_records
-from utils import disable_dropout, set_seed
+from utils import autocast, disable_dropout, set_seed
 
 MODES = ('sample', 'eval', 'alpacaeval', 'reward')
 
@@ -148,9 +148,11 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
         lengths += [len(s.text.split()) for s in samples]
         rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                     [s.token_ids for s in samples], tokenizer.pad_token_id)
-        with torch.no_grad():
-            policy_logps, start_logps = (rl.token_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
-                                                        contextlib.nullcontext).sum(-1) for model in (policy, start))
+        # packed rows, the LM head at completion tokens only, under the run's model.autocast_dtype like its training
+        with torch.no_grad(), autocast(next(policy.parameters()).device.type, config.model.autocast_dtype):
+            policy_logps, start_logps = (sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
+                                                        padding_free=config.model.padding_free)
+                                         for model in (policy, start))
         log_ratios += (policy_logps - start_logps).tolist()
     summary = reward_summary(rewards)
     return records, {'exp_name': config.exp_name, 'saved_policy': config.saved_policy, 'prompts': prompts,

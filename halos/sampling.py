@@ -16,6 +16,7 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from halos import batch as schema
 from utils import all_reduce_sum, autocast
@@ -105,6 +106,53 @@ def cache_keyword(model) -> str:
     return 'cache' if 'cache' in inspect.signature(model.forward).parameters else 'past_key_values'
 
 
+class PreallocatedLayer(DynamicLayer):
+    """One attention layer's keys and values in buffers of `capacity` positions ([B, heads, capacity, head_dim]):
+    each forward writes its positions in place and attends to a view of the filled ones, where DynamicLayer
+    concatenates and so copies the whole cache at every decoding step. A buffer that fills up doubles (a rank
+    of a multi-process decode goes on past its own budget until every rank is done)."""
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity, self.length = capacity, 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device, self.is_initialized = key_states.device, True
+        batch, heads, _, _ = key_states.shape
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
+        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        end = self.length + key_states.shape[-2]
+        if end > self.key_buffer.shape[2]:
+            self.key_buffer, self.value_buffer = (torch.cat([buffer, torch.empty_like(buffer)], dim=2)
+                                                  for buffer in (self.key_buffer, self.value_buffer))
+        self.key_buffer[:, :, self.length:end] = key_states
+        self.value_buffer[:, :, self.length:end] = value_states
+        self.length = end
+        return self.filled()
+
+    def filled(self):
+        self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]
+        return self.keys, self.values
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self.key_buffer = self.key_buffer.repeat_interleave(repeats, dim=0)
+        self.value_buffer = self.value_buffer.repeat_interleave(repeats, dim=0)
+        self.filled()
+
+
+def decoding_cache(model_config, capacity: int) -> DynamicCache:
+    """The KV cache of one decode: preallocated layers of `capacity` positions where every layer attends to the
+    whole sequence (transformers' dynamic layers where some slide or are not attention)."""
+    cache = DynamicCache(config=model_config)
+    if all(type(layer) is DynamicLayer for layer in cache.layers):
+        cache.layers = [PreallocatedLayer(capacity) for _ in cache.layers]
+    return cache
+
+
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
            eos_token_id: int, pad_token_id: int) -> torch.Tensor:
@@ -123,7 +171,10 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
     """decode's loop, for prompts on the model's device."""
     device = prompt_ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)  # filled in place by every forward
+    budget = options.max_length - prompt_ids.shape[1]
+    if options.max_new_tokens is not None:
+        budget = min(budget, options.max_new_tokens)
+    cache = decoding_cache(model.config, prompt_ids.shape[1] + max(budget, 1))  # filled in place by every forward
     cache_argument = {cache_keyword(model): cache}
     logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **cache_argument).logits[:, -1]
@@ -132,9 +183,6 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
         mask, logits = mask.repeat_interleave(k, 0), logits.repeat_interleave(k, 0)
         positions = positions.repeat_interleave(k, 0)
     position = positions[:, -1:]
-    budget = options.max_length - prompt_ids.shape[1]
-    if options.max_new_tokens is not None:
-        budget = min(budget, options.max_new_tokens)
     tokens, finished = [], torch.zeros(len(logits), dtype=torch.bool, device=device)
     while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)

@@ -4,7 +4,10 @@ import pytest
 import torch
 
 import models
-from halos.sampling import SamplingOptions, decode, halos_sampler, next_tokens, nucleus_sample
+from transformers import DynamicCache
+
+from halos.sampling import (PreallocatedLayer, SamplingOptions, cache_keyword, decode, decoding_cache, halos_sampler,
+                            next_tokens, nucleus_sample)
 
 PROMPTS = ['\n<|user|>\nHello there, how are you today?\n<|assistant|>\n', '\n<|user|>\nName a color.\n<|assistant|>\n']
 
@@ -28,6 +31,23 @@ def test_greedy_decoding_equals_hf_generate_on_a_left_padded_batch(tiny):
     three = decode(model, prompts['input_ids'], prompts['attention_mask'], 3, SamplingOptions(length, temperature=0),
                    tokenizer.eos_token_id, tokenizer.pad_token_id)
     assert torch.equal(three, ours.repeat_interleave(3, 0))  # k greedy samples of a prompt are its greedy sample
+
+
+def test_the_preallocated_cache_gives_the_dynamic_caches_logits_and_grows_when_full(tiny):
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPTS[0], return_tensors='pt')['input_ids']
+    preallocated = decoding_cache(model.config, capacity=ids.shape[1] + 1)  # full after the prefill and one step
+    assert all(isinstance(layer, PreallocatedLayer) for layer in preallocated.layers)
+    logits = {}
+    for name, cache in (('dynamic', DynamicCache(config=model.config)), ('preallocated', preallocated)):
+        cache_argument = {cache_keyword(model): cache}
+        steps = [model(input_ids=ids, use_cache=True, **cache_argument).logits[:, -1]]
+        for token in (17, 42, 99):  # the last two overflow the preallocated buffers
+            steps.append(model(input_ids=torch.tensor([[token]]), use_cache=True, **cache_argument).logits[:, -1])
+        logits[name] = torch.stack(steps)
+    assert preallocated.get_seq_length() == ids.shape[1] + 3
+    assert preallocated.layers[0].key_buffer.shape[2] == 2 * (ids.shape[1] + 1)
+    torch.testing.assert_close(logits['preallocated'], logits['dynamic'], rtol=0, atol=1e-5)
 
 
 def test_the_k_samples_of_a_prompt_share_one_prefill(tiny):
