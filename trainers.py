@@ -22,6 +22,7 @@ from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss,
                           generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
                           ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, sft_loss, simple_kto_loss,
                           simpo_loss, slic_loss, whiten_advantages)
+from halos.packing import classifier_logits
 from halos.sampling import SamplingOptions, halos_sampler
 from utils import all_reduce_mean, all_reduce_sum, clip_gradient_norm, find_class, get_batch_logps, weighted_mean
 
@@ -174,8 +175,9 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
 
     def compute_losses(self, batch):
         sequences = schema.Sequences.stacked(batch, self.prefixes, self.tokenizer.pad_token_id, self.device)
-        with self.autocast():
-            logits = self.policy(input_ids=sequences.input_ids, attention_mask=sequences.attention_mask).logits
+        with self.autocast():  # a pair's prompt once under model.share_prompts
+            logits = classifier_logits(self.policy, sequences.input_ids, sequences.attention_mask, sequences.labels,
+                                       share_prompts=self.share_prompts)
         chosen_scores, rejected_scores = classifier_scores(logits.float()).split(schema.rows_per_kind(batch, self.prefixes))
         losses, chosen_rewards, rejected_rewards = self.loss(chosen_scores, rejected_scores)
         accuracies = (chosen_rewards > rejected_rewards).float()  # a tie is wrong

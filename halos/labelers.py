@@ -17,7 +17,6 @@ from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
 import torch
 
 import models
-from halos import judge
 from halos.batching import encode_completion, encode_prompt
 from halos.errors import ConfigError, MissingFileError
 from halos.examples import Formatting
@@ -177,10 +176,15 @@ class JudgeLabeler:
     """Pointwise 1-10 scores from an LLM judge on any OpenAI-compatible server (halos/judge.py: timeouts,
     retries, concurrency, pacing). Every judgment is kept in a JSONL cache as it arrives, keyed by the judge's
     messages, the judge, the prompt version, the seed and the answer length, so a rerun asks nothing twice;
-    an unparseable answer is cached and scores None, a failed request is not cached and scores None."""
+    an unparseable answer is cached and scores None, a failed request is not cached and scores None.
+    halos/judge.py (and the OpenAI client, some 800 modules) is imported only here, so that train.py and
+    eval.py start without it."""
 
-    def __init__(self, model: str, base_url: str, cache_path: str, concurrency: int = 4, timeout: float = 30.0,
-                 max_retries: int = 5, sleep_time: float = 0.0, max_tokens: int = 16, seed: int = 0):
+    def __init__(self, model: str, base_url: Optional[str], cache_path: str, concurrency: int = 4,
+                 timeout: float = 30.0, max_retries: int = 5, sleep_time: float = 0.0, max_tokens: int = 16,
+                 seed: int = 0):
+        from halos import judge
+        base_url = base_url or judge.OPENAI_BASE_URL
         self.model, self.base_url, self.cache_path = model, base_url, cache_path
         self.concurrency, self.sleep_time, self.max_tokens, self.seed = concurrency, sleep_time, max_tokens, seed
         self.client = judge.make_client(base_url, timeout, max_retries)
@@ -191,6 +195,7 @@ class JudgeLabeler:
         return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
+        from halos import judge
         messages = [pointwise_messages(p, c) for p, c in zip(prompts, completions)]
         keys = [self.key(m) for m in messages]
         with judge.JudgmentCache(self.cache_path) as cache:
@@ -232,4 +237,4 @@ def make_labeler(kind: str, reward_function: Optional[str] = None, reward_model:
         return RewardFunctionLabeler(reward_function)
     if kind == 'reward_model':
         return RewardModelLabeler(reward_model, max_length=max_length)
-    return JudgeLabeler(judge_model, base_url or judge.OPENAI_BASE_URL, cache_path, concurrency=concurrency)
+    return JudgeLabeler(judge_model, base_url, cache_path, concurrency=concurrency)

@@ -20,6 +20,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from halos.batch import IGNORE_INDEX
+from halos.lora import unwrapped
 
 
 def first_fit(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -69,6 +70,7 @@ class SharedPromptRows:
     targets: torch.Tensor       # [K] the label tokens
     rows: torch.Tensor          # [K] the original row of each label token
     positions: torch.Tensor     # [K] its predicting position t in the original row (label t + 1)
+    flat_index: torch.Tensor    # [B, T] flat index of each original token (its prompt's one copy); -1 on padding
 
 
 def prompt_lengths(labels: torch.Tensor, lengths: torch.Tensor) -> List[int]:
@@ -97,6 +99,7 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     segment = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)  # a group's id, per token
     part = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)     # 0 the prompt, else its completion
     predictor, targets, rows_of, positions = [], [], [], []
+    flat_index = torch.full_like(input_ids, -1, dtype=torch.long)
     next_segment = 1
     for b, groups_in_bin in enumerate(bins):
         start = 0
@@ -109,6 +112,8 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
             at = start + p
             for member, row in enumerate(rows, start=1):
                 c = lengths[row] - p
+                flat_index[row, :p] = b * capacity + torch.arange(start, start + p, device=device)
+                flat_index[row, p:p + c] = b * capacity + torch.arange(at, at + c, device=device)
                 packed_ids[b, at:at + c] = input_ids[row, p:p + c]
                 position_ids[b, at:at + c] = torch.arange(p, p + c, device=device)
                 segment[b, at:at + c] = next_segment
@@ -131,7 +136,7 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
     visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(2) == part.unsqueeze(1))  # key in prompt or same part
     allowed = (same_segment & visible_part & causal).unsqueeze(1)
     return SharedPromptRows(packed_ids, position_ids, allowed, torch.cat(predictor), torch.cat(targets).long(),
-                            torch.cat(rows_of).long(), torch.cat(positions))
+                            torch.cat(rows_of).long(), torch.cat(positions), flat_index)
 
 
 def prompt_sharing_supported(model: torch.nn.Module) -> bool:
@@ -163,6 +168,31 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     predicting = kept_index[shared.predictor]                           # [K]
     token_logps = logits[predicting, shared.targets].float() - log_normalisers[predicting]
     return token_logps, shared.rows, shared.positions
+
+
+def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      labels: torch.Tensor, share_prompts: bool = False) -> torch.Tensor:
+    """A sequence classifier's (a reward model's) logits [B, labels] for right-padded [B, T] rows. With
+    `share_prompts` each prompt runs once (`share_prompt_rows`, as for log-probs) and the logits are read
+    where transformers' classifiers pool: at each row's last token that is not the pad token. They are read
+    from the per-position output of the model's `score` head (a forward hook: the model itself pools over
+    the packed rows, which means nothing), so the call still goes through the model's own forward (FSDP,
+    LoRA). Models without a `score` head take the padded forward."""
+    head = getattr(unwrapped(model), 'score', None)
+    if not share_prompts or head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    shared = share_prompt_rows(input_ids, attention_mask, labels)
+    per_position = []
+    hook = head.register_forward_hook(lambda module, args, output: per_position.append(output))
+    try:
+        model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=shared.allowed,
+              use_cache=False)
+    finally:
+        hook.remove()
+    scores = per_position[0].reshape(-1, per_position[0].shape[-1])   # [R * L, labels], in flat order
+    is_token = (input_ids != unwrapped(model).config.get_text_config().pad_token_id) & attention_mask.bool()
+    last_token = (torch.arange(input_ids.shape[1], device=input_ids.device) * is_token).argmax(-1)  # [B]
+    return scores[shared.flat_index[torch.arange(len(input_ids), device=input_ids.device), last_token]]
 
 
 def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -502,6 +502,25 @@ def test_shared_prompts_equal_the_unshared_forward(tmp_path, loss):
                                    input_ids, attention_mask, labels, token_level=token_level)
 
 
+def test_a_reward_models_shared_prompt_scores_equal_the_unshared_forward(tmp_path):
+    """A Bradley-Terry pair's prompt runs once; each completion's score (read at its last token that is not
+    padding, where the classifier pools) and the gradients equal the classifier's own padded forward."""
+    trainer = build_trainer(make_config(tmp_path, loss='bradley-terry'))
+    assert trainer.share_prompts
+    input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
+    assert (attention_mask == 0).any()
+    model = trainer.policy
+    full = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    full.sum().backward()
+    full_grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    shared = packing.classifier_logits(model, input_ids, attention_mask, labels, share_prompts=True)
+    shared.sum().backward()
+    torch.testing.assert_close(shared, full, atol=1e-4, rtol=1e-6)
+    for shared_grad, full_grad in zip((p.grad for p in model.parameters()), full_grads):
+        torch.testing.assert_close(shared_grad, full_grad, atol=1e-5, rtol=1e-4)
+
+
 def test_shared_prompt_rows_layout():
     """Rows [5 6 | 7 8], [5 6 | 9] share their prompt; [5 1 | 2] has its own. The segment of the shared
     prompt is 5 6 7 8 9 with positions 0 1 2 3 2 (both completions continue from the prompt); 9 attends to the
@@ -522,6 +541,7 @@ def test_shared_prompt_rows_layout():
     assert shared.predictor.tolist() == [1, 2, 1, 5 + 1]       # flat positions: 6 -> 7, 7 -> 8, 6 -> 9, 1 -> 2
     assert shared.targets.tolist() == [7, 8, 9, 2]
     assert shared.rows.tolist() == [0, 0, 1, 2] and shared.positions.tolist() == [1, 2, 1, 1]
+    assert shared.flat_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, 7, -1]]  # the prompt's one copy
 
 
 def test_prompts_are_shared_only_where_the_forward_allows_it(tmp_path):
