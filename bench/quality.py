@@ -143,7 +143,8 @@ def count_lines(path: str) -> int:
 
 def sampling_overrides(args) -> List[str]:
     """What every train.py and eval.py run shares: the sampling settings and the forwards' dtype."""
-    return [*([f'++model.autocast_dtype={args.autocast_dtype}'] if args.autocast_dtype else []),f'++max_new_tokens={args.max_new_tokens}', f'++temperature={args.temperature}', f'++top_p={args.top_p}',
+    return [*([f'++model.autocast_dtype={args.autocast_dtype}'] if args.autocast_dtype else []),
+            f'++max_new_tokens={args.max_new_tokens}', f'++temperature={args.temperature}', f'++top_p={args.top_p}',
             f'++top_k={args.top_k}', f'++use_chat_template={str(args.chat_template).lower()}', f'++seed={args.seed}',
             *([f'++model.eval_batch_size={args.eval_batch_size}'] if args.eval_batch_size else [])]
 
@@ -253,8 +254,9 @@ def markdown(report: dict) -> str:
              f"`{report['prompts_test']}` (n = {start['n']}), reward `{report['reward_function']}`. Starting model: "
              f"`{report['model']}`{' from ' + report['load_from'] if report['load_from'] else ''}. Budget: "
              f"{report['budget']} labelled samples ({report['samples_per_prompt']} per train prompt). "
-             f"Machine: {report['machine']}; {precision(report.get('autocast_dtype'))}." + (f" Sampling the budget took {report['sampling_seconds']:.0f} s."
-                                                 if report['sampling_seconds'] else ''), '',
+             f"Machine: {report['machine']}; {precision(report.get('autocast_dtype'))}." +
+             (f" Sampling the budget took {report['sampling_seconds']:.0f} s." if report['sampling_seconds'] else ''),
+             '',
              '| method | trains on | held-out reward ± SE | gain / SE of the difference | KL to start | '
              'length (words) | train (s) | eval (s) |', '|---|---|---|---|---|---|---|---|',
              f"| starting model | – | {start['reward_mean']:.3f} ± {start['reward_se']:.3f} | – | 0 | "
@@ -335,7 +337,8 @@ def report_of(args, start: dict, rows: List[dict], commands: List[str], budget: 
     return {'model': args.model, 'load_from': args.load_from, 'prompts_train': args.prompts_train,
             'prompts_test': args.prompts_test, 'reward_function': args.reward_function, 'n_train_prompts': n_prompts,
             'samples_per_prompt': args.samples_per_prompt, 'budget': budget, 'temperature': args.temperature,
-            'max_new_tokens': args.max_new_tokens, 'autocast_dtype': args.autocast_dtype, 'machine': machine(), 'sampling_seconds': sampling_seconds,
+            'max_new_tokens': args.max_new_tokens, 'autocast_dtype': args.autocast_dtype, 'machine': machine(),
+            'sampling_seconds': sampling_seconds,
             'start': start, 'methods': rows, 'commands': commands, 'wall_seconds': time.time() - started,
             'finished_at': datetime.datetime.now().isoformat()}
 
