@@ -28,7 +28,7 @@ import datetime
 import json
 import os
 import statistics
-from typing import List, Tuple
+from typing import Dict, List, Tuple
 
 import hydra
 import torch
@@ -49,7 +49,7 @@ from halos.feedback import write_jsonl
 from halos.labelers import RewardFunctionLabeler
 from halos.online import reward_summary
 from halos.packing import sequence_logps
-from halos.sampling import SamplingOptions, make_sampler, sample_records
+from halos.sampling import Sample, SamplingOptions, make_sampler, sample_records
 from utils import autocast, disable_dropout, set_seed
 
 MODES = ('sample', 'eval', 'alpacaeval', 'reward')
@@ -119,6 +119,21 @@ def evaluate(config: DictConfig) -> dict:
     return {'metadata': OmegaConf.to_container(config), 'results': trainer.evaluate()}
 
 
+def log_ratios_to_start(config: DictConfig, policy, start, batch: Dict, samples: List[Sample], pad_token_id: int,
+                        recorded: bool) -> List[float]:
+    """log pi(y|x) - log pi_start(y|x) per sample: packed rows, the LM head at completion tokens only, under the
+    run's model.autocast_dtype like its training. The policy's side is the log-prob its sampler recorded where
+    the sampler ran at that precision (`recorded`), else one more forward."""
+    rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
+                                [s.token_ids for s in samples], pad_token_id)
+    models_to_run = (start,) if recorded and all(s.logp is not None for s in samples) else (policy, start)
+    with torch.no_grad(), autocast(next(start.parameters()).device.type, config.model.autocast_dtype):
+        logps = [sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
+                                padding_free=config.model.padding_free).tolist() for model in models_to_run]
+    policy_logps = [s.logp for s in samples] if len(logps) == 1 else logps[0]
+    return [policy_logp - start_logp for policy_logp, start_logp in zip(policy_logps, logps[-1])]
+
+
 def reward(config: DictConfig) -> Tuple[List[dict], dict]:
     """The policy's held-out reward: one sample per prompt, scored by the reward function, with the samples'
     mean summed log-ratio to the starting model (model.load_from, else the base model) as its KL."""
@@ -127,13 +142,16 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
                           "++reward_function=path/to/file.py:function")
     tokenizer = load_run_tokenizer(config)
     policy = load_policy(config, tokenizer)
-    start = models.load_causal_lm(config.model.name_or_path, config.model.policy_dtype, load_from=config.model.load_from,
-                                  cache_dir=config.cache_dir, vocab_size=len(tokenizer)).eval()
+    is_start = config.saved_policy == config.model.load_from and not config.model.use_peft  # its KL is 0
+    start = None if is_start else models.load_causal_lm(
+        config.model.name_or_path, config.model.policy_dtype, load_from=config.model.load_from,
+        cache_dir=config.cache_dir, vocab_size=len(tokenizer)).eval()
+    options = SamplingOptions.of(config)
     prompts = [config.prompts] if isinstance(config.prompts, str) else list(config.prompts)
     loader = build_loader(config, tokenizer, 'test', prompts, loader_class=dataloader.PromptDataLoader,
                           n_examples=config.n_samples)
     labeler, complete = RewardFunctionLabeler(config.reward_function), make_sampler(
-        policy, tokenizer, SamplingOptions.of(config), config.model.policy_dtype)
+        policy, tokenizer, options, config.model.policy_dtype)
     set_seed(config.seed)
     rewards, lengths, log_ratios, records = [], [], [], []
     for batch in tqdm(loader, desc='sampling'):
@@ -146,14 +164,9 @@ def reward(config: DictConfig) -> Tuple[List[dict], dict]:
                                                       batch[schema.PROMPT_ID])]
         rewards += batch_rewards
         lengths += [len(s.text.split()) for s in samples]
-        rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
-                                    [s.token_ids for s in samples], tokenizer.pad_token_id)
-        # packed rows, the LM head at completion tokens only, under the run's model.autocast_dtype like its training
-        with torch.no_grad(), autocast(next(policy.parameters()).device.type, config.model.autocast_dtype):
-            policy_logps, start_logps = (sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
-                                                        padding_free=config.model.padding_free)
-                                         for model in (policy, start))
-        log_ratios += (policy_logps - start_logps).tolist()
+        log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(
+            config, policy, start, batch, samples, tokenizer.pad_token_id,
+            recorded=options.autocast_dtype == config.model.autocast_dtype)
     summary = reward_summary(rewards)
     return records, {'exp_name': config.exp_name, 'saved_policy': config.saved_policy, 'prompts': prompts,
             'reward_function': config.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],

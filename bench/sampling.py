@@ -68,7 +68,8 @@ def sample_once(path: str, model, tokenizer, ids, mask, args) -> int:
     options = SamplingOptions(max_length=ids.shape[1] + args.max_new_tokens, top_p=args.top_p,
                               temperature=args.temperature, top_k=0, max_new_tokens=args.max_new_tokens,
                               autocast_dtype='bfloat16' if path == 'halos-bf16' else None)
-    return decode(model, ids, mask, args.k, options, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id).numel()
+    decoded = decode(model, ids, mask, args.k, options, eos_token_id=-1, pad_token_id=tokenizer.pad_token_id)
+    return decoded.tokens.numel()
 
 
 def measure(path: str, model, tokenizer, ids, mask, args) -> dict:

@@ -45,9 +45,17 @@ class Sample:
     text: str            # the completion, special tokens removed
     token_ids: List[int]  # the completion's tokens, ending in EOS when it ended there
     finished: bool       # it ended with EOS (else it ran out of length)
+    logp: Optional[float] = None  # log pi(completion | prompt) at temperature 1 from the decoding forwards
+                                  # (None where the sampler does not record it, as with vLLM)
 
 
 Sampler = Callable[[Dict, int], List[List[Sample]]]  # (batch, k) -> k samples per prompt
+
+
+@dataclass(frozen=True)
+class Decoded:
+    tokens: torch.Tensor       # [B * k, N] new tokens, pad after a sample's EOS
+    token_logps: torch.Tensor  # [B * k, N] float32 log pi(token | prefix) at temperature 1, 0 after EOS
 
 
 def use_vllm() -> bool:
@@ -155,11 +163,12 @@ def decoding_cache(model_config, capacity: int) -> DynamicCache:
 
 @torch.no_grad()
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
-           eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+           eos_token_id: int, pad_token_id: int) -> Decoded:
     """[B, P] left-padded prompts -> [B * k, N] new tokens (prompt i's samples are rows i*k .. i*k + k-1),
-    pad after a sample's EOS, under autocast in options.autocast_dtype when set. One prefill per prompt; its KV
-    cache is repeated for the k samples. In several
-    processes each decodes until every rank's samples are done (its own stop at its own length budget)."""
+    pad after a sample's EOS, with each token's log-prob under the model at temperature 1 (what a forward of
+    prompt + completion gives it), under autocast in options.autocast_dtype when set. One prefill per prompt;
+    its KV cache is repeated for the k samples. In several processes each decodes until every rank's samples
+    are done (its own stop at its own length budget)."""
     device = next(model.parameters()).device
     with autocast(device.type, options.autocast_dtype):
         return decode_tokens(model, prompt_ids.to(device), prompt_mask.to(device), k, options, eos_token_id,
@@ -167,7 +176,7 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, o
 
 
 def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, options: SamplingOptions,
-                  eos_token_id: int, pad_token_id: int) -> torch.Tensor:
+                  eos_token_id: int, pad_token_id: int) -> Decoded:
     """decode's loop, for prompts on the model's device."""
     device = prompt_ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -183,10 +192,12 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
         mask, logits = mask.repeat_interleave(k, 0), logits.repeat_interleave(k, 0)
         positions = positions.repeat_interleave(k, 0)
     position = positions[:, -1:]
-    tokens, finished = [], torch.zeros(len(logits), dtype=torch.bool, device=device)
+    tokens, token_logps, finished = [], [], torch.zeros(len(logits), dtype=torch.bool, device=device)
     while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
         tokens.append(token)
+        token_logps.append(logits.float().log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
+                           .masked_fill(finished, 0))
         finished |= (token == eos_token_id) | (len(tokens) >= budget)
         if all_reduce_sum((~finished).sum()).item() == 0:  # under FSDP every rank runs the same forwards
             break
@@ -194,16 +205,17 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
         position = position + 1
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                        **cache_argument).logits[:, -1]
-    return torch.stack(tokens, 1)[:, :max(budget, 0)]
+    kept = max(budget, 0)
+    return Decoded(torch.stack(tokens, 1)[:, :kept], torch.stack(token_logps, 1)[:, :kept])
 
 
-def samples_from_tokens(tokens: torch.Tensor, tokenizer, k: int) -> List[List[Sample]]:
-    """[B * k, N] new tokens (pad after EOS) -> k Samples per prompt."""
+def samples_from_tokens(decoded: Decoded, tokenizer, k: int) -> List[List[Sample]]:
+    """Decoded rows (pad after EOS) -> k Samples per prompt."""
     eos = tokenizer.eos_token_id
     samples = []
-    for row in tokens.tolist():
+    for row, logps in zip(decoded.tokens.tolist(), decoded.token_logps.sum(-1).tolist()):
         ids = row[:row.index(eos) + 1] if eos in row else row
-        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row))
+        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row, logps))
     return [samples[i:i + k] for i in range(0, len(samples), k)]
 
 
@@ -212,9 +224,9 @@ def halos_sampler(policy, tokenizer, options: SamplingOptions) -> Sampler:
     options = resolved(options, policy.generation_config)
 
     def sample(batch: Dict, k: int = 1) -> List[List[Sample]]:
-        tokens = decode(policy, batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK], k, options,
-                        tokenizer.eos_token_id, tokenizer.pad_token_id)
-        return samples_from_tokens(tokens.cpu(), tokenizer, k)
+        decoded = decode(policy, batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK], k, options,
+                         tokenizer.eos_token_id, tokenizer.pad_token_id)
+        return samples_from_tokens(Decoded(decoded.tokens.cpu(), decoded.token_logps.cpu()), tokenizer, k)
     return sample
 
 

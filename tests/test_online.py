@@ -240,6 +240,30 @@ def test_eval_py_reward_mode_scores_the_policy_and_measures_its_kl(tmp_path):
     assert sorted(s['reward'] for s in written) == sorted(rewards)
 
 
+def test_the_kl_from_the_samplers_log_probs_equals_the_kl_from_two_forwards(tmp_path):
+    """eval.py's KL takes the policy's side from the log-probs its sampler recorded: the same log-ratios, within
+    1e-4, as a forward of each model; a policy with a different start gets non-zero ratios."""
+    import models
+    from eval import log_ratios_to_start
+    from halos.sampling import SamplingOptions, halos_sampler
+    config = make_config(tmp_path)
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    tokenizer.padding_side = 'left'
+    policy, start = (models.load_causal_lm('embedded:tiny-smollm2', 'float32').eval() for _ in range(2))
+    with torch.no_grad():
+        for weight in start.parameters():
+            weight.mul_(0.9)
+    prompts = tokenizer(['\n<|user|>\nSay hi.\n<|assistant|>\n', '\n<|user|>\nName a fruit.\n<|assistant|>\n'],
+                        return_tensors='pt', padding=True)
+    batch = {'prompt_input_ids': prompts['input_ids'], 'prompt_attention_mask': prompts['attention_mask']}
+    torch.manual_seed(0)
+    samples = [group[0] for group in halos_sampler(policy, tokenizer, SamplingOptions(
+        prompts['input_ids'].shape[1] + 8, temperature=1.0))(batch, 1)]
+    recorded, forwards = (log_ratios_to_start(config, policy, start, batch, samples, tokenizer.pad_token_id, recorded)
+                          for recorded in (True, False))
+    assert recorded == pytest.approx(forwards, abs=1e-4) and min(abs(ratio) for ratio in forwards) > 1e-2
+
+
 def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
     from helpers import eval_in_process, train_in_process
     train_in_process(tmp_path, '++n_examples=4', loss='sft', exp_name='sft')

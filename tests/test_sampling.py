@@ -26,10 +26,10 @@ def test_greedy_decoding_equals_hf_generate_on_a_left_padded_batch(tiny):
     length = prompts['input_ids'].shape[1] + 20
     hf = model.generate(**prompts, do_sample=False, max_length=length, pad_token_id=tokenizer.pad_token_id)
     ours = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, SamplingOptions(length, temperature=0),
-                  tokenizer.eos_token_id, tokenizer.pad_token_id)
+                  tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
     assert torch.equal(ours, hf[:, prompts['input_ids'].shape[1]:][:, :ours.shape[1]])
     three = decode(model, prompts['input_ids'], prompts['attention_mask'], 3, SamplingOptions(length, temperature=0),
-                   tokenizer.eos_token_id, tokenizer.pad_token_id)
+                   tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
     assert torch.equal(three, ours.repeat_interleave(3, 0))  # k greedy samples of a prompt are its greedy sample
 
 
@@ -64,6 +64,31 @@ def test_the_k_samples_of_a_prompt_share_one_prefill(tiny):
     assert all(shape == (8, 1) for shape in shapes[1:]) and len(shapes) <= 6  # then one token per forward
     assert [len(per_prompt) for per_prompt in samples] == [4, 4]
     assert len({tuple(s.token_ids) for s in samples[0]}) > 1     # k different samples
+
+
+def test_the_samplers_log_probs_equal_a_forward_of_prompt_and_completion(tiny):
+    """Sample.logp, gathered from the decoding forwards (left-padded, k per prompt, drawn at temperature 0.7),
+    is the summed temperature-1 log-prob a full forward gives the completion; nothing counts after an EOS."""
+    from halos.packing import sequence_logps
+    from halos.rl import rollout_sequences
+    model, tokenizer = tiny
+    prompts = tokenizer(PROMPTS, return_tensors='pt', padding=True)
+    batch = {'prompt_input_ids': prompts['input_ids'], 'prompt_attention_mask': prompts['attention_mask']}
+    torch.manual_seed(0)
+    samples = [s for per_prompt in halos_sampler(model, tokenizer, SamplingOptions(
+        prompts['input_ids'].shape[1] + 10, temperature=0.7, top_p=0.9))(batch, 3) for s in per_prompt]
+    three_each = {key: value.repeat_interleave(3, 0) for key, value in prompts.items()}
+    rows = rollout_sequences(three_each['input_ids'], three_each['attention_mask'], [s.token_ids for s in samples],
+                             tokenizer.pad_token_id)
+    forward = sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels)
+    torch.testing.assert_close(torch.tensor([s.logp for s in samples]), forward, rtol=0, atol=1e-4)
+    options = SamplingOptions(prompts['input_ids'].shape[1] + 8, temperature=0)
+    greedy = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, options, -1, tokenizer.pad_token_id)
+    eos = greedy.tokens[0, 2].item()  # a token the first greedy sample emits third: its EOS here
+    stopped = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, options, eos, tokenizer.pad_token_id)
+    end = stopped.tokens[0].tolist().index(eos) + 1
+    assert end <= 3 and (stopped.token_logps[0, end:] == 0).all()
+    torch.testing.assert_close(stopped.token_logps[0, :end], greedy.token_logps[0, :end])
 
 
 @pytest.mark.parametrize('temperature, top_k, top_p', [(1.0, 0, 1.0), (0.7, 5, 1.0), (1.0, 0, 0.6), (0.5, 4, 0.8)])
@@ -128,7 +153,7 @@ def greedy_on_rank(rank, port, prompts, length, results):
     fully_shard(model, mesh=mesh)
     prompt_ids = tokenizer(prompts[rank], return_tensors='pt')
     tokens = decode(model, prompt_ids['input_ids'], prompt_ids['attention_mask'], 1,
-                    SamplingOptions(length, temperature=0), tokenizer.eos_token_id, tokenizer.pad_token_id)
+                    SamplingOptions(length, temperature=0), tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
     results[rank] = tokens.tolist()
     dist.destroy_process_group()
 
@@ -145,6 +170,6 @@ def test_sharded_ranks_decode_in_step_each_to_its_own_length(tiny):
     for rank, prompt in enumerate(PROMPTS):
         ids = tokenizer(prompt, return_tensors='pt')
         alone = decode(model, ids['input_ids'], ids['attention_mask'], 1, SamplingOptions(length, temperature=0),
-                       tokenizer.eos_token_id, tokenizer.pad_token_id)
+                       tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
         assert results[rank] == alone.tolist() and len(alone[0]) == length - ids['input_ids'].shape[1]
     assert len(results[0][0]) < len(results[1][0])  # the budgets differed
