@@ -126,12 +126,14 @@ def log_ratios_to_start(config: DictConfig, policy, start, batch: Dict, samples:
     the sampler ran at that precision (`recorded`), else one more forward."""
     rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                 [s.token_ids for s in samples], pad_token_id)
-    models_to_run = (start,) if recorded and all(s.logp is not None for s in samples) else (policy, start)
-    with torch.no_grad(), autocast(next(start.parameters()).device.type, config.model.autocast_dtype):
-        logps = [sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
-                                padding_free=config.model.padding_free).tolist() for model in models_to_run]
-    policy_logps = [s.logp for s in samples] if len(logps) == 1 else logps[0]
-    return [policy_logp - start_logp for policy_logp, start_logp in zip(policy_logps, logps[-1])]
+
+    def logps_under(model) -> List[float]:
+        with torch.no_grad(), autocast(next(model.parameters()).device.type, config.model.autocast_dtype):
+            return sequence_logps(model, rows.input_ids, rows.attention_mask, rows.labels,
+                                  padding_free=config.model.padding_free).tolist()
+    recorded_logps = [s.logp for s in samples]
+    policy_logps = recorded_logps if recorded and None not in recorded_logps else logps_under(policy)
+    return [policy_logp - start_logp for policy_logp, start_logp in zip(policy_logps, logps_under(start))]
 
 
 def reward(config: DictConfig) -> Tuple[List[dict], dict]:
