@@ -6,12 +6,12 @@ policy, score them with a reward function, and make one optimizer update on them
 
 Both sides get the same model directory (fp32), prompts (the first P of data/upbeat/train_prompts.jsonl,
 chat-formatted), reward (data/upbeat/reward.py:reward), k, completion length, temperature 0.7, top-p 0.95,
-no top-k, AdamW at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2 and one update on all
-P x k completions. halos runs its online round (`train.py loss=grpo ++online.rounds=1`: halos' sampler, the
-reward labeler, the scalar feedback file, GRPOTrainer with the reference = the policy that sampled) with
-the round's checkpoint write left out, since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for
-max_steps=1 with HF generate. Each side runs in its own process, alternating; the wall time of the step
-(sampling + scoring + update; model loading excluded) is the best of --runs.
+no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2
+and one update on all P x k completions. halos runs its online round (`train.py loss=grpo ++online.rounds=1`:
+halos' sampler, the reward labeler, the scalar feedback file, GRPOTrainer with the reference = the policy
+that sampled) with the round's checkpoint write left out, since TRL's run saves nothing; TRL runs
+`GRPOTrainer.train()` for max_steps=1 with HF generate. Each side runs in its own process, alternating; the
+wall time of the step (sampling + scoring + update; model loading excluded) is the best of --runs.
 
 Writes bench/results/grpo-<timestamp>.{json,md} and grpo-latest.{json,md}.
 """
@@ -99,7 +99,7 @@ def trl_step(args, work_dir: str) -> dict:
     n = args.prompts * args.k
     config = GRPOConfig(output_dir=work_dir, per_device_train_batch_size=n, num_generations=args.k, max_steps=1,
                         max_completion_length=args.max_new_tokens, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
-                        learning_rate=LR, lr_scheduler_type='constant', optim='adamw_torch', weight_decay=0.0,
+                        learning_rate=LR, lr_scheduler_type='constant', optim='adamw_torch_fused', weight_decay=0.0,
                         beta=BETA, epsilon=EPSILON, loss_type='grpo', num_iterations=1, logging_steps=1,
                         save_strategy='no', report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
                         gradient_checkpointing=False, dataloader_num_workers=0, seed=1)

@@ -6,8 +6,8 @@ prompt/chosen/rejected, KTO prompt/completion/label). The texts are those halos 
 truncation to max_length / max_prompt_length (TRL 1.16 has no max_prompt_length), and the token ids
 TRL makes of them are checked against halos' (`token_mismatches`). The same model directory, dtype,
 batch size, max_length, beta, clipping norm and seed come from the halos config, and the optimizer
-and learning-rate schedule are built exactly as halos builds them (torch.optim.<optimizer>(lr), no
-weight decay, linear warmup min(1, (step + 1) / (warmup + 1))) and handed to TRL. halos'
+and learning-rate schedule are built exactly as halos builds them (halos.loop.build_optimizer: torch.optim.<optimizer>(lr)
+with the same fused or foreach kernel, no weight decay, linear warmup min(1, (step + 1) / (warmup + 1))) and handed to TRL. halos'
 cache_reference_logprobs=true turns on TRL's precompute_ref_log_probs (done before training on both sides).
 """
 import sys
@@ -20,6 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 from common import (GRAD_PREFIXES, compose_config, halos_train_batches, peak_rss_mib, read_spec, unpadded_sequences,
                     write_result)
 import models  # noqa: E402  (common puts the halos repository on sys.path)
+from halos.loop import build_optimizer  # noqa: E402
 
 
 def trl_rows(name: str, batches: list) -> list:
@@ -107,7 +108,7 @@ def build_trainer(name: str, config, dataset, output_dir: str):
         from halos.lora import LoraSettings, lora_config
         model = get_peft_model(model, lora_config(LoraSettings.of(config.model), 'CAUSAL_LM', ()),
                                autocast_adapter_dtype=False)
-    optimizer = getattr(torch.optim, config.optimizer)([p for p in model.parameters() if p.requires_grad], lr=config.lr)
+    optimizer = build_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr, sharded=False)
     warmup = config.warmup_steps
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
     common = dict(output_dir=output_dir, per_device_train_batch_size=config.model.batch_size,

@@ -8,6 +8,7 @@ trainer needs (`use_reference_model`, `prefixes`: the sequence kinds it reads), 
 for a loss by name. Config is read once, here in __init__; the loss hyperparameters stay in
 `self.config.loss`, which each trainer's `loss()` reads.
 """
+import inspect
 import json
 import os
 import sys
@@ -25,6 +26,16 @@ from halos.reference import CachedReference, LiveReference, cache_path, model_id
 from halos.packing import prompt_sharing_supported, sequence_logps, token_level_logps
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
                    completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
+
+
+def build_optimizer(name: str, parameters: List[torch.nn.Parameter], lr: float, sharded: bool) -> torch.optim.Optimizer:
+    """`torch.optim.<name>`; unsharded with its fused kernel where it has one, else its foreach kernel (on CPU the
+    default per-tensor loop costs about 1 s per AdamW or RMSprop step for 135M parameters, the fused AdamW 0.1 s).
+    FSDP2's sharded parameters keep torch's default: the fused kernels have no sharding rule."""
+    optimizer_class = find_class(vars(torch.optim), torch.optim.Optimizer, name, 'optimizer', 'a torch.optim optimizer')
+    options = inspect.signature(optimizer_class).parameters
+    kernel = {} if sharded else {'fused': True} if 'fused' in options else {'foreach': True} if 'foreach' in options else {}
+    return optimizer_class(parameters, lr=lr, **kernel)
 
 
 class BasicTrainer:
@@ -99,8 +110,8 @@ class BasicTrainer:
         return models.load_causal_lm(name_or_path, dtype, **kwargs)
 
     def build_optimizer(self, name: str, lr: float) -> torch.optim.Optimizer:
-        optimizer_class = find_class(vars(torch.optim), torch.optim.Optimizer, name, 'optimizer', 'a torch.optim optimizer')
-        return optimizer_class([p for p in self.policy.parameters() if p.requires_grad], lr=lr)
+        return build_optimizer(name, [p for p in self.policy.parameters() if p.requires_grad], lr,
+                               sharded=self.world_size > 1)
 
     def shard(self, block_name: str, mixed_precision: Optional[str]) -> None:
         """FSDP2: shard every transformer block, then the whole model, of the policy and the reference."""

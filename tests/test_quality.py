@@ -73,3 +73,19 @@ def test_the_table_plots_and_commands_are_written(quality):
     assert sum(command.startswith('python label.py ') for command in commands) == 3  # best, pairwise, scalar
     assert all(f'$ {command}' in stdout for command in commands)
     assert all(command in table for command in commands)
+
+
+def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_with_its_exit_status(tmp_path):
+    """bench/quality.py's Runner forks each command from its own process (torch and halos imported once)."""
+    sys.path.insert(0, ROOT)
+    from bench.quality import run_forked
+    script = tmp_path / 'script.py'
+    script.write_text('import json, os, sys\n'
+                      'json.dump({"cwd": os.getcwd(), "argv": sys.argv[1:], "name": __name__}, open(sys.argv[1], "w"))\n'
+                      'sys.exit(int(sys.argv[2]))\n')
+    seen = tmp_path / 'seen.json'
+    run_forked(str(script), [str(seen), '0'])
+    assert json.loads(seen.read_text()) == {'cwd': ROOT, 'argv': [str(seen), '0'], 'name': '__main__'}
+    with pytest.raises(subprocess.CalledProcessError) as error:
+        run_forked(str(script), [str(seen), '3'])
+    assert error.value.returncode == 3 and error.value.cmd == ['python', str(script), str(seen), '3']

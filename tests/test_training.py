@@ -625,3 +625,31 @@ def test_humanline_refuses_what_cannot_work(tmp_path, loss, overrides, message):
     from halos.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, '++loss.humanline=true', *overrides, loss=loss)
+
+
+
+@pytest.mark.parametrize('name, kernel', [('AdamW', 'fused'), ('Adam', 'fused'), ('RMSprop', 'foreach')])
+def test_the_optimizer_takes_its_fast_kernel_and_makes_the_same_steps(name, kernel):
+    """halos.loop.build_optimizer: the fused (else foreach) kernel in one process, torch's default when sharded;
+    three steps equal those of torch's per-tensor loop."""
+    from halos.loop import build_optimizer
+    torch.manual_seed(0)
+    start = [torch.randn(5, 3), torch.randn(7)]
+    gradients = [[torch.randn_like(p) for p in start] for _ in range(3)]
+
+    def three_steps(make_optimizer):
+        parameters = [torch.nn.Parameter(p.clone()) for p in start]
+        optimizer = make_optimizer(parameters)
+        for step_gradients in gradients:
+            for parameter, gradient in zip(parameters, step_gradients):
+                parameter.grad = gradient.clone()
+            optimizer.step()
+        return optimizer, parameters
+    fast, fast_parameters = three_steps(lambda parameters: build_optimizer(name, parameters, 1e-2, sharded=False))
+    _, loop_parameters = three_steps(lambda parameters: getattr(torch.optim, name)(parameters, lr=1e-2, foreach=False))
+    assert fast.param_groups[0][kernel] is True
+    for fast_parameter, loop_parameter, initial in zip(fast_parameters, loop_parameters, start):
+        assert not torch.equal(fast_parameter, initial)
+        torch.testing.assert_close(fast_parameter, loop_parameter, rtol=1e-6, atol=1e-7)
+    sharded = build_optimizer(name, [torch.nn.Parameter(torch.ones(2))], 1e-2, sharded=True).param_groups[0]
+    assert not sharded.get('fused') and not sharded.get('foreach')
