@@ -7,6 +7,7 @@ import os
 import random
 import shutil
 import subprocess
+import sys
 import types
 
 import numpy as np
@@ -653,3 +654,30 @@ def test_the_optimizer_takes_its_fast_kernel_and_makes_the_same_steps(name, kern
         torch.testing.assert_close(fast_parameter, loop_parameter, rtol=1e-6, atol=1e-7)
     sharded = build_optimizer(name, [torch.nn.Parameter(torch.ones(2))], 1e-2, sharded=True).param_groups[0]
     assert not sharded.get('fused') and not sharded.get('foreach')
+
+
+REFAULT_PROBE = '''
+import resource, sys, torch
+sys.path.insert(0, {root!r})
+import utils
+applied = utils.retain_freed_memory() if sys.argv[1] == 'retain' else False
+def faults_of_a_fresh_tensor(n_floats):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(n_floats)  # written, then freed
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_tensor(16 * 2 ** 20)  # 64 MiB
+print(applied, faults_of_a_fresh_tensor(15 * 2 ** 20))  # 60 MiB: 15360 pages unless the 64 MiB are reused
+'''
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/stat') or not os.confstr('CS_GNU_LIBC_VERSION'),
+                    reason='glibc on Linux')
+def test_retained_memory_is_reused_without_faulting_fresh_pages():
+    """utils.retain_freed_memory: a 60 MiB tensor allocated after a 64 MiB one was freed reuses its pages (glibc
+    otherwise unmaps the 64 MiB and maps and zeroes 15360 fresh 4 KiB pages)."""
+    script = REFAULT_PROBE.format(root=ROOT)
+    outputs = {mode: subprocess.run([sys.executable, '-c', script, mode], capture_output=True, text=True, check=True)
+               .stdout.split() for mode in ('retain', 'default')}
+    assert outputs['retain'][0] == 'True' and outputs['default'][0] == 'False'
+    assert int(outputs['default'][1]) > 15000
+    assert int(outputs['retain'][1]) < 500
