@@ -4,6 +4,7 @@ cache is reused and invalidated, and bad runs stop with clear messages."""
 import copy
 import json
 import os
+import platform
 import random
 import shutil
 import subprocess
@@ -670,8 +671,7 @@ print(applied, faults_of_a_fresh_tensor(15 * 2 ** 20))  # 60 MiB: 15360 pages un
 '''
 
 
-@pytest.mark.skipif(not os.path.exists('/proc/self/stat') or not os.confstr('CS_GNU_LIBC_VERSION'),
-                    reason='glibc on Linux')
+@pytest.mark.skipif(platform.libc_ver()[0] != 'glibc', reason='glibc only')
 def test_retained_memory_is_reused_without_faulting_fresh_pages():
     """utils.retain_freed_memory: a 60 MiB tensor allocated after a 64 MiB one was freed reuses its pages (glibc
     otherwise unmaps the 64 MiB and maps and zeroes 15360 fresh 4 KiB pages)."""
