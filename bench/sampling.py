@@ -13,6 +13,9 @@ tokens / wall seconds, the best of --runs. Paths:
     halos         halos.sampling.decode: one prefill per prompt, its KV cache repeated for the k samples
     halos-bf16    the same under torch.autocast(bfloat16), `++sampling_dtype=bfloat16` (not full precision)
 
+All paths run in one process that keeps freed memory (utils.retain_freed_memory, as train.py and eval.py
+do), so HF generate gets it too.
+
 Writes bench/results/sampling-<timestamp>.{json,md} and sampling-latest.{json,md}.
 """
 import argparse
@@ -111,7 +114,9 @@ def main(argv=None) -> dict:
     import sys
     import torch
     import models
+    import utils
     args = parse_args(argv)
+    utils.retain_freed_memory()
     tokenizer = models.load_tokenizer(args.model)
     model = models.load_causal_lm(args.model, 'float32').eval()
     ids, mask = prompt_batch(tokenizer, args.prompts)

@@ -82,7 +82,8 @@ def nucleus_sample(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     tokens = torch.empty(len(probs), dtype=torch.long, device=probs.device)
     pending = torch.arange(len(probs), device=probs.device)
     for width in NUCLEUS_WIDTHS + (probs.shape[-1],):
-        top, index = probs[pending].topk(min(width, probs.shape[-1]), dim=-1)  # descending
+        rows = probs if len(pending) == len(probs) else probs[pending]  # no copy of the whole batch's rows
+        top, index = rows.topk(min(width, probs.shape[-1]), dim=-1)  # descending
         mass_before = top.cumsum(-1) - top
         covered = (top.sum(-1) >= top_p) | (width >= probs.shape[-1])
         weights = top.masked_fill(mass_before >= top_p, 0)
@@ -108,6 +109,12 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
 
 
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """[rows, V] logits, [rows] tokens -> [rows] log-probs at temperature 1 (logit - logsumexp, in float32)."""
+    logits = logits.float()
+    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
+
+
 def cache_keyword(model) -> str:
     """The name of the forward's KV-cache argument (`cache` in recent transformers, `past_key_values` before)."""
     model = model.get_base_model() if hasattr(model, 'get_base_model') else model  # under peft's wrapper
@@ -127,8 +134,10 @@ class PreallocatedLayer(DynamicLayer):
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.device, self.is_initialized = key_states.device, True
         batch, heads, _, _ = key_states.shape
-        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1])
-        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1])
+        dtype = torch.get_autocast_dtype(self.device.type) if torch.is_autocast_enabled(self.device.type) \
+            else key_states.dtype  # under autocast attention reads the cache in the autocast dtype: store it so
+        self.key_buffer = key_states.new_empty(batch, heads, self.capacity, key_states.shape[-1], dtype=dtype)
+        self.value_buffer = value_states.new_empty(batch, heads, self.capacity, value_states.shape[-1], dtype=dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -196,8 +205,7 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
     while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
         tokens.append(token)
-        token_logps.append(logits.float().log_softmax(-1).gather(1, token.unsqueeze(1)).squeeze(1)
-                           .masked_fill(finished, 0))
+        token_logps.append(token_logprobs(logits, token).masked_fill(finished, 0))
         finished |= (token == eos_token_id) | (len(tokens) >= budget)
         if all_reduce_sum((~finished).sum()).item() == 0:  # under FSDP every rank runs the same forwards
             break

@@ -50,6 +50,24 @@ def test_the_preallocated_cache_gives_the_dynamic_caches_logits_and_grows_when_f
     torch.testing.assert_close(logits['preallocated'], logits['dynamic'], rtol=0, atol=1e-5)
 
 
+def test_under_autocast_the_preallocated_cache_holds_the_autocast_dtype_with_the_same_logits(tiny):
+    """Attention under bf16 autocast reads keys and values in bf16: the preallocated buffers store them so (not
+    the float32 that rotary embeddings return, cast again at every step), and the logits are those of transformers'
+    dynamic cache under the same autocast."""
+    model, tokenizer = tiny
+    ids = tokenizer(PROMPTS[0], return_tensors='pt')['input_ids']
+    logits, preallocated = {}, decoding_cache(model.config, capacity=ids.shape[1] + 3)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        for name, cache in (('dynamic', DynamicCache(config=model.config)), ('preallocated', preallocated)):
+            cache_argument = {cache_keyword(model): cache}
+            steps = [model(input_ids=ids, use_cache=True, **cache_argument).logits[:, -1]]
+            for token in (17, 42, 99):
+                steps.append(model(input_ids=torch.tensor([[token]]), use_cache=True, **cache_argument).logits[:, -1])
+            logits[name] = torch.stack(steps).float()
+    assert preallocated.layers[0].key_buffer.dtype == preallocated.layers[0].value_buffer.dtype == torch.bfloat16
+    torch.testing.assert_close(logits['preallocated'], logits['dynamic'], rtol=0, atol=1e-5)
+
+
 def test_the_k_samples_of_a_prompt_share_one_prefill(tiny):
     model, tokenizer = tiny
     prompts = tokenizer(PROMPTS, return_tensors='pt', padding=True)
