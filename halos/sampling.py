@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from halos import batch as schema
+from halos.packing import label_logps
 from utils import all_reduce_sum, autocast
 
 
@@ -107,12 +108,6 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     if options.top_p < 1.0:
         return nucleus_sample(logits.softmax(-1), options.top_p)
     return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
-
-
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-    """[rows, V] logits, [rows] tokens -> [rows] log-probs at temperature 1 (logit - logsumexp, in float32)."""
-    logits = logits.float()
-    return logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logits.logsumexp(-1)
 
 
 def cache_keyword(model) -> str:
@@ -205,7 +200,7 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
     while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
         tokens.append(token)
-        token_logps.append(token_logprobs(logits, token).masked_fill(finished, 0))
+        token_logps.append(label_logps(logits, token).masked_fill(finished, 0))  # at temperature 1
         finished |= (token == eos_token_id) | (len(tokens) >= budget)
         if all_reduce_sum((~finished).sum()).item() == 0:  # under FSDP every rank runs the same forwards
             break
