@@ -50,7 +50,7 @@ from halos.labelers import RewardFunctionLabeler
 from halos.online import reward_summary
 from halos.packing import sequence_logps
 from halos.sampling import Sample, SamplingOptions, make_sampler, sample_records
-from utils import autocast, disable_dropout, retain_freed_memory, set_seed
+from utils import autocast, disable_dropout, set_seed, start_process
 
 MODES = ('sample', 'eval', 'alpacaeval', 'reward')
 
@@ -198,9 +198,7 @@ def main(config: DictConfig) -> None:
         check_overrides(HydraConfig.get().overrides.task, run_config_keys())
         if config.mode not in MODES:
             raise ConfigError(f"mode={config.mode}: eval.py takes mode={', '.join(MODES)}")
-        if config.retain_freed_memory:
-            retain_freed_memory()
-        set_seed(config.seed)
+        start_process(config.seed, config.retain_freed_memory)
         os.makedirs(config.samples_dir, exist_ok=True)
         if config.mode == 'sample' and config.num_samples_per_prompt:
             records = sample_k(config)

@@ -146,6 +146,14 @@ def retain_freed_memory() -> bool:
     return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
 
 
+def start_process(seed: int, retain_memory: bool) -> None:
+    """The process-wide settings a run starts with (train.py's build_trainer, eval.py): the seeds of every RNG
+    and, with `retain_memory` (config retain_freed_memory), `retain_freed_memory`."""
+    if retain_memory:
+        retain_freed_memory()
+    set_seed(seed)
+
+
 def find_class(namespace: Dict, base: type, name: str, key: str, description: str) -> type:
     """The class called `name` in `namespace` (a module's globals) that is a concrete subclass of `base`:
     not `base` itself, nor a class that sets `abstract = True` in its own body. Else a ConfigError naming

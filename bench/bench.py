@@ -31,7 +31,7 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from common import ROOT, with_defaults
+from common import RETAIN_FREED_MEMORY_ENV, ROOT, with_defaults
 
 FULL = dict(model='embedded:smollm2-135m-instruct', steps=8, runs=3, batch_size=4, max_length=256,
             max_prompt_length=128, skip=2, matmul_size=2048, override=[])
@@ -67,6 +67,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                              'autocast over float32 weights on both sides); other keys change halos only')
     parser.add_argument('--unshared', action='store_true',
                         help='also run halos with model.share_prompts=false (a halos-unshared row per trainer)')
+    parser.add_argument('--trl-retains-memory', action='store_true',
+                        help="give TRL's processes the allocator settings halos applies itself (retain_freed_memory)")
     parser.add_argument('--jobs', type=int, default=1,
                         help='runs at once; above 1 only to check that everything works (the timings then mean nothing)')
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
@@ -124,7 +126,7 @@ def run_side(side: str, trainer: str, args: argparse.Namespace, work_dir: str) -
     with open(spec, 'w') as f:
         json.dump({'trainer': trainer, 'overrides': halos_overrides(trainer, args, cache_dir, extra)}, f)
     env = dict(os.environ, HF_HUB_OFFLINE='1', HF_DATASETS_OFFLINE='1', WANDB_MODE='disabled',
-               TOKENIZERS_PARALLELISM='false')
+               TOKENIZERS_PARALLELISM='false', **(RETAIN_FREED_MEMORY_ENV if side == 'trl' and args.trl_retains_memory else {}))
     script = os.path.join(ROOT, 'bench', f'{script_side}_side.py')
     with open(log, 'w') as f:
         code = subprocess.run([sys.executable, script, spec, out], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT).returncode
@@ -187,7 +189,9 @@ def markdown(report: dict) -> str:
              f"Model `{s['model']}`, {s['dtype']}, batch {s['batch_size']}, max_length {s['max_length']}, "
              f"max_prompt_length {s['max_prompt_length']}, {s['steps']} steps, {s['runs']} runs per side, "
              f"first {s['skip']} steps not timed; optimizer {s['optimizer']} lr {s['lr']} (warmup {s['warmup_steps']}). "
-             f"Matmul peak ({s['dtype']}, {s['matmul_size']}²): {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s.",
+             f"Matmul peak ({s['dtype']}, {s['matmul_size']}²): {report['matmul_peak_flops'] / 1e9:.0f} GFLOP/s. "
+             f"Freed memory: halos keeps it in the process; TRL "
+             f"{'the same, from the environment' if s.get('trl_retains_memory') else 'on the glibc default'}.",
              f"Command: `{report['command']}`", '',
              '| trainer | side | examples/s | tokens/s | s/step | peak RSS (MiB) | % of matmul peak | loss step 1 | loss last |',
              '|---|---|---|---|---|---|---|---|---|']

@@ -16,6 +16,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# glibc's environment settings for what utils.retain_freed_memory sets in halos' processes (no mmap per large
+# block, no heap trimming): --trl-retains-memory gives them to TRL's processes
+RETAIN_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2 ** 31 - 1)}
+
 # the sequences of a halos batch that go through the policy with a gradient, per trainer
 GRAD_PREFIXES = {'sft': ('target',), 'dpo': ('chosen', 'rejected'), 'kto': ('target',)}
 

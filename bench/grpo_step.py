@@ -25,7 +25,7 @@ import sys
 import tempfile
 import time
 
-from common import ROOT, with_defaults
+from common import RETAIN_FREED_MEMORY_ENV, ROOT, with_defaults
 
 FULL = dict(model='embedded:smollm2-135m-instruct', prompts=8, k=4, max_new_tokens=48, runs=2)
 SMOKE = dict(model='embedded:tiny-smollm2', prompts=2, k=2, max_new_tokens=8, runs=1)
@@ -42,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--k', type=int)
     parser.add_argument('--max-new-tokens', type=int)
     parser.add_argument('--runs', type=int)
+    parser.add_argument('--trl-retains-memory', action='store_true',
+                        help="give TRL's process the allocator settings halos applies itself (retain_freed_memory)")
     parser.add_argument('--side', choices=SIDES, help=argparse.SUPPRESS)  # one run of one side (internal)
     parser.add_argument('--out', help=argparse.SUPPRESS)
     parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
@@ -117,7 +119,8 @@ def run_side(side: str, args) -> dict:
         out = os.path.join(work_dir, 'result.json')
         command = [sys.executable, os.path.abspath(__file__), '--side', side, '--out', out, '--model', args.model,
                    '--prompts', str(args.prompts), '--k', str(args.k), '--max-new-tokens', str(args.max_new_tokens)]
-        subprocess.run(command, check=True, cwd=ROOT)
+        env = dict(os.environ, **(RETAIN_FREED_MEMORY_ENV if side == 'trl' and args.trl_retains_memory else {}))
+        subprocess.run(command, check=True, cwd=ROOT, env=env)
         with open(out) as f:
             return json.load(f)
 
@@ -128,7 +131,8 @@ def write_report(report: dict, out_dir: str) -> str:
              f"Machine: {report['machine']}. Model `{report['model']}`, float32; {report['prompts']} prompts x "
              f"k = {report['k']}, {report['max_new_tokens']} new tokens at most, temperature {TEMPERATURE}, top-p {TOP_P}; "
              f"one AdamW update (lr {LR}, beta {BETA}, epsilon {EPSILON}) on all completions; best of "
-             f"{report['n_runs']} runs per side, model loading excluded.",
+             f"{report['n_runs']} runs per side, model loading excluded; freed memory: halos keeps it in the process, TRL "
+             f"{'the same, from the environment' if report.get('trl_retains_memory') else 'on the glibc default'}.",
              f"Command: `{report['command']}`", '',
              '| side | step seconds (best) | runs | completions/s |', '|---|---|---|---|']
     for side in SIDES:
@@ -158,7 +162,8 @@ def main(argv=None) -> None:
               'machine': f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               'command': 'python bench/grpo_step.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
               'prompts': args.prompts, 'k': args.k, 'max_new_tokens': args.max_new_tokens, 'n_runs': args.runs,
-              'completions': args.prompts * args.k, 'runs': {side: [] for side in SIDES}}
+              'completions': args.prompts * args.k, 'trl_retains_memory': args.trl_retains_memory,
+              'runs': {side: [] for side in SIDES}}
     for _ in range(args.runs):
         for side in SIDES:
             report['runs'][side].append(run_side(side, args))

@@ -16,7 +16,7 @@ from halos.errors import ConfigError
 from halos.labelers import make_labeler
 from halos.online import OnlineRounds, OnlineSettings
 from halos.sampling import SamplingOptions, halos_sampler
-from utils import disable_dropout, get_rank, get_world_size, rank0_print, retain_freed_memory, set_seed
+from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config')
 
@@ -166,9 +166,7 @@ def saved_adapter(saved_policy: str) -> str:
 def build_trainer(config: DictConfig):
     """Data, models and the trainer of one process, from a validated config (online: without data; each
     round gives its own)."""
-    if config.retain_freed_memory:
-        retain_freed_memory()
-    set_seed(config.seed)
+    start_process(config.seed, config.retain_freed_memory)
     trainer_class = trainers.get_trainer_class(config.loss.trainer)
     tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
                                       control_tokens(config))
