@@ -21,6 +21,7 @@ import torch
 
 from halos.batch import IGNORE_INDEX
 from halos.lora import unwrapped
+from models import SDPA_IMPLEMENTATIONS
 
 
 def first_fit(lengths: List[int], capacity: int) -> List[List[int]]:
@@ -144,7 +145,7 @@ def prompt_sharing_supported(model: torch.nn.Module) -> bool:
     is plain causal (a sliding window would be lost under the explicit mask)."""
     config = model.config
     sliding = getattr(config, 'sliding_window', None) and getattr(config, 'use_sliding_window', True)
-    return config._attn_implementation == 'sdpa' and not sliding
+    return config._attn_implementation in SDPA_IMPLEMENTATIONS and not sliding
 
 
 def label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

@@ -143,8 +143,11 @@ class PreallocatedLayer(DynamicLayer):
                                                   for buffer in (self.key_buffer, self.value_buffer))
         self.key_buffer[:, :, self.length:end] = key_states
         self.value_buffer[:, :, self.length:end] = value_states
-        self.length = end
-        return self.filled()
+        prefill, self.length = self.length == 0, end
+        filled = self.filled()
+        # the prefill attends to its keys and values as computed (as the dynamic cache's does; halos' float32
+        # attention under CPU autocast reads them so), later forwards to the stored ones
+        return (key_states, value_states) if prefill else filled
 
     def filled(self):
         self.keys, self.values = self.key_buffer[:, :, :self.length], self.value_buffer[:, :, :self.length]

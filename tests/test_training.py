@@ -552,6 +552,7 @@ def test_prompts_are_shared_only_where_the_forward_allows_it(tmp_path):
     assert not build_trainer(make_config(tmp_path, '++model.padding_free=false')).share_prompts
     model = lambda **config: types.SimpleNamespace(config=types.SimpleNamespace(**config))
     assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa'))
+    assert packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa'))
     assert not packing.prompt_sharing_supported(model(_attn_implementation='flash_attention_2'))
     assert not packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16))
     assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16, use_sliding_window=False))
@@ -571,6 +572,42 @@ def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(tmp_path):
         largest_logit = plain.policy(input_ids=input_ids, attention_mask=attention_mask).logits.abs().max()
     tokens = (labels[:, 1:] != -100).sum(1)
     assert ((bf16_logps - fp32_logps).abs() <= tokens * 2 * 2 ** -8 * largest_logit).all()
+
+
+def test_attention_runs_in_float32_under_cpu_autocast_except_when_decoding(monkeypatch):
+    """halos' SDPA attention under bf16 autocast: a forward over a sequence runs SDPA on float32 inputs with
+    autocast off (SDPA's bf16 backward is the slower one on CPU), with or without gradient, so policy and
+    reference agree; a decoding step (one query position) leaves SDPA to autocast, which casts to bf16. The
+    log-probs stay within bf16 rounding of the plain float32 forward, and the gradient flows."""
+    import models
+    from transformers import DynamicCache
+    from halos.sampling import cache_keyword
+    model = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    assert model.config._attn_implementation == models.SDPA
+    seen, sdpa = [], torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, 'scaled_dot_product_attention',
+                        lambda query, key, value, **kwargs: seen.append((torch.is_autocast_enabled('cpu'),
+                                                                         value.dtype)) or sdpa(query, key, value, **kwargs))
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    fp32_logits = model(input_ids=ids).logits
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        with torch.no_grad():
+            cache = {cache_keyword(model): DynamicCache(config=model.config)}
+            model(input_ids=ids, use_cache=True, **cache)
+            seen.clear()
+            model(input_ids=torch.tensor([[11]]), use_cache=True, **cache)  # one decoding step
+            assert set(seen) == {(True, torch.bfloat16)}      # v_proj's output, left to autocast
+            seen.clear()
+            reference_logits = model(input_ids=ids).logits
+            assert set(seen) == {(False, torch.float32)}
+        seen.clear()
+        logits = model(input_ids=ids).logits
+        assert set(seen) == {(False, torch.float32)}
+    torch.testing.assert_close(logits, reference_logits, rtol=0, atol=0)  # policy and reference agree
+    logps, fp32_logps = (x.float().log_softmax(-1)[0, :-1].gather(1, ids[0, 1:, None]) for x in (logits, fp32_logits))
+    assert ((logps - fp32_logps).abs() <= 4 * 2 ** -8 * fp32_logits.abs().max()).all()
+    logps.sum().backward()
+    assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_pack_rows_first_fit_by_decreasing_length():
