@@ -110,6 +110,8 @@ def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, *
     is the faster there."""
     if query.device.type != 'cpu' or not torch.is_autocast_enabled('cpu') or query.shape[2] == 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():  # an additive mask takes the query's dtype
+        attention_mask = attention_mask.float()
     with torch.autocast('cpu', enabled=False):
         return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
 

@@ -608,6 +608,13 @@ def test_attention_runs_in_float32_under_cpu_autocast_except_when_decoding(monke
     assert ((logps - fp32_logps).abs() <= 4 * 2 ** -8 * fp32_logits.abs().max()).all()
     logps.sum().backward()
     assert model.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    layer = model.model.layers[0].self_attn   # an additive bf16 mask (as some models build) is cast up too
+    query, key, value = (torch.randn(1, heads, 4, 8) for heads in (4, 2, 2))
+    additive = torch.zeros(1, 1, 4, 4).masked_fill(torch.ones(4, 4, dtype=torch.bool).triu(1), float('-inf'))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        output, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, value.bfloat16(), additive.bfloat16())
+    expected, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, value.bfloat16().float(), additive)
+    torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
 def test_pack_rows_first_fit_by_decreasing_length():
