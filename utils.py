@@ -128,6 +128,7 @@ def set_seed(seed: int) -> None:
 
 
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # glibc's mallopt parameters (malloc.h)
+RETAINED_MMAP_MAX, RETAINED_TRIM_THRESHOLD = 0, 2 ** 31 - 1  # their values under retain_freed_memory
 
 
 def retain_freed_memory() -> bool:
@@ -143,7 +144,7 @@ def retain_freed_memory() -> bool:
     libc = ctypes.CDLL(libc_path)
     if not hasattr(libc, 'mallopt'):
         return False
-    return bool(libc.mallopt(M_MMAP_MAX, 0)) and bool(libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1))
+    return bool(libc.mallopt(M_MMAP_MAX, RETAINED_MMAP_MAX)) and bool(libc.mallopt(M_TRIM_THRESHOLD, RETAINED_TRIM_THRESHOLD))
 
 
 def start_process(seed: int, retain_memory: bool) -> None:

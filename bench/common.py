@@ -16,9 +16,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+from utils import RETAINED_MMAP_MAX, RETAINED_TRIM_THRESHOLD  # noqa: E402 (after ROOT is on the path)
+
 # glibc's environment settings for what utils.retain_freed_memory sets in halos' processes (no mmap per large
 # block, no heap trimming): --trl-retains-memory gives them to TRL's processes
-RETAIN_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': '0', 'MALLOC_TRIM_THRESHOLD_': str(2 ** 31 - 1)}
+RETAIN_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': str(RETAINED_MMAP_MAX), 'MALLOC_TRIM_THRESHOLD_': str(RETAINED_TRIM_THRESHOLD)}
 
 # the sequences of a halos batch that go through the policy with a gradient, per trainer
 GRAD_PREFIXES = {'sft': ('target',), 'dpo': ('chosen', 'rejected'), 'kto': ('target',)}
