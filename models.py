@@ -11,7 +11,8 @@
 import importlib.util
 import os
 import shutil
-from typing import List, Optional
+from dataclasses import dataclass
+from typing import List, Optional, Tuple
 
 import torch
 import transformers
@@ -96,24 +97,48 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-SDPA = 'halos_sdpa'  # transformers' PyTorch-SDPA attention, in float32 under CPU autocast except when decoding
-SDPA_IMPLEMENTATIONS = ('sdpa', SDPA)  # the attention functions that take an explicit [R, 1, L, L] mask
+SDPA = 'halos_sdpa'  # transformers' PyTorch-SDPA attention, per segment, in float32 under CPU autocast except when decoding
 
 
-def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, **kwargs):
-    """transformers' SDPA attention, except that under CPU autocast a forward over more than one query
-    position runs in float32 (autocast off, inputs cast up; the output is float32 and autocast casts it down
-    at the next matmul). On CPU, SDPA's bf16 forward and backward take 2-2.5x as long as float32's at a
-    small model's shapes, which made an SFT step under bf16 autocast about 11% slower. Policy and reference
-    forwards both take this path, so at equal weights they give equal log-probs for the same rows. A
-    decoding step (one query position per row) stays as autocast makes it: it reads a KV cache kept in the
-    autocast dtype, and bf16 is the faster there."""
+@dataclass(frozen=True)
+class Segments:
+    """Sequences laid end to end in one row ([1, L] input ids): attention runs within each [start, end) only,
+    causal, or under the segment's own [1, 1, n, n] bool mask (n = end - start). Passed to the model as the
+    keyword `halos_segments`, which transformers hands on to the attention function."""
+    bounds: Tuple[Tuple[int, int], ...]
+    masks: Tuple[Optional[torch.Tensor], ...]  # one per segment; None: causal
+
+
+def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, halos_segments: Optional[Segments] = None,
+                                    **kwargs):
+    """transformers' SDPA attention, with two differences.
+
+    With `halos_segments` it attends within each segment only and ignores `attention_mask`: a row of packed
+    sequences then costs the sum of their squared lengths in attention, and no padding anywhere.
+
+    Under CPU autocast a forward over more than one query position runs in float32 (autocast off, inputs
+    cast up; the output is float32 and autocast casts it down at the next matmul). On CPU, SDPA's bf16
+    forward and backward take 2-2.5x as long as float32's at a small model's shapes, which made an SFT step
+    under bf16 autocast about 11% slower. Policy and reference forwards both take this path, so at equal
+    weights they give equal log-probs for the same rows. A decoding step (one query position per row) stays
+    as autocast makes it: it reads a KV cache kept in the autocast dtype, and bf16 is the faster there."""
     if query.device.type != 'cpu' or not torch.is_autocast_enabled('cpu') or query.shape[2] == 1:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        return attend_within_segments(module, query, key, value, attention_mask, halos_segments, **kwargs)
     if attention_mask is not None and attention_mask.is_floating_point():  # an additive mask takes the query's dtype
         attention_mask = attention_mask.float()
     with torch.autocast('cpu', enabled=False):
-        return sdpa_attention_forward(module, query.float(), key.float(), value.float(), attention_mask, **kwargs)
+        return attend_within_segments(module, query.float(), key.float(), value.float(), attention_mask,
+                                      halos_segments, **kwargs)
+
+
+def attend_within_segments(module, query, key, value, attention_mask, segments: Optional[Segments], **kwargs):
+    """sdpa_attention_forward over the whole row, or ([B, H, L, D] in, [B, L, H, D] out) within each segment."""
+    if segments is None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
+                                      mask, **kwargs)[0]
+               for (start, end), mask in zip(segments.bounds, segments.masks)]
+    return torch.cat(outputs, dim=1), None
 
 
 AttentionInterface.register(SDPA, sdpa_float32_under_cpu_autocast)

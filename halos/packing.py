@@ -5,14 +5,16 @@ A batch's rows are right-padded prompt + completion sequences with labels -100 o
 padding. Three ways through the model, each giving the same log-probs:
 
 - padded: the rows as they are (`model.padding_free=false`);
-- packed (`pack_rows`): rows placed one after another in fewer rows, position ids restarting per sequence,
-  so transformers builds a block-diagonal causal mask;
+- packed (`pack_rows`): the sequences laid end to end in one row, position ids restarting per sequence, so
+  no position is padding. halos' attention (`models.SDPA`) attends within each sequence (`models.Segments`);
+  other kernels get the same from the position ids (flash-attention's variable-length path, or the
+  block-diagonal mask transformers builds);
 - shared prompts (`share_prompt_rows`, `model.share_prompts`): rows with the same prompt tokens (a pair's
   chosen and rejected, KTO's target and KL rows of one prompt, a GRPO group) become one segment: the
   prompt once, then each completion, with position ids continuing from the prompt for every completion
   and a mask under which a completion attends to the prompt and to itself only. The prompt's last
-  position predicts the first token of every completion. Needs an attention kernel that takes an
-  explicit 4-D mask (SDPA) and a causal model without a sliding window; `prompt_sharing_supported` says when.
+  position predicts the first token of every completion. Needs halos' attention, which takes each
+  segment's own mask, and a causal model without a sliding window; `prompt_sharing_supported` says when.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -21,57 +23,35 @@ import torch
 
 from halos.batch import IGNORE_INDEX
 from halos.lora import unwrapped
-from models import SDPA_IMPLEMENTATIONS
+from models import SDPA, Segments
 
 
-def first_fit(lengths: List[int], capacity: int) -> List[List[int]]:
-    """Indices of `lengths` in bins of `capacity`, first fit by decreasing length."""
-    bins: List[List[int]] = []
-    free: List[int] = []
-    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
-        target = next((b for b, room in enumerate(free) if room >= lengths[index]), None)
-        if target is None:
-            bins.append([])
-            free.append(capacity)
-            target = len(bins) - 1
-        bins[target].append(index)
-        free[target] -= lengths[index]
-    return bins
-
-
-def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Pack right-padded [B, T] rows of the given `lengths` into R <= B rows of the longest length, first
-    fit by decreasing length. Returns each tensor packed (the free tail of a row holds zeros) and
-    `position_ids` (0, 1, ... within each sequence and within each free tail)."""
-    sizes = lengths.tolist()
-    capacity = max(sizes)
-    bins = first_fit(sizes, capacity)
-    device = lengths.device
-    packed = {name: torch.zeros(len(bins), capacity, dtype=t.dtype, device=device) for name, t in tensors.items()}
-    packed['position_ids'] = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
-    for b, rows in enumerate(bins):
-        start = 0
-        for row in rows:
-            n = sizes[row]
-            for name, t in tensors.items():
-                packed[name][b, start:start + n] = t[row, :n]
-            packed['position_ids'][b, start:start + n] = torch.arange(n, device=device)
-            start += n
-        packed['position_ids'][b, start:] = torch.arange(capacity - start, device=device)
+def pack_rows(lengths: torch.Tensor, **tensors: torch.Tensor) -> Dict:
+    """Lay right-padded [B, T] rows of the given `lengths` end to end in one row [1, sum(lengths)]. Returns
+    each tensor packed, `position_ids` (0, 1, ... within each sequence) and `segments` (models.Segments:
+    each sequence attends causally to itself only)."""
+    width = next(iter(tensors.values())).shape[1]
+    positions = torch.arange(width, device=lengths.device).expand(len(lengths), width)
+    is_token = positions < lengths.unsqueeze(1)                       # [B, T]; row-major order: rows end to end
+    packed = {name: t[is_token].unsqueeze(0) for name, t in tensors.items()}
+    packed['position_ids'] = positions[is_token].unsqueeze(0)
+    bounds = tuple((end - n, end) for end, n in zip(lengths.cumsum(0).tolist(), lengths.tolist()) if n > 0)
+    packed['segments'] = Segments(bounds, (None,) * len(bounds))
     return packed
 
 
 @dataclass(frozen=True)
 class SharedPromptRows:
-    """Rows of prompt segments, each prompt followed by its completions; K = the label tokens scored."""
-    input_ids: torch.Tensor     # [R, L]
-    position_ids: torch.Tensor  # [R, L]: 0.. over the prompt, continuing from it for every completion
-    allowed: torch.Tensor       # [R, 1, L, L] bool: query i may attend key j
-    predictor: torch.Tensor     # [K] flat index (r * L + i) of the position that predicts each label token
+    """Prompt segments laid end to end in one row, each prompt followed by its completions; L positions,
+    K = the label tokens scored."""
+    input_ids: torch.Tensor     # [1, L]
+    position_ids: torch.Tensor  # [1, L]: 0.. over the prompt, continuing from it for every completion
+    segments: Segments          # one per prompt, with its mask (`prompt_or_own_completion`)
+    predictor: torch.Tensor     # [K] the position that predicts each label token
     targets: torch.Tensor       # [K] the label tokens
     rows: torch.Tensor          # [K] the original row of each label token
     positions: torch.Tensor     # [K] its predicting position t in the original row (label t + 1)
-    flat_index: torch.Tensor    # [B, T] flat index of each original token (its prompt's one copy); -1 on padding
+    flat_index: torch.Tensor    # [B, T] the position of each original token (its prompt's one copy); -1 on padding
 
 
 def prompt_lengths(labels: torch.Tensor, lengths: torch.Tensor) -> List[int]:
@@ -81,71 +61,64 @@ def prompt_lengths(labels: torch.Tensor, lengths: torch.Tensor) -> List[int]:
     return torch.minimum(first, lengths).tolist()
 
 
+def prompt_or_own_completion(part: torch.Tensor) -> torch.Tensor:
+    """The [1, 1, n, n] bool mask of a segment whose n positions belong to `part` (0: the prompt, i: the i-th
+    completion): causal, and a completion attends to the prompt and to itself only."""
+    causal = torch.ones(len(part), len(part), dtype=torch.bool, device=part.device).tril()
+    visible = (part.unsqueeze(0) == 0) | (part.unsqueeze(1) == part.unsqueeze(0))  # key in the prompt or own part
+    return (causal & visible)[None, None]
+
+
 def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor) -> SharedPromptRows:
-    """Group the [B, T] right-padded rows by their prompt tokens and pack the groups (prompt, then each
-    member's completion) into rows, first fit by decreasing length."""
+    """Group the [B, T] right-padded rows by their prompt tokens and lay the groups (the prompt, then each
+    member's completion) end to end in one row, a segment per group."""
     lengths = attention_mask.sum(1).tolist()
     prompts = prompt_lengths(labels, attention_mask.sum(1))
     groups: Dict[Tuple, List[int]] = {}
     for row, p in enumerate(prompts):
         key = tuple(input_ids[row, :p].tolist()) if p > 0 else ('no prompt', row)
         groups.setdefault(key, []).append(row)
-    members = list(groups.values())
-    sizes = [prompts[rows[0]] + sum(lengths[r] - prompts[r] for r in rows) for rows in members]
-    capacity = max(sizes)
-    bins = first_fit(sizes, capacity)
     device = input_ids.device
-    packed_ids = torch.zeros(len(bins), capacity, dtype=input_ids.dtype, device=device)
-    position_ids = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)
-    segment = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)  # a group's id, per token
-    part = torch.zeros(len(bins), capacity, dtype=torch.long, device=device)     # 0 the prompt, else its completion
+    arange = lambda start, stop: torch.arange(start, stop, device=device)
+    ids, position_ids, bounds, masks = [], [], [], []
     predictor, targets, rows_of, positions = [], [], [], []
     flat_index = torch.full_like(input_ids, -1, dtype=torch.long)
-    next_segment = 1
-    for b, groups_in_bin in enumerate(bins):
-        start = 0
-        for group in groups_in_bin:
-            rows = members[group]
-            p = prompts[rows[0]]
-            packed_ids[b, start:start + p] = input_ids[rows[0], :p]
-            position_ids[b, start:start + p] = torch.arange(p, device=device)
-            segment[b, start:start + p] = next_segment
-            at = start + p
-            for member, row in enumerate(rows, start=1):
-                c = lengths[row] - p
-                flat_index[row, :p] = b * capacity + torch.arange(start, start + p, device=device)
-                flat_index[row, p:p + c] = b * capacity + torch.arange(at, at + c, device=device)
-                packed_ids[b, at:at + c] = input_ids[row, p:p + c]
-                position_ids[b, at:at + c] = torch.arange(p, p + c, device=device)
-                segment[b, at:at + c] = next_segment
-                part[b, at:at + c] = member
-                tokens = torch.arange(p, p + c, device=device)           # their positions in the original row
-                predicts = torch.arange(at - 1, at + c - 1, device=device)   # b's positions that predict them
-                predicts[:1] = start + p - 1                                  # the first: the prompt's last
-                scored = (tokens >= 1) & (labels[row, p:p + c] != IGNORE_INDEX)
-                predictor.append(b * capacity + predicts[scored])
-                targets.append(input_ids[row, p:p + c][scored])
-                rows_of.append(torch.full((int(scored.sum()),), row, device=device))
-                positions.append(tokens[scored] - 1)
-                at += c
-            start, next_segment = at, next_segment + 1
-        tail = torch.arange(start, capacity, device=device)
-        segment[b, start:] = next_segment + tail  # each free position alone (attends to itself)
-        next_segment += capacity + 1
-    causal = torch.ones(capacity, capacity, dtype=torch.bool, device=device).tril()
-    same_segment = segment.unsqueeze(2) == segment.unsqueeze(1)
-    visible_part = (part.unsqueeze(1) == 0) | (part.unsqueeze(2) == part.unsqueeze(1))  # key in prompt or same part
-    allowed = (same_segment & visible_part & causal).unsqueeze(1)
-    return SharedPromptRows(packed_ids, position_ids, allowed, torch.cat(predictor), torch.cat(targets).long(),
+    at = 0
+    for rows in groups.values():
+        start, p = at, prompts[rows[0]]
+        ids.append(input_ids[rows[0], :p])
+        position_ids.append(arange(0, p))
+        parts = [torch.zeros(p, dtype=torch.long, device=device)]
+        at += p
+        for member, row in enumerate(rows, start=1):
+            c = lengths[row] - p
+            flat_index[row, :p] = arange(start, start + p)
+            flat_index[row, p:p + c] = arange(at, at + c)
+            ids.append(input_ids[row, p:p + c])
+            position_ids.append(arange(p, p + c))
+            parts.append(torch.full((c,), member, dtype=torch.long, device=device))
+            tokens = arange(p, p + c)                    # their positions in the original row
+            predicts = arange(at - 1, at + c - 1)        # the positions that predict them
+            predicts[:1] = start + p - 1                 # the first: the prompt's last
+            scored = (tokens >= 1) & (labels[row, p:p + c] != IGNORE_INDEX)
+            predictor.append(predicts[scored])
+            targets.append(input_ids[row, p:p + c][scored])
+            rows_of.append(torch.full((int(scored.sum()),), row, device=device))
+            positions.append(tokens[scored] - 1)
+            at += c
+        bounds.append((start, at))
+        masks.append(prompt_or_own_completion(torch.cat(parts)))
+    return SharedPromptRows(torch.cat(ids).unsqueeze(0), torch.cat(position_ids).unsqueeze(0),
+                            Segments(tuple(bounds), tuple(masks)), torch.cat(predictor), torch.cat(targets).long(),
                             torch.cat(rows_of).long(), torch.cat(positions), flat_index)
 
 
 def prompt_sharing_supported(model: torch.nn.Module) -> bool:
-    """Shared prompts need a kernel that takes an explicit [R, 1, L, L] mask (SDPA), and a model whose own mask
-    is plain causal (a sliding window would be lost under the explicit mask)."""
+    """Shared prompts need halos' attention (`models.SDPA`, which takes each segment's mask), and a model whose
+    own mask is plain causal (a sliding window would be lost under the segment masks)."""
     config = model.config
     sliding = getattr(config, 'sliding_window', None) and getattr(config, 'use_sliding_window', True)
-    return config._attn_implementation in SDPA_IMPLEMENTATIONS and not sliding
+    return config._attn_implementation == SDPA and not sliding
 
 
 def label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -161,7 +134,7 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     shared = share_prompt_rows(input_ids, attention_mask, labels)
     keep = torch.zeros(shared.input_ids.numel(), dtype=torch.bool, device=input_ids.device)
     keep[shared.predictor] = True
-    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=shared.allowed,
+    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, halos_segments=shared.segments,
                    logits_to_keep=keep.view_as(shared.input_ids), use_cache=False).logits
     logits = logits.reshape(-1, logits.shape[-1])                       # [kept positions, V], in flat order
     kept_index = keep.long().cumsum(0) - 1                              # flat position -> its row of `logits`
@@ -186,11 +159,11 @@ def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention
     per_position = []
     hook = head.register_forward_hook(lambda module, args, output: per_position.append(output))
     try:
-        model(input_ids=shared.input_ids, position_ids=shared.position_ids, attention_mask=shared.allowed,
+        model(input_ids=shared.input_ids, position_ids=shared.position_ids, halos_segments=shared.segments,
               use_cache=False)
     finally:
         hook.remove()
-    scores = per_position[0].reshape(-1, per_position[0].shape[-1])   # [R * L, labels], in flat order
+    scores = per_position[0].reshape(-1, per_position[0].shape[-1])   # [L, labels]
     is_token = (input_ids != unwrapped(model).config.get_text_config().pad_token_id) & attention_mask.bool()
     last_token = (torch.arange(input_ids.shape[1], device=input_ids.device) * is_token).argmax(-1)  # [B]
     return scores[shared.flat_index[torch.arange(len(input_ids), device=input_ids.device), last_token]]
@@ -218,8 +191,8 @@ def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, atte
                            next_labels=next_labels, rows=rows, positions=positions)
         input_ids, predicts_label, next_labels, rows, positions = (
             packed[key] for key in ('input_ids', 'predicts_label', 'next_labels', 'rows', 'positions'))
-        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], logits_to_keep=predicts_label,
-                       use_cache=False).logits
+        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], halos_segments=packed['segments'],
+                       logits_to_keep=predicts_label, use_cache=False).logits
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
                        use_cache=False).logits

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+import models
 import train
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file, save_policy_file
@@ -462,7 +463,7 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     trainer = build_trainer(make_config(tmp_path, loss='dpo'))
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
     assert (attention_mask == 0).any()  # the rows have padding to skip
-    assert len(packing.pack_rows(attention_mask.sum(1), ids=input_ids)['ids']) < len(input_ids)  # and share packed rows
+    assert packing.pack_rows(attention_mask.sum(1), ids=input_ids)['ids'].shape == (1, attention_mask.sum())  # one row
     assert_equals_the_full_forward(trainer.policy, lambda *rows: sequence_logps(*rows, padding_free=padding_free),
                                    input_ids, attention_mask, labels)
 
@@ -498,7 +499,7 @@ def test_shared_prompts_equal_the_unshared_forward(tmp_path, loss):
     assert trainer.share_prompts  # on by default with SDPA
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], kinds)
     shared = packing.share_prompt_rows(input_ids, attention_mask, labels)
-    assert (shared.allowed.diagonal(dim1=2, dim2=3)).sum() < attention_mask.sum()  # fewer positions than tokens
+    assert shared.input_ids.shape[1] < attention_mask.sum()  # fewer positions than tokens
     forward = token_level_logps if token_level else sequence_logps
     assert_equals_the_full_forward(trainer.policy, lambda *rows: forward(*rows, share_prompts=True),
                                    input_ids, attention_mask, labels, token_level=token_level)
@@ -524,38 +525,40 @@ def test_a_reward_models_shared_prompt_scores_equal_the_unshared_forward(tmp_pat
 
 
 def test_shared_prompt_rows_layout():
-    """Rows [5 6 | 7 8], [5 6 | 9] share their prompt; [5 1 | 2] has its own. The segment of the shared
-    prompt is 5 6 7 8 9 with positions 0 1 2 3 2 (both completions continue from the prompt); 9 attends to the
-    prompt and itself, not to 7 8; the prompt's last position (6) predicts both 7 and 9."""
+    """Rows [5 6 | 7 8], [5 6 | 9] share their prompt; [5 1 | 2] has its own. One row holds the two
+    segments end to end, no padding: 5 6 7 8 9 with positions 0 1 2 3 2 (both completions continue from the
+    prompt), then 5 1 2; 9 attends to the prompt and itself, not to 7 8; the prompt's last position (6)
+    predicts both 7 and 9."""
     input_ids = torch.tensor([[5, 6, 7, 8], [5, 6, 9, 0], [5, 1, 2, 0]])
     attention_mask = torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0], [1, 1, 1, 0]])
     labels = torch.tensor([[-100, -100, 7, 8], [-100, -100, 9, -100], [-100, -100, 2, -100]])
     shared = packing.share_prompt_rows(input_ids, attention_mask, labels)
-    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 1, 2, 0, 0]]
-    assert shared.position_ids[0].tolist() == [0, 1, 2, 3, 2] and shared.position_ids[1, :3].tolist() == [0, 1, 2]
-    assert shared.allowed[0, 0].int().tolist() == [[1, 0, 0, 0, 0],
-                                                   [1, 1, 0, 0, 0],
-                                                   [1, 1, 1, 0, 0],
-                                                   [1, 1, 1, 1, 0],
-                                                   [1, 1, 0, 0, 1]]
-    assert shared.allowed[1, 0].int().tolist() == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0],
-                                                   [0, 0, 0, 1, 0], [0, 0, 0, 0, 1]]  # the free tail: itself only
-    assert shared.predictor.tolist() == [1, 2, 1, 5 + 1]       # flat positions: 6 -> 7, 7 -> 8, 6 -> 9, 1 -> 2
+    assert shared.input_ids.tolist() == [[5, 6, 7, 8, 9, 5, 1, 2]]
+    assert shared.position_ids.tolist() == [[0, 1, 2, 3, 2, 0, 1, 2]]
+    assert shared.segments.bounds == ((0, 5), (5, 8))
+    assert shared.segments.masks[0][0, 0].int().tolist() == [[1, 0, 0, 0, 0],
+                                                             [1, 1, 0, 0, 0],
+                                                             [1, 1, 1, 0, 0],
+                                                             [1, 1, 1, 1, 0],
+                                                             [1, 1, 0, 0, 1]]
+    assert shared.segments.masks[1][0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert shared.predictor.tolist() == [1, 2, 1, 5 + 1]       # positions: 6 -> 7, 7 -> 8, 6 -> 9, 1 -> 2
     assert shared.targets.tolist() == [7, 8, 9, 2]
     assert shared.rows.tolist() == [0, 0, 1, 2] and shared.positions.tolist() == [1, 2, 1, 1]
     assert shared.flat_index.tolist() == [[0, 1, 2, 3], [0, 1, 4, -1], [5, 6, 7, -1]]  # the prompt's one copy
 
 
 def test_prompts_are_shared_only_where_the_forward_allows_it(tmp_path):
-    """Sharing needs packed rows (off under padding_free=false), SDPA (not flash-attention 2) and a plain causal
-    mask (not a sliding window)."""
+    """Sharing needs packed rows (off under padding_free=false), halos' SDPA (not transformers' own, nor
+    flash-attention 2: neither reads the segments' masks) and a plain causal mask (not a sliding window)."""
     assert not build_trainer(make_config(tmp_path, '++model.padding_free=false')).share_prompts
     model = lambda **config: types.SimpleNamespace(config=types.SimpleNamespace(**config))
-    assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa'))
     assert packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa'))
+    assert not packing.prompt_sharing_supported(model(_attn_implementation='sdpa'))
     assert not packing.prompt_sharing_supported(model(_attn_implementation='flash_attention_2'))
-    assert not packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16))
-    assert packing.prompt_sharing_supported(model(_attn_implementation='sdpa', sliding_window=16, use_sliding_window=False))
+    assert not packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa', sliding_window=16))
+    assert packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa', sliding_window=16,
+                                                  use_sliding_window=False))
 
 
 def test_bf16_autocast_stays_within_bf16_rounding_of_fp32(tmp_path):
@@ -617,13 +620,37 @@ def test_attention_runs_in_float32_under_cpu_autocast_except_when_decoding(monke
     torch.testing.assert_close(output, expected, rtol=0, atol=0)
 
 
-def test_pack_rows_first_fit_by_decreasing_length():
-    """Lengths [2, 5, 3, 1] into rows of 5: [5], then 3 + 2, then 1 (3 rows instead of 4); every sequence
-    keeps its tokens in order with positions from 0, and a free tail starts its own positions."""
+def test_attention_over_segments_attends_within_each_one_only():
+    """Two sequences end to end in one row, given as segments: halos' attention equals each one's own
+    causal attention, ignoring the row's attention_mask (all False here, which would give NaN), and a
+    segment's own mask applies within it (a key it hides changes nothing)."""
+    layer = models.load_causal_lm('embedded:tiny-smollm2', 'float32').model.layers[0].self_attn
+    assert layer.num_key_value_groups > 1
+    query, key, value = (torch.randn(1, heads, 7, 8) for heads in (4, 2, 2))
+    hidden = torch.ones(4, 4, dtype=torch.bool).tril()
+    hidden[3, 1] = False                                  # in the second segment, query 3 does not see key 1
+    segments = models.Segments(((0, 3), (3, 7)), (None, hidden[None, None]))
+    output, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, value, torch.zeros(1, 1, 7, 7, dtype=torch.bool),
+                                                       halos_segments=segments)
+    first, _ = models.sdpa_float32_under_cpu_autocast(layer, query[:, :, :3], key[:, :, :3], value[:, :, :3], None)
+    changed = value.clone()
+    changed[:, :, 3 + 1] += 1                             # what query 3 of the second segment may not see
+    second, _ = models.sdpa_float32_under_cpu_autocast(layer, query[:, :, 3:], key[:, :, 3:], value[:, :, 3:],
+                                                       hidden[None, None])
+    torch.testing.assert_close(output, torch.cat([first, second], dim=1))
+    with_changed, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, changed, None, halos_segments=segments)
+    torch.testing.assert_close(with_changed[:, 3 + 3], output[:, 3 + 3])
+    assert not torch.allclose(with_changed[:, 3 + 2], output[:, 3 + 2])  # query 2 does see key 1
+
+
+def test_pack_rows_lays_the_sequences_end_to_end_in_one_row():
+    """Lengths [2, 5, 3, 1]: one row of 11 tokens and no padding, every sequence in order with positions from
+    0 and its own causal attention segment."""
     ids = torch.tensor([[1, 2, 0, 0, 0], [3, 4, 5, 6, 7], [8, 9, 10, 0, 0], [11, 0, 0, 0, 0]])
     packed = packing.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
-    assert packed['input_ids'].tolist() == [[3, 4, 5, 6, 7], [8, 9, 10, 1, 2], [11, 0, 0, 0, 0]]
-    assert packed['position_ids'].tolist() == [[0, 1, 2, 3, 4], [0, 1, 2, 0, 1], [0, 0, 1, 2, 3]]
+    assert packed['input_ids'].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
+    assert packed['position_ids'].tolist() == [[0, 1, 0, 1, 2, 3, 4, 0, 1, 2, 0]]
+    assert packed['segments'] == models.Segments(((0, 2), (2, 7), (7, 10), (10, 11)), (None,) * 4)
 
 
 def test_grpo_reads_the_old_policy_from_the_policy_forward_until_the_first_update(tmp_path):
