@@ -46,7 +46,7 @@ class SharedPromptRows:
     K = the label tokens scored."""
     input_ids: torch.Tensor     # [1, L]
     position_ids: torch.Tensor  # [1, L]: 0.. over the prompt, continuing from it for every completion
-    segments: Segments          # one per prompt, with its mask (`prompt_or_own_completion`)
+    segments: Segments          # one per prompt, with its mask (`prompt_or_own_completion`; None: one completion)
     predictor: torch.Tensor     # [K] the position that predicts each label token
     targets: torch.Tensor       # [K] the label tokens
     rows: torch.Tensor          # [K] the original row of each label token
@@ -106,8 +106,9 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
             rows_of.append(torch.full((int(scored.sum()),), row, device=device))
             positions.append(tokens[scored] - 1)
             at += c
-        bounds.append((start, at))
-        masks.append(prompt_or_own_completion(torch.cat(parts)))
+        if at > start:  # an empty row has no segment
+            bounds.append((start, at))  # a prompt with one completion is plain causal: the faster kernel
+            masks.append(prompt_or_own_completion(torch.cat(parts)) if len(rows) > 1 else None)
     return SharedPromptRows(torch.cat(ids).unsqueeze(0), torch.cat(position_ids).unsqueeze(0),
                             Segments(tuple(bounds), tuple(masks)), torch.cat(predictor), torch.cat(targets).long(),
                             torch.cat(rows_of).long(), torch.cat(positions), flat_index)

@@ -541,7 +541,7 @@ def test_shared_prompt_rows_layout():
                                                              [1, 1, 1, 0, 0],
                                                              [1, 1, 1, 1, 0],
                                                              [1, 1, 0, 0, 1]]
-    assert shared.segments.masks[1][0, 0].int().tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+    assert shared.segments.masks[1] is None  # a prompt with one completion: plain causal attention
     assert shared.predictor.tolist() == [1, 2, 1, 5 + 1]       # positions: 6 -> 7, 7 -> 8, 6 -> 9, 1 -> 2
     assert shared.targets.tolist() == [7, 8, 9, 2]
     assert shared.rows.tolist() == [0, 0, 1, 2] and shared.positions.tolist() == [1, 2, 1, 1]
