@@ -11,7 +11,7 @@
 import importlib.util
 import os
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 import torch
@@ -100,13 +100,15 @@ def resolve_model_path(name_or_path: str) -> str:
 SDPA = 'halos_sdpa'  # transformers' PyTorch-SDPA attention, per segment, in float32 under CPU autocast except when decoding
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class Segments:
     """Sequences laid end to end in one row ([1, L] input ids): attention runs within each [start, end) only,
     causal, or under the segment's own [1, 1, n, n] bool mask (n = end - start). Passed to the model as the
-    keyword `halos_segments`, which transformers hands on to the attention function."""
+    keyword `halos_segments`, which transformers hands on to the attention function; each attention call
+    that reads them appends its layer to `read_by`, so a model that drops the keyword is caught."""
     bounds: Tuple[Tuple[int, int], ...]
     masks: Tuple[Optional[torch.Tensor], ...]  # one per segment; None: causal
+    read_by: List[torch.nn.Module] = field(default_factory=list)
 
 
 def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, halos_segments: Optional[Segments] = None,
@@ -114,7 +116,8 @@ def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, h
     """transformers' SDPA attention, with two differences.
 
     With `halos_segments` it attends within each segment only and ignores `attention_mask`: a row of packed
-    sequences then costs the sum of their squared lengths in attention, and no padding anywhere.
+    sequences then costs the sum of their squared lengths in attention, and no padding anywhere. The caller
+    leaves out sliding-window models (`halos.packing.segment_attention_supported`): segments drop the window.
 
     Under CPU autocast a forward over more than one query position runs in float32 (autocast off, inputs
     cast up; the output is float32 and autocast casts it down at the next matmul). On CPU, SDPA's bf16
@@ -135,6 +138,9 @@ def attend_within_segments(module, query, key, value, attention_mask, segments: 
     """sdpa_attention_forward over the whole row, or ([B, H, L, D] in, [B, L, H, D] out) within each segment."""
     if segments is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if not segments.bounds or segments.bounds[-1][1] != query.shape[2]:
+        raise ValueError(f"segments {segments.bounds} do not cover the row's {query.shape[2]} positions")
+    segments.read_by.append(module)
     outputs = [sdpa_attention_forward(module, query[:, :, start:end], key[:, :, start:end], value[:, :, start:end],
                                       mask, **kwargs)[0]
                for (start, end), mask in zip(segments.bounds, segments.masks)]

@@ -23,7 +23,7 @@ from halos import batch as schema
 from halos import checkpoint, lora
 from halos.errors import ConfigError
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
-from halos.packing import prompt_sharing_supported, sequence_logps, token_level_logps
+from halos.packing import segment_attention_supported, sequence_logps, token_level_logps
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
                    completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
 
@@ -55,10 +55,10 @@ class BasicTrainer:
         self.run_dir = config.local_run_dir
         model_config = config.model
         self.padding_free, self.autocast_dtype = model_config.padding_free, model_config.autocast_dtype
-        # model.share_prompts where it applies: packed rows, and a kernel that takes the explicit mask (SDPA;
-        # under flash-attention 2 rows are packed as before); runs saved before the option: off
+        # model.share_prompts where it applies: packed rows, and halos' attention, which reads each segment's mask
+        # (under flash-attention 2 each sequence is packed with its own prompt); runs saved before the option: off
         self.share_prompts = bool(model_config.get('share_prompts', False)) and self.padding_free and \
-            prompt_sharing_supported(policy)
+            segment_attention_supported(policy)
         self.max_grad_norm, self.accumulation_steps = model_config.max_grad_norm, model_config.gradient_accumulation_steps
         self.eval_every, self.do_first_eval = config.eval_every, config.do_first_eval
         self.minimum_log_interval_secs = config.minimum_log_interval_secs

@@ -85,6 +85,11 @@ class AdaptersOff(torch.nn.Module):
         super().__init__()
         self.__dict__['policy'] = policy
 
+    @property
+    def config(self):
+        """The policy's model config: the forward is the policy's."""
+        return self.policy.config
+
     def forward(self, *args, **kwargs):
         with self.policy.disable_adapter():
             return self.policy(*args, **kwargs)

@@ -14,7 +14,7 @@ padding. Three ways through the model, each giving the same log-probs:
   prompt once, then each completion, with position ids continuing from the prompt for every completion
   and a mask under which a completion attends to the prompt and to itself only. The prompt's last
   position predicts the first token of every completion. Needs halos' attention, which takes each
-  segment's own mask, and a causal model without a sliding window; `prompt_sharing_supported` says when.
+  segment's own mask, and a causal model without a sliding window; `segment_attention_supported` says when.
 """
 from dataclasses import dataclass
 from typing import Dict, List, Tuple
@@ -22,6 +22,7 @@ from typing import Dict, List, Tuple
 import torch
 
 from halos.batch import IGNORE_INDEX
+from halos.errors import ConfigError
 from halos.lora import unwrapped
 from models import SDPA, Segments
 
@@ -79,7 +80,10 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
         key = tuple(input_ids[row, :p].tolist()) if p > 0 else ('no prompt', row)
         groups.setdefault(key, []).append(row)
     device = input_ids.device
-    arange = lambda start, stop: torch.arange(start, stop, device=device)
+
+    def arange(start: int, stop: int) -> torch.Tensor:
+        return torch.arange(start, stop, device=device)
+
     ids, position_ids, bounds, masks = [], [], [], []
     predictor, targets, rows_of, positions = [], [], [], []
     flat_index = torch.full_like(input_ids, -1, dtype=torch.long)
@@ -114,12 +118,31 @@ def share_prompt_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor, lab
                             torch.cat(rows_of).long(), torch.cat(positions), flat_index)
 
 
-def prompt_sharing_supported(model: torch.nn.Module) -> bool:
-    """Shared prompts need halos' attention (`models.SDPA`, which takes each segment's mask), and a model whose
-    own mask is plain causal (a sliding window would be lost under the segment masks)."""
-    config = model.config
+def segment_attention_supported(model: torch.nn.Module) -> bool:
+    """Whether the model attends within `models.Segments`: halos' attention (`models.SDPA`) on a model whose own
+    mask is plain causal (segments would drop a sliding window). Shared prompts need it; packed rows without it
+    are told apart by their position ids (transformers' block-diagonal mask, flash-attention's varlen path)."""
+    config = unwrapped(model).config
     sliding = getattr(config, 'sliding_window', None) and getattr(config, 'use_sliding_window', True)
     return config._attn_implementation == SDPA and not sliding
+
+
+def forward_over_segments(model: torch.nn.Module, input_ids: torch.Tensor, position_ids: torch.Tensor,
+                          segments: Segments, **kwargs):
+    """model(...) over one packed [1, L] row whose sequences are `segments`. With segment attention the
+    attention runs within each segment, and an all-ones attention_mask keeps transformers from building the
+    row's [L, L] mask (which that attention ignores); otherwise the position ids tell the sequences apart.
+    Raises when the model never hands the segments to its attention, which would then cross sequences."""
+    if not segment_attention_supported(model):
+        if any(mask is not None for mask in segments.masks):
+            raise ConfigError("shared prompts need halos' attention (models.SDPA): set model.share_prompts=false")
+        return model(input_ids=input_ids, position_ids=position_ids, use_cache=False, **kwargs)
+    output = model(input_ids=input_ids, position_ids=position_ids, attention_mask=torch.ones_like(input_ids),
+                   halos_segments=segments, use_cache=False, **kwargs)
+    if not segments.read_by:
+        raise ConfigError(f"{type(unwrapped(model)).__name__} does not pass the keyword halos_segments on to its "
+                          "attention, so packed sequences would attend to each other: set model.padding_free=false")
+    return output
 
 
 def label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -135,8 +158,8 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     shared = share_prompt_rows(input_ids, attention_mask, labels)
     keep = torch.zeros(shared.input_ids.numel(), dtype=torch.bool, device=input_ids.device)
     keep[shared.predictor] = True
-    logits = model(input_ids=shared.input_ids, position_ids=shared.position_ids, halos_segments=shared.segments,
-                   logits_to_keep=keep.view_as(shared.input_ids), use_cache=False).logits
+    logits = forward_over_segments(model, shared.input_ids, shared.position_ids, shared.segments,
+                                   logits_to_keep=keep.view_as(shared.input_ids)).logits
     logits = logits.reshape(-1, logits.shape[-1])                       # [kept positions, V], in flat order
     kept_index = keep.long().cumsum(0) - 1                              # flat position -> its row of `logits`
     log_normalisers = torch.logsumexp(logits.float(), dim=-1)           # once per kept position
@@ -151,7 +174,7 @@ def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention
     `share_prompts` each prompt runs once (`share_prompt_rows`, as for log-probs) and the logits are read
     where transformers' classifiers pool: at each row's last token that is not the pad token. They are read
     from the per-position output of the model's `score` head (a forward hook: the model itself pools over
-    the packed rows, which means nothing), so the call still goes through the model's own forward (FSDP,
+    the packed row, which means nothing), so the call still goes through the model's own forward (FSDP,
     LoRA). Models without a `score` head take the padded forward."""
     head = getattr(unwrapped(model), 'score', None)
     if not share_prompts or head is None:
@@ -160,8 +183,7 @@ def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention
     per_position = []
     hook = head.register_forward_hook(lambda module, args, output: per_position.append(output))
     try:
-        model(input_ids=shared.input_ids, position_ids=shared.position_ids, halos_segments=shared.segments,
-              use_cache=False)
+        forward_over_segments(model, shared.input_ids, shared.position_ids, shared.segments)
     finally:
         hook.remove()
     scores = per_position[0].reshape(-1, per_position[0].shape[-1])   # [L, labels]
@@ -192,8 +214,8 @@ def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, atte
                            next_labels=next_labels, rows=rows, positions=positions)
         input_ids, predicts_label, next_labels, rows, positions = (
             packed[key] for key in ('input_ids', 'predicts_label', 'next_labels', 'rows', 'positions'))
-        logits = model(input_ids=input_ids, position_ids=packed['position_ids'], halos_segments=packed['segments'],
-                       logits_to_keep=predicts_label, use_cache=False).logits
+        logits = forward_over_segments(model, input_ids, packed['position_ids'], packed['segments'],
+                                       logits_to_keep=predicts_label).logits
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
                        use_cache=False).logits

@@ -21,6 +21,7 @@ from halos.build import build_trainer
 from halos.checkpoint import load_policy_file, save_policy_file
 from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 from halos import packing
+from halos.errors import ConfigError
 from halos.packing import sequence_logps, token_level_logps
 import utils
 from utils import get_batch_logps
@@ -463,7 +464,7 @@ def test_completion_only_forward_equals_the_full_logits(tmp_path, padding_free):
     trainer = build_trainer(make_config(tmp_path, loss='dpo'))
     input_ids, attention_mask, labels = trainer.stack_sequences(trainer.eval_batches[0], ('chosen', 'rejected'))
     assert (attention_mask == 0).any()  # the rows have padding to skip
-    assert packing.pack_rows(attention_mask.sum(1), ids=input_ids)['ids'].shape == (1, attention_mask.sum())  # one row
+    assert packing.pack_rows(attention_mask.sum(1), ids=input_ids)['ids'].shape == (1, int(attention_mask.sum()))
     assert_equals_the_full_forward(trainer.policy, lambda *rows: sequence_logps(*rows, padding_free=padding_free),
                                    input_ids, attention_mask, labels)
 
@@ -553,11 +554,11 @@ def test_prompts_are_shared_only_where_the_forward_allows_it(tmp_path):
     flash-attention 2: neither reads the segments' masks) and a plain causal mask (not a sliding window)."""
     assert not build_trainer(make_config(tmp_path, '++model.padding_free=false')).share_prompts
     model = lambda **config: types.SimpleNamespace(config=types.SimpleNamespace(**config))
-    assert packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa'))
-    assert not packing.prompt_sharing_supported(model(_attn_implementation='sdpa'))
-    assert not packing.prompt_sharing_supported(model(_attn_implementation='flash_attention_2'))
-    assert not packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa', sliding_window=16))
-    assert packing.prompt_sharing_supported(model(_attn_implementation='halos_sdpa', sliding_window=16,
+    assert packing.segment_attention_supported(model(_attn_implementation='halos_sdpa'))
+    assert not packing.segment_attention_supported(model(_attn_implementation='sdpa'))
+    assert not packing.segment_attention_supported(model(_attn_implementation='flash_attention_2'))
+    assert not packing.segment_attention_supported(model(_attn_implementation='halos_sdpa', sliding_window=16))
+    assert packing.segment_attention_supported(model(_attn_implementation='halos_sdpa', sliding_window=16,
                                                   use_sliding_window=False))
 
 
@@ -643,6 +644,43 @@ def test_attention_over_segments_attends_within_each_one_only():
     assert not torch.allclose(with_changed[:, 3 + 2], output[:, 3 + 2])  # query 2 does see key 1
 
 
+def test_a_packed_row_builds_no_mask_and_a_model_that_drops_the_segments_is_caught(monkeypatch):
+    """halos' attention over a packed row gets no [L, L] mask from transformers (it would ignore it), and a
+    model whose layers never hand `halos_segments` on to the attention stops with a clear error instead of
+    letting the sequences attend to each other."""
+    model = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    input_ids = torch.tensor([[5, 6, 7, 8], [9, 10, 11, 0]])
+    attention_mask = (input_ids != 0).long()
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    masks_seen, attend = [], models.attend_within_segments
+    monkeypatch.setattr(models, 'attend_within_segments', lambda module, query, key, value, attention_mask, *rest,
+                        **kwargs: masks_seen.append(attention_mask) or attend(module, query, key, value,
+                                                                              attention_mask, *rest, **kwargs))
+    sequence_logps(model, input_ids, attention_mask, labels)
+    assert masks_seen and all(mask is None for mask in masks_seen)
+    monkeypatch.setattr(models, 'attend_within_segments', lambda module, query, key, value, attention_mask, segments,
+                        **kwargs: attend(module, query, key, value, attention_mask, None, **kwargs))
+    with pytest.raises(ConfigError, match='does not pass the keyword halos_segments on to its attention'):
+        sequence_logps(model, input_ids, attention_mask, labels)
+
+
+def test_a_sliding_window_model_packs_by_its_own_mask():
+    """Segments would drop a sliding window, so a model with one packs by transformers' own mask (the window
+    kept): its packed log-probs equal the padded forward's."""
+    from transformers import MistralConfig, MistralForCausalLM
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, sliding_window=3)
+    config._attn_implementation = models.SDPA
+    model = MistralForCausalLM(config)
+    assert not packing.segment_attention_supported(model)
+    input_ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14, 15, 16, 0, 0]])
+    attention_mask = (input_ids != 0).long()
+    labels = torch.where(attention_mask.bool(), input_ids, -100)
+    torch.testing.assert_close(sequence_logps(model, input_ids, attention_mask, labels),
+                               sequence_logps(model, input_ids, attention_mask, labels, padding_free=False))
+
+
 def test_pack_rows_lays_the_sequences_end_to_end_in_one_row():
     """Lengths [2, 5, 3, 1]: one row of 11 tokens and no padding, every sequence in order with positions from
     0 and its own causal attention segment."""
@@ -650,7 +688,8 @@ def test_pack_rows_lays_the_sequences_end_to_end_in_one_row():
     packed = packing.pack_rows(torch.tensor([2, 5, 3, 1]), input_ids=ids)
     assert packed['input_ids'].tolist() == [[1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11]]
     assert packed['position_ids'].tolist() == [[0, 1, 0, 1, 2, 3, 4, 0, 1, 2, 0]]
-    assert packed['segments'] == models.Segments(((0, 2), (2, 7), (7, 10), (10, 11)), (None,) * 4)
+    assert packed['segments'].bounds == ((0, 2), (2, 7), (7, 10), (10, 11))
+    assert packed['segments'].masks == (None,) * 4
 
 
 def test_grpo_reads_the_old_policy_from_the_policy_forward_until_the_first_update(tmp_path):
@@ -695,7 +734,6 @@ def test_humanline_makes_the_reference_the_previous_policy_and_logs_the_unclampe
     ('slic', [], 'SLiCTrainer has no per-token log-ratios'),
     ('dpo', ['++cache_reference_logprobs=true'], 'cannot be cached: set cache_reference_logprobs=false')])
 def test_humanline_refuses_what_cannot_work(tmp_path, loss, overrides, message):
-    from halos.errors import ConfigError
     with pytest.raises(ConfigError, match=message):
         make_config(tmp_path, '++loss.humanline=true', *overrides, loss=loss)
 
