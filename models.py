@@ -97,7 +97,8 @@ def resolve_model_path(name_or_path: str) -> str:
     return name_or_path
 
 
-SDPA = 'halos_sdpa'  # transformers' PyTorch-SDPA attention, per segment, in float32 under CPU autocast except when decoding
+# transformers' PyTorch-SDPA attention, per segment, in float32 under CPU autocast except when decoding
+SDPA = 'halos_sdpa'
 
 
 @dataclass(frozen=True, eq=False)
@@ -111,8 +112,8 @@ class Segments:
     read_by: List[torch.nn.Module] = field(default_factory=list)
 
 
-def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask, halos_segments: Optional[Segments] = None,
-                                    **kwargs):
+def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask,
+                                    halos_segments: Optional[Segments] = None, **kwargs):
     """transformers' SDPA attention, with two differences.
 
     With `halos_segments` it attends within each segment only and ignores `attention_mask`: a row of packed

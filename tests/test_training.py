@@ -179,7 +179,6 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
 
 def perturbed_tiny_model():
     """The tiny model with every weight moved by noise, so that its weights differ from the base model's."""
-    import models
     model = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
     generator = torch.Generator().manual_seed(5)
     with torch.no_grad():
@@ -209,7 +208,6 @@ def test_load_from_initialises_the_policy_and_the_reference(tmp_path, tokenizer,
     trainer = build_trainer(make_config(tmp_path, f'++model.load_from={load_from}', loss='dpo'))
     assert_weights_equal(trainer.policy, state)
     assert_weights_equal(trainer.reference_model, state)
-    import models
     base = models.load_causal_lm('embedded:tiny-smollm2', 'float32').state_dict()
     assert not torch.equal(base['model.embed_tokens.weight'], state['model.embed_tokens.weight'])
 
@@ -414,7 +412,6 @@ def test_the_reference_cache_is_reused_and_missed_when_the_reference_changes(tmp
 
 def reference_changes(tmp_path, monkeypatch):
     """Ways to change what decides the reference model's numbers, as config overrides."""
-    import models
     base = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
     save_policy_file(str(tmp_path / 'same_weights.pt'), 0, base.state_dict(), {})
     shutil.copytree(models.resolve_model_path('embedded:tiny-smollm2'), tmp_path / 'tiny_copy')
@@ -583,7 +580,6 @@ def test_attention_runs_in_float32_under_cpu_autocast_except_when_decoding(monke
     autocast off (SDPA's bf16 backward is the slower one on CPU), with or without gradient, so policy and
     reference agree; a decoding step (one query position) leaves SDPA to autocast, which casts to bf16. The
     log-probs stay within bf16 rounding of the plain float32 forward, and the gradient flows."""
-    import models
     from transformers import DynamicCache
     from halos.sampling import cache_keyword
     model = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
@@ -631,7 +627,8 @@ def test_attention_over_segments_attends_within_each_one_only():
     hidden = torch.ones(4, 4, dtype=torch.bool).tril()
     hidden[3, 1] = False                                  # in the second segment, query 3 does not see key 1
     segments = models.Segments(((0, 3), (3, 7)), (None, hidden[None, None]))
-    output, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, value, torch.zeros(1, 1, 7, 7, dtype=torch.bool),
+    everything_hidden = torch.zeros(1, 1, 7, 7, dtype=torch.bool)
+    output, _ = models.sdpa_float32_under_cpu_autocast(layer, query, key, value, everything_hidden,
                                                        halos_segments=segments)
     first, _ = models.sdpa_float32_under_cpu_autocast(layer, query[:, :, :3], key[:, :, :3], value[:, :, :3], None)
     changed = value.clone()
