@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import openai
 from tqdm import tqdm
 
-from halos.errors import UserError
+from halos.errors import ArgumentParser, UserError, reported
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          describe_error, fatal_error_message, make_client, public_url)
 
@@ -70,7 +70,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--file', '-f', required=True, help="samples JSON written by eval.py (has 'samples' and 'config')")
     parser.add_argument('--candidate_key', '-ck', default='policy', help='sample field of the model under test')
     parser.add_argument('--baseline_key', '-bk', default='chosen', help='sample field of the baseline')
@@ -380,8 +380,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         result = run(args)
     except UserError as error:  # a CompareError, or the judge unreachable or refusing
-        print(f"compare.py: {error}", file=sys.stderr)
-        return 2
+        return reported('compare.py', error)
     except KeyboardInterrupt:
         print(f"compare.py: interrupted; every judgment received is in {args.cache}, rerun to continue", file=sys.stderr)
         return 130

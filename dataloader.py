@@ -12,6 +12,7 @@ tokenize lazily and yield padded batches (the keys: halos/batch.py). The shared 
 halos.batching.DataLoader; each loader below says only how Examples become items and items become elements.
 """
 import random
+from dataclasses import dataclass
 from typing import Dict, List
 
 from halos import batch as schema
@@ -21,6 +22,7 @@ from halos.datasets import (DATASETS, get_alpacaeval, get_hh, get_hh_harmless, g
 from halos.errors import ConfigError, DataError
 from halos.examples import Dataset, Example, render_turns
 from halos.feedback import get_feedback_file, read_json_records
+from halos.settings import Rule, setting
 from utils import find_class
 
 __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get_feedback_file', 'get_hh',
@@ -101,14 +103,21 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
     The control token belongs to the prompt, so it is masked out of the loss.
     """
 
+    @dataclass(frozen=True)
+    class Params:
+        chosen_control_token: str = setting('<|good|>', 'ends the prompt of a desirable completion (and asks for one)',
+                                            Rule(bool, 'a non-empty string', names_values=True))
+        rejected_control_token: str = setting('<|bad|>', 'ends the prompt of an undesirable completion',
+                                              Rule(bool, 'a non-empty string', names_values=True))
+
     def __init__(self, *args, chosen_control_token: str = '<|good|>', rejected_control_token: str = '<|bad|>',
                  **kwargs):
         self.chosen_control_token, self.rejected_control_token = chosen_control_token, rejected_control_token
         super().__init__(*args, **kwargs)
 
     @classmethod
-    def control_tokens(cls, loss_config) -> List[str]:
-        return [loss_config.chosen_control_token, loss_config.rejected_control_token]
+    def control_tokens(cls, params) -> List[str]:
+        return [params.chosen_control_token, params.rejected_control_token]
 
     def tokenize_items(self, items, global_batch):
         elements = []

@@ -9,23 +9,26 @@ The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (
 `prompt`, `output` and optionally `prompt_id`). Each sample is scored by a reward function
 (`file.py:function` or `module:function`, called as function(prompt, completion) -> float), a reward model
 (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
-a rerun asks nothing twice). A sample that gets no score is dropped and counted. The feedback (binary,
-pairwise, scalar or best; see halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
+a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored of
+them scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on
+stops with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see
+halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
 import os
 import sys
 from typing import List, Optional, Sequence
 
-from halos.errors import DataError, UserError
+from halos.errors import ArgumentParser, DataError, UserError, reported
 from halos.examples import prompt_digest
 from halos.feedback import read_json_records, write_jsonl
 from halos.labelers import make_labeler
-from halos.labelling import FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples
+from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
+                             why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('samples', help='sample records (JSON Lines or a JSON array)')
     parser.add_argument('output', help='the feedback file to write (JSON Lines)')
     labeler = parser.add_mutually_exclusive_group(required=True)
@@ -42,7 +45,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--per-prompt', action='store_true', help="binary: each prompt's own mean or median")
     parser.add_argument('--pair-mode', choices=PAIR_MODES, default='max')
     parser.add_argument('--seed', type=int, default=0, help='pairwise: the A/B order and the random pairs')
+    parser.add_argument('--min-scored', type=share, default=0.5,
+                        help='stop when the labeller scores fewer than this share of the samples')
     return parser.parse_args(argv)
+
+
+def share(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
+    return value
 
 
 def read_samples(path: str) -> List[dict]:
@@ -65,7 +77,12 @@ def run(args: argparse.Namespace) -> dict:
     labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge,
                            args.base_url or os.environ.get('OPENAI_BASE_URL'), cache, args.max_length, args.concurrency)
     labelled, counts = label_samples(samples, labeler)
+    scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)
+    reason = why_no_training_data(labelled, args.feedback) or (None if records else "no pair differs by more than "
+                                                                                   "--threshold")
+    if reason:
+        raise DataError(f"{args.samples}: no {args.feedback} feedback to write: {reason}")
     write_jsonl(args.output, records)
     return {'samples': len(samples), **counts, 'feedback records': len(records)}
 
@@ -75,8 +92,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         counts = run(args)
     except UserError as error:
-        print(f"label.py: {error}", file=sys.stderr)
-        return 2
+        return reported('label.py', error)
     print(f"wrote {counts['feedback records']} {args.feedback} feedback records to {args.output} "
           f"({', '.join(f'{k} {v}' for k, v in counts.items() if k != 'feedback records')})")
     return 0

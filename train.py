@@ -8,6 +8,7 @@ shards the models with FSDP2, and with use_fsdp=true on a multi-GPU machine halo
 per GPU itself. A mistake in the data, the config or a checkpoint ends the run with one line naming it
 (exit status 2; HYDRA_FULL_ERROR=1 shows the traceback).
 """
+import dataclasses
 import os
 import resource
 import sys
@@ -19,28 +20,31 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from halos import checkpoint
-from halos.build import build_online_rounds, build_trainer, check_overrides, shipped_defaults, validate_config
+from halos.build import build_online_rounds, build_trainer, run_settings
+from halos.cli import run_hydra
 from halos.errors import ConfigError, reported_as_one_line
-from utils import free_port, get_rank, get_world_size, init_distributed_from_env
+from halos.settings import RunSettings, as_dict
+from utils import free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
 
 
-def worker_main(config: DictConfig) -> None:
+def worker_main(run: RunSettings) -> None:
     """Everything one process does: save the config, start wandb, train, evaluate, save."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
-    os.makedirs(config.local_run_dir, exist_ok=True)
+    os.makedirs(run.local_run_dir, exist_ok=True)
     if get_rank() == 0:
-        OmegaConf.save(config, os.path.join(config.local_run_dir, 'config.yaml'))
-        if config.wandb.enabled and not config.debug:
+        OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
+        if run.wandb.enabled and not run.debug:
             import wandb
-            os.environ.setdefault('WANDB_MODE', config.wandb.mode)
-            wandb.init(entity=config.wandb.entity, project=config.wandb.project, name=config.exp_name,
-                       config=OmegaConf.to_container(config), dir=config.local_run_dir)
-    latest = os.path.join(config.local_run_dir, checkpoint.LATEST)
-    if config.resume:
-        checkpoint.complete_checkpoint_dir(latest)  # before anything loads
-    trainer = build_trainer(config)
-    rounds = build_online_rounds(config, trainer) if config.online.rounds > 0 else None  # before the resume:
-    if config.resume:                                                   # it decides what the checkpoint holds
+            os.environ.setdefault('WANDB_MODE', run.wandb.mode)
+            wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=run.exp_name, config=as_dict(run),
+                       dir=run.local_run_dir)
+    latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
+    resume = run.resume and resumable(run, latest)  # checked before anything loads
+    trainer = build_trainer(run)
+    rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
+    if resume:                                                          # it decides what the checkpoint holds
         trainer.load_checkpoint(latest)
     if rounds is not None:
         rounds.run()
@@ -50,46 +54,64 @@ def worker_main(config: DictConfig) -> None:
     trainer.save_checkpoint(final=True)
 
 
-def spawned_worker(rank: int, world_size: int, config_container: dict, port: int) -> None:
+def resumable(run: RunSettings, latest: str) -> bool:
+    """resume=true: from the complete checkpoint in `latest`; online rounds stopped before their first
+    checkpoint start again from the start, keeping what is on disk (no round is sampled or labelled twice)."""
+    rounds_dir = os.path.join(run.local_run_dir, 'rounds')
+    if run.online.rounds > 0 and checkpoint.resolve_checkpoint_dir(latest) is None and os.path.isdir(rounds_dir):
+        rank0_print(f'no checkpoint yet in {latest}: starting from the first round, with the rounds in {rounds_dir}')
+        return False
+    checkpoint.complete_checkpoint_dir(latest)
+    return True
+
+
+def spawned_worker(rank: int, world_size: int, run: RunSettings, port: int) -> None:
     """One process per GPU when halos starts them itself (use_fsdp=true, several GPUs, no torchrun)."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
                       MASTER_ADDR='localhost', MASTER_PORT=str(port))
     init_distributed_from_env()
     with reported_as_one_line('train.py'):
-        worker_main(OmegaConf.create(config_container))
+        worker_main(run)
 
 
-def launch(config: DictConfig) -> None:
+def launch(run: RunSettings) -> None:
     """This process (one, or one of torchrun's), or one spawned process per GPU."""
     if init_distributed_from_env():
-        if not config.use_fsdp:
+        if not run.use_fsdp:
             raise ConfigError("several processes need use_fsdp=true (nothing else averages their gradients)")
-        worker_main(config)
-    elif config.use_fsdp and torch.cuda.device_count() > 1:
+        worker_main(run)
+    elif run.use_fsdp and torch.cuda.device_count() > 1:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         world_size = torch.cuda.device_count()
-        mp.spawn(spawned_worker, nprocs=world_size, join=True,
-                 args=(world_size, OmegaConf.to_container(config), config.fsdp_port or free_port()))
+        mp.spawn(spawned_worker, nprocs=world_size, join=True, args=(world_size, run, run.fsdp_port or free_port()))
     else:
-        worker_main(config)
+        worker_main(run)
 
 
-@hydra.main(version_base=None, config_path='config', config_name='config')
-def main(config: DictConfig) -> None:
-    choices = HydraConfig.get().runtime.choices
+@hydra.main(version_base=None, config_path=CONFIG_DIR, config_name='config')
+def train(config: DictConfig) -> None:
+    with reported_as_one_line('train.py'):
+        run = run_settings(config, HydraConfig.get().overrides.task)
+        run = dataclasses.replace(run, saved_policy=run.saved_policy or os.path.join(
+            run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY))  # where eval.py finds the trained policy
+        train_with(run)
+
+
+def train_with(run: RunSettings) -> None:
     try:
-        with reported_as_one_line('train.py'):
-            check_overrides(HydraConfig.get().overrides.task, shipped_defaults(choices.get('model'), choices.get('loss')))
-            validate_config(config)
-            launch(config)
+        launch(run)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint in {config.local_run_dir}/LATEST is intact; "
+        print(f"\ninterrupted: the last checkpoint in {run.local_run_dir}/LATEST is intact; "
               f"continue with ++resume=true", file=sys.stderr)
         sys.exit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def main() -> None:
+    run_hydra('train.py', train)
 
 
 if __name__ == '__main__':

@@ -4,27 +4,34 @@ To add a loss, subclass PairedPreferenceTrainer (chosen/rejected pairs) or Unpai
 (desirable/undesirable examples), override `loss`, and add a YAML file to config/loss naming the trainer and
 the dataloader. `loss` receives summed log-probs of the completions, shape [batch], and returns per-example
 (losses, chosen_rewards, rejected_rewards); each trainer's `loss` calls one pure function of halos/losses.py
-with its hyperparameters from `self.config.loss`. The loop, evaluation, logging, clipping and checkpoints
-are BasicTrainer's (halos/loop.py); the token-level RL machinery is halos/rl.py.
+with its hyperparameters from `self.params`, an instance of its `Params`: a frozen dataclass declaring each
+key of its config/loss YAML with its type, default, doc and constraint (checked before anything loads).
+The loop, evaluation, logging, clipping and checkpoints are BasicTrainer's (halos/loop.py); PPO's machinery is
+halos/actor_critic.py, GRPO's halos/policy_gradient.py, the token-level RL helpers halos/rl.py.
 """
 import zlib
-from typing import Dict, List, Tuple
+from dataclasses import dataclass
+from typing import Dict, Optional, Tuple
 
 import torch
 
 import models
 from halos import batch as schema
 from halos import rl
+from halos.actor_critic import ActorCriticTrainer
 from halos.errors import ConfigError
-from halos.labelers import RewardFunctionLabeler, classifier_scores, reward_model_scores, write_reward_model_format
-from halos.loop import BasicTrainer
+from halos.labelers import (RewardFunctionLabeler, checked_score, checked_scores, classifier_scores, reward_model_scores,
+                            write_reward_model_format)
+from halos.loop import BasicTrainer, Humanline
 from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss, dpo_loss, entropy_from_logits,  # noqa: F401
                           generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
                           ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, sft_loss, simple_kto_loss,
                           simpo_loss, slic_loss, whiten_advantages)
 from halos.packing import classifier_logits
-from halos.sampling import SamplingOptions, halos_sampler
-from utils import all_reduce_mean, all_reduce_sum, clip_gradient_norm, find_class, get_batch_logps, weighted_mean
+from halos.policy_gradient import GroupTrainer
+from halos.sampling import halos_sampler
+from halos.settings import at_least, between, greater_than, setting
+from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps, weighted_mean
 
 
 class SFTTrainer(BasicTrainer):
@@ -40,29 +47,9 @@ class SFTTrainer(BasicTrainer):
 
 
 class PreferenceTrainer(BasicTrainer):
-    """Shared metrics of the preference trainers; subclasses provide `compute_losses`.
-
-    Under humanline (loss.humanline) the policy's summed log-probs are replaced by the sums of its clamped
-    per-token log-ratios to the reference, and the reference's by 0, so every loss() sees clamped log-ratios.
-    """
+    """Shared metrics of the preference trainers; subclasses provide `compute_losses`. Under humanline every
+    loss() sees clamped log-ratios (BasicTrainer.policy_logps)."""
     abstract = True
-
-    def policy_logps(self, batch: Dict, kinds: Tuple[str, ...]) -> List[torch.Tensor]:
-        """Summed policy log-probs per kind, [rows] each; under humanline the summed clamped log-ratios (and
-        `self.unclamped` the fraction of each row's tokens inside the band)."""
-        if not self.humanline:
-            return self.concatenated_logps(self.policy, batch, kinds)
-        policy, mask = self.concatenated_token_logps(self.policy, batch, kinds)
-        with torch.no_grad():
-            reference, _ = self.concatenated_token_logps(self.reference_model, batch, kinds)
-        logratios, inside = humanline_logratios(policy, reference, mask, *self.humanline_band)
-        self.unclamped = inside / mask.sum(-1).clamp(min=1)
-        return list(logratios.sum(-1).split(schema.rows_per_kind(batch, kinds)))
-
-    def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
-        if not self.humanline:
-            return super().reference_logps(batch)
-        return [torch.zeros(rows, device=self.device) for rows in schema.rows_per_kind(batch, self.prefixes)]
 
     def compute_losses(self, batch: Dict):
         """-> (losses [n], chosen_rewards, rejected_rewards, accuracies [n], extra metrics {name: value})."""
@@ -102,60 +89,84 @@ class PairedPreferenceTrainer(PreferenceTrainer):
 
 class DPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
-    supports_humanline = True
+
+    @dataclass(frozen=True)
+    class Params(Humanline):
+        beta: float = setting(0.1, 'temperature of the implied reward beta * log(pi / pi_ref)', greater_than(0))
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = -log sigmoid(beta h), h = [log pi(y_w) - log pi_ref(y_w)] - [log pi(y_l) - log pi_ref(y_l)]."""
         return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, beta=self.config.loss.beta)
+                        reference_rejected_logps, beta=self.params.beta)
 
 
 class CDPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
-    supports_humanline = True
+
+    @dataclass(frozen=True)
+    class Params(Humanline):
+        beta: float = setting(0.1, 'temperature of the implied reward', greater_than(0))
+        epsilon: float = setting(0.2, 'share of preference labels assumed flipped (label smoothing)', between(0, 0.5))
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = -(1 - epsilon) log sigmoid(beta h) - epsilon log sigmoid(-beta h)."""
         return dpo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, beta=self.config.loss.beta, label_smoothing=self.config.loss.epsilon)
+                        reference_rejected_logps, beta=self.params.beta, label_smoothing=self.params.epsilon)
 
 
 class IPOTrainer(PairedPreferenceTrainer):
     use_reference_model = True
-    supports_humanline = True
+
+    @dataclass(frozen=True)
+    class Params(Humanline):
+        beta: float = setting(0.1, 'the regularisation tau of IPO (the target margin is 1 / (2 tau))', greater_than(0))
 
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """L = (h - 1 / (2 tau))^2 with tau = loss.beta."""
         return ipo_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, tau=self.config.loss.beta)
+                        reference_rejected_logps, tau=self.params.beta)
 
 
 class SLiCTrainer(PairedPreferenceTrainer):
     use_reference_model = False
 
+    @dataclass(frozen=True)
+    class Params:
+        beta: float = setting(1.0, 'the margin delta of the hinge, in nats per sequence', at_least(0))
+        lambda_coef: float = setting(0.1, 'weight of the NLL regulariser on the chosen completion', at_least(0))
+
     def loss(self, policy_chosen_logps, policy_rejected_logps):
         """L = max(0, delta - log pi(y_w) + log pi(y_l)) - lambda log pi(y_w), delta = loss.beta."""
-        return slic_loss(policy_chosen_logps, policy_rejected_logps, delta=self.config.loss.beta,
-                         lambda_coef=self.config.loss.lambda_coef)
+        return slic_loss(policy_chosen_logps, policy_rejected_logps, delta=self.params.beta,
+                         lambda_coef=self.params.lambda_coef)
 
 
 class SimPOTrainer(PairedPreferenceTrainer):
     use_reference_model = False
     average_log_prob = True  # loss() gets per-token mean log-probs
 
+    @dataclass(frozen=True)
+    class Params:
+        beta: float = setting(10.0, 'the reward scale beta', greater_than(0))
+        gamma_beta_ratio: float = setting(0.3, 'the target margin, as gamma / beta', at_least(0))
+
     def loss(self, policy_chosen_logps, policy_rejected_logps):
         """L = -log sigmoid(beta (r(y_w) - r(y_l) - gamma / beta)), r = mean token log-prob."""
-        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=self.config.loss.beta,
-                          gamma_beta_ratio=self.config.loss.gamma_beta_ratio)
+        return simpo_loss(policy_chosen_logps, policy_rejected_logps, beta=self.params.beta,
+                          gamma_beta_ratio=self.params.gamma_beta_ratio)
 
 
 class ORPOTrainer(PairedPreferenceTrainer):
     use_reference_model = False
     average_log_prob = True  # loss() gets per-token mean log-probs
 
+    @dataclass(frozen=True)
+    class Params:
+        lambda_coef: float = setting(0.25, 'weight of the odds-ratio term', at_least(0))
+
     def loss(self, policy_chosen_logps, policy_rejected_logps):
         """L = -l(y_w) + lambda (-log sigmoid(odds(y_w) - odds(y_l))), odds(y) = l(y) - log(1 - e^l(y))."""
-        return orpo_loss(policy_chosen_logps, policy_rejected_logps, lambda_coef=self.config.loss.lambda_coef)
+        return orpo_loss(policy_chosen_logps, policy_rejected_logps, lambda_coef=self.params.lambda_coef)
 
 
 class BradleyTerryTrainer(PairedPreferenceTrainer):
@@ -165,13 +176,17 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
     use_reference_model = False
     lora_task_type, lora_heads = 'SEQ_CLS', ('score',)
 
+    @dataclass(frozen=True)
+    class Params:
+        margin: float = setting(0.0, 'the least score gap a pair is pushed to')
+
     @classmethod
     def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
         return models.load_sequence_classifier(name_or_path, dtype, **kwargs)
 
     def loss(self, chosen_scores, rejected_scores):
         """L = -log sigmoid(s(y_w) - s(y_l) - margin)."""
-        return bradley_terry_loss(chosen_scores, rejected_scores, margin=self.config.loss.margin)
+        return bradley_terry_loss(chosen_scores, rejected_scores, margin=self.params.margin)
 
     def compute_losses(self, batch):
         sequences = schema.Sequences.stacked(batch, self.prefixes, self.tokenizer.pad_token_id, self.device)
@@ -186,15 +201,18 @@ class BradleyTerryTrainer(PairedPreferenceTrainer):
     def export_hf(self, directory, policy_state):
         """The reward model, with how its inputs were formatted (the labeler formats the same way)."""
         super().export_hf(directory, policy_state)
-        write_reward_model_format(directory, self.config)
+        write_reward_model_format(directory, self.settings.formatting, self.settings.use_chat_template)
 
 
 class UnpairedPreferenceTrainer(PreferenceTrainer):
     """Trainers on desirable ('chosen') and undesirable ('rejected') examples, in any mix per batch."""
     abstract = True
     use_reference_model = True
-    supports_humanline = True
     prefixes = (schema.TARGET,)
+
+    @dataclass(frozen=True)
+    class Params(Humanline):
+        beta: float = setting(0.1, 'temperature of the implied reward beta * log(pi / pi_ref)', greater_than(0))
 
     @staticmethod
     def split_by_status(batch, logps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -225,7 +243,7 @@ class SimpleKTOTrainer(UnpairedPreferenceTrainer):
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """desirable: 1 - sigmoid(beta (r_c - KL_u)); undesirable: 1 - sigmoid(beta (KL_c - r_u)); KL = max(0, mean r)."""
         return simple_kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                               reference_rejected_logps, beta=self.config.loss.beta)
+                               reference_rejected_logps, beta=self.params.beta)
 
 
 class KTOZeroTrainer(UnpairedPreferenceTrainer):
@@ -234,12 +252,19 @@ class KTOZeroTrainer(UnpairedPreferenceTrainer):
     def loss(self, policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps):
         """desirable: 1 - sigmoid(beta r); undesirable: 1 - sigmoid(-beta r)."""
         return kto_loss(policy_chosen_logps, policy_rejected_logps, reference_chosen_logps,
-                        reference_rejected_logps, reference_point=0.0, beta=self.config.loss.beta)
+                        reference_rejected_logps, reference_point=0.0, beta=self.params.beta)
 
 
 class KTOTrainer(UnpairedPreferenceTrainer):
     """KTO with the reference point z0 estimated from mismatched (x_i, y_{i+1}) 'KL' examples."""
     prefixes = (schema.TARGET, schema.KL)
+
+    @dataclass(frozen=True)
+    class Params(Humanline):
+        beta: float = setting(0.1, 'temperature of the implied reward beta * log(pi / pi_ref)', greater_than(0))
+        desirable_weight: float = setting(1.0, 'lambda_D (keep lambda_D n_D / (lambda_U n_U) in [1, 4/3])',
+                                          greater_than(0))
+        undesirable_weight: float = setting(1.0, 'lambda_U', greater_than(0))
 
     def policy_logps_with_kl(self, batch) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Chosen and rejected log-probs with gradient; the KL rows without (z0 is a constant)."""
@@ -262,8 +287,8 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         KL = self.reference_point(policy_KL_logps, reference_KL_logps)
         losses, chosen_rewards, rejected_rewards = kto_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps,
-            reference_point=KL, beta=self.config.loss.beta, desirable_weight=self.config.loss.desirable_weight,
-            undesirable_weight=self.config.loss.undesirable_weight)
+            reference_point=KL, beta=self.params.beta, desirable_weight=self.params.desirable_weight,
+            undesirable_weight=self.params.undesirable_weight)
         return losses, chosen_rewards, rejected_rewards, KL
 
     def compute_losses(self, batch):
@@ -273,56 +298,47 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         losses, chosen_rewards, rejected_rewards, KL = self.loss(
             policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
             reference_chosen_logps, reference_rejected_logps, reference_KL_logps)
-        accuracies = unpaired_accuracies(chosen_rewards - self.config.loss.beta * KL,
-                                         rejected_rewards - self.config.loss.beta * KL)
+        accuracies = unpaired_accuracies(chosen_rewards - self.params.beta * KL, rejected_rewards - self.params.beta * KL)
         return losses, chosen_rewards, rejected_rewards, accuracies, {'rewards_{mode}/KL_estimate': KL.reshape(1)}
 
 
-class PPOTrainer(BasicTrainer):
+class PPOTrainer(ActorCriticTrainer):
     """Offline PPO on labelled data: reward +1 (desirable/chosen) or -1 (undesirable/rejected), or a reward
     model's score, on the last completion token; the reference model is the behaviour ("old") policy.
 
     Each optimizer step's microbatches are the experience: under no_grad their old log-probs, values,
     GAE advantages (whitened over the whole experience on every rank) and value targets are computed
     once, then `ppo_epochs` epochs each reshuffle the experience across microbatches and ranks,
-    backpropagate every microbatch and step the optimizer.
+    backpropagate every microbatch and step the optimizer (halos/actor_critic.py).
     """
     use_reference_model = True
-    lora_heads = ('v_head',)
 
-    def __init__(self, tokenizer, config, *args, **kwargs):
-        if config.cache_reference_logprobs:
-            raise ConfigError("loss=ppo needs per-token reference log-probs: set cache_reference_logprobs=false")
-        super().__init__(tokenizer, config, *args, **kwargs)
+    @dataclass(frozen=True)
+    class Params(ActorCriticTrainer.Params):
+        reward_model: Optional[str] = setting(None, "an HF sequence classifier whose score replaces the +1/-1 labels")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
         self.reward_model = None
-        if config.loss.reward_model:
-            self.reward_model, self.reward_tokenizer = models.load_reward_model(config.loss.reward_model,
-                                                                                config.model.reference_dtype)
+        if self.params.reward_model:
+            self.reward_model, self.reward_tokenizer = models.load_reward_model(self.params.reward_model,
+                                                                                self.settings.model.reference_dtype)
             self.reward_model.to(self.device)
 
-    @classmethod
-    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
-        return models.load_causal_lm(name_or_path, dtype, value_head=True, **kwargs)
-
-    def shard(self, block_name, mixed_precision) -> None:
-        """The float32 value head is its own FSDP2 unit, so the LM's units keep one dtype."""
-        from torch.distributed.fsdp import fully_shard
-        fully_shard(self.policy.v_head, mesh=self.device_mesh())
-        super().shard(block_name, mixed_precision)
+    def loss(self, policy_logps, values, part, n_tokens):
+        """L = mean(max(-A r, -A clip(r, 1 - c, 1 + c))) + critic_coef 1/2 mean((V - G)^2)
+             + KL_coef mean(log pi - log pi_ref), r = pi / pi_old per token; token means weighted by row over n_tokens."""
+        params = self.params
+        return ppo_loss(policy_logps, part.old_logps, part.advantages, values, part.value_targets, part.token_weights,
+                        cliprange=params.cliprange, critic_coef=params.critic_coef, KL_coef=params.KL_coef,
+                        archangel=params.archangel, n_tokens=n_tokens)
 
     def scores(self, completions: schema.LabelledCompletions) -> torch.Tensor:
         """+1 / -1 by label, or the reward model's score of each prompt + completion."""
         if self.reward_model is None:
             return completions.is_desirable.float() * 2 - 1
         return reward_model_scores(self.reward_model, self.reward_tokenizer, completions.texts,
-                                   self.config.model.max_length, self.device)
-
-    def policy_outputs(self, input_ids, attention_mask, logits_to_keep: int = 0):
-        """The policy's outputs (logits of the last `logits_to_keep` positions; 0 = all) and values [B, T-1]."""
-        with self.autocast():
-            outputs = self.policy(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                                  output_hidden_states=True, logits_to_keep=logits_to_keep)
-        return outputs, self.policy.v_head(outputs.hidden_states[-1])[:, :-1]
+                                   self.settings.model.max_length, self.device)
 
     def rollout(self, batch: Dict) -> rl.Rollout:
         """The batch's scored completions: offline, its labelled completions."""
@@ -343,91 +359,6 @@ class PPOTrainer(BasicTrainer):
         """The critic's targets: offline, HALOs' Monte-Carlo returns."""
         return monte_carlo
 
-    @torch.no_grad()
-    def experience(self, microbatches: List[Dict]) -> Tuple[List[rl.Experience], Dict[str, torch.Tensor]]:
-        """Each microbatch's experience (advantages whitened over all of them), and its metrics."""
-        loss_config = self.config.loss
-        experience, raw_advantages, metrics = [], [], {}
-        for batch in microbatches:
-            rollout = self.rollout(batch)
-            rows = rollout.sequences
-            mask = rl.completion_mask(rows.labels)
-            old_logps, values = self.behaviour(rows)
-            rewards, reward_metrics = self.token_rewards(rollout.scores, old_logps, rows, mask)
-            reward_metrics.update(rollout.metrics)
-            advantages, returns, monte_carlo = generalized_advantages(
-                values, rewards, mask, loss_config.gamma, loss_config.lam, target_includes_reward=not loss_config.archangel)
-            length = rows.input_ids.shape[1]
-            raw_advantages.append(rl.full_length(advantages, length))
-            experience.append(rl.Experience(rows.input_ids, rows.attention_mask, rows.labels,
-                                            rl.full_length(old_logps, length), rl.full_length(mask, length),
-                                            advantages=None,
-                                            value_targets=rl.full_length(self.value_targets(returns, monte_carlo), length),
-                                            token_weights=rl.full_length(mask * rollout.weights.unsqueeze(1), length)))
-            for name, tokens in (('returns', returns), ('val', values)):
-                mean, variance = rl.masked_stats(tokens, mask)
-                reward_metrics.update({f'{name}/mean': mean, f'{name}/var': variance})
-            for name, values in reward_metrics.items():
-                metrics.setdefault(name, []).append(values.reshape(-1))
-        whitened = whiten_advantages(raw_advantages, [part.mask for part in experience])
-        return rl.with_advantages(experience, whitened), {name: torch.cat(v) for name, v in metrics.items()}
-
-    def ppo_metrics(self, part: rl.Experience) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The PPO loss of one microbatch of experience (token means over the global microbatch) and its metrics."""
-        loss_config = self.config.loss
-        outputs, values = self.policy_outputs(part.input_ids, part.attention_mask)
-        policy_logps = get_batch_logps(outputs.logits, part.labels, token_level=True)
-        # gradients are averaged over ranks: dividing by the mean count makes a global (weighted) token mean
-        n_tokens = all_reduce_mean(part.token_weights.sum())
-        loss, stats = ppo_loss(policy_logps, part.old_logps, part.advantages, values, part.value_targets,
-                               part.token_weights, cliprange=loss_config.cliprange, critic_coef=loss_config.critic_coef,
-                               KL_coef=loss_config.KL_coef, archangel=loss_config.archangel, n_tokens=n_tokens)
-        with torch.no_grad():
-            entropy = (entropy_from_logits(outputs.logits[:, :-1]) * part.mask).sum() / all_reduce_mean(part.mask.sum())
-            sequence_ratios = torch.exp(((policy_logps - part.old_logps) * part.mask).sum(-1))
-        return loss, {'loss/total': loss.detach(), 'loss/policy': stats['policy'], 'loss/critic': stats['critic'],
-                      'loss/policykl': stats['KL'], 'loss/entropy': entropy, 'loss/seqratio': sequence_ratios,
-                      'clipfrac/policy': stats['clipfrac']}
-
-    @staticmethod
-    def named_for(mode: str, metrics: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-        """HALOs' PPO names ('loss/policy') in training; 'loss_eval/policy' and so on in evaluation."""
-        return metrics if mode == 'train' else {name.replace('/', f'_{mode}/', 1): v for name, v in metrics.items()}
-
-    def get_batch_metrics(self, batch, mode):
-        """Evaluation: one batch as its own experience, not reshuffled."""
-        experience, experience_metrics = self.experience([batch])
-        loss, metrics = self.ppo_metrics(experience[0].trimmed())
-        return loss, self.named_for(mode, {**metrics, **experience_metrics})
-
-    def train_step(self, microbatches):
-        experience, experience_metrics = self.experience(microbatches)
-        return self.optimize(experience, experience_metrics, microbatches[0][schema.PROMPT_TEXT][0])
-
-    def optimize(self, experience: List[rl.Experience], experience_metrics: Dict[str, torch.Tensor],
-                 first_prompt: str) -> float:
-        """ppo_epochs optimizer steps on the experience, each epoch freshly reshuffled across microbatches and ranks."""
-        for name, values in experience_metrics.items():
-            self.train_metrics.add(name, values)
-        for _ in range(self.config.loss.ppo_epochs):
-            seed = self.config.seed * 1_000_003 + self.batch_counter  # a fresh permutation at each optimizer step
-            for part in rl.reshuffled(experience, seed, self.rank, self.world_size, self.tokenizer.pad_token_id):
-                loss, metrics = self.ppo_metrics(part)
-                self.accumulate(loss, metrics, first_prompt, len(experience))
-            self.optimizer_step()
-        return loss.item()
-
-    def clip_gradient(self) -> float:
-        """The value head at v_head_max_grad_norm and the LM at max_grad_norm; the sum of both norms."""
-        value_head = set(self.policy.v_head.parameters())
-        language_model = [p for p in self.policy.parameters() if p not in value_head]
-        return (clip_gradient_norm(value_head, self.config.model.v_head_max_grad_norm)
-                + clip_gradient_norm(language_model, self.max_grad_norm))
-
-    def export_hf(self, directory, policy_state):
-        """The LM alone, loadable with AutoModelForCausalLM (the value head stays in policy.pt)."""
-        super().export_hf(directory, {k: v for k, v in policy_state.items() if not k.startswith('v_head.')})
-
 
 class OnlinePPOTrainer(PPOTrainer):
     """Online PPO with a KL-penalised reward (Ziegler et al. 2019; the StackLLaMA recipe): each optimizer step
@@ -437,37 +368,55 @@ class OnlinePPOTrainer(PPOTrainer):
     token; GAE with
     value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved with the state)."""
 
-    def __init__(self, tokenizer, config, *args, **kwargs):
-        loss_config = config.loss
-        if bool(loss_config.reward_function) == bool(loss_config.reward_model):
-            raise ConfigError("loss=ppo-online scores its samples with one of loss.reward_function=file.py:function "
-                              "or loss.reward_model=<sequence classifier>: give exactly one")
-        super().__init__(tokenizer, config, *args, **kwargs)
-        self.reward_function = RewardFunctionLabeler(loss_config.reward_function) if loss_config.reward_function else None
-        self.sampling_options = SamplingOptions.of(config)
-        self.kl_coef = loss_config.init_kl_coef
+    @dataclass(frozen=True)
+    class Params(PPOTrainer.Params):
+        reward_function: Optional[str] = setting(None, 'path/to/file.py:function (or module:function) -> float')
+        reward_baseline: float = setting(0.0, 'subtracted from every score')
+        whiten_scores: bool = setting(False, "whiten the scores over each microbatch (all ranks)")
+        score_clip: Optional[float] = setting(None, 'clip the scores to [-score_clip, score_clip]', greater_than(0))
+        init_kl_coef: float = setting(0.2, "the KL penalty's first coefficient", at_least(0))
+        adaptive_kl: bool = setting(True, 'adapt the coefficient after every step towards target_kl')
+        target_kl: float = setting(6.0, 'the summed per-sequence KL the coefficient aims at', greater_than(0))
+        horizon: int = setting(10000, 'the adaptation horizon, in sequences', at_least(1))
+        ppo_epochs: int = setting(4, "optimizer steps on each step's experience, each freshly reshuffled", at_least(1))
+        cliprange: float = setting(0.2, 'the ratio clip c: clip(ratio, 1 - c, 1 + c)', greater_than(0))
+        gamma: float = setting(1.0, 'the discount gamma', between(0, 1))
+        critic_coef: float = setting(0.1, 'weight of the value loss', at_least(0))
+        KL_coef: float = setting(0.0, 'weight of a KL term in the loss (the KL is in the reward)', at_least(0))
+
+        def __post_init__(self):
+            if bool(self.reward_function) == bool(self.reward_model):
+                raise ConfigError("loss=ppo-online scores its samples with one of loss.reward_function=file.py:function "
+                                  "or loss.reward_model=<sequence classifier>: give exactly one")
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.reward_function = RewardFunctionLabeler(self.params.reward_function) if self.params.reward_function else None
+        self.kl_coef = self.params.init_kl_coef
 
     def rollout(self, batch):
         """One sample per prompt from the current policy, scored. Its seed comes from the run's seed, the data
         position and the batch's first prompt, so a resumed run draws what it would have drawn."""
         with torch.random.fork_rng():
-            torch.manual_seed(zlib.crc32(f'{self.config.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}'.encode()))
-            samples = [group[0] for group in halos_sampler(self.policy, self.tokenizer, self.sampling_options)(batch, 1)]
+            torch.manual_seed(zlib.crc32(f'{self.settings.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}'.encode()))
+            samples = [group[0] for group in halos_sampler(self.policy, self.tokenizer, self.settings.sampling)(batch, 1)]
         rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                     [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
         completions = [sample.text for sample in samples]
+        names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
         if self.reward_function is not None:
-            scores = torch.tensor(self.reward_function(batch[schema.PROMPT_TURNS], completions))
+            scores = checked_scores(self.reward_function, batch[schema.PROMPT_TURNS], completions, names)
         else:
             texts = [prompt + completion for prompt, completion in zip(batch[schema.PROMPT_TEXT], completions)]
-            scores = reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.config.model.max_length,
-                                         self.device)
-        raw_scores = scores.float().to(self.device)
-        scores = raw_scores - self.config.loss.reward_baseline
-        if self.config.loss.whiten_scores:  # over the microbatch's rows on every rank
+            scores = [checked_score(score, f'reward model {self.params.reward_model}', False, name) for score, name in zip(
+                reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.settings.model.max_length,
+                                    self.device).tolist(), names)]
+        raw_scores = torch.tensor(scores, device=self.device)
+        scores = raw_scores - self.params.reward_baseline
+        if self.params.whiten_scores:  # over the microbatch's rows on every rank
             scores, = whiten_advantages([scores], [torch.ones_like(scores)])
-        if self.config.loss.score_clip:
-            scores = scores.clamp(-self.config.loss.score_clip, self.config.loss.score_clip)
+        if self.params.score_clip:
+            scores = scores.clamp(-self.params.score_clip, self.params.score_clip)
         return rl.Rollout(rows.to(self.device), torch.ones(len(samples), device=self.device), scores,
                           {'rewards/score': raw_scores, 'completions/length': rows.labels.ne(schema.IGNORE_INDEX).sum(-1)})
 
@@ -491,11 +440,11 @@ class OnlinePPOTrainer(PPOTrainer):
         """Sample, score and build the experience, optimize on it, then adapt kl_coef to the step's KL."""
         experience, experience_metrics = self.experience(microbatches)
         loss = self.optimize(experience, experience_metrics, microbatches[0][schema.PROMPT_TEXT][0])
-        if self.config.loss.adaptive_kl:
+        if self.params.adaptive_kl:
             kl = experience_metrics['objective/kl']
             total_kl, n_rows = all_reduce_sum(torch.stack([kl.sum(), torch.tensor(float(len(kl)), device=kl.device)])).tolist()
-            self.kl_coef = adaptive_kl_coef(self.kl_coef, total_kl / n_rows, self.config.loss.target_kl,
-                                            self.config.loss.horizon, int(n_rows))
+            self.kl_coef = adaptive_kl_coef(self.kl_coef, total_kl / n_rows, self.params.target_kl,
+                                            self.params.horizon, int(n_rows))
         return loss
 
     def trainer_state(self):
@@ -506,70 +455,31 @@ class OnlinePPOTrainer(PPOTrainer):
         self.kl_coef = state['kl_coef']
 
 
-class GRPOTrainer(BasicTrainer):
-    """GRPO on scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole
-    within a global microbatch): group-normalised advantages, the per-token clipped ratio to the "old" policy
-    and the k3 KL to the reference. As in HALOs-2025 the reference model is the old policy: offline it is the
-    starting model; in online rounds with online.reference=previous it is the policy that sampled the round.
-    loss.loss_type picks the reduction (halos, grpo, dr_grpo, dapo; see grpo_loss)."""
+class GRPOTrainer(GroupTrainer):
+    """GRPO (Shao et al., 2024) on scored completions grouped by prompt: group-normalised advantages, the
+    per-token clipped ratio to the "old" policy and the k3 KL to the reference. As in HALOs-2025 the reference
+    model is the old policy: offline it is the starting model; in online rounds with online.reference=previous
+    it is the policy that sampled the round. loss.loss_type picks the reduction (halos/policy_gradient.py)."""
     use_reference_model = True
-    supports_humanline = True
 
-    def __init__(self, tokenizer, config, *args, **kwargs):
-        if config.loss.loss_type not in GRPO_LOSS_TYPES:
-            raise ConfigError(f"loss.loss_type={config.loss.loss_type}: GRPO takes {', '.join(GRPO_LOSS_TYPES)}")
-        super().__init__(tokenizer, config, *args, **kwargs)
-        self.max_completion_length = config.loss.max_completion_length or \
-            config.model.max_length - config.model.max_prompt_length
+    @dataclass(frozen=True)
+    class Params(GroupTrainer.Params):
+        beta: float = setting(0.01, 'weight of the k3 KL to the reference', at_least(0))
+        epsilon: float = setting(0.01, 'the clip range [1 - epsilon, 1 + epsilon_high]', greater_than(0))
+        epsilon_high: Optional[float] = setting(None, "the clip range's upper side (null: epsilon)", greater_than(0))
+        std_epsilon: float = setting(0.01, 'the advantage is (s - mean) / (std + std_epsilon)', at_least(0))
+        unbiased_std: bool = setting(False, "the sample std (TRL) instead of the population std (HALOs)")
 
-    def global_batch_size(self, batch):
-        return int(all_reduce_sum(torch.tensor(schema.batch_size(batch))))  # ranks may hold unequal parts
+    def advantages(self, scores, prompt_ids):
+        """A = (s - mean_g) / (std_g + std_epsilon) over each prompt's group g (all ranks)."""
+        return rl.group_advantages_across_ranks(scores, prompt_ids, self.params.std_epsilon, self.params.unbiased_std)
 
-    def grpo_metrics(self, batch: Dict, mode: str, n_step_tokens=None) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
-        """The loss of one microbatch (dapo: its share of the whole step's token mean) and its metrics."""
-        loss_config = self.config.loss
-        policy_logps, mask = self.concatenated_token_logps(self.policy, batch, (schema.TARGET,))
-        if self.reference_is_policy:  # the round's first step: the old policy is the policy, its forward the same
-            reference_logps = policy_logps.detach()
-        else:
-            with torch.no_grad():
-                reference_logps, _ = self.concatenated_token_logps(self.reference_model, batch, (schema.TARGET,))
-        scores = batch[schema.SCORE].to(self.device)
-        advantages, degenerate = rl.group_advantages_across_ranks(scores, batch[schema.PROMPT_ID],
-                                                                  loss_config.std_epsilon, loss_config.unbiased_std)
-        log_ratios = policy_logps - reference_logps  # the reference is the old policy
-        if self.humanline:
-            log_ratios, inside = humanline_logratios(policy_logps, reference_logps, mask, *self.humanline_band)
-        token_losses, stats = grpo_token_losses(log_ratios, reference_logps - policy_logps, advantages,
-                                                loss_config.epsilon, loss_config.epsilon_high or loss_config.epsilon,
-                                                loss_config.beta)
-        weights = batch[schema.WEIGHT].to(self.device)
-        n_tokens = n_step_tokens if loss_config.loss_type == 'dapo' and n_step_tokens else \
-            all_reduce_mean((mask * weights.unsqueeze(1)).sum())
-        loss = grpo_loss(token_losses, mask, loss_config.loss_type, n_tokens, all_reduce_mean(weights.sum()),
-                         self.max_completion_length, weights)
-        token_mean = lambda values: (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        metrics = {f'loss/{mode}': loss.detach().reshape(1), f'rewards_{mode}/scores': scores,
-                   f'rewards_{mode}/advantages': advantages, f'rewards_{mode}/KL': token_mean(stats['KL']),
-                   f'clipfrac_{mode}/policy': token_mean(stats['clipped']),
-                   f'groups_{mode}/degenerate': degenerate.float()}
-        if self.humanline:
-            metrics[f'rewards_{mode}/unclamped'] = inside / mask.sum(-1).clamp(min=1)
-        return loss, metrics
-
-    def get_batch_metrics(self, batch, mode):
-        return self.grpo_metrics(batch, mode)
-
-    def train_step(self, microbatches):
-        """One optimizer step; for dapo the token mean runs over every microbatch of the step on every rank."""
-        local_tokens = sum(float((rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)])
-                                  * batch[schema.WEIGHT].unsqueeze(1)).sum()) for batch in microbatches)
-        step_tokens = all_reduce_sum(torch.tensor(float(local_tokens))) / (len(microbatches) * self.world_size)
-        for batch in microbatches:
-            loss, metrics = self.grpo_metrics(batch, 'train', step_tokens.to(self.device))
-            self.accumulate(loss, metrics, batch[schema.PROMPT_TEXT][0], len(microbatches))
-        self.optimizer_step()
-        return loss.item()
+    def loss(self, log_ratios, reference_log_ratios, advantages):
+        """Per token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta (e^d - d - 1),
+        r = pi / pi_old = e^log_ratios, d = log pi_ref - log pi."""
+        params = self.params
+        return grpo_token_losses(log_ratios, reference_log_ratios, advantages, params.epsilon,
+                                 params.epsilon_high or params.epsilon, params.beta)
 
 
 def get_trainer_class(name: str) -> type:

@@ -6,7 +6,6 @@ One bar per result line, labelled with the run, the two sample keys and the judg
 the original HALOs compare.py (no `win_rate`) are read too: their win rate is wins / total, with a
 Wilson interval.
 """
-import argparse
 import json
 import os
 import sys
@@ -19,6 +18,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from compare import wilson_interval  # noqa: E402
+from halos.errors import ArgumentParser, DataError, MissingFileError, reported_as_one_line  # noqa: E402
 
 
 @dataclass
@@ -29,8 +29,28 @@ class Bar:
 
 
 def load_results(path: str) -> List[dict]:
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The result lines of a compare.py results file (JSON Lines); a bad line is named with its number."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            lines = f.read().splitlines()
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise DataError(f"{path}: cannot be read ({error})") from None
+    results = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            result = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number} is not valid JSON: {error.msg}") from None
+        if not isinstance(result, dict) or not {'judge', 'candidate', 'baseline'} <= set(result) or \
+                not ({'win_rate', 'total'} & set(result)):
+            raise DataError(f"{path}: line {number} is not a compare.py result line (it needs judge, candidate, "
+                            f"baseline and win_rate or total)")
+        results.append(result)
+    return results
 
 
 def bar_for(result: dict) -> Optional[Bar]:
@@ -64,16 +84,16 @@ def plot_win_rates(bars: List[Bar], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description='Plot the win rates of compare.py result lines.')
+    parser = ArgumentParser(description='Plot the win rates of compare.py result lines.')
     parser.add_argument('results_file', help='JSONL file of compare.py result lines')
     parser.add_argument('--output', '-o', default='winrates.png', help='PNG file to write')
     args = parser.parse_args(argv)
-    results = load_results(args.results_file)
-    bars = [bar for bar in map(bar_for, results) if bar is not None]
-    if not bars:
-        print(f"visualize.py: no judged comparison in {args.results_file}", file=sys.stderr)
-        return 1
-    plot_win_rates(bars, args.output)
+    with reported_as_one_line('visualize.py'):
+        results = load_results(args.results_file)
+        bars = [bar for bar in map(bar_for, results) if bar is not None]
+        if not bars:
+            raise DataError(f"{args.results_file}: no judged comparison to plot")
+        plot_win_rates(bars, args.output)
     print(f"plotted {len(bars)} win rates ({len(results) - len(bars)} lines without judgments skipped) to {args.output}")
     return 0
 

@@ -40,13 +40,12 @@ def read_spec(path: str) -> Dict:
 
 
 def compose_config(overrides: List[str]):
-    """The validated halos config that `python train.py <overrides>` would run with."""
+    """The checked halos settings that `python train.py <overrides>` would run with."""
     from hydra import compose, initialize_config_dir
-    from halos.build import validate_config
+    from halos.build import run_settings
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
         config = compose('config', overrides=list(overrides))
-    validate_config(config)
-    return config
+    return run_settings(config, overrides)
 
 
 def halos_train_batches(config, tokenizer) -> List[Dict]:

@@ -36,6 +36,10 @@ from typing import Dict, List, Optional, Sequence
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, 'config')
 UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
+if ROOT not in sys.path:
+    sys.path.insert(1, ROOT)
+
+from halos.errors import ArgumentParser, reported_as_one_line  # noqa: E402  (after the path insert)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,9 +69,9 @@ LABEL_OPTIONS = {'best': [], 'pairwise': ['--pair-mode', 'max'], 'binary': ['--t
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--prompts-train', default=os.path.join(UPBEAT, 'train_prompts.jsonl'))
-    parser.add_argument('--prompts-test', default=os.path.join(UPBEAT, 'test_prompts.jsonl'))
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
+    parser.add_argument('--prompts-train', type=existing_file, default=os.path.join(UPBEAT, 'train_prompts.jsonl'))
+    parser.add_argument('--prompts-test', type=existing_file, default=os.path.join(UPBEAT, 'test_prompts.jsonl'))
     parser.add_argument('--reward-function', default=os.path.join(UPBEAT, 'reward.py') + ':reward',
                         help='path/to/file.py:function or module:function, called as function(prompt, completion)')
     parser.add_argument('--model', default='smollm2', help='a config/model/ name (the starting model)')
@@ -121,8 +125,6 @@ class Runner:
         self.commands: List[str] = []
         self.fork = hasattr(os, 'fork')
         if self.fork:
-            if ROOT not in sys.path:
-                sys.path.insert(1, ROOT)
             for module in ('torch', 'transformers', 'datasets', 'hydra', 'trainers', 'halos.sampling'):
                 importlib.import_module(module)
 
@@ -423,8 +425,19 @@ def kept_rows(args, earlier: Optional[dict]) -> Dict[str, dict]:
             if os.path.isdir(os.path.join(ROOT, run_dir(args, row['method']), 'LATEST'))}
 
 
+def existing_file(path: str) -> str:
+    if not os.path.isfile(path):
+        raise argparse.ArgumentTypeError(f"no such file: {path}")
+    return path
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
+    with reported_as_one_line('quality.py'):
+        return measure(args)
+
+
+def measure(args: argparse.Namespace) -> dict:
     methods = [METHODS[name] for name in args.methods.split(',')]
     if not args.reuse:
         shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)

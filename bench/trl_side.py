@@ -105,8 +105,8 @@ def build_trainer(name: str, config, dataset, output_dir: str):
     model = load()
     if config.model.use_peft:  # the halos run's LoRA settings; the optimizer then holds the adapters only
         from peft import get_peft_model
-        from halos.lora import LoraSettings, lora_config
-        model = get_peft_model(model, lora_config(LoraSettings.of(config.model), 'CAUSAL_LM', ()),
+        from halos.lora import lora_config
+        model = get_peft_model(model, lora_config(config.model.peft, 'CAUSAL_LM', ()),
                                autocast_adapter_dtype=False)
     optimizer = build_optimizer(config.optimizer, [p for p in model.parameters() if p.requires_grad], config.lr, sharded=False)
     warmup = config.warmup_steps
@@ -122,11 +122,11 @@ def build_trainer(name: str, config, dataset, output_dir: str):
                   optimizers=(optimizer, scheduler))
     if name == 'sft':
         return trl.SFTTrainer(args=trl.SFTConfig(**common, completion_only_loss=True), **kwargs)
-    common.update(beta=config.loss.beta, precompute_ref_log_probs=config.cache_reference_logprobs)
+    common.update(beta=config.loss.params.beta, precompute_ref_log_probs=config.cache_reference_logprobs)
     if name == 'dpo':  # under LoRA (a PeftModel) TRL's reference is the model with its adapters off
         return trl.DPOTrainer(args=trl.DPOConfig(**common), ref_model=None if config.model.use_peft else load(), **kwargs)
-    kto_args = trl.KTOConfig(**common, desirable_weight=config.loss.desirable_weight,
-                             undesirable_weight=config.loss.undesirable_weight)
+    kto_args = trl.KTOConfig(**common, desirable_weight=config.loss.params.desirable_weight,
+                             undesirable_weight=config.loss.params.undesirable_weight)
     return trl.KTOTrainer(args=kto_args, ref_model=load(), **kwargs)
 
 

@@ -6,6 +6,7 @@ elements (`tokenize_items`), and may declare the special tokens it adds to promp
 """
 import random
 from collections import Counter
+from dataclasses import dataclass
 from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from halos import batch as schema
@@ -123,10 +124,14 @@ class DataLoader:
         self.counts['items'] = len(self.items)
         rank0_print(f"[{split}] {type(self).__name__}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
 
+    @dataclass(frozen=True)
+    class Params:
+        """Keys of the loss section this loader reads (config/loss/<name>.yaml), passed to its constructor."""
+
     # --- what subclasses provide
     @classmethod
-    def control_tokens(cls, loss_config) -> List[str]:
-        """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them)."""
+    def control_tokens(cls, params) -> List[str]:
+        """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them), given its Params."""
         return []
 
     def flatten(self, examples: List[Example]) -> List[Tuple]:

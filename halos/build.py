@@ -1,159 +1,212 @@
-"""Building a run from its config: validating the config, the loaders, the models and the trainer.
+"""The wiring: the composed config checked into typed settings once, at the edge, then the loaders, the
+models, the trainer, the labeller and the online rounds built from them.
 
-train.py and eval.py (the entry points) call these; everything below them receives plain arguments.
+train.py and eval.py (the entry points) call these; everything below them receives typed settings
+(halos/settings.py, LoopSettings, SamplingOptions, OnlineSettings) or plain arguments.
 """
-import difflib
+import dataclasses
 import os
-from typing import Iterable, List, Optional
+from typing import List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
 from halos.errors import ConfigError
-from halos.labelers import make_labeler
-from halos.online import OnlineRounds, OnlineSettings
+from halos.examples import Formatting
+from halos.labelers import load_reward_function, make_labeler
+from halos.loop import Humanline, LoopSettings
+from halos.online import OnlineRounds
 from halos.sampling import SamplingOptions, halos_sampler
+from halos.settings import (PARAMS, REQUIRED, LossSettings, Overrides, RunSettings, missing_keys, typed,
+                            unknown_key)
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config')
 
-
-def validate_config(config: DictConfig) -> None:
-    """Resolve the config, fail early on missing or inconsistent keys, and fill in derived ones."""
-    OmegaConf.resolve(config)
-    missing = sorted(OmegaConf.missing_keys(config))
+def run_settings(config: DictConfig, overrides: Sequence[str] = ()) -> RunSettings:
+    """The composed config as typed settings: every key's type and rule (halos/settings.py), the loss section's
+    keys against its trainer's and loader's Params, then what spans keys. `overrides` (the command line's)
+    name a bad value as the user typed it. Nothing is loaded before this has passed."""
+    overrides = Overrides(overrides)
+    raw = OmegaConf.to_container(config, resolve=False)
+    if raw.get('datasets') == REQUIRED:
+        raw['datasets'] = []  # what needs datasets says so (check_consistency, eval.py)
+    missing = missing_keys(raw)
     if missing:
-        raise ConfigError(f"missing required config keys: {', '.join(missing)} (e.g. exp_name=my_run)")
-    trainer_class = trainers.get_trainer_class(config.loss.trainer)
-    dataloader.get_dataloader_class(config.loss.dataloader)
-    if 'use_reference_model' in config.loss and config.loss.use_reference_model != trainer_class.use_reference_model:
-        raise ConfigError(f"loss.use_reference_model={config.loss.use_reference_model} but {config.loss.trainer} "
+        raise missing_keys_error(missing)
+    try:
+        resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
+    except OmegaConfBaseException as error:
+        raise ConfigError(' '.join(str(error).split())) from None
+    loss = resolved.pop('loss', {}) or {}
+    run = typed(RunSettings, resolved, overrides)
+    run = dataclasses.replace(run, loss=loss_settings(loss, overrides))
+    check_consistency(run)
+    return derived(run)
+
+
+def missing_keys_error(missing: List[str]) -> ConfigError:
+    example = {'exp_name': 'exp_name=my_run', 'datasets': 'datasets=[hh]', 'mode': 'mode=train'}.get(missing[0])
+    return ConfigError(f"missing required config keys: {', '.join(missing)}"
+                       + (f" (e.g. {example})" if example else ''))
+
+
+def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
+    """The loss section: its fixed keys, its trainer's Params and its loader's Params."""
+    own = [spec.name for spec in dataclasses.fields(LossSettings) if spec.name not in PARAMS]
+    fixed = typed(LossSettings, {key: value for key, value in loss.items() if key in own}, overrides, 'loss.')
+    if REQUIRED in (fixed.trainer, fixed.dataloader):
+        raise ConfigError("missing required config keys: loss.trainer, loss.dataloader (choose a loss, e.g. loss=dpo)")
+    trainer_class = trainers.get_trainer_class(fixed.trainer)
+    loader_class = dataloader.get_dataloader_class(fixed.dataloader)
+    trainer_keys = [spec.name for spec in dataclasses.fields(trainer_class.Params)]
+    loader_keys = [spec.name for spec in dataclasses.fields(loader_class.Params)]
+    rest = {key: value for key, value in loss.items() if key not in own}
+    for key in rest:
+        if key == 'humanline' and not issubclass(trainer_class.Params, Humanline):
+            raise ConfigError(f"loss.humanline: {fixed.trainer} has no per-token log-ratios to a reference model to "
+                              f"clamp (humanline works with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo)")
+        if key not in trainer_keys and key not in loader_keys:
+            names = [f'loss.{name}' for name in (*own, *trainer_keys, *loader_keys)]
+            declared = ', '.join(trainer_keys) or 'no parameters'
+            raise ConfigError(unknown_key(f'loss.{key}', names, overrides, otherwise=(
+                f"{fixed.trainer}.Params declares {declared} (a loss declares its keys in its trainer's Params)")))
+    params = typed(trainer_class.Params, {k: v for k, v in rest.items() if k in trainer_keys}, overrides, 'loss.')
+    loader_params = typed(loader_class.Params, {k: v for k, v in rest.items() if k in loader_keys}, overrides, 'loss.')
+    return dataclasses.replace(fixed, params=params, loader_params=loader_params)
+
+
+def check_consistency(run: RunSettings) -> None:
+    """What no single key's rule can say: keys that must agree with each other or with the trainer."""
+    trainer_class = trainers.get_trainer_class(run.loss.trainer)
+    loss, model, online = run.loss, run.model, run.online
+    if loss.use_reference_model is not None and loss.use_reference_model != trainer_class.use_reference_model:
+        raise ConfigError(f"loss.use_reference_model={loss.use_reference_model} but {loss.trainer} "
                           f"{'needs' if trainer_class.use_reference_model else 'does not use'} a reference model")
-    if config.n_epochs is None and config.n_examples is None:
+    if run.n_epochs is None and run.n_examples is None:
         raise ConfigError("set n_epochs or n_examples (both are null)")
-    if config.loss.get('humanline'):
-        if not trainer_class.supports_humanline:
-            raise ConfigError(f"loss.humanline=true: {config.loss.trainer} has no per-token log-ratios to a reference "
-                              f"model to clamp (humanline works with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo)")
-        if config.cache_reference_logprobs:
-            raise ConfigError("loss.humanline=true moves the reference to the policy at every step, so its log-probs "
-                              "cannot be cached: set cache_reference_logprobs=false")
-    step_examples = config.model.batch_size * config.model.gradient_accumulation_steps
-    if config.eval_every % step_examples:
-        rounded = max(step_examples, config.eval_every - config.eval_every % step_examples)
-        rank0_print(f"eval_every={config.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
-                    f"= {step_examples}; using {rounded} so that checkpoints fall on optimizer steps")
-        config.eval_every = rounded
-    if config.model.use_peft:
-        if config.loss.get('humanline'):
-            raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
-                              "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
-        if config.online.rounds > 0 and config.online.reference == 'previous':
-            raise ConfigError("online.reference=previous with model.use_peft=true: under LoRA the reference is the base "
-                              "model with the adapters off, which stays the starting model; use online.reference=fixed")
-    if config.online.rounds > 0:
-        if config.cache_reference_logprobs:
-            raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
-        if config.online.reference == 'previous' and not trainer_class.use_reference_model:
-            raise ConfigError(f"online.reference=previous: {config.loss.trainer} has no reference model")
-    if config.saved_policy is None:
-        config.saved_policy = os.path.join(config.local_run_dir, 'LATEST', 'policy.pt')
+    if model.max_prompt_length >= model.max_length:
+        raise ConfigError(f"model.max_prompt_length ({model.max_prompt_length}) must be below model.max_length "
+                          f"({model.max_length}), or no room is left for a completion")
+    humanline = isinstance(loss.params, Humanline) and loss.params.humanline
+    if humanline and run.cache_reference_logprobs:
+        raise ConfigError("loss.humanline=true moves the reference to the policy at every step, so its log-probs "
+                          "cannot be cached: set cache_reference_logprobs=false")
+    if run.cache_reference_logprobs and not trainer_class.reference_logps_cacheable:
+        raise ConfigError(f"loss={loss.name} needs per-token reference log-probs: set cache_reference_logprobs=false")
+    if model.use_peft and humanline:
+        raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
+                          "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
+    if online.rounds > 0:
+        check_online(run, trainer_class)
+    elif run.mode == 'train' and not run.datasets:
+        raise missing_keys_error(['datasets'])
 
 
-def dotted_keys(config, prefix: str = '') -> List[str]:
-    """Every key of a config, nested keys as 'model.batch_size'."""
-    keys = []
-    tree = OmegaConf.to_container(config, resolve=False) if isinstance(config, DictConfig) else config
-    for key, value in tree.items():
-        name = f'{prefix}{key}'
-        keys.append(name)
-        if isinstance(value, dict):
-            keys += dotted_keys(value, name + '.')
-    return keys
+def check_online(run: RunSettings, trainer_class: type) -> None:
+    online = run.online
+    if run.model.use_peft and online.reference == 'previous':
+        raise ConfigError("online.reference=previous with model.use_peft=true: under LoRA the reference is the base "
+                          "model with the adapters off, which stays the starting model; use online.reference=fixed")
+    if run.cache_reference_logprobs:
+        raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
+    if online.reference == 'previous' and not trainer_class.use_reference_model:
+        raise ConfigError(f"online.reference=previous: {run.loss.trainer} has no reference model")
+    if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
+        raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
+                          f"the samples of a prompt, so it needs at least 2")
+    if not (online.prompts or run.datasets):
+        raise ConfigError("online rounds need prompts: online.prompts=[file.jsonl] (or datasets=[...])")
+    needs = {'function': 'reward_function', 'reward_model': 'reward_model', 'judge': 'judge'}[online.labeler]
+    if not getattr(online, needs):
+        raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set")
+    if online.labeler == 'function':
+        load_reward_function(online.reward_function)  # a broken file stops the run before anything loads
 
 
-def shipped_defaults(model: Optional[str], loss: Optional[str]) -> DictConfig:
-    """The keys halos defines: config/config.yaml with the chosen model and loss files (and what they extend)."""
-    def read(path: str) -> DictConfig:
-        data = OmegaConf.load(path)
-        parents = [OmegaConf.load(os.path.join(os.path.dirname(path), f'{name}.yaml'))
-                   for name in data.pop('defaults', []) if name != '_self_' and isinstance(name, str)]
-        return OmegaConf.merge(*parents, data)
-    defaults = read(os.path.join(CONFIG_DIR, 'config.yaml'))
-    for group, name in (('model', model), ('loss', loss)):
-        path = os.path.join(CONFIG_DIR, group, f'{name}.yaml')
-        if name and os.path.exists(path):
-            defaults[group] = read(path)
-    return defaults
+def derived(run: RunSettings) -> RunSettings:
+    """eval_every on an optimizer step."""
+    step_examples = run.model.batch_size * run.model.gradient_accumulation_steps
+    eval_every = run.eval_every
+    if eval_every % step_examples:
+        eval_every = max(step_examples, eval_every - eval_every % step_examples)
+        rank0_print(f"eval_every={run.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
+                    f"= {step_examples}; using {eval_every} so that checkpoints fall on optimizer steps")
+    return dataclasses.replace(run, eval_every=eval_every)
 
 
-def check_overrides(overrides: Iterable[str], known: DictConfig) -> None:
-    """Refuse a command-line `+key=value` / `++key=value` for a key that no config defines (a typo, or an
-    option this version does not have), naming the closest keys that exist."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    names = dotted_keys(known)
-    for override in OverridesParser.create().parse_overrides(list(overrides)):
-        key = override.key_or_group
-        if not (override.is_add() or override.is_force_add()) or key.startswith('hydra.') or key in names:
-            continue
-        close = difflib.get_close_matches(key, names, n=3, cutoff=0.8)
-        hint = f"; did you mean {' or '.join(close)}?" if close else f"; the config's keys are in {CONFIG_DIR}"
-        raise ConfigError(f"{override.input_line}: no config defines the key '{key}'{hint}")
+def loop_settings(run: RunSettings) -> LoopSettings:
+    return LoopSettings(run_dir=run.local_run_dir, cache_dir=run.cache_dir, seed=run.seed, model=run.model,
+                        optimizer=run.optimizer, lr=run.lr, warmup_steps=run.warmup_steps, eval_every=run.eval_every,
+                        do_first_eval=run.do_first_eval, minimum_log_interval_secs=run.minimum_log_interval_secs,
+                        keep_intermediate_checkpoints=run.intermediate_checkpoints and not run.debug,
+                        cache_reference_logprobs=run.cache_reference_logprobs, sampling=sampling_options(run),
+                        formatting=formatting(run), use_chat_template=run.use_chat_template)
 
 
-def build_loader(config: DictConfig, tokenizer, split: str, dataset_names: Optional[List[str]] = None,
+def sampling_options(run: RunSettings) -> SamplingOptions:
+    """A run's sampling settings (top_p, temperature, top_k, max_new_tokens, sampling_dtype; seed)."""
+    return SamplingOptions(max_length=run.model.max_length, top_p=run.top_p, temperature=run.temperature,
+                           top_k=run.top_k, max_new_tokens=run.max_new_tokens, seed=run.seed,
+                           autocast_dtype=run.sampling_dtype or run.model.autocast_dtype)
+
+
+def formatting(run: RunSettings) -> Formatting:
+    return Formatting(run.human_prefix, run.human_suffix, run.assistant_prefix, run.assistant_suffix)
+
+
+def build_loader(run: RunSettings, tokenizer, split: str, dataset_names: Optional[List[str]] = None,
                  loader_class: Optional[type] = None, **options):
-    """The run's loader of `split` (its loss's loader class unless given); `options` override the config's."""
-    loader_class = loader_class or dataloader.get_dataloader_class(config.loss.dataloader)
-    trainer_class = trainers.get_trainer_class(config.loss.trainer)
-    kwargs = dict(split=split, max_length=config.model.max_length, max_prompt_length=config.model.max_prompt_length,
-                  human_prefix=config.human_prefix, human_suffix=config.human_suffix,
-                  assistant_prefix=config.assistant_prefix, assistant_suffix=config.assistant_suffix,
-                  seed=config.seed, data_dir=config.data_dir, use_chat_template=config.use_chat_template,
-                  frac_unique_desirable=config.frac_unique_desirable,
-                  frac_unique_undesirable=config.frac_unique_undesirable, sequence_kinds=trainer_class.prefixes,
+    """The run's loader of `split` (its loss's loader class unless given); `options` override the settings'."""
+    loader_class = loader_class or dataloader.get_dataloader_class(run.loss.dataloader)
+    trainer_class = trainers.get_trainer_class(run.loss.trainer)
+    kwargs = dict(split=split, max_length=run.model.max_length, max_prompt_length=run.model.max_prompt_length,
+                  human_prefix=run.human_prefix, human_suffix=run.human_suffix,
+                  assistant_prefix=run.assistant_prefix, assistant_suffix=run.assistant_suffix,
+                  seed=run.seed, data_dir=run.data_dir, use_chat_template=run.use_chat_template,
+                  frac_unique_desirable=run.frac_unique_desirable,
+                  frac_unique_undesirable=run.frac_unique_undesirable, sequence_kinds=trainer_class.prefixes,
                   rank=get_rank(), world_size=get_world_size())
-    if loader_class.control_tokens(config.loss):
-        kwargs['chosen_control_token'], kwargs['rejected_control_token'] = loader_class.control_tokens(config.loss)
+    if isinstance(run.loss.loader_params, loader_class.Params):
+        kwargs.update(dataclasses.asdict(run.loss.loader_params))
     if split == 'train':
-        kwargs.update(batch_size=config.model.batch_size, n_epochs=config.n_epochs, n_examples=config.n_examples)
+        kwargs.update(batch_size=run.model.batch_size, n_epochs=run.n_epochs, n_examples=run.n_examples)
     else:
-        kwargs.update(batch_size=config.model.eval_batch_size, n_epochs=1, n_examples=config.n_eval_examples)
+        kwargs.update(batch_size=run.model.eval_batch_size, n_epochs=1, n_examples=run.n_eval_examples)
     kwargs.update(options)
-    return loader_class(list(dataset_names or config.datasets), tokenizer, **kwargs)
+    return loader_class(list(dataset_names or run.datasets), tokenizer, **kwargs)
 
 
-def control_tokens(config: DictConfig) -> List[str]:
+def control_tokens(run: RunSettings) -> List[str]:
     """The special tokens the run's loader adds to prompts (CSFT's control tokens)."""
-    return dataloader.get_dataloader_class(config.loss.dataloader).control_tokens(config.loss)
+    return dataloader.get_dataloader_class(run.loss.dataloader).control_tokens(run.loss.loader_params)
 
 
-def load_models(config: DictConfig, trainer_class, tokenizer, policy_load_from: Optional[str],
+def load_models(run: RunSettings, trainer_class, tokenizer, policy_load_from: Optional[str],
                 adapter_from: Optional[str] = None):
     """The policy from `policy_load_from` (train.py: model.load_from; eval.py: the trained policy) and, when
     the loss uses one, the reference model from model.load_from; the base model where they are null.
     With model.use_peft the policy is model.load_from (or the base model) with LoRA adapters, fresh or from
     `adapter_from`, and the reference is that policy with its adapters off."""
-    model_config = config.model
-    common = dict(use_flash_attention=model_config.use_flash_attention, load_from=model_config.load_from,
-                  cache_dir=config.cache_dir, vocab_size=len(tokenizer))
-    if model_config.use_peft:
-        quantized = lora.four_bit_options(model_config.policy_dtype) if model_config.peft.load_in_4bit else {}
-        policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype, **common, **quantized)
+    model = run.model
+    common = dict(use_flash_attention=model.use_flash_attention, load_from=model.load_from,
+                  cache_dir=run.cache_dir, vocab_size=len(tokenizer))
+    if model.use_peft:
+        quantized = lora.four_bit_options(model.policy_dtype) if model.peft.load_in_4bit else {}
+        policy = trainer_class.load_policy(model.name_or_path, model.policy_dtype, **common, **quantized)
         disable_dropout(policy)
-        settings = lora.lora_config(lora.LoraSettings.of(model_config), trainer_class.lora_task_type,
-                                    trainer_class.lora_heads)
-        policy = lora.with_lora(policy, settings, adapter_from)
+        policy = lora.with_lora(policy, lora.lora_config(model.peft, trainer_class.lora_task_type,
+                                                         trainer_class.lora_heads), adapter_from)
         return policy, lora.AdaptersOff(policy) if trainer_class.use_reference_model else None
-    policy = trainer_class.load_policy(model_config.name_or_path, model_config.policy_dtype,
+    policy = trainer_class.load_policy(model.name_or_path, model.policy_dtype,
                                        **{**common, 'load_from': policy_load_from})
     disable_dropout(policy)
     reference_model = None
     if trainer_class.use_reference_model:
-        reference_model = models.load_causal_lm(model_config.name_or_path, model_config.reference_dtype, **common)
+        reference_model = models.load_causal_lm(model.name_or_path, model.reference_dtype, **common)
         disable_dropout(reference_model)
     return policy, reference_model
 
@@ -163,44 +216,44 @@ def saved_adapter(saved_policy: str) -> str:
     return os.path.join(os.path.dirname(saved_policy), checkpoint.ADAPTER)
 
 
-def build_trainer(config: DictConfig):
-    """Data, models and the trainer of one process, from a validated config (online: without data; each
-    round gives its own)."""
-    start_process(config.seed, config.retain_freed_memory)
-    trainer_class = trainers.get_trainer_class(config.loss.trainer)
-    tokenizer = models.load_tokenizer(config.model.tokenizer_name_or_path or config.model.name_or_path,
-                                      control_tokens(config))
-    online = config.online.rounds > 0
-    train_loader = None if online else build_loader(config, tokenizer, 'train')  # data errors surface before models
-    eval_loader = None if online else build_loader(config, tokenizer, 'test')
-    policy, reference_model = load_models(config, trainer_class, tokenizer, config.model.load_from,
-                                          config.model.load_lora_from)
-    return trainer_class(tokenizer, config, train_loader, eval_loader, policy, reference_model,
-                         rank=get_rank(), world_size=get_world_size())
+def build_trainer(run: RunSettings):
+    """Data, models and the trainer of one process, from checked settings (online: without data; each round
+    gives its own)."""
+    if run.model.load_from:  # a missing or unreadable checkpoint stops the run before anything loads
+        checkpoint.check_policy_file(models.resolve_load_from(run.model.load_from, run.cache_dir), 'model.load_from')
+    start_process(run.seed, run.retain_freed_memory)
+    trainer_class = trainers.get_trainer_class(run.loss.trainer)
+    tokenizer = models.load_tokenizer(run.model.tokenizer_name_or_path or run.model.name_or_path, control_tokens(run))
+    online = run.online.rounds > 0
+    train_loader = None if online else build_loader(run, tokenizer, 'train')  # data errors surface before models
+    eval_loader = None if online else build_loader(run, tokenizer, 'test')
+    policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
+    return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
+                         reference_model, rank=get_rank(), world_size=get_world_size())
 
 
-def build_labeler(config: DictConfig, cache_path: str):
-    online = config.online
+def build_labeler(run: RunSettings, cache_path: str):
+    online = run.online
     return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
-                        online.base_url or os.environ.get('OPENAI_BASE_URL'), cache_path, config.model.max_length)
+                        online.base_url or os.environ.get('OPENAI_BASE_URL'), cache_path, run.model.max_length)
 
 
-def build_online_rounds(config: DictConfig, trainer) -> OnlineRounds:
-    """The online round loop of a run: the prompt pool, the held-out prompts, the labeler, and each round's
+def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
+    """The online round loop of a run: the prompt pool, the held-out prompts, the labeller, and each round's
     loaders (the loss's loader on the round's feedback file)."""
-    tokenizer, online = trainer.tokenizer, config.online
-    prompt_options = dict(loader_class=dataloader.PromptDataLoader, batch_size=config.model.eval_batch_size,
+    tokenizer, online = trainer.tokenizer, run.online
+    prompt_options = dict(loader_class=dataloader.PromptDataLoader, batch_size=run.model.eval_batch_size,
                           n_epochs=1, n_examples=None)
-    pool = build_loader(config, tokenizer, 'train', list(online.prompts or config.datasets), **prompt_options)
-    held_out = build_loader(config, tokenizer, 'test', [online.eval_prompts], **prompt_options) \
+    pool = build_loader(run, tokenizer, 'train', online.prompts or run.datasets, **prompt_options)
+    held_out = build_loader(run, tokenizer, 'test', online.eval_prompts, **prompt_options) \
         if online.eval_prompts else None
-    make_loaders = lambda path: (build_loader(config, tokenizer, 'train', [path], n_examples=None),
-                                 build_loader(config, tokenizer, 'test', [path]))
-    labeler = build_labeler(config, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
-    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, SamplingOptions.of(config))
-    return OnlineRounds(trainer, OnlineSettings.of(config), pool, held_out, make_loaders, make_sampler, labeler)
+    make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
+                                 build_loader(run, tokenizer, 'test', [path]))
+    labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
+    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, sampling_options(run))
+    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, make_sampler, labeler)
 
 
-def load_run_tokenizer(config: DictConfig):
+def load_run_tokenizer(run: RunSettings):
     """The tokenizer the run saved (with any control tokens), else the model's."""
-    return models.load_run_tokenizer(config.local_run_dir, config.model.tokenizer_name_or_path or config.model.name_or_path)
+    return models.load_run_tokenizer(run.local_run_dir, run.model.tokenizer_name_or_path or run.model.name_or_path)

@@ -17,13 +17,15 @@ swapped in with renames, so a crash at any moment leaves the previous checkpoint
 import os
 import random
 import shutil
+import struct
+import zipfile
 from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 
-from halos.errors import MissingFileError
+from halos.errors import DataError, MissingFileError
 
 POLICY, OPTIMIZER, SCHEDULER, TRAINER_STATE, HF_EXPORT = 'policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt', 'hf'
 REFERENCE = 'reference.pt'
@@ -72,7 +74,7 @@ def load(directory: str) -> Checkpoint:
     """The checkpoint in `directory` (see complete_checkpoint_dir)."""
     resolved = complete_checkpoint_dir(directory)
     policy = load_policy_file(os.path.join(resolved, POLICY))
-    read = lambda name: torch.load(os.path.join(resolved, name), map_location='cpu', weights_only=True)
+    read = lambda name: read_torch_file(os.path.join(resolved, name))
     reference = read(REFERENCE) if os.path.exists(os.path.join(resolved, REFERENCE)) else None
     return Checkpoint(policy['state'], read(OPTIMIZER), read(SCHEDULER), read(TRAINER_STATE), policy['metrics'],
                       resolved, reference)
@@ -124,7 +126,51 @@ def save_policy_file(path: str, step_idx: int, state: Dict[str, torch.Tensor], m
 
 def load_policy_file(path: str) -> Dict:
     """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    policy = read_torch_file(path)
+    if not isinstance(policy, dict) or not isinstance(policy.get("state"), dict):
+        held = f"a dict of {', '.join(map(repr, list(policy)[:4]))}" if isinstance(policy, dict) else type(policy).__name__
+        raise DataError(f"{path}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: it holds {held}")
+    return policy
+
+
+def read_torch_file(path: str):
+    """torch.load(weights_only=True) of a checkpoint file; a DataError naming the file and what it holds when it
+    is not one torch can read."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # torch raises any of several types (UnpicklingError, RuntimeError, EOFError, ...)
+        raise DataError(f"{path}: not a checkpoint torch can read: it holds {file_contents(path)}") from None
+
+
+def check_policy_file(path: str, key: str) -> None:
+    """Stop at once, naming `key` and what the file holds, unless `path` is a torch-saved file or an HF model
+    directory (the two things a policy loads from); cheap: only the file's start or zip index is read."""
+    if os.path.isdir(path):
+        if not os.path.exists(os.path.join(path, "config.json")):
+            raise DataError(f"{key}={path}: a directory with neither {POLICY} nor config.json, so not a run's "
+                            f"checkpoint nor an HF model directory")
+        return
+    if zipfile.is_zipfile(path) and any(name.endswith("/data.pkl") for name in zipfile.ZipFile(path).namelist()):
+        return
+    raise DataError(f"{key}={path}: not a checkpoint (a {POLICY} that torch.save wrote): it holds {file_contents(path)}")
+
+
+def file_contents(path: str) -> str:
+    """What a file that is no checkpoint holds, in a few words."""
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(512)
+    if size == 0:
+        return "nothing (an empty file)"
+    if zipfile.is_zipfile(path):
+        names = zipfile.ZipFile(path).namelist()
+        return f"a zip archive of {len(names)} files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
+    if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
+        return "safetensors weights (give their directory, with its config.json, to load an HF model)"
+    if b"\x00" not in head:
+        lines = head.decode("utf-8", errors="replace").strip().splitlines() or [""]
+        return f"text ({lines[0][:60]!r}{'...' if len(lines[0]) > 60 else ''})"
+    return f"{size} bytes of binary data in no format halos reads"
 
 
 def get_rng_state() -> Dict:

@@ -1,11 +1,13 @@
 """Errors a user can fix, and how the entry points report them.
 
 Every such error says where the problem is (the file, the record and the field; the config key; the
-checkpoint). train.py, eval.py, label.py and compare.py print it as one line on stderr and exit with
-status 2, without a traceback; HYDRA_FULL_ERROR=1 shows the traceback instead.
+checkpoint). Every entry point prints it as one line on stderr and exits with status 2, without a
+traceback; HYDRA_FULL_ERROR=1 shows the traceback instead.
 """
+import argparse
 import contextlib
 import os
+import subprocess
 import sys
 
 
@@ -29,14 +31,42 @@ class HubUnavailableError(UserError, ConnectionError):
     """The Hugging Face hub could not be reached for a dataset that has no local copy."""
 
 
+# HYDRA_FULL_ERROR as the user set it: halos.cli sets HYDRA_FULL_ERROR=1 itself while Hydra runs
+USER_FULL_ERROR = 'HALOS_USER_FULL_ERROR'
+
+
+def show_traceback() -> bool:
+    return os.environ.get(USER_FULL_ERROR, os.environ.get('HYDRA_FULL_ERROR')) == '1'
+
+
+def reported(program: str, error: UserError) -> int:
+    """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again)."""
+    if show_traceback():
+        raise error
+    print(f"{program}: {' '.join(str(error).split(chr(10)))}", file=sys.stderr, flush=True)
+    return 2
+
+
 @contextlib.contextmanager
 def reported_as_one_line(program: str):
-    """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2."""
+    """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2; a command run
+    inside that failed (which printed its own message) into one line naming it, with its exit status."""
     try:
         yield
     except UserError as error:
-        if os.environ.get('HYDRA_FULL_ERROR') == '1':
+        sys.exit(reported(program, error))
+    except subprocess.CalledProcessError as error:
+        if show_traceback():
             raise
-        message = ' '.join(str(error).split('\n'))
-        print(f'{program}: {message}', file=sys.stderr, flush=True)
+        command = ' '.join(map(str, error.cmd)) if isinstance(error.cmd, (list, tuple)) else str(error.cmd)
+        print(f'{program}: `{command}` failed with exit status {error.returncode} (its message is above)',
+              file=sys.stderr, flush=True)
+        sys.exit(error.returncode if error.returncode > 0 else 1)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose bad argument ends as one line, `<program>: <message>`, with exit status 2."""
+
+    def error(self, message: str):
+        print(f'{self.prog}: {message} (--help lists the arguments)', file=sys.stderr, flush=True)
         sys.exit(2)

@@ -16,14 +16,19 @@ import os
 import tempfile
 from typing import Dict, List, Optional
 
-from halos.errors import DataError
+from halos.errors import DataError, MissingFileError
 from halos.examples import ROLES, Dataset, render_turns
 
 
 def read_json_records(path: str) -> List[Dict]:
     """Records of a JSON array file or a JSON Lines file; errors name the file and record."""
-    with open(path, 'rb') as f:
-        content = f.read()
+    try:
+        with open(path, 'rb') as f:
+            content = f.read()
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except OSError as error:  # a directory, or no permission
+        raise DataError(f"{path}: cannot be read ({error.strerror})") from None
     try:
         text = content.decode('utf-8')
     except UnicodeDecodeError as error:

@@ -4,12 +4,21 @@
 
 with `prompts[i]` as a prompts file gives it (a string, or a list of {role, content} turns), `completions[i]`
 a string, and `scores[i]` a float, or None when no score could be had (a failed or unparseable judgment):
-such a completion is dropped and counted, never scored 0.
+such a completion is dropped and counted, never scored 0. A labeler has a `name` for messages and says
+whether it `may_abstain` (give None); only a judge may.
+
+Every score goes through one check, `checked_scores`: a finite number, or None from a labeler that may
+abstain. A reward function that raises, or any labeler that gives anything else, stops the run with one line
+naming the labeler, the sample and the value or exception.
 """
+import dataclasses
+import functools
 import hashlib
 import importlib
 import importlib.util
 import json
+import math
+import numbers
 import os
 import re
 from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
@@ -18,50 +27,116 @@ import torch
 
 import models
 from halos.batching import encode_completion, encode_prompt
-from halos.errors import ConfigError, MissingFileError
+from halos.errors import ConfigError, MissingFileError, UserError
 from halos.examples import Formatting
 
 Prompt = Union[str, List[Dict[str, str]]]
 
 
 class Labeler(Protocol):
+    name: str           # how messages name it: 'reward function data/task/reward.py:reward'
+    may_abstain: bool   # it may give None for a completion it could not score (a failed judgment)
+
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]: ...
+
+
+class LabelError(UserError):
+    """A labeler that failed on a sample, or gave a score that is not a finite number."""
+
+
+class SampleFailed(Exception):
+    """Raised by a labeler when scoring the completion at `index` of its call failed."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(reason)
+        self.index, self.reason = index, reason
+
+
+def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Sequence[str],
+                   names: Sequence[str]) -> List[Optional[float]]:
+    """The labeler's scores of the completions (`names[i]` says which sample each is, for messages): each a
+    finite float, or None where the labeler may abstain; a LabelError otherwise."""
+    labeler_name = getattr(labeler, 'name', 'the labeler')
+    try:
+        scores = list(labeler(prompts, completions))
+    except SampleFailed as failure:
+        raise LabelError(f"{labeler_name} failed on {names[failure.index]}: {failure.reason}") from None
+    if len(scores) != len(completions):
+        raise LabelError(f"{labeler_name} gave {len(scores)} scores for {len(completions)} completions")
+    return [checked_score(score, labeler_name, getattr(labeler, 'may_abstain', True), name)
+            for score, name in zip(scores, names)]
+
+
+def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Optional[float]:
+    if value is None and may_abstain:
+        return None
+    number = as_number(value)
+    if number is None or not math.isfinite(number):
+        raise LabelError(f"{labeler_name} gave {value!r} for {name}: a score must be a finite number")
+    return number
+
+
+def as_number(value) -> Optional[float]:
+    """A real number (a bool counts as 0 or 1; numpy and one-element torch scalars too) as a float, else None."""
+    if isinstance(value, numbers.Real):
+        return float(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
+        return float(value)
+    return None
 
 
 def as_turns(prompt: Prompt) -> List[Dict[str, str]]:
     return [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+@functools.lru_cache(maxsize=None)
 def load_reward_function(spec: str) -> Callable[[Prompt, str], float]:
-    """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion)."""
+    """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion).
+    Each spec is imported once per process (the run's start-up checks import it before anything loads)."""
     location, _, name = spec.rpartition(':')
     if not location or not name:
         raise ConfigError(f"reward function {spec!r}: give it as path/to/file.py:function or module:function")
-    if location.endswith('.py'):
-        if not os.path.exists(location):
-            raise MissingFileError(f"reward function {spec!r}: no file {location}")
-        module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0], location)
-        module = importlib.util.module_from_spec(module_spec)
-        module_spec.loader.exec_module(module)
-    else:
-        try:
+    if location.endswith('.py') and not os.path.exists(location):
+        raise MissingFileError(f"reward function {spec!r}: no file {location}")
+    try:
+        if location.endswith('.py'):
+            module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0],
+                                                                 location)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
             module = importlib.import_module(location)
-        except ImportError as error:
-            raise ConfigError(f"reward function {spec!r}: cannot import module {location!r} ({error})") from None
+    except SyntaxError as error:
+        raise ConfigError(f"reward function {spec!r}: {error.filename or location} line {error.lineno}: "
+                          f"{error.msg}") from None
+    except Exception as error:  # whatever the module's own code raises while it is imported
+        raise ConfigError(f"reward function {spec!r}: importing {location} raised {described_error(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ConfigError(f"reward function {spec!r}: {location} has no function {name!r}")
     return function
 
 
+def described_error(error: BaseException) -> str:
+    return f"{type(error).__name__}: {str(error)[:200]}" if str(error) else type(error).__name__
+
+
 class RewardFunctionLabeler:
     """Scores from a Python function(prompt, completion) -> float."""
+    may_abstain = False
 
     def __init__(self, spec: str):
         self.spec, self.function = spec, load_reward_function(spec)
+        self.name = f'reward function {spec}'
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
-        return [float(self.function(prompt, completion)) for prompt, completion in zip(prompts, completions)]
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List:
+        scores = []
+        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+            try:
+                scores.append(self.function(prompt, completion))
+            except Exception as error:  # the user's function: any failure is theirs to fix, named with its sample
+                raise SampleFailed(index, f"it raised {described_error(error)}") from None
+        return scores
 
 
 def classifier_scores(logits: torch.Tensor) -> torch.Tensor:
@@ -86,11 +161,10 @@ def reward_model_scores(model, tokenizer, texts: List[str], max_length: int, dev
 REWARD_MODEL_FORMAT = 'halos_reward_model.json'  # how a halos-trained reward model's inputs were formatted
 
 
-def write_reward_model_format(directory: str, config) -> None:
+def write_reward_model_format(directory: str, formatting: Formatting, use_chat_template: bool) -> None:
     """Record, next to an exported reward model, how its training inputs were formatted."""
-    fields = ('use_chat_template', 'human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')
     with open(os.path.join(directory, REWARD_MODEL_FORMAT), 'w') as f:
-        json.dump({field: config[field] for field in fields}, f, indent=1)
+        json.dump({'use_chat_template': use_chat_template, **dataclasses.asdict(formatting)}, f, indent=1)
 
 
 @torch.no_grad()
@@ -114,8 +188,10 @@ class RewardModelLabeler:
     tokenizer's chat template (HALOs' convention), or the halos format when it has none. A long input loses
     the start of its prompt, never the completion.
     """
+    may_abstain = False
 
     def __init__(self, path: str, dtype: str = 'float32', max_length: int = 2048, device=None):
+        self.name = f'reward model {path}'
         self.model, self.tokenizer = models.load_reward_model(path, dtype)
         self.device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.model.to(self.device)
@@ -176,9 +252,11 @@ class JudgeLabeler:
     """Pointwise 1-10 scores from an LLM judge on any OpenAI-compatible server (halos/judge.py: timeouts,
     retries, concurrency, pacing). Every judgment is kept in a JSONL cache as it arrives, keyed by the judge's
     messages, the judge, the prompt version, the seed and the answer length, so a rerun asks nothing twice;
-    an unparseable answer is cached and scores None, a failed request is not cached and scores None.
+    an answer without a score and a failed request score None and are not cached (a rerun asks again, as a fixed
+    server should be), and `last_error` keeps the last of them.
     halos/judge.py (and the OpenAI client, some 800 modules) is imported only here, so that train.py and
     eval.py start without it."""
+    may_abstain = True
 
     def __init__(self, model: str, base_url: Optional[str], cache_path: str, concurrency: int = 4,
                  timeout: float = 30.0, max_retries: int = 5, sleep_time: float = 0.0, max_tokens: int = 16,
@@ -186,6 +264,8 @@ class JudgeLabeler:
         from halos import judge
         base_url = base_url or judge.OPENAI_BASE_URL
         self.model, self.base_url, self.cache_path = model, base_url, cache_path
+        self.name = f'judge {model} at {judge.public_url(base_url)}'
+        self.last_error: Optional[str] = None  # of the requests that failed after their retries
         self.concurrency, self.sleep_time, self.max_tokens, self.seed = concurrency, sleep_time, max_tokens, seed
         self.client = judge.make_client(base_url, timeout, max_retries)
         self.requested = 0  # requests sent by this labeler (a cached judgment costs none)
@@ -207,14 +287,17 @@ class JudgeLabeler:
             def ask_and_cache(key: str, request: List[Dict[str, str]]) -> dict:
                 pacer.wait()
                 answer = judge.ask(self.client, self.model, request, self.max_tokens, self.seed)
+                if parse_score(answer) is None:
+                    raise ValueError(f"an answer without a 1-10 score: {answer[:80]!r}")
                 record = {'key': key, 'judge': self.model, 'prompt_version': JUDGE_PROMPT_VERSION, 'answer': answer,
                           'score': parse_score(answer)}
                 cache.add(record)
                 return record
             requests = {key: (lambda key=key, request=request: ask_and_cache(key, request))
                         for key, request in missing.items()}
-            judge.ask_all(requests, self.concurrency,
-                          lambda error: judge.fatal_error_message(error, self.base_url, self.model, self.cache_path))
+            errors = judge.ask_all(requests, self.concurrency, lambda error: judge.fatal_error_message(
+                error, self.base_url, self.model, self.cache_path))
+            self.last_error = next(reversed(errors.values()), self.last_error)
             self.requested += len(missing)
             return [cache.records[key]['score'] if key in cache.records else None for key in keys]
 

@@ -11,18 +11,28 @@ feedback-file records halos trains on (halos/feedback.py reads them, like any us
     scalar    every sample with its reward (GRPO, weights)
     best      the best sample of each prompt as its SFT target (rejection sampling / ReST-style fine-tuning)
 
-A sample whose labeler gave no score (a failed or unparseable judgment) is dropped and counted.
+Every score passes halos.labelers.checked_scores: a labeler that fails on a sample or gives anything but a
+finite number stops the run, naming the sample. A sample whose labeler gave no score (a failed or
+unparseable judgment) is dropped and counted; `scored_enough` stops a run when too few got one.
 """
 import random
 import statistics
 from collections import Counter
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from halos.errors import ConfigError
+from halos.labelers import LabelError, checked_scores
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
 PAIR_MODES = ('max', 'min', 'random')
 Threshold = Union[str, float]
+
+
+def sample_name(sample: Dict) -> str:
+    """How a message names a sample record: 'round 2, prompt 3f9a0c1d, sample 1'."""
+    parts = [sample.get('generator'), f"prompt {sample.get('prompt_id')}",
+             f"sample {sample['sample_id']}" if 'sample_id' in sample else None]
+    return ', '.join(str(part) for part in parts if part)
 
 
 def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[List[Dict], Counter]:
@@ -30,14 +40,37 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
     labelled, counts = [], Counter()
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
-        rewards = labeler([s['prompt'] for s in chunk], [s['output'] for s in chunk])
+        rewards = checked_scores(labeler, [s['prompt'] for s in chunk], [s['output'] for s in chunk],
+                                 [sample_name(s) for s in chunk])
         for sample, reward in zip(chunk, rewards):
             if reward is None:
                 counts['dropped: no score'] += 1
             else:
-                labelled.append({**sample, 'reward': float(reward)})
+                labelled.append({**sample, 'reward': reward})
     counts['labelled'] = len(labelled)
     return labelled, counts
+
+
+def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, what: str) -> None:
+    """Stop, naming the count, the labeler and its last error, when fewer than `least_share` of `what`'s
+    samples got a score."""
+    if n_samples and n_scored >= least_share * n_samples and n_scored > 0:
+        return
+    last_error = getattr(labeler, 'last_error', None)
+    raise LabelError(f"{what}: {getattr(labeler, 'name', 'the labeler')} scored {n_scored} of {n_samples} samples "
+                     f"(fewer than {least_share:.0%})" + (f"; last error: {last_error}" if last_error else ''))
+
+
+def why_no_training_data(samples: List[Dict], kind: str) -> Optional[str]:
+    """Why labelled samples give `kind` feedback with nothing to learn from (None when they do not): no scored
+    sample, or every prompt's samples tied (pairwise: no pair differs; scalar: every group's advantage is 0)."""
+    if not samples:
+        return "no sample got a score"
+    groups = by_prompt(samples).values()
+    differing = sum(len({s['reward'] for s in group}) > 1 for group in groups)
+    if kind in ('pairwise', 'scalar') and differing == 0:
+        return f"all {len(groups)} prompts' samples tied (every sample of a prompt has the same reward)"
+    return None
 
 
 def by_prompt(samples: List[Dict]) -> Dict[str, List[Dict]]:

@@ -5,14 +5,15 @@ It owns the loop (evaluate and checkpoint every `eval_every` examples, then one 
 FSDP2 sharding and the checkpoint files. Subclasses (trainers.py) provide
 `get_batch_metrics(batch, mode) -> (scalar loss, {name: per-example values})`; class attributes say what a
 trainer needs (`use_reference_model`, `prefixes`: the sequence kinds it reads), so nothing outside asks
-for a loss by name. Config is read once, here in __init__; the loss hyperparameters stay in
-`self.config.loss`, which each trainer's `loss()` reads.
+for a loss by name. The loop gets its settings typed (LoopSettings, built by halos/build.py) and each
+trainer its loss's `Params` (`self.params`, which its `loss()` reads).
 """
 import inspect
 import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -22,8 +23,12 @@ import models
 from halos import batch as schema
 from halos import checkpoint, lora
 from halos.errors import ConfigError
+from halos.examples import Formatting
+from halos.losses import humanline_logratios
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from halos.packing import segment_attention_supported, sequence_logps, token_level_logps
+from halos.sampling import SamplingOptions
+from halos.settings import ModelSettings, setting
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
                    completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
 
@@ -38,52 +43,85 @@ def build_optimizer(name: str, parameters: List[torch.nn.Parameter], lr: float, 
     return optimizer_class(parameters, lr=lr, **kernel)
 
 
+@dataclass(frozen=True)
+class LoopSettings:
+    """What the loop reads, built once from the run's settings by halos/build.py."""
+    run_dir: str
+    cache_dir: str                # where model.load_from resolves
+    seed: int
+    model: ModelSettings
+    optimizer: str
+    lr: float
+    warmup_steps: int
+    eval_every: int
+    do_first_eval: bool
+    minimum_log_interval_secs: float
+    keep_intermediate_checkpoints: bool
+    cache_reference_logprobs: bool
+    sampling: SamplingOptions     # for trainers that sample (online PPO)
+    formatting: Formatting        # how prompts were rendered (a reward model's export records it)
+    use_chat_template: bool
+
+
+@dataclass(frozen=True)
+class Humanline:
+    """The humanline block of a loss's Params (HALOs-2025), for losses with per-token log-ratios to a reference."""
+    humanline: bool = setting(False, "clamp each token's log-ratio to [log_epsilon_P, log_epsilon_R]; the reference "
+                                     "becomes the policy at every optimizer step")
+    log_epsilon_P: float = setting(-1.0, 'lower bound of the clamped per-token log-ratio')
+    log_epsilon_R: float = setting(1.5, 'upper bound of the clamped per-token log-ratio')
+
+
 class BasicTrainer:
     """The training loop, evaluation, logging, clipping, sharding and checkpoints."""
     use_reference_model = False
     prefixes: Tuple[str, ...] = (schema.TARGET,)  # the sequence kinds of a batch that go through the models
     average_log_prob = False    # loss() gets per-token mean log-probs instead of sums (SimPO, ORPO)
-    supports_humanline = False  # loss.humanline may clamp its per-token log-ratios (losses with a reference)
+    reference_logps_cacheable = True  # cache_reference_logprobs may replace the reference (summed log-probs)
     lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 
-    def __init__(self, tokenizer, config, train_iterator, eval_iterator, policy: torch.nn.Module,
-                 reference_model: Optional[torch.nn.Module] = None, rank: int = 0, world_size: int = 1):
-        self.tokenizer, self.config = tokenizer, config
+    @dataclass(frozen=True)
+    class Params:
+        """The loss's hyperparameters (config/loss/<name>.yaml); each trainer declares its own."""
+
+    def __init__(self, tokenizer, settings: LoopSettings, params, train_iterator, eval_iterator,
+                 policy: torch.nn.Module, reference_model: Optional[torch.nn.Module] = None, rank: int = 0,
+                 world_size: int = 1):
+        self.tokenizer, self.settings, self.params = tokenizer, settings, params
         self.policy, self.reference_model = policy, reference_model
         self.rank, self.world_size = rank, world_size
-        self.run_dir = config.local_run_dir
-        model_config = config.model
-        self.padding_free, self.autocast_dtype = model_config.padding_free, model_config.autocast_dtype
+        self.run_dir = settings.run_dir
+        model = settings.model
+        self.padding_free, self.autocast_dtype = model.padding_free, model.autocast_dtype
         # model.share_prompts where it applies: packed rows, and halos' attention, which reads each segment's mask
-        # (under flash-attention 2 each sequence is packed with its own prompt); runs saved before the option: off
-        self.share_prompts = bool(model_config.get('share_prompts', False)) and self.padding_free and \
-            segment_attention_supported(policy)
-        self.max_grad_norm, self.accumulation_steps = model_config.max_grad_norm, model_config.gradient_accumulation_steps
-        self.eval_every, self.do_first_eval = config.eval_every, config.do_first_eval
-        self.minimum_log_interval_secs = config.minimum_log_interval_secs
-        self.keep_intermediate_checkpoints = config.intermediate_checkpoints and not config.debug
-        self.humanline = bool(config.loss.get('humanline', False))
-        self.humanline_band = (config.loss.get('log_epsilon_P', -1.0), config.loss.get('log_epsilon_R', 1.5))
+        # (under flash-attention 2 each sequence is packed with its own prompt)
+        self.share_prompts = model.share_prompts and self.padding_free and segment_attention_supported(policy)
+        self.max_grad_norm, self.accumulation_steps = model.max_grad_norm, model.gradient_accumulation_steps
+        self.eval_every, self.do_first_eval = settings.eval_every, settings.do_first_eval
+        self.minimum_log_interval_secs = settings.minimum_log_interval_secs
+        self.keep_intermediate_checkpoints = settings.keep_intermediate_checkpoints
+        self.humanline = isinstance(params, Humanline) and params.humanline
+        self.humanline_band = (params.log_epsilon_P, params.log_epsilon_R) if self.humanline else None
         os.makedirs(self.run_dir, exist_ok=True)
         self.device = torch.device(f'cuda:{torch.cuda.current_device()}' if torch.cuda.is_available() else 'cpu')
         if self.reference_model is not None:
             self.reference_model.eval().requires_grad_(False)
         if world_size > 1:
-            self.shard(model_config.block_name, model_config.fsdp_policy_mp)  # each shard moves to the device
+            self.shard(model.block_name, model.fsdp_policy_mp)  # each shard moves to the device
         else:
             self.policy.to(self.device)
             if self.reference_model is not None:
                 self.reference_model.to(self.device)
-        if model_config.activation_checkpointing and hasattr(self.policy, 'gradient_checkpointing_enable'):
+        if model.activation_checkpointing and hasattr(self.policy, 'gradient_checkpointing_enable'):
             self.policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})
         self.reference = LiveReference(self.reference_model, self.concatenated_logps) \
             if self.reference_model is not None else None
-        self.reference_cache = cache_path(self.run_dir, self.reference_identity(config)) \
-            if config.cache_reference_logprobs and self.use_reference_model else None
+        self.reference_cache = cache_path(self.run_dir, self.reference_identity()) \
+            if settings.cache_reference_logprobs and self.use_reference_model else None
 
-        self.optimizer = self.build_optimizer(config.optimizer, config.lr)
-        warmup = config.warmup_steps
+        self.optimizer = self.build_optimizer(settings.optimizer, settings.lr)
+        warmup = settings.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         self.example_counter = 0   # training examples seen (global)
         self.batch_counter = 0     # optimizer steps taken
@@ -132,15 +170,14 @@ class BasicTrainer:
         from torch.distributed.device_mesh import init_device_mesh
         return init_device_mesh(self.device.type, (self.world_size,))
 
-    def reference_identity(self, config) -> Dict:
+    def reference_identity(self) -> Dict:
         """What decides the reference model's log-probs (it names the reference cache file)."""
-        model_config = config.model
-        load_from = models.resolve_load_from(model_config.load_from, config.cache_dir) if model_config.load_from else None
-        return model_identity(models.resolve_model_path(model_config.name_or_path), load_from,
-                              model_config.reference_dtype, model_config.autocast_dtype,
-                              models.attention_implementation(model_config.use_flash_attention), model_config.padding_free,
-                              self.share_prompts,
-                              model_config.fsdp_policy_mp if self.world_size > 1 else None, len(self.tokenizer))
+        model = self.settings.model
+        load_from = models.resolve_load_from(model.load_from, self.settings.cache_dir) if model.load_from else None
+        return model_identity(models.resolve_model_path(model.name_or_path), load_from, model.reference_dtype,
+                              model.autocast_dtype, models.attention_implementation(model.use_flash_attention),
+                              model.padding_free, self.share_prompts, model.fsdp_policy_mp if self.world_size > 1 else None,
+                              len(self.tokenizer))
 
     # --- forward passes
     def concatenated_logps(self, model: torch.nn.Module, batch: Dict, prefixes: Tuple[str, ...]) -> List[torch.Tensor]:
@@ -178,8 +215,23 @@ class BasicTrainer:
         sequences = schema.Sequences.stacked(batch, prefixes, self.tokenizer.pad_token_id, self.device)
         return sequences.input_ids, sequences.attention_mask, sequences.labels
 
+    def policy_logps(self, batch: Dict, kinds: Tuple[str, ...]) -> List[torch.Tensor]:
+        """Summed policy log-probs per kind, [rows] each. Under humanline the sums of the policy's per-token
+        log-ratios to the reference, clamped to the band (and `self.unclamped` the share of each row's tokens
+        inside it), while reference_logps gives 0: every loss() then sees clamped log-ratios."""
+        if not self.humanline:
+            return self.concatenated_logps(self.policy, batch, kinds)
+        policy, mask = self.concatenated_token_logps(self.policy, batch, kinds)
+        with torch.no_grad():
+            reference, _ = self.concatenated_token_logps(self.reference_model, batch, kinds)
+        logratios, inside = humanline_logratios(policy, reference, mask, *self.humanline_band)
+        self.unclamped = inside / mask.sum(-1).clamp(min=1)
+        return list(logratios.sum(-1).split(schema.rows_per_kind(batch, kinds)))
+
     def reference_logps(self, batch: Dict) -> List[torch.Tensor]:
-        """Reference log-probs of every kind of the batch the trainer reads (`prefixes`)."""
+        """Reference log-probs of every kind of the batch the trainer reads (`prefixes`); 0 under humanline."""
+        if self.humanline:
+            return [torch.zeros(rows, device=self.device) for rows in schema.rows_per_kind(batch, self.prefixes)]
         return self.reference(batch, self.prefixes)
 
     def cache_reference_logprobs(self) -> None:
@@ -281,9 +333,8 @@ class BasicTrainer:
         at the start of each online round with online.reference=previous."""
         for reference_parameter, parameter in zip(self.reference_model.parameters(), self.policy.parameters()):
             reference_parameter.copy_(parameter)
-        model_config = self.config.model
-        self.reference_is_policy = model_config.reference_dtype == model_config.policy_dtype and \
-            not lora.is_lora(self.policy)
+        model = self.settings.model
+        self.reference_is_policy = model.reference_dtype == model.policy_dtype and not lora.is_lora(self.policy)
 
     def evaluate(self) -> Dict[str, float]:
         """Mean eval metrics over the whole test set (all ranks' slices)."""
@@ -374,10 +425,9 @@ class BasicTrainer:
         (into a fresh copy of the base, built here, so the live policy keeps its adapters)."""
         if not lora.is_lora(self.policy):
             return policy_state
-        model_config = self.config.model
-        base = self.load_policy(model_config.name_or_path, model_config.policy_dtype,
-                                use_flash_attention=model_config.use_flash_attention, load_from=model_config.load_from,
-                                cache_dir=self.config.cache_dir, vocab_size=len(self.tokenizer))
+        model = self.settings.model
+        base = self.load_policy(model.name_or_path, model.policy_dtype, use_flash_attention=model.use_flash_attention,
+                                load_from=model.load_from, cache_dir=self.settings.cache_dir, vocab_size=len(self.tokenizer))
         return lora.merged_state_dict(base, self.policy, policy_state)
 
     def export_hf(self, directory: str, policy_state: Dict[str, torch.Tensor]) -> None:

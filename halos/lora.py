@@ -9,33 +9,17 @@ Checkpoints hold the trainable state (policy.pt), the adapter as peft writes it 
 PeftModel.from_pretrained) and, at the end, the merged model (`hf/`).
 """
 import os
-from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
+
+from halos.settings import PeftSettings
 
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
 
 
-@dataclass(frozen=True)
-class LoraSettings:
-    """model.peft, with HALOs' key names."""
-    lora_r: int
-    lora_alpha: float
-    lora_dropout: float
-    target_modules: object  # 'all-linear' or a list of module names
-
-    @classmethod
-    def of(cls, model_config) -> 'LoraSettings':
-        peft = model_config.peft
-        targets = peft.target_modules
-        return cls(peft.lora_r, peft.lora_alpha, peft.lora_dropout,
-                   targets if isinstance(targets, str) else list(OmegaConf.to_object(targets)))
-
-
-def lora_config(settings: LoraSettings, task_type: str, heads: Sequence[str]):
-    """peft's LoraConfig; `heads` (a trainer's own output modules) train whole and get no adapter."""
+def lora_config(settings: PeftSettings, task_type: str, heads: Sequence[str]):
+    """peft's LoraConfig from model.peft; `heads` (a trainer's own output modules) train whole and get no adapter."""
     from peft import LoraConfig
     return LoraConfig(r=settings.lora_r, lora_alpha=settings.lora_alpha, lora_dropout=settings.lora_dropout,
                       target_modules=settings.target_modules, bias='none', task_type=task_type,

@@ -19,41 +19,21 @@ import math
 import os
 import random
 import statistics
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, TypeVar
 
 import torch
 
-from halos.errors import ConfigError
+from halos.errors import DataError, UserError
 from halos.feedback import read_json_records, write_jsonl
-from halos.labelling import build_feedback, label_samples
+from halos.labelers import LabelError, checked_scores
+from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
 from halos.sampling import Sampler, sample_records
+from halos.settings import OnlineSettings
 from utils import barrier, get_world_size, is_distributed, on_rank0, rank0_print
 
-REFERENCES = ('fixed', 'previous')
-
-
-@dataclass(frozen=True)
-class OnlineSettings:
-    """config.online, read once at the edge."""
-    rounds: int
-    prompts_per_round: int
-    samples_per_prompt: int
-    feedback: str
-    pair_mode: str
-    threshold: object
-    per_prompt: bool
-    reference: str
-    seed: int
-
-    @classmethod
-    def of(cls, config) -> 'OnlineSettings':
-        online = config.online
-        if online.reference not in REFERENCES:
-            raise ConfigError(f"online.reference={online.reference}: give fixed or previous")
-        return cls(online.rounds, online.prompts_per_round, online.samples_per_prompt, online.feedback,
-                   online.pair_mode, online.threshold, online.per_prompt, online.reference, config.seed)
-
+T = TypeVar('T')
+TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ', 'binary': 'labelled samples',
+                  'best': 'best samples'}
 
 def round_block(pool_size: int, prompts_per_round: int, round_index: int, seed: int) -> List[int]:
     """The pool indices of round `round_index`'s prompts: consecutive blocks of a seeded permutation, a fresh
@@ -93,6 +73,24 @@ def plot_reward_per_round(metrics_path: str, out_path: str) -> None:
     plt.close(figure)
 
 
+def on_rank0_for_all(work: Callable[[], T]) -> Optional[T]:
+    """`work()` on rank 0 (None elsewhere); a UserError there is raised on every rank, so that none is left
+    waiting at the next barrier."""
+    result, error = None, None
+    if on_rank0():
+        try:
+            result = work()
+        except UserError as raised:
+            error = raised
+    if is_distributed():
+        shared = [error]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        error = shared[0]
+    if error is not None:
+        raise error
+    return result
+
+
 def gathered(records: List[Dict]) -> List[Dict]:
     """Every rank's records, in rank order (the records themselves in one process)."""
     if not is_distributed():
@@ -107,9 +105,9 @@ class OnlineRounds:
     `held_out` one over the held-out prompts (or None); `make_loaders(feedback_path)` gives the round's
     (train, eval) loaders; `labeler` scores (prompts, completions)."""
 
-    def __init__(self, trainer, settings: OnlineSettings, prompt_loader, held_out, make_loaders: Callable,
+    def __init__(self, trainer, settings: OnlineSettings, seed: int, prompt_loader, held_out, make_loaders: Callable,
                  make_sampler: Callable[[], Sampler], labeler):
-        self.trainer, self.settings = trainer, settings
+        self.trainer, self.settings, self.seed = trainer, settings, seed
         self.prompt_loader, self.held_out, self.make_loaders = prompt_loader, held_out, make_loaders
         self.make_sampler, self.labeler = make_sampler, labeler
         self.pool = list(prompt_loader.items)
@@ -133,47 +131,72 @@ class OnlineRounds:
         """The round's samples: read back if on disk, else sampled and written."""
         path = self.path(round_index, 'samples.jsonl')
         if not os.path.exists(path):
-            block = round_block(len(self.pool), self.settings.prompts_per_round, round_index, self.settings.seed)
+            block = round_block(len(self.pool), self.settings.prompts_per_round, round_index, self.seed)
             self.prompt_loader.items = [self.pool[i] for i in block]
             records = self.sample(self.prompt_loader, self.settings.samples_per_prompt, f'round {round_index}',
-                                  self.settings.seed * 1_000_003 + 2 * round_index)
+                                  self.seed * 1_000_003 + 2 * round_index)
             if on_rank0():
                 write_jsonl(path, records)
             barrier()
         return read_json_records(path)
 
     def round_feedback(self, round_index: int) -> str:
-        """The path of the round's feedback file, labelled (on rank 0) if it is not on disk yet."""
+        """The path of the round's feedback file, labelled (on rank 0) if it is not on disk yet. A round whose
+        labeler scores too few samples, or whose scores give nothing to train on, stops the run; its samples
+        stay on disk, so a resumed run labels them again without sampling."""
         path = self.path(round_index, 'feedback.jsonl')
         if not os.path.exists(path):
             samples = self.round_samples(round_index)
-            if on_rank0():
-                labelled, counts = label_samples(samples, self.labeler)
-                s = self.settings
-                records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode,
-                                         s.seed + round_index)
-                write_jsonl(path, records)
-                self.trainer.log({'round': round_index, 'round/samples': len(samples),
-                                  'round/feedback_records': len(records), **{f'round/{k}': v for k, v in counts.items()}})
+            on_rank0_for_all(lambda: self.label_round(round_index, samples, path))
             barrier()
         return path
+
+    def label_round(self, round_index: int, samples: List[Dict], path: str) -> None:
+        try:
+            records, counts = self.feedback(round_index, samples)
+        except UserError as error:
+            raise LabelError(f"{error}; the samples of round {round_index} stay in "
+                             f"{self.path(round_index, 'samples.jsonl')}: rerun with ++resume=true once the labeler "
+                             f"is fixed") from None
+        write_jsonl(path, records)
+        self.trainer.log({'round': round_index, 'round/samples': len(samples), 'round/feedback_records': len(records),
+                          **{f'round/{k}': v for k, v in counts.items()}})
+
+    def feedback(self, round_index: int, samples: List[Dict]):
+        """The round's feedback records and the labelling's counts; an error when too few samples got a score
+        or the scores give nothing to train on."""
+        s = self.settings
+        labelled, counts = label_samples(samples, self.labeler)
+        scored_enough(len(labelled), len(samples), s.min_scored, self.labeler, f'round {round_index}')
+        records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
+        reason = why_no_training_data(labelled, s.feedback) or (None if records else (
+            f"no {s.feedback} feedback came from its {len(labelled)} scored samples (online.threshold={s.threshold}, "
+            f"online.pair_mode={s.pair_mode})"))
+        if reason:
+            raise DataError(f"round {round_index}: 0 {TRAINING_UNITS[s.feedback]}: {reason}")
+        return records, counts
 
     def evaluate_reward(self, round_index: int) -> Optional[Dict[str, float]]:
         """Held-out reward after `round_index` rounds (one sample per held-out prompt), logged."""
         if self.held_out is None:
             return None
-        samples = self.sample(self.held_out, 1, f'after round {round_index}', self.settings.seed * 1_000_003 + 2 * round_index + 1)
-        summary, lengths = {}, [len(s['output'].split()) for s in samples]
-        if on_rank0():
-            rewards = [r for r in self.labeler([s['prompt'] for s in samples], [s['output'] for s in samples])
-                       if r is not None]
-            summary = reward_summary(rewards)
-            self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
-                              'reward_eval/n': summary['n'], 'reward_eval/length': statistics.fmean(lengths)})
-            rank0_print(f"held-out reward after {round_index} rounds: {summary['mean']:.4f} +- {summary['se']:.4f} "
-                        f"(n={summary['n']})")
-            plot_reward_per_round(os.path.join(self.trainer.run_dir, 'metrics.jsonl'),
-                                  os.path.join(self.rounds_dir, 'reward_per_round.png'))
+        samples = self.sample(self.held_out, 1, f'after round {round_index}', self.seed * 1_000_003 + 2 * round_index + 1)
+        return on_rank0_for_all(lambda: self.score_held_out(round_index, samples))
+
+    def score_held_out(self, round_index: int, samples: List[Dict]) -> Dict[str, float]:
+        scores = checked_scores(self.labeler, [s['prompt'] for s in samples], [s['output'] for s in samples],
+                                [f'held-out {sample_name(s)}' for s in samples])
+        rewards = [r for r in scores if r is not None]
+        scored_enough(len(rewards), len(samples), self.settings.min_scored, self.labeler,
+                      f'the held-out reward after {round_index} rounds')
+        summary = reward_summary(rewards)
+        self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
+                          'reward_eval/n': summary['n'],
+                          'reward_eval/length': statistics.fmean(len(s['output'].split()) for s in samples)})
+        rank0_print(f"held-out reward after {round_index} rounds: {summary['mean']:.4f} +- {summary['se']:.4f} "
+                    f"(n={summary['n']})")
+        plot_reward_per_round(os.path.join(self.trainer.run_dir, 'metrics.jsonl'),
+                              os.path.join(self.rounds_dir, 'reward_per_round.png'))
         return summary
 
     def run(self) -> None:
@@ -184,12 +207,8 @@ class OnlineRounds:
             feedback = self.round_feedback(round_index)
             if self.settings.reference == 'previous' and trainer.batches_seen == 0:
                 trainer.sync_reference()  # the policy that sampled this round
-            if read_json_records(feedback):
-                trainer.set_data(*self.make_loaders(feedback))
-                trainer.train()
-            else:
-                rank0_print(f"round {round_index}: its samples gave no {self.settings.feedback} feedback (all ties or "
-                            f"unscored), so it trains on nothing; sample more per prompt or lower the threshold")
+            trainer.set_data(*self.make_loaders(feedback))
+            trainer.train()
             trainer.completed_rounds, trainer.batches_seen = round_index + 1, 0
             trainer.save_checkpoint()
             self.evaluate_reward(round_index + 1)

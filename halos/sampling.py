@@ -33,13 +33,6 @@ class SamplingOptions:
     seed: int = 0
     autocast_dtype: Optional[str] = None  # decode under torch.autocast in this dtype (None: as the weights are)
 
-    @classmethod
-    def of(cls, config) -> 'SamplingOptions':
-        """A run's sampling settings (top_p, temperature, top_k, max_new_tokens, sampling_dtype; seed)."""
-        return cls(max_length=config.model.max_length, top_p=config.top_p, temperature=config.temperature,
-                   top_k=config.top_k, max_new_tokens=config.max_new_tokens, seed=config.seed,
-                   autocast_dtype=config.get('sampling_dtype') or config.model.autocast_dtype)
-
 
 @dataclass(frozen=True)
 class Sample:

@@ -101,6 +101,12 @@ def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
 
 
 def main() -> None:
+    from halos.errors import reported_as_one_line
+    with reported_as_one_line('demo.py'):
+        run_demo()
+
+
+def run_demo() -> None:
     started = time.time()
     args, run = demo_args(), quality.Runner()
     earlier = quality.earlier_report(args, 'demo')  # a rerun keeps what an earlier one measured

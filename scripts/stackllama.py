@@ -8,7 +8,6 @@ policy's KL to the SFT model and the wall time of every stage, and the train.py 
 
 Rerunning reuses the stages already trained (delete the run directory to start over).
 """
-import argparse
 import math
 import os
 import statistics
@@ -55,7 +54,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
     import models
     from halos import rl
     from halos import batch as schema
-    from halos.build import build_loader, validate_config
+    from halos.build import build_loader, run_settings
     from halos.labelers import reward_model_scores
     from halos.sampling import SamplingOptions, halos_sampler
 
@@ -64,7 +63,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
                                               'mode=sample',
                                               '++data_dir=data', '++model.max_length=384',
                                               '++model.max_prompt_length=256'])
-    validate_config(config)
+    config = run_settings(config)
     tokenizer = models.load_tokenizer(os.path.join(runs, 'sft', 'LATEST', 'hf'))
     prompts = build_loader(config, tokenizer, 'test', loader_class=dataloader.PromptDataLoader, batch_size=8,
                            n_epochs=1, n_examples=None)
@@ -94,13 +93,19 @@ def summary(values) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    from halos.errors import ArgumentParser, reported_as_one_line
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'stackllama'))
     parser.add_argument('--ppo-examples', type=int, default=96, help='prompts PPO trains on (one sample each)')
     parser.add_argument('--ppo-lr', type=float, default=5e-5)
     parser.add_argument('--new-tokens', type=int, default=48, help='the longest sample, in new tokens')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
+    with reported_as_one_line('stackllama.py'):
+        run_pipeline(args)
+
+
+def run_pipeline(args) -> None:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     os.environ.setdefault('WANDB_MODE', 'disabled')
     runs = os.path.abspath(args.runs)

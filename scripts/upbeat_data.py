@@ -10,7 +10,6 @@ so that offline losses train on the same task, labels and budget as the online o
 
     python scripts/upbeat_data.py [--samples-per-prompt 4] [--max-new-tokens 48] [--temperature 0.7]
 """
-import argparse
 import os
 import sys
 
@@ -20,12 +19,18 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    from halos.errors import ArgumentParser, reported_as_one_line
+    parser = ArgumentParser(description=__doc__.split('\n')[0])
     parser.add_argument('--samples-per-prompt', type=int, default=4)
     parser.add_argument('--max-new-tokens', type=int, default=48)
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
+    with reported_as_one_line('upbeat_data.py'):
+        write_data(args)
+
+
+def write_data(args) -> None:
     os.environ.setdefault('HF_HUB_OFFLINE', '1')
     import torch
 

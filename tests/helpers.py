@@ -19,13 +19,17 @@ def base_overrides(cache_dir, loss='dpo', exp_name='test', datasets='[hh]'):
             '++minimum_log_interval_secs=0']
 
 
-def make_config(cache_dir, *overrides, loss='dpo', datasets='[hh]'):
-    """A validated config, as train.py would build it from these command-line overrides."""
-    from halos.build import validate_config
+def compose_config(overrides):
+    """The config Hydra composes from config/ and these command-line overrides, as train.py gets it."""
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
-        config = compose('config', overrides=base_overrides(cache_dir, loss, datasets=datasets) + list(overrides))
-    validate_config(config)
-    return config
+        return compose('config', overrides=list(overrides))
+
+
+def make_config(cache_dir, *overrides, loss='dpo', datasets='[hh]'):
+    """The checked settings train.py builds from these command-line overrides."""
+    from halos.build import run_settings
+    overrides = base_overrides(cache_dir, loss, datasets=datasets) + list(overrides)
+    return run_settings(compose_config(overrides), overrides)
 
 
 def train_command(cache_dir, *overrides, loss='dpo', exp_name='test', nproc=1) -> List[str]:

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -30,7 +31,9 @@ def torch_optimizers():
 
 CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs', 'unknown role', 'one split only',
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
-         'eval: unknown key', 'eval: unknown mode']
+         'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
+         'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
+         'resume a corrupt checkpoint']
 
 
 def cases(tmp_path):
@@ -46,7 +49,38 @@ def cases(tmp_path):
                                                            'output': 'Bye!', 'label': 0}])
     train_only = feedback_file(tmp_path, 'train_only.jsonl', [dict(binary, split='train')] * 3)
     missing = os.path.join(DATA, 'bad', 'missing_field.jsonl')
+    notes = tmp_path / 'notes.txt'
+    notes.write_text('these are my notes, not weights\n')
+    (tmp_path / 'empty.pt').write_bytes(b'')
+    (tmp_path / 'syntax.py').write_text('def reward(prompt, completion):\n    return 1.0 +\n')
+    online = ['++online.rounds=1', '++online.prompts=data/upbeat/train_prompts.jsonl']
+    latest = tmp_path / 'corrupt' / 'LATEST'
+    latest.mkdir(parents=True)
+    with zipfile.ZipFile(latest / 'policy.pt', 'w') as archive:  # a zip, as torch writes, without its pickle
+        archive.writestr('hello.txt', 'hello')
+    (latest / 'trainer_state.pt').write_bytes(b'')
     return {
+        'resume a corrupt checkpoint': ('train.py', ['++resume=true', '++exp_name=corrupt'],
+                                        f"{latest}/policy.pt: not a checkpoint torch can read: it holds a zip archive "
+                                        f"of 1 files (hello.txt)"),
+        'load_from not a checkpoint': ('train.py', [f'++model.load_from={notes}'],
+                                       f"model.load_from={notes}: not a checkpoint (a policy.pt that torch.save wrote): "
+                                       f"it holds text ('these are my notes, not weights')"),
+        'load_from empty': ('train.py', [f'++model.load_from={tmp_path}/empty.pt'],
+                            f"model.load_from={tmp_path}/empty.pt: not a checkpoint (a policy.pt that torch.save "
+                            f"wrote): it holds nothing (an empty file)"),
+        'reward function syntax': ('train.py', online + [f'++online.reward_function={tmp_path}/syntax.py:reward'],
+                                   f"reward function '{tmp_path}/syntax.py:reward': {tmp_path}/syntax.py line 2: "
+                                   f"invalid syntax"),
+        'unknown loss choice': ('train.py', ['loss=dpoo'], "loss=dpoo: config/loss has no dpoo.yaml; the choices are "
+                                                           "bradley-terry, cdpo, csft, dpo, grpo, ipo, kto, kto-simple, "
+                                                           "kto-zero, orpo, ppo, ppo-online, sft, simpo, slic"),
+        'eval: saved_policy not a checkpoint': ('eval.py', ['++mode=sample', f'++saved_policy={notes}'],
+                                                f"{notes}: not a checkpoint torch can read: it holds "
+                                                f"text ('these are my notes, not weights')"),
+        'eval: no reward prompts': ('eval.py', ['++mode=reward', f'++reward_function={tmp_path}/syntax.py:reward'],
+                                    "mode=reward needs ++prompts=<prompts file or dataset names> and "
+                                    "++reward_function=path/to/file.py:function"),
         'missing field': ('train.py', [f'datasets=[{missing}]'],
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],
@@ -72,10 +106,10 @@ def cases(tmp_path):
         'resume without a checkpoint': ('train.py', ['++resume=true'],
                                         f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST"),
         'bad optimizer': ('train.py', ['++optimizer=Adamm'],
-                          f"optimizer=Adamm is not a torch.optim optimizer; valid: {', '.join(torch_optimizers())}"),
+                          f"++optimizer=Adamm: optimizer must be one of {', '.join(torch_optimizers())}"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
-        'eval: unknown mode': ('eval.py', ['++mode=samples'], "mode=samples: eval.py takes mode=sample, eval, alpacaeval, reward"),
+        'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, alpacaeval, reward"),
     }
 
 
@@ -105,9 +139,11 @@ def test_a_user_error_ends_with_one_line_and_status_2(tmp_path, monkeypatch, cap
     else:
         from helpers import make_config
         from omegaconf import OmegaConf
+
+        from halos.settings import as_dict
         run_dir = tmp_path / 'run'
         run_dir.mkdir()
-        (run_dir / 'config.yaml').write_text(OmegaConf.to_yaml(make_config(tmp_path, loss='sft')))  # as train.py saves it
+        (run_dir / 'config.yaml').write_text(OmegaConf.to_yaml(as_dict(make_config(tmp_path, loss='sft'))))  # as train.py saves it
         argv = [f'--config-path={run_dir}'] + hydra_dir + overrides
     status, stderr = run_in_process(monkeypatch, capsys, script, argv)
     assert status == 2, stderr[-2000:]
@@ -124,3 +160,20 @@ def test_the_command_line_exits_with_status_2_and_hydra_full_error_shows_the_tra
     full = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env=dict(env, HYDRA_FULL_ERROR='1'))
     assert full.returncode == 1 and 'Traceback' in full.stderr and 'ConfigError' in full.stderr
+
+
+def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_path, capsys):
+    import visualize
+    missing = tmp_path / 'results.jsonl'
+    with pytest.raises(SystemExit) as exit_:
+        visualize.main([str(missing)])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f'visualize.py: {missing}: no such file'
+    missing.write_text('{"judge": "j"}\n')
+    with pytest.raises(SystemExit):
+        visualize.main([str(missing)])
+    assert capsys.readouterr().err.strip() == (f'visualize.py: {missing}: line 1 is not a compare.py result line (it '
+                                               f'needs judge, candidate, baseline and win_rate or total)')
+    quality = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--prompts-train', 'nope.jsonl'],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert quality.returncode == 2 and quality.stderr.strip() == (
+        'quality.py: argument --prompts-train: no such file: nope.jsonl (--help lists the arguments)')

@@ -7,7 +7,6 @@ so the chosen log-ratios are r_c = [0.5, -1, 1, -1], the rejected r_u = [-1, 1, 
 and h = r_c - r_u = [1.5, -2, 2, -2.5]. beta = 0.1.
 """
 import math
-import types
 
 import pytest
 import torch
@@ -28,10 +27,10 @@ def approx(values, expected, tol=1e-6):
     return torch.allclose(values, torch.tensor(expected, dtype=values.dtype), atol=tol)
 
 
-def trainer_with(cls, **loss_config):
-    """A trainer object with only a config, enough to call its loss()."""
+def trainer_with(cls, **params):
+    """A trainer object with only its Params, enough to call its loss()."""
     trainer = cls.__new__(cls)
-    trainer.config = types.SimpleNamespace(loss=types.SimpleNamespace(**loss_config))
+    trainer.params = cls.Params(**params)
     return trainer
 
 

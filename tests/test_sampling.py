@@ -149,10 +149,11 @@ def test_nucleus_beyond_the_first_candidate_widths_is_exact():
 
 def test_sampling_dtype_defaults_to_the_forwards_autocast(tmp_path):
     """++sampling_dtype sets the decoding autocast; unset, sampling runs as the forwards do (model.autocast_dtype)."""
+    from halos.build import sampling_options
     from helpers import make_config
-    assert SamplingOptions.of(make_config(tmp_path)).autocast_dtype is None
-    assert SamplingOptions.of(make_config(tmp_path, '++model.autocast_dtype=bfloat16')).autocast_dtype == 'bfloat16'
-    assert SamplingOptions.of(make_config(tmp_path, '++sampling_dtype=bfloat16')).autocast_dtype == 'bfloat16'
+    assert sampling_options(make_config(tmp_path)).autocast_dtype is None
+    assert sampling_options(make_config(tmp_path, '++model.autocast_dtype=bfloat16')).autocast_dtype == 'bfloat16'
+    assert sampling_options(make_config(tmp_path, '++sampling_dtype=bfloat16')).autocast_dtype == 'bfloat16'
 
 
 def greedy_on_rank(rank, port, prompts, length, results):

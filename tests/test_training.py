@@ -698,9 +698,9 @@ def test_grpo_reads_the_old_policy_from_the_policy_forward_until_the_first_updat
     trainer.sync_reference()
     assert trainer.reference_is_policy
     reference, trainer.reference_model = trainer.reference_model, None  # any forward of it would fail
-    shortcut_loss, shortcut_metrics = trainer.grpo_metrics(batch, 'train')
+    shortcut_loss, shortcut_metrics = trainer.group_metrics(batch, 'train')
     trainer.reference_model, trainer.reference_is_policy = reference, False
-    loss, metrics = trainer.grpo_metrics(batch, 'train')
+    loss, metrics = trainer.group_metrics(batch, 'train')
     torch.testing.assert_close(shortcut_loss, loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(shortcut_metrics['rewards_train/KL'], metrics['rewards_train/KL'], atol=1e-6, rtol=0)
     trainer.sync_reference()

@@ -1,0 +1,40 @@
+"""The Hydra entry points (train.py, eval.py): every mistake a user can fix ends as one line and exit status 2.
+
+Hydra prints its own errors (an unknown `loss=` choice, an override of a key the config lacks, bad override
+syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise them instead and reports them
+as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
+"""
+import os
+from typing import Callable
+
+from hydra.errors import HydraException, MissingConfigException
+from omegaconf.errors import OmegaConfBaseException
+
+from halos.errors import USER_FULL_ERROR, ConfigError, reported_as_one_line
+
+
+def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
+    """Run a @hydra.main function, its composition errors reported as one line (exit status 2)."""
+    saved = {name: os.environ.get(name) for name in ('HYDRA_FULL_ERROR', USER_FULL_ERROR)}
+    os.environ[USER_FULL_ERROR] = saved[USER_FULL_ERROR] or saved['HYDRA_FULL_ERROR'] or '0'
+    os.environ['HYDRA_FULL_ERROR'] = '1'  # Hydra raises what it cannot compose instead of printing it
+    try:
+        with reported_as_one_line(program):
+            try:
+                hydra_main()
+            except (HydraException, OmegaConfBaseException) as error:
+                raise ConfigError(composition_message(error)) from error
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+
+
+def composition_message(error: Exception) -> str:
+    """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
+    if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
+        group, _, name = error.missing_cfg_file.rpartition('/')
+        return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
+    return ' '.join(str(error).split())

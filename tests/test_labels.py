@@ -1,0 +1,186 @@
+"""Labels checked at the boundary: every score a finite number, a broken labeller stopping the run with one line
+that names it and the sample, a round with too few scores or nothing to train on stopping too, and the resumed
+run, its labeller fixed, labelling the round again without sampling it (the real round loop, in this process)."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import label
+from fault_proxy import FaultProxy
+from halos.errors import ConfigError
+from halos.labelers import LabelError, SampleFailed, checked_scores
+from helpers import DATA, ROOT, run_in_process
+from utils import free_port
+
+REWARD = os.path.join(ROOT, 'tests', 'rewards.py')
+BROKEN = '''
+def raises(prompt, completion):
+    raise ValueError('boom')
+
+
+def nan(prompt, completion):
+    return float('nan')
+
+
+def text(prompt, completion):
+    return 'high'
+
+
+def constant(prompt, completion):
+    return 1.0
+'''
+
+
+class Labeler:
+    name, may_abstain = 'a test labeler', False
+
+    def __init__(self, scores):
+        self.scores = scores
+
+    def __call__(self, prompts, completions):
+        return self.scores
+
+
+@pytest.mark.parametrize('score, expected', [(0.5, 0.5), (3, 3.0), (True, 1.0), (np.float32(0.25), 0.25),
+                                             (torch.tensor(2.0), 2.0), (np.int64(4), 4.0)])
+def test_a_finite_number_of_any_numeric_type_passes_as_a_float(score, expected):
+    assert checked_scores(Labeler([score]), ['p'], ['c'], ['sample 1']) == [expected]
+
+
+@pytest.mark.parametrize('score', [float('nan'), math.inf, -math.inf, 'high', '0.5', None, [1.0], torch.ones(2)])
+def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
+    with pytest.raises(LabelError) as error:
+        checked_scores(Labeler([0.0, score]), ['p', 'q'], ['c', 'd'], ['sample 1', 'sample 2'])
+    assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number"
+
+
+def test_only_a_labeler_that_may_abstain_gives_none():
+    judge = Labeler([None, 7.0])
+    judge.may_abstain = True
+    assert checked_scores(judge, ['p', 'q'], ['c', 'd'], ['one', 'two']) == [None, 7.0]
+    with pytest.raises(LabelError, match=r'^a test labeler gave 1 scores for 2 completions$'):
+        checked_scores(Labeler([1.0]), ['p', 'q'], ['c', 'd'], ['one', 'two'])
+
+
+def test_a_labeler_that_fails_on_a_sample_is_named_with_it():
+    class Failing(Labeler):
+        def __call__(self, prompts, completions):
+            raise SampleFailed(1, 'it raised KeyError: x')
+    with pytest.raises(LabelError, match=r'^a test labeler failed on two: it raised KeyError: x$'):
+        checked_scores(Failing([]), ['p', 'q'], ['c', 'd'], ['one', 'two'])
+
+
+def test_a_reward_function_that_does_not_import_is_named_with_its_file_and_line(tmp_path):
+    from halos.labelers import load_reward_function
+    (tmp_path / 'syntax.py').write_text('def reward(prompt, completion)\n    return 1.0\n')
+    (tmp_path / 'raising.py').write_text('import no_such_module\n')
+    with pytest.raises(ConfigError, match=rf"^reward function '{tmp_path}/syntax.py:reward': {tmp_path}/syntax.py "
+                                          rf"line 1: expected ':'$"):
+        load_reward_function(f'{tmp_path}/syntax.py:reward')
+    with pytest.raises(ConfigError, match=rf"importing {tmp_path}/raising.py raised ModuleNotFoundError: No module "
+                                          rf"named 'no_such_module'$"):
+        load_reward_function(f'{tmp_path}/raising.py:reward')
+
+
+# ---------------------------------------------------------------- the round loop
+
+def online(tmp_path, exp_name, *extra, loss='dpo'):
+    """One online round on 4 prompts x 3 samples, in the README's form: the prompt pool is `online.prompts`
+    (one file, not a list) and no `datasets` is given."""
+    prompts = tmp_path / 'prompts.jsonl'
+    if not prompts.exists():
+        prompts.write_text(''.join(open(os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')).readlines()[:4]))
+    return [f'loss={loss}', 'model=tiny', f'exp_name={exp_name}', 'mode=train', f'++data_dir={DATA}',
+            f'++cache_dir={tmp_path}', '++wandb.enabled=false', '++minimum_log_interval_secs=0', '++online.rounds=1',
+            f'++online.prompts={prompts}', '++online.prompts_per_round=4', '++online.samples_per_prompt=3',
+            '++max_new_tokens=8', '++model.batch_size=2', '++n_eval_examples=2', '++eval_every=1000', *extra]
+
+
+def train(tmp_path, overrides, capsys):
+    """train.py in this process: (exit status, the last line of stderr, stdout)."""
+    capsys.readouterr()
+    status, out = 0, ''
+    try:
+        out = run_in_process('train.py', overrides, tmp_path / 'hydra')
+    except SystemExit as exit_:
+        status = exit_.code
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    return status, lines[-1] if lines else '', out
+
+
+def stops_then_resumes(tmp_path, capsys, name, broken, fixed, expected, loss='dpo'):
+    """The run with `broken` labeller settings stops with `expected(samples)` (exit 2, no traceback); rerun with
+    `fixed` and ++resume=true, it completes without sampling round 0 again."""
+    status, last, _ = train(tmp_path, online(tmp_path, name, *broken, loss=loss), capsys)
+    samples_file = tmp_path / name / 'rounds' / '0' / 'samples.jsonl'
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert status == 2 and len(samples) == 12
+    assert last == f'train.py: {expected(samples)}; the samples of round 0 stay in {samples_file}: rerun with ' \
+                  f'++resume=true once the labeler is fixed'
+    assert not (tmp_path / name / 'rounds' / '0' / 'feedback.jsonl').exists()
+    sampled, content = samples_file.stat().st_mtime_ns, samples_file.read_text()
+    status, _, out = train(tmp_path, online(tmp_path, name, *fixed, '++resume=true', loss=loss), capsys)
+    assert status == 0 and 'no checkpoint yet' in out
+    assert samples_file.stat().st_mtime_ns == sampled and samples_file.read_text() == content
+    assert (tmp_path / name / 'rounds' / '0' / 'feedback.jsonl').exists()
+    state = torch.load(tmp_path / name / 'LATEST' / 'trainer_state.pt', weights_only=True)
+    assert state['completed_rounds'] == 1 and state['batch_counter'] > 0
+
+
+def first_sample(samples):
+    return f"round 0, prompt {samples[0]['prompt_id']}, sample 0"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('function, expected', [
+    ('raises', lambda spec, samples: f"reward function {spec} failed on {first_sample(samples)}: it raised "
+                                     f"ValueError: boom"),
+    ('nan', lambda spec, samples: f"reward function {spec} gave nan for {first_sample(samples)}: a score must be a "
+                                  f"finite number"),
+    ('text', lambda spec, samples: f"reward function {spec} gave 'high' for {first_sample(samples)}: a score must "
+                                   f"be a finite number"),
+    ('constant', lambda spec, samples: "round 0: 0 pairs: all 4 prompts' samples tied (every sample of a prompt has "
+                                       "the same reward)"),
+])
+def test_a_broken_reward_function_stops_the_round_and_the_fixed_one_resumes_it(tmp_path, capsys, function, expected):
+    (tmp_path / 'broken.py').write_text(BROKEN)
+    spec = f'{tmp_path}/broken.py:{function}'
+    stops_then_resumes(tmp_path, capsys, function, [f'++online.reward_function={spec}'],
+                       [f'++online.reward_function={REWARD}:vowels'], lambda samples: expected(spec, samples))
+
+
+def judged_by(url):
+    return ['++online.labeler=judge', '++online.judge=smollm2', f'++online.base_url={url}', '++online.feedback=best']
+
+
+@pytest.mark.slow
+def test_a_judge_server_that_is_down_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys):
+    down = f'http://127.0.0.1:{free_port()}/v1'  # nothing listens there
+    with FaultProxy(None) as working:
+        stops_then_resumes(tmp_path, capsys, 'down', judged_by(down), judged_by(working.base_url),
+                           lambda samples: f"no judge server reachable at {down}: start one (python -m "
+                                           f"llama_cpp.server --model M.gguf, vllm serve M, or ollama serve) and pass "
+                                           f"its URL with --base-url, or unset OPENAI_BASE_URL to use OpenAI",
+                           loss='sft')
+
+
+@pytest.mark.slow
+def test_a_judge_that_answers_garbage_stops_the_round_and_asks_again_on_resume(tmp_path, capsys):
+    with FaultProxy(None, garbage_text=range(1, 1000)) as garbage, FaultProxy(None) as working:
+        stops_then_resumes(
+            tmp_path, capsys, 'garbage', judged_by(garbage.base_url), judged_by(working.base_url),
+            lambda samples: f"round 0: judge smollm2 at {garbage.base_url} scored 0 of 12 samples (fewer than 50%); "
+                            f"last error: ValueError: an answer without a 1-10 score: 'banana bread is nice this time "
+                            f"of year'", loss='sft')
+        assert garbage.chat_requests == 12 and working.chat_requests == 12  # an answer without a score is not kept
+
+
+def test_label_py_names_a_missing_samples_file(tmp_path, capsys):
+    missing = tmp_path / 'no_samples.jsonl'
+    assert label.main([str(missing), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == f'label.py: {missing}: no such file'
+    assert not (tmp_path / 'out.jsonl').exists()

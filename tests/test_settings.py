@@ -1,0 +1,211 @@
+"""The settings schema (halos/settings.py, the trainers' and loaders' Params): every key has a type, a default and
+a doc; a value of the wrong type, a value outside its rule and an unknown key stop train.py before anything
+loads, with one line naming the key (the same path as train.py: Hydra composition with the command-line
+overrides, then the start-up checks, in this process); a handful through the real command line."""
+import dataclasses
+import os
+import subprocess
+import typing
+
+import pytest
+from omegaconf import OmegaConf
+
+import dataloader
+import trainers
+from halos.build import run_settings
+from halos.errors import ConfigError
+from halos.settings import REQUIRED, LossSettings, ModelSettings, RunSettings, described
+from helpers import ROOT, base_overrides, compose_config, train_command
+
+CONFIG = os.path.join(ROOT, 'config')
+LOSSES = sorted(name[:-len('.yaml')] for name in os.listdir(os.path.join(CONFIG, 'loss')))
+SECTIONS_OF_THEIR_OWN = ('loss', 'params', 'loader_params')
+
+
+def schema_keys(schema, prefix=''):
+    """(key, type, rule, field) of every key of a schema, its subsections flattened."""
+    hints = typing.get_type_hints(schema)
+    for spec in dataclasses.fields(schema):
+        if spec.name in SECTIONS_OF_THEIR_OWN:
+            continue
+        if dataclasses.is_dataclass(hints[spec.name]):
+            yield from schema_keys(hints[spec.name], f'{prefix}{spec.name}.')
+        else:
+            yield prefix + spec.name, hints[spec.name], spec.metadata.get('rule'), spec
+
+
+def loss_classes(loss):
+    yaml = OmegaConf.load(os.path.join(CONFIG, 'loss', f'{loss}.yaml'))
+    return trainers.get_trainer_class(yaml.trainer), dataloader.get_dataloader_class(yaml.dataloader)
+
+
+def keys_of(loss):
+    trainer_class, loader_class = loss_classes(loss)
+    return [*schema_keys(LossSettings, 'loss.'), *schema_keys(trainer_class.Params, 'loss.'),
+            *schema_keys(loader_class.Params, 'loss.')]
+
+
+KEYS = [('dpo', *key) for key in schema_keys(RunSettings)] + [(loss, *key) for loss in LOSSES for key in keys_of(loss)]
+
+
+def base_type(kind):
+    options = [o for o in typing.get_args(kind) if o is not type(None)]
+    return options[0] if typing.get_origin(kind) is typing.Union and len(options) == 1 else kind
+
+
+def wrong_type(kind) -> str:
+    """An override value no key of this type takes: a word for a number or a bool, a number for a list (Hydra merges
+    a mapping into a list), a mapping otherwise."""
+    base = base_type(kind)
+    if typing.get_origin(base) is list:
+        return '5'
+    return 'abc' if base in (int, float) else 'maybe' if base is bool else '{a: 1}'
+
+
+def bounds(reads: str) -> typing.List[str]:
+    """'in [0, 1]' -> ['0', '1']."""
+    return reads[3:].strip('[]() ').split(', ')
+
+
+def outside(rule) -> typing.Optional[str]:
+    """A value of the right type that breaks the rule."""
+    if rule is None:
+        return None
+    if rule.reads.startswith('one of'):
+        return 'not_a_choice'
+    if rule.reads.startswith('>= '):
+        return str(float(rule.reads[3:]) - 1).removesuffix('.0')
+    if rule.reads.startswith('> '):
+        return rule.reads[2:]
+    if rule.reads.startswith('in ['):
+        return str(float(bounds(rule.reads)[1]) + 1).removesuffix('.0')
+    if rule.reads.startswith('in ('):
+        return bounds(rule.reads)[0]
+    return {'mean, median or a number': 'middle'}.get(rule.reads, "''")
+
+
+def refused(loss, override) -> str:
+    overrides = base_overrides('/tmp/unused', loss) + [override]
+    with pytest.raises(ConfigError) as error:
+        run_settings(compose_config(overrides), overrides)
+    return str(error.value)
+
+
+@pytest.mark.parametrize('loss, key, kind, rule, spec', KEYS, ids=[f'{k[0]}:{k[1]}' for k in KEYS])
+def test_a_wrong_type_or_a_bad_value_of_every_key_is_named_in_one_line(loss, key, kind, rule, spec):
+    values = [wrong_type(kind)] + ([outside(rule)] if rule is not None else [])
+    if key in ('loss.trainer', 'loss.dataloader'):
+        values = values[:1]  # a class name: an unknown one is named by the registry (below)
+    for value in values:
+        override = f'++{key}={value}'
+        assert refused(loss, override) == f'{override}: {key} must be {described(kind, rule)}'
+
+
+def test_every_key_has_a_type_a_default_and_a_one_line_doc():
+    keys = [*schema_keys(RunSettings), *schema_keys(LossSettings, 'loss.'),
+            *(key for loss in LOSSES for key in keys_of(loss))]
+    for key, kind, rule, spec in keys:
+        default = spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+        assert kind is not None and default is not dataclasses.MISSING, key
+        assert spec.metadata.get('doc') and '\n' not in spec.metadata['doc'], key
+        if default not in (None, REQUIRED) and not isinstance(default, str) or key.endswith('optimizer'):
+            assert rule is None or rule.holds(default), f'{key}: its default {default!r} breaks its own rule'
+
+
+def test_the_yaml_defaults_are_the_schemas():
+    """config.yaml and model/base_model.yaml list every key of their schema with its default (the YAML files are
+    what users read); every shipped loss YAML passes its trainer's and loader's Params."""
+    def flat(tree, prefix=''):
+        for key, value in tree.items():
+            if isinstance(value, dict):
+                yield from flat(value, f'{prefix}{key}.')
+            else:
+                yield prefix + key, value
+    top = OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIG, 'config.yaml')))
+    top.pop('defaults')
+    base_model = OmegaConf.to_container(OmegaConf.load(os.path.join(CONFIG, 'model', 'base_model.yaml')))
+    for yaml, schema in ((top, RunSettings), (base_model, ModelSettings)):
+        defaults = {key: spec.default if spec.default is not dataclasses.MISSING else spec.default_factory()
+                    for key, _, _, spec in schema_keys(schema) if not key.startswith('model.')}  # model/ is a group
+        assert dict(flat(yaml)) == defaults
+    for loss in LOSSES:
+        scored = [f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'] if loss == 'ppo-online' else []
+        settings = run_settings(compose_config(base_overrides('/tmp/unused', loss) + scored))
+        assert settings.loss.name == loss and isinstance(settings.loss.params, loss_classes(loss)[0].Params)
+
+
+@pytest.mark.parametrize('override, message', [
+    ('++bogus=1', "++bogus=1: no config defines the key 'bogus'; the keys there are"),
+    ('++model.bach_size=8', "++model.bach_size=8: no config defines the key 'model.bach_size'; did you mean "
+                            "model.batch_size or model.eval_batch_size?"),
+    ('++model.peft.lora_rank=8', "++model.peft.lora_rank=8: no config defines the key 'model.peft.lora_rank'; did "
+                                 "you mean model.peft.lora_r or model.peft.lora_alpha?"),
+    ('++online.prompt_per_round=8', "++online.prompt_per_round=8: no config defines the key "
+                                    "'online.prompt_per_round'; did you mean online.prompts_per_round?"),
+    ('++wandb.projet=x', "++wandb.projet=x: no config defines the key 'wandb.projet'; did you mean wandb.project?"),
+    ('++loss.betta=0.2', "++loss.betta=0.2: no config defines the key 'loss.betta'; did you mean loss.beta?"),
+    ('++loss.gamma=0.2', "++loss.gamma=0.2: no config defines the key 'loss.gamma'; DPOTrainer.Params declares "
+                         "humanline, log_epsilon_P, log_epsilon_R, beta (a loss declares its keys in its trainer's "
+                         "Params)"),
+    ('++loss.trainer=NoSuchTrainer', "loss.trainer=NoSuchTrainer is not a trainer; valid: "),
+    ('++online=3', "++online=3: online must be a group of keys (rounds, prompts, "),
+])
+def test_an_unknown_key_names_the_closest_ones_that_exist(override, message):
+    assert refused('dpo', override).startswith(message)
+
+
+def test_keys_that_must_agree_are_checked_together():
+    assert refused('dpo', '++model.max_prompt_length=512') == \
+        "model.max_prompt_length (512) must be below model.max_length (128), or no room is left for a completion"
+    assert refused('dpo', '++n_epochs=null') == "set n_epochs or n_examples (both are null)"
+    assert refused('sft', '++loss.humanline=true').startswith("loss.humanline: SFTTrainer has no per-token log-ratios")
+    assert refused('ppo', '++cache_reference_logprobs=true') == \
+        "loss=ppo needs per-token reference log-probs: set cache_reference_logprobs=false"
+    reward = f'++online.reward_function={ROOT}/tests/rewards.py:vowels'
+    assert refused('dpo', '++online.rounds=1') == "online.labeler=function needs online.reward_function to be set"
+    overrides = base_overrides('/tmp/unused') + ['++online.rounds=1', reward, '++online.samples_per_prompt=1']
+    with pytest.raises(ConfigError) as error:
+        run_settings(compose_config(overrides), overrides)
+    assert str(error.value) == ("online.samples_per_prompt=1: pairwise feedback compares the samples of a prompt, so "
+                                "it needs at least 2")
+
+
+def test_datasets_are_not_needed_by_online_rounds_with_their_own_prompts():
+    prompts = os.path.join(ROOT, 'data', 'upbeat', 'train_prompts.jsonl')
+    overrides = [o for o in base_overrides('/tmp/unused') if not o.startswith('datasets=')] + [
+        '++online.rounds=1', f'++online.prompts={prompts}', f'++online.reward_function={ROOT}/tests/rewards.py:vowels']
+    settings = run_settings(compose_config(overrides), overrides)
+    assert settings.datasets == [] and settings.online.prompts == [prompts]  # one path stands for a list of one
+    offline = [o for o in overrides if not o.startswith('++online.rounds')]
+    with pytest.raises(ConfigError, match=r'^missing required config keys: datasets \(e.g. datasets=\[hh\]\)$'):
+        run_settings(compose_config(offline), offline)
+
+
+def last_line(stderr: str) -> str:
+    return [line for line in stderr.splitlines() if line.strip()][-1]
+
+
+def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path):
+    """The real train.py, five mistakes at once (each process stops before it loads a model)."""
+    cases = {
+        'lr': (['++lr=abc'], 'train.py: ++lr=abc: lr must be a number (a float > 0)'),
+        'batch_size': (['++model.batch_size=0'], 'train.py: ++model.batch_size=0: model.batch_size must be an '
+                                                 'integer >= 1'),
+        'n_examples': (['++n_examples=-4'], 'train.py: ++n_examples=-4: n_examples must be an integer >= 1 or null'),
+        'beta': (['++loss.beta=-0.1'], 'train.py: ++loss.beta=-0.1: loss.beta must be a number (a float > 0)'),
+        'no ++': (['loss.humanline=true'], "train.py: Could not override 'loss.humanline'. To append to your config "
+                                           "use +loss.humanline=true"),
+    }
+    env = {key: value for key, value in os.environ.items() if key != 'HYDRA_FULL_ERROR'}
+    processes = {name: subprocess.Popen(train_command(tmp_path, *overrides, f'hydra.run.dir={tmp_path / name}'),
+                                        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                 for name, (overrides, _) in cases.items()}
+    unknown_loss = subprocess.run(train_command(tmp_path, loss='dpoo'), cwd=ROOT, capture_output=True, text=True,
+                                  env=env, timeout=300)
+    for name, process in processes.items():
+        _, stderr = process.communicate(timeout=300)
+        assert process.returncode == 2 and 'Traceback' not in stderr, stderr[-2000:]
+        assert last_line(stderr) == cases[name][1]
+    assert unknown_loss.returncode == 2 and 'Traceback' not in unknown_loss.stderr
+    assert last_line(unknown_loss.stderr) == f"train.py: loss=dpoo: config/loss has no dpoo.yaml; the choices are " \
+                                             f"{', '.join(LOSSES)}"
