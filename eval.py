@@ -4,7 +4,7 @@
         ++model.eval_batch_size=32 ++samples_dir=samples/
 
 mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
-                 {sampled_at, run, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt;
+                 {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt;
                  a CSFT run's prompts end in its desirable control token (loss.chosen_control_token).
                  With ++num_samples_per_prompt=k: k samples per prompt as HALOs sample records
                  {output, prompt, prompt_id, sample_id, generator, dataset, type} in
@@ -15,10 +15,10 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  ++reward_function=file.py:function: prints the mean reward, its standard error, n, the mean
                  length and the KL to the starting model (the mean summed log-ratio of the samples), and
                  appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
-                 ({sampled_at, run, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
+                 ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
                  run's prefixes as in mode=sample; compare.py reads it)
 
-`--config-path` is the run directory (train.py saved run.yaml there). The policy is
+`--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
 samples from the base model, as does `--config-path=config model=<model> loss=<loss> exp_name=<name>
 datasets=[...]` (halos' own config directory: no run needed). Generation uses vLLM when it is installed and
@@ -32,7 +32,6 @@ from typing import Dict, List, Tuple
 
 import hydra
 import torch
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 from tqdm import tqdm
 
@@ -43,7 +42,7 @@ from halos import batch as schema
 from halos import lora, rl
 from halos.build import (build_loader, control_tokens, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter)
-from halos.cli import run_hydra
+from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
 from halos.examples import render_turns
 from halos.feedback import write_jsonl
@@ -197,7 +196,7 @@ def checked(run: RunSettings) -> RunSettings:
 @hydra.main(version_base=None, config_path=None, config_name='config')
 def evaluation(config: DictConfig) -> None:
     with reported_as_one_line('eval.py'):
-        run_evaluation(checked(run_settings(config, HydraConfig.get().overrides.task)))
+        run_evaluation(checked(run_settings(config, task_overrides())))
 
 
 def run_evaluation(run: RunSettings) -> None:

@@ -16,12 +16,11 @@ import sys
 import hydra
 import torch
 import torch.multiprocessing as mp
-from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings
-from halos.cli import run_hydra
+from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
 from halos.settings import RunSettings, as_dict
 from utils import free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
@@ -92,7 +91,7 @@ def launch(run: RunSettings) -> None:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name='config')
 def train(config: DictConfig) -> None:
     with reported_as_one_line('train.py'):
-        run = run_settings(config, HydraConfig.get().overrides.task)
+        run = run_settings(config, task_overrides())
         run = dataclasses.replace(run, saved_policy=run.saved_policy or os.path.join(
             run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY))  # where eval.py finds the trained policy
         train_with(run)

@@ -260,8 +260,7 @@ class KTOTrainer(UnpairedPreferenceTrainer):
     prefixes = (schema.TARGET, schema.KL)
 
     @dataclass(frozen=True)
-    class Params(Humanline):
-        beta: float = setting(0.1, 'temperature of the implied reward beta * log(pi / pi_ref)', greater_than(0))
+    class Params(UnpairedPreferenceTrainer.Params):
         desirable_weight: float = setting(1.0, 'lambda_D (keep lambda_D n_D / (lambda_U n_U) in [1, 4/3])',
                                           greater_than(0))
         undesirable_weight: float = setting(1.0, 'lambda_U', greater_than(0))

@@ -131,7 +131,7 @@ class DataLoader:
     # --- what subclasses provide
     @classmethod
     def control_tokens(cls, params) -> List[str]:
-        """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them), given its Params."""
+        """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them)."""
         return []
 
     def flatten(self, examples: List[Example]) -> List[Tuple]:

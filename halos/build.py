@@ -15,13 +15,13 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
-from halos.errors import ConfigError
+from halos.errors import ConfigError, one_line
 from halos.examples import Formatting
 from halos.labelers import load_reward_function, make_labeler
 from halos.loop import Humanline, LoopSettings
 from halos.online import OnlineRounds
 from halos.sampling import SamplingOptions, halos_sampler
-from halos.settings import (PARAMS, REQUIRED, LossSettings, Overrides, RunSettings, missing_keys, typed,
+from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, is_params, missing_keys, typed,
                             unknown_key)
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
@@ -39,27 +39,40 @@ def run_settings(config: DictConfig, overrides: Sequence[str] = ()) -> RunSettin
         raise missing_keys_error(missing)
     try:
         resolved = OmegaConf.to_container(OmegaConf.create(raw), resolve=True)
-    except OmegaConfBaseException as error:
-        raise ConfigError(' '.join(str(error).split())) from None
+    except OmegaConfBaseException as error:  # an interpolation that does not resolve
+        key, message = error.full_key, str(error).split('\n')[0]
+        named = f"{overrides.named(key, raw_value(raw, key))}: {message}" if key else one_line(error)
+        raise ConfigError(named) from None
     loss = resolved.pop('loss', {}) or {}
+    if not isinstance(loss, dict):  # a loss= choice over a run directory's config, which has no loss group
+        raise ConfigError(f"{overrides.named('loss', loss)}: loss must be a group of keys (a run directory's "
+                          f"config.yaml holds its own; change one with ++loss.<key>=...)")
     run = typed(RunSettings, resolved, overrides)
     run = dataclasses.replace(run, loss=loss_settings(loss, overrides))
     check_consistency(run)
     return derived(run)
 
 
+def raw_value(raw: dict, key: str):
+    """The value at a dotted key of an unresolved config."""
+    for part in key.split('.'):
+        raw = raw.get(part) if isinstance(raw, dict) else None
+    return raw
+
+
 def missing_keys_error(missing: List[str]) -> ConfigError:
-    example = {'exp_name': 'exp_name=my_run', 'datasets': 'datasets=[hh]', 'mode': 'mode=train'}.get(missing[0])
+    example = {'exp_name': 'exp_name=my_run', 'datasets': 'datasets=[hh]'}.get(missing[0])
     return ConfigError(f"missing required config keys: {', '.join(missing)}"
                        + (f" (e.g. {example})" if example else ''))
 
 
 def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
     """The loss section: its fixed keys, its trainer's Params and its loader's Params."""
-    own = [spec.name for spec in dataclasses.fields(LossSettings) if spec.name not in PARAMS]
+    own = [spec.name for spec in dataclasses.fields(LossSettings) if not is_params(spec)]
     fixed = typed(LossSettings, {key: value for key, value in loss.items() if key in own}, overrides, 'loss.')
-    if REQUIRED in (fixed.trainer, fixed.dataloader):
-        raise ConfigError("missing required config keys: loss.trainer, loss.dataloader (choose a loss, e.g. loss=dpo)")
+    missing = [f'loss.{key}' for key in ('trainer', 'dataloader') if getattr(fixed, key) == REQUIRED]
+    if missing:
+        raise ConfigError(f"missing required config keys: {', '.join(missing)} (a loss YAML names both)")
     trainer_class = trainers.get_trainer_class(fixed.trainer)
     loader_class = dataloader.get_dataloader_class(fixed.dataloader)
     trainer_keys = [spec.name for spec in dataclasses.fields(trainer_class.Params)]
@@ -100,10 +113,14 @@ def check_consistency(run: RunSettings) -> None:
     if model.use_peft and humanline:
         raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
+    if run.mode != 'train':
+        return  # eval.py neither trains nor labels: what it needs, it checks itself
     if online.rounds > 0:
         check_online(run, trainer_class)
-    elif run.mode == 'train' and not run.datasets:
+    elif not run.datasets:
         raise missing_keys_error(['datasets'])
+    if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
+        load_reward_function(loss.params.reward_function)
 
 
 def check_online(run: RunSettings, trainer_class: type) -> None:

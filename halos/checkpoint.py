@@ -20,7 +20,7 @@ import shutil
 import struct
 import zipfile
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 import torch
@@ -128,7 +128,8 @@ def load_policy_file(path: str) -> Dict:
     """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
     policy = read_torch_file(path)
     if not isinstance(policy, dict) or not isinstance(policy.get("state"), dict):
-        held = f"a dict of {', '.join(map(repr, list(policy)[:4]))}" if isinstance(policy, dict) else type(policy).__name__
+        held = f"a dict of {', '.join(map(repr, list(policy)[:4]))}" if isinstance(policy, dict) \
+            else type(policy).__name__
         raise DataError(f"{path}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: it holds {held}")
     return policy
 
@@ -150,9 +151,15 @@ def check_policy_file(path: str, key: str) -> None:
             raise DataError(f"{key}={path}: a directory with neither {POLICY} nor config.json, so not a run's "
                             f"checkpoint nor an HF model directory")
         return
-    if zipfile.is_zipfile(path) and any(name.endswith("/data.pkl") for name in zipfile.ZipFile(path).namelist()):
+    if zipfile.is_zipfile(path) and any(name.endswith("/data.pkl") for name in zip_names(path)):
         return
-    raise DataError(f"{key}={path}: not a checkpoint (a {POLICY} that torch.save wrote): it holds {file_contents(path)}")
+    raise DataError(f"{key}={path}: not a checkpoint (a {POLICY} that torch.save wrote): "
+                    f"it holds {file_contents(path)}")
+
+
+def zip_names(path: str) -> List[str]:
+    with zipfile.ZipFile(path) as archive:
+        return archive.namelist()
 
 
 def file_contents(path: str) -> str:
@@ -163,7 +170,7 @@ def file_contents(path: str) -> str:
     if size == 0:
         return "nothing (an empty file)"
     if zipfile.is_zipfile(path):
-        names = zipfile.ZipFile(path).namelist()
+        names = zip_names(path)
         return f"a zip archive of {len(names)} files ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})"
     if len(head) > 8 and head[8:9] == b"{" and struct.unpack("<Q", head[:8])[0] < size:
         return "safetensors weights (give their directory, with its config.json, to load an HF model)"

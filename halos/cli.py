@@ -5,16 +5,17 @@ syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise 
 as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
 """
 import os
-from typing import Callable
+from typing import Callable, List
 
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
-from halos.errors import USER_FULL_ERROR, ConfigError, reported_as_one_line
+from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one_line
 
 
 def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
-    """Run a @hydra.main function, its composition errors reported as one line (exit status 2)."""
+    """Run a @hydra.main function, the errors of Hydra's composition reported as one line (exit status 2); what
+    the task function itself raises stays its own."""
     saved = {name: os.environ.get(name) for name in ('HYDRA_FULL_ERROR', USER_FULL_ERROR)}
     os.environ[USER_FULL_ERROR] = saved[USER_FULL_ERROR] or saved['HYDRA_FULL_ERROR'] or '0'
     os.environ['HYDRA_FULL_ERROR'] = '1'  # Hydra raises what it cannot compose instead of printing it
@@ -23,6 +24,8 @@ def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
             try:
                 hydra_main()
             except (HydraException, OmegaConfBaseException) as error:
+                if raised_inside(hydra_main.__wrapped__, error):
+                    raise
                 raise ConfigError(composition_message(error)) from error
     finally:
         for name, value in saved.items():
@@ -32,9 +35,26 @@ def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
                 os.environ[name] = value
 
 
+def task_overrides() -> List[str]:
+    """The command line's overrides as typed (an interpolation in one is the config's to resolve)."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+    return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
+
+
+def raised_inside(function: Callable, error: Exception) -> bool:
+    """Whether `error` was raised while `function` ran (one of its frames is on the traceback)."""
+    frame = error.__traceback__
+    while frame is not None:
+        if frame.tb_frame.f_code is function.__code__:
+            return True
+        frame = frame.tb_next
+    return False
+
+
 def composition_message(error: Exception) -> str:
     """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
-    return ' '.join(str(error).split())
+    return one_line(error)

@@ -39,11 +39,16 @@ def show_traceback() -> bool:
     return os.environ.get(USER_FULL_ERROR, os.environ.get('HYDRA_FULL_ERROR')) == '1'
 
 
+def one_line(error: Exception) -> str:
+    """An error's message on one line."""
+    return ' '.join(str(error).split())
+
+
 def reported(program: str, error: UserError) -> int:
     """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again)."""
     if show_traceback():
         raise error
-    print(f"{program}: {' '.join(str(error).split(chr(10)))}", file=sys.stderr, flush=True)
+    print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
     return 2
 
 

@@ -72,32 +72,41 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
         return None
     number = as_number(value)
     if number is None or not math.isfinite(number):
-        raise LabelError(f"{labeler_name} gave {value!r} for {name}: a score must be a finite number")
+        shown = repr(value)
+        shown = shown if len(shown) <= 80 else shown[:77] + '...'
+        raise LabelError(f"{labeler_name} gave {shown} for {name}: a score must be a finite number")
     return number
 
 
 def as_number(value) -> Optional[float]:
-    """A real number (a bool counts as 0 or 1; numpy and one-element torch scalars too) as a float, else None."""
-    if isinstance(value, numbers.Real):
+    """A real number (a bool counts as 0 or 1; numpy and one-element torch scalars too) as a float, else None
+    (also for an integer too large for a float)."""
+    is_scalar_tensor = isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex()
+    if not (isinstance(value, numbers.Real) or is_scalar_tensor):
+        return None
+    try:
         return float(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_complex():
-        return float(value)
-    return None
+    except OverflowError:
+        return None
 
 
 def as_turns(prompt: Prompt) -> List[Dict[str, str]]:
     return [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-@functools.lru_cache(maxsize=None)
 def load_reward_function(spec: str) -> Callable[[Prompt, str], float]:
     """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion).
-    Each spec is imported once per process (the run's start-up checks import it before anything loads)."""
+    Each file is imported once per process (the run's start-up checks import it before anything loads)."""
     location, _, name = spec.rpartition(':')
     if not location or not name:
         raise ConfigError(f"reward function {spec!r}: give it as path/to/file.py:function or module:function")
     if location.endswith('.py') and not os.path.exists(location):
         raise MissingFileError(f"reward function {spec!r}: no file {location}")
+    return imported_function(spec, os.path.abspath(location) if location.endswith('.py') else location, name)
+
+
+@functools.lru_cache(maxsize=None)
+def imported_function(spec: str, location: str, name: str) -> Callable[[Prompt, str], float]:
     try:
         if location.endswith('.py'):
             module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0],
@@ -297,7 +306,7 @@ class JudgeLabeler:
                         for key, request in missing.items()}
             errors = judge.ask_all(requests, self.concurrency, lambda error: judge.fatal_error_message(
                 error, self.base_url, self.model, self.cache_path))
-            self.last_error = next(reversed(errors.values()), self.last_error)
+            self.last_error = next(reversed(errors.values()), None)
             self.requested += len(missing)
             return [cache.records[key]['score'] if key in cache.records else None for key in keys]
 

@@ -54,22 +54,30 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
 def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, what: str) -> None:
     """Stop, naming the count, the labeler and its last error, when fewer than `least_share` of `what`'s
     samples got a score."""
-    if n_samples and n_scored >= least_share * n_samples and n_scored > 0:
+    if n_scored > 0 and n_scored >= least_share * n_samples:
         return
     last_error = getattr(labeler, 'last_error', None)
-    raise LabelError(f"{what}: {getattr(labeler, 'name', 'the labeler')} scored {n_scored} of {n_samples} samples "
-                     f"(fewer than {least_share:.0%})" + (f"; last error: {last_error}" if last_error else ''))
+    share = f' (fewer than {least_share:.0%})' if n_scored else ''
+    raise LabelError(f"{what}: {getattr(labeler, 'name', 'the labeler')} scored {n_scored} of {n_samples} samples"
+                     f"{share}" + (f"; last error: {last_error}" if last_error else ''))
 
 
-def why_no_training_data(samples: List[Dict], kind: str) -> Optional[str]:
-    """Why labelled samples give `kind` feedback with nothing to learn from (None when they do not): no scored
-    sample, or every prompt's samples tied (pairwise: no pair differs; scalar: every group's advantage is 0)."""
-    if not samples:
-        return "no sample got a score"
-    groups = by_prompt(samples).values()
+TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ'}
+
+
+def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str) -> Optional[str]:
+    """Why scored samples gave `kind` feedback `records` with nothing to learn from (None when they did not):
+    pairwise and scalar feedback learn from the differences between a prompt's samples."""
+    if kind not in TRAINING_UNITS:
+        return None if records else 'no feedback record'
+    groups = by_prompt(labelled).values()
+    too_few = sum(len(group) < 2 for group in groups)
     differing = sum(len({s['reward'] for s in group}) > 1 for group in groups)
-    if kind in ('pairwise', 'scalar') and differing == 0:
-        return f"all {len(groups)} prompts' samples tied (every sample of a prompt has the same reward)"
+    if differing == 0:
+        unscored = f" ({too_few} have fewer than 2 scored samples)" if too_few else ''
+        return f"0 {TRAINING_UNITS[kind]}: no prompt of {len(groups)} has two samples with different rewards{unscored}"
+    if not records:
+        return f"0 {TRAINING_UNITS[kind]}: no pair of different samples differs by more than the threshold"
     return None
 
 

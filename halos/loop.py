@@ -71,6 +71,12 @@ class Humanline:
     log_epsilon_P: float = setting(-1.0, 'lower bound of the clamped per-token log-ratio')
     log_epsilon_R: float = setting(1.5, 'upper bound of the clamped per-token log-ratio')
 
+    def __post_init__(self):
+        if not self.log_epsilon_P <= 0 <= self.log_epsilon_R:
+            raise ConfigError(f"loss.log_epsilon_P={self.log_epsilon_P}, loss.log_epsilon_R={self.log_epsilon_R}: the "
+                              f"band must hold 0 (log_epsilon_P <= 0 <= log_epsilon_R), or the reference itself is "
+                              f"clamped")
+
 
 class BasicTrainer:
     """The training loop, evaluation, logging, clipping, sharding and checkpoints."""

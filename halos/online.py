@@ -32,8 +32,6 @@ from halos.settings import OnlineSettings
 from utils import barrier, get_world_size, is_distributed, on_rank0, rank0_print
 
 T = TypeVar('T')
-TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ', 'binary': 'labelled samples',
-                  'best': 'best samples'}
 
 def round_block(pool_size: int, prompts_per_round: int, round_index: int, seed: int) -> List[int]:
     """The pool indices of round `round_index`'s prompts: consecutive blocks of a seeded permutation, a fresh
@@ -74,18 +72,19 @@ def plot_reward_per_round(metrics_path: str, out_path: str) -> None:
 
 
 def on_rank0_for_all(work: Callable[[], T]) -> Optional[T]:
-    """`work()` on rank 0 (None elsewhere); a UserError there is raised on every rank, so that none is left
-    waiting at the next barrier."""
+    """`work()` on rank 0 (None elsewhere). When it fails, rank 0 raises its error and every other rank exits
+    (status 2 for a UserError, else 1) instead of waiting at the next collective."""
     result, error = None, None
     if on_rank0():
         try:
             result = work()
-        except UserError as raised:
+        except Exception as raised:
             error = raised
     if is_distributed():
-        shared = [error]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        error = shared[0]
+        failed = [None if error is None else isinstance(error, UserError)]
+        torch.distributed.broadcast_object_list(failed, src=0)
+        if failed[0] is not None and not on_rank0():
+            raise SystemExit(2 if failed[0] else 1)
     if error is not None:
         raise error
     return result
@@ -152,35 +151,39 @@ class OnlineRounds:
         return path
 
     def label_round(self, round_index: int, samples: List[Dict], path: str) -> None:
+        """Label the round's samples into its feedback file; a labeler that fails, or scores too few of them, or
+        scores that give nothing to train on, stop the run (its samples stay on disk)."""
+        s = self.settings
         try:
-            records, counts = self.feedback(round_index, samples)
+            labelled, counts = label_samples(samples, self.labeler)
+            scored_enough(len(labelled), len(samples), s.min_scored, self.labeler, f'round {round_index}')
         except UserError as error:
             raise LabelError(f"{error}; the samples of round {round_index} stay in "
                              f"{self.path(round_index, 'samples.jsonl')}: rerun with ++resume=true once the labeler "
                              f"is fixed") from None
+        records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
+        reason = why_no_training_data(labelled, records, s.feedback)
+        if reason:
+            raise DataError(f"round {round_index}: {reason}; sample more per prompt, change online.feedback or "
+                            f"online.threshold, or delete {self.path(round_index, '')} to sample the round again")
         write_jsonl(path, records)
         self.trainer.log({'round': round_index, 'round/samples': len(samples), 'round/feedback_records': len(records),
                           **{f'round/{k}': v for k, v in counts.items()}})
 
-    def feedback(self, round_index: int, samples: List[Dict]):
-        """The round's feedback records and the labelling's counts; an error when too few samples got a score
-        or the scores give nothing to train on."""
-        s = self.settings
-        labelled, counts = label_samples(samples, self.labeler)
-        scored_enough(len(labelled), len(samples), s.min_scored, self.labeler, f'round {round_index}')
-        records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
-        reason = why_no_training_data(labelled, s.feedback) or (None if records else (
-            f"no {s.feedback} feedback came from its {len(labelled)} scored samples (online.threshold={s.threshold}, "
-            f"online.pair_mode={s.pair_mode})"))
-        if reason:
-            raise DataError(f"round {round_index}: 0 {TRAINING_UNITS[s.feedback]}: {reason}")
-        return records, counts
+    def evaluated_rounds(self) -> List[int]:
+        """The rounds whose held-out reward metrics.jsonl holds."""
+        path = os.path.join(self.trainer.run_dir, 'metrics.jsonl')
+        if not os.path.exists(path):
+            return []
+        with open(path) as f:
+            return [record['round'] for record in map(json.loads, f) if 'reward_eval/mean' in record]
 
     def evaluate_reward(self, round_index: int) -> Optional[Dict[str, float]]:
         """Held-out reward after `round_index` rounds (one sample per held-out prompt), logged."""
         if self.held_out is None:
             return None
-        samples = self.sample(self.held_out, 1, f'after round {round_index}', self.seed * 1_000_003 + 2 * round_index + 1)
+        samples = self.sample(self.held_out, 1, f'after round {round_index}',
+                              self.seed * 1_000_003 + 2 * round_index + 1)
         return on_rank0_for_all(lambda: self.score_held_out(round_index, samples))
 
     def score_held_out(self, round_index: int, samples: List[Dict]) -> Dict[str, float]:
@@ -201,8 +204,9 @@ class OnlineRounds:
 
     def run(self) -> None:
         trainer = self.trainer
-        if trainer.completed_rounds == 0 and trainer.batches_seen == 0:
-            self.evaluate_reward(0)
+        done = trainer.completed_rounds
+        if trainer.batches_seen == 0 and (done == 0 or done not in self.evaluated_rounds()):
+            self.evaluate_reward(done)  # before round 1, or after the last round a stopped run trained
         for round_index in range(trainer.completed_rounds, self.settings.rounds):
             feedback = self.round_feedback(round_index)
             if self.settings.reference == 'previous' and trainer.batches_seen == 0:

@@ -22,6 +22,7 @@ class GroupTrainer(BasicTrainer):
     """Scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole within a
     global microbatch); the reference model is the old policy."""
     abstract = True
+    reference_logps_cacheable = False  # its per-token log-probs are read
 
     @dataclass(frozen=True)
     class Params(Humanline):

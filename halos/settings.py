@@ -83,8 +83,9 @@ class PeftSettings:
     lora_alpha: float = setting(256.0, 'LoRA scale alpha (the update is alpha / r times the adapter product)',
                                 greater_than(0))
     lora_dropout: float = setting(0.05, 'dropout on the adapters', between(0, 1))
-    target_modules: Union[str, List[str]] = setting('all-linear', "'all-linear', or a list of module names",
-                                                    Rule(bool, 'all-linear or a list of module names', names_values=True))
+    target_modules: Union[str, List[str]] = setting(
+        'all-linear', "'all-linear', or a list of module names",
+        Rule(bool, 'all-linear or a list of module names', names_values=True))
     load_in_4bit: bool = setting(False, 'QLoRA: 4-bit NF4 base weights (needs a GPU and bitsandbytes)')
 
 
@@ -148,11 +149,13 @@ class LossSettings:
     trainer: str = setting(REQUIRED, 'the trainer class in trainers.py')
     dataloader: str = setting(REQUIRED, 'the loader class in dataloader.py')
     use_reference_model: Optional[bool] = setting(None, "HALOs' key, checked against the trainer (null: the trainer's)")
-    params: Any = None
-    loader_params: Any = None
+    params: Any = field(default=None, metadata={'params': True})         # the trainer's Params
+    loader_params: Any = field(default=None, metadata={'params': True})  # the loader's Params
 
 
-PARAMS = ('params', 'loader_params')  # LossSettings' fields filled from the trainer's and the loader's Params
+def is_params(spec: dataclasses.Field) -> bool:
+    """A field filled from a trainer's or a loader's Params (whose keys sit flat in the loss section)."""
+    return spec.metadata.get('params', False)
 
 
 @dataclass(frozen=True)
@@ -212,8 +215,6 @@ class RunSettings:
     loss: LossSettings = section(LossSettings, 'the loss: config/loss/<name>.yaml')
 
 
-
-
 # ---------------------------------------------------------------- checking a composed config
 
 class WrongType(Exception):
@@ -249,7 +250,7 @@ def converted(value: Any, kind: Any) -> Any:
     if kind is float and isinstance(value, (int, float, str)):
         try:
             number = float(value)
-        except ValueError:
+        except (ValueError, OverflowError):
             raise WrongType from None
         if math.isfinite(number):
             return number
@@ -295,7 +296,7 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
     """`node` (a section of the composed config, resolved) as a `schema` instance: each value converted to its
     key's type and checked against its rule, a key it lacks given its default. A ConfigError names the first
     bad or unknown key."""
-    fields = {f.name: f for f in dataclasses.fields(schema) if f.name not in PARAMS}
+    fields = {f.name: f for f in dataclasses.fields(schema) if not is_params(f)}
     hints = typing.get_type_hints(schema)
     for key in node:
         if key not in fields:
@@ -310,9 +311,6 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
                 raise ConfigError(f"{overrides.named(key, value)}: {key} must be a group of keys "
                                   f"({', '.join(f.name for f in dataclasses.fields(hints[name]))})")
             values[name] = typed(hints[name], value, overrides, key + '.')
-            continue
-        if value == REQUIRED:
-            values[name] = value
             continue
         rule = spec.metadata.get('rule')
         try:
@@ -353,10 +351,10 @@ def as_dict(settings: Any) -> Dict[str, Any]:
     result = {}
     for spec in dataclasses.fields(settings):
         value = getattr(settings, spec.name)
-        if spec.name in PARAMS:
+        if is_params(spec):
             result.update(as_dict(value) if value is not None else {})
         elif dataclasses.is_dataclass(value):
             result[spec.name] = as_dict(value)
-        elif not (spec.name == 'use_reference_model' and value is None):
+        else:
             result[spec.name] = value
     return result

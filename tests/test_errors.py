@@ -33,7 +33,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
-         'resume a corrupt checkpoint']
+         'resume a corrupt checkpoint', 'eval: a loss choice']
 
 
 def cases(tmp_path):
@@ -60,6 +60,9 @@ def cases(tmp_path):
         archive.writestr('hello.txt', 'hello')
     (latest / 'trainer_state.pt').write_bytes(b'')
     return {
+        'eval: a loss choice': ('eval.py', ['++mode=sample', 'loss=kto'],
+                                "loss=kto: loss must be a group of keys (a run directory's config.yaml holds its own; "
+                                "change one with ++loss.<key>=...)"),
         'resume a corrupt checkpoint': ('train.py', ['++resume=true', '++exp_name=corrupt'],
                                         f"{latest}/policy.pt: not a checkpoint torch can read: it holds a zip archive "
                                         f"of 1 files (hello.txt)"),

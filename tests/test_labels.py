@@ -58,6 +58,13 @@ def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
     assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number"
 
 
+def test_a_huge_or_long_value_is_named_in_a_short_line():
+    for value, shown in ((10 ** 400, repr(10 ** 400)[:77] + '...'), ('x' * 500, repr('x' * 500)[:77] + '...')):
+        with pytest.raises(LabelError) as error:
+            checked_scores(Labeler([value]), ['p'], ['c'], ['sample 1'])
+        assert str(error.value) == f"a test labeler gave {shown} for sample 1: a score must be a finite number"
+
+
 def test_only_a_labeler_that_may_abstain_gives_none():
     judge = Labeler([None, 7.0])
     judge.may_abstain = True
@@ -117,10 +124,9 @@ def stops_then_resumes(tmp_path, capsys, name, broken, fixed, expected, loss='dp
     `fixed` and ++resume=true, it completes without sampling round 0 again."""
     status, last, _ = train(tmp_path, online(tmp_path, name, *broken, loss=loss), capsys)
     samples_file = tmp_path / name / 'rounds' / '0' / 'samples.jsonl'
-    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    samples = [dict(json.loads(line), file=samples_file) for line in samples_file.read_text().splitlines()]
     assert status == 2 and len(samples) == 12
-    assert last == f'train.py: {expected(samples)}; the samples of round 0 stay in {samples_file}: rerun with ' \
-                  f'++resume=true once the labeler is fixed'
+    assert last == f'train.py: {expected(samples)}'
     assert not (tmp_path / name / 'rounds' / '0' / 'feedback.jsonl').exists()
     sampled, content = samples_file.stat().st_mtime_ns, samples_file.read_text()
     status, _, out = train(tmp_path, online(tmp_path, name, *fixed, '++resume=true', loss=loss), capsys)
@@ -135,16 +141,22 @@ def first_sample(samples):
     return f"round 0, prompt {samples[0]['prompt_id']}, sample 0"
 
 
+def kept(samples):
+    """The end of the message of a round stopped by its labeler."""
+    return f"; the samples of round 0 stay in {samples[0]['file']}: rerun with ++resume=true once the labeler is fixed"
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize('function, expected', [
     ('raises', lambda spec, samples: f"reward function {spec} failed on {first_sample(samples)}: it raised "
-                                     f"ValueError: boom"),
+                                     f"ValueError: boom{kept(samples)}"),
     ('nan', lambda spec, samples: f"reward function {spec} gave nan for {first_sample(samples)}: a score must be a "
-                                  f"finite number"),
+                                  f"finite number{kept(samples)}"),
     ('text', lambda spec, samples: f"reward function {spec} gave 'high' for {first_sample(samples)}: a score must "
-                                   f"be a finite number"),
-    ('constant', lambda spec, samples: "round 0: 0 pairs: all 4 prompts' samples tied (every sample of a prompt has "
-                                       "the same reward)"),
+                                   f"be a finite number{kept(samples)}"),
+    ('constant', lambda spec, samples: f"round 0: 0 pairs: no prompt of 4 has two samples with different rewards; "
+                                       f"sample more per prompt, change online.feedback or online.threshold, or delete "
+                                       f"{samples[0]['file'].parent}/ to sample the round again"),
 ])
 def test_a_broken_reward_function_stops_the_round_and_the_fixed_one_resumes_it(tmp_path, capsys, function, expected):
     (tmp_path / 'broken.py').write_text(BROKEN)
@@ -164,7 +176,8 @@ def test_a_judge_server_that_is_down_stops_the_round_and_a_working_one_resumes_i
         stops_then_resumes(tmp_path, capsys, 'down', judged_by(down), judged_by(working.base_url),
                            lambda samples: f"no judge server reachable at {down}: start one (python -m "
                                            f"llama_cpp.server --model M.gguf, vllm serve M, or ollama serve) and pass "
-                                           f"its URL with --base-url, or unset OPENAI_BASE_URL to use OpenAI",
+                                           f"its URL with --base-url, or unset OPENAI_BASE_URL to use OpenAI"
+                                           f"{kept(samples)}",
                            loss='sft')
 
 
@@ -173,9 +186,9 @@ def test_a_judge_that_answers_garbage_stops_the_round_and_asks_again_on_resume(t
     with FaultProxy(None, garbage_text=range(1, 1000)) as garbage, FaultProxy(None) as working:
         stops_then_resumes(
             tmp_path, capsys, 'garbage', judged_by(garbage.base_url), judged_by(working.base_url),
-            lambda samples: f"round 0: judge smollm2 at {garbage.base_url} scored 0 of 12 samples (fewer than 50%); "
+            lambda samples: f"round 0: judge smollm2 at {garbage.base_url} scored 0 of 12 samples; "
                             f"last error: ValueError: an answer without a 1-10 score: 'banana bread is nice this time "
-                            f"of year'", loss='sft')
+                            f"of year'{kept(samples)}", loss='sft')
         assert garbage.chat_requests == 12 and working.chat_requests == 12  # an answer without a score is not kept
 
 
@@ -184,3 +197,25 @@ def test_label_py_names_a_missing_samples_file(tmp_path, capsys):
     assert label.main([str(missing), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
     assert capsys.readouterr().err.strip() == f'label.py: {missing}: no such file'
     assert not (tmp_path / 'out.jsonl').exists()
+
+
+@pytest.mark.slow
+def test_a_held_out_reward_the_judge_fails_is_scored_on_resume(tmp_path, capsys):
+    """The judge answers garbage from its 13th request: the held-out reward before round 1 (2 requests) and round
+    0's labels (12) come through, the held-out reward after round 1 does not; the run stops with round 0 trained and
+    saved, and the resumed run scores that held-out reward without training again."""
+    held_out = tmp_path / 'held_out.jsonl'
+    held_out.write_text(''.join(open(os.path.join(DATA, 'upbeat', 'test_prompts.jsonl')).readlines()[:2]))
+    with FaultProxy(None, garbage_text=range(15, 1000)) as failing, FaultProxy(None) as working:
+        status, last, _ = train(tmp_path, online(tmp_path, 'late', *judged_by(failing.base_url),
+                                                 f'++online.eval_prompts={held_out}', loss='sft'), capsys)
+        assert status == 2 and last.startswith(f"train.py: the held-out reward after 1 rounds: judge smollm2 at "
+                                               f"{failing.base_url} scored 0 of 2 samples; last error: ValueError")
+        steps = torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)['batch_counter']
+        status, _, out = train(tmp_path, online(tmp_path, 'late', *judged_by(working.base_url),
+                                                f'++online.eval_prompts={held_out}', '++resume=true', loss='sft'), capsys)
+        assert status == 0 and working.chat_requests == 2  # the held-out samples only: nothing labelled again
+    state = torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)
+    assert state['batch_counter'] == steps and state['completed_rounds'] == 1
+    evaluations = [json.loads(line) for line in open(tmp_path / 'late' / 'metrics.jsonl') if 'reward_eval/mean' in line]
+    assert [e['round'] for e in evaluations] == [0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0

@@ -198,8 +198,8 @@ def test_the_judge_labeler_asks_nothing_twice_on_a_rerun(tmp_path, capsys):
     else:
         assert status == 2 and not (tmp_path / 'feedback.jsonl').exists()
         assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
-            f"label.py: {samples}: judge smollm2 at {proxy.base_url} scored {len(cached)} of 9 samples (fewer than "
-            f"50%); last error: ValueError: an answer without a 1-10 score:")
+            f"label.py: {samples}: judge smollm2 at {proxy.base_url} scored {len(cached)} of 9 samples"
+            + (" (fewer than 50%)" if cached else '') + "; last error: ValueError: an answer without a 1-10 score:")
 
 
 # ---------------------------------------------------------------- sampling k per prompt and online rounds

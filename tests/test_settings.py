@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 import dataloader
 import trainers
 from halos.build import run_settings
-from halos.errors import ConfigError
+from halos.errors import ConfigError, UserError
 from halos.settings import REQUIRED, LossSettings, ModelSettings, RunSettings, described
 from helpers import ROOT, base_overrides, compose_config, train_command
 
@@ -86,7 +86,7 @@ def outside(rule) -> typing.Optional[str]:
 
 def refused(loss, override) -> str:
     overrides = base_overrides('/tmp/unused', loss) + [override]
-    with pytest.raises(ConfigError) as error:
+    with pytest.raises(UserError) as error:
         run_settings(compose_config(overrides), overrides)
     return str(error.value)
 
@@ -159,8 +159,15 @@ def test_keys_that_must_agree_are_checked_together():
         "model.max_prompt_length (512) must be below model.max_length (128), or no room is left for a completion"
     assert refused('dpo', '++n_epochs=null') == "set n_epochs or n_examples (both are null)"
     assert refused('sft', '++loss.humanline=true').startswith("loss.humanline: SFTTrainer has no per-token log-ratios")
-    assert refused('ppo', '++cache_reference_logprobs=true') == \
-        "loss=ppo needs per-token reference log-probs: set cache_reference_logprobs=false"
+    for loss in ('ppo', 'grpo'):
+        assert refused(loss, '++cache_reference_logprobs=true') == \
+            f"loss={loss} needs per-token reference log-probs: set cache_reference_logprobs=false"
+    assert refused('dpo', '++loss.log_epsilon_P=0.5') == (
+        "loss.log_epsilon_P=0.5, loss.log_epsilon_R=1.5: the band must hold 0 (log_epsilon_P <= 0 <= log_epsilon_R), "
+        "or the reference itself is clamped")
+    assert refused('dpo', '++lr=${nope}') == "++lr=${nope}: Interpolation key 'nope' not found"
+    assert refused('ppo-online', '++loss.reward_function=no_such_file.py:reward') == \
+        "reward function 'no_such_file.py:reward': no file no_such_file.py"
     reward = f'++online.reward_function={ROOT}/tests/rewards.py:vowels'
     assert refused('dpo', '++online.rounds=1') == "online.labeler=function needs online.reward_function to be set"
     overrides = base_overrides('/tmp/unused') + ['++online.rounds=1', reward, '++online.samples_per_prompt=1']
@@ -168,6 +175,13 @@ def test_keys_that_must_agree_are_checked_together():
         run_settings(compose_config(overrides), overrides)
     assert str(error.value) == ("online.samples_per_prompt=1: pairwise feedback compares the samples of a prompt, so "
                                 "it needs at least 2")
+
+
+def test_eval_py_checks_no_training_setting_it_does_not_use():
+    """A run directory's config holds the run's online labeller: sampling from it neither needs nor imports it."""
+    overrides = base_overrides('/tmp/unused') + ['++online.rounds=1', '++online.reward_function=gone.py:reward',
+                                                 '++mode=sample']
+    assert run_settings(compose_config(overrides), overrides).online.reward_function == 'gone.py:reward'
 
 
 def test_datasets_are_not_needed_by_online_rounds_with_their_own_prompts():
