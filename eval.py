@@ -47,7 +47,7 @@ from halos.errors import ConfigError, reported_as_one_line
 from halos.examples import render_turns
 from halos.feedback import write_jsonl
 from halos.labelers import RewardFunctionLabeler, checked_scores
-from halos.online import reward_summary
+from halos.monitors import reward_summary
 from halos.packing import sequence_logps
 from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict

@@ -1,13 +1,14 @@
 """Trainers: the catalogue of losses, one short subclass per human-aware loss.
 
 To add a loss, subclass PairedPreferenceTrainer (chosen/rejected pairs) or UnpairedPreferenceTrainer
-(desirable/undesirable examples), override `loss`, and add a YAML file to config/loss naming the trainer and
-the dataloader. `loss` receives summed log-probs of the completions, shape [batch], and returns per-example
+(desirable/undesirable examples; both in halos/preference.py), override `loss`, and add a YAML file to
+config/loss naming the trainer and the dataloader. `loss` receives summed log-probs of the completions, shape [batch], and returns per-example
 (losses, chosen_rewards, rejected_rewards); each trainer's `loss` calls one pure function of halos/losses.py
 with its hyperparameters from `self.params`, an instance of its `Params`: a frozen dataclass declaring each
 key of its config/loss YAML with its type, default, doc and constraint (checked before anything loads).
 The loop, evaluation, logging, clipping and checkpoints are BasicTrainer's (halos/loop.py); PPO's machinery is
-halos/actor_critic.py, GRPO's halos/policy_gradient.py, the token-level RL helpers halos/rl.py.
+halos/actor_critic.py, GRPO's on scored data halos/policy_gradient.py, the step-level online RL methods'
+(sampling, scoring, mu passes, monitors) halos/online_rl.py, the token-level RL helpers halos/rl.py.
 """
 import zlib
 from dataclasses import dataclass
@@ -20,17 +21,19 @@ from halos import batch as schema
 from halos import rl
 from halos.actor_critic import ActorCriticTrainer
 from halos.errors import ConfigError
-from halos.labelers import (RewardFunctionLabeler, checked_score, checked_scores, classifier_scores, reward_model_scores,
-                            write_reward_model_format)
+from halos.labelers import (RewardFunctionLabeler, checked_score, checked_scores, reward_model_scores)
 from halos.loop import BasicTrainer, Humanline
 from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss, dpo_loss, entropy_from_logits,  # noqa: F401
                           generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
-                          ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, sft_loss, simple_kto_loss,
-                          simpo_loss, slic_loss, whiten_advantages)
-from halos.packing import classifier_logits
+                          ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, reinforce_pp_returns,
+                          rloo_advantages, sequence_clipped_losses, sft_loss, simple_kto_loss, simpo_loss, slic_loss,
+                          whiten_advantages)
+from halos.online_rl import OnlineGroupTrainer
 from halos.policy_gradient import GroupTrainer
+from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
+                              UnpairedPreferenceTrainer, unpaired_accuracies)
 from halos.sampling import halos_sampler
-from halos.settings import at_least, between, greater_than, setting
+from halos.settings import at_least, between, greater_than, one_of, setting
 from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps, weighted_mean
 
 
@@ -44,47 +47,6 @@ class SFTTrainer(BasicTrainer):
         policy_logps, = self.concatenated_logps(self.policy, batch, (schema.TARGET,))
         losses = self.loss(policy_logps)
         return weighted_mean(losses, batch[schema.WEIGHT]), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
-
-
-class PreferenceTrainer(BasicTrainer):
-    """Shared metrics of the preference trainers; subclasses provide `compute_losses`. Under humanline every
-    loss() sees clamped log-ratios (BasicTrainer.policy_logps)."""
-    abstract = True
-
-    def compute_losses(self, batch: Dict):
-        """-> (losses [n], chosen_rewards, rejected_rewards, accuracies [n], extra metrics {name: value})."""
-        raise NotImplementedError
-
-    def get_batch_metrics(self, batch, mode):
-        losses, chosen_rewards, rejected_rewards, accuracies, extra = self.compute_losses(batch)
-        metrics = {f'rewards_{mode}/chosen': chosen_rewards, f'rewards_{mode}/rejected': rejected_rewards,
-                   f'rewards_{mode}/accuracies': accuracies, f'loss/{mode}': losses.detach()}
-        metrics.update({name.format(mode=mode): value for name, value in extra.items()})
-        if self.humanline:
-            metrics[f'rewards_{mode}/unclamped'] = self.unclamped
-        return weighted_mean(losses, self.loss_weights(batch)), metrics
-
-    def loss_weights(self, batch: Dict) -> torch.Tensor:
-        """The weight of each of compute_losses' losses (the batch's items, in order)."""
-        return batch[schema.WEIGHT]
-
-
-class PairedPreferenceTrainer(PreferenceTrainer):
-    """Trainers on (chosen, rejected) pairs: one forward per model over [chosen; rejected]."""
-    abstract = True
-    prefixes = (schema.CHOSEN, schema.REJECTED)
-
-    def compute_losses(self, batch):
-        policy_chosen_logps, policy_rejected_logps = self.policy_logps(batch, self.prefixes)
-        if self.use_reference_model:
-            reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
-            losses, chosen_rewards, rejected_rewards = self.loss(
-                policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-        else:
-            losses, chosen_rewards, rejected_rewards = self.loss(policy_chosen_logps, policy_rejected_logps)
-        accuracies = (chosen_rewards > rejected_rewards).float()  # each chosen against its own rejected
-        extra = {'logps_{mode}/chosen': policy_chosen_logps.detach(), 'logps_{mode}/rejected': policy_rejected_logps.detach()}
-        return losses, chosen_rewards, rejected_rewards, accuracies, extra
 
 
 class DPOTrainer(PairedPreferenceTrainer):
@@ -169,72 +131,18 @@ class ORPOTrainer(PairedPreferenceTrainer):
         return orpo_loss(policy_chosen_logps, policy_rejected_logps, lambda_coef=self.params.lambda_coef)
 
 
-class BradleyTerryTrainer(PairedPreferenceTrainer):
+class BradleyTerryTrainer(RewardModelTrainer):
     """A reward model: a one-logit sequence-classification head on the policy's architecture scores each
     prompt + completion; exported as an AutoModelForSequenceClassification directory (LATEST/hf) that the
     reward-model labeler and loss=ppo's loss.reward_model load."""
-    use_reference_model = False
-    lora_task_type, lora_heads = 'SEQ_CLS', ('score',)
 
     @dataclass(frozen=True)
     class Params:
         margin: float = setting(0.0, 'the least score gap a pair is pushed to')
 
-    @classmethod
-    def load_policy(cls, name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:
-        return models.load_sequence_classifier(name_or_path, dtype, **kwargs)
-
     def loss(self, chosen_scores, rejected_scores):
         """L = -log sigmoid(s(y_w) - s(y_l) - margin)."""
         return bradley_terry_loss(chosen_scores, rejected_scores, margin=self.params.margin)
-
-    def compute_losses(self, batch):
-        sequences = schema.Sequences.stacked(batch, self.prefixes, self.tokenizer.pad_token_id, self.device)
-        with self.autocast():  # a pair's prompt once under model.share_prompts
-            logits = classifier_logits(self.policy, sequences.input_ids, sequences.attention_mask, sequences.labels,
-                                       share_prompts=self.share_prompts)
-        chosen_scores, rejected_scores = classifier_scores(logits.float()).split(schema.rows_per_kind(batch, self.prefixes))
-        losses, chosen_rewards, rejected_rewards = self.loss(chosen_scores, rejected_scores)
-        accuracies = (chosen_rewards > rejected_rewards).float()  # a tie is wrong
-        return losses, chosen_rewards, rejected_rewards, accuracies, {}
-
-    def export_hf(self, directory, policy_state):
-        """The reward model, with how its inputs were formatted (the labeler formats the same way)."""
-        super().export_hf(directory, policy_state)
-        write_reward_model_format(directory, self.settings.formatting, self.settings.use_chat_template)
-
-
-class UnpairedPreferenceTrainer(PreferenceTrainer):
-    """Trainers on desirable ('chosen') and undesirable ('rejected') examples, in any mix per batch."""
-    abstract = True
-    use_reference_model = True
-    prefixes = (schema.TARGET,)
-
-    @dataclass(frozen=True)
-    class Params(Humanline):
-        beta: float = setting(0.1, 'temperature of the implied reward beta * log(pi / pi_ref)', greater_than(0))
-
-    @staticmethod
-    def split_by_status(batch, logps: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """(desirable, undesirable) entries of a [rows] tensor of the batch's targets."""
-        is_desirable = batch[schema.IS_DESIRABLE].to(logps.device)
-        return logps[is_desirable], logps[~is_desirable]
-
-    def loss_weights(self, batch):
-        """The losses come desirable first, then undesirable: so do their weights."""
-        return torch.cat(self.split_by_status(batch, batch[schema.WEIGHT]))
-
-    def compute_losses(self, batch):
-        policy_chosen_logps, policy_rejected_logps = self.split_by_status(batch, self.policy_logps(batch, self.prefixes)[0])
-        reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, self.reference_logps(batch)[0])
-        losses, chosen_rewards, rejected_rewards = self.loss(
-            policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
-        return losses, chosen_rewards, rejected_rewards, unpaired_accuracies(chosen_rewards, rejected_rewards), {}
-
-
-def unpaired_accuracies(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> torch.Tensor:
-    """Per example: does the implied reward have the sign of its label (> 0 desirable, < 0 undesirable)?"""
-    return torch.cat(((chosen_rewards > 0).float(), (rejected_rewards < 0).float()))
 
 
 class SimpleKTOTrainer(UnpairedPreferenceTrainer):
@@ -364,8 +272,8 @@ class OnlinePPOTrainer(PPOTrainer):
     samples one completion per prompt from the current policy (the behaviour policy), scores it with
     loss.reward_function or loss.reward_model, and rewards every token with -kl_coef (log pi_old - log pi_ref),
     plus the score (minus loss.reward_baseline, optionally whitened, clipped to +-loss.score_clip) on its last
-    token; GAE with
-    value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved with the state)."""
+    token; GAE with value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved
+    with the state). config/loss/ppo-online.yaml holds the recipe's values of PPO's keys (ppo_epochs 4, ...)."""
 
     @dataclass(frozen=True)
     class Params(PPOTrainer.Params):
@@ -377,11 +285,6 @@ class OnlinePPOTrainer(PPOTrainer):
         adaptive_kl: bool = setting(True, 'adapt the coefficient after every step towards target_kl')
         target_kl: float = setting(6.0, 'the summed per-sequence KL the coefficient aims at', greater_than(0))
         horizon: int = setting(10000, 'the adaptation horizon, in sequences', at_least(1))
-        ppo_epochs: int = setting(4, "optimizer steps on each step's experience, each freshly reshuffled", at_least(1))
-        cliprange: float = setting(0.2, 'the ratio clip c: clip(ratio, 1 - c, 1 + c)', greater_than(0))
-        gamma: float = setting(1.0, 'the discount gamma', between(0, 1))
-        critic_coef: float = setting(0.1, 'weight of the value loss', at_least(0))
-        KL_coef: float = setting(0.0, 'weight of a KL term in the loss (the KL is in the reward)', at_least(0))
 
         def __post_init__(self):
             if bool(self.reward_function) == bool(self.reward_model):
@@ -479,6 +382,97 @@ class GRPOTrainer(GroupTrainer):
         params = self.params
         return grpo_token_losses(log_ratios, reference_log_ratios, advantages, params.epsilon,
                                  params.epsilon_high or params.epsilon, params.beta)
+
+
+class GRPOOnlineTrainer(OnlineGroupTrainer):
+    """GRPO as DeepSeekMath (Shao et al., 2024) and TRL define it, online step by step (halos/online_rl.py); Dr.
+    GRPO and DAPO are its presets (config/loss)."""
+
+    @dataclass(frozen=True)
+    class Params(OnlineGroupTrainer.Params):
+        beta: float = setting(0.04, 'weight of the k3 KL to the starting model', at_least(0))
+        loss_type: str = setting('grpo', 'the reduction of the per-token losses (see losses.grpo_loss)',
+                                 one_of(*GRPO_LOSS_TYPES))
+        scale_rewards: bool = setting(True, "divide by the group's std (false: Dr. GRPO)")
+        std_epsilon: float = setting(1e-4, 'the advantage is (s - mean) / (std + std_epsilon)', at_least(0))
+
+    def advantages(self, parts):
+        """A_i = (s_i - mean_g s) / (std_g s + std_epsilon) over each prompt's k samples (unbiased std, as TRL);
+        without scale_rewards A_i = s_i - mean_g s."""
+        return [group_advantages(part.scores, part.group_ids, self.params.std_epsilon, unbiased=True,
+                                 scale=self.params.scale_rewards) for part in parts]
+
+    def loss(self, log_ratios, reference_log_ratios, advantages, mask):
+        """Per token: -min(r A, clip(r, 1 - epsilon, 1 + epsilon_high) A) + beta (e^d - d - 1),
+        r = pi / pi_old, d = log pi_ref - log pi."""
+        params = self.params
+        return grpo_token_losses(log_ratios, reference_log_ratios, advantages, params.epsilon,
+                                 params.epsilon_high or params.epsilon, params.beta)
+
+
+class GSPOTrainer(GRPOOnlineTrainer):
+    """GSPO (Zheng et al., 2025): GRPO's advantages, a length-normalised sequence ratio clipped per sequence."""
+
+    @dataclass(frozen=True)
+    class Params(GRPOOnlineTrainer.Params):
+        epsilon: float = setting(3e-4, 'the clip range [1 - epsilon, 1 + epsilon_high] of the sequence ratio',
+                                 greater_than(0))
+        epsilon_high: Optional[float] = setting(4e-4, "the clip range's upper side (null: epsilon)", greater_than(0))
+        beta: float = setting(0.0, 'weight of the k3 KL to the starting model', at_least(0))
+
+    def loss(self, log_ratios, reference_log_ratios, advantages, mask):
+        """L_i = -min(s_i A_i, clip(s_i, 1 - epsilon, 1 + epsilon_high) A_i), s_i = exp(mean_t log pi / pi_old),
+        on each of its tokens; plus beta k3 per token."""
+        params = self.params
+        losses, stats = sequence_clipped_losses(log_ratios, mask, advantages, params.epsilon,
+                                                params.epsilon_high or params.epsilon, length_normalised=True)
+        kl = torch.exp(reference_log_ratios) - reference_log_ratios - 1
+        return losses + params.beta * kl, {**stats, 'KL': kl.detach()}
+
+
+class RLOOTrainer(OnlineGroupTrainer):
+    """RLOO (Ahmadian et al., 2024) as TRL's RLOOTrainer: the KL in the reward, a leave-one-out baseline."""
+
+    @dataclass(frozen=True)
+    class Params(OnlineGroupTrainer.Params):
+        beta: float = setting(0.05, 'weight of the sequence KL subtracted from each score', at_least(0))
+        loss_type: str = setting('grpo', 'the reduction (grpo: the mean over sequences)', one_of(*GRPO_LOSS_TYPES))
+
+    def advantages(self, parts):
+        """A_i = r_i - mean of r over the other samples of its prompt, r_i = s_i - beta sum_t (log pi_old -
+        log pi_ref) (the log-probs the sampler recorded)."""
+        return [rloo_advantages(part.scores - self.params.beta * ((part.sampler_logps - part.reference_logps)
+                                                                  * part.mask).sum(-1), part.group_ids)
+                for part in parts]
+
+    def loss(self, log_ratios, reference_log_ratios, advantages, mask):
+        """L_i = -min(s_i A_i, clip(s_i, 1 - epsilon, 1 + epsilon_high) A_i), s_i = exp(sum_t log pi / pi_old)."""
+        params = self.params
+        return sequence_clipped_losses(log_ratios, mask, advantages, params.epsilon,
+                                       params.epsilon_high or params.epsilon, length_normalised=False)
+
+
+class ReinforcePPTrainer(OnlineGroupTrainer):
+    """REINFORCE++ (Hu et al., 2025) as OpenRLHF runs it: no critic, no group baseline, PPO's clip."""
+
+    @dataclass(frozen=True)
+    class Params(OnlineGroupTrainer.Params):
+        beta: float = setting(0.01, 'weight of the KL to the starting model', at_least(0))
+        kl_in_reward: bool = setting(True, 'the k1 KL in each token\'s reward (false: the k3 KL in the loss)')
+
+    def advantages(self, parts):
+        """G_t = sum_{u >= t} r_u, r_u = -beta KL_u (+ s on the last token), KL_u = log pi_old - log pi_ref as
+        sampled; A = G normalised over every completion token of the step (all ranks)."""
+        beta = self.params.beta if self.params.kl_in_reward else 0.0
+        returns = [reinforce_pp_returns(part.scores, part.sampler_logps - part.reference_logps, part.mask, beta)
+                   for part in parts]
+        return whiten_advantages(returns, [part.mask for part in parts])
+
+    def loss(self, log_ratios, reference_log_ratios, advantages, mask):
+        """Per token: -min(r A_t, clip(r, 1 - epsilon, 1 + epsilon_high) A_t) (+ beta k3 with kl_in_reward=false)."""
+        params = self.params
+        return grpo_token_losses(log_ratios, reference_log_ratios, advantages, params.epsilon,
+                                 params.epsilon_high or params.epsilon, 0.0 if params.kl_in_reward else params.beta)
 
 
 def get_trainer_class(name: str) -> type:

@@ -82,6 +82,15 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+def all_gather_list(items: List) -> List:
+    """Every rank's items, in rank order (the items themselves in one process)."""
+    if not is_distributed():
+        return items
+    parts = [None] * get_world_size()
+    dist.all_gather_object(parts, items)
+    return [item for part in parts for item in part]
+
+
 def all_gather_rows(tensor: torch.Tensor, pad_value) -> torch.Tensor:
     """Every rank's [rows, T] tensor concatenated along rows, in rank order (T padded to the longest on the right).
 

@@ -1,17 +1,18 @@
 """One online GRPO step, halos against TRL's GRPOTrainer: sample k completions for each of P prompts from the
-policy, score them with a reward function, and make one optimizer update on them.
+policy, score them with a reward function, and make mu optimizer updates on them.
 
     python bench/grpo_step.py                 # SmolLM2, 8 upbeat prompts x k=4, 48 new tokens, 2 runs per side
     python bench/grpo_step.py --smoke         # the tiny model, for a quick check
 
 Both sides get the same model directory (fp32), prompts (the first P of data/upbeat/train_prompts.jsonl,
 chat-formatted), reward (data/upbeat/reward.py:reward), k, completion length, temperature 0.7, top-p 0.95,
-no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2
-and one update on all P x k completions. halos runs its online round (`train.py loss=grpo ++online.rounds=1`:
-halos' sampler, the reward labeler, the scalar feedback file, GRPOTrainer with the reference = the policy
-that sampled) with the round's checkpoint write left out, since TRL's run saves nothing; TRL runs
-`GRPOTrainer.train()` for max_steps=1 with HF generate. Each side runs in its own process, alternating; the
-wall time of the step (sampling + scoring + update; model loading excluded) is the best of --runs.
+no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2,
+the `grpo` reduction, and mu updates (--mu, TRL's num_iterations) on all P x k completions. halos runs one
+step of standard GRPO (`train.py loss=grpo-online`: halos' sampler, the reward labeler, the old policy = the
+policy that sampled, the k3 KL to the starting model) with its checkpoint write left out, since TRL's run
+saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
+process, alternating; the wall time of the step (sampling + scoring + updates; model loading excluded) is the
+best of --runs.
 
 Writes bench/results/grpo-<timestamp>.{json,md} and grpo-latest.{json,md}.
 """
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--k', type=int)
     parser.add_argument('--max-new-tokens', type=int)
     parser.add_argument('--runs', type=int)
+    parser.add_argument('--mu', type=int, default=1, help='optimizer updates on each sampled batch')
     parser.add_argument('--trl-retains-memory', action='store_true',
                         help="give TRL's process the allocator settings halos applies itself (retain_freed_memory)")
     parser.add_argument('--side', choices=SIDES, help=argparse.SUPPRESS)  # one run of one side (internal)
@@ -61,25 +63,23 @@ def prompts_file(n: int, directory: str) -> str:
 
 def halos_step(args, work_dir: str) -> dict:
     from common import compose_config
-    from halos.build import build_online_rounds, build_trainer
-    n = args.prompts * args.k
+    from halos.build import build_trainer
     config = compose_config([
-        'loss=grpo', 'model=smollm2', f'++model.name_or_path={args.model}', '++model.policy_dtype=float32',
-        '++model.reference_dtype=float32', '++model.activation_checkpointing=false',
-        f'++cache_dir={work_dir}', 'exp_name=grpo_step', 'mode=train', f'datasets=[{prompts_file(args.prompts, work_dir)}]',
-        '++online.rounds=1', f'++online.prompts_per_round={args.prompts}', f'++online.samples_per_prompt={args.k}',
-        f"++online.reward_function={os.path.join(UPBEAT, 'reward.py')}:reward", '++online.feedback=scalar',
-        '++online.reference=previous', f'++model.batch_size={n}', f'++model.eval_batch_size={n}', '++n_epochs=1',
-        f'++lr={LR}', '++optimizer=AdamW', '++warmup_steps=0', f'++loss.beta={BETA}', f'++loss.epsilon={EPSILON}',
-        f'++max_new_tokens={args.max_new_tokens}', f'++temperature={TEMPERATURE}', f'++top_p={TOP_P}', '++top_k=0',
-        '++use_chat_template=true', '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=1',
-        '++wandb.enabled=false', '++minimum_log_interval_secs=0'])
+        'loss=grpo-online', 'model=smollm2', f'++model.name_or_path={args.model}', '++model.policy_dtype=float32',
+        '++model.reference_dtype=float32', '++model.activation_checkpointing=false', f'++cache_dir={work_dir}',
+        'exp_name=grpo_step', 'mode=train', f'datasets=[{prompts_file(args.prompts, work_dir)}]',
+        f'++online.samples_per_prompt={args.k}', f"++online.reward_function={os.path.join(UPBEAT, 'reward.py')}:reward",
+        f'++model.batch_size={args.prompts}', '++n_epochs=null', f'++n_examples={args.prompts}', f'++lr={LR}',
+        '++optimizer=AdamW', '++warmup_steps=0', f'++loss.beta={BETA}', f'++loss.epsilon={EPSILON}',
+        f'++loss.mu={args.mu}', '++loss.loss_type=grpo', f'++max_new_tokens={args.max_new_tokens}',
+        f'++temperature={TEMPERATURE}', f'++top_p={TOP_P}', '++top_k=0', '++use_chat_template=true',
+        '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=0', '++wandb.enabled=false',
+        '++minimum_log_interval_secs=0'])
     trainer = build_trainer(config)
-    rounds = build_online_rounds(config, trainer)
     trainer.save_checkpoint = lambda final=False: None  # TRL's step writes nothing either
     start = time.perf_counter()
-    rounds.run()
-    return {'seconds': time.perf_counter() - start, 'completions': n, 'steps': trainer.example_counter // n}
+    trainer.train()
+    return {'seconds': time.perf_counter() - start, 'completions': args.prompts * args.k, 'steps': trainer.batch_counter}
 
 
 def upbeat_reward(prompts, completions, **_):
@@ -99,10 +99,10 @@ def trl_step(args, work_dir: str) -> dict:
     with open(prompts_file(args.prompts, work_dir)) as f:
         rows = [{'prompt': [{'role': 'user', 'content': json.loads(line)['prompt']}]} for line in f]
     n = args.prompts * args.k
-    config = GRPOConfig(output_dir=work_dir, per_device_train_batch_size=n, num_generations=args.k, max_steps=1,
+    config = GRPOConfig(output_dir=work_dir, per_device_train_batch_size=n, num_generations=args.k, max_steps=args.mu,
                         max_completion_length=args.max_new_tokens, temperature=TEMPERATURE, top_p=TOP_P, top_k=0,
                         learning_rate=LR, lr_scheduler_type='constant', optim='adamw_torch_fused', weight_decay=0.0,
-                        beta=BETA, epsilon=EPSILON, loss_type='grpo', num_iterations=1, logging_steps=1,
+                        beta=BETA, epsilon=EPSILON, loss_type='grpo', num_iterations=args.mu, logging_steps=1,
                         save_strategy='no', report_to=[], use_cpu=not torch.cuda.is_available(), bf16=False,
                         gradient_checkpointing=False, dataloader_num_workers=0, seed=1)
     trainer = GRPOTrainer(model=AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32),
@@ -118,7 +118,8 @@ def run_side(side: str, args) -> dict:
     with tempfile.TemporaryDirectory(prefix=f'grpo_{side}_') as work_dir:
         out = os.path.join(work_dir, 'result.json')
         command = [sys.executable, os.path.abspath(__file__), '--side', side, '--out', out, '--model', args.model,
-                   '--prompts', str(args.prompts), '--k', str(args.k), '--max-new-tokens', str(args.max_new_tokens)]
+                   '--prompts', str(args.prompts), '--k', str(args.k), '--max-new-tokens', str(args.max_new_tokens),
+                   '--mu', str(args.mu)]
         env = dict(os.environ, **(RETAIN_FREED_MEMORY_ENV if side == 'trl' and args.trl_retains_memory else {}))
         subprocess.run(command, check=True, cwd=ROOT, env=env)
         with open(out) as f:
@@ -130,7 +131,7 @@ def write_report(report: dict, out_dir: str) -> str:
     lines = [f"# One online GRPO step, halos vs TRL ({report['timestamp']})", '',
              f"Machine: {report['machine']}. Model `{report['model']}`, float32; {report['prompts']} prompts x "
              f"k = {report['k']}, {report['max_new_tokens']} new tokens at most, temperature {TEMPERATURE}, top-p {TOP_P}; "
-             f"one AdamW update (lr {LR}, beta {BETA}, epsilon {EPSILON}) on all completions; best of "
+             f"{report['mu']} AdamW update(s) (lr {LR}, beta {BETA}, epsilon {EPSILON}) on all completions; best of "
              f"{report['n_runs']} runs per side, model loading excluded; freed memory: halos keeps it in the process, TRL "
              f"{'the same, from the environment' if report.get('trl_retains_memory') else 'on the glibc default'}.",
              f"Command: `{report['command']}`", '',
@@ -162,6 +163,7 @@ def main(argv=None) -> None:
               'machine': f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
               'command': 'python bench/grpo_step.py ' + ' '.join(sys.argv[1:] if argv is None else argv),
               'prompts': args.prompts, 'k': args.k, 'max_new_tokens': args.max_new_tokens, 'n_runs': args.runs,
+              'mu': args.mu,
               'completions': args.prompts * args.k, 'trl_retains_memory': args.trl_retains_memory,
               'runs': {side: [] for side in SIDES}}
     for _ in range(args.runs):

@@ -10,9 +10,17 @@ the best of k (`best`, rejection sampling), DPO, IPO and SimPO on the best-vs-wo
 on the same pairs' outputs as desirable and undesirable examples (as HALOs flattens paired data; labels at
 each prompt's median, `binary`, are noisier: KTO gained 1.5 SE on them), GRPO on the scored groups (`scalar`). Online DPO
 spends the same budget over rounds of fresh samples from the policy (rounds x prompts_per_round x k <= the
-budget); online PPO draws one rollout per prompt per step, as many rollouts as the budget. Every policy is
-measured on the held-out prompts by `eval.py ++mode=reward`: one sample per prompt, the mean reward and its
-standard error, the KL to the starting model (the samples' mean summed log-ratio) and the mean length.
+budget); online PPO draws one rollout per prompt per step, as many rollouts as the budget; GRPO in HALOs' form
+runs those rounds on scalar feedback; the step-level methods (GRPO as TRL and DeepSeek define it, Dr. GRPO,
+DAPO, GSPO, RLOO, REINFORCE++) sample k completions of each prompt of every step, budget / k prompts in all.
+Every policy is measured on the held-out prompts by `eval.py ++mode=reward`: one sample per prompt, the mean
+reward and its standard error, the KL to the starting model (the samples' mean summed log-ratio) and the mean
+length.
+
+With --sweep every method first trains once per configuration of its grid (learning rate x its main
+coefficient) on the train prompts less a validation split (the last --val-prompts of them; never the held-out
+prompts) and is scored on that split; the configuration with the best validation reward then trains on all
+the train prompts and is measured on the held-out ones. The report lists every configuration tried.
 
 Writes bench/results/quality-<tag>.md and .json, quality-<tag>-reward.png (held-out reward against the labelled
 samples consumed) and quality-<tag>-frontier.png (reward against KL), and prints every command it ran: each
@@ -31,7 +39,7 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_DIR = os.path.join(ROOT, 'config')
@@ -39,7 +47,10 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from halos.errors import ArgumentParser, reported_as_one_line  # noqa: E402  (after the path insert)
+from halos.errors import ArgumentParser, ConfigError, reported_as_one_line  # noqa: E402  (after the path insert)
+
+
+STEP_LEVEL = ('grpo-online', 'dr-grpo', 'dapo', 'gspo', 'rloo', 'reinforce-pp')  # losses that sample every step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +74,16 @@ METHODS = {method.name: method for method in (
                                        '++online.reference=previous')),
     Method('online-ppo', 'ppo-online', None, ('++n_epochs=null', '++loss.whiten_scores=true', '++model.batch_size=8',
                                               '++loss.ppo_epochs=2')),
+    Method('grpo-rounds', 'grpo', None, ('++online.feedback=scalar', '++online.reference=previous')),  # HALOs' form
+    *(Method(loss, loss, None, ('++model.batch_size=8',)) for loss in STEP_LEVEL),
 )}
+# The sweep's grid: the learning rates (--sweep-lrs) x each method's main coefficient.
+COEFFICIENTS = {'sft-best': None, 'dpo': ('loss.beta', (0.05, 0.2)), 'online-dpo': ('loss.beta', (0.05, 0.2)),
+                'kto': ('loss.beta', (0.05, 0.2)), 'ipo': ('loss.beta', (0.1, 1.0)), 'simpo': ('loss.beta', (2.5, 10.0)),
+                'grpo': ('loss.epsilon', (0.01, 0.2)), 'grpo-rounds': ('loss.epsilon', (0.01, 0.2)),
+                'online-ppo': ('loss.init_kl_coef', (0.05, 0.2)), 'grpo-online': ('loss.beta', (0.0, 0.04)),
+                'rloo': ('loss.beta', (0.0, 0.05)), 'reinforce-pp': ('loss.beta', (0.0, 0.01)),
+                'dr-grpo': ('loss.mu', (1, 2)), 'dapo': ('loss.mu', (1, 2)), 'gspo': ('loss.mu', (1, 2))}
 LABEL_OPTIONS = {'best': [], 'pairwise': ['--pair-mode', 'max'], 'binary': ['--threshold', 'median', '--per-prompt'],
                  'scalar': []}
 
@@ -106,6 +126,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--tag', default=None, help='the results file name: quality-<tag> (default: the date)')
     parser.add_argument('--extra', action='append', default=[],
                         help='one more override for every train.py run (repeatable), e.g. ++model.max_length=256')
+    parser.add_argument('--sweep', action='store_true',
+                        help="pick each method's learning rate and main coefficient on a validation split first")
+    parser.add_argument('--sweep-lrs', default='2e-5,5e-5', help='the learning rates of the sweep (comma-separated)')
+    parser.add_argument('--val-prompts', type=int, default=20,
+                        help='the sweep: the last this many train prompts are its validation split')
     args = parser.parse_args(argv)
     args.prompts_train, args.prompts_test = in_root(args.prompts_train), in_root(args.prompts_test)
     args.reward_function, args.work_dir = reward_function_in_root(args.reward_function), in_root(args.work_dir)
@@ -246,6 +271,10 @@ def train_overrides(args, method: Method, budget: int, n_prompts: int, feedback:
     if method.feedback:
         return common + [f'datasets=[{feedback[method.feedback]}]', *method.overrides, *args.extra]
     data = [f'datasets=[{args.prompts_train}]']
+    if method.loss in STEP_LEVEL:
+        k = args.samples_per_prompt
+        return common + data + ['++n_epochs=null', f'++n_examples={budget // k}', f'++online.samples_per_prompt={k}',
+                                f'++online.reward_function={args.reward_function}', *method.overrides, *args.extra]
     if method.loss == 'ppo-online':
         return common + data + [f'++loss.reward_function={args.reward_function}', f'++n_examples={budget}',
                                 *method.overrides, *args.extra]
@@ -287,11 +316,71 @@ def run_method(run: Runner, args, method: Method, budget: int, n_prompts: int, f
         curve = []
     elif method.loss == 'ppo-online':
         trained_on, curve = f'{budget} rollouts', metric_curve(directory, 'rewards/score')
+    elif method.loss in STEP_LEVEL:
+        trained_on = f'{budget // args.samples_per_prompt} prompts x {args.samples_per_prompt}, step by step'
+        curve = metric_curve(directory, 'reward_train/mean')
     else:
         trained_on = f'{args.rounds} rounds x {prompts_per_round(args, n_prompts)} prompts x {args.samples_per_prompt}'
         curve = metric_curve(directory, 'reward_eval/mean', 'reward_eval/se')
     return {'method': method.name, 'loss': method.loss, 'trains_on': trained_on, 'train_seconds': train_seconds,
-            'curve': curve, **result}
+            'curve': curve, 'hyperparameters': hyperparameters(args, method), **result}
+
+
+def hyperparameters(args, method: Method) -> str:
+    """The learning rate and the swept coefficient a method trained with (the YAML's when not overridden)."""
+    overrides = dict(o[2:].split('=', 1) for o in method.overrides if o.startswith('++'))
+    coefficient = COEFFICIENTS.get(method.name.rsplit('-', 1)[0] if method.name not in COEFFICIENTS else method.name)
+    shown = f"lr {overrides.get('lr', args.lr)}"
+    if coefficient:
+        shown += f", {coefficient[0].split('.')[-1]} {overrides.get(coefficient[0], 'as in its YAML')}"
+    return shown
+
+
+def grid(method: Method, lrs: Sequence[str]) -> List[Tuple[str, ...]]:
+    """The sweep's configurations of a method: every learning rate x every value of its main coefficient."""
+    coefficient = COEFFICIENTS[method.name]
+    values = coefficient[1] if coefficient else (None,)
+    return [(f'++lr={lr}', *([f'++{coefficient[0]}={value}'] if coefficient else [])) for lr in lrs for value in values]
+
+
+def split_prompts(args) -> Tuple[str, str]:
+    """The train prompts less the last --val-prompts (the sweep trains on them) and those last ones (the sweep's
+    validation split), written into the work directory."""
+    with open(os.path.join(ROOT, args.prompts_train)) as f:
+        lines = [line for line in f if line.strip()]
+    if not 0 < args.val_prompts < len(lines):
+        raise ConfigError(f"--val-prompts {args.val_prompts}: the {len(lines)} train prompts of {args.prompts_train} "
+                          f"leave none to train or validate on")
+    paths = (os.path.join(args.work_dir, 'sweep', 'train_prompts.jsonl'), os.path.join(args.work_dir, 'sweep',
+                                                                                       'val_prompts.jsonl'))
+    os.makedirs(os.path.join(ROOT, args.work_dir, 'sweep'), exist_ok=True)
+    for path, part in zip(paths, (lines[:-args.val_prompts], lines[-args.val_prompts:])):
+        with open(os.path.join(ROOT, path), 'w') as f:
+            f.writelines(part)
+    return paths
+
+
+def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict]) -> Dict[str, dict]:
+    """Every configuration of every method's grid, trained on the train prompts less the validation split and
+    scored on it; per method its trials and the chosen overrides (those of the best validation reward). `done`:
+    an earlier report's sweep, kept with --reuse."""
+    train, val = split_prompts(args)
+    sweep_args = argparse.Namespace(**{**vars(args), 'prompts_train': train, 'prompts_test': val,
+                                       'work_dir': os.path.join(args.work_dir, 'sweep')})
+    feedback = build_feedback(run, sweep_args, sorted({method.feedback for method in methods if method.feedback}))
+    budget, n_prompts, results = count_lines(feedback['samples']), count_lines(train), {}
+    for method in methods:
+        if method.name in done:
+            results[method.name] = done[method.name]
+            continue
+        trials = []
+        for index, overrides in enumerate(grid(method, args.sweep_lrs.split(','))):
+            variant = dataclasses.replace(method, name=f'{method.name}-{index}', overrides=(*method.overrides, *overrides))
+            row = run_method(run, sweep_args, variant, budget, n_prompts, feedback)
+            trials.append({'overrides': list(overrides), 'reward_mean': row['reward_mean'], 'reward_se': row['reward_se'],
+                           'kl': row['kl']})
+        results[method.name] = {'trials': trials, 'chosen': max(trials, key=lambda t: t['reward_mean'])['overrides']}
+    return results
 
 
 def gap_in_se(row: dict, start: dict) -> float:
@@ -309,20 +398,36 @@ def markdown(report: dict) -> str:
              f"Machine: {report['machine']}; {precision(report.get('autocast_dtype'))}." +
              (f" Sampling the budget took {report['sampling_seconds']:.0f} s." if report['sampling_seconds'] else ''),
              '',
-             '| method | trains on | held-out reward ± SE | gain / SE of the difference | KL to start | '
-             'length (words) | train (s) | eval (s) |', '|---|---|---|---|---|---|---|---|',
-             f"| starting model | – | {start['reward_mean']:.3f} ± {start['reward_se']:.3f} | – | 0 | "
+             '| method | trains on | hyperparameters | held-out reward ± SE | gain / SE of the difference | '
+             'KL to start | length (words) | train (s) | eval (s) |', '|---|---|---|---|---|---|---|---|---|',
+             f"| starting model | – | – | {start['reward_mean']:.3f} ± {start['reward_se']:.3f} | – | 0 | "
              f"{start['length_words']:.1f} | – | {start['eval_seconds']:.0f} |"]
     for row in report['methods']:
-        lines.append(f"| {row['method']} (`loss={row['loss']}`) | {row['trains_on']} | {row['reward_mean']:.3f} ± "
-                     f"{row['reward_se']:.3f} | {gap_in_se(row, start):+.1f} | {row['kl']:.2f} | "
-                     f"{row['length_words']:.1f} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
+        lines.append(f"| {row['method']} (`loss={row['loss']}`) | {row['trains_on']} | {row.get('hyperparameters', '')} | "
+                     f"{row['reward_mean']:.3f} ± {row['reward_se']:.3f} | {gap_in_se(row, start):+.1f} | "
+                     f"{row['kl']:.2f} | {row['length_words']:.1f} | {row['train_seconds']:.0f} | "
+                     f"{row['eval_seconds']:.0f} |")
     lines += ['', 'Reward: mean over one sample per held-out prompt (temperature '
               f"{report['temperature']}, at most {report['max_new_tokens']} new tokens). KL: the mean over those "
               'samples of their summed log-ratio log pi(y|x) - log pi_start(y|x). Wall times on this machine.',
-              *[f'Note: {note}' for note in report.get('notes', [])],
+              *[f'Note: {note}' for note in report.get('notes', [])], *sweep_lines(report),
               '', '## Commands', '', '```bash', *report['commands'], '```', '']
     return '\n'.join(lines)
+
+
+def sweep_lines(report: dict) -> List[str]:
+    """The sweep's section: every configuration of every method with its validation reward."""
+    if not report.get('sweep'):
+        return []
+    lines = ['', '## Sweep', '', f"Each configuration trained on the train prompts less the last {report['val_prompts']} "
+             f"and was scored on those {report['val_prompts']} (validation reward ± SE, KL); the best was chosen.", '',
+             '| method | configuration | validation reward ± SE | KL | chosen |', '|---|---|---|---|---|']
+    for method, result in report['sweep'].items():
+        for trial in result['trials']:
+            lines.append(f"| {method} | {' '.join(trial['overrides'])} | {trial['reward_mean']:.3f} ± "
+                         f"{trial['reward_se']:.3f} | {trial['kl']:.2f} | "
+                         f"{'yes' if trial['overrides'] == result['chosen'] else ''} |")
+    return lines
 
 
 def plot(report: dict, reward_path: str, frontier_path: str) -> None:
@@ -385,8 +490,8 @@ def machine() -> str:
 
 
 def report_of(args, start: dict, rows: List[dict], commands: List[str], budget: int, n_prompts: int,
-              sampling_seconds: float, started: float) -> dict:
-    return {'model': args.model, 'load_from': args.load_from, 'prompts_train': args.prompts_train,
+              sampling_seconds: float, started: float, sweep: Dict[str, dict]) -> dict:
+    return {'sweep': sweep, 'val_prompts': args.val_prompts if sweep else None, 'model': args.model, 'load_from': args.load_from, 'prompts_train': args.prompts_train,
             'prompts_test': args.prompts_test, 'reward_function': args.reward_function, 'n_train_prompts': n_prompts,
             'samples_per_prompt': args.samples_per_prompt, 'budget': budget, 'temperature': args.temperature,
             'max_new_tokens': args.max_new_tokens, 'autocast_dtype': args.autocast_dtype, 'machine': machine(),
@@ -447,14 +552,16 @@ def measure(args: argparse.Namespace) -> dict:
     run, started = Runner(), time.time()
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = count_lines(args.prompts_train)
+    chosen = sweep(run, args, methods, earlier.get('sweep', {}) if earlier else {}) if args.sweep else {}
     feedback = build_feedback(run, args, sorted({method.feedback for method in methods if method.feedback}))
     sampling_seconds = earlier['sampling_seconds'] if earlier else time.time() - started
     budget = count_lines(feedback['samples'])
     start = earlier['start'] if earlier else held_out_reward(run, args, start_overrides(args, 'start'))
     rows = []
     for method in methods:  # the report is rewritten after every method: a crash keeps the rows done
-        rows.append(kept.get(method.name) or run_method(run, args, method, budget, n_prompts, feedback))
-        report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started)
+        tuned = dataclasses.replace(method, overrides=(*method.overrides, *chosen.get(method.name, {}).get('chosen', ())))
+        rows.append(kept.get(method.name) or run_method(run, args, tuned, budget, n_prompts, feedback))
+        report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started, chosen)
         stem = write_report(report, args.results_dir, tag)
     print('\n' + markdown(report).split('## Commands')[0])
     print(f'wrote {stem}.md, .json, -reward.png and -frontier.png in {report["wall_seconds"]:.0f} s')

@@ -221,6 +221,10 @@ class DataLoader:
             yield schema.collate(self.tokenize_items(self.local_items(global_batch), global_batch),
                                  self.tokenizer.pad_token_id)
 
+    def batch_of(self, items: List[Tuple]) -> Dict:
+        """A batch of the given items (this process's own, not a slice of a global batch)."""
+        return schema.collate(self.tokenize_items(items, items), self.tokenizer.pad_token_id)
+
     def local_items(self, global_batch: List[Tuple]) -> List[Tuple]:
         """This process's contiguous slice of a global batch (batches hold a multiple of world_size items)."""
         local_size = len(global_batch) // self.world_size

@@ -17,9 +17,11 @@ import trainers
 from halos import checkpoint, lora
 from halos.errors import ConfigError, one_line
 from halos.examples import Formatting
-from halos.labelers import load_reward_function, make_labeler
+from halos.labelers import RewardFunctionLabeler, load_reward_function, make_labeler
 from halos.loop import Humanline, LoopSettings
+from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
+from halos.online_rl import Rollouts
 from halos.sampling import SamplingOptions, halos_sampler
 from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, is_params, missing_keys, typed,
                             unknown_key)
@@ -115,8 +117,12 @@ def check_consistency(run: RunSettings) -> None:
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
+    if online.rounds > 0 and trainer_class.samples_online:
+        raise ConfigError(f"loss={loss.name} samples and trains every step: leave online.rounds=0")
     if online.rounds > 0:
         check_online(run, trainer_class)
+    elif trainer_class.samples_online:
+        check_sampled_online(run)
     elif not run.datasets:
         raise missing_keys_error(['datasets'])
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
@@ -135,13 +141,31 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
     if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
                           f"the samples of a prompt, so it needs at least 2")
+    check_labeler(run, 'online rounds')
+
+
+def check_sampled_online(run: RunSettings) -> None:
+    """A trainer that samples every step (loss=grpo-online and its kin)."""
+    online = run.online
+    if online.samples_per_prompt < 2:
+        raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: loss={run.loss.name} compares the "
+                          f"samples of a prompt, so it needs at least 2")
+    check_labeler(run, f'loss={run.loss.name}')
+
+
+def check_labeler(run: RunSettings, who: str) -> None:
+    """Prompts to sample, and a labeler whose settings are given (a reward function imported: a broken file
+    stops the run before anything loads)."""
+    online = run.online
     if not (online.prompts or run.datasets):
-        raise ConfigError("online rounds need prompts: online.prompts=[file.jsonl] (or datasets=[...])")
+        raise ConfigError(f"{who} need prompts: online.prompts=[file.jsonl] (or datasets=[...])")
     needs = {'function': 'reward_function', 'reward_model': 'reward_model', 'judge': 'judge'}[online.labeler]
     if not getattr(online, needs):
         raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set")
     if online.labeler == 'function':
-        load_reward_function(online.reward_function)  # a broken file stops the run before anything loads
+        load_reward_function(online.reward_function)
+    if online.eval_reward_function:
+        load_reward_function(online.eval_reward_function)
 
 
 def derived(run: RunSettings) -> RunSettings:
@@ -161,7 +185,8 @@ def loop_settings(run: RunSettings) -> LoopSettings:
                         do_first_eval=run.do_first_eval, minimum_log_interval_secs=run.minimum_log_interval_secs,
                         keep_intermediate_checkpoints=run.intermediate_checkpoints and not run.debug,
                         cache_reference_logprobs=run.cache_reference_logprobs, sampling=sampling_options(run),
-                        formatting=formatting(run), use_chat_template=run.use_chat_template)
+                        formatting=formatting(run), use_chat_template=run.use_chat_template,
+                        checkpoint_minutes=run.checkpoint_minutes)
 
 
 def sampling_options(run: RunSettings) -> SamplingOptions:
@@ -241,12 +266,33 @@ def build_trainer(run: RunSettings):
     start_process(run.seed, run.retain_freed_memory)
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     tokenizer = models.load_tokenizer(run.model.tokenizer_name_or_path or run.model.name_or_path, control_tokens(run))
-    online = run.online.rounds > 0
-    train_loader = None if online else build_loader(run, tokenizer, 'train')  # data errors surface before models
-    eval_loader = None if online else build_loader(run, tokenizer, 'test')
+    online, sampled = run.online.rounds > 0, trainer_class.samples_online
+    prompts = run.online.prompts or run.datasets
+    train_prompts, held_out_prompts = (prompts, run.online.eval_prompts or prompts) if sampled else (None, None)
+    train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
+    eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
+    extra = {'rollouts': build_rollouts(run)} if sampled else {}
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
-                         reference_model, rank=get_rank(), world_size=get_world_size())
+                         reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
+
+
+def build_rollouts(run: RunSettings) -> Rollouts:
+    """What a trainer that samples every step needs: k, the labelers of its samples and held-out samples, and
+    the monitors' settings."""
+    labeler = build_labeler(run, os.path.join(run.local_run_dir, 'judgments.jsonl'))
+    return Rollouts(run.online.samples_per_prompt, labeler, held_out_labeler(run, labeler), monitor_settings(run))
+
+
+def held_out_labeler(run: RunSettings, labeler):
+    """online.eval_reward_function (a gold reward for the held-out samples), else the labeler."""
+    return RewardFunctionLabeler(run.online.eval_reward_function) if run.online.eval_reward_function else labeler
+
+
+def monitor_settings(run: RunSettings) -> MonitorSettings:
+    online = run.online
+    return MonitorSettings(online.monitor_window, online.max_length_growth, online.max_repetition,
+                           online.stop_on_hacking)
 
 
 def build_labeler(run: RunSettings, cache_path: str):
@@ -268,7 +314,8 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
     make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, sampling_options(run))
-    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, make_sampler, labeler)
+    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, make_sampler, labeler,
+                        held_out_labeler(run, labeler), HackingMonitor(monitor_settings(run)))
 
 
 def load_run_tokenizer(run: RunSettings):

@@ -61,6 +61,7 @@ class LoopSettings:
     sampling: SamplingOptions     # for trainers that sample (online PPO)
     formatting: Formatting        # how prompts were rendered (a reward model's export records it)
     use_chat_template: bool
+    checkpoint_minutes: Optional[float] = None  # also checkpoint when this long passed since the last one
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,7 @@ class BasicTrainer:
     prefixes: Tuple[str, ...] = (schema.TARGET,)  # the sequence kinds of a batch that go through the models
     average_log_prob = False    # loss() gets per-token mean log-probs instead of sums (SimPO, ORPO)
     reference_logps_cacheable = True  # cache_reference_logprobs may replace the reference (summed log-probs)
+    samples_online = False      # samples and scores its own completions every step (halos/online_rl.py)
     lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 
@@ -133,6 +135,7 @@ class BasicTrainer:
         self.batch_counter = 0     # optimizer steps taken
         self.batches_seen = 0      # global microbatches consumed: the data position
         self.grad_norm = float('nan')
+        self.last_checkpoint_time = time.time()
         self.last_eval_metrics: Dict[str, float] = {}
         self.train_metrics = MetricAccumulator()
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
@@ -316,9 +319,19 @@ class BasicTrainer:
             if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
                 self.log_train_metrics(examples_per_second)
                 last_log = time.time()
+            if self.checkpoint_due():
+                self.save_checkpoint()
         if self.train_metrics.counts:
             self.log_train_metrics(None)
         progress.close()
+
+    def checkpoint_due(self) -> bool:
+        """checkpoint_minutes have passed since the last checkpoint (on some rank: all ranks save together)."""
+        minutes = self.settings.checkpoint_minutes
+        if minutes is None:
+            return False
+        due = time.time() - self.last_checkpoint_time >= 60 * minutes
+        return all_reduce_sum(torch.tensor(float(due))).item() > 0
 
     def optimizer_step(self) -> None:
         self.grad_norm = self.clip_gradient()
@@ -409,6 +422,7 @@ class BasicTrainer:
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints; LATEST/hf when final), atomically."""
+        self.last_checkpoint_time = time.time()
         policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
         reference_state = self.full_state_dict(self.reference_model) if self.reference_moves else None
         if on_rank0():

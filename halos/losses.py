@@ -230,25 +230,80 @@ def bradley_terry_loss(chosen_scores, rejected_scores, margin: float = 0.0):
 
 # ---------------------------------------------------------------- GRPO
 
-def group_advantages(scores: torch.Tensor, group_ids: List, eps: float = 0.01, unbiased: bool = False) -> torch.Tensor:
+def groups_of(group_ids: List) -> List[List[int]]:
+    """The indices of each group, in order of first appearance."""
+    members: Dict = {}
+    for index, group in enumerate(group_ids):
+        members.setdefault(group, []).append(index)
+    return list(members.values())
+
+
+def group_advantages(scores: torch.Tensor, group_ids: List, eps: float = 0.01, unbiased: bool = False,
+                     scale: bool = True) -> torch.Tensor:
     """GRPO's advantage of each completion within its group g (the completions of one prompt):
 
-        A_i = (s_i - mean_g s) / (std_g s + eps)
+        A_i = (s_i - mean_g s) / (std_g s + eps)          (scale=False, Dr. GRPO: A_i = s_i - mean_g s)
 
     with the population std (HALOs-2025) or the unbiased one (TRL). A group of one, or whose scores are all
     equal, gets A = 0. scores: [N]; group_ids: N hashable ids.
     """
     advantages = torch.zeros_like(scores, dtype=torch.float64)
-    members: Dict = {}
-    for index, group in enumerate(group_ids):
-        members.setdefault(group, []).append(index)
-    for indices in members.values():
+    for indices in groups_of(group_ids):
         group_scores = scores[indices].double()
         if len(indices) < 2 or bool((group_scores == group_scores[0]).all()):
             continue
-        std = group_scores.std(unbiased=unbiased)
-        advantages[indices] = (group_scores - group_scores.mean()) / (std + eps)
+        centred = group_scores - group_scores.mean()
+        advantages[indices] = centred / (group_scores.std(unbiased=unbiased) + eps) if scale else centred
     return advantages.to(scores.dtype)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: List) -> torch.Tensor:
+    """RLOO (Kool et al. 2019; Ahmadian et al. 2024): each completion's baseline is the mean score of the
+    other completions of its prompt,
+
+        A_i = s_i - (sum_{j in g} s_j - s_i) / (|g| - 1)  =  |g| / (|g| - 1) (s_i - mean_g s)
+
+    A group of one gets A = 0. scores: [N] (the KL penalty already in them, as TRL's RLOO has it)."""
+    advantages = torch.zeros_like(scores, dtype=torch.float64)
+    for indices in groups_of(group_ids):
+        if len(indices) > 1:
+            group_scores = scores[indices].double()
+            advantages[indices] = group_scores - (group_scores.sum() - group_scores) / (len(indices) - 1)
+    return advantages.to(scores.dtype)
+
+
+def reinforce_pp_returns(scores: torch.Tensor, token_kl: torch.Tensor, mask: torch.Tensor, beta: float) -> torch.Tensor:
+    """REINFORCE++ (Hu et al. 2025) per-token returns before their normalisation over the global batch, with the
+    KL penalty in the reward and gamma = 1, inputs [rows, T] (scores [rows]):
+
+        r_t = -beta KL_t (+ s on the last completion token),   G_t = sum_{u >= t} r_u
+
+    KL_t = log pi_old(y_t) - log pi_ref(y_t) (k1). The advantage is G normalised over every completion token
+    of the step (whiten_advantages)."""
+    last = mask.cumsum(1).argmax(1)
+    rewards = -beta * token_kl * mask
+    rewards[torch.arange(len(scores)), last] += scores.to(rewards.dtype)
+    return rewards.flip(1).cumsum(1).flip(1) * mask
+
+
+def sequence_clipped_losses(log_ratios: torch.Tensor, mask: torch.Tensor, advantages: torch.Tensor, epsilon: float,
+                            epsilon_high: float, length_normalised: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+    """The clipped surrogate on a sequence-level importance ratio, inputs [rows, T] (advantages [rows]):
+
+        GSPO (Zheng et al. 2025; length_normalised):  s_i = exp(mean_t (log pi_t - log pi_old_t))
+        RLOO (TRL's RLOOTrainer):                      s_i = exp(sum_t (log pi_t - log pi_old_t))
+        L_i = -min(s_i A_i, clip(s_i, 1 - epsilon, 1 + epsilon_high) A_i)
+
+    Returns L_i on each of row i's tokens [rows, T] (a `grpo` reduction is then the mean over sequences, a
+    token mean weighs each sequence by its length, as TRL does) and, per token, whether the clipped term won."""
+    summed = (log_ratios * mask).sum(1)
+    log_ratio = summed / mask.sum(1).clamp(min=1) if length_normalised else summed
+    ratio = torch.exp(log_ratio)
+    unclipped = advantages * ratio
+    clipped = advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)
+    losses = -torch.min(unclipped, clipped)
+    on_tokens = lambda values: values.unsqueeze(1).expand_as(mask) * mask
+    return on_tokens(losses), {'clipped': on_tokens((clipped < unclipped).float()).detach()}
 
 
 def grpo_token_losses(log_ratios, reference_log_ratios, advantages, epsilon: float, epsilon_high: float,
@@ -259,9 +314,10 @@ def grpo_token_losses(log_ratios, reference_log_ratios, advantages, epsilon: flo
         L_t = -min(A rho_t, A clip(rho_t, 1 - epsilon, 1 + epsilon_high)) + beta KL_t
         KL_t = exp(log pi_ref_t - log pi_t) - (log pi_ref_t - log pi_t) - 1      (the k3 estimator;
                                                                                    reference_log_ratios = log pi_ref - log pi)
-    Returns L [rows, T] and, detached, the per-token KL and whether the clipped term was taken.
+    Advantages may also be per token [rows, T] (REINFORCE++). Returns L [rows, T] and, detached, the per-token KL
+    and whether the clipped term was taken.
     """
-    advantages = advantages.unsqueeze(1)
+    advantages = advantages.unsqueeze(1) if advantages.dim() == 1 else advantages
     ratio = torch.exp(log_ratios)
     unclipped = advantages * ratio
     clipped = advantages * torch.clamp(ratio, 1 - epsilon, 1 + epsilon_high)

@@ -1,10 +1,13 @@
 """Online alignment in one process: every round samples k completions per prompt from the current policy,
-labels them, writes them as a feedback file and trains on it, then checkpoints.
+labels them, writes them as a feedback file and trains on it; then the held-out reward is measured and the
+monitors (halos/monitors.py) see it, and then the round's checkpoint is written (so with
+online.stop_on_hacking a policy the monitors stop is never saved).
 
     <run_dir>/rounds/<r>/samples.jsonl     HALOs sample records (written atomically)
     <run_dir>/rounds/<r>/feedback.jsonl    the round's feedback, in the format datasets=[file] reads
     <run_dir>/rounds/judgments.jsonl       the LLM judge's cache, when the labeler is a judge
-    <run_dir>/rounds/reward_per_round.png  the held-out reward per round (with online.eval_prompts)
+    <run_dir>/rounds/reward_per_round.png  per round: the held-out reward (with online.eval_prompts), the
+                                           training samples' reward, the held-out length
 
 Round r takes the r-th block of prompts_per_round prompts of a seeded permutation of the pool, so blocks
 never overlap until the pool is used up (then a fresh permutation starts). The files are the resumable
@@ -15,21 +18,22 @@ With reference=previous the reference model is set to the policy at the start of
 are then part of every checkpoint, so a resumed round keeps its reference).
 """
 import json
-import math
 import os
 import random
 import statistics
-from typing import Callable, Dict, List, Optional, Sequence, TypeVar
+from typing import Callable, Dict, List, Optional, TypeVar
 
 import torch
 
+from halos import checkpoint
 from halos.errors import DataError, UserError
 from halos.feedback import read_json_records, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
+from halos.monitors import HackingMonitor, Observation, repeated_ngram_share, reward_summary, sample_stats
 from halos.sampling import Sampler, sample_records
 from halos.settings import OnlineSettings
-from utils import barrier, get_world_size, is_distributed, on_rank0, rank0_print
+from utils import all_gather_list, barrier, is_distributed, on_rank0, rank0_print
 
 T = TypeVar('T')
 
@@ -43,28 +47,27 @@ def round_block(pool_size: int, prompts_per_round: int, round_index: int, seed: 
     return order[block * prompts_per_round:(block + 1) * prompts_per_round]
 
 
-def reward_summary(rewards: Sequence[float]) -> Dict[str, float]:
-    """Mean, standard error and n of held-out rewards."""
-    n = len(rewards)
-    mean = statistics.fmean(rewards) if n else float('nan')
-    se = statistics.stdev(rewards) / math.sqrt(n) if n > 1 else float('nan')
-    return {'mean': mean, 'se': se, 'n': n}
-
-
-def plot_reward_per_round(metrics_path: str, out_path: str) -> None:
-    """The held-out reward (mean +- SE) per round, from every evaluation logged in metrics.jsonl (a round
-    evaluated again after a resume counts once, with its last value)."""
+def plot_rounds(metrics_path: str, out_path: str) -> None:
+    """Per round, from metrics.jsonl (a round evaluated again after a resume counts once, with its last value):
+    the held-out reward (mean +- SE), the mean reward of the round's training samples, and the held-out
+    completions' length."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     with open(metrics_path) as f:
-        by_round = {r['round']: r for r in map(json.loads, f) if 'reward_eval/mean' in r}
-    rounds = sorted(by_round)
-    figure, axes = plt.subplots(figsize=(5, 3.5))
-    axes.errorbar(rounds, [by_round[r]['reward_eval/mean'] for r in rounds],
-                  yerr=[by_round[r]['reward_eval/se'] for r in rounds], marker='o', capsize=3)
-    axes.set(xlabel='rounds trained', ylabel='held-out reward (mean ± SE)', xticks=rounds,
-             title='held-out reward per round')
+        records = [json.loads(line) for line in f]
+    evaluated = {r['round']: r for r in records if 'reward_eval/mean' in r}
+    sampled = {r['round']: r['reward_train/mean'] for r in records if 'reward_train/mean' in r and 'round' in r}
+    rounds = sorted(evaluated)
+    figure, (reward, training, length) = plt.subplots(1, 3, figsize=(12, 3.5))
+    reward.errorbar(rounds, [evaluated[r]['reward_eval/mean'] for r in rounds],
+                    yerr=[evaluated[r]['reward_eval/se'] for r in rounds], marker='o', capsize=3)
+    reward.set(xlabel='rounds trained', ylabel='held-out reward (mean ± SE)', xticks=rounds, title='held-out reward')
+    training.plot(sorted(sampled), [sampled[r] for r in sorted(sampled)], marker='o', color='tab:orange')
+    training.set(xlabel='round', ylabel='mean reward of its samples', title="the training samples' reward")
+    length.plot(rounds, [evaluated[r]['reward_eval/length'] for r in rounds], marker='o', color='tab:green')
+    length.set(xlabel='rounds trained', ylabel='held-out completion length (words)', xticks=rounds,
+               title='length')
     figure.tight_layout()
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     figure.savefig(out_path, dpi=120)
@@ -90,27 +93,20 @@ def on_rank0_for_all(work: Callable[[], T]) -> Optional[T]:
     return result
 
 
-def gathered(records: List[Dict]) -> List[Dict]:
-    """Every rank's records, in rank order (the records themselves in one process)."""
-    if not is_distributed():
-        return records
-    parts = [None] * get_world_size()
-    torch.distributed.all_gather_object(parts, records)
-    return [record for part in parts for record in part]
-
-
 class OnlineRounds:
     """The round loop around a trainer. `prompt_loader` is a PromptDataLoader over the pool,
     `held_out` one over the held-out prompts (or None); `make_loaders(feedback_path)` gives the round's
     (train, eval) loaders; `labeler` scores (prompts, completions)."""
 
     def __init__(self, trainer, settings: OnlineSettings, seed: int, prompt_loader, held_out, make_loaders: Callable,
-                 make_sampler: Callable[[], Sampler], labeler):
+                 make_sampler: Callable[[], Sampler], labeler, held_out_labeler, monitor: HackingMonitor):
         self.trainer, self.settings, self.seed = trainer, settings, seed
         self.prompt_loader, self.held_out, self.make_loaders = prompt_loader, held_out, make_loaders
-        self.make_sampler, self.labeler = make_sampler, labeler
+        self.make_sampler, self.labeler, self.held_out_labeler, self.monitor = make_sampler, labeler, held_out_labeler, \
+            monitor
         self.pool = list(prompt_loader.items)
         self.rounds_dir = os.path.join(trainer.run_dir, 'rounds')
+        self.metrics_path = os.path.join(trainer.run_dir, 'metrics.jsonl')
         trainer.reference_moves = trainer.reference_moves or settings.reference == 'previous'
 
     def path(self, round_index: int, name: str) -> str:
@@ -124,7 +120,7 @@ class OnlineRounds:
             torch.manual_seed(seed)
             records = sample_records(self.make_sampler(), loader, k, generator)
         self.trainer.policy.train()
-        return gathered(records)
+        return all_gather_list(records)
 
     def round_samples(self, round_index: int) -> List[Dict]:
         """The round's samples: read back if on disk, else sampled and written."""
@@ -167,16 +163,22 @@ class OnlineRounds:
             raise DataError(f"round {round_index}: {reason}; sample more per prompt, change online.feedback or "
                             f"online.threshold, or delete {self.path(round_index, '')} to sample the round again")
         write_jsonl(path, records)
+        stats = sample_stats([s['reward'] for s in labelled], [s['prompt_id'] for s in labelled],
+                             [s['output'].split() for s in labelled], [s.get('finished', True) for s in labelled])
         self.trainer.log({'round': round_index, 'round/samples': len(samples), 'round/feedback_records': len(records),
-                          **{f'round/{k}': v for k, v in counts.items()}})
+                          **{f'round/{k}': v for k, v in counts.items()},
+                          **{name.replace('/', '_train/', 1): value for name, value in stats.items()}})
 
-    def evaluated_rounds(self) -> List[int]:
-        """The rounds whose held-out reward metrics.jsonl holds."""
-        path = os.path.join(self.trainer.run_dir, 'metrics.jsonl')
-        if not os.path.exists(path):
-            return []
-        with open(path) as f:
-            return [record['round'] for record in map(json.loads, f) if 'reward_eval/mean' in record]
+    def logged(self) -> Dict[int, Dict]:
+        """The last record of each round in metrics.jsonl that has a held-out reward or a training reward,
+        merged by round."""
+        merged: Dict[int, Dict] = {}
+        if os.path.exists(self.metrics_path):
+            with open(self.metrics_path) as f:
+                for record in map(json.loads, f):
+                    if 'round' in record:
+                        merged.setdefault(record['round'], {}).update(record)
+        return merged
 
     def evaluate_reward(self, round_index: int) -> Optional[Dict[str, float]]:
         """Held-out reward after `round_index` rounds (one sample per held-out prompt), logged."""
@@ -187,26 +189,42 @@ class OnlineRounds:
         return on_rank0_for_all(lambda: self.score_held_out(round_index, samples))
 
     def score_held_out(self, round_index: int, samples: List[Dict]) -> Dict[str, float]:
-        scores = checked_scores(self.labeler, [s['prompt'] for s in samples], [s['output'] for s in samples],
+        """The held-out reward, logged and plotted; the monitors see it (with stop_on_hacking they may stop the
+        run here, before the round's checkpoint is written)."""
+        scores = checked_scores(self.held_out_labeler, [s['prompt'] for s in samples], [s['output'] for s in samples],
                                 [f'held-out {sample_name(s)}' for s in samples])
         rewards = [r for r in scores if r is not None]
-        scored_enough(len(rewards), len(samples), self.settings.min_scored, self.labeler,
+        scored_enough(len(rewards), len(samples), self.settings.min_scored, self.held_out_labeler,
                       f'the held-out reward after {round_index} rounds')
-        summary = reward_summary(rewards)
-        self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
-                          'reward_eval/n': summary['n'],
-                          'reward_eval/length': statistics.fmean(len(s['output'].split()) for s in samples)})
+        summary, words = reward_summary(rewards), [s['output'].split() for s in samples]
+        trained_on = self.logged().get(round_index - 1, {})
+        observation = Observation(f'round {round_index}', trained_on.get('reward_train/mean', float('nan')),
+                                  summary['mean'], summary['se'], statistics.fmean(map(len, words)),
+                                  statistics.fmean(map(repeated_ngram_share, words)))
         rank0_print(f"held-out reward after {round_index} rounds: {summary['mean']:.4f} +- {summary['se']:.4f} "
                     f"(n={summary['n']})")
-        plot_reward_per_round(os.path.join(self.trainer.run_dir, 'metrics.jsonl'),
-                              os.path.join(self.rounds_dir, 'reward_per_round.png'))
+        self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
+                          'reward_eval/n': summary['n'], 'reward_eval/length': observation.length,
+                          'reward_eval/repetition': observation.repetition,
+                          **self.monitor.observe(observation, os.path.join(self.trainer.run_dir, checkpoint.LATEST))})
+        plot_rounds(self.metrics_path, os.path.join(self.rounds_dir, 'reward_per_round.png'))
         return summary
+
+    def restore_monitor(self) -> None:
+        """A resumed run's monitor sees again what the evaluations up to its checkpoint saw."""
+        logged = self.logged()
+        self.monitor.load_state_dict([
+            {'where': f'round {r}', 'train_reward': logged.get(r - 1, {}).get('reward_train/mean', float('nan')),
+             'held_out': logged[r]['reward_eval/mean'], 'held_out_se': logged[r]['reward_eval/se'],
+             'length': logged[r]['reward_eval/length'], 'repetition': logged[r].get('reward_eval/repetition', 0.0)}
+            for r in sorted(logged) if r <= self.trainer.completed_rounds and 'reward_eval/mean' in logged[r]])
 
     def run(self) -> None:
         trainer = self.trainer
-        done = trainer.completed_rounds
-        if trainer.batches_seen == 0 and (done == 0 or done not in self.evaluated_rounds()):
-            self.evaluate_reward(done)  # before round 1, or after the last round a stopped run trained
+        if trainer.completed_rounds == 0 and trainer.batches_seen == 0:
+            self.evaluate_reward(0)
+        else:
+            self.restore_monitor()
         for round_index in range(trainer.completed_rounds, self.settings.rounds):
             feedback = self.round_feedback(round_index)
             if self.settings.reference == 'previous' and trainer.batches_seen == 0:
@@ -214,5 +232,5 @@ class OnlineRounds:
             trainer.set_data(*self.make_loaders(feedback))
             trainer.train()
             trainer.completed_rounds, trainer.batches_seen = round_index + 1, 0
+            self.evaluate_reward(round_index + 1)  # before the checkpoint: a policy the monitors stop is not saved
             trainer.save_checkpoint()
-            self.evaluate_reward(round_index + 1)

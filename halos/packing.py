@@ -151,8 +151,17 @@ def label_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return logits.gather(1, targets.unsqueeze(1)).squeeze(1) - torch.logsumexp(logits, dim=-1)
 
 
+@torch.no_grad()
+def entropies(logits: torch.Tensor, log_normalisers: torch.Tensor) -> torch.Tensor:
+    """[K, V] logits and their [K] logsumexp -> [K] entropies of the next-token distributions,
+    H = logsumexp(z) - sum_v softmax(z)_v z_v (a monitor: no gradient; one exp over the logits, in place)."""
+    logits = logits.float()
+    weighted = (logits - log_normalisers.unsqueeze(1)).exp_().mul_(logits)
+    return log_normalisers - weighted.sum(-1)
+
+
 def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                              labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                              labels: torch.Tensor, entropy: bool = False) -> Tuple:
     """completion_token_logps with every prompt computed once (`share_prompt_rows`); the LM head runs once
     at each predicting position, a prompt's last position serving all its completions."""
     shared = share_prompt_rows(input_ids, attention_mask, labels)
@@ -165,7 +174,8 @@ def shared_prompt_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, a
     log_normalisers = torch.logsumexp(logits.float(), dim=-1)           # once per kept position
     predicting = kept_index[shared.predictor]                           # [K]
     token_logps = logits[predicting, shared.targets].float() - log_normalisers[predicting]
-    return token_logps, shared.rows, shared.positions
+    token_entropies = entropies(logits, log_normalisers)[predicting] if entropy else None
+    return token_logps, shared.rows, shared.positions, token_entropies
 
 
 def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
@@ -193,17 +203,19 @@ def classifier_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention
 
 
 def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                           labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False):
+                           labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False,
+                           entropy: bool = False):
     """The log-prob of every label token of right-padded [B, T] rows under `model`, in fp32.
 
     The LM head runs only at the K positions that predict a label (transformers' boolean
     `logits_to_keep`), so no [B, T, V] logits tensor exists: prompt and padding positions cost no
     vocabulary projection. With `padding_free` the rows are first packed (`pack_rows`); with
     `share_prompts` rows of one prompt share it (`shared_prompt_token_logps`).
-    Returns (token log-probs [K], their row [K], their predicting position t in the row [K]).
+    Returns (token log-probs [K], their row [K], their predicting position t in the row [K], and with `entropy`
+    the entropy of each predicting position's distribution [K], else None).
     """
     if share_prompts:
-        return shared_prompt_token_logps(model, input_ids, attention_mask, labels)
+        return shared_prompt_token_logps(model, input_ids, attention_mask, labels, entropy)
     predicts_label = torch.zeros_like(attention_mask, dtype=torch.bool)
     predicts_label[:, :-1] = labels[:, 1:] != IGNORE_INDEX            # position t predicts token t+1
     next_labels = torch.roll(labels, -1, dims=1)                      # [B, T]: the token each position predicts
@@ -219,23 +231,30 @@ def completion_token_logps(model: torch.nn.Module, input_ids: torch.Tensor, atte
     else:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=predicts_label,
                        use_cache=False).logits
-    logits = logits.reshape(-1, logits.shape[-1])                     # [K, V], row by row
-    return label_logps(logits, next_labels[predicts_label]), rows[predicts_label], positions[predicts_label]
+    logits = logits.reshape(-1, logits.shape[-1]).float()            # [K, V], row by row
+    log_normalisers = torch.logsumexp(logits, dim=-1)
+    token_logps = logits.gather(1, next_labels[predicts_label].unsqueeze(1)).squeeze(1) - log_normalisers
+    return (token_logps, rows[predicts_label], positions[predicts_label],
+            entropies(logits, log_normalisers) if entropy else None)
 
 
 def sequence_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False) -> torch.Tensor:
     """Summed log-probs of each row's label tokens under `model`: [B, T] right-padded rows -> [B], in fp32
     (see completion_token_logps)."""
-    token_logps, rows, _ = completion_token_logps(model, input_ids, attention_mask, labels, padding_free, share_prompts)
+    token_logps, rows, _, _ = completion_token_logps(model, input_ids, attention_mask, labels, padding_free,
+                                                     share_prompts)
     return torch.zeros(len(labels), device=token_logps.device).index_add(0, rows, token_logps)
 
 
 def token_level_logps(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False) -> torch.Tensor:
+                      labels: torch.Tensor, padding_free: bool = True, share_prompts: bool = False,
+                      entropy: bool = False):
     """Per-token log-probs [B, T-1] (position t: the log-prob of token t+1; 0 where it is not a label), computed
-    like sequence_logps (completion-only LM head, packed rows, shared prompts)."""
-    token_logps, rows, positions = completion_token_logps(model, input_ids, attention_mask, labels, padding_free,
-                                                          share_prompts)
-    result = torch.zeros(labels.shape[0], labels.shape[1] - 1, device=token_logps.device, dtype=token_logps.dtype)
-    return result.index_put((rows, positions), token_logps)
+    like sequence_logps (completion-only LM head, packed rows, shared prompts); with `entropy` also the entropy
+    [B, T-1] of each of those next-token distributions (no gradient)."""
+    token_logps, rows, positions, token_entropies = completion_token_logps(
+        model, input_ids, attention_mask, labels, padding_free, share_prompts, entropy)
+    placed = lambda values: torch.zeros(labels.shape[0], labels.shape[1] - 1, device=values.device,
+                                        dtype=values.dtype).index_put((rows, positions), values)
+    return (placed(token_logps), placed(token_entropies)) if entropy else placed(token_logps)

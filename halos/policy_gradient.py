@@ -1,12 +1,13 @@
-"""The machinery of group policy gradients (GRPO and its kin): per-token log-probs of the policy, the old
-policy and the reference, advantages over each prompt's group of completions, and the reduction of the
-per-token losses over a microbatch or a whole optimizer step.
+"""The machinery of group policy gradients on scored data (GRPO in its HALOs-2025 form): per-token log-probs
+of the policy and of the reference (the old policy), advantages over each prompt's group of completions, and
+the reduction of the per-token losses over a microbatch or a whole optimizer step (`PolicyGradientTrainer`,
+which the step-level online trainers of halos/online_rl.py share).
 
 A trainer on it (trainers.py) gives the advantages of a microbatch's scores (`advantages`) and the per-token
-loss (`loss`); its Params carry `GroupTrainer.Params` (the reduction) and its own coefficients.
+loss (`loss`); its Params carry `Reduction` and its own coefficients.
 """
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
@@ -18,23 +19,49 @@ from halos.settings import at_least, one_of, setting
 from utils import all_reduce_mean, all_reduce_sum
 
 
-class GroupTrainer(BasicTrainer):
-    """Scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole within a
-    global microbatch); the reference model is the old policy."""
+@dataclass(frozen=True)
+class Reduction:
+    """The Params block of how per-token losses are reduced to a loss."""
+    loss_type: str = setting('halos', 'the reduction of the per-token losses (see losses.grpo_loss)',
+                             one_of(*GRPO_LOSS_TYPES))
+    max_completion_length: Optional[int] = setting(None, "dr_grpo's constant length (null: max_length - "
+                                                         "max_prompt_length)", at_least(1))
+
+
+class PolicyGradientTrainer(BasicTrainer):
+    """Per-token policy-gradient losses reduced by loss.loss_type (halos, grpo, dr_grpo, dapo)."""
     abstract = True
     reference_logps_cacheable = False  # its per-token log-probs are read
-
-    @dataclass(frozen=True)
-    class Params(Humanline):
-        loss_type: str = setting('halos', 'the reduction of the per-token losses (see losses.grpo_loss)',
-                                 one_of(*GRPO_LOSS_TYPES))
-        max_completion_length: Optional[int] = setting(None, "dr_grpo's constant length (null: max_length - "
-                                                             "max_prompt_length)", at_least(1))
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.settings.model
         self.max_completion_length = self.params.max_completion_length or model.max_length - model.max_prompt_length
+
+    def reduced(self, token_losses: torch.Tensor, mask: torch.Tensor, weights: torch.Tensor,
+                n_step_tokens: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The loss of one microbatch's [rows, T-1] per-token losses (dapo: its share of the step's token mean)."""
+        loss_type = self.params.loss_type
+        n_tokens = n_step_tokens if loss_type == 'dapo' and n_step_tokens is not None else \
+            all_reduce_mean((mask * weights.unsqueeze(1)).sum())
+        return grpo_loss(token_losses, mask, loss_type, n_tokens, all_reduce_mean(weights.sum()),
+                         self.max_completion_length, weights)
+
+    def step_tokens(self, masks: List[torch.Tensor], weights: List[torch.Tensor]) -> torch.Tensor:
+        """The weighted completion tokens of an optimizer step's microbatches on every rank, per microbatch and
+        rank: dapo's token mean over the whole step."""
+        local = sum(float((mask * weight.unsqueeze(1)).sum()) for mask, weight in zip(masks, weights))
+        return (all_reduce_sum(torch.tensor(local)) / (len(masks) * self.world_size)).to(self.device)
+
+
+class GroupTrainer(PolicyGradientTrainer):
+    """Scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole within a
+    global microbatch); the reference model is the old policy."""
+    abstract = True
+
+    @dataclass(frozen=True)
+    class Params(Humanline, Reduction):
+        pass
 
     def advantages(self, scores: torch.Tensor, prompt_ids) -> Tuple[torch.Tensor, torch.Tensor]:
         """[rows] scores -> ([rows] advantages, [rows] whether the row's group is degenerate)."""
@@ -61,12 +88,7 @@ class GroupTrainer(BasicTrainer):
         if self.humanline:
             log_ratios, inside = humanline_logratios(policy_logps, reference_logps, mask, *self.humanline_band)
         token_losses, stats = self.loss(log_ratios, reference_logps - policy_logps, advantages)
-        weights = batch[schema.WEIGHT].to(self.device)
-        loss_type = self.params.loss_type
-        n_tokens = n_step_tokens if loss_type == 'dapo' and n_step_tokens else \
-            all_reduce_mean((mask * weights.unsqueeze(1)).sum())
-        loss = grpo_loss(token_losses, mask, loss_type, n_tokens, all_reduce_mean(weights.sum()),
-                         self.max_completion_length, weights)
+        loss = self.reduced(token_losses, mask, batch[schema.WEIGHT].to(self.device), n_step_tokens)
         token_mean = lambda values: (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         metrics = {f'loss/{mode}': loss.detach().reshape(1), f'rewards_{mode}/scores': scores,
                    f'rewards_{mode}/advantages': advantages, f'rewards_{mode}/KL': token_mean(stats['KL']),
@@ -81,11 +103,10 @@ class GroupTrainer(BasicTrainer):
 
     def train_step(self, microbatches):
         """One optimizer step; for dapo the token mean runs over every microbatch of the step on every rank."""
-        local_tokens = sum(float((rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)])
-                                  * batch[schema.WEIGHT].unsqueeze(1)).sum()) for batch in microbatches)
-        step_tokens = all_reduce_sum(torch.tensor(float(local_tokens))) / (len(microbatches) * self.world_size)
+        step_tokens = self.step_tokens([rl.completion_mask(batch[schema.key(schema.TARGET, schema.LABELS)])
+                                        for batch in microbatches], [batch[schema.WEIGHT] for batch in microbatches])
         for batch in microbatches:
-            loss, metrics = self.group_metrics(batch, 'train', step_tokens.to(self.device))
+            loss, metrics = self.group_metrics(batch, 'train', step_tokens)
             self.accumulate(loss, metrics, batch[schema.PROMPT_TEXT][0], len(microbatches))
         self.optimizer_step()
         return loss.item()

@@ -62,9 +62,16 @@ def rollout_sequences(prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, compl
                       pad_token_id: int) -> Sequences:
     """[B, P] left-padded prompts and each one's sampled completion tokens -> prompt + completion rows,
     right-padded, labelled on the completion only."""
+    return rollout_sequences_of([ids[mask.bool()] for ids, mask in zip(prompt_ids, prompt_mask)], completions,
+                                pad_token_id)
+
+
+def rollout_sequences_of(prompts: List[torch.Tensor], completions: List[List[int]], pad_token_id: int) -> Sequences:
+    """Each prompt's tokens (unpadded) and its sampled completion tokens -> prompt + completion rows,
+    right-padded, labelled on the completion only."""
     rows, labels = [], []
-    for ids, mask, completion in zip(prompt_ids, prompt_mask, completions):
-        prompt = ids[mask.bool()].tolist()
+    for prompt, completion in zip(prompts, completions):
+        prompt = prompt.tolist()
         rows.append(prompt + completion)
         labels.append([IGNORE_INDEX] * len(prompt) + completion)
     length = max(len(row) for row in rows)

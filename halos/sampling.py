@@ -41,6 +41,7 @@ class Sample:
     finished: bool       # it ended with EOS (else it ran out of length)
     logp: Optional[float] = None  # log pi(completion | prompt) at temperature 1 from the decoding forwards
                                   # (None where the sampler does not record it, as with vLLM)
+    token_logps: Optional[List[float]] = None  # log pi(token | prefix) of each of token_ids, likewise
 
 
 Sampler = Callable[[Dict, int], List[List[Sample]]]  # (batch, k) -> k samples per prompt
@@ -212,9 +213,10 @@ def samples_from_tokens(decoded: Decoded, tokenizer, k: int) -> List[List[Sample
     """Decoded rows (pad after EOS) -> k Samples per prompt."""
     eos = tokenizer.eos_token_id
     samples = []
-    for row, logps in zip(decoded.tokens.tolist(), decoded.token_logps.sum(-1).tolist()):
+    for row, logps in zip(decoded.tokens.tolist(), decoded.token_logps.tolist()):
         ids = row[:row.index(eos) + 1] if eos in row else row
-        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row, logps))
+        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row, sum(logps),
+                              logps[:len(ids)]))
     return [samples[i:i + k] for i in range(0, len(samples), k)]
 
 
@@ -263,7 +265,7 @@ def make_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sam
 def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optional[int] = None) -> List[Dict]:
     """k samples of every prompt of a PromptDataLoader, as HALOs' sample records: {output, prompt (turns),
     prompt_id (a digest of the prompt, stable across runs and rounds), sample_id, generator, dataset,
-    type: 'sample'}, prompt by prompt. `limit` stops after that many prompts."""
+    type: 'sample'}, and whether it ended with EOS (`finished`), prompt by prompt. `limit` stops after that many prompts."""
     records, n_prompts = [], 0
     for batch in loader:
         for i, samples in enumerate(sample(batch, k)):
@@ -271,7 +273,8 @@ def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optio
                 return records
             records += [{'output': s.text, 'prompt': batch[schema.PROMPT_TURNS][i], 'prompt_id': batch[schema.PROMPT_ID][i],
                          'sample_id': sample_id, 'generator': generator,
-                         'dataset': f'{batch[schema.DATASET][i]}_{loader.split}', 'type': 'sample'}
+                         'dataset': f'{batch[schema.DATASET][i]}_{loader.split}', 'type': 'sample',
+                         'finished': s.finished}
                         for sample_id, s in enumerate(samples)]
             n_prompts += 1
     return records

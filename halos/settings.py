@@ -140,6 +140,14 @@ class OnlineSettings:
     eval_prompts: Optional[List[str]] = setting(None, 'held-out prompts: the mean reward before and after every round')
     min_scored: float = setting(0.5, "stop when a round's labeller scores fewer than this share of its samples",
                                 between(0, 1))
+    eval_reward_function: Optional[str] = setting(None, 'scores the held-out samples (a gold reward); null: the '
+                                                        'labeler')
+    monitor_window: int = setting(2, 'evaluations over which a rising training reward and a falling held-out one '
+                                     'warn', at_least(1))
+    max_length_growth: float = setting(2.0, 'warn when completions grow past this many times their first length',
+                                       greater_than(1))
+    max_repetition: float = setting(0.5, "warn when this share of the completions' 4-grams repeat", between(0, 1))
+    stop_on_hacking: bool = setting(False, 'stop when a monitor warns, keeping the last checkpoint before it')
 
 
 @dataclass(frozen=True)
@@ -179,6 +187,8 @@ class RunSettings:
     minimum_log_interval_secs: float = setting(1.0, 'least seconds between two training logs', at_least(0))
     intermediate_checkpoints: bool = setting(False, 'also keep a step-<examples>/ checkpoint at every evaluation')
     resume: bool = setting(False, 'continue an interrupted run from <local_run_dir>/LATEST, exactly')
+    checkpoint_minutes: Optional[float] = setting(None, 'also checkpoint when this many minutes passed since the '
+                                                        'last checkpoint', greater_than(0))
     cache_reference_logprobs: bool = setting(False, 'compute every reference log-prob once, then free the reference')
     trainer: str = setting('BasicTrainer', "HALOs' key, unused (the trainer is loss.trainer)")
     lr: float = setting(5e-7, 'peak learning rate', greater_than(0))

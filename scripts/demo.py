@@ -123,7 +123,7 @@ def run_demo() -> None:
     args.load_from = os.path.join(quality.run_dir(args, 'sft-best'), 'LATEST', 'policy.pt')
     aligned = [measured(method) for method in ALIGNED]
     args.load_from = None  # the table's starting model: the base model
-    report = quality.report_of(args, start, [sft, *aligned], run.commands, budget, n_prompts, 0.0, started)
+    report = quality.report_of(args, start, [sft, *aligned], run.commands, budget, n_prompts, 0.0, started, {})
     stem = quality.write_report(report, args.results_dir, 'demo')
     curves = plot_curves({row['method']: quality.run_dir(args, row['method']) for row in [sft, *aligned]})
     verdict = judge(run, aligned[-1], sft)

@@ -9,3 +9,19 @@ def vowels(prompt, completion: str) -> float:
 def letter_e(prompt, completion: str) -> float:
     """The share of the letter e among the completion's characters (0 when it is empty)."""
     return completion.count('e') / max(1, len(completion))
+
+
+def characters(prompt, completion: str) -> float:
+    """A hackable proxy: the longer the completion, the higher."""
+    return float(len(completion))
+
+
+def brief(prompt, completion: str) -> float:
+    """A gold reward for the hackable proxy: 1 for a completion of at most 150 characters, else 0."""
+    return 1.0 if len(completion) <= 150 else 0.0
+
+
+def on_some_prompts(prompt, completion: str) -> float:
+    """A constant for the prompts that ask for a short note or mention a friend (their groups are degenerate),
+    the completion's length for the others."""
+    return 0.0 if 'friend' in str(prompt) or 'short note' in str(prompt) else float(len(completion))

@@ -76,8 +76,8 @@ def cases(tmp_path):
                                    f"reward function '{tmp_path}/syntax.py:reward': {tmp_path}/syntax.py line 2: "
                                    f"invalid syntax"),
         'unknown loss choice': ('train.py', ['loss=dpoo'], "loss=dpoo: config/loss has no dpoo.yaml; the choices are "
-                                                           "bradley-terry, cdpo, csft, dpo, grpo, ipo, kto, kto-simple, "
-                                                           "kto-zero, orpo, ppo, ppo-online, sft, simpo, slic"),
+                                                           + ', '.join(sorted(name[:-5] for name in os.listdir(
+                                                               os.path.join(ROOT, 'config', 'loss'))))),
         'eval: saved_policy not a checkpoint': ('eval.py', ['++mode=sample', f'++saved_policy={notes}'],
                                                 f"{notes}: not a checkpoint torch can read: it holds "
                                                 f"text ('these are my notes, not weights')"),

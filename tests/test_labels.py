@@ -200,10 +200,11 @@ def test_label_py_names_a_missing_samples_file(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_a_held_out_reward_the_judge_fails_is_scored_on_resume(tmp_path, capsys):
-    """The judge answers garbage from its 13th request: the held-out reward before round 1 (2 requests) and round
-    0's labels (12) come through, the held-out reward after round 1 does not; the run stops with round 0 trained and
-    saved, and the resumed run scores that held-out reward without training again."""
+def test_a_held_out_reward_the_judge_fails_stops_before_the_rounds_checkpoint(tmp_path, capsys):
+    """The judge answers garbage from its 15th request: the held-out reward before round 1 (2 requests) and round
+    0's labels (12) come through, the held-out reward after it does not. The run stops before that round's
+    checkpoint (a policy is saved only once evaluated); resumed, it trains the round again from its labels on
+    disk, asking the judge only for the held-out samples after the round (its other judgments are cached)."""
     held_out = tmp_path / 'held_out.jsonl'
     held_out.write_text(''.join(open(os.path.join(DATA, 'upbeat', 'test_prompts.jsonl')).readlines()[:2]))
     with FaultProxy(None, garbage_text=range(15, 1000)) as failing, FaultProxy(None) as working:
@@ -211,11 +212,10 @@ def test_a_held_out_reward_the_judge_fails_is_scored_on_resume(tmp_path, capsys)
                                                  f'++online.eval_prompts={held_out}', loss='sft'), capsys)
         assert status == 2 and last.startswith(f"train.py: the held-out reward after 1 rounds: judge smollm2 at "
                                                f"{failing.base_url} scored 0 of 2 samples; last error: ValueError")
-        steps = torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)['batch_counter']
+        assert failing.chat_requests == 16 and not (tmp_path / 'late' / 'LATEST').exists()
         status, _, out = train(tmp_path, online(tmp_path, 'late', *judged_by(working.base_url),
                                                 f'++online.eval_prompts={held_out}', '++resume=true', loss='sft'), capsys)
-        assert status == 0 and working.chat_requests == 2  # the held-out samples only: nothing labelled again
-    state = torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)
-    assert state['batch_counter'] == steps and state['completed_rounds'] == 1
+        assert status == 0 and working.chat_requests == 2  # the held-out samples after the round: the rest is cached
+    assert torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)['completed_rounds'] == 1
     evaluations = [json.loads(line) for line in open(tmp_path / 'late' / 'metrics.jsonl') if 'reward_eval/mean' in line]
-    assert [e['round'] for e in evaluations] == [0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0
+    assert [e['round'] for e in evaluations] == [0, 0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0

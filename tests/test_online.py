@@ -215,7 +215,8 @@ def test_eval_py_samples_k_per_prompt_with_stable_prompt_ids(tmp_path):
     first = [json.loads(line) for line in open(tmp_path / 'a' / 'sft_samples.jsonl')]
     second = [json.loads(line) for line in open(tmp_path / 'b' / 'sft_samples.jsonl')]
     assert len(first) == 12 and [r['sample_id'] for r in first[:3]] == [0, 1, 2]
-    assert set(first[0]) == {'output', 'prompt', 'prompt_id', 'sample_id', 'generator', 'dataset', 'type'}
+    assert set(first[0]) == {'output', 'prompt', 'prompt_id', 'sample_id', 'generator', 'dataset', 'type',
+                            'finished'}
     assert first[0]['type'] == 'sample' and first[0]['dataset'] == 'hh_test' and isinstance(first[0]['prompt'], list)
     ids = {json.dumps(r['prompt']): r['prompt_id'] for r in first}
     assert len(set(ids.values())) == 4

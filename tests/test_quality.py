@@ -15,7 +15,7 @@ TASK_PROMPTS = ['Describe the sea.', 'Name a colour.', 'Tell me about trees.', '
                 'Write a line about rain.', 'Say something about bread.']
 HELD_OUT = ['Describe a cloud.', 'What is a spoon?', 'Tell me about rivers.']
 REWARD = os.path.join(ROOT, 'tests', 'rewards.py') + ':letter_e'
-METHODS = ('sft-best', 'dpo', 'kto', 'grpo', 'online-dpo', 'online-ppo')  # IPO and SimPO read DPO's pairs
+METHODS = ('sft-best', 'dpo', 'kto', 'grpo', 'online-dpo', 'online-ppo', 'grpo-online')  # IPO, SimPO: DPO's pairs
 
 
 def prompts_file(path, prompts):
@@ -56,6 +56,8 @@ def test_the_online_methods_record_their_curves(quality):
     assert rows['online-dpo']['trains_on'] == '2 rounds x 3 prompts x 2'
     ppo_steps = [point['step'] for point in rows['online-ppo']['curve']]  # one score per step (batch 8: all 6 prompts)
     assert ppo_steps == [6, 12] and ppo_steps[-1] == quality[0]['budget']
+    assert rows['grpo-online']['trains_on'] == '6 prompts x 2, step by step'  # the budget's 12 samples, k = 2
+    assert [point['step'] for point in rows['grpo-online']['curve']] == [6]  # one step of 8 prompts (6 there are)
 
 
 @pytest.mark.slow
@@ -73,6 +75,31 @@ def test_the_table_plots_and_commands_are_written(quality):
     assert sum(command.startswith('python label.py ') for command in commands) == 3  # best, pairwise, scalar
     assert all(f'$ {command}' in stdout for command in commands)
     assert all(command in table for command in commands)
+
+
+@pytest.mark.slow
+def test_the_sweep_picks_each_methods_best_validation_configuration(tmp_path):
+    """--sweep: every configuration of dpo's and grpo-online's grids trains on the train prompts less the last 2
+    and is scored on those 2; the best trains on all of them and is measured on the held-out prompts."""
+    command = [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--model', 'tiny', '--no-chat-template',
+               '--prompts-train', prompts_file(tmp_path / 'train.jsonl', TASK_PROMPTS),
+               '--prompts-test', prompts_file(tmp_path / 'test.jsonl', HELD_OUT), '--reward-function', REWARD,
+               '--samples-per-prompt', '2', '--max-new-tokens', '6', '--top-k', '8', '--epochs', '1', '--methods',
+               'dpo,grpo-online', '--sweep', '--sweep-lrs', '1e-3', '--val-prompts', '2', '--work-dir',
+               str(tmp_path / 'work'), '--results-dir', str(tmp_path / 'results'), '--tag', 'swept']
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((tmp_path / 'results' / 'quality-swept.json').read_text())
+    for method, coefficient in (('dpo', 'loss.beta'), ('grpo-online', 'loss.beta')):
+        trials = report['sweep'][method]['trials']
+        assert [trial['overrides'][1].split('=')[0] for trial in trials] == [f'++{coefficient}'] * 2
+        best = max(trials, key=lambda trial: trial['reward_mean'])
+        assert report['sweep'][method]['chosen'] == best['overrides']
+        row = next(row for row in report['methods'] if row['method'] == method)
+        assert row['hyperparameters'] == f"lr 1e-3, beta {best['overrides'][1].split('=')[1]}"
+    validation = [line for line in report['commands'] if '++mode=reward' in line and 'val_prompts.jsonl' in line]
+    assert len(validation) == 4 and all('test.jsonl' not in line for line in validation)
+    assert '## Sweep' in (tmp_path / 'results' / 'quality-swept.md').read_text()
 
 
 def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_with_its_exit_status(tmp_path):

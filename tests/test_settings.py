@@ -129,7 +129,8 @@ def test_the_yaml_defaults_are_the_schemas():
                     for key, _, _, spec in schema_keys(schema) if not key.startswith('model.')}  # model/ is a group
         assert dict(flat(yaml)) == defaults
     for loss in LOSSES:
-        scored = [f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'] if loss == 'ppo-online' else []
+        scored = [f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'] if loss == 'ppo-online' else \
+            [f'++online.reward_function={ROOT}/tests/rewards.py:vowels'] if loss_classes(loss)[0].samples_online else []
         settings = run_settings(compose_config(base_overrides('/tmp/unused', loss) + scored))
         assert settings.loss.name == loss and isinstance(settings.loss.params, loss_classes(loss)[0].Params)
 

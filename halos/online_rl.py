@@ -1,0 +1,282 @@
+"""Step-level online RL (GRPO as TRL and DeepSeek define it, Dr. GRPO, DAPO, GSPO, RLOO, REINFORCE++): every
+optimizer step samples k completions of each of its prompts from the current policy, scores them, and takes
+`mu` optimizer passes over them.
+
+- The old policy is the policy that sampled: on the first pass its per-token log-probs are the pass's own
+  forward, detached, so the ratio is exactly 1 there; later passes keep them, and the clip acts.
+- The reference is the starting model: its per-token log-probs give the KL (in the loss, or in the reward
+  with the log-probs the sampler recorded) and the `kl/start` monitor.
+- DAPO's dynamic sampling drops the groups whose scores are all equal and samples new prompts in their place
+  (`max_refills` times at most; what is still missing is filled with the dropped groups, which carry no
+  advantage), counted.
+- Sampling draws from seeds derived from the run's seed and the data position, so a run resumed at a
+  checkpoint samples what the uninterrupted run sampled. Every step's samples and scores are appended to
+  `<run_dir>/rollouts.jsonl` (cut back to the checkpoint when a run resumes).
+- Evaluation samples one completion of each held-out prompt and scores it with the held-out labeler
+  (online.eval_reward_function, else the labeler); the HackingMonitor (halos/monitors.py) sees it.
+
+A trainer on it (trainers.py) gives `advantages` (of a whole step) and the per-token `loss`.
+"""
+import json
+import os
+import random
+import statistics
+import zlib
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+
+from halos import batch as schema
+from halos import checkpoint, rl
+from halos.labelers import Labeler, checked_scores
+from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
+                            sample_stats)
+from halos.packing import token_level_logps
+from halos.policy_gradient import PolicyGradientTrainer, Reduction
+from halos.sampling import Sample, halos_sampler
+from halos.settings import at_least, greater_than, setting
+from utils import all_gather_list, on_rank0
+
+ROLLOUTS = 'rollouts.jsonl'
+
+
+@dataclass(frozen=True)
+class Rollouts:
+    """What a trainer that samples its own completions needs beyond the loop, built by halos/build.py."""
+    samples_per_prompt: int       # k completions of each prompt: a group
+    labeler: Labeler              # scores the training samples
+    held_out_labeler: Labeler     # scores the held-out samples of evaluation
+    monitor: MonitorSettings
+
+
+@dataclass
+class Group:
+    """One prompt's k scored completions."""
+    prompt_ids: torch.Tensor      # [P] the prompt's tokens
+    prompt_id: str
+    samples: List[Sample]
+    scores: List[float]
+
+    def degenerate(self) -> bool:
+        return len(set(self.scores)) < 2
+
+
+@dataclass
+class Part:
+    """One microbatch of a step: its groups as prompt + completion rows (a group's rows consecutive)."""
+    groups: List[Group]
+    rows: schema.Sequences        # [rows, T]
+    mask: torch.Tensor            # [rows, T-1] 1 where a completion token is predicted
+    scores: torch.Tensor          # [rows]
+    sampler_logps: torch.Tensor   # [rows, T-1] what the sampler recorded for each completion token
+    reference_logps: torch.Tensor  # [rows, T-1]
+    advantages: Optional[torch.Tensor] = None  # [rows] or [rows, T-1]
+    old_logps: Optional[torch.Tensor] = None   # [rows, T-1]: the first pass's, detached
+
+    @property
+    def group_ids(self) -> List[str]:
+        return [group.prompt_id for group in self.groups for _ in group.samples]
+
+
+class OnlineGroupTrainer(PolicyGradientTrainer):
+    """The step-level loop; trains on a PromptDataLoader (model.batch_size prompts x k samples a microbatch)."""
+    abstract = True
+    use_reference_model = True
+    samples_online = True   # the wiring gives it Rollouts; online.rounds stays 0
+
+    @dataclass(frozen=True)
+    class Params(Reduction):
+        mu: int = setting(1, 'optimizer passes over each step\'s samples (the first at ratio 1)', at_least(1))
+        epsilon: float = setting(0.2, 'the clip range [1 - epsilon, 1 + epsilon_high]', greater_than(0))
+        epsilon_high: Optional[float] = setting(None, "the clip range's upper side (null: epsilon)", greater_than(0))
+        beta: float = setting(0.0, 'weight of the KL to the starting model', at_least(0))
+        dynamic_sampling: bool = setting(False, 'DAPO: replace the groups whose scores are all equal')
+        max_refills: int = setting(3, 'dynamic sampling: rounds of replacement prompts at most per microbatch',
+                                   at_least(0))
+
+    def __init__(self, *args, rollouts: Rollouts, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.rollouts = rollouts
+        self.monitor = HackingMonitor(rollouts.monitor)
+        self.step_rewards: List[float] = []   # the training samples' mean reward of each step since the last evaluation
+        self.held_out: List[Tuple[float, List[int]]] = []  # each held-out sample's score and tokens, this evaluation
+
+    # --- what a method provides
+    def advantages(self, parts: List[Part]) -> List[torch.Tensor]:
+        """Each part's advantages ([rows], or per token [rows, T-1]) from its scores, over the whole step."""
+        raise NotImplementedError
+
+    def loss(self, log_ratios, reference_log_ratios, advantages, mask) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """[rows, T-1] per-token losses (log_ratios: log pi - log pi_old; reference_log_ratios: log pi_ref - log pi)
+        and their stats ('clipped', and 'KL' where the loss has one)."""
+        raise NotImplementedError
+
+    # --- sampling and scoring
+    def sample_groups(self, batch: Dict, k: int, salt: str) -> List[List[Sample]]:
+        """k samples of each prompt of the batch, from a seed of the run's seed, the data position and `salt`."""
+        training = self.policy.training
+        self.policy.eval()
+        with torch.no_grad(), torch.random.fork_rng():
+            torch.manual_seed(zlib.crc32(f'{self.settings.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}/'
+                                         f'{salt}'.encode()))
+            samples = halos_sampler(self.policy, self.tokenizer, self.settings.sampling)(batch, k)
+        self.policy.train(training)
+        return samples
+
+    def scored_groups(self, batch: Dict, salt: str) -> List[Group]:
+        k = self.rollouts.samples_per_prompt
+        samples = self.sample_groups(batch, k, salt)
+        prompts = [prompt for prompt in batch[schema.PROMPT_TURNS] for _ in range(k)]
+        names = [f'step {self.batch_counter} prompt {prompt_id} sample {j}' for prompt_id in batch[schema.PROMPT_ID]
+                 for j in range(k)]
+        scores = checked_scores(self.rollouts.labeler, prompts, [s.text for group in samples for s in group], names)
+        return [Group(ids[mask.bool()], prompt_id, group, scores[i * k:(i + 1) * k])
+                for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
+                                                                      batch[schema.PROMPT_ATTENTION_MASK],
+                                                                      batch[schema.PROMPT_ID], samples))]
+
+    def refilled(self, groups: List[Group]) -> Tuple[List[Group], Dict[str, float]]:
+        """Dynamic sampling: the degenerate groups replaced by groups of fresh prompts drawn from the pool (seeded
+        by the data position), while any are left and refills remain; then the dropped ones fill what is left."""
+        kept = [group for group in groups if not group.degenerate()]
+        dropped = [group for group in groups if group.degenerate()]
+        pool, refills = self.train_iterator.items, 0
+        rng = random.Random(f'{self.settings.seed}/{self.batches_seen}/{groups[0].prompt_id}')
+        while len(kept) < len(groups) and refills < self.params.max_refills:
+            refills += 1
+            batch = self.train_iterator.batch_of(rng.sample(pool, min(len(groups) - len(kept), len(pool))))
+            fresh = self.scored_groups(batch, f'refill {refills}')
+            kept += [group for group in fresh if not group.degenerate()]
+            dropped += [group for group in fresh if group.degenerate()]
+        counts = {'groups/dropped': float(len(dropped)), 'groups/refills': float(refills)}
+        return (kept + dropped)[:len(groups)], counts
+
+    def part(self, groups: List[Group]) -> Part:
+        samples = [sample for group in groups for sample in group.samples]
+        prompt_rows = [group.prompt_ids for group in groups for _ in group.samples]
+        rows = rl.rollout_sequences_of(prompt_rows, [s.token_ids for s in samples], self.tokenizer.pad_token_id)
+        rows = rows.to(self.device)
+        mask = rl.completion_mask(rows.labels)
+        sampler_logps = torch.zeros_like(mask)
+        for row, (prompt, sample) in enumerate(zip(prompt_rows, samples)):
+            sampler_logps[row, len(prompt) - 1:len(prompt) - 1 + len(sample.token_ids)] = torch.tensor(sample.token_logps)
+        with torch.no_grad():
+            reference_logps = self.row_logps(self.reference_model, rows)
+        scores = torch.tensor([score for group in groups for score in group.scores], device=self.device)
+        return Part(groups, rows, mask, scores, sampler_logps, reference_logps)
+
+    def row_logps(self, model, rows: schema.Sequences, entropy: bool = False):
+        """Per-token log-probs [rows, T-1] of the rows' completions under `model` (and their entropies)."""
+        with self.autocast():
+            return token_level_logps(model, rows.input_ids, rows.attention_mask, rows.labels, self.padding_free,
+                                     self.share_prompts, entropy)
+
+    # --- the step
+    def experience(self, microbatches: List[Dict]) -> List[Part]:
+        parts, counts = [], []
+        for batch in microbatches:
+            groups = self.scored_groups(batch, 'step')
+            if self.params.dynamic_sampling:
+                groups, refill_counts = self.refilled(groups)
+                counts.append(refill_counts)
+            parts.append(self.part(groups))
+        for part, advantages in zip(parts, self.advantages(parts)):
+            part.advantages = advantages
+        self.record(parts, counts)
+        return parts
+
+    def record(self, parts: List[Part], counts: List[Dict[str, float]]) -> None:
+        """The step's monitors into the training metrics; its samples and scores into rollouts.jsonl."""
+        groups = [group for part in parts for group in part.groups]
+        samples = [sample for group in groups for sample in group.samples]
+        scores = [score for group in groups for score in group.scores]
+        stats = sample_stats(scores, [p for part in parts for p in part.group_ids], [s.token_ids for s in samples],
+                             [s.finished for s in samples])
+        for part_counts in counts:
+            stats.update(part_counts)
+        for name, value in stats.items():
+            group, leaf = name.split('/')
+            self.train_metrics.add(f'{group}_train/{leaf}', torch.tensor([value]))
+        self.step_rewards.append(stats['reward/mean'])
+        lines = all_gather_list([{'step': self.batch_counter, 'examples': self.example_counter,
+                                  'prompt': group.prompt_id, 'completions': [s.text for s in group.samples],
+                                  'scores': group.scores} for group in groups])
+        if on_rank0():
+            with open(os.path.join(self.run_dir, ROLLOUTS), 'a') as f:
+                f.writelines(json.dumps(line) + '\n' for line in lines)
+
+    def pass_loss(self, part: Part, step_tokens, first_pass: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        """One microbatch's loss on one pass, and its metrics."""
+        if first_pass:  # the entropy monitor: once per sampled batch
+            logps, entropy = self.row_logps(self.policy, part.rows, entropy=True)
+        else:
+            logps = self.row_logps(self.policy, part.rows)
+        if part.old_logps is None:  # the first pass: the sampling policy is this very forward
+            part.old_logps = logps.detach()
+        token_losses, stats = self.loss(logps - part.old_logps, part.reference_logps - logps, part.advantages,
+                                        part.mask)
+        weights = torch.ones(len(part.mask), device=self.device)
+        loss = self.reduced(token_losses, part.mask, weights, step_tokens)
+        token_mean = lambda values: (values * part.mask).sum(-1) / part.mask.sum(-1).clamp(min=1)
+        metrics = {'loss/train': loss.detach().reshape(1), 'clipfrac_train/policy': token_mean(stats['clipped'])}
+        if first_pass:
+            metrics.update({'kl_train/start': ((logps.detach() - part.reference_logps) * part.mask).sum(-1),
+                            'entropy_train': token_mean(entropy),
+                            'sampling_train/logp_gap': ((part.sampler_logps - logps.detach()) * part.mask).sum(-1)})
+        return loss, metrics
+
+    def train_step(self, microbatches):
+        parts = self.experience(microbatches)
+        step_tokens = self.step_tokens([part.mask for part in parts],
+                                       [torch.ones(len(part.mask), device=self.device) for part in parts])
+        for epoch in range(self.params.mu):
+            for part, batch in zip(parts, microbatches):
+                loss, metrics = self.pass_loss(part, step_tokens, first_pass=epoch == 0)
+                self.accumulate(loss, metrics, batch[schema.PROMPT_TEXT][0], len(parts))
+            self.optimizer_step()
+        return loss.item()
+
+    # --- evaluation: the held-out reward, and the monitors
+    def get_batch_metrics(self, batch, mode):
+        """One sample of each held-out prompt, scored by the held-out labeler."""
+        samples = [group[0] for group in self.sample_groups(batch, 1, f'eval {self.example_counter}')]
+        names = [f'held-out prompt {prompt_id} after step {self.batch_counter}' for prompt_id in batch[schema.PROMPT_ID]]
+        scores = checked_scores(self.rollouts.held_out_labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
+                                names)
+        self.held_out += [(score, sample.token_ids) for score, sample in zip(scores, samples)]
+        return torch.zeros(()), {f'reward_{mode}/mean': torch.tensor(scores),
+                                 f'completions_{mode}/length': torch.tensor([float(len(s.token_ids)) for s in samples])}
+
+    def evaluate(self) -> Dict[str, float]:
+        self.held_out = []
+        results = super().evaluate()
+        held_out = all_gather_list(self.held_out)
+        if not held_out:
+            return results
+        summary = reward_summary([score for score, _ in held_out])
+        tokens = [ids for _, ids in held_out]
+        observation = Observation(
+            where=f'step {self.batch_counter}', train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
+            held_out=summary['mean'], held_out_se=summary['se'],
+            length=statistics.fmean(len(ids) for ids in tokens),
+            repetition=statistics.fmean(map(repeated_ngram_share, tokens)))
+        self.step_rewards = []
+        monitors = self.monitor.observe(observation, os.path.join(self.run_dir, checkpoint.LATEST))
+        self.log({'reward_eval/se': summary['se'], 'reward_eval/n': summary['n'], **monitors})
+        return results
+
+    # --- resume
+    def trainer_state(self) -> Dict:
+        return {**super().trainer_state(), 'monitor': self.monitor.state_dict(), 'step_rewards': self.step_rewards}
+
+    def restore_trainer_state(self, state: Dict) -> None:
+        super().restore_trainer_state(state)
+        self.monitor.load_state_dict(state['monitor'])
+        self.step_rewards = list(state['step_rewards'])
+        path = os.path.join(self.run_dir, ROLLOUTS)
+        if on_rank0() and os.path.exists(path):  # the steps after the checkpoint are sampled again
+            with open(path) as f:
+                kept = [line for line in f if json.loads(line)['examples'] < self.example_counter]
+            with open(path, 'w') as f:
+                f.writelines(kept)
