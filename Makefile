@@ -51,10 +51,12 @@ test: install
 demo: core
 	$(PY) scripts/demo.py
 
-# The quality benchmark: every method on the upbeat task, held-out reward +- SE, KL, length, wall time
-# (bench/results/quality-<date>.md|json and plots; about 45 minutes on 2 CPU cores).
+# The quality benchmark: every method on the upbeat task, each with the learning rate and main coefficient a sweep
+# on a validation split of the train prompts picked; held-out reward +- SE, KL, length, wall time
+# (bench/results/quality-<date>.md|json and plots; hours on 2 CPU cores). QUALITY_ARGS adds options.
+QUALITY_ARGS ?=
 quality: core
-	$(PY) bench/quality.py
+	$(PY) bench/quality.py --sweep $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache

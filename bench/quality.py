@@ -77,7 +77,9 @@ METHODS = {method.name: method for method in (
     Method('grpo-rounds', 'grpo', None, ('++online.feedback=scalar', '++online.reference=previous')),  # HALOs' form
     *(Method(loss, loss, None, ('++model.batch_size=8',)) for loss in STEP_LEVEL),
 )}
-# The sweep's grid: the learning rates (--sweep-lrs) x each method's main coefficient.
+# The sweep's grid: the learning rates x each method's main coefficient. The methods that sample as they train
+# take a few larger steps on the same budget, so their learning rates start higher.
+SWEEP_LRS = {'default': ('2e-5', '5e-5'), **{name: ('5e-5', '1e-4') for name in (*STEP_LEVEL, 'online-ppo')}}
 COEFFICIENTS = {'sft-best': None, 'dpo': ('loss.beta', (0.05, 0.2)), 'online-dpo': ('loss.beta', (0.05, 0.2)),
                 'kto': ('loss.beta', (0.05, 0.2)), 'ipo': ('loss.beta', (0.1, 1.0)), 'simpo': ('loss.beta', (2.5, 10.0)),
                 'grpo': ('loss.epsilon', (0.01, 0.2)), 'grpo-rounds': ('loss.epsilon', (0.01, 0.2)),
@@ -128,7 +130,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='one more override for every train.py run (repeatable), e.g. ++model.max_length=256')
     parser.add_argument('--sweep', action='store_true',
                         help="pick each method's learning rate and main coefficient on a validation split first")
-    parser.add_argument('--sweep-lrs', default='2e-5,5e-5', help='the learning rates of the sweep (comma-separated)')
+    parser.add_argument('--sweep-lrs', default=None,
+                        help="the sweep's learning rates for every method, comma-separated (default: SWEEP_LRS)")
     parser.add_argument('--val-prompts', type=int, default=20,
                         help='the sweep: the last this many train prompts are its validation split')
     args = parser.parse_args(argv)
@@ -374,7 +377,8 @@ def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict]) -
             results[method.name] = done[method.name]
             continue
         trials = []
-        for index, overrides in enumerate(grid(method, args.sweep_lrs.split(','))):
+        lrs = args.sweep_lrs.split(',') if args.sweep_lrs else SWEEP_LRS.get(method.name, SWEEP_LRS['default'])
+        for index, overrides in enumerate(grid(method, lrs)):
             variant = dataclasses.replace(method, name=f'{method.name}-{index}', overrides=(*method.overrides, *overrides))
             row = run_method(run, sweep_args, variant, budget, n_prompts, feedback)
             trials.append({'overrides': list(overrides), 'reward_mean': row['reward_mean'], 'reward_se': row['reward_se'],
