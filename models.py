@@ -121,10 +121,9 @@ def sdpa_float32_under_cpu_autocast(module, query, key, value, attention_mask,
     leaves out sliding-window models (`halos.packing.segment_attention_supported`): segments drop the window.
 
     Under CPU autocast a forward over more than one query position runs in float32 (autocast off, inputs
-    cast up; the output is float32 and autocast casts it down at the next matmul). On CPU, SDPA's bf16
-    forward and backward take 2-2.5x as long as float32's at a small model's shapes, which made an SFT step
-    under bf16 autocast about 11% slower. Policy and reference forwards both take this path, so at equal
-    weights they give equal log-probs for the same rows. A decoding step (one query position per row) stays
+    cast up; the output is float32 and autocast casts it down at the next matmul): on CPU, SDPA's bf16
+    forward and backward are slower than float32's at a small model's shapes. Policy and reference forwards
+    both take this path, so at equal weights they give equal log-probs for the same rows. A decoding step (one query position per row) stays
     as autocast makes it: it reads a KV cache kept in the autocast dtype, and bf16 is the faster there."""
     if query.device.type != 'cpu' or not torch.is_autocast_enabled('cpu') or query.shape[2] == 1:
         return attend_within_segments(module, query, key, value, attention_mask, halos_segments, **kwargs)

@@ -32,7 +32,6 @@ from halos.online_rl import OnlineGroupTrainer
 from halos.policy_gradient import GroupTrainer
 from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
                               UnpairedPreferenceTrainer, unpaired_accuracies)
-from halos.sampling import halos_sampler
 from halos.settings import at_least, between, greater_than, one_of, setting
 from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps, weighted_mean
 
@@ -301,7 +300,7 @@ class OnlinePPOTrainer(PPOTrainer):
         position and the batch's first prompt, so a resumed run draws what it would have drawn."""
         with torch.random.fork_rng():
             torch.manual_seed(zlib.crc32(f'{self.settings.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}'.encode()))
-            samples = [group[0] for group in halos_sampler(self.policy, self.tokenizer, self.settings.sampling)(batch, 1)]
+            samples = [group[0] for group in self.sampler()(batch, 1)]
         rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                     [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
         completions = [sample.text for sample in samples]

@@ -143,9 +143,9 @@ RETAINED_MMAP_MAX, RETAINED_TRIM_THRESHOLD = 0, 2 ** 31 - 1  # their values unde
 def retain_freed_memory() -> bool:
     """Keep memory the process frees for its next allocations instead of returning it to the system
     (glibc malloc: no mmap per large block, no trimming of the heap). Each training step then reuses the
-    pages of the last one (activations, logits) rather than faulting fresh zeroed pages in, which costs
-    seconds per step on a virtual machine; the process's peak memory stays about the same (within 6% in
-    bench/bench.py) but is not given back until it exits. The role jemalloc or tcmalloc play in PyTorch's
+    pages of the last one (activations, logits) rather than faulting fresh zeroed pages in, which is slow on a
+    virtual machine; the process's peak memory stays about the same (docs/benchmarks.md) but is not given back
+    until it exits. The role jemalloc or tcmalloc play in PyTorch's
     CPU tuning guide, without a dependency. Returns whether it applied (False off glibc)."""
     libc_path = ctypes.util.find_library('c')
     if not libc_path:

@@ -1,6 +1,8 @@
-"""Bar chart of the win rates in compare.py result lines, with 95% confidence intervals as error bars.
+"""Bar chart of the win rates in compare.py result lines, with 95% confidence intervals as error bars; or,
+with --curves, the training curves of runs (halos/curves.py).
 
     python visualize.py results.jsonl -o winrates.png
+    python visualize.py --curves RUN_DIR [RUN_DIR ...] -o training_curves.png
 
 One bar per result line, labelled with the run, the two sample keys and the judge. Lines written by
 the original HALOs compare.py (no `win_rate`) are read too: their win rate is wins / total, with a
@@ -18,6 +20,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 from compare import wilson_interval  # noqa: E402
+from halos.curves import plot_training_curves  # noqa: E402
 from halos.errors import ArgumentParser, DataError, MissingFileError, reported_as_one_line  # noqa: E402
 
 
@@ -85,9 +88,16 @@ def plot_win_rates(bars: List[Bar], path: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = ArgumentParser(description='Plot the win rates of compare.py result lines.')
-    parser.add_argument('results_file', help='JSONL file of compare.py result lines')
-    parser.add_argument('--output', '-o', default='winrates.png', help='PNG file to write')
+    parser.add_argument('results_file', help='JSONL file of compare.py result lines (with --curves: a run directory)')
+    parser.add_argument('more_runs', nargs='*', help='with --curves: more run directories, one column each')
+    parser.add_argument('--curves', action='store_true', help="plot the runs' training curves instead")
+    parser.add_argument('--output', '-o', default=None, help='PNG file to write (winrates.png, training_curves.png)')
     args = parser.parse_args(argv)
+    if args.curves:
+        return plot_curves([args.results_file, *args.more_runs], args.output or 'training_curves.png')
+    if args.more_runs:
+        parser.error('one results file (several run directories only with --curves)')
+    args.output = args.output or 'winrates.png'
     with reported_as_one_line('visualize.py'):
         results = load_results(args.results_file)
         bars = [bar for bar in map(bar_for, results) if bar is not None]
@@ -95,6 +105,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise DataError(f"{args.results_file}: no judged comparison to plot")
         plot_win_rates(bars, args.output)
     print(f"plotted {len(bars)} win rates ({len(results) - len(bars)} lines without judgments skipped) to {args.output}")
+    return 0
+
+
+def plot_curves(run_dirs: List[str], output: str) -> int:
+    with reported_as_one_line('visualize.py'):
+        for run_dir in run_dirs:
+            if not os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
+                raise MissingFileError(f"{run_dir}: no metrics.jsonl (not a run directory)")
+        names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
+        plot_training_curves(dict(zip(names, run_dirs)), output)
+    print(f"plotted the training curves of {len(run_dirs)} run(s) to {output}")
     return 0
 
 

@@ -89,16 +89,19 @@ def machine_info() -> dict:
             'python': platform.python_version(), 'platform': platform.platform(), **versions}
 
 
-def matmul_peak(dtype: str, size: int, repeats: int = 10) -> float:
-    """FLOP/s of the fastest of `repeats` torch.matmul calls on two size x size matrices of `dtype`."""
+def matmul_peak(dtype: str, size: int, repeats: int = 10, device: str = 'cpu') -> float:
+    """FLOP/s of the fastest of `repeats` torch.matmul calls on two size x size matrices of `dtype` on `device`."""
     import torch
-    a, b = (torch.randn(size, size).to(getattr(torch, dtype)) for _ in range(2))
+    a, b = (torch.randn(size, size, device=device).to(getattr(torch, dtype)) for _ in range(2))
+    synchronize = torch.cuda.synchronize if device.startswith('cuda') else (lambda: None)
     for _ in range(2):
         torch.matmul(a, b)
     best = float('inf')
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         torch.matmul(a, b)
+        synchronize()  # a GPU's matmul returns before it is done
         best = min(best, time.perf_counter() - start)
     return 2 * size ** 3 / best
 
@@ -158,6 +161,7 @@ def summarize_run(result: dict, skip: int, peak_flops: float) -> dict:
             'examples_per_s': examples / seconds, 'tokens_per_s': sum(t['trained'] for t in tokens) / seconds,
             'compute_examples_per_s': examples / compute, 'flops_per_s': flops / seconds,
             'fraction_of_matmul_peak': flops / seconds / peak_flops, 'peak_rss_mib': result['peak_rss_mib'],
+            'peak_gpu_mib': result.get('peak_gpu_mib'),
             'losses': result['losses'], 'comparable_losses': result['comparable_losses'],
             'step_seconds': durations, 'tokens': result['tokens']}
 

@@ -65,6 +65,12 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def peak_gpu_mib():
+    """The most GPU memory PyTorch's allocator held at once in this process (None without CUDA)."""
+    import torch
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if torch.cuda.is_available() else None
+
+
 def write_result(path: str, result: Dict) -> None:
     with open(path, 'w') as f:
         json.dump(result, f, indent=1)

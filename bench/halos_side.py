@@ -13,7 +13,7 @@ import os
 import sys
 import time
 
-from common import GRAD_PREFIXES, compose_config, peak_rss_mib, read_spec, write_result
+from common import GRAD_PREFIXES, compose_config, peak_gpu_mib, peak_rss_mib, read_spec, write_result
 
 
 def batch_tokens(trainer, batch, name: str) -> dict:
@@ -73,6 +73,7 @@ def main(spec_path: str, out_path: str) -> None:
     write_result(out_path, {
         'side': 'halos', 'trainer': spec['trainer'], 'threads': torch.get_num_threads(),
         'n_params': sum(p.numel() for p in trainer.policy.parameters()), 'peak_rss_mib': rss,
+        'peak_gpu_mib': peak_gpu_mib(),
         'step_end': [t - start for t in record['step_end']],
         'compute_seconds': [t['examples'] / r['examples_per_second'] for t, r in zip(tokens, logs)],
         'losses': losses, 'comparable_losses': comparable, 'tokens': tokens,

@@ -17,8 +17,8 @@ import time
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
 
-from common import (GRAD_PREFIXES, compose_config, halos_train_batches, peak_rss_mib, read_spec, unpadded_sequences,
-                    write_result)
+from common import (GRAD_PREFIXES, compose_config, halos_train_batches, peak_gpu_mib, peak_rss_mib, read_spec,
+                    unpadded_sequences, write_result)
 import models  # noqa: E402  (common puts the halos repository on sys.path)
 from halos.loop import build_optimizer  # noqa: E402
 
@@ -115,7 +115,7 @@ def build_trainer(name: str, config, dataset, output_dir: str):
                   gradient_accumulation_steps=1, max_steps=len(dataset) // config.model.batch_size,
                   learning_rate=config.lr, weight_decay=0.0, max_grad_norm=config.model.max_grad_norm,
                   max_length=config.model.max_length, train_sampling_strategy='sequential', seed=config.seed,
-                  activation_checkpointing=config.model.activation_checkpointing, use_cpu=True, fp16=False,
+                  activation_checkpointing=config.model.activation_checkpointing, use_cpu=not torch.cuda.is_available(), fp16=False,
                   bf16=config.model.autocast_dtype == 'bfloat16',  # halos' ++model.autocast_dtype: autocast
                   logging_steps=1, save_strategy='no', eval_strategy='no', report_to='none', disable_tqdm=True)
     kwargs = dict(model=model, train_dataset=dataset, processing_class=AutoTokenizer.from_pretrained(path),
@@ -151,6 +151,7 @@ def main(spec_path: str, out_path: str) -> None:
     write_result(out_path, {
         'side': 'trl', 'trainer': name, 'threads': torch.get_num_threads(),
         'n_params': sum(p.numel() for p in trainer.model.parameters()), 'peak_rss_mib': rss,
+        'peak_gpu_mib': peak_gpu_mib(),
         'step_end': [t - recorder.start for t in recorder.step_end],
         'compute_seconds': [end - begin for begin, end in zip(recorder.step_begin, recorder.step_end)],
         'losses': recorder.losses, 'comparable_losses': recorder.losses, 'tokens': counts[-len(recorder.step_end):],

@@ -22,9 +22,10 @@ from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
 from halos.online_rl import Rollouts
-from halos.sampling import SamplingOptions, halos_sampler
+from halos.sampling import SamplingOptions
 from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, is_params, missing_keys, typed,
                             unknown_key)
+from halos.vllm_engine import EngineChoice, chosen_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
 
@@ -117,6 +118,8 @@ def check_consistency(run: RunSettings) -> None:
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
+    if run.online.sampler == 'vllm':
+        chosen_sampler(EngineChoice('vllm'))  # where vLLM cannot run, the run stops before anything loads
     if online.rounds > 0 and trainer_class.samples_online:
         raise ConfigError(f"loss={loss.name} samples and trains every step: leave online.rounds=0")
     if online.rounds > 0:
@@ -186,7 +189,8 @@ def loop_settings(run: RunSettings) -> LoopSettings:
                         keep_intermediate_checkpoints=run.intermediate_checkpoints and not run.debug,
                         cache_reference_logprobs=run.cache_reference_logprobs, sampling=sampling_options(run),
                         formatting=formatting(run), use_chat_template=run.use_chat_template,
-                        checkpoint_minutes=run.checkpoint_minutes)
+                        checkpoint_minutes=run.checkpoint_minutes,
+                        engine=EngineChoice(run.online.sampler, run.online.vllm_gpu_memory_utilization))
 
 
 def sampling_options(run: RunSettings) -> SamplingOptions:
@@ -313,8 +317,7 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
-    make_sampler = lambda: halos_sampler(trainer.policy, tokenizer, sampling_options(run))
-    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, make_sampler, labeler,
+    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler,
                         held_out_labeler(run, labeler), HackingMonitor(monitor_settings(run)))
 
 

@@ -1,6 +1,11 @@
 """Talking to an LLM judge behind any OpenAI-compatible API, shared by compare.py (head-to-head verdicts) and
-the LLM-judge labeler (pointwise scores): the client with timeouts and retries, a concurrent request pool
-with pacing, the errors that end a run, and an append-only cache of judgments.
+the LLM-judge labeler (pointwise scores): the client with timeouts and retries, answers constrained to a JSON
+schema where the server can do it, a concurrent request pool with pacing, the errors that end a run, and an
+append-only cache of judgments.
+
+A server that constrains answers to a JSON schema (OpenAI, vLLM: response_format json_schema; llama.cpp's
+server: json_object with a schema; halos' own judge_server.scoring_judge_server) is found once per server and
+judge by a probe request; its verdicts cannot be unparseable. Elsewhere the answer is parsed as text.
 
 The API key is read from OPENAI_API_KEY only and never written anywhere; servers other than OpenAI's get a
 placeholder key.
@@ -87,10 +92,60 @@ class RequestPacer:
         time.sleep(start - now)
 
 
-def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int, seed: int) -> str:
-    """The judge's answer at temperature 0; the client retries timeouts, rate limits, connection errors and 5xx."""
+RESPONSE_FORMATS = {
+    'json_schema': lambda schema: {'type': 'json_schema', 'json_schema': {'name': 'answer', 'schema': schema,
+                                                                          'strict': True}},
+    'json_object': lambda schema: {'type': 'json_object', 'schema': schema},  # llama.cpp's server
+}
+CONSTRAINED_ANSWER_TOKENS = 32
+PROBE_SCHEMA = {'type': 'object', 'properties': {'answer': {'type': 'string', 'enum': ['yes']}},
+                'required': ['answer'], 'additionalProperties': False}
+constraining_formats: Dict[tuple, Optional[str]] = {}  # (server, judge) -> the form it honours, None: neither
+
+
+def constrained(client: openai.OpenAI, base_url: str, model: str, schema: dict) -> Optional[dict]:
+    """The response_format that makes the server constrain `model`'s answers to `schema`, or None when it does
+    not (the answer is then parsed as text). Found once per server and judge by a probe, then cached."""
+    key = (public_url(base_url), model)
+    if key not in constraining_formats:
+        constraining_formats[key] = next((form for form, build in RESPONSE_FORMATS.items()
+                                          if honours(client, model, build(PROBE_SCHEMA))), None)
+    form = constraining_formats[key]
+    return RESPONSE_FORMATS[form](schema) if form else None
+
+
+def honours(client: openai.OpenAI, model: str, response_format: dict) -> bool:
+    """Whether the server answers a probe with the one instance of PROBE_SCHEMA under `response_format` (a server
+    that rejects the format, or ignores it and answers in words, does not)."""
+    try:
+        answer = ask(client.with_options(max_retries=0), model, [{'role': 'user', 'content': 'Answer yes.'}], 16, 0,
+                     response_format)
+    except (openai.APIStatusError, openai.APITimeoutError, ValueError):
+        return False
+    try:
+        return json.loads(answer) == {'answer': 'yes'}
+    except json.JSONDecodeError:
+        return False
+
+
+def json_field(answer: str, field: str):
+    """The value of `field` in an answer that is a JSON object (a schema-constrained one), else None."""
+    try:
+        value = json.loads(answer)
+    except json.JSONDecodeError:
+        return None
+    return value.get(field) if isinstance(value, dict) else None
+
+
+def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int, seed: int,
+        response_format: Optional[dict] = None) -> str:
+    """The judge's answer at temperature 0 (constrained by `response_format` when given); the client retries
+    timeouts, rate limits, connection errors and 5xx."""
+    constraint = {'response_format': response_format} if response_format else {}
+    if response_format:  # room for the JSON (whitespace included), which ends the answer anyway
+        max_tokens = max(max_tokens, CONSTRAINED_ANSWER_TOKENS)
     completion = client.chat.completions.create(model=model, messages=messages, temperature=0,
-                                                max_tokens=max_tokens, seed=seed)
+                                                max_tokens=max_tokens, seed=seed, **constraint)
     choices = getattr(completion, 'choices', None)
     if not choices or not hasattr(choices[0], 'message'):
         raise ValueError(f"the judge server sent no completion: {str(completion)[:80]!r}")

@@ -237,14 +237,17 @@ JUDGE_PROMPT_VERSION = 'halos-pointwise-v1'
 JUDGE_INSTRUCTIONS = (
     "You rate how well an AI assistant answered a user. Consider helpfulness, correctness, clarity and "
     "concision. Rate the response from 1 (useless or harmful) to 10 (excellent). Answer with 'Score: N' only.")
+SCORE_SCHEMA = {'type': 'object', 'properties': {'score': {'type': 'integer', 'enum': list(range(1, 11))}},
+                'required': ['score'], 'additionalProperties': False}  # what a constrained judge answers
 SCORE_PATTERN = re.compile(r'score\s*[:=]?\s*(\d+(?:\.\d+)?)', re.IGNORECASE)
 NUMBER_PATTERN = re.compile(r'(?<![\d.])(\d+(?:\.\d+)?)(?![\d.])')
 
 
 def parse_score(answer: str) -> Optional[float]:
-    """The judge's 1-10 score: the number after the first 'Score' (as in 'Score: 7'), else the first number
-    in the answer; None when that number is missing or outside 1-10 (the sample is then dropped, never 0)."""
-    match = SCORE_PATTERN.search(answer) or NUMBER_PATTERN.search(answer)
+    """The judge's 1-10 score: a constrained answer's `score` ({"score": 7}), else the number after the first
+    'Score' (as in 'Score: 7'), else the first number in the answer; None when that number is missing or
+    outside 1-10 (the sample is then dropped, never 0)."""
+    match = SCORE_PATTERN.search(answer) or NUMBER_PATTERN.search(answer)  # {"score": 7} finds 7 too
     if match is None:
         return None
     score = float(match.group(1))
@@ -289,13 +292,15 @@ class JudgeLabeler:
         keys = [self.key(m) for m in messages]
         with judge.JudgmentCache(self.cache_path) as cache:
             missing = {key: m for key, m in zip(keys, messages) if key not in cache.records}
+            response_format = None
             if missing:
                 judge.check_reachable(self.client, self.base_url)
+                response_format = judge.constrained(self.client, self.base_url, self.model, SCORE_SCHEMA)
             pacer = judge.RequestPacer(self.sleep_time)
 
             def ask_and_cache(key: str, request: List[Dict[str, str]]) -> dict:
                 pacer.wait()
-                answer = judge.ask(self.client, self.model, request, self.max_tokens, self.seed)
+                answer = judge.ask(self.client, self.model, request, self.max_tokens, self.seed, response_format)
                 if parse_score(answer) is None:
                     raise ValueError(f"an answer without a 1-10 score: {answer[:80]!r}")
                 record = {'key': key, 'judge': self.model, 'prompt_version': JUDGE_PROMPT_VERSION, 'answer': answer,

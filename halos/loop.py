@@ -27,20 +27,35 @@ from halos.examples import Formatting
 from halos.losses import humanline_logratios
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from halos.packing import segment_attention_supported, sequence_logps, token_level_logps
-from halos.sampling import SamplingOptions
+from halos.sampling import Sampler, SamplingOptions
 from halos.settings import ModelSettings, setting
+from halos.vllm_engine import EngineChoice, PolicySampler
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
                    completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
 
 
 def build_optimizer(name: str, parameters: List[torch.nn.Parameter], lr: float, sharded: bool) -> torch.optim.Optimizer:
     """`torch.optim.<name>`; unsharded with its fused kernel where it has one, else its foreach kernel (on CPU the
-    default per-tensor loop costs about 1 s per AdamW or RMSprop step for 135M parameters, the fused AdamW 0.1 s).
+    default per-tensor loop is several times slower).
     FSDP2's sharded parameters keep torch's default: the fused kernels have no sharding rule."""
     optimizer_class = find_class(vars(torch.optim), torch.optim.Optimizer, name, 'optimizer', 'a torch.optim optimizer')
     options = inspect.signature(optimizer_class).parameters
     kernel = {} if sharded else {'fused': True} if 'fused' in options else {'foreach': True} if 'foreach' in options else {}
     return optimizer_class(parameters, lr=lr, **kernel)
+
+
+def shard_model(model: torch.nn.Module, block_name: str, mesh, mixed_precision: Optional[str] = None) -> None:
+    """FSDP2 over `mesh`: each block named `block_name` is its own unit (gathered for its forward and backward
+    only), then the rest of the model (embeddings, final norm, LM head) one unit around them."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision)) if mixed_precision \
+        else MixedPrecisionPolicy()
+    blocks = [m for m in model.modules() if type(m).__name__ == block_name]
+    if not blocks:
+        raise ConfigError(f"model.block_name={block_name} matches no module of {type(model).__name__}")
+    for block in blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp_policy)
+    fully_shard(model, mesh=mesh, mp_policy=mp_policy)
 
 
 @dataclass(frozen=True)
@@ -62,6 +77,7 @@ class LoopSettings:
     formatting: Formatting        # how prompts were rendered (a reward model's export records it)
     use_chat_template: bool
     checkpoint_minutes: Optional[float] = None  # also checkpoint when this long passed since the last one
+    engine: EngineChoice = EngineChoice()  # who samples the policy as it trains: halos' loop or a vLLM engine
 
 
 @dataclass(frozen=True)
@@ -141,6 +157,8 @@ class BasicTrainer:
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
         self.reference_moves = self.humanline  # its weights are then part of the checkpoint
         self.reference_is_policy = False  # the reference holds the policy's very weights (no update since a sync)
+        self.policy_updates = 0    # changes to the policy's weights (steps, resumes): a vLLM engine reloads on a new one
+        self.policy_sampler = PolicySampler(self.policy, tokenizer, settings.sampling, settings.engine, model.policy_dtype)
         self.set_data(train_iterator, eval_iterator)
 
     def set_data(self, train_iterator, eval_iterator) -> None:
@@ -162,22 +180,19 @@ class BasicTrainer:
 
     def shard(self, block_name: str, mixed_precision: Optional[str]) -> None:
         """FSDP2: shard every transformer block, then the whole model, of the policy and the reference."""
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-        mp_policy = MixedPrecisionPolicy(param_dtype=getattr(torch, mixed_precision)) if mixed_precision \
-            else MixedPrecisionPolicy()
         for model in (self.policy, self.reference_model):
             if model is None or isinstance(model, lora.AdaptersOff):  # the policy's own weights
                 continue
-            blocks = [m for m in model.modules() if type(m).__name__ == block_name]
-            if not blocks:
-                raise ConfigError(f"model.block_name={block_name} matches no module of {type(model).__name__}")
-            for block in blocks:
-                fully_shard(block, mesh=self.device_mesh(), mp_policy=mp_policy)
-            fully_shard(model, mesh=self.device_mesh(), mp_policy=mp_policy)
+            shard_model(model, block_name, self.device_mesh(), mixed_precision)
 
     def device_mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
         return init_device_mesh(self.device.type, (self.world_size,))
+
+    def sampler(self) -> Sampler:
+        """What samples the policy as it is now (online rounds, online PPO, step-level RL): halos' loop, or the run's
+        one vLLM engine with the policy's latest weights (halos/vllm_engine.py)."""
+        return self.policy_sampler.current(self.policy_updates)
 
     def reference_identity(self) -> Dict:
         """What decides the reference model's log-probs (it names the reference cache file)."""
@@ -338,6 +353,7 @@ class BasicTrainer:
         if self.humanline:
             self.sync_reference()
         self.optimizer.step()
+        self.policy_updates += 1
         self.reference_is_policy = False
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -466,5 +482,6 @@ class BasicTrainer:
         if saved.reference_state is not None:
             set_model_state_dict(self.reference_model, saved.reference_state, options=options)
         self.restore_trainer_state(saved.trainer_state)
+        self.policy_updates += 1
         self.last_eval_metrics = saved.metrics
         rank0_print(f'resumed from {saved.directory} after {self.example_counter} examples ({self.batch_counter} steps)')

@@ -34,7 +34,7 @@ from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeat
                             sample_stats)
 from halos.packing import token_level_logps
 from halos.policy_gradient import PolicyGradientTrainer, Reduction
-from halos.sampling import Sample, halos_sampler
+from halos.sampling import Sample
 from halos.settings import at_least, greater_than, setting
 from utils import all_gather_list, on_rank0
 
@@ -120,7 +120,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         with torch.no_grad(), torch.random.fork_rng():
             torch.manual_seed(zlib.crc32(f'{self.settings.seed}/{self.batches_seen}/{batch[schema.PROMPT_ID][0]}/'
                                          f'{salt}'.encode()))
-            samples = halos_sampler(self.policy, self.tokenizer, self.settings.sampling)(batch, k)
+            samples = self.sampler()(batch, k)
         self.policy.train(training)
         return samples
 

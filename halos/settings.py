@@ -148,6 +148,19 @@ class OnlineSettings:
                                        greater_than(1))
     max_repetition: float = setting(0.5, "warn when this share of the completions' 4-grams repeat", between(0, 1))
     stop_on_hacking: bool = setting(False, 'stop when a monitor warns, keeping the last checkpoint before it')
+    sampler: str = setting('auto', "who samples as the policy trains: vLLM where it is installed with a GPU, else "
+                                   "halos' loop (auto); or always one of them", one_of('auto', 'halos', 'vllm'))
+    vllm_gpu_memory_utilization: float = setting(0.3, "the colocated vLLM engine's share of each GPU's memory (its "
+                                                      "weights and KV cache)", between(0.05, 0.95))
+
+
+@dataclass(frozen=True)
+class LmEvalSettings:
+    tasks: List[str] = setting([], 'eval.py mode=lm_eval: lm-eval-harness task names (halos_basics ships here)')
+    num_fewshot: Optional[int] = setting(None, "few-shot examples (null: each task's own)", at_least(0))
+    limit: Optional[int] = setting(None, 'evaluate at most this many examples of each task', at_least(1))
+    batch_size: int = setting(8, 'batch size of the harness', at_least(1))
+    include_path: Optional[str] = setting(None, 'a directory of task YAMLs of your own (data/lm_eval always)')
 
 
 @dataclass(frozen=True)
@@ -172,7 +185,7 @@ class RunSettings:
     exp_name: str = setting(REQUIRED, 'name of the run: its directory under cache_dir and its wandb name')
     datasets: List[str] = setting(REQUIRED, 'registered dataset names and/or .json/.jsonl feedback files')
     mode: str = setting(REQUIRED, 'train (train.py), or what eval.py does',
-                        one_of('train', 'sample', 'eval', 'alpacaeval', 'reward'))
+                        one_of('train', 'sample', 'eval', 'alpacaeval', 'reward', 'lm_eval'))
     data_dir: Optional[str] = setting(None, 'read registered datasets from DIR/<name>/<split>.jsonl, not the hub')
     use_chat_template: bool = setting(False, "render prompts with the tokenizer's chat template")
     debug: bool = setting(False, 'no wandb and no intermediate checkpoints')
@@ -221,6 +234,7 @@ class RunSettings:
     frac_unique_undesirable: float = setting(1.0, 'unpaired losses: keep this share of the undesirable examples',
                                              between(0, 1))
     online: OnlineSettings = section(OnlineSettings, 'online rounds: sample from the policy, label, train')
+    lm_eval: LmEvalSettings = section(LmEvalSettings, 'eval.py mode=lm_eval: lm-eval-harness on the policy')
     model: ModelSettings = section(ModelSettings, 'the model: config/model/<name>.yaml')
     loss: LossSettings = section(LossSettings, 'the loss: config/loss/<name>.yaml')
 

@@ -3,13 +3,13 @@
 1. SFT on the best of the starting model's 4 samples per train prompt (rejection sampling; data/upbeat).
 2. From the SFT checkpoint: DPO on the shipped best-vs-worst pairs, KTO on their outputs as desirable and
    undesirable examples, and two rounds of online DPO (16 prompts x 4 fresh samples from the policy, labelled by
-   the reward function). Every method sees half the data of `make quality` at twice its learning rate: the demo
-   fits in 12 minutes from a fresh clone on 2 cores in fp32, with each aligned model's gain still 3.9-5.4 SE.
+   the reward function). Every method sees half the data of `make quality` at twice its learning rate, so that
+   the demo fits in minutes on a 2-core CPU in fp32 and still shows a measured gain.
 3. The held-out reward (data/upbeat/test_prompts.jsonl, one sample per prompt, mean ± standard error),
    the KL to the starting model and the length of every model, with `eval.py ++mode=reward`; a table and
    plots next to the training curves.
-4. compare.py judging online DPO against SFT through a local `transformers serve` judge (the same 135M model):
-   a demonstration of the judging protocol, not a verdict.
+4. compare.py judging online DPO against SFT through halos' scoring judge server (judge_server.py, the same
+   135M model, verdicts constrained to compare.py's JSON schema): a demonstration of the protocol, not a verdict.
 
 Every command is printed, and each is a train.py / eval.py / label.py / compare.py command line to rerun by hand.
 A rerun keeps every run measured before (delete its runs/demo/quality_<name> to redo one), resumes one cut
@@ -36,7 +36,7 @@ ALIGNED = (quality.Method('kto', 'kto', 'pairwise', ('++n_examples=48',)),
 
 def has_bf16_matmul() -> bool:
     """Whether this CPU multiplies in bf16 natively (AMX or AVX512-BF16): there bf16 autocast trains and samples
-    about 1.35x faster; elsewhere it would be slower than fp32."""
+    faster than fp32; elsewhere it would be slower."""
     import torch
     return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
@@ -58,24 +58,14 @@ def best_of_k(run: quality.Runner) -> str:
 
 
 def plot_curves(run_dirs) -> str:
-    import matplotlib
-    matplotlib.use('Agg')
-    import matplotlib.pyplot as plt
-    figure, axes = plt.subplots(1, len(run_dirs), figsize=(4 * len(run_dirs), 3.5))
-    for axis, (name, run_dir) in zip(axes, run_dirs.items()):
-        with open(os.path.join(ROOT, run_dir, 'metrics.jsonl')) as f:
-            points = [(r['step'], r['loss/train']) for r in map(json.loads, f) if 'loss/train' in r]
-        axis.plot(*zip(*points), marker='.')
-        axis.set(title=name, xlabel='training examples', ylabel='training loss')
-    path = os.path.join(ROOT, RUNS, 'training_curves.png')
-    figure.tight_layout()
-    figure.savefig(path, dpi=100)
-    return path
+    from halos.curves import plot_training_curves
+    return plot_training_curves({name: os.path.join(ROOT, d) for name, d in run_dirs.items()},
+                                os.path.join(ROOT, RUNS, 'training_curves.png'))
 
 
 def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
     """compare.py: the candidate's held-out samples against the baseline's, both orders, through a local judge."""
-    from judge_server import transformers_judge_server
+    from judge_server import scoring_judge_server
     import models
     samples_dir = os.path.join(RUNS, 'rewards')
     with open(os.path.join(ROOT, samples_dir, f"{candidate['exp_name']}.json")) as f:
@@ -92,7 +82,7 @@ def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
     if os.path.exists(os.path.join(ROOT, results)):
         os.remove(os.path.join(ROOT, results))  # this run's result line only; the judgments stay cached
     judge_model = models.embedded_model_dir('smollm2-135m-instruct')
-    with transformers_judge_server(judge_model) as base_url:
+    with scoring_judge_server(judge_model) as base_url:
         run('compare.py', '-f', path, '-ck', 'policy', '-bk', 'baseline', '-r', results, '-mc', '8', '--base-url',
             base_url, '-j', judge_model, '-st', '0', '-v', 'false', '--both-orders')
     run('visualize.py', results, '-o', os.path.join(RUNS, 'win_rates.png'))
@@ -134,7 +124,7 @@ def run_demo() -> None:
     rate = 'n/a (nothing judged)' if verdict['win_rate'] is None else \
         f"{verdict['win_rate']:.2f} (95% CI {verdict['win_rate_ci95'][0]:.2f}-{verdict['win_rate_ci95'][1]:.2f})"
     print(f"compare.py, online DPO vs SFT on {verdict['total']} held-out prompts in both orders"
-          f" (judge: SmolLM2-135M-Instruct through transformers serve; a protocol demonstration, not a "
+          f" (judge: SmolLM2-135M-Instruct through judge_server.py, schema-constrained; a protocol demonstration, not a "
           f"verdict): win rate {rate}; wins {verdict['wins']}, losses {verdict['losses']}, ties {verdict['ties']}, "
           f"failures {verdict['failures']}")
     print(f'\nArtifacts in {RUNS}/: checkpoints and HF exports (<run>/LATEST/policy.pt, <run>/LATEST/hf), held-out '

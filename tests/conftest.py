@@ -13,6 +13,7 @@ import pytest  # noqa: E402
 
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: end-to-end runs of train.py (still part of make test)')
+    config.addinivalue_line('markers', 'gpu: needs a CUDA GPU, skipped without one (make gpu-check runs `pytest -m gpu`)')
 
 
 @pytest.fixture(scope='session')

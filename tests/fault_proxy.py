@@ -11,7 +11,9 @@ Chat-completion requests are numbered from 1 in the order they arrive. A request
 - 'garbage_json': HTTP 200, Content-Type application/json, with a body that is not JSON;
 - an HTTP error status of its own (`status={number: code}`, e.g. 401 or 404), with an OpenAI-style error body;
 - 'die': the proxy stops listening and drops the connection, as a server that went away.
-Everything else (and every other path, e.g. GET /v1/models) is forwarded to the upstream server. Without
+Everything else (and every other path, e.g. GET /v1/models) is forwarded to the upstream server, as are the
+judge clients' probes for schema-constrained answers (halos.judge.PROBE_SCHEMA), uncounted (`probes` counts
+them), so that a fault plan numbers the judgments alone. Without
 an upstream (`upstream=None`) the proxy answers by itself: GET /v1/models lists one model and every chat
 completion says "Response 1". `models_status` makes GET /v1/models answer with that HTTP status instead.
 """
@@ -25,6 +27,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Dict, Iterable, Optional
+
+from halos.judge import PROBE_SCHEMA
 
 GARBAGE_TEXT = 'banana bread is nice this time of year'
 
@@ -42,6 +46,7 @@ class FaultProxy:
         self.hang_seconds = hang_seconds
         self.lock = threading.Lock()
         self.chat_requests = 0
+        self.probes = 0
         self.faults = collections.Counter()
         self.answered = collections.Counter()  # request bodies (hashed) that got a real completion
         self.server = http.server.ThreadingHTTPServer(('127.0.0.1', 0), self._handler_class())
@@ -115,6 +120,10 @@ class FaultProxy:
 
             def do_POST(self):
                 body = self.rfile.read(int(self.headers.get('Content-Length', 0)))
+                if is_probe(body):
+                    with proxy.lock:
+                        proxy.probes += 1
+                    return self.forward(body, counted=False)
                 fault = proxy.next_fault(self.path)
                 if fault is None:
                     self.forward(body)
@@ -131,7 +140,7 @@ class FaultProxy:
                 else:
                     self.reply(200, b'{"id": "chatcmpl-1", "choices": [{"message": ')
 
-            def forward(self, body: Optional[bytes]):
+            def forward(self, body: Optional[bytes], counted: bool = True):
                 if proxy.upstream_root is None:
                     return self.reply(200, json.dumps(completion('Response 1')).encode())
                 request = urllib.request.Request(proxy.upstream_root + self.path, data=body,
@@ -142,7 +151,7 @@ class FaultProxy:
                         status, content = response.status, response.read()
                 except urllib.error.HTTPError as error:
                     status, content = error.code, error.read()
-                if body is not None and status == 200:
+                if body is not None and status == 200 and counted:
                     with proxy.lock:
                         proxy.answered[hashlib.sha256(body).hexdigest()] += 1
                 self.reply(status, content)
@@ -158,6 +167,13 @@ class FaultProxy:
                     pass
 
         return Handler
+
+
+def is_probe(body: bytes) -> bool:
+    """A judge client's request that asks whether the server constrains answers to a JSON schema."""
+    response_format = json.loads(body or b'{}').get('response_format') or {}
+    schema = response_format.get('schema') or response_format.get('json_schema', {}).get('schema')
+    return schema == PROBE_SCHEMA
 
 
 def error_body(status: int) -> dict:

@@ -360,6 +360,7 @@ def test_judging_end_to_end_counts_add_up_and_a_rerun_judges_nothing(tmp_path, p
     assert result['judgments'] == {'requested': 10, 'cached': 0} and proxy.chat_requests == 10
     assert set(proxy.answered.values()) == {1} and len(proxy.answered) == 10
     assert result['errors'] == 0 and result['length_unit'] == 'tokens' and len(result['candidate']['lengths']) == 5
+    assert result['constrained'] is True and result['unparseable'] == 0  # llama.cpp honours the verdict schema
     assert result['judge'] == JUDGE and result['base_url'] == proxy.base_url and result['both_orders'] is True
     bias = result['position_bias']
     assert bias['candidate_first']['judged'] + bias['candidate_second']['judged'] == 10 - \
@@ -422,8 +423,8 @@ def test_injected_faults_lose_or_double_no_judgment_and_count_failures(tmp_path,
     n = 6
     write_samples(tmp_path / 'samples.json', n)
     proxy.reset(fail_first=2, hang={4}, garbage_text={6}, garbage_json={8})
-    proxy.hang_seconds = 8
-    options = ('--concurrency', '1', '--timeout', '5', '--max-retries', '3')
+    proxy.hang_seconds = 16
+    options = ('--concurrency', '1', '--timeout', '12', '--max-retries', '3')  # room for a slow constrained answer
     faulty = run_compare(tmp_path, proxy.base_url, *options)
     result = result_lines(tmp_path)[0]
     assert dict(proxy.faults) == {'500': 2, 'hang': 1, 'garbage_text': 1, 'garbage_json': 1}

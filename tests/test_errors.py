@@ -112,7 +112,7 @@ def cases(tmp_path):
                           f"++optimizer=Adamm: optimizer must be one of {', '.join(torch_optimizers())}"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
-        'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, alpacaeval, reward"),
+        'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, alpacaeval, reward, lm_eval"),
     }
 
 

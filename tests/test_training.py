@@ -150,7 +150,7 @@ def test_accumulating_microbatches_equals_one_big_batch_where_the_loss_allows_it
     if ACCUMULATION_INVARIANT[case]:
         assert difference < 1e-5, difference
     else:
-        assert difference > 1e-6, f'{case} became accumulation-invariant: update ACCUMULATION_INVARIANT and the README'
+        assert difference > 1e-6, f'{case} became accumulation-invariant: update ACCUMULATION_INVARIANT and docs/faq.md'
 
 
 def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):

@@ -1,0 +1,83 @@
+"""Training curves: the panels each kind of run gets, their values, and the plot visualize.py --curves writes."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from halos.curves import moving_average, run_panels, smoothing_window
+from helpers import ROOT
+
+
+def write_metrics(run_dir, records):
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, 'metrics.jsonl'), 'w') as f:
+        f.writelines(json.dumps(r) + '\n' for r in records)
+    return run_dir
+
+
+DPO = [{'step': 8 * (i + 1), 'loss/train': loss, 'rewards_train/margins': margin, 'rewards_train/accuracies': acc}
+       for i, (loss, margin, acc) in enumerate(zip([0.69, 0.6, 0.5, 0.45, 0.3, 0.2, 0.25, 0.1, 0.12, 0.05, 0.04],
+                                                   [0, .1, .3, .4, .8, 1.2, 1.1, 1.9, 1.8, 2.5, 2.6],
+                                                   [.5, .5, .75, .75, 1, 1, 1, 1, 1, 1, 1]))]
+KTO = [{'step': 4, 'loss/train': 0.5, 'rewards_train/KL_estimate': 0.0},
+       {'step': 8, 'loss/train': 0.4, 'rewards_train/KL_estimate': 0.02}]
+ONLINE = [{'round': 0, 'reward_eval/mean': 0.1, 'reward_eval/se': 0.02},
+          {'round': 0, 'reward_eval/mean': 0.11, 'reward_eval/se': 0.03},  # evaluated again after a resume
+          {'step': 8, 'loss/train': 0.7}, {'round': 1, 'reward_train/mean': 0.2},
+          {'round': 1, 'reward_eval/mean': 0.3, 'reward_eval/se': 0.04}, {'step': 16, 'loss/train': 0.6}]
+
+
+def test_the_smoothing_window_is_a_tenth_of_the_run_within_bounds():
+    assert [smoothing_window(n) for n in (1, 4, 11, 60, 200)] == [1, 2, 5, 6, 20]
+
+
+def test_the_moving_average_looks_only_back():
+    assert moving_average([1, 2, 3, 4, 5], 2) == [1, 1.5, 2.5, 3.5, 4.5]
+    assert moving_average([4, 0, 2], 5) == [4, 2, 2]
+    assert moving_average([3, 1], 1) == [3, 1]
+
+
+def test_a_preference_run_gets_its_loss_smoothed_and_its_margin_and_accuracy():
+    panels = {p.title: p for p in run_panels(DPO)}
+    assert list(panels) == ['loss', 'reward margin and accuracy']
+    raw, smoothed = panels['loss'].series
+    assert raw.x == [8 * i for i in range(1, 12)] and raw.y[0] == 0.69
+    assert smoothed.label == 'moving average of 5'  # 11 points: at least 5, at most half
+    assert smoothed.y[:3] == pytest.approx([0.69, 0.645, 0.5966667]) and smoothed.y[-1] == pytest.approx(0.112)
+    margin, accuracy = panels['reward margin and accuracy'].series
+    assert margin.y[4] == pytest.approx(0.32) and margin.y[-1] == pytest.approx(1.98) and accuracy.right_axis
+    assert accuracy.y[-1] == 1
+    assert panels['loss'].xlabel == 'training examples' and 'nats' in panels['reward margin and accuracy'].ylabel
+
+
+def test_kto_gets_its_kl_estimate_and_an_online_run_its_reward_per_round():
+    assert [p.title for p in run_panels(KTO)] == ['loss', 'KL estimate']
+    assert run_panels(KTO)[1].series[0].y == [0.0, 0.02]
+    panels = {p.title: p for p in run_panels(ONLINE)}
+    assert list(panels) == ['loss', 'reward per round']
+    sampled, held_out = panels['reward per round'].series
+    assert (sampled.x, sampled.y) == ([1], [0.2])
+    assert (held_out.x, held_out.y, held_out.error) == ([0, 1], [0.11, 0.3], [0.03, 0.04])
+    assert panels['reward per round'].xlabel == 'round'
+
+
+def test_visualize_plots_the_curves_of_several_runs(tmp_path):
+    runs = [write_metrics(str(tmp_path / name), records) for name, records in
+            (('dpo', DPO), ('kto', KTO), ('online', ONLINE))]
+    out = tmp_path / 'curves.png'
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), '--curves', *runs, '-o', str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:4] == b'\x89PNG' and 'training curves of 3 run(s)' in result.stdout
+
+
+@pytest.mark.parametrize('arguments, message', [
+    (['--curves', 'no_such_run'], 'no_such_run: no metrics.jsonl (not a run directory)'),
+    (['a.jsonl', 'b.jsonl'], 'one results file'),
+])
+def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), *arguments], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr

@@ -1,0 +1,45 @@
+"""eval.py ++mode=lm_eval: lm-eval-harness on the policy, on halos_basics (a multiple-choice task shipped in
+data/lm_eval, no hub), with the embedded SmolLM2; its accuracy equals one computed here from the model's own
+log-probs of every answer."""
+import json
+import os
+
+import pytest
+import torch
+
+import models
+from helpers import DATA, ROOT, run_in_process
+
+pytest.importorskip('lm_eval')
+
+
+def answer_logp(model, tokenizer, context: str, answer: str) -> float:
+    """log p(' ' + answer | context), the answer's tokens those of context + answer after the context's (as
+    lm-eval's HFLM splits them), no special tokens."""
+    context_ids = tokenizer(context, add_special_tokens=False)['input_ids']
+    whole = tokenizer(context + ' ' + answer, add_special_tokens=False)['input_ids']
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([whole])).logits[0].float()
+    logps = torch.log_softmax(logits, -1)
+    return sum(logps[position - 1, token].item() for position, token in enumerate(whole) if position >= len(context_ids))
+
+
+def test_lm_eval_accuracy_equals_the_one_from_the_models_log_probs(tmp_path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the task's data file is relative to the repository
+    printed = run_in_process('eval.py', ['--config-path=' + os.path.join(ROOT, 'config'), 'model=smollm2', 'loss=sft',
+                                         'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[halos_basics]',
+                                         '++saved_policy=null', f'++cache_dir={tmp_path}'], tmp_path / 'hydra')
+    results = json.loads((tmp_path / 'lm' / 'lm_eval.json').read_text())
+    accuracy = results['results']['halos_basics']['acc,none']
+    assert '|halos_basics|' in printed and 'acc' in printed
+
+    tokenizer = models.load_tokenizer('embedded:smollm2-135m-instruct')
+    model = models.load_causal_lm('embedded:smollm2-135m-instruct', 'float32').eval()
+    items = [json.loads(line) for line in open(os.path.join(DATA, 'lm_eval', 'halos_basics.jsonl'))]
+    correct = []
+    for item in items:
+        context = f"Question: {item['question']}\nAnswer:"
+        scores = [answer_logp(model, tokenizer, context, choice) for choice in item['choices']]
+        correct.append(max(range(len(scores)), key=scores.__getitem__) == item['answer'])
+    assert accuracy == pytest.approx(sum(correct) / len(items), abs=1e-9)
+    assert 0 < accuracy < 1  # neither side trivially right or wrong on all 20
