@@ -122,8 +122,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='runs, samples and feedback (cleared at the start unless --reuse)')
     parser.add_argument('--reuse', action='store_true',
                         help="keep the work directory: reuse the samples and feedback on disk, keep the rows of an "
-                             "earlier report with the same --tag whose run is on disk, and resume any other run from "
-                             "its LATEST checkpoint")
+                             "earlier report with the same --tag whose run is on disk, skip the sweep's trials "
+                             "recorded in quality-<tag>-trials.jsonl, and resume any other run from its LATEST "
+                             "checkpoint")
     parser.add_argument('--results-dir', default=os.path.join(ROOT, 'bench', 'results'))
     parser.add_argument('--tag', default=None, help='the results file name: quality-<tag> (default: the date)')
     parser.add_argument('--extra', action='append', default=[],
@@ -363,7 +364,7 @@ def split_prompts(args) -> Tuple[str, str]:
     return paths
 
 
-def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict]) -> Dict[str, dict]:
+def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict], tag: str) -> Dict[str, dict]:
     """Every configuration of every method's grid, trained on the train prompts less the validation split and
     scored on it; per method its trials and the chosen overrides (those of the best validation reward). `done`:
     an earlier report's sweep, kept with --reuse."""
@@ -372,6 +373,7 @@ def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict]) -
                                        'work_dir': os.path.join(args.work_dir, 'sweep')})
     feedback = build_feedback(run, sweep_args, sorted({method.feedback for method in methods if method.feedback}))
     budget, n_prompts, results = count_lines(feedback['samples']), count_lines(train), {}
+    record = TrialRecord(os.path.join(args.results_dir, f'quality-{tag}-trials.jsonl'), keep=args.reuse)
     for method in methods:
         if method.name in done:
             results[method.name] = done[method.name]
@@ -380,11 +382,47 @@ def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict]) -
         lrs = args.sweep_lrs.split(',') if args.sweep_lrs else SWEEP_LRS.get(method.name, SWEEP_LRS['default'])
         for index, overrides in enumerate(grid(method, lrs)):
             variant = dataclasses.replace(method, name=f'{method.name}-{index}', overrides=(*method.overrides, *overrides))
-            row = run_method(run, sweep_args, variant, budget, n_prompts, feedback)
-            trials.append({'overrides': list(overrides), 'reward_mean': row['reward_mean'], 'reward_se': row['reward_se'],
-                           'kl': row['kl']})
+            trials.append(record.get(variant.name, overrides) or
+                          record.add(variant.name, trial(run, sweep_args, variant, overrides, budget, n_prompts, feedback)))
         results[method.name] = {'trials': trials, 'chosen': max(trials, key=lambda t: t['reward_mean'])['overrides']}
     return results
+
+
+class TrialRecord:
+    """The sweep's finished trials, one JSON line each in the results directory, appended as each finishes: with
+    --reuse a sweep cut short (or moved to another machine with the results) runs only the trials not recorded."""
+
+    def __init__(self, path: str, keep: bool):
+        self.path, self.trials = path, {}
+        if keep and os.path.exists(path):
+            with open(path) as f:
+                self.trials = {line['trial']: line for line in map(json.loads, f)}
+        elif os.path.exists(path):
+            os.remove(path)
+
+    def get(self, name: str, overrides: Tuple[str, ...]) -> Optional[dict]:
+        found = self.trials.get(name)
+        if found is None or found['overrides'] != list(overrides):
+            return None
+        return {key: value for key, value in found.items() if key != 'trial'}
+
+    def add(self, name: str, result: dict) -> dict:
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'trial': name, **result}) + '\n')
+        self.trials[name] = {'trial': name, **result}
+        return result
+
+
+def trial(run: Runner, args, variant: Method, overrides: Tuple[str, ...], budget: int, n_prompts: int,
+          feedback: Dict[str, str]) -> dict:
+    """One configuration of the sweep, trained and scored on the validation prompts; its checkpoint is deleted
+    (only the chosen configuration is trained again, for the table)."""
+    row = run_method(run, args, variant, budget, n_prompts, feedback)
+    for checkpoint in ('LATEST', 'LATEST.tmp'):
+        shutil.rmtree(os.path.join(ROOT, run_dir(args, variant.name), checkpoint), ignore_errors=True)
+    return {'overrides': list(overrides), 'reward_mean': row['reward_mean'], 'reward_se': row['reward_se'],
+            'kl': row['kl']}
 
 
 def gap_in_se(row: dict, start: dict) -> float:
@@ -556,7 +594,7 @@ def measure(args: argparse.Namespace) -> dict:
     run, started = Runner(), time.time()
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = count_lines(args.prompts_train)
-    chosen = sweep(run, args, methods, earlier.get('sweep', {}) if earlier else {}) if args.sweep else {}
+    chosen = sweep(run, args, methods, earlier.get('sweep', {}) if earlier else {}, tag) if args.sweep else {}
     feedback = build_feedback(run, args, sorted({method.feedback for method in methods if method.feedback}))
     sampling_seconds = earlier['sampling_seconds'] if earlier else time.time() - started
     budget = count_lines(feedback['samples'])

@@ -174,16 +174,15 @@ def test_label_py_names_a_bad_sample_and_a_missing_function(tmp_path, capsys):
 @pytest.mark.slow
 def test_the_judge_labeler_asks_nothing_twice_on_a_rerun(tmp_path, capsys):
     """Against the local llama.cpp server (SmolLM2 as the judge) behind a proxy that counts requests. A judgment
-    with a score is cached and never asked again; an answer without one is not (a rerun asks again). The 135M
-    judge often answers without a score: when fewer than half of the samples get one, label.py stops (exit 2)
-    instead of writing feedback from the few."""
+    with a score is cached and never asked again; an answer without one is not (a rerun asks again). When fewer
+    than half of the samples get one, label.py stops (exit 2) instead of writing feedback from the few."""
     import label
     from fault_proxy import FaultProxy
     from judge_server import local_judge_server
     samples = sample_file(tmp_path)
     with local_judge_server() as url, FaultProxy(url) as proxy:
         arguments = [samples, str(tmp_path / 'feedback.jsonl'), '--judge', 'smollm2', '--base-url', proxy.base_url,
-                     '--feedback', 'scalar']
+                     '--feedback', 'binary']  # keeps every scored sample, tied or not
         status = label.main(arguments)
         assert proxy.chat_requests == 9
         cache = tmp_path / 'feedback.judgments.jsonl'

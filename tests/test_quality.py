@@ -4,6 +4,7 @@ and every command it ran is a command line a user can rerun."""
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -100,6 +101,19 @@ def test_the_sweep_picks_each_methods_best_validation_configuration(tmp_path):
     validation = [line for line in report['commands'] if '++mode=reward' in line and 'val_prompts.jsonl' in line]
     assert len(validation) == 4 and all('test.jsonl' not in line for line in validation)
     assert '## Sweep' in (tmp_path / 'results' / 'quality-swept.md').read_text()
+    recorded = [json.loads(line) for line in (tmp_path / 'results' / 'quality-swept-trials.jsonl').open()]
+    assert [line.pop('trial') for line in recorded] == ['dpo-0', 'dpo-1', 'grpo-online-0', 'grpo-online-1']
+    assert recorded == report['sweep']['dpo']['trials'] + report['sweep']['grpo-online']['trials']
+    assert not any((tmp_path / 'work' / 'sweep').glob('quality_*/LATEST'))  # a trial keeps its result, not its checkpoint
+    # as if the sweep had been cut short after dpo's trials on another machine: --reuse with the results trains none
+    swept = report['sweep'].pop('dpo')
+    (tmp_path / 'results' / 'quality-swept.json').write_text(json.dumps(report))
+    shutil.rmtree(tmp_path / 'work' / 'sweep')
+    rerun = subprocess.run([*command, '--reuse', '--methods', 'dpo'], cwd=ROOT, capture_output=True, text=True,
+                           timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert json.loads((tmp_path / 'results' / 'quality-swept.json').read_text())['sweep']['dpo'] == swept
+    assert '$ python train.py' not in rerun.stdout
 
 
 def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_with_its_exit_status(tmp_path):
