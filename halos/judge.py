@@ -67,8 +67,8 @@ def check_reachable(client: openai.OpenAI, base_url: str) -> None:
     except openai.APIConnectionError:
         raise JudgeError(
             f"no judge server reachable at {public_url(base_url)}: start one (python -m llama_cpp.server --model "
-            f"M.gguf, vllm serve M, or ollama serve) and pass its URL with --base-url, or unset OPENAI_BASE_URL "
-            f"to use OpenAI") from None
+            f"M.gguf, vllm serve M, or ollama serve) and pass its URL (--base-url; online.base_url in training), "
+            f"or unset OPENAI_BASE_URL to use OpenAI") from None
     except openai.AuthenticationError:
         raise JudgeError(f"the judge server at {public_url(base_url)} rejected the API key: "
                          f"check OPENAI_API_KEY") from None

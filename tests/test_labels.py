@@ -176,7 +176,8 @@ def test_a_judge_server_that_is_down_stops_the_round_and_a_working_one_resumes_i
         stops_then_resumes(tmp_path, capsys, 'down', judged_by(down), judged_by(working.base_url),
                            lambda samples: f"no judge server reachable at {down}: start one (python -m "
                                            f"llama_cpp.server --model M.gguf, vllm serve M, or ollama serve) and pass "
-                                           f"its URL with --base-url, or unset OPENAI_BASE_URL to use OpenAI"
+                                           f"its URL (--base-url; online.base_url in training), or unset "
+                                           f"OPENAI_BASE_URL to use OpenAI"
                                            f"{kept(samples)}",
                            loss='sft')
 
