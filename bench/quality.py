@@ -19,8 +19,9 @@ length.
 
 With --sweep every method first trains once per configuration of its grid (learning rate x its main
 coefficient) on the train prompts less a validation split (the last --val-prompts of them; never the held-out
-prompts) and is scored on that split; the configuration with the best validation reward then trains on all
-the train prompts and is measured on the held-out ones. The report lists every configuration tried.
+prompts) and is scored on that split; the configuration with the best validation reward (of equals, the lowest
+KL) then trains on all the train prompts and is measured on the held-out ones. The report lists every
+configuration tried.
 
 Writes bench/results/quality-<tag>.md and .json, quality-<tag>-reward.png (held-out reward against the labelled
 samples consumed) and quality-<tag>-frontier.png (reward against KL), and prints every command it ran: each
@@ -384,8 +385,13 @@ def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict], t
             variant = dataclasses.replace(method, name=f'{method.name}-{index}', overrides=(*method.overrides, *overrides))
             trials.append(record.get(variant.name, overrides) or
                           record.add(variant.name, trial(run, sweep_args, variant, overrides, budget, n_prompts, feedback)))
-        results[method.name] = {'trials': trials, 'chosen': max(trials, key=lambda t: t['reward_mean'])['overrides']}
+        results[method.name] = {'trials': trials, 'chosen': best_trial(trials)['overrides']}
     return results
+
+
+def best_trial(trials: Sequence[dict]) -> dict:
+    """The best validation reward; among equals (a reward at its ceiling) the one that moved least from the start."""
+    return max(trials, key=lambda trial: (trial['reward_mean'], -trial['kl']))
 
 
 class TrialRecord:
@@ -462,7 +468,8 @@ def sweep_lines(report: dict) -> List[str]:
     if not report.get('sweep'):
         return []
     lines = ['', '## Sweep', '', f"Each configuration trained on the train prompts less the last {report['val_prompts']} "
-             f"and was scored on those {report['val_prompts']} (validation reward ± SE, KL); the best was chosen.", '',
+             f"and was scored on those {report['val_prompts']} (validation reward ± SE, KL); the best was chosen (of "
+             "equal rewards, the lowest KL).", '',
              '| method | configuration | validation reward ± SE | KL | chosen |', '|---|---|---|---|---|']
     for method, result in report['sweep'].items():
         for trial in result['trials']:

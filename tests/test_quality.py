@@ -94,7 +94,7 @@ def test_the_sweep_picks_each_methods_best_validation_configuration(tmp_path):
     for method, coefficient in (('dpo', 'loss.beta'), ('grpo-online', 'loss.beta')):
         trials = report['sweep'][method]['trials']
         assert [trial['overrides'][1].split('=')[0] for trial in trials] == [f'++{coefficient}'] * 2
-        best = max(trials, key=lambda trial: trial['reward_mean'])
+        best = max(trials, key=lambda trial: (trial['reward_mean'], -trial['kl']))
         assert report['sweep'][method]['chosen'] == best['overrides']
         row = next(row for row in report['methods'] if row['method'] == method)
         assert row['hyperparameters'] == f"lr 1e-3, beta {best['overrides'][1].split('=')[1]}"
