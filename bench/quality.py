@@ -402,21 +402,20 @@ class TrialRecord:
         self.path, self.trials = path, {}
         if keep and os.path.exists(path):
             with open(path) as f:
-                self.trials = {line['trial']: line for line in map(json.loads, f)}
+                for record in map(json.loads, f):
+                    self.trials[record.pop('trial')] = record
         elif os.path.exists(path):
             os.remove(path)
 
     def get(self, name: str, overrides: Tuple[str, ...]) -> Optional[dict]:
         found = self.trials.get(name)
-        if found is None or found['overrides'] != list(overrides):
-            return None
-        return {key: value for key, value in found.items() if key != 'trial'}
+        return found if found is not None and found['overrides'] == list(overrides) else None
 
     def add(self, name: str, result: dict) -> dict:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
         with open(self.path, 'a') as f:
             f.write(json.dumps({'trial': name, **result}) + '\n')
-        self.trials[name] = {'trial': name, **result}
+        self.trials[name] = result
         return result
 
 
