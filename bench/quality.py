@@ -123,7 +123,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='runs, samples and feedback (cleared at the start unless --reuse)')
     parser.add_argument('--reuse', action='store_true',
                         help="keep the work directory: reuse the samples and feedback on disk, keep the rows of an "
-                             "earlier report with the same --tag whose run is on disk, skip the sweep's trials "
+                             "earlier report with the same --tag that trained with the same overrides, skip the sweep's trials "
                              "recorded in quality-<tag>-trials.jsonl, and resume any other run from its LATEST "
                              "checkpoint")
     parser.add_argument('--results-dir', default=os.path.join(ROOT, 'bench', 'results'))
@@ -328,7 +328,8 @@ def run_method(run: Runner, args, method: Method, budget: int, n_prompts: int, f
         trained_on = f'{args.rounds} rounds x {prompts_per_round(args, n_prompts)} prompts x {args.samples_per_prompt}'
         curve = metric_curve(directory, 'reward_eval/mean', 'reward_eval/se')
     return {'method': method.name, 'loss': method.loss, 'trains_on': trained_on, 'train_seconds': train_seconds,
-            'curve': curve, 'hyperparameters': hyperparameters(args, method), **result}
+            'curve': curve, 'hyperparameters': hyperparameters(args, method), 'overrides': list(method.overrides),
+            **result}
 
 
 def hyperparameters(args, method: Method) -> str:
@@ -569,13 +570,12 @@ def earlier_report(args, tag: str) -> Optional[dict]:
         return json.load(f)
 
 
-def kept_rows(args, earlier: Optional[dict]) -> Dict[str, dict]:
-    """The earlier report's rows whose run is still on disk: --reuse keeps them as measured (delete a run's
-    directory to train and measure it again)."""
-    if earlier is None:
-        return {}
-    return {row['method']: row for row in earlier['methods']
-            if os.path.isdir(os.path.join(ROOT, run_dir(args, row['method']), 'LATEST'))}
+def kept_row(earlier: Optional[dict], method: Method) -> Optional[dict]:
+    """The earlier report's row of `method` if it trained with the same overrides: --reuse keeps it as measured,
+    on this machine or on another one holding the results (the table of a long sweep fills over several runs)."""
+    rows = earlier['methods'] if earlier else []
+    return next((row for row in rows if row['method'] == method.name and row.get('overrides') == list(method.overrides)),
+                None)
 
 
 def existing_file(path: str) -> str:
@@ -596,7 +596,6 @@ def measure(args: argparse.Namespace) -> dict:
         shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)
     tag = args.tag or datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
     earlier = earlier_report(args, tag)
-    kept = kept_rows(args, earlier)
     run, started = Runner(), time.time()
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = count_lines(args.prompts_train)
@@ -608,7 +607,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     for method in methods:  # the report is rewritten after every method: a crash keeps the rows done
         tuned = dataclasses.replace(method, overrides=(*method.overrides, *chosen.get(method.name, {}).get('chosen', ())))
-        rows.append(kept.get(method.name) or run_method(run, args, tuned, budget, n_prompts, feedback))
+        rows.append(kept_row(earlier, tuned) or run_method(run, args, tuned, budget, n_prompts, feedback))
         report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started, chosen)
         stem = write_report(report, args.results_dir, tag)
     print('\n' + markdown(report).split('## Commands')[0])

@@ -1,6 +1,7 @@
 """bench/quality.py on a second task given on the command line (prompts files and a reward function of the
 tests' own) with the tiny random model: every method trains and is measured, the table and plots are written,
 and every command it ran is a command line a user can rerun."""
+import dataclasses
 import json
 import math
 import os
@@ -105,15 +106,29 @@ def test_the_sweep_picks_each_methods_best_validation_configuration(tmp_path):
     assert [line.pop('trial') for line in recorded] == ['dpo-0', 'dpo-1', 'grpo-online-0', 'grpo-online-1']
     assert recorded == report['sweep']['dpo']['trials'] + report['sweep']['grpo-online']['trials']
     assert not any((tmp_path / 'work' / 'sweep').glob('quality_*/LATEST'))  # a trial keeps its result, not its checkpoint
-    # as if the sweep had been cut short after dpo's trials on another machine: --reuse with the results trains none
+    # as if the run had been cut short after dpo's trials on another machine (no work directory): --reuse with the
+    # results trains nothing again, neither the trials nor the table's dpo row
     swept = report['sweep'].pop('dpo')
     (tmp_path / 'results' / 'quality-swept.json').write_text(json.dumps(report))
-    shutil.rmtree(tmp_path / 'work' / 'sweep')
+    shutil.rmtree(tmp_path / 'work')
     rerun = subprocess.run([*command, '--reuse', '--methods', 'dpo'], cwd=ROOT, capture_output=True, text=True,
                            timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert json.loads((tmp_path / 'results' / 'quality-swept.json').read_text())['sweep']['dpo'] == swept
     assert '$ python train.py' not in rerun.stdout
+
+
+def test_reuse_keeps_a_row_only_if_it_trained_with_the_same_overrides():
+    sys.path.insert(0, ROOT)
+    from bench.quality import METHODS, kept_row
+    dpo = dataclasses.replace(METHODS['dpo'], overrides=('++lr=5e-5', '++loss.beta=0.2'))
+    row = {'method': 'dpo', 'overrides': ['++lr=5e-5', '++loss.beta=0.2'], 'reward_mean': 0.6}
+    earlier = {'methods': [{'method': 'ipo', 'overrides': list(dpo.overrides)}, row]}
+    assert kept_row(earlier, dpo) is row
+    assert kept_row(earlier, dataclasses.replace(dpo, overrides=('++lr=2e-5', '++loss.beta=0.2'))) is None
+    assert kept_row(earlier, METHODS['kto']) is None
+    assert kept_row({'methods': [{'method': 'dpo', 'reward_mean': 0.6}]}, dpo) is None  # a row from before overrides
+    assert kept_row(None, dpo) is None
 
 
 def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_with_its_exit_status(tmp_path):
