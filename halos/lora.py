@@ -9,10 +9,11 @@ Checkpoints hold the trainable state (policy.pt), the adapter as peft writes it 
 PeftModel.from_pretrained) and, at the end, the merged model (`hf/`).
 """
 import os
-from typing import Dict, Optional, Sequence
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 import torch
 
+import models
 from halos.settings import PeftSettings
 
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
@@ -97,10 +98,71 @@ def save_adapter(model: torch.nn.Module, state: Dict[str, torch.Tensor], directo
 
 
 def merged_state_dict(base: torch.nn.Module, model: torch.nn.Module, state: Dict[str, torch.Tensor]) -> Dict:
-    """The state dict of `base` with the adapters of `state` merged in: W + (alpha / r) B A, by peft."""
+    """The state dict of `base` with the adapters of `state` merged in: W + (alpha / r) B A, by peft. The HF export
+    merges so, into a fresh full-precision base (under QLoRA too, whose live base weights are 4-bit)."""
     from peft import get_peft_model
     copy = get_peft_model(base, model.peft_config['default'], autocast_adapter_dtype=False)
     unexpected = copy.load_state_dict(state, strict=False).unexpected_keys
     if unexpected:
         raise KeyError(f"adapter weights that the model does not have: {unexpected[:3]}")
     return copy.merge_and_unload().state_dict()
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor: an FSDP2 shard (a DTensor) gathered from every rank, anything else as it is."""
+    from torch.distributed.tensor import DTensor
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def lora_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
+    """The modules of a model that carry LoRA adapters, by name."""
+    from peft.tuners.lora import LoraLayer
+    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def lora_delta(layer, adapter: str) -> torch.Tensor:
+    """(alpha / r) B A of one adapted linear layer, as peft's merge adds it to the base weight: on CPU a
+    half-precision product runs in float32 and is cast back (peft does the same, so the merged values are equal)."""
+    if adapter in getattr(layer, 'lora_variant', {}) or getattr(layer, 'lora_bias', {}).get(adapter):
+        from halos.errors import ConfigError
+        raise ConfigError("vLLM sampling merges plain LoRA adapters only (no DoRA or other variant, no LoRA bias)")
+    a, b = full(layer.lora_A[adapter].weight), full(layer.lora_B[adapter].weight)
+    upcast = b.device.type == 'cpu' and b.dtype in (torch.float16, torch.bfloat16)
+    product = b.float() @ a.float() if upcast else b @ a
+    delta = (product.T if layer.fan_in_fan_out else product) * layer.scaling[adapter]
+    return delta.to(b.dtype) if upcast else delta
+
+
+def merged_weight(layer, base: torch.Tensor) -> torch.Tensor:
+    """A base weight with its layer's active adapters added (a new tensor: the live base weight is left as it is)."""
+    if layer.merged:  # peft already added them to the base weight
+        return base
+    for adapter in layer.active_adapters:
+        if adapter in layer.lora_A:
+            base = base + lora_delta(layer, adapter)
+    return base
+
+
+def merged_weights(policy: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
+    """The policy's weights under the names of its model's HF state dict, one at a time (what vLLM's `load_weights`
+    takes), merged from the live policy without a copy of the model: under LoRA `<module>.base_layer.<name>`
+    becomes `<module>.<name>` with the adapters merged in and the adapters' own tensors left out; a trainer's heads
+    (PPO's value head) are left out; under FSDP2 each tensor is gathered whole (every rank must iterate together).
+    Tied embeddings appear under both names, as in the HF model's state_dict. Tensors not merged share storage
+    with the policy: read them, never write them."""
+    model = unwrapped(policy)
+    adapted = lora_layers(model)
+    for key, value in model.state_dict().items():
+        if key.startswith(models.HEADS_A_CHECKPOINT_MAY_LACK):
+            continue
+        owner = next((name for name in adapted if key.startswith(name + '.')), None)
+        if owner is None:
+            yield key, full(value)
+            continue
+        rest = key[len(owner) + 1:]
+        if not rest.startswith('base_layer.'):  # lora_A, lora_B, ...: merged into the base weight
+            continue
+        tensor = full(value)
+        if rest == 'base_layer.weight':
+            tensor = merged_weight(adapted[owner], tensor)
+        yield f"{owner}.{rest[len('base_layer.'):]}", tensor

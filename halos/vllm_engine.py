@@ -15,11 +15,10 @@ import importlib.util
 import os
 import tempfile
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Tuple
+from typing import Dict, List, Optional
 
 import torch
 
-import models
 from halos import batch as schema
 from halos import lora
 from halos.errors import ConfigError
@@ -59,67 +58,9 @@ def chosen_sampler(choice: EngineChoice) -> str:
 
 # ---------------------------------------------------------------- the policy's weights, as vLLM loads them
 
-def full(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor: an FSDP2 shard (a DTensor) gathered from every rank, anything else as it is."""
-    from torch.distributed.tensor import DTensor
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
-
-
-def lora_layers(model: torch.nn.Module) -> Dict[str, torch.nn.Module]:
-    """The modules of a model that carry LoRA adapters, by name."""
-    from peft.tuners.lora import LoraLayer
-    return {name: module for name, module in model.named_modules() if isinstance(module, LoraLayer)}
-
-
-def lora_delta(layer, adapter: str) -> torch.Tensor:
-    """(alpha / r) B A of one adapted linear layer, as peft's merge adds it to the base weight: on CPU a half-precision
-    product runs in float32 and is cast back (peft does the same, so the merged values are equal)."""
-    if adapter in getattr(layer, 'lora_variant', {}) or getattr(layer, 'lora_bias', {}).get(adapter):
-        raise ConfigError("vLLM sampling merges plain LoRA adapters only (no DoRA or other variant, no LoRA bias)")
-    a, b = full(layer.lora_A[adapter].weight), full(layer.lora_B[adapter].weight)
-    upcast = b.device.type == 'cpu' and b.dtype in (torch.float16, torch.bfloat16)
-    product = b.float() @ a.float() if upcast else b @ a
-    delta = (product.T if layer.fan_in_fan_out else product) * layer.scaling[adapter]
-    return delta.to(b.dtype) if upcast else delta
-
-
-def merged_weight(layer, base: torch.Tensor) -> torch.Tensor:
-    """A base weight with its layer's active adapters added (a new tensor: the live base weight is left as it is)."""
-    if layer.merged:  # peft already added them to the base weight
-        return base
-    for adapter in layer.active_adapters:
-        if adapter in layer.lora_A:
-            base = base + lora_delta(layer, adapter)
-    return base
-
-
-def vllm_weights(policy: torch.nn.Module) -> Iterator[Tuple[str, torch.Tensor]]:
-    """The policy's weights under the names of its model's HF state dict, one at a time (what vLLM's `load_weights`
-    takes): under LoRA `<module>.base_layer.<name>` becomes `<module>.<name>` with the adapters merged in and the
-    adapters' own tensors left out; a trainer's heads (PPO's value head) are left out; under FSDP2 each tensor is
-    gathered whole (every rank must iterate together). Tied embeddings appear under both names, as in the HF model's
-    state_dict. Tensors not merged share storage with the policy: read them, never write them."""
-    model = lora.unwrapped(policy)
-    adapted = lora_layers(model)
-    for key, value in model.state_dict().items():
-        if key.startswith(models.HEADS_A_CHECKPOINT_MAY_LACK):
-            continue
-        owner = next((name for name in adapted if key.startswith(name + '.')), None)
-        if owner is None:
-            yield key, full(value)
-            continue
-        rest = key[len(owner) + 1:]
-        if not rest.startswith('base_layer.'):  # lora_A, lora_B, ...: merged into the base weight
-            continue
-        tensor = full(value)
-        if rest == 'base_layer.weight':
-            tensor = merged_weight(adapted[owner], tensor)
-        yield f"{owner}.{rest[len('base_layer.'):]}", tensor
-
-
 def weights_for_vllm(policy: torch.nn.Module) -> Dict[str, torch.Tensor]:
-    """vllm_weights as one dict (all tensors at once: for tests and small models)."""
-    return dict(vllm_weights(policy))
+    """lora.merged_weights as one dict (all tensors at once: for tests and small models)."""
+    return dict(lora.merged_weights(policy))
 
 
 # ---------------------------------------------------------------- the engine
@@ -177,9 +118,9 @@ class VLLMEngine:
         """The policy's current weights into the engine, in place."""
         model = engine_model(self.llm)
         if model is not None:
-            model.load_weights(vllm_weights(policy))
+            model.load_weights(lora.merged_weights(policy))
         elif hasattr(self.llm, 'apply_model'):  # vLLM's own way to reach its model, where the paths above changed
-            weights = vllm_weights(policy)
+            weights = lora.merged_weights(policy)
             self.llm.apply_model(lambda engine_module: engine_module.load_weights(weights))
         else:
             raise RuntimeError("cannot reach the model inside this vLLM engine to load weights into it")

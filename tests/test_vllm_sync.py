@@ -69,7 +69,7 @@ def test_lora_is_merged_as_peft_merges_it_and_the_live_policy_keeps_its_adapters
     assert any(not torch.equal(weights[key], tiny(dtype).state_dict()[key]) for key in weights)  # the merge mattered
     after = policy.state_dict()
     assert sorted(after) == sorted(before) and all(torch.equal(after[key], before[key]) for key in before)
-    assert not any(layer.merged for layer in vllm_engine.lora_layers(lora.unwrapped(policy)).values())
+    assert not any(layer.merged for layer in lora.lora_layers(lora.unwrapped(policy)).values())
 
 
 def test_a_value_head_stays_out_of_the_engines_weights():
@@ -134,7 +134,7 @@ def test_a_run_keeps_one_engine_and_reloads_it_only_after_the_policy_changed(tmp
             assert gpu_memory_utilization == 0.25
 
         def load(self, policy):
-            Engine.loads.append({key: value.clone() for key, value in vllm_engine.vllm_weights(policy)})
+            Engine.loads.append({key: value.clone() for key, value in lora.merged_weights(policy)})
 
         def sample(self, batch, k):
             return []
