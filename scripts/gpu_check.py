@@ -53,8 +53,8 @@ ENV = {'HF_HUB_OFFLINE': '1', 'HF_DATASETS_OFFLINE': '1', 'WANDB_MODE': 'disable
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--out', default=os.path.join(ROOT, 'bench', 'results'),
-                        help='directory of the report (gpu-<date>.json and .md)')
+    parser.add_argument('--out', help='directory of the report, gpu-<date>.json and .md (default: bench/results, '
+                                      'or runs/gpu-check where no CUDA GPU ran any part)')
     parser.add_argument('--parts', nargs='+', default=list(PARTS), choices=PARTS)
     parser.add_argument('--models', nargs='+', default=list(MODELS), choices=list(MODELS))
     parser.add_argument('--steps', type=int, default=4, help='optimizer steps per training run (HH has 36 pairs)')
@@ -350,6 +350,11 @@ def pack(directory: str) -> None:
     print(f'{target}: run the check with HALOS_HOME={directory}')
 
 
+def report_dir(cuda_missing_reason: Optional[str]) -> str:
+    """bench/results holds what a GPU measured; a report of parts all skipped goes to runs/."""
+    return os.path.join(ROOT, 'runs', 'gpu-check') if cuda_missing_reason else os.path.join(ROOT, 'bench', 'results')
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     for key, value in ENV.items():
@@ -374,7 +379,7 @@ def main(argv=None) -> int:
         with tempfile.TemporaryDirectory(prefix='halos-gpu-check-') as work_dir:
             run_on_gpu(args, report, work_dir)
     report['seconds'] = time.perf_counter() - start
-    stem = write_report(report, args.out)
+    stem = write_report(report, args.out or report_dir(reason))
     print(markdown(report))
     print(f'wrote {stem}.json and {stem}.md')
     failed = any(part.get('status') == 'failed' for part in report['parts'].values()) or any(

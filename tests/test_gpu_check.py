@@ -27,3 +27,10 @@ def test_without_a_gpu_the_check_skips_every_part_naming_cuda_and_exits_0(tmp_pa
     assert {entry['part'] for entry in report['skipped']} == {'tests', 'training', 'sampling'}
     assert all('CUDA' in entry['reason'] for entry in report['skipped'])
     assert 'no CUDA GPU' in result.stdout
+
+
+def test_a_report_of_skipped_parts_stays_out_of_bench_results():
+    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+    from gpu_check import report_dir
+    assert report_dir('no CUDA GPU (torch.cuda.is_available() is False)') == os.path.join(ROOT, 'runs', 'gpu-check')
+    assert report_dir(None) == os.path.join(ROOT, 'bench', 'results')
