@@ -83,7 +83,7 @@ bench: $(VENV)/.bench-installed
 # The GPU check (scripts/README.md): the CUDA tests (`pytest -m gpu`), halos against TRL tokens/s and peak GPU memory
 # of SFT, DPO and KTO steps, and sampling tokens/s, into bench/results/gpu-<date>.json|md. It installs nothing: on a
 # GPU machine it runs with the interpreter that has PyTorch (python3, or GPU_PYTHON) and the wheels of
-# requirements-gpu-check.txt; where there is no GPU every part is skipped with its reason.
+# requirements-gpu-check.txt; where there is no GPU every part is skipped with its reason (the report in runs/gpu-check/).
 GPU_PYTHON ?= $(if $(wildcard $(PY)),$(PY),python3)
 GPU_CHECK_ARGS ?=
 .PHONY: gpu-check
