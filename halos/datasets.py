@@ -227,7 +227,7 @@ def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, as
     formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     if is_feedback_file(name):
         if not os.path.exists(name):
-            raise MissingFileError(f"feedback file '{name}' does not exist")
+            raise MissingFileError(f"{name}: no such file (a .json/.jsonl file of feedback records or prompts)")
         return get_feedback_file(name, split, *formatting)
     if name not in DATASETS:
         raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "

@@ -143,7 +143,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     dataset = Dataset(os.path.basename(path))
     records = read_json_records(path)
     if not records:
-        raise DataError(f"{path}: the file holds no feedback records")
+        raise DataError(f"{path}: the file holds no records (of feedback, or prompts to sample)")
     dataset.counts['records'] = len(records)
     kinds: Dict[str, str] = {}  # the kind of feedback of each prompt
     for number, record in enumerate(records, 1):

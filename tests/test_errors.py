@@ -88,7 +88,11 @@ def cases(tmp_path):
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],
                       f"{latin1}: not UTF-8 text (byte 15, line 1: invalid continuation byte); save the file as UTF-8"),
-        'empty feedback file': ('train.py', [f'datasets=[{empty}]'], f"{empty}: the file holds no feedback records"),
+        'empty feedback file': ('train.py', [f'datasets=[{empty}]'],
+                                f"{empty}: the file holds no records (of feedback, or prompts to sample)"),
+        'missing feedback file': ('train.py', [f'datasets=[{tmp_path}/nowhere.jsonl]'],
+                                  f"{tmp_path}/nowhere.jsonl: no such file (a .json/.jsonl file of feedback records "
+                                  f"or prompts)"),
         'identical outputs': ('train.py', [f'datasets=[{same}]'],
                               f"{same}: record 2: fields 'output_A' and 'output_B' are the same text; a preference "
                               f"needs two different outputs"),
@@ -170,11 +174,12 @@ def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_p
     missing = tmp_path / 'results.jsonl'
     with pytest.raises(SystemExit) as exit_:
         visualize.main([str(missing)])
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == f'visualize.py: {missing}: no such file'
+    # the last line: a first import of matplotlib on a fresh machine first says that it builds its font cache
+    assert exit_.value.code == 2 and last_line(capsys.readouterr().err) == f'visualize.py: {missing}: no such file'
     missing.write_text('{"judge": "j"}\n')
     with pytest.raises(SystemExit):
         visualize.main([str(missing)])
-    assert capsys.readouterr().err.strip() == (f'visualize.py: {missing}: line 1 is not a compare.py result line (it '
+    assert last_line(capsys.readouterr().err) == (f'visualize.py: {missing}: line 1 is not a compare.py result line (it '
                                                f'needs judge, candidate, baseline and win_rate or total)')
     quality = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--prompts-train', 'nope.jsonl'],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
