@@ -15,6 +15,7 @@ stops with one line and exit status 2. The feedback (binary, pairwise, scalar or
 halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
+import math
 import os
 import sys
 from typing import List, Optional, Sequence
@@ -28,7 +29,7 @@ from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_s
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='label.py', description=__doc__.split('\n')[0])
     parser.add_argument('samples', help='sample records (JSON Lines or a JSON array)')
     parser.add_argument('output', help='the feedback file to write (JSON Lines)')
     labeler = parser.add_mutually_exclusive_group(required=True)
@@ -37,10 +38,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     labeler.add_argument('--judge', help='the judge model name on an OpenAI-compatible server')
     parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
     parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
-    parser.add_argument('--concurrency', type=int, default=4, help='judge requests in flight at once')
-    parser.add_argument('--max-length', type=int, default=2048, help="the reward model's longest input, in tokens")
+    parser.add_argument('--concurrency', type=positive_int, default=4, help='judge requests in flight at once')
+    parser.add_argument('--max-length', type=positive_int, default=2048, help="the reward model's longest input, in tokens")
     parser.add_argument('--feedback', choices=FEEDBACK_KINDS, default='pairwise')
-    parser.add_argument('--threshold', default='median',
+    parser.add_argument('--threshold', type=threshold, default='median',
                         help='binary: mean, median or a number; pairwise: the least reward gap of a pair (a number)')
     parser.add_argument('--per-prompt', action='store_true', help="binary: each prompt's own mean or median")
     parser.add_argument('--pair-mode', choices=PAIR_MODES, default='max')
@@ -48,6 +49,25 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--min-scored', type=share, default=0.5,
                         help='stop when the labeller scores fewer than this share of the samples')
     return parser.parse_args(argv)
+
+
+def positive_int(text: str) -> int:
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return int(text)
+
+
+def threshold(text: str):
+    """mean, median or a finite number."""
+    if text in ('mean', 'median'):
+        return text
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text} is not mean, median or a number")
+    return value
 
 
 def share(text: str) -> float:

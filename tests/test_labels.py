@@ -220,3 +220,19 @@ def test_a_held_out_reward_the_judge_fails_stops_before_the_rounds_checkpoint(tm
     assert torch.load(tmp_path / 'late' / 'LATEST' / 'trainer_state.pt', weights_only=True)['completed_rounds'] == 1
     evaluations = [json.loads(line) for line in open(tmp_path / 'late' / 'metrics.jsonl') if 'reward_eval/mean' in line]
     assert [e['round'] for e in evaluations] == [0, 0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0
+
+
+@pytest.mark.parametrize('option, value, says', [
+    ('--threshold', 'abc', 'abc is not mean, median or a number'),
+    ('--threshold', 'nan', 'nan is not mean, median or a number'),
+    ('--concurrency', '0', '0 is not an integer >= 1'),
+    ('--max-length', '-5', '-5 is not an integer >= 1'),
+])
+def test_label_py_names_a_bad_argument_and_writes_nothing(tmp_path, capsys, option, value, says):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n{"prompt": "hi", "output": "yo"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels', option, value])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f'label.py: argument {option}: {says} (--help lists the arguments)'
+    assert not (tmp_path / 'out.jsonl').exists()
