@@ -57,4 +57,7 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
+    if isinstance(error, MissingConfigException) and 'primary config' in str(error):
+        return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
+                "or --config-path=config (halos' defaults)")
     return one_line(error)

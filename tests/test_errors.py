@@ -158,6 +158,14 @@ def test_a_user_error_ends_with_one_line_and_status_2(tmp_path, monkeypatch, cap
     assert last_line(stderr) == f'{script}: {message}'
 
 
+def test_eval_py_without_a_config_path_says_which_to_give(tmp_path):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), f'hydra.run.dir={tmp_path}', '++mode=sample'],
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and last_line(result.stderr) == (
+        "eval.py: no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
+        "or --config-path=config (halos' defaults)")
+
+
 def test_the_command_line_exits_with_status_2_and_hydra_full_error_shows_the_traceback(tmp_path):
     command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(tmp_path) + ['++model.bach_size=8']
     env = {key: value for key, value in os.environ.items() if key != 'HYDRA_FULL_ERROR'}
