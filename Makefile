@@ -59,10 +59,11 @@ docs-check: install
 
 # The quality benchmark: every method on the upbeat task, each with the learning rate and main coefficient a sweep
 # on a validation split of the train prompts picked; held-out reward +- SE, KL, length, wall time
-# (bench/results/quality-<date>.md|json and plots; hours on 2 CPU cores). QUALITY_ARGS adds options.
+# (bench/results/quality-<date>.md|json and plots; hours on 2 CPU cores), in bf16 autocast with batches of 8.
+# QUALITY_ARGS adds options: `--reuse --tag <date>` continues an earlier run from its recorded trials and rows.
 QUALITY_ARGS ?=
 quality: core
-	$(PY) bench/quality.py --sweep $(QUALITY_ARGS)
+	$(PY) bench/quality.py --sweep --autocast-dtype bfloat16 --batch-size 8 $(QUALITY_ARGS)
 
 clean:
 	rm -rf $(VENV) .cache
