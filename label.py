@@ -39,7 +39,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
     parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
     parser.add_argument('--concurrency', type=positive_int, default=4, help='judge requests in flight at once')
-    parser.add_argument('--max-length', type=positive_int, default=2048, help="the reward model's longest input, in tokens")
+    parser.add_argument('--max-length', type=positive_int, default=2048,
+                        help="the reward model's longest input, in tokens")
     parser.add_argument('--feedback', choices=FEEDBACK_KINDS, default='pairwise')
     parser.add_argument('--threshold', type=threshold, default='median',
                         help='binary: mean, median or a number; pairwise: the least reward gap of a pair (a number)')

@@ -123,9 +123,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='runs, samples and feedback (cleared at the start unless --reuse)')
     parser.add_argument('--reuse', action='store_true',
                         help="keep the work directory: reuse the samples and feedback on disk, keep the rows of an "
-                             "earlier report with the same --tag that trained with the same overrides, skip the sweep's trials "
-                             "recorded in quality-<tag>-trials.jsonl, and resume any other run from its LATEST "
-                             "checkpoint")
+                             "earlier report with the same --tag that trained with the same overrides, skip the "
+                             "sweep's trials recorded in quality-<tag>-trials.jsonl, and resume any other run from its "
+                             "LATEST checkpoint")
     parser.add_argument('--results-dir', default=os.path.join(ROOT, 'bench', 'results'))
     parser.add_argument('--tag', default=None, help='the results file name: quality-<tag> (default: the date)')
     parser.add_argument('--extra', action='append', default=[],
@@ -574,8 +574,8 @@ def kept_row(earlier: Optional[dict], method: Method) -> Optional[dict]:
     """The earlier report's row of `method` if it trained with the same overrides: --reuse keeps it as measured,
     on this machine or on another one holding the results (the table of a long sweep fills over several runs)."""
     rows = earlier['methods'] if earlier else []
-    return next((row for row in rows if row['method'] == method.name and row.get('overrides') == list(method.overrides)),
-                None)
+    same = lambda row: row['method'] == method.name and row.get('overrides') == list(method.overrides)
+    return next(filter(same, rows), None)
 
 
 def existing_file(path: str) -> str:
