@@ -600,8 +600,9 @@ def measure(args: argparse.Namespace) -> dict:
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = count_lines(args.prompts_train)
     chosen = sweep(run, args, methods, earlier.get('sweep', {}) if earlier else {}, tag) if args.sweep else {}
+    sampling_started = time.time()  # after the sweep: its own sampling and trials are not the table's
     feedback = build_feedback(run, args, sorted({method.feedback for method in methods if method.feedback}))
-    sampling_seconds = earlier['sampling_seconds'] if earlier else time.time() - started
+    sampling_seconds = earlier['sampling_seconds'] if earlier else time.time() - sampling_started
     budget = count_lines(feedback['samples'])
     start = earlier['start'] if earlier else held_out_reward(run, args, start_overrides(args, 'start'))
     rows = []
