@@ -29,8 +29,10 @@ def test_without_a_gpu_the_check_skips_every_part_naming_cuda_and_exits_0(tmp_pa
     assert 'no CUDA GPU' in result.stdout
 
 
-def test_a_report_of_skipped_parts_stays_out_of_bench_results():
-    sys.path.insert(0, os.path.join(ROOT, 'scripts'))
+def test_a_report_of_skipped_parts_stays_out_of_bench_results(monkeypatch):
+    # gpu_check puts bench/ on sys.path (for bench.py): the path is restored after the test, so that a later
+    # `import bench` still finds the package
+    monkeypatch.setattr(sys, 'path', [os.path.join(ROOT, 'scripts'), *sys.path])
     from gpu_check import report_dir
     assert report_dir('no CUDA GPU (torch.cuda.is_available() is False)') == os.path.join(ROOT, 'runs', 'gpu-check')
     assert report_dir(None) == os.path.join(ROOT, 'bench', 'results')
