@@ -12,6 +12,8 @@ optimizer step samples k completions of each of its prompts from the current pol
 - Sampling draws from seeds derived from the run's seed and the data position, so a run resumed at a
   checkpoint samples what the uninterrupted run sampled. Every step's samples and scores are appended to
   `<run_dir>/rollouts.jsonl` (cut back to the checkpoint when a run resumes).
+- A step whose advantages are all 0 (every prompt's samples scored alike) teaches nothing: while no step of
+  the run has had one, each evaluation warns, and a run that ends so stops with exit status 2.
 - Evaluation samples one completion of each held-out prompt and scores it with the held-out labeler
   (online.eval_reward_function, else the labeler); the HackingMonitor (halos/monitors.py) sees it.
 
@@ -29,6 +31,7 @@ import torch
 
 from halos import batch as schema
 from halos import checkpoint, rl
+from halos.errors import DataError
 from halos.labelers import Labeler, checked_scores
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
                             sample_stats)
@@ -36,7 +39,7 @@ from halos.packing import token_level_logps
 from halos.policy_gradient import PolicyGradientTrainer, Reduction
 from halos.sampling import Sample
 from halos.settings import at_least, greater_than, setting
-from utils import all_gather_list, on_rank0
+from utils import all_gather_list, all_reduce_sum, on_rank0, rank0_print
 
 ROLLOUTS = 'rollouts.jsonl'
 
@@ -101,6 +104,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         self.monitor = HackingMonitor(rollouts.monitor)
         self.step_rewards: List[float] = []   # the training samples' mean reward of each step since the last evaluation
         self.held_out: List[Tuple[float, List[int]]] = []  # each held-out sample's score and tokens, this evaluation
+        self.steps_with_advantage = 0  # steps with a sample whose advantage is not 0
 
     # --- what a method provides
     def advantages(self, parts: List[Part]) -> List[torch.Tensor]:
@@ -183,6 +187,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             parts.append(self.part(groups))
         for part, advantages in zip(parts, self.advantages(parts)):
             part.advantages = advantages
+        with_advantage = torch.tensor(float(any(bool(part.advantages.any()) for part in parts)))
+        self.steps_with_advantage += all_reduce_sum(with_advantage).item() > 0  # on any rank
         self.record(parts, counts)
         return parts
 
@@ -237,6 +243,22 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             self.optimizer_step()
         return loss.item()
 
+    def train(self) -> None:
+        super().train()
+        nothing_learned = self.nothing_learned()
+        if nothing_learned:
+            raise DataError(f"{nothing_learned}, so nothing was learned: check it, or sample more completions per "
+                            f"prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores "
+                            f"are in {os.path.join(self.run_dir, ROLLOUTS)}")
+
+    def nothing_learned(self) -> Optional[str]:
+        """Why no step so far had a sample with an advantage other than 0, else None."""
+        if not self.batch_counter or self.steps_with_advantage:
+            return None
+        n = self.batch_counter
+        return (f"after {n} optimizer step{'s' if n > 1 else ''}, no sample has had an advantage other than 0 "
+                f"({self.rollouts.labeler.name} scored the samples of each prompt alike)")
+
     # --- evaluation: the held-out reward, and the monitors
     def get_batch_metrics(self, batch, mode):
         """One sample of each held-out prompt, scored by the held-out labeler."""
@@ -249,6 +271,9 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                                  f'completions_{mode}/length': torch.tensor([float(len(s.token_ids)) for s in samples])}
 
     def evaluate(self) -> Dict[str, float]:
+        nothing_learned = self.nothing_learned()
+        if nothing_learned:
+            rank0_print(f"warning: {nothing_learned}: nothing is learned until one has")
         self.held_out = []
         results = super().evaluate()
         held_out = all_gather_list(self.held_out)
@@ -268,12 +293,14 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
 
     # --- resume
     def trainer_state(self) -> Dict:
-        return {**super().trainer_state(), 'monitor': self.monitor.state_dict(), 'step_rewards': self.step_rewards}
+        return {**super().trainer_state(), 'monitor': self.monitor.state_dict(), 'step_rewards': self.step_rewards,
+                'steps_with_advantage': self.steps_with_advantage}
 
     def restore_trainer_state(self, state: Dict) -> None:
         super().restore_trainer_state(state)
         self.monitor.load_state_dict(state['monitor'])
         self.step_rewards = list(state['step_rewards'])
+        self.steps_with_advantage = state.get('steps_with_advantage', self.batch_counter)
         path = os.path.join(self.run_dir, ROLLOUTS)
         if on_rank0() and os.path.exists(path):  # the steps after the checkpoint are sampled again
             with open(path) as f:

@@ -25,3 +25,8 @@ def on_some_prompts(prompt, completion: str) -> float:
     """A constant for the prompts that ask for a short note or mention a friend (their groups are degenerate),
     the completion's length for the others."""
     return 0.0 if 'friend' in str(prompt) or 'short note' in str(prompt) else float(len(completion))
+
+
+def constant(prompt, completion: str) -> float:
+    """The same score for every completion: nothing to learn from."""
+    return 1.0

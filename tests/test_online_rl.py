@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from halos.build import build_trainer
+from halos.errors import DataError
 from halos.losses import (group_advantages, grpo_loss, grpo_token_losses, reinforce_pp_returns, rloo_advantages,
                           sequence_clipped_losses, whiten_advantages)
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, RewardHackingStop, distinct_ngrams,
@@ -173,6 +174,7 @@ def test_every_method_trains_a_step_and_logs_its_monitors(tmp_path, loss):
     before = {name: p.detach().clone() for name, p in trainer.policy.named_parameters()}
     trainer.train_step([next(iter(trainer.train_iterator))])
     assert any(not torch.equal(before[name], p) for name, p in trainer.policy.named_parameters())
+    assert trainer.steps_with_advantage == 1 and trainer.nothing_learned() is None
     metrics = trainer.train_metrics.means()
     for name in ('reward_train/mean', 'reward_train/std', 'groups_train/degenerate', 'completions_train/length',
                  'completions_train/truncated', 'completions_train/repetition', 'completions_train/distinct2',
@@ -192,6 +194,23 @@ def test_dynamic_sampling_replaces_the_groups_that_tie(tmp_path):
     metrics = trainer.train_metrics.means()
     assert metrics['groups_train/dropped'] > 0 and metrics['groups_train/refills'] >= 1
     assert len(parts[0].groups) == 4 and not any(group.degenerate() for group in parts[0].groups)
+
+
+def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(tmp_path, capsys):
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(f'++online.reward_function={REWARD}:constant',
+                                                                    '++eval_every=2'), loss='grpo-online'))
+    with pytest.raises(DataError) as error:
+        trainer.train()  # 4 examples, 2 a step
+    assert (f"warning: after 1 optimizer step, no sample has had an advantage other than 0 (reward function "
+            f"{REWARD}:constant scored the samples of each prompt alike): nothing is learned until one has\n"
+            in capsys.readouterr().out)
+    rollouts = tmp_path / 'test' / 'rollouts.jsonl'
+    assert str(error.value) == (
+        f"after 2 optimizer steps, no sample has had an advantage other than 0 (reward function {REWARD}:constant "
+        f"scored the samples of each prompt alike), so nothing was learned: check it, or sample more completions "
+        f"per prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores are in {rollouts}")
+    assert [json.loads(line)['scores'] for line in open(rollouts)] == [[1.0] * 3] * 4
+    assert trainer.trainer_state()['steps_with_advantage'] == 0
 
 
 def test_a_step_level_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path):
