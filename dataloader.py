@@ -169,6 +169,14 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
                       for completion, score in scored]
             self.counts['groups larger than batch_size, cut into parts'] += len(scored) > self.batch_size
             items += scored
+        group_scores: Dict[str, set] = {}
+        for item in items:
+            group_scores.setdefault(item.example.group_key(), set()).add(item.score)
+        if self.split == 'train' and items and all(len(scores) == 1 for scores in group_scores.values()):
+            raise DataError(f"{', '.join(self.dataset_names)}: all completions of each prompt share one score "
+                            f"({len(group_scores)} prompts), so every advantage would be 0 and training would learn "
+                            f"nothing; a prompt needs completions with different rewards (or desirable and "
+                            f"undesirable ones)")
         return items
 
     def epoch_batches(self, rng):

@@ -33,7 +33,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
-         'resume a corrupt checkpoint', 'eval: a loss choice']
+         'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group']
 
 
 def cases(tmp_path):
@@ -47,6 +47,9 @@ def cases(tmp_path):
                                                                       {'role': 'bot', 'content': 'Hello'},
                                                                       {'role': 'user', 'content': 'Bye'}],
                                                            'output': 'Bye!', 'label': 0}])
+    alike = feedback_file(tmp_path, 'alike.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'reward': 0.5},
+                                                    {'prompt': 'Say hi.', 'output': 'Hello!', 'reward': 0.5},
+                                                    {'prompt': 'Say bye.', 'output': 'Bye!', 'reward': 2.0}])
     train_only = feedback_file(tmp_path, 'train_only.jsonl', [dict(binary, split='train')] * 3)
     missing = os.path.join(DATA, 'bad', 'missing_field.jsonl')
     notes = tmp_path / 'notes.txt'
@@ -96,6 +99,10 @@ def cases(tmp_path):
         'identical outputs': ('train.py', [f'datasets=[{same}]'],
                               f"{same}: record 2: fields 'output_A' and 'output_B' are the same text; a preference "
                               f"needs two different outputs"),
+        'scores alike in every group': ('train.py', [f'datasets=[{alike}]', 'loss=grpo'],
+                                        f"{alike}: all completions of each prompt share one score (2 prompts), so "
+                                        f"every advantage would be 0 and training would learn nothing; a prompt needs "
+                                        f"completions with different rewards (or desirable and undesirable ones)"),
         'unknown role': ('train.py', [f'datasets=[{role}]'],
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
         'one split only': ('train.py', [f'datasets=[{train_only}]'],
