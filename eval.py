@@ -158,20 +158,21 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
         policy, tokenizer, options, run.model.policy_dtype)
     set_seed(run.seed)
     rewards, lengths, log_ratios, records = [], [], [], []
-    for batch in tqdm(loader, desc='sampling'):
-        samples = [group[0] for group in complete(batch, 1)]
-        batch_rewards = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
-                                       [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]])
-        records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
-                                            run.assistant_suffix),
-                     'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
-                    for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
-                                                      batch[schema.PROMPT_ID])]
-        rewards += batch_rewards
-        lengths += [len(s.text.split()) for s in samples]
-        log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(
-            run, policy, start, batch, samples, tokenizer.pad_token_id,
-            recorded=options.autocast_dtype == run.model.autocast_dtype)
+    with tqdm(loader, desc='sampling') as batches:  # closed before an error's line is printed
+        for batch in batches:
+            samples = [group[0] for group in complete(batch, 1)]
+            batch_rewards = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
+                                           [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]])
+            records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
+                                                run.assistant_suffix),
+                         'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
+                        for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
+                                                          batch[schema.PROMPT_ID])]
+            rewards += batch_rewards
+            lengths += [len(s.text.split()) for s in samples]
+            log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(
+                run, policy, start, batch, samples, tokenizer.pad_token_id,
+                recorded=options.autocast_dtype == run.model.autocast_dtype)
     summary = reward_summary(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
             'reward_function': run.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],

@@ -180,20 +180,22 @@ def ask_all(requests: Dict[str, Callable[[], dict]], concurrency: int, on_error:
     pool = ThreadPoolExecutor(max_workers=concurrency)
     try:
         futures = {pool.submit(call): key for key, call in requests.items()}
-        for future in tqdm(as_completed(futures), total=len(futures), desc='judging', unit='judgment'):
-            key = futures[future]
-            try:
-                record = future.result()
-            except (openai.APIError, ValueError) as error:
-                fatal = on_error(error)
-                if fatal:
-                    raise JudgeError(fatal) from None
-                errors[key] = describe_error(error)
+        # the bar closes before an error's line is printed
+        with tqdm(as_completed(futures), total=len(futures), desc='judging', unit='judgment') as done:
+            for future in done:
+                key = futures[future]
+                try:
+                    record = future.result()
+                except (openai.APIError, ValueError) as error:
+                    fatal = on_error(error)
+                    if fatal:
+                        raise JudgeError(fatal) from None
+                    errors[key] = describe_error(error)
+                    if report:
+                        report(key, None, errors[key])
+                    continue
                 if report:
-                    report(key, None, errors[key])
-                continue
-            if report:
-                report(key, record, None)
+                    report(key, record, None)
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
     return errors

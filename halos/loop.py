@@ -309,36 +309,35 @@ class BasicTrainer:
         if self.reference_cache and not isinstance(self.reference, CachedReference):
             self.cache_reference_logprobs()
         self.train_iterator.skip_batches = self.batches_seen
-        progress = tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
-                        disable=not on_rank0())
-        last_log = time.time()
-        next_eval = 0 if self.do_first_eval and not self.batches_seen else \
-            (self.example_counter // self.eval_every + 1) * self.eval_every
-        self.policy.train()
-        for microbatches in chunked(self.train_iterator, self.accumulation_steps):
-            if self.example_counter >= next_eval:
-                self.evaluate()
-                next_eval = (self.example_counter // self.eval_every + 1) * self.eval_every
-                if self.example_counter > 0:
-                    self.save_checkpoint()
+        with tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
+                  disable=not on_rank0()) as progress:  # closed before an error's line is printed
+            last_log = time.time()
+            next_eval = 0 if self.do_first_eval and not self.batches_seen else \
+                (self.example_counter // self.eval_every + 1) * self.eval_every
+            self.policy.train()
+            for microbatches in chunked(self.train_iterator, self.accumulation_steps):
+                if self.example_counter >= next_eval:
+                    self.evaluate()
+                    next_eval = (self.example_counter // self.eval_every + 1) * self.eval_every
+                    if self.example_counter > 0:
+                        self.save_checkpoint()
 
-            start = time.time()
-            loss = self.train_step(microbatches)
-            examples = sum(self.global_batch_size(batch) for batch in microbatches)
-            self.batches_seen += len(microbatches)
-            self.example_counter += examples
-            examples_per_second = examples / (time.time() - start)
-            progress.update(len(microbatches))
-            progress.set_postfix(loss=f'{loss:.4g}', examples_per_s=f'{examples_per_second:.3g}')
-            due = time.time() - last_log >= self.minimum_log_interval_secs
-            if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
-                self.log_train_metrics(examples_per_second)
-                last_log = time.time()
-            if self.checkpoint_due():
-                self.save_checkpoint()
+                start = time.time()
+                loss = self.train_step(microbatches)
+                examples = sum(self.global_batch_size(batch) for batch in microbatches)
+                self.batches_seen += len(microbatches)
+                self.example_counter += examples
+                examples_per_second = examples / (time.time() - start)
+                progress.update(len(microbatches))
+                progress.set_postfix(loss=f'{loss:.4g}', examples_per_s=f'{examples_per_second:.3g}')
+                due = time.time() - last_log >= self.minimum_log_interval_secs
+                if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
+                    self.log_train_metrics(examples_per_second)
+                    last_log = time.time()
+                if self.checkpoint_due():
+                    self.save_checkpoint()
         if self.train_metrics.counts:
             self.log_train_metrics(None)
-        progress.close()
 
     def checkpoint_due(self) -> bool:
         """checkpoint_minutes have passed since the last checkpoint (on some rank: all ranks save together)."""

@@ -5,6 +5,7 @@ The entry points' Hydra mains run in this process (fast); one case also runs as 
 """
 import json
 import os
+import re
 import subprocess
 import sys
 import zipfile
@@ -171,6 +172,19 @@ def test_eval_py_without_a_config_path_says_which_to_give(tmp_path):
     assert result.returncode == 2 and last_line(result.stderr) == (
         "eval.py: no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
         "or --config-path=config (halos' defaults)")
+
+
+def test_a_reward_function_that_raises_mid_run_ends_it_with_its_line_last(tmp_path):
+    """The training progress bar is closed before the error is printed, so the error is the last line."""
+    (tmp_path / 'broken.py').write_text('def reward(prompt, completion):\n    return len(completion) / 0\n')
+    command = [sys.executable, os.path.join(ROOT, 'train.py')] + base_overrides(
+        tmp_path, 'rloo', datasets=f"[{os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')}]") + [
+        f'++online.reward_function={tmp_path}/broken.py:reward', '++do_first_eval=false', '++n_examples=2',
+        '++model.batch_size=2', '++max_new_tokens=4', f'hydra.run.dir={tmp_path}/hydra']
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 2 and 'Traceback' not in result.stderr
+    assert re.fullmatch(rf"train\.py: reward function {tmp_path}/broken\.py:reward failed on step 0 prompt \w+ sample "
+                        rf"0: it raised ZeroDivisionError: division by zero", last_line(result.stderr.replace('\r', '\n')))
 
 
 def test_the_command_line_exits_with_status_2_and_hydra_full_error_shows_the_traceback(tmp_path):
