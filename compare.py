@@ -30,7 +30,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import openai
 from tqdm import tqdm
 
-from halos.errors import ArgumentParser, UserError, reported
+from halos.errors import ArgumentParser, UserError, non_negative_int, positive_int, positive_number, reported
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          constrained, describe_error, fatal_error_message, json_field, make_client, public_url)
 
@@ -70,7 +70,7 @@ def parse_bool(text: str) -> bool:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='compare.py', description=__doc__.split('\n')[0])
     parser.add_argument('--file', '-f', required=True, help="samples JSON written by eval.py (has 'samples' and 'config')")
     parser.add_argument('--candidate_key', '-ck', default='policy', help='sample field of the model under test')
     parser.add_argument('--baseline_key', '-bk', default='chosen', help='sample field of the baseline')
@@ -79,7 +79,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--seed', '-s', type=int, default=0, help='seeds the response order; sent as the API seed')
     parser.add_argument('--sleep_time', '-st', type=float, default=0.5,
                         help='minimum seconds between the starts of two requests')
-    parser.add_argument('--max_comp', '-mc', type=int, default=None, help='judge at most this many samples')
+    parser.add_argument('--max_comp', '-mc', type=positive_int, default=None, help='judge at most this many samples')
     parser.add_argument('--verbose', '-v', type=parse_bool, nargs='?', const=True, default=True,
                         help='print every judgment')
     parser.add_argument('--results_file', '-r', default='results.jsonl', help='JSONL file the result line is appended to')
@@ -88,11 +88,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--base-url', dest='base_url', default=os.environ.get('OPENAI_BASE_URL') or OPENAI_BASE_URL,
                         help='OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OPENAI_BASE_URL, '
                              'else OpenAI)')
-    parser.add_argument('--concurrency', type=int, default=4, help='requests in flight at once')
-    parser.add_argument('--timeout', type=float, default=30.0, help='seconds before a request is abandoned and retried')
-    parser.add_argument('--max-retries', dest='max_retries', type=int, default=5,
+    parser.add_argument('--concurrency', type=positive_int, default=4, help='requests in flight at once')
+    parser.add_argument('--timeout', type=positive_number, default=30.0, help='seconds before a request is abandoned and retried')
+    parser.add_argument('--max-retries', dest='max_retries', type=non_negative_int, default=5,
                         help='retries (exponential backoff) after a timeout, rate limit, connection error or 5xx')
-    parser.add_argument('--max-tokens', dest='max_tokens', type=int, default=10, help="length limit of the judge's answer")
+    parser.add_argument('--max-tokens', dest='max_tokens', type=positive_int, default=10, help="length limit of the judge's answer")
     parser.add_argument('--both-orders', dest='both_orders', action='store_true',
                         help='judge every sample in both orders; disagreeing orders make a tie')
     parser.add_argument('--cache', default=None,
@@ -100,8 +100,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(args.labels) != 2 or args.labels[0] == args.labels[1]:
         parser.error(f"--labels needs two different characters, got '{args.labels}'")
-    if args.concurrency < 1:
-        parser.error('--concurrency must be at least 1')
     args.cache = args.cache or os.path.splitext(args.results_file)[0] + '.judgments.jsonl'
     return args
 

@@ -20,7 +20,7 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from halos.errors import ArgumentParser, DataError, UserError, reported
+from halos.errors import ArgumentParser, DataError, UserError, positive_int, reported
 from halos.examples import prompt_digest
 from halos.feedback import read_json_records, write_jsonl
 from halos.labelers import make_labeler
@@ -50,12 +50,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--min-scored', type=share, default=0.5,
                         help='stop when the labeller scores fewer than this share of the samples')
     return parser.parse_args(argv)
-
-
-def positive_int(text: str) -> int:
-    if not (text.isdigit() and int(text) >= 1):
-        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
-    return int(text)
 
 
 def threshold(text: str):

@@ -6,6 +6,7 @@ traceback; HYDRA_FULL_ERROR=1 shows the traceback instead.
 """
 import argparse
 import contextlib
+import math
 import os
 import subprocess
 import sys
@@ -75,3 +76,28 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str):
         print(f'{self.prog}: {message} (--help lists the arguments)', file=sys.stderr, flush=True)
         sys.exit(2)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    if not (text.isdigit() and int(text) >= 1):
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 1")
+    return int(text)
+
+
+def non_negative_int(text: str) -> int:
+    """An argparse type: an integer >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"{text} is not an integer >= 0")
+    return int(text)
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
+    return value

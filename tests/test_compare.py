@@ -286,6 +286,24 @@ def compare_error(capsys, monkeypatch, argv):
     return message
 
 
+@pytest.mark.parametrize('option, value, says', [
+    ('--concurrency', '0', '0 is not an integer >= 1'),
+    ('--max-tokens', '-3', '-3 is not an integer >= 1'),
+    ('--max_comp', 'all', 'all is not an integer >= 1'),
+    ('--max-retries', '-1', '-1 is not an integer >= 0'),
+    ('--timeout', '0', '0 is not a number > 0'),
+    ('--timeout', 'inf', 'inf is not a number > 0'),
+])
+def test_a_bad_argument_is_named_before_anything_is_judged(tmp_path, capsys, option, value, says):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main(['-f', str(write_samples(tmp_path / 'samples.json', 2)), '-r', str(tmp_path / 'results.jsonl'),
+                      option, value])
+    assert exit_.value.code == 2
+    named = f'{option}/-mc' if option == '--max_comp' else option
+    assert capsys.readouterr().err.strip() == f'compare.py: argument {named}: {says} (--help lists the arguments)'
+    assert not (tmp_path / 'results.jsonl').exists()
+
+
 def test_samples_file_problems_are_named(tmp_path, capsys, monkeypatch):
     results = ['-r', str(tmp_path / 'results.jsonl'), '--base-url', 'http://127.0.0.1:9/v1']
     message = compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'missing.json')] + results)
