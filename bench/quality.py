@@ -79,8 +79,10 @@ METHODS = {method.name: method for method in (
     *(Method(loss, loss, None, ('++model.batch_size=8',)) for loss in STEP_LEVEL),
 )}
 # The sweep's grid: the learning rates x each method's main coefficient. The methods that sample as they train
-# take a few larger steps on the same budget, so their learning rates start higher.
-SWEEP_LRS = {'default': ('2e-5', '5e-5'), **{name: ('5e-5', '1e-4') for name in (*STEP_LEVEL, 'online-ppo')}}
+# take a few larger steps on the same budget, so their learning rates start higher; HALOs' GRPO in rounds clips
+# its ratio to the previous round's policy, which holds every round's move small, so its grid reaches higher.
+SWEEP_LRS = {'default': ('2e-5', '5e-5'), 'grpo-rounds': ('2e-5', '5e-5', '1e-4'),
+             **{name: ('5e-5', '1e-4') for name in (*STEP_LEVEL, 'online-ppo')}}
 COEFFICIENTS = {'sft-best': None, 'dpo': ('loss.beta', (0.05, 0.2)), 'online-dpo': ('loss.beta', (0.05, 0.2)),
                 'kto': ('loss.beta', (0.05, 0.2)), 'ipo': ('loss.beta', (0.1, 1.0)), 'simpo': ('loss.beta', (2.5, 10.0)),
                 'grpo': ('loss.epsilon', (0.01, 0.2)), 'grpo-rounds': ('loss.epsilon', (0.01, 0.2)),
@@ -377,17 +379,28 @@ def sweep(run: Runner, args, methods: Sequence[Method], done: Dict[str, dict], t
     budget, n_prompts, results = count_lines(feedback['samples']), count_lines(train), {}
     record = TrialRecord(os.path.join(args.results_dir, f'quality-{tag}-trials.jsonl'), keep=args.reuse)
     for method in methods:
-        if method.name in done:
-            results[method.name] = done[method.name]
+        lrs = args.sweep_lrs.split(',') if args.sweep_lrs else SWEEP_LRS.get(method.name, SWEEP_LRS['default'])
+        configurations = grid(method, lrs)
+        kept = kept_sweep(done, method.name, configurations)
+        if kept:
+            results[method.name] = kept
             continue
         trials = []
-        lrs = args.sweep_lrs.split(',') if args.sweep_lrs else SWEEP_LRS.get(method.name, SWEEP_LRS['default'])
-        for index, overrides in enumerate(grid(method, lrs)):
+        for index, overrides in enumerate(configurations):
             variant = dataclasses.replace(method, name=f'{method.name}-{index}', overrides=(*method.overrides, *overrides))
             trials.append(record.get(variant.name, overrides) or
                           record.add(variant.name, trial(run, sweep_args, variant, overrides, budget, n_prompts, feedback)))
         results[method.name] = {'trials': trials, 'chosen': best_trial(trials)['overrides']}
     return results
+
+
+def kept_sweep(done: Dict[str, dict], name: str, configurations: Sequence[Tuple[str, ...]]) -> Optional[dict]:
+    """An earlier report's sweep of the method, if it tried exactly these configurations (a grid that grew
+    runs the trials it lacks)."""
+    earlier = done.get(name)
+    if earlier and [trial['overrides'] for trial in earlier['trials']] == [list(c) for c in configurations]:
+        return earlier
+    return None
 
 
 def best_trial(trials: Sequence[dict]) -> dict:

@@ -131,6 +131,18 @@ def test_reuse_keeps_a_row_only_if_it_trained_with_the_same_overrides():
     assert kept_row(None, dpo) is None
 
 
+def test_reuse_keeps_a_methods_sweep_only_if_it_tried_the_same_grid():
+    sys.path.insert(0, ROOT)
+    from bench.quality import METHODS, grid, kept_sweep
+    two = grid(METHODS['grpo-rounds'], ('2e-5',))
+    assert two == [('++lr=2e-5', '++loss.epsilon=0.01'), ('++lr=2e-5', '++loss.epsilon=0.2')]
+    earlier = {'grpo-rounds': {'trials': [{'overrides': list(c), 'reward_mean': 0.3} for c in two],
+                               'chosen': list(two[0])}}
+    assert kept_sweep(earlier, 'grpo-rounds', two) is earlier['grpo-rounds']
+    assert kept_sweep(earlier, 'grpo-rounds', grid(METHODS['grpo-rounds'], ('2e-5', '1e-4'))) is None  # it grew
+    assert kept_sweep(earlier, 'dpo', grid(METHODS['dpo'], ('2e-5',))) is None
+
+
 def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_with_its_exit_status(tmp_path):
     """bench/quality.py's Runner forks each command from its own process (torch and halos imported once)."""
     sys.path.insert(0, ROOT)
