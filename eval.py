@@ -4,7 +4,8 @@
         ++model.eval_batch_size=32 ++samples_dir=samples/
 
 mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
-                 {sampled_at, config, samples: [{prompt, chosen, policy}]}; n_samples=null samples every prompt;
+                 {sampled_at, config, samples: [{prompt, chosen, policy}]} (no chosen where the data holds prompts
+                 only); n_samples=null samples every prompt;
                  a CSFT run's prompts end in its desirable control token (loss.chosen_control_token).
                  With ++num_samples_per_prompt=k: k samples per prompt as HALOs sample records
                  {output, prompt, prompt_id, sample_id, generator, dataset, type} in
@@ -96,16 +97,22 @@ def sample_k(run: RunSettings) -> list:
 
 
 def sample(run: RunSettings, dataset_names, include_original_prompt: bool = False) -> list:
+    """One sample of each test prompt beside the data's chosen completion (none where the data holds prompts
+    only, as a prompts file does)."""
     tokenizer = load_run_tokenizer(run)
     complete = policy_sampler(run, tokenizer)
     loader = sampling_loader(run, tokenizer, dataset_names)
+    if not loader.items:
+        loader = build_loader(run, tokenizer, 'test', dataset_names, dataloader.PromptDataLoader,
+                              n_examples=run.n_samples)
     set_seed(run.seed)
     samples = []
     with tqdm(total=min(len(loader.items), run.n_samples or len(loader.items)), desc='sampling') as progress:
         for batch in loader:
+            chosen = batch.get(schema.key(schema.TARGET, schema.TEXT))
             for i, (completion,) in enumerate(complete(batch, 1)):
-                sample_record = {'prompt': batch[schema.PROMPT_TEXT][i],
-                                 'chosen': batch[schema.key(schema.TARGET, schema.TEXT)][i], 'policy': completion.text}
+                sample_record = {'prompt': batch[schema.PROMPT_TEXT][i], **({'chosen': chosen[i]} if chosen else {}),
+                                 'policy': completion.text}
                 if include_original_prompt:
                     sample_record['original_prompt'] = batch[schema.ORIGINAL_PROMPT][i]
                 samples.append(sample_record)

@@ -146,6 +146,18 @@ def test_alpacaeval_mode_writes_model_outputs_for_the_instructions(evaluations):
         assert output['generator'] == 'sft' and output['instruction'] not in output['output']
 
 
+def test_sampling_a_prompts_file_writes_each_prompt_and_its_sample_without_a_chosen(tmp_path):
+    """A run trained on prompts (online RL) has no completions in its data to pair a sample with."""
+    prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
+    config = make_config(tmp_path, '++n_samples=3', '++model.eval_batch_size=2', '++max_new_tokens=4',
+                         f"++online.reward_function={os.path.join(DATA, 'upbeat', 'reward.py')}:reward",
+                         loss='grpo-online', datasets=f'[{prompts}]')
+    samples = eval_script.sample(config, config.datasets)
+    assert [sorted(s) for s in samples] == [['policy', 'prompt']] * 3
+    texts = [json.loads(line)['prompt'] for line in open(prompts)]
+    assert all(any(text in s['prompt'] for text in texts) and s['policy'] for s in samples)
+
+
 def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
     import models
     config = make_config(tmp_path, '++n_samples=5', '++model.eval_batch_size=5', loss='csft')
