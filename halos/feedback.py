@@ -50,6 +50,10 @@ def read_json_records(path: str) -> List[Dict]:
         records = json.loads(text)
     except json.JSONDecodeError as error:
         raise DataError(f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+    if isinstance(records, dict) and 'samples' in records and 'config' in records:
+        raise DataError(f"{path}: eval.py's samples with their run's config (what compare.py reads), not records; "
+                        f"label.py labels the sample records that eval.py ++mode=sample ++num_samples_per_prompt=k "
+                        f"writes")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
     return records

@@ -222,6 +222,16 @@ def test_a_held_out_reward_the_judge_fails_stops_before_the_rounds_checkpoint(tm
     assert [e['round'] for e in evaluations] == [0, 0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0
 
 
+def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(tmp_path, capsys):
+    samples = tmp_path / 'run.json'
+    samples.write_text(json.dumps({'sampled_at': 'now', 'config': {}, 'samples': [{'prompt': 'hi', 'policy': 'yo'}]}))
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"label.py: {samples}: eval.py's samples with their run's config (what compare.py reads), not records; "
+        f"label.py labels the sample records that eval.py ++mode=sample ++num_samples_per_prompt=k writes")
+    assert not (tmp_path / 'out.jsonl').exists()
+
+
 @pytest.mark.parametrize('option, value, says', [
     ('--threshold', 'abc', 'abc is not mean, median or a number'),
     ('--threshold', 'nan', 'nan is not mean, median or a number'),
