@@ -158,6 +158,10 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue
         kind = record_kind(record)
+        if kind == 'binary' and 'label' not in record and record.get('type') == 'sample':
+            raise DataError(f"{where}: an unlabelled sample (type 'sample', as eval.py writes it); label the file "
+                            f"first: python label.py {path} feedback.jsonl --reward-function file.py:function (or "
+                            f"--reward-model, --judge)")
         turns = _turns(_field(record, 'prompt', where), 'prompt', where)
         prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
