@@ -202,14 +202,22 @@ class DataLoader:
         while self.n_epochs is None or epoch < self.n_epochs:
             batches = self.epoch_batches(rng)
             if not batches:
-                raise DataError(f"[{self.split}] {', '.join(self.dataset_names)}: no {type(self).__name__} items "
-                                f"to iterate ({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
+                raise DataError(self.why_no_items())
             for batch in batches:
                 if self.n_examples is not None and n_seen >= self.n_examples:
                     return  # n_examples=0: no batch (n_eval_examples=0 skips evaluation)
                 yield batch
                 n_seen += len(batch)
             epoch += 1
+
+    def why_no_items(self) -> str:
+        names = ', '.join(self.dataset_names)
+        if self.full_data and not any(example.generations for example in self.full_data.values()):
+            return (f"{names}: {len(self.full_data)} prompts and no completions to train on: sample and label "
+                    f"them first (eval.py ++mode=sample ++num_samples_per_prompt=k, then label.py), or train online "
+                    f"on them (++online.rounds=N, or loss=grpo-online)")
+        return (f"[{self.split}] {names}: no {type(self).__name__} items to iterate "
+                f"({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
 
     def __len__(self) -> int:
         return sum(1 for _ in self.plan())

@@ -34,7 +34,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
-         'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples']
+         'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
+         'prompts only, offline']
 
 
 def cases(tmp_path):
@@ -51,6 +52,7 @@ def cases(tmp_path):
     alike = feedback_file(tmp_path, 'alike.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'reward': 0.5},
                                                     {'prompt': 'Say hi.', 'output': 'Hello!', 'reward': 0.5},
                                                     {'prompt': 'Say bye.', 'output': 'Bye!', 'reward': 2.0}])
+    prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
     unlabelled = feedback_file(tmp_path, 'run_samples.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'prompt_id': 'a',
                                                                 'sample_id': 0, 'type': 'sample'}])
     train_only = feedback_file(tmp_path, 'train_only.jsonl', [dict(binary, split='train')] * 3)
@@ -106,6 +108,10 @@ def cases(tmp_path):
                                         f"{alike}: all completions of each prompt share one score (2 prompts), so "
                                         f"every advantage would be 0 and training would learn nothing; a prompt needs "
                                         f"completions with different rewards (or desirable and undesirable ones)"),
+        'prompts only, offline': ('train.py', [f"datasets=[{prompts}]", 'loss=kto'],
+                                  f"{prompts}: 110 prompts and no completions to train on: sample and label them "
+                                  f"first (eval.py ++mode=sample ++num_samples_per_prompt=k, then label.py), or train "
+                                  f"online on them (++online.rounds=N, or loss=grpo-online)"),
         'unlabelled samples': ('train.py', [f'datasets=[{unlabelled}]'],
                                f"{unlabelled}: record 1: an unlabelled sample (type 'sample', as eval.py writes it); "
                                f"label the file first: python label.py {unlabelled} feedback.jsonl --reward-function "
