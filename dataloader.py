@@ -132,6 +132,7 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
 
 class PairedPreferenceDataLoader(DataLoader):
     """One item per preference pair (chosen, rejected); both share the same prompt tokens."""
+    online_feedback = 'pairwise'
 
     def flatten(self, examples):
         rng = random.Random(self.seed)

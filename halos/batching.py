@@ -124,6 +124,8 @@ class DataLoader:
         self.counts['items'] = len(self.items)
         rank0_print(f"[{split}] {type(self).__name__}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
 
+    online_feedback: Optional[str] = None  # the one online.feedback its items come from (None: any)
+
     @dataclass(frozen=True)
     class Params:
         """Keys of the loss section this loader reads (config/loss/<name>.yaml), passed to its constructor."""

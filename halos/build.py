@@ -141,6 +141,10 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
         raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
     if online.reference == 'previous' and not trainer_class.use_reference_model:
         raise ConfigError(f"online.reference=previous: {run.loss.trainer} has no reference model")
+    needed = dataloader.get_dataloader_class(run.loss.dataloader).online_feedback
+    if needed and online.feedback != needed:
+        raise ConfigError(f"online.feedback={online.feedback}: loss={run.loss.name} trains on {needed} feedback; "
+                          f"set online.feedback={needed}")
     if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
                           f"the samples of a prompt, so it needs at least 2")

@@ -84,8 +84,8 @@ def outside(rule) -> typing.Optional[str]:
     return {'mean, median or a number': 'middle'}.get(rule.reads, "''")
 
 
-def refused(loss, override) -> str:
-    overrides = base_overrides('/tmp/unused', loss) + [override]
+def refused(loss, *override) -> str:
+    overrides = base_overrides('/tmp/unused', loss) + list(override)
     with pytest.raises(UserError) as error:
         run_settings(compose_config(overrides), overrides)
     return str(error.value)
@@ -176,6 +176,8 @@ def test_keys_that_must_agree_are_checked_together():
         run_settings(compose_config(overrides), overrides)
     assert str(error.value) == ("online.samples_per_prompt=1: pairwise feedback compares the samples of a prompt, so "
                                 "it needs at least 2")
+    assert refused('dpo', '++online.rounds=1', reward, '++online.feedback=binary') == \
+        "online.feedback=binary: loss=dpo trains on pairwise feedback; set online.feedback=pairwise"
 
 
 def test_eval_py_checks_no_training_setting_it_does_not_use():
