@@ -86,6 +86,7 @@ class DataLoader:
     `sequence_kinds` are the sequences the trainer reads (its `prefixes`); a loader leaves out the
     others (e.g. KTO's mismatched KL rows for trainers that never read them). None: every kind it has.
     """
+    online_feedback: Optional[str] = None  # the one online.feedback its items come from (None: any)
 
     def __init__(self, dataset_names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
                  max_length: int = 512, max_prompt_length: int = 128, max_prompt_count: Optional[int] = None,
@@ -123,8 +124,6 @@ class DataLoader:
         self.items = self.flatten([self.full_data[p] for p in prompts])
         self.counts['items'] = len(self.items)
         rank0_print(f"[{split}] {type(self).__name__}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
-
-    online_feedback: Optional[str] = None  # the one online.feedback its items come from (None: any)
 
     @dataclass(frozen=True)
     class Params:
