@@ -210,7 +210,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     for example in dataset.data.values():
         if example.desirable:
             example.sft_index = example.desirable.index(True) if True in example.desirable else \
-                max(range(len(example.scores)), key=lambda i: example.scores[i] or -math.inf)
+                max(range(len(example.scores)), key=lambda i: -math.inf if example.scores[i] is None else example.scores[i])
         elif example.scores and all(score is not None for score in example.scores):
             example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
         elif example.pairs:

@@ -348,3 +348,11 @@ def test_one_prompt_with_binary_and_pairwise_feedback_is_refused(tmp_path):
     with pytest.raises(D.DataError, match=r'mixed.jsonl: record 3: this prompt already has binary feedback '
                                           r'\(first at .*mixed.jsonl: record 1\)'):
         D.load_dataset(str(path), 'train', **FORMAT)
+
+
+def test_sft_target_of_undesirable_outputs_is_the_best_scored_even_at_zero(tmp_path):
+    path = tmp_path / 'binary.jsonl'
+    path.write_text('{"prompt": "a", "output": "worse", "label": 0, "reward": -0.5}\n'
+                    '{"prompt": "a", "output": "better", "label": 0, "reward": 0.0}\n')
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert example.generations[example.sft_index] == 'better'
