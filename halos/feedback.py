@@ -65,7 +65,7 @@ def _field(record: Dict, name: str, where: str):
     return record[name]
 
 
-def _turns(value, name: str, where: str) -> List[Dict[str, str]]:
+def checked_turns(value, name: str, where: str) -> List[Dict[str, str]]:
     """A prompt or output given as a string or a list of {'role', 'content'} turns."""
     if isinstance(value, str):
         return [{'role': 'user' if name == 'prompt' else 'assistant', 'content': value}]
@@ -81,7 +81,7 @@ def _turns(value, name: str, where: str) -> List[Dict[str, str]]:
 
 
 def _completion(record: Dict, name: str, where: str) -> str:
-    turns = _turns(_field(record, name, where), name, where)
+    turns = checked_turns(_field(record, name, where), name, where)
     if len(turns) != 1:
         raise DataError(f"{where}: field '{name}' has {len(turns)} turns; a completion must be one assistant turn")
     if not turns[0]['content'].strip():
@@ -162,7 +162,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             raise DataError(f"{where}: an unlabelled sample (type 'sample', as eval.py writes it); label the file "
                             f"first: python label.py {path} feedback.jsonl --reward-function file.py:function (or "
                             f"--reward-model, --judge)")
-        turns = _turns(_field(record, 'prompt', where), 'prompt', where)
+        turns = checked_turns(_field(record, 'prompt', where), 'prompt', where)
         prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]

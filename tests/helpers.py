@@ -5,7 +5,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Dict, List
+from typing import List
 
 from hydra import compose, initialize_config_dir
 
@@ -72,18 +72,6 @@ def whole_and_killed(cache_dir, *overrides, loss='dpo', max_delay=1.0, timeout=9
     killed.send_signal(signal.SIGKILL)
     killed.wait()
     assert whole.wait(timeout=timeout) == 0, whole.stderr.read()[-3000:]
-
-
-def run_concurrently(commands: Dict[str, List[str]], timeout=900) -> Dict[str, subprocess.CompletedProcess]:
-    """Run every command at once (most of each one's time is spent importing), each checked for success."""
-    processes = {name: subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for name, command in commands.items()}
-    results = {}
-    for name, process in processes.items():
-        stdout, stderr = process.communicate(timeout=timeout)
-        results[name] = checked(subprocess.CompletedProcess(commands[name], process.returncode, stdout, stderr),
-                                commands[name])
-    return results
 
 
 def run_in_process(script: str, argv: List[str], hydra_dir) -> str:

@@ -35,7 +35,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
-         'prompts only, offline']
+         'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
+         'reward model not there']
 
 
 def cases(tmp_path):
@@ -116,6 +117,16 @@ def cases(tmp_path):
                                f"{unlabelled}: record 1: an unlabelled sample (type 'sample', as eval.py writes it); "
                                f"label the file first: python label.py {unlabelled} feedback.jsonl --reward-function "
                                f"file.py:function (or --reward-model, --judge)"),
+        'model not there': ('train.py', [f'++model.name_or_path={tmp_path}/no_model'],
+                            f"model.name_or_path='{tmp_path}/no_model': no such directory (a model is a local HF "
+                            f"directory, a hub id or embedded:<name>)"),
+        'not a model directory': ('eval.py', ['++mode=sample', f'++model.name_or_path={tmp_path}'],
+                                  f"model.name_or_path='{tmp_path}': not an HF model directory (it has no config.json "
+                                  f"or tokenizer_config.json)"),
+        'reward model not there': ('train.py', online + ['++online.labeler=reward_model',
+                                                         f'++online.reward_model={tmp_path}/rm/LATEST/hf'],
+                                   f"online.reward_model='{tmp_path}/rm/LATEST/hf': no such directory (a model is a "
+                                   f"local HF directory, a hub id or embedded:<name>)"),
         'unknown role': ('train.py', [f'datasets=[{role}]'],
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
         'one split only': ('train.py', [f'datasets=[{train_only}]'],

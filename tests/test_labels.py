@@ -222,6 +222,26 @@ def test_a_held_out_reward_the_judge_fails_stops_before_the_rounds_checkpoint(tm
     assert [e['round'] for e in evaluations] == [0, 0, 1] and evaluations[-1]['reward_eval/mean'] == 1.0
 
 
+@pytest.mark.parametrize('record, says', [
+    ({'prompt': 'hi', 'output': None}, "field 'output' must be a string (the sampled completion), got None"),
+    ({'prompt': 5, 'output': 'yo'}, "field 'prompt' must be a string or a non-empty list of {'role', 'content'} turns"),
+])
+def test_label_py_names_a_sample_of_the_wrong_type(tmp_path, capsys, record, says):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n' + json.dumps(record) + '\n')
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == f'label.py: {samples}: record 2: {says}'
+    assert not (tmp_path / 'out.jsonl').exists()
+
+
+def test_label_py_names_a_reward_model_that_is_not_there(tmp_path, capsys):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n')
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"label.py: model '{tmp_path}': not an HF model directory (it has no "
+                                               f"config.json or tokenizer_config.json)")
+
+
 def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(tmp_path, capsys):
     samples = tmp_path / 'run.json'
     samples.write_text(json.dumps({'sampled_at': 'now', 'config': {}, 'samples': [{'prompt': 'hi', 'policy': 'yo'}]}))
