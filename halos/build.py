@@ -302,7 +302,8 @@ def build_rollouts(run: RunSettings) -> Rollouts:
     """What a trainer that samples every step needs: k, the labelers of its samples and held-out samples, and
     the monitors' settings."""
     labeler = build_labeler(run, os.path.join(run.local_run_dir, 'judgments.jsonl'))
-    return Rollouts(run.online.samples_per_prompt, labeler, held_out_labeler(run, labeler), monitor_settings(run))
+    return Rollouts(run.online.samples_per_prompt, labeler, held_out_labeler(run, labeler), monitor_settings(run),
+                    run.online.min_scored)
 
 
 def held_out_labeler(run: RunSettings, labeler):

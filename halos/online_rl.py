@@ -14,6 +14,9 @@ optimizer step samples k completions of each of its prompts from the current pol
   `<run_dir>/rollouts.jsonl` (cut back to the checkpoint when a run resumes).
 - A step whose advantages are all 0 (every prompt's samples scored alike) teaches nothing: while no step of
   the run has had one, each evaluation warns, and a run that ends so stops with exit status 2.
+- A sample the labeller could not score (a judge that abstains) is left out of its step, as label.py leaves it
+  out of the feedback; a microbatch whose labeller scored fewer than online.min_scored of its samples stops
+  the run with the labeller's last error.
 - Evaluation samples one completion of each held-out prompt and scores it with the held-out labeler
   (online.eval_reward_function, else the labeler); the HackingMonitor (halos/monitors.py) sees it.
 
@@ -33,6 +36,7 @@ from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
 from halos.labelers import Labeler, checked_scores
+from halos.labelling import scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
                             sample_stats)
 from halos.packing import token_level_logps
@@ -51,6 +55,7 @@ class Rollouts:
     labeler: Labeler              # scores the training samples
     held_out_labeler: Labeler     # scores the held-out samples of evaluation
     monitor: MonitorSettings
+    min_scored: float             # the least share of a microbatch's samples a labeller must score
 
 
 @dataclass
@@ -134,11 +139,18 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         prompts = [prompt for prompt in batch[schema.PROMPT_TURNS] for _ in range(k)]
         names = [f'step {self.batch_counter} prompt {prompt_id} sample {j}' for prompt_id in batch[schema.PROMPT_ID]
                  for j in range(k)]
-        scores = checked_scores(self.rollouts.labeler, prompts, [s.text for group in samples for s in group], names)
-        return [Group(ids[mask.bool()], prompt_id, group, scores[i * k:(i + 1) * k])
-                for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
-                                                                      batch[schema.PROMPT_ATTENTION_MASK],
-                                                                      batch[schema.PROMPT_ID], samples))]
+        labeler = self.rollouts.labeler
+        scores = checked_scores(labeler, prompts, [s.text for group in samples for s in group], names)
+        scored_enough(sum(score is not None for score in scores), len(scores), self.rollouts.min_scored, labeler,
+                      f'step {self.batch_counter}')
+        groups = []
+        for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
+                                                              batch[schema.PROMPT_ATTENTION_MASK],
+                                                              batch[schema.PROMPT_ID], samples)):
+            scored = [(sample, score) for sample, score in zip(group, scores[i * k:(i + 1) * k]) if score is not None]
+            if scored:
+                groups.append(Group(ids[mask.bool()], prompt_id, [s for s, _ in scored], [score for _, score in scored]))
+        return groups
 
     def refilled(self, groups: List[Group]) -> Tuple[List[Group], Dict[str, float]]:
         """Dynamic sampling: the degenerate groups replaced by groups of fresh prompts drawn from the pool (seeded
@@ -264,10 +276,13 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         """One sample of each held-out prompt, scored by the held-out labeler."""
         samples = [group[0] for group in self.sample_groups(batch, 1, f'eval {self.example_counter}')]
         names = [f'held-out prompt {prompt_id} after step {self.batch_counter}' for prompt_id in batch[schema.PROMPT_ID]]
-        scores = checked_scores(self.rollouts.held_out_labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
-                                names)
-        self.held_out += [(score, sample.token_ids) for score, sample in zip(scores, samples)]
-        return torch.zeros(()), {f'reward_{mode}/mean': torch.tensor(scores),
+        labeler = self.rollouts.held_out_labeler
+        scores = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples], names)
+        scored = [(score, sample.token_ids) for score, sample in zip(scores, samples) if score is not None]
+        scored_enough(len(scored), len(samples), self.rollouts.min_scored, labeler,
+                      f'the held-out reward after step {self.batch_counter}')
+        self.held_out += scored
+        return torch.zeros(()), {f'reward_{mode}/mean': torch.tensor([score for score, _ in scored]),
                                  f'completions_{mode}/length': torch.tensor([float(len(s.token_ids)) for s in samples])}
 
     def evaluate(self) -> Dict[str, float]:

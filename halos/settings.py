@@ -138,8 +138,8 @@ class OnlineSettings:
     reference: str = setting('fixed', 'the starting model, or the policy at the start of each round',
                              one_of('fixed', 'previous'))
     eval_prompts: Optional[List[str]] = setting(None, 'held-out prompts: the mean reward before and after every round')
-    min_scored: float = setting(0.5, "stop when a round's labeller scores fewer than this share of its samples",
-                                between(0, 1))
+    min_scored: float = setting(0.5, "stop when the labeller scores fewer than this share of a round's samples "
+                                     "(loss=grpo-online and its kin: of a step's)", between(0, 1))
     eval_reward_function: Optional[str] = setting(None, 'scores the held-out samples (a gold reward); null: the '
                                                         'labeler')
     monitor_window: int = setting(2, 'evaluations over which a rising training reward and a falling held-out one '

@@ -1,6 +1,7 @@
 """Step-level online RL (halos/online_rl.py; loss=grpo-online, dr-grpo, dapo, gspo, rloo, reinforce-pp): the
 advantages and losses against hand-computed values and TRL's formulas, the first pass's ratio exactly 1 and the
 clip on later ones, dynamic sampling, the monitors, resume, and the warning on a deliberately hackable task."""
+import dataclasses
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import torch
 
 from halos.build import build_trainer
 from halos.errors import DataError
+from halos.labelers import LabelError
 from halos.losses import (group_advantages, grpo_loss, grpo_token_losses, reinforce_pp_returns, rloo_advantages,
                           sequence_clipped_losses, whiten_advantages)
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, RewardHackingStop, distinct_ngrams,
@@ -194,6 +196,40 @@ def test_dynamic_sampling_replaces_the_groups_that_tie(tmp_path):
     metrics = trainer.train_metrics.means()
     assert metrics['groups_train/dropped'] > 0 and metrics['groups_train/refills'] >= 1
     assert len(parts[0].groups) == 4 and not any(group.degenerate() for group in parts[0].groups)
+
+
+class Abstaining:
+    """A judge that gives no score to the samples `abstains(i)` picks (by position in the call), vowels to the rest."""
+    name, may_abstain, last_error = 'an abstaining judge', True, 'ValueError: no score in the answer'
+
+    def __init__(self, abstains):
+        self.abstains = abstains
+
+    def __call__(self, prompts, completions):
+        return [None if self.abstains(i) else float(sum(c in 'aeiou' for c in completion))
+                for i, completion in enumerate(completions)]
+
+
+def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(), loss='grpo-online'))
+    trainer.rollouts = dataclasses.replace(trainer.rollouts, labeler=Abstaining(lambda i: i % 3 == 0 or i == 4))
+    part, = trainer.experience([next(iter(trainer.train_iterator))])  # 2 prompts x 3 samples: 0, 3 and 4 unscored
+    assert [len(group.samples) for group in part.groups] == [2, 1] and part.rows.input_ids.shape[0] == 3
+    assert part.advantages[2] == 0  # a group of one sample has no advantage
+    assert [len(json.loads(line)['scores']) for line in open(tmp_path / 'test' / 'rollouts.jsonl')] == [2, 1]
+
+
+def test_a_step_or_evaluation_the_judge_mostly_could_not_score_stops_the_run(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(), loss='grpo-online'))
+    trainer.rollouts = dataclasses.replace(trainer.rollouts, labeler=Abstaining(lambda i: i > 1),
+                                           held_out_labeler=Abstaining(lambda i: True))
+    with pytest.raises(LabelError) as error:
+        trainer.experience([next(iter(trainer.train_iterator))])
+    assert str(error.value) == ("step 0: an abstaining judge scored 2 of 6 samples (fewer than 50%); last error: "
+                                "ValueError: no score in the answer")
+    with pytest.raises(LabelError, match=r"^the held-out reward after step 0: an abstaining judge scored 0 of 4 samples; "
+                                         r"last error: ValueError: no score in the answer$"):
+        trainer.evaluate()
 
 
 def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(tmp_path, capsys):
