@@ -115,9 +115,13 @@ def load_samples(path: str, keys: Sequence[str]) -> Tuple[dict, List[dict]]:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CompareError(f"samples file '{path}' is not valid JSON: {error}") from None
+    except OSError as error:  # a directory, or a file this user cannot read
+        raise CompareError(f"samples file '{path}' cannot be read: {error.strerror}") from None
     if not isinstance(data, dict) or not isinstance(data.get('samples'), list) or not isinstance(data.get('config'), dict):
         raise CompareError(f"samples file '{path}' must be an object with a 'samples' list and a 'config' object, "
                            f"as eval.py ++mode=sample writes")
+    if not data['samples']:
+        raise CompareError(f"samples file '{path}' holds no samples to judge")
     for index, sample in enumerate(data['samples']):
         for key in keys:
             if not isinstance(sample, dict) or key not in sample:
@@ -381,6 +385,11 @@ def run(args: argparse.Namespace) -> dict:
     finally:
         cache.close()
     summary = summarize(judgments, cache.records, errors)
+    if summary['win_rate'] is None:
+        last_error = f"; last error: {list(errors.values())[-1]}" if errors else ''
+        raise CompareError(f"no comparison of {summary['total']} got a verdict ({summary['unparseable']} answers named "
+                           f"neither response, {summary['errors']} requests failed{last_error}); nothing appended to "
+                           f"{args.results_file}")
     result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
                          response_format is not None)
     append_line(args.results_file, result)
@@ -399,8 +408,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"compare.py: interrupted; every judgment received is in {args.cache}, rerun to continue", file=sys.stderr)
         return 130
     interval = result['win_rate_ci95']
-    rate = 'n/a' if result['win_rate'] is None else \
-        f"{result['win_rate']:.3f} (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
+    rate = f"{result['win_rate']:.3f} (95% CI {interval[0]:.3f}-{interval[1]:.3f})"
     print(f"{args.candidate_key} vs {args.baseline_key}: {result['wins']} wins, {result['losses']} losses, "
           f"{result['ties']} ties, {result['failures']} failures ({result['unparseable']} unparseable, "
           f"{result['errors']} errors) of {result['total']}; win rate {rate}; appended to {args.results_file}")

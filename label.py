@@ -112,6 +112,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         counts = run(args)
     except UserError as error:
         return reported('label.py', error)
+    except KeyboardInterrupt:
+        print(f"\nlabel.py: interrupted before {args.output} was written (a judge's answers so far are cached for "
+              f"the rerun)", file=sys.stderr)
+        return 130
     print(f"wrote {counts['feedback records']} {args.feedback} feedback records to {args.output} "
           f"({', '.join(f'{k} {v}' for k, v in counts.items() if k != 'feedback records')})")
     return 0

@@ -56,11 +56,17 @@ def reported(program: str, error: UserError) -> int:
 @contextlib.contextmanager
 def reported_as_one_line(program: str):
     """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2; a command run
-    inside that failed (which printed its own message) into one line naming it, with its exit status."""
+    inside that failed (which printed its own message) into one line naming it, with its exit status; Ctrl-C
+    into `<program>: interrupted` and exit status 130."""
     try:
         yield
     except UserError as error:
         sys.exit(reported(program, error))
+    except KeyboardInterrupt:
+        if show_traceback():
+            raise
+        print(f'\n{program}: interrupted', file=sys.stderr, flush=True)
+        sys.exit(130)
     except subprocess.CalledProcessError as error:
         if show_traceback():
             raise

@@ -316,6 +316,11 @@ def test_samples_file_problems_are_named(tmp_path, capsys, monkeypatch):
     (tmp_path / 'field.json').write_text(json.dumps(data))
     message = compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'field.json')] + results)
     assert "field.json': samples[2] has no field 'policy' (it has: prompt, chosen)" in message
+    (tmp_path / 'empty.json').write_text('{"config": {}, "samples": []}')
+    message = compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'empty.json')] + results)
+    assert message == f"compare.py: samples file '{tmp_path}/empty.json' holds no samples to judge"
+    message = compare_error(capsys, monkeypatch, ['-f', str(tmp_path)] + results)
+    assert message == f"compare.py: samples file '{tmp_path}' cannot be read: Is a directory"
     assert not (tmp_path / 'results.jsonl').exists()
 
 
@@ -358,6 +363,13 @@ def test_an_unknown_judge_model_stops_the_run_and_names_the_judge(tmp_path, caps
     # a refusal that every request would get is not retried (with one worker, the next request may have left)
     assert server.chat_requests <= 2
     assert not (tmp_path / 'results.jsonl').exists() and cache_keys(tmp_path) == []
+
+
+def test_a_judge_that_never_names_a_response_appends_no_result(tmp_path, capsys, monkeypatch):
+    message, server = fake_server_error(tmp_path, capsys, monkeypatch, garbage_text=range(1, 100))
+    assert message == (f"compare.py: no comparison of 4 got a verdict (4 answers named neither response, 0 requests "
+                       f"failed); nothing appended to {tmp_path}/results.jsonl")
+    assert server.chat_requests == 4 and not (tmp_path / 'results.jsonl').exists()
 
 
 def test_a_lost_server_keeps_what_was_judged_and_says_how_to_continue(tmp_path, capsys, monkeypatch):

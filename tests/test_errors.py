@@ -237,3 +237,19 @@ def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_p
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quality.returncode == 2 and quality.stderr.strip() == (
         'quality.py: argument --prompts-train: no such file: nope.jsonl (--help lists the arguments)')
+
+
+def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+    import label
+    from halos.errors import reported_as_one_line
+    monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
+    with pytest.raises(SystemExit) as exit_, reported_as_one_line('eval.py'):
+        raise KeyboardInterrupt
+    assert exit_.value.code == 130 and capsys.readouterr().err == '\neval.py: interrupted\n'
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(label, 'run', interrupted)
+    assert label.main([str(tmp_path / 'samples.jsonl'), str(tmp_path / 'out.jsonl'), '--reward-function', 'r.py:f']) == 130
+    assert last_line(capsys.readouterr().err) == (f"label.py: interrupted before {tmp_path}/out.jsonl was written (a "
+                                                  f"judge's answers so far are cached for the rerun)")
