@@ -6,6 +6,7 @@ returns a `Dataset` of `Example`s. It reads the Hugging Face hub by default, or
 A name that is a path to a `.json`/`.jsonl` file is read as a feedback file (halos.feedback).
 """
 import inspect
+import math
 import os
 import random
 import re
@@ -13,12 +14,17 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from halos.errors import DataError, HubUnavailableError, MissingFileError
 from halos.examples import Dataset, Formatting, add_comparison
-from halos.feedback import get_feedback_file, read_json_records
+from halos.feedback import checked_turns, get_feedback_file, read_json_records
+
+NUMBER, OPTIONAL_NUMBER, INTEGER, TEXT, OPTIONAL_TEXT, LIST = (
+    (int, float), (int, float, type(None)), (int,), (str,), (str, type(None)), (list,))
+TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', list: 'a list', type(None): 'null'}
 
 
-def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str,
-                     hub_split: str, hub_data_dir: Optional[str] = None) -> Tuple[List[Dict], str]:
-    """Raw records of one dataset split, from `<data_dir>/<name>/<split>.{jsonl,parquet}` or the hub.
+def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str, hub_split: str,
+                     fields: Dict[str, tuple], hub_data_dir: Optional[str] = None) -> Tuple[List[Dict], str]:
+    """Raw records of one dataset split, from `<data_dir>/<name>/<split>.{jsonl,parquet}` or the hub, each
+    checked for the `fields` its parser reads (name -> the types allowed).
 
     Returns the records and a description of their origin for messages.
     """
@@ -26,7 +32,7 @@ def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str
         for extension in ('jsonl', 'json', 'parquet'):
             path = os.path.join(data_dir, name, f'{split}.{extension}')
             if os.path.exists(path):
-                return read_local_records(path), path
+                return checked_records(read_local_records(path), path, fields), path
         raise MissingFileError(
             f"dataset '{name}': no file {os.path.join(data_dir, name, split)}.jsonl (or .parquet) under data_dir={data_dir}")
     import datasets
@@ -37,7 +43,27 @@ def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str
             f"dataset '{name}': could not fetch {hub_id} (split {hub_split}) from the Hugging Face hub "
             f"({type(error).__name__}: {error}). Offline? Put the raw records in DIR/{name}/{split}.jsonl "
             f"and pass ++data_dir=DIR (this repo ships samples: ++data_dir=data).") from error
-    return list(records), f'{hub_id}:{hub_split}'
+    source = f'{hub_id}:{hub_split}'
+    return checked_records(list(records), source, fields), source
+
+
+def checked_records(rows: List, source: str, fields: Dict[str, tuple]) -> List[Dict]:
+    """`rows`, when each is an object with `fields` of the allowed types; else the first bad one, named."""
+    for number, row in enumerate(rows, 1):
+        where = f'{source} record {number}'
+        if not isinstance(row, dict):
+            raise DataError(f"{where}: expected an object with the fields {', '.join(fields)}, got "
+                            f"{type(row).__name__} (a local copy of a hub dataset keeps the hub's schema)")
+        for name, types in fields.items():
+            if name not in row:
+                raise DataError(f"{where}: missing field '{name}' (a local copy of a hub dataset keeps the hub's "
+                                f"schema: {', '.join(fields)})")
+            value = row[name]
+            if isinstance(value, bool) or not isinstance(value, types):
+                shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + '...'
+                allowed = [TYPE_NAMES[t] for t in types if not (t is int and float in types)]  # an int is a number
+                raise DataError(f"{where}: field '{name}' must be {' or '.join(allowed)}, got {shown}")
+    return rows
 
 
 def read_local_records(path: str) -> List[Dict]:
@@ -62,11 +88,14 @@ def get_shp(split: str, human_prefix: str, human_suffix: str, assistant_prefix: 
     first response added for the prompt.
     """
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
-    rows, source = load_raw_records('shp', split, data_dir, 'stanfordnlp/SHP', split)
+    rows, source = load_raw_records('shp', split, data_dir, 'stanfordnlp/SHP', split, {
+        'history': TEXT, 'human_ref_A': TEXT, 'human_ref_B': TEXT, 'score_A': NUMBER, 'score_B': NUMBER,
+        'labels': INTEGER})
     dataset = Dataset('shp')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):
-        ratio = max(row['score_A'] / row['score_B'], row['score_B'] / row['score_A'])
+        low, high = sorted((row['score_A'], row['score_B']))
+        ratio = high / low if low > 0 else math.inf
         if split == 'train' and ratio < 2:
             dataset.counts['dropped: score ratio < 2'] += 1
             continue
@@ -88,7 +117,8 @@ HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
 def _load_hh(name: str, hub_data_dir: Optional[str], split: str, formatting: Formatting,
              data_dir: Optional[str]) -> Dataset:
     """Anthropic HH-RLHF: the prompt is the transcript up to the last assistant marker."""
-    rows, source = load_raw_records(name, split, data_dir, 'Anthropic/hh-rlhf', split, hub_data_dir)
+    rows, source = load_raw_records(name, split, data_dir, 'Anthropic/hh-rlhf', split,
+                                    {'chosen': TEXT, 'rejected': TEXT}, hub_data_dir)
     dataset = Dataset(name)
     dataset.counts['records'] = len(rows)
     marker = '\n\nAssistant: '
@@ -135,7 +165,9 @@ def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix
     """
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('oasst', split, data_dir, 'OpenAssistant/oasst1',
-                                    'validation' if split == 'test' else split)
+                                    'validation' if split == 'test' else split, {
+                                        'message_id': TEXT, 'parent_id': OPTIONAL_TEXT, 'rank': OPTIONAL_NUMBER,
+                                        'role': TEXT, 'text': TEXT, 'lang': TEXT})
     dataset = Dataset('oasst')
     dataset.counts['records'] = len(rows)
     numbered = [(number, row) for number, row in enumerate(rows, 1) if row['lang'] == 'en']
@@ -173,13 +205,14 @@ def get_ultrabin(split: str, human_prefix: str, human_suffix: str, assistant_pre
     """UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized, *_prefs splits)."""
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('ultrabin', split, data_dir, 'HuggingFaceH4/ultrafeedback_binarized',
-                                    f'{split}_prefs')
+                                    f'{split}_prefs', {'prompt': TEXT, 'chosen': LIST, 'rejected': LIST})
     dataset = Dataset('ultrabin')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):
-        add_comparison(dataset, [{'role': 'user', 'content': row['prompt']}],
-                       (row['chosen'][-1]['content'], row['rejected'][-1]['content']), 0, formatting,
-                       f'{source} record {number}', truncation_mode='keep_start')
+        where = f'{source} record {number}'
+        chosen, rejected = (checked_turns(row[name], name, where)[-1]['content'] for name in ('chosen', 'rejected'))
+        add_comparison(dataset, [{'role': 'user', 'content': row['prompt']}], (chosen, rejected), 0, formatting,
+                       where, truncation_mode='keep_start')
     return dataset
 
 
@@ -189,7 +222,8 @@ def get_alpacaeval(split: str, human_prefix: str, human_suffix: str, assistant_p
     if split != 'test':
         raise DataError("alpacaeval has only a test split")
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
-    rows, source = load_raw_records('alpacaeval', split, data_dir, 'tatsu-lab/alpaca_eval', 'eval')
+    rows, source = load_raw_records('alpacaeval', split, data_dir, 'tatsu-lab/alpaca_eval', 'eval',
+                                    {'instruction': TEXT, 'output': TEXT, 'dataset': TEXT})
     dataset = Dataset('alpacaeval')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):

@@ -1,4 +1,5 @@
 """Data: exact counts and strings on the shipped samples, token-level guarantees, and bad input."""
+import json
 import os
 
 import pytest
@@ -356,3 +357,31 @@ def test_sft_target_of_undesirable_outputs_is_the_best_scored_even_at_zero(tmp_p
                     '{"prompt": "a", "output": "better", "label": 0, "reward": 0.0}\n')
     example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
     assert example.generations[example.sft_index] == 'better'
+
+
+@pytest.mark.parametrize('name, record, says', [
+    ('hh', {'chosen': '\n\nHuman: Hi\n\nAssistant: Hello'},
+     "missing field 'rejected' (a local copy of a hub dataset keeps the hub's schema: chosen, rejected)"),
+    ('hh', ['\n\nHuman: Hi'], "expected an object with the fields chosen, rejected, got list (a local copy of a hub dataset keeps the "
+     "hub's schema)"),
+    ('shp', {'history': 'Q?', 'human_ref_A': 'a', 'human_ref_B': 'b', 'score_A': '3', 'score_B': 1, 'labels': 1},
+     "field 'score_A' must be a number, got '3'"),
+    ('oasst', {'message_id': 'm', 'parent_id': 7, 'rank': None, 'role': 'prompter', 'text': 'Hi', 'lang': 'en'},
+     "field 'parent_id' must be a string or null, got 7"),
+    ('ultrabin', {'prompt': 'Hi', 'chosen': [{'role': 'user', 'content': 'Hi'}, {'content': 'Hello'}], 'rejected': []},
+     "field 'chosen' must be a string or a non-empty list of {'role', 'content'} turns"),
+])
+def test_a_local_copy_of_a_hub_dataset_in_another_schema_names_the_record_and_field(tmp_path, name, record, says):
+    (tmp_path / name).mkdir()
+    (tmp_path / name / 'train.jsonl').write_text(json.dumps(record) + '\n')
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(name, 'train', **FORMAT, data_dir=str(tmp_path))
+    assert str(error.value) == f"{tmp_path}/{name}/train.jsonl record 1: {says}"
+
+
+def test_an_shp_pair_with_a_zero_score_has_an_infinite_ratio_and_is_kept(tmp_path):
+    (tmp_path / 'shp').mkdir()
+    (tmp_path / 'shp' / 'train.jsonl').write_text(json.dumps(
+        {'history': 'Q?', 'human_ref_A': 'a', 'human_ref_B': 'b', 'score_A': 5, 'score_B': 0, 'labels': 1}) + '\n')
+    example, = D.load_dataset('shp', 'train', **FORMAT, data_dir=str(tmp_path)).data.values()
+    assert example.generations[example.pairs[0][0]] == 'a'
