@@ -31,6 +31,7 @@ import openai
 from tqdm import tqdm
 
 from halos.errors import ArgumentParser, UserError, non_negative_int, positive_int, positive_number, reported
+from halos.jsonl import append_json_lines
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          constrained, describe_error, fatal_error_message, json_field, make_client, public_url)
 
@@ -330,14 +331,6 @@ def response_lengths(config: dict, texts: List[str]) -> Tuple[List[int], str]:
         return [len(text.split()) for text in texts], 'words'
 
 
-def append_line(path: str, record: dict) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, 'a', encoding='utf-8') as f:
-        f.write(json.dumps(record, ensure_ascii=False) + '\n')
-        f.flush()
-        os.fsync(f.fileno())
-
-
 def write_csv(path: str, judgments: List[Judgment], records: Dict[str, dict], args: argparse.Namespace) -> None:
     """One row per judgment; A is the response the judge saw first."""
     names = {CANDIDATE: args.candidate_key, BASELINE: args.baseline_key}
@@ -392,7 +385,8 @@ def run(args: argparse.Namespace) -> dict:
                            f"{args.results_file}")
     result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
                          response_format is not None)
-    append_line(args.results_file, result)
+    os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
+    append_json_lines(args.results_file, [result], sync=True)
     if args.save_csv:
         write_csv(args.save_csv, judgments, cache.records, args)
     return result

@@ -51,6 +51,7 @@ from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
 from halos.examples import render_turns
 from halos.feedback import write_jsonl
+from halos.jsonl import append_json_lines
 from halos.labelers import RewardFunctionLabeler, checked_scores
 from halos.monitors import reward_summary
 from halos.packing import sequence_logps
@@ -272,8 +273,7 @@ def run_evaluation(run: RunSettings) -> None:
         print(json.dumps(evaluate(run)['results'], indent=2))
     elif run.mode == 'reward':
         samples, result = reward(run)
-        with open(os.path.join(run.samples_dir, 'rewards.jsonl'), 'a') as f:
-            f.write(json.dumps(result) + '\n')
+        append_json_lines(os.path.join(run.samples_dir, 'rewards.jsonl'), [result])
         write_json(os.path.join(run.samples_dir, f'{run.exp_name}.json'),
                    {'sampled_at': result['sampled_at'], 'config': as_dict(run),
                     'samples': samples})

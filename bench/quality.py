@@ -49,6 +49,7 @@ if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
 from halos.errors import ArgumentParser, ConfigError, reported_as_one_line  # noqa: E402  (after the path insert)
+from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
 
 
 STEP_LEVEL = ('grpo-online', 'dr-grpo', 'dapo', 'gspo', 'rloo', 'reinforce-pp')  # losses that sample every step
@@ -306,8 +307,7 @@ def held_out_reward(run: Runner, args, config_overrides: List[str]) -> dict:
 
 def metric_curve(directory: str, key: str, se_key: Optional[str] = None) -> List[dict]:
     """(step or round, value[, se]) of every metrics.jsonl record holding `key`."""
-    with open(os.path.join(ROOT, directory, 'metrics.jsonl')) as f:
-        records = [record for record in map(json.loads, f) if key in record]
+    records = [record for record in read_json_lines(os.path.join(ROOT, directory, 'metrics.jsonl')) if key in record]
     return [{'round': r.get('round'), 'step': r.get('step'), 'mean': r[key], **({'se': r[se_key]} if se_key else {})}
             for r in records]
 
@@ -415,9 +415,8 @@ class TrialRecord:
     def __init__(self, path: str, keep: bool):
         self.path, self.trials = path, {}
         if keep and os.path.exists(path):
-            with open(path) as f:
-                for record in map(json.loads, f):
-                    self.trials[record.pop('trial')] = record
+            for record in read_json_lines(path):
+                self.trials[record.pop('trial')] = record
         elif os.path.exists(path):
             os.remove(path)
 
@@ -427,8 +426,7 @@ class TrialRecord:
 
     def add(self, name: str, result: dict) -> dict:
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        with open(self.path, 'a') as f:
-            f.write(json.dumps({'trial': name, **result}) + '\n')
+        append_json_lines(self.path, [{'trial': name, **result}])
         self.trials[name] = result
         return result
 

@@ -116,7 +116,6 @@ def check_consistency(run: RunSettings) -> None:
     if model.use_peft and humanline:
         raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
-    check_model_paths(run)
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
     if run.online.sampler == 'vllm':
@@ -134,7 +133,8 @@ def check_consistency(run: RunSettings) -> None:
 
 
 def check_model_paths(run: RunSettings) -> None:
-    """A model named by a local path that is not there stops the run before anything loads."""
+    """A model named by a local path that is not there stops the run before anything loads (checked when a run
+    starts, not with the settings: a command may name the model that the command before it writes)."""
     named = {'model.name_or_path': run.model.name_or_path,
              'model.tokenizer_name_or_path': run.model.tokenizer_name_or_path,
              'online.reward_model': run.online.reward_model,
@@ -282,6 +282,7 @@ def saved_adapter(saved_policy: str) -> str:
 def build_trainer(run: RunSettings):
     """Data, models and the trainer of one process, from checked settings (online: without data; each round
     gives its own)."""
+    check_model_paths(run)
     if run.model.load_from:  # a missing or unreadable checkpoint stops the run before anything loads
         checkpoint.check_policy_file(models.resolve_load_from(run.model.load_from, run.cache_dir), 'model.load_from')
     start_process(run.seed, run.retain_freed_memory)
@@ -340,5 +341,6 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
 
 
 def load_run_tokenizer(run: RunSettings):
-    """The tokenizer the run saved (with any control tokens), else the model's."""
+    """The tokenizer the run saved (with any control tokens), else the model's; eval.py's first load."""
+    check_model_paths(run)
     return models.load_run_tokenizer(run.local_run_dir, run.model.tokenizer_name_or_path or run.model.name_or_path)

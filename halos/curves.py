@@ -1,10 +1,11 @@
 """Training curves from runs' metrics.jsonl: what a researcher reads learning from. Every run gets its loss
 (raw and smoothed); a preference loss its implicit reward margin and accuracy; KTO its KL estimate; an online
 run its reward per round (the training samples' and, where evaluated, the held-out prompts')."""
-import json
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from halos.jsonl import read_json_lines
 
 EXAMPLES = 'training examples'
 
@@ -28,8 +29,7 @@ class Panel:
 
 
 def read_metrics(run_dir: str) -> List[dict]:
-    with open(os.path.join(run_dir, 'metrics.jsonl')) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_json_lines(os.path.join(run_dir, 'metrics.jsonl'))
 
 
 def moving_average(values: Sequence[float], window: int) -> List[float]:

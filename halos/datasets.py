@@ -22,9 +22,10 @@ TYPE_NAMES = {int: 'an integer', float: 'a number', str: 'a string', list: 'a li
 
 
 def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str, hub_split: str,
-                     fields: Dict[str, tuple], hub_data_dir: Optional[str] = None) -> Tuple[List[Dict], str]:
+                     hub_data_dir: Optional[str] = None,
+                     fields: Optional[Dict[str, tuple]] = None) -> Tuple[List[Dict], str]:
     """Raw records of one dataset split, from `<data_dir>/<name>/<split>.{jsonl,parquet}` or the hub, each
-    checked for the `fields` its parser reads (name -> the types allowed).
+    checked for the `fields` its parser reads (name -> the types allowed, e.g. {'prompt': (str,)}).
 
     Returns the records and a description of their origin for messages.
     """
@@ -47,9 +48,10 @@ def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str
     return checked_records(list(records), source, fields), source
 
 
-def checked_records(rows: List, source: str, fields: Dict[str, tuple]) -> List[Dict]:
-    """`rows`, when each is an object with `fields` of the allowed types; else the first bad one, named."""
-    for number, row in enumerate(rows, 1):
+def checked_records(rows: List, source: str, fields: Optional[Dict[str, tuple]]) -> List[Dict]:
+    """`rows`, when each is an object with `fields` of the allowed types (no `fields`: unchecked); else the first
+    bad one, named."""
+    for number, row in enumerate(rows if fields else (), 1):
         where = f'{source} record {number}'
         if not isinstance(row, dict):
             raise DataError(f"{where}: expected an object with the fields {', '.join(fields)}, got "
@@ -88,7 +90,7 @@ def get_shp(split: str, human_prefix: str, human_suffix: str, assistant_prefix: 
     first response added for the prompt.
     """
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
-    rows, source = load_raw_records('shp', split, data_dir, 'stanfordnlp/SHP', split, {
+    rows, source = load_raw_records('shp', split, data_dir, 'stanfordnlp/SHP', split, fields={
         'history': TEXT, 'human_ref_A': TEXT, 'human_ref_B': TEXT, 'score_A': NUMBER, 'score_B': NUMBER,
         'labels': INTEGER})
     dataset = Dataset('shp')
@@ -117,8 +119,8 @@ HH_TURN = re.compile(r'\n\n(Human|Assistant): ')
 def _load_hh(name: str, hub_data_dir: Optional[str], split: str, formatting: Formatting,
              data_dir: Optional[str]) -> Dataset:
     """Anthropic HH-RLHF: the prompt is the transcript up to the last assistant marker."""
-    rows, source = load_raw_records(name, split, data_dir, 'Anthropic/hh-rlhf', split,
-                                    {'chosen': TEXT, 'rejected': TEXT}, hub_data_dir)
+    rows, source = load_raw_records(name, split, data_dir, 'Anthropic/hh-rlhf', split, hub_data_dir,
+                                    fields={'chosen': TEXT, 'rejected': TEXT})
     dataset = Dataset(name)
     dataset.counts['records'] = len(rows)
     marker = '\n\nAssistant: '
@@ -165,7 +167,7 @@ def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix
     """
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('oasst', split, data_dir, 'OpenAssistant/oasst1',
-                                    'validation' if split == 'test' else split, {
+                                    'validation' if split == 'test' else split, fields={
                                         'message_id': TEXT, 'parent_id': OPTIONAL_TEXT, 'rank': OPTIONAL_NUMBER,
                                         'role': TEXT, 'text': TEXT, 'lang': TEXT})
     dataset = Dataset('oasst')
@@ -205,7 +207,7 @@ def get_ultrabin(split: str, human_prefix: str, human_suffix: str, assistant_pre
     """UltraFeedback binarized (HuggingFaceH4/ultrafeedback_binarized, *_prefs splits)."""
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('ultrabin', split, data_dir, 'HuggingFaceH4/ultrafeedback_binarized',
-                                    f'{split}_prefs', {'prompt': TEXT, 'chosen': LIST, 'rejected': LIST})
+                                    f'{split}_prefs', fields={'prompt': TEXT, 'chosen': LIST, 'rejected': LIST})
     dataset = Dataset('ultrabin')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):
@@ -223,7 +225,7 @@ def get_alpacaeval(split: str, human_prefix: str, human_suffix: str, assistant_p
         raise DataError("alpacaeval has only a test split")
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('alpacaeval', split, data_dir, 'tatsu-lab/alpaca_eval', 'eval',
-                                    {'instruction': TEXT, 'output': TEXT, 'dataset': TEXT})
+                                    fields={'instruction': TEXT, 'output': TEXT, 'dataset': TEXT})
     dataset = Dataset('alpacaeval')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):

@@ -23,6 +23,7 @@ import openai
 from tqdm import tqdm
 
 from halos.errors import UserError
+from halos.jsonl import complete_lines, drop_cut_last_line
 
 OPENAI_BASE_URL = 'https://api.openai.com/v1'
 NO_KEY = 'sk-no-key-required'  # servers such as vLLM, llama.cpp and Ollama accept any key
@@ -217,14 +218,9 @@ class JudgmentCache:
         self.file = open(path, 'a', encoding='utf-8')
 
     def _read(self) -> None:
-        with open(self.path, 'rb') as f:
-            content = f.read()
-        complete = content[:content.rfind(b'\n') + 1]
-        if len(complete) < len(content):
+        if drop_cut_last_line(self.path):
             print(f"dropping an incomplete last line of {self.path} (an interrupted write)", file=sys.stderr)
-            with open(self.path, 'r+b') as f:
-                f.truncate(len(complete))
-        for number, line in enumerate(complete.decode('utf-8', errors='replace').split('\n')[:-1], start=1):
+        for number, line in enumerate(complete_lines(self.path), start=1):
             try:
                 record = json.loads(line)
                 self.records[record['key']] = record

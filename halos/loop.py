@@ -9,7 +9,6 @@ for a loss by name. The loop gets its settings typed (LoopSettings, built by hal
 trainer its loss's `Params` (`self.params`, which its `loss()` reads).
 """
 import inspect
-import json
 import os
 import sys
 import time
@@ -24,6 +23,7 @@ from halos import batch as schema
 from halos import checkpoint, lora
 from halos.errors import ConfigError
 from halos.examples import Formatting
+from halos.jsonl import append_json_lines
 from halos.losses import humanline_logratios
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from halos.packing import segment_attention_supported, sequence_logps, token_level_logps
@@ -404,8 +404,7 @@ class BasicTrainer:
         wandb = sys.modules.get('wandb')  # imported (by train.py) only when a wandb run is wanted
         if wandb is not None and wandb.run is not None:
             wandb.log(metrics, step=self.example_counter)
-        with open(os.path.join(self.run_dir, 'metrics.jsonl'), 'a') as f:
-            f.write(json.dumps({'step': self.example_counter, **metrics}) + '\n')
+        append_json_lines(os.path.join(self.run_dir, 'metrics.jsonl'), [{'step': self.example_counter, **metrics}])
 
     # --- checkpoints (the format: halos/checkpoint.py)
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:

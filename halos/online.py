@@ -17,7 +17,6 @@ round cut short resumes at its data position). The optimizer and scheduler carry
 With reference=previous the reference model is set to the policy at the start of each round (its weights
 are then part of every checkpoint, so a resumed round keeps its reference).
 """
-import json
 import os
 import random
 import statistics
@@ -28,6 +27,7 @@ import torch
 from halos import checkpoint
 from halos.errors import DataError, UserError
 from halos.feedback import read_json_records, write_jsonl
+from halos.jsonl import read_json_lines
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
 from halos.monitors import HackingMonitor, Observation, repeated_ngram_share, reward_summary, sample_stats
@@ -54,8 +54,7 @@ def plot_rounds(metrics_path: str, out_path: str) -> None:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    with open(metrics_path) as f:
-        records = [json.loads(line) for line in f]
+    records = read_json_lines(metrics_path)
     evaluated = {r['round']: r for r in records if 'reward_eval/mean' in r}
     sampled = {r['round']: r['reward_train/mean'] for r in records if 'reward_train/mean' in r and 'round' in r}
     rounds = sorted(evaluated)
@@ -174,10 +173,9 @@ class OnlineRounds:
         merged by round."""
         merged: Dict[int, Dict] = {}
         if os.path.exists(self.metrics_path):
-            with open(self.metrics_path) as f:
-                for record in map(json.loads, f):
-                    if 'round' in record:
-                        merged.setdefault(record['round'], {}).update(record)
+            for record in read_json_lines(self.metrics_path):
+                if 'round' in record:
+                    merged.setdefault(record['round'], {}).update(record)
         return merged
 
     def evaluate_reward(self, round_index: int) -> Optional[Dict[str, float]]:

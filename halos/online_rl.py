@@ -22,7 +22,6 @@ optimizer step samples k completions of each of its prompts from the current pol
 
 A trainer on it (trainers.py) gives `advantages` (of a whole step) and the per-token `loss`.
 """
-import json
 import os
 import random
 import statistics
@@ -35,6 +34,8 @@ import torch
 from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
+from halos.feedback import write_jsonl
+from halos.jsonl import append_json_lines, read_json_lines
 from halos.labelers import Labeler, checked_scores
 from halos.labelling import scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
@@ -221,8 +222,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                                   'prompt': group.prompt_id, 'completions': [s.text for s in group.samples],
                                   'scores': group.scores} for group in groups])
         if on_rank0():
-            with open(os.path.join(self.run_dir, ROLLOUTS), 'a') as f:
-                f.writelines(json.dumps(line) + '\n' for line in lines)
+            append_json_lines(os.path.join(self.run_dir, ROLLOUTS), lines)
 
     def pass_loss(self, part: Part, step_tokens, first_pass: bool) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """One microbatch's loss on one pass, and its metrics."""
@@ -318,7 +318,5 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         self.steps_with_advantage = state.get('steps_with_advantage', self.batch_counter)
         path = os.path.join(self.run_dir, ROLLOUTS)
         if on_rank0() and os.path.exists(path):  # the steps after the checkpoint are sampled again
-            with open(path) as f:
-                kept = [line for line in f if json.loads(line)['examples'] < self.example_counter]
-            with open(path, 'w') as f:
-                f.writelines(kept)
+            kept = [line for line in read_json_lines(path) if line['examples'] < self.example_counter]
+            write_jsonl(path, kept)

@@ -6,7 +6,8 @@ import sys
 
 import pytest
 
-from halos.curves import moving_average, run_panels, smoothing_window
+from halos.curves import moving_average, read_metrics, run_panels, smoothing_window
+from halos.jsonl import append_json_lines
 from helpers import ROOT
 
 
@@ -81,3 +82,11 @@ def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), *arguments], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
+
+
+def test_a_metrics_line_cut_by_a_kill_is_skipped_and_the_next_record_starts_a_line_of_its_own(tmp_path):
+    path = tmp_path / 'metrics.jsonl'
+    path.write_text('{"step": 4, "loss/train": 1.5}\n{"step": 8, "loss/tr')  # killed mid-write
+    assert read_metrics(str(tmp_path)) == [{'step': 4, 'loss/train': 1.5}]
+    append_json_lines(str(path), [{'step': 8, 'loss/train': 1.25}])  # the resumed run logs again
+    assert path.read_text() == '{"step": 4, "loss/train": 1.5}\n{"step": 8, "loss/train": 1.25}\n'

@@ -1,0 +1,48 @@
+"""The append-only JSON Lines files of a run (metrics.jsonl, rollouts.jsonl, rewards.jsonl, compare.py's results
+and judgment caches).
+
+A process killed mid-write leaves a last line without its newline: readers skip it, and the next append drops
+it first, so that a record never runs into the one after it.
+"""
+import json
+import os
+from typing import Dict, Iterable, List
+
+
+def drop_cut_last_line(path: str) -> bool:
+    """Truncate `path` after its last newline when a line follows it (an interrupted write); whether one did."""
+    if not os.path.exists(path):
+        return False
+    with open(path, 'r+b') as f:
+        size = f.seek(0, os.SEEK_END)
+        if size == 0:
+            return False
+        f.seek(size - 1)
+        if f.read(1) == b'\n':
+            return False
+        f.seek(0)
+        f.truncate(f.read().rfind(b'\n') + 1)
+    return True
+
+
+def complete_lines(path: str) -> List[str]:
+    """The lines of `path` that end with a newline, without it (split at '\\n' alone: JSON text may hold other
+    line separators, such as U+2028)."""
+    with open(path, 'rb') as f:
+        content = f.read()
+    return content[:content.rfind(b'\n') + 1].decode('utf-8', errors='replace').split('\n')[:-1]
+
+
+def read_json_lines(path: str) -> List[Dict]:
+    """The records of the complete, non-blank lines of `path`."""
+    return [json.loads(line) for line in complete_lines(path) if line.strip()]
+
+
+def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) -> None:
+    """Append one line per record (after dropping a cut last line); `sync`: on disk before returning."""
+    drop_cut_last_line(path)
+    with open(path, 'a', encoding='utf-8') as f:
+        f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
