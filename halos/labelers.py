@@ -21,13 +21,13 @@ import math
 import numbers
 import os
 import re
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Union
+from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
 import models
 from halos.batching import encode_completion, encode_prompt
-from halos.errors import ConfigError, MissingFileError, UserError
+from halos.errors import ConfigError, DataError, MissingFileError, UserError, one_line
 from halos.examples import Formatting
 
 Prompt = Union[str, List[Dict[str, str]]]
@@ -176,6 +176,24 @@ def write_reward_model_format(directory: str, formatting: Formatting, use_chat_t
         json.dump({'use_chat_template': use_chat_template, **dataclasses.asdict(formatting)}, f, indent=1)
 
 
+def read_reward_model_format(path: str) -> Optional[Tuple[bool, Formatting]]:
+    """(use_chat_template, formatting) as write_reward_model_format recorded them; None without the file."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path, encoding='utf-8') as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: not readable as the reward model's format ({one_line(error)}); delete it to read "
+                        f"inputs through the tokenizer's chat template") from None
+    names = ['human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix']
+    if not (isinstance(recorded, dict) and isinstance(recorded.get('use_chat_template'), bool)
+            and all(isinstance(recorded.get(name), str) for name in names)):
+        raise DataError(f"{path}: the reward model's format needs use_chat_template (true/false) and "
+                        f"{', '.join(names)} (strings)")
+    return recorded['use_chat_template'], Formatting(*(recorded[name] for name in names))
+
+
 @torch.no_grad()
 def score_token_rows(model, rows: List[List[int]], pad_token_id: int, device, batch_size: int = 8) -> torch.Tensor:
     """A reward model's score of each row of token ids (right-padded in batches)."""
@@ -205,15 +223,12 @@ class RewardModelLabeler:
         self.device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.model.to(self.device)
         self.max_length = max_length
-        format_file = os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT)
-        self.halos_format = json.load(open(format_file)) if os.path.exists(format_file) else None
+        self.halos_format = read_reward_model_format(os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT))
 
     def token_ids(self, prompt: Prompt, completion: str) -> List[int]:
         turns = as_turns(prompt)
         if self.halos_format is not None:
-            use_chat_template = self.halos_format['use_chat_template']
-            formatting = Formatting(*(self.halos_format[k] for k in ('human_prefix', 'human_suffix', 'assistant_prefix',
-                                                                    'assistant_suffix')))
+            use_chat_template, formatting = self.halos_format
             prompt_text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) \
                 if use_chat_template else formatting.prompt(turns)
             prompt_ids = encode_prompt(self.tokenizer, prompt_text, use_chat_template)

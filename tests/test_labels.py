@@ -11,7 +11,7 @@ import torch
 
 import label
 from fault_proxy import FaultProxy
-from halos.errors import ConfigError
+from halos.errors import ConfigError, DataError
 from halos.labelers import LabelError, SampleFailed, checked_scores
 from helpers import DATA, ROOT, run_in_process
 from utils import free_port
@@ -234,6 +234,15 @@ def test_label_py_names_a_sample_of_the_wrong_type(tmp_path, capsys, record, say
     assert not (tmp_path / 'out.jsonl').exists()
 
 
+def test_label_py_names_an_output_it_cannot_write_and_leaves_no_temporary_file(tmp_path, capsys):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n{"prompt": "hi", "output": "yo"}\n')
+    (tmp_path / 'out').mkdir()
+    assert label.main([str(samples), str(tmp_path / 'out'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == f'label.py: {tmp_path}/out: cannot be written (Is a directory)'
+    assert sorted(os.listdir(tmp_path)) == ['out', 'samples.jsonl']
+
+
 def test_label_py_names_a_reward_model_that_is_not_there(tmp_path, capsys):
     samples = tmp_path / 'samples.jsonl'
     samples.write_text('{"prompt": "hi", "output": "hello"}\n')
@@ -266,3 +275,18 @@ def test_label_py_names_a_bad_argument_and_writes_nothing(tmp_path, capsys, opti
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip() == f'label.py: argument {option}: {says} (--help lists the arguments)'
     assert not (tmp_path / 'out.jsonl').exists()
+
+
+@pytest.mark.parametrize('content, says', [
+    ('{"use_chat_template": false', "not readable as the reward model's format (Expecting ',' delimiter"),
+    ('{"use_chat_template": "no"}', "the reward model's format needs use_chat_template (true/false) and human_prefix, "
+                                    "human_suffix, assistant_prefix, assistant_suffix (strings)"),
+])
+def test_a_broken_reward_model_format_file_is_named(tmp_path, content, says):
+    from halos.labelers import read_reward_model_format
+    path = tmp_path / 'halos_reward_model.json'
+    path.write_text(content)
+    with pytest.raises(DataError) as error:
+        read_reward_model_format(str(path))
+    assert str(error.value).startswith(f"{path}: {says}")
+    assert read_reward_model_format(str(tmp_path / 'absent.json')) is None
