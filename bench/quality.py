@@ -71,7 +71,7 @@ METHODS = {method.name: method for method in (
     Method('ipo', 'ipo', 'pairwise'),
     Method('simpo', 'simpo', 'pairwise'),
     Method('kto', 'kto', 'pairwise'),  # each pair's outputs as one desirable and one undesirable (as in HALOs)
-    Method('grpo', 'grpo', 'scalar', ('++n_epochs=1',)),  # one pass: already 2.5x the steps of 2 over the pairs
+    Method('grpo', 'grpo', 'scalar', ('++n_epochs=1',)),  # one pass: its groups already give more steps than 2 epochs of pairs
     Method('online-dpo', 'dpo', None, ('++online.feedback=pairwise', '++online.pair_mode=max',
                                        '++online.reference=previous')),
     Method('online-ppo', 'ppo-online', None, ('++n_epochs=null', '++loss.whiten_scores=true', '++model.batch_size=8',
@@ -150,7 +150,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 class Runner:
     """Runs halos' entry points, printing and recording each command line. Each runs in a child forked from this
-    process after it imported torch, transformers and halos once (a fresh interpreter spends about 5 s of every
+    process after it imported torch, transformers and halos once (a fresh interpreter would spend much of every
     command on those imports); where there is no fork, in a subprocess. This process runs no torch op itself, so
     each child starts its own thread pool, as a fresh process would."""
 

@@ -45,6 +45,11 @@ def one_line(error: Exception) -> str:
     return ' '.join(str(error).split())
 
 
+def describe_error(error: BaseException) -> str:
+    """`<type>: <message>` (the message cut to 200 characters), or the type alone when it has none."""
+    return f"{type(error).__name__}: {str(error)[:200]}" if str(error) else type(error).__name__
+
+
 def reported(program: str, error: UserError) -> int:
     """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again)."""
     if show_traceback():

@@ -10,6 +10,7 @@ judge by a probe request; its verdicts cannot be unparseable. Elsewhere the answ
 The API key is read from OPENAI_API_KEY only and never written anywhere; servers other than OpenAI's get a
 placeholder key.
 """
+import hashlib
 import json
 import os
 import sys
@@ -22,7 +23,7 @@ from typing import Callable, Dict, List, Optional
 import openai
 from tqdm import tqdm
 
-from halos.errors import UserError
+from halos.errors import UserError, describe_error
 from halos.jsonl import complete_lines, drop_cut_last_line
 
 OPENAI_BASE_URL = 'https://api.openai.com/v1'
@@ -153,8 +154,10 @@ def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int
     return choices[0].message.content or ''
 
 
-def describe_error(error: Exception) -> str:
-    return f"{type(error).__name__}: {str(error)[:200]}"
+def judgment_key(messages: List[Dict[str, str]], judge: str, prompt_version: str, seed: int, max_tokens: int) -> str:
+    """A judgment's key in a cache: its messages, the judge, the prompt's version, the seed and the answer length."""
+    identity = [messages, judge, prompt_version, seed, max_tokens]
+    return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
 
 
 def fatal_error_message(error: Exception, base_url: str, judge: str, cache_path: str) -> Optional[str]:

@@ -13,7 +13,6 @@ naming the labeler, the sample and the value or exception.
 """
 import dataclasses
 import functools
-import hashlib
 import importlib
 import importlib.util
 import json
@@ -27,7 +26,7 @@ import torch
 
 import models
 from halos.batching import encode_completion, encode_prompt
-from halos.errors import ConfigError, DataError, MissingFileError, UserError, one_line
+from halos.errors import ConfigError, DataError, MissingFileError, UserError, describe_error, one_line
 from halos.examples import Formatting
 
 Prompt = Union[str, List[Dict[str, str]]]
@@ -119,15 +118,11 @@ def imported_function(spec: str, location: str, name: str) -> Callable[[Prompt, 
         raise ConfigError(f"reward function {spec!r}: {error.filename or location} line {error.lineno}: "
                           f"{error.msg}") from None
     except Exception as error:  # whatever the module's own code raises while it is imported
-        raise ConfigError(f"reward function {spec!r}: importing {location} raised {described_error(error)}") from None
+        raise ConfigError(f"reward function {spec!r}: importing {location} raised {describe_error(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise ConfigError(f"reward function {spec!r}: {location} has no function {name!r}")
     return function
-
-
-def described_error(error: BaseException) -> str:
-    return f"{type(error).__name__}: {str(error)[:200]}" if str(error) else type(error).__name__
 
 
 class RewardFunctionLabeler:
@@ -144,7 +139,7 @@ class RewardFunctionLabeler:
             try:
                 scores.append(self.function(prompt, completion))
             except Exception as error:  # the user's function: any failure is theirs to fix, named with its sample
-                raise SampleFailed(index, f"it raised {described_error(error)}") from None
+                raise SampleFailed(index, f"it raised {describe_error(error)}") from None
         return scores
 
 
@@ -281,7 +276,7 @@ class JudgeLabeler:
     messages, the judge, the prompt version, the seed and the answer length, so a rerun asks nothing twice;
     an answer without a score and a failed request score None and are not cached (a rerun asks again, as a fixed
     server should be), and `last_error` keeps the last of them.
-    halos/judge.py (and the OpenAI client, some 800 modules) is imported only here, so that train.py and
+    halos/judge.py (and the OpenAI client, a long import) is imported only here, so that train.py and
     eval.py start without it."""
     may_abstain = True
 
@@ -298,8 +293,8 @@ class JudgeLabeler:
         self.requested = 0  # requests sent by this labeler (a cached judgment costs none)
 
     def key(self, messages: List[Dict[str, str]]) -> str:
-        identity = [messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens]
-        return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()
+        from halos import judge
+        return judge.judgment_key(messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens)
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
         from halos import judge
