@@ -203,7 +203,7 @@ def load_run_tokenizer(run_dir: str, model_name: Optional[str]):
 
 
 def load_reward_model(path: str, dtype: str):
-    """A sequence-classification reward model and its tokenizer; its score is `reward_model_scores`."""
+    """A sequence-classification reward model and its tokenizer (scored through halos.labelers.RewardModelLabeler)."""
     from transformers import AutoModelForSequenceClassification
     tokenizer = load_tokenizer(path)
     model = from_pretrained(AutoModelForSequenceClassification, path, dtype=getattr(torch, dtype))

@@ -16,12 +16,11 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-import models
 from halos import batch as schema
 from halos import rl
 from halos.actor_critic import ActorCriticTrainer
 from halos.errors import ConfigError
-from halos.labelers import (RewardFunctionLabeler, checked_score, checked_scores, reward_model_scores)
+from halos.labelers import RewardFunctionLabeler, RewardModelLabeler, checked_scores
 from halos.loop import BasicTrainer, Humanline
 from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss, dpo_loss, entropy_from_logits,  # noqa: F401
                           generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
@@ -225,11 +224,9 @@ class PPOTrainer(ActorCriticTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reward_model = None
-        if self.params.reward_model:
-            self.reward_model, self.reward_tokenizer = models.load_reward_model(self.params.reward_model,
-                                                                                self.settings.model.reference_dtype)
-            self.reward_model.to(self.device)
+        model = self.settings.model
+        self.reward_model = RewardModelLabeler(self.params.reward_model, model.reference_dtype, model.max_length,
+                                               self.device) if self.params.reward_model else None
 
     def loss(self, policy_logps, values, part, n_tokens):
         """L = mean(max(-A r, -A clip(r, 1 - c, 1 + c))) + critic_coef 1/2 mean((V - G)^2)
@@ -240,11 +237,14 @@ class PPOTrainer(ActorCriticTrainer):
                         archangel=params.archangel, n_tokens=n_tokens)
 
     def scores(self, completions: schema.LabelledCompletions) -> torch.Tensor:
-        """+1 / -1 by label, or the reward model's score of each prompt + completion."""
+        """+1 / -1 by label, or the reward model's score of each prompt and completion (read as label.py reads
+        them: the data's completions lose the assistant suffix that the reward model's format adds)."""
         if self.reward_model is None:
             return completions.is_desirable.float() * 2 - 1
-        return reward_model_scores(self.reward_model, self.reward_tokenizer, completions.texts,
-                                   self.settings.model.max_length, self.device)
+        suffix = self.settings.formatting.assistant_suffix
+        texts = [text[:-len(suffix)] if suffix and text.endswith(suffix) else text for text in completions.completions]
+        names = [f'step {self.batch_counter} row {row}' for row in range(len(texts))]
+        return torch.tensor(checked_scores(self.reward_model, completions.prompts, texts, names), device=self.device)
 
     def rollout(self, batch: Dict) -> rl.Rollout:
         """The batch's scored completions: offline, its labelled completions."""
@@ -305,13 +305,8 @@ class OnlinePPOTrainer(PPOTrainer):
                                     [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
         completions = [sample.text for sample in samples]
         names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
-        if self.reward_function is not None:
-            scores = checked_scores(self.reward_function, batch[schema.PROMPT_TURNS], completions, names)
-        else:
-            texts = [prompt + completion for prompt, completion in zip(batch[schema.PROMPT_TEXT], completions)]
-            scores = [checked_score(score, f'reward model {self.params.reward_model}', False, name) for score, name in zip(
-                reward_model_scores(self.reward_model, self.reward_tokenizer, texts, self.settings.model.max_length,
-                                    self.device).tolist(), names)]
+        scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_TURNS], completions,
+                                names)
         raw_scores = torch.tensor(scores, device=self.device)
         scores = raw_scores - self.params.reward_baseline
         if self.params.whiten_scores:  # over the microbatch's rows on every rank

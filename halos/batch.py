@@ -14,7 +14,8 @@ A loader yields a dict per microbatch (HALOs' flat keys, which users' code may s
     is_desirable                             [B] bool, for unpaired (desirable / undesirable) items
     weight                                   [B] float, each item's weight in the loss (pairs: the pair's)
     score, prompt_id                         [B] float and [B] str, for scored completions grouped by prompt (GRPO)
-    prompt_turns, dataset                    [B] the prompt as turns and its dataset (prompt batches, for sampling)
+    prompt_turns                             [B] the prompt as {role, content} turns (for labellers)
+    dataset                                  [B] the prompt's dataset (prompt batches, for sampling)
     original_prompt                          [B] the raw instruction (SFT items)
 
 Trainers read it through the typed views below (`Sequences.of`, `Sequences.stacked`, `labelled_completions`)
@@ -135,7 +136,8 @@ class LabelledCompletions:
     rows of one process)."""
     sequences: Sequences
     is_desirable: torch.Tensor   # [rows] bool
-    texts: List[str]             # [rows] prompt + completion strings
+    prompts: List[List[Dict[str, str]]]  # [rows] each row's prompt as turns
+    completions: List[str]       # [rows] each row's completion string
     weights: torch.Tensor        # [rows] (a pair's weight for both its rows)
 
     @classmethod
@@ -143,10 +145,10 @@ class LabelledCompletions:
         if CHOSEN in kinds(batch):
             n = batch_size(batch)
             order = torch.arange(2 * n).view(2, n).t().flatten()  # [c0, r0, c1, r1, ...] of [c0, c1, ..., r0, r1, ...]
-            texts = batch[key(CHOSEN, COMBINED_TEXT)] + batch[key(REJECTED, COMBINED_TEXT)]
+            completions = batch[key(CHOSEN, TEXT)] + batch[key(REJECTED, TEXT)]
             is_desirable = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
             sequences = Sequences.stacked(batch, (CHOSEN, REJECTED), pad_token_id, device).reordered(order.to(device))
-            return cls(sequences, is_desirable[order].to(device), [texts[i] for i in order.tolist()],
-                       batch[WEIGHT].repeat(2)[order].to(device))
+            return cls(sequences, is_desirable[order].to(device), [batch[PROMPT_TURNS][i // 2] for i in range(2 * n)],
+                       [completions[i] for i in order.tolist()], batch[WEIGHT].repeat(2)[order].to(device))
         return cls(Sequences.stacked(batch, (TARGET,), pad_token_id, device), batch[IS_DESIRABLE].to(device),
-                   list(batch[key(TARGET, COMBINED_TEXT)]), batch[WEIGHT].to(device))
+                   list(batch[PROMPT_TURNS]), list(batch[key(TARGET, TEXT)]), batch[WEIGHT].to(device))

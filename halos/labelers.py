@@ -149,19 +149,6 @@ def classifier_scores(logits: torch.Tensor) -> torch.Tensor:
     return logits[:, 1] if logits.shape[1] == 2 else logits[:, 0]
 
 
-@torch.no_grad()
-def reward_model_scores(model, tokenizer, texts: List[str], max_length: int, device, batch_size: int = 8) -> torch.Tensor:
-    """A sequence-classification reward model's score of each text. A long text loses its prompt's start,
-    not its end."""
-    tokenizer.truncation_side = 'left'
-    scores = []
-    for start in range(0, len(texts), batch_size):
-        inputs = tokenizer(texts[start:start + batch_size], return_tensors='pt', padding=True, truncation=True,
-                           max_length=max_length).to(device)
-        scores.append(classifier_scores(model(**inputs).logits.float()))
-    return torch.cat(scores)
-
-
 REWARD_MODEL_FORMAT = 'halos_reward_model.json'  # how a halos-trained reward model's inputs were formatted
 
 
@@ -231,7 +218,7 @@ class RewardModelLabeler:
         elif self.tokenizer.chat_template:
             prompt_ids = []
             completion_ids = self.tokenizer.apply_chat_template(turns + [{'role': 'assistant', 'content': completion}],
-                                                                tokenize=True)
+                                                                tokenize=True, return_dict=False)
         else:
             prompt_ids = encode_prompt(self.tokenizer, Formatting().prompt(turns), False)
             completion_ids = encode_completion(self.tokenizer, completion)

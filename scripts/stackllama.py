@@ -55,7 +55,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
     from halos import rl
     from halos import batch as schema
     from halos.build import build_loader, run_settings
-    from halos.labelers import reward_model_scores
+    from halos.labelers import RewardModelLabeler
     from halos.sampling import SamplingOptions, halos_sampler
 
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):
@@ -67,7 +67,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
     tokenizer = models.load_tokenizer(os.path.join(runs, 'sft', 'LATEST', 'hf'))
     prompts = build_loader(config, tokenizer, 'test', loader_class=dataloader.PromptDataLoader, batch_size=8,
                            n_epochs=1, n_examples=None)
-    reward_model, reward_tokenizer = models.load_reward_model(os.path.join(runs, 'rm', 'LATEST', 'hf'), 'float32')
+    reward_model = RewardModelLabeler(os.path.join(runs, 'rm', 'LATEST', 'hf'), 'float32', 384, torch.device('cpu'))
     policies = {name: models.load_causal_lm(os.path.join(runs, name, 'LATEST', 'hf'), 'float32').eval()
                 for name in ('sft', 'ppo')}
     options = SamplingOptions(384, top_p=1.0, temperature=1.0, top_k=0, max_new_tokens=new_tokens, seed=seed)
@@ -77,8 +77,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
         torch.manual_seed(seed)
         for batch in prompts:
             samples = [group[0] for group in halos_sampler(policy, tokenizer, options)(batch, 1)]
-            texts = [prompt + sample.text for prompt, sample in zip(batch[schema.PROMPT_TEXT], samples)]
-            scores[name] += reward_model_scores(reward_model, reward_tokenizer, texts, 384, 'cpu').tolist()
+            scores[name] += reward_model(batch[schema.PROMPT_TURNS], [sample.text for sample in samples])
             if name == 'ppo':
                 rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                             [sample.token_ids for sample in samples], tokenizer.pad_token_id)

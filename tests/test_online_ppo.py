@@ -117,3 +117,30 @@ def test_online_ppo_killed_and_resumed_ends_with_the_same_policy(tmp_path):
         assert torch.allclose(tensor, two['state'][name], atol=1e-6), name
     states = [torch.load(tmp_path / name / 'LATEST' / 'trainer_state.pt', weights_only=True) for name in ('whole', 'killed')]
     assert states[0]['kl_coef'] == pytest.approx(states[1]['kl_coef'], rel=1e-6) and states[0]['kl_coef'] != 0.2
+
+
+def test_a_reward_model_scores_each_sample_as_the_reward_model_labeller_does(tmp_path):
+    import transformers
+
+    import models
+    from halos.labelers import RewardModelLabeler
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'rm')
+    tokenizer.save_pretrained(tmp_path / 'rm')
+    overrides = [o for o in ppo_overrides(four_prompts(tmp_path), 4) if not o.startswith('++loss.reward_function')]
+    trainer = build_trainer(make_config(tmp_path, *overrides, f'++loss.reward_model={tmp_path / "rm"}',
+                                        loss='ppo-online'))
+    seen = []
+    score = trainer.reward_model.__call__
+    trainer.reward_model = lambda prompts, completions: seen.append((prompts, completions)) or score(prompts, completions)
+    batch = next(iter(trainer.train_iterator))
+    rollout = trainer.rollout(batch)
+    (prompts, completions), = seen
+    assert prompts == batch[schema.PROMPT_TURNS] and len(completions) == 4
+    expected = RewardModelLabeler(str(tmp_path / 'rm'))(prompts, completions)
+    assert rollout.metrics['rewards/score'].tolist() == pytest.approx(expected, abs=1e-5)
+    assert len({round(s, 6) for s in expected}) > 1

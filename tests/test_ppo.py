@@ -117,7 +117,8 @@ def test_value_head_gradient_does_not_reach_the_language_model():
 
 
 def test_ppo_rewards_from_a_reward_model(tmp_path):
-    """With loss.reward_model the score of each completion is the model's logit, not +1/-1."""
+    """With loss.reward_model the score of each completion is the model's logit, not +1/-1, on the conversation
+    as the reward-model labeller reads it."""
     import transformers
     tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
     config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
@@ -130,8 +131,11 @@ def test_ppo_rewards_from_a_reward_model(tmp_path):
     batch = trainer.eval_batches[0]
     scores = trainer.scores(LabelledCompletions.of(batch, trainer.tokenizer.pad_token_id))
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm')
-    expected = [reward_model(**tokenizer(text, return_tensors='pt')).logits[0, 0].item()
-                for text in batch['target_combined_text']]
+    conversations = [turns + [{'role': 'assistant', 'content': text}]  # the chat template reads them, as in label.py
+                     for turns, text in zip(batch['prompt_turns'], batch['target_text'])]
+    expected = [reward_model(input_ids=torch.tensor([tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                                                   return_dict=False)]))
+                .logits[0, 0].item() for conversation in conversations]
     assert scores.tolist() == pytest.approx(expected, abs=1e-5)
     assert len(set(round(s, 6) for s in expected)) > 1  # real scores, not labels
 
