@@ -6,6 +6,7 @@ traceback; HYDRA_FULL_ERROR=1 shows the traceback instead.
 """
 import argparse
 import contextlib
+import errno
 import math
 import os
 import subprocess
@@ -58,15 +59,27 @@ def reported(program: str, error: UserError) -> int:
     return 2
 
 
+# what the file system answers a run that writes where it may not, or where no room is left
+FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+
+
 @contextlib.contextmanager
 def reported_as_one_line(program: str):
     """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2; a command run
-    inside that failed (which printed its own message) into one line naming it, with its exit status; Ctrl-C
-    into `<program>: interrupted` and exit status 130."""
+    inside that failed (which printed its own message) into one line naming it, with its exit status; a file
+    system's refusal (no permission, read-only, full) into one line naming the path; Ctrl-C into
+    `<program>: interrupted` and exit status 130."""
     try:
         yield
     except UserError as error:
         sys.exit(reported(program, error))
+    except OSError as error:
+        if show_traceback() or error.errno not in FILE_SYSTEM_REFUSALS:
+            raise
+        where = f"{error.filename}: " if error.filename else ''
+        print(f'{program}: {where}{error.strerror} (check cache_dir, samples_dir and the disk)', file=sys.stderr,
+              flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         if show_traceback():
             raise

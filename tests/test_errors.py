@@ -253,3 +253,17 @@ def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, ca
     assert label.main([str(tmp_path / 'samples.jsonl'), str(tmp_path / 'out.jsonl'), '--reward-function', 'r.py:f']) == 130
     assert last_line(capsys.readouterr().err) == (f"label.py: interrupted before {tmp_path}/out.jsonl was written (a "
                                                   f"judge's answers so far are cached for the rerun)")
+
+
+def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_errors_keep_their_traceback(capsys,
+                                                                                                         monkeypatch):
+    import errno
+
+    from halos.errors import reported_as_one_line
+    monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
+    with pytest.raises(SystemExit) as exit_, reported_as_one_line('train.py'):
+        raise PermissionError(errno.EACCES, 'Permission denied', '/data/runs/x')
+    assert exit_.value.code == 2 and capsys.readouterr().err == (
+        'train.py: /data/runs/x: Permission denied (check cache_dir, samples_dir and the disk)\n')
+    with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
+        raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
