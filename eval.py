@@ -44,11 +44,11 @@ import dataloader
 import models
 import trainers
 from halos import batch as schema
-from halos import lora, rl
+from halos import checkpoint, lora, rl
 from halos.build import (build_loader, control_tokens, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter)
 from halos.cli import run_hydra, task_overrides
-from halos.errors import ConfigError, reported_as_one_line
+from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.feedback import write_jsonl
 from halos.jsonl import append_json_lines
@@ -254,8 +254,21 @@ def evaluation(config: DictConfig) -> None:
         run_evaluation(checked(run_settings(config, task_overrides())))
 
 
+def check_saved_policy(run: RunSettings) -> None:
+    """The policy eval.py reads is there and readable, before anything loads."""
+    try:
+        path = models.resolve_load_from(run.saved_policy, run.cache_dir)
+    except MissingFileError:
+        raise MissingFileError(f"saved_policy={run.saved_policy} does not exist: the run has no checkpoint yet (train "
+                               f"it, or continue it with ++resume=true), or give ++saved_policy=<a policy.pt or an "
+                               f"HF directory>") from None
+    checkpoint.check_policy_file(path, 'saved_policy')
+
+
 def run_evaluation(run: RunSettings) -> None:
     """What eval.py does in run.mode."""
+    if run.saved_policy:
+        check_saved_policy(run)
     start_process(run.seed, run.retain_freed_memory)
     os.makedirs(run.samples_dir, exist_ok=True)
     if run.mode == 'sample' and run.num_samples_per_prompt:

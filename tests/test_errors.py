@@ -36,7 +36,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
-         'reward model not there']
+         'reward model not there', 'eval: a run without a checkpoint']
 
 
 def cases(tmp_path):
@@ -88,8 +88,12 @@ def cases(tmp_path):
                                                            + ', '.join(sorted(name[:-5] for name in os.listdir(
                                                                os.path.join(ROOT, 'config', 'loss'))))),
         'eval: saved_policy not a checkpoint': ('eval.py', ['++mode=sample', f'++saved_policy={notes}'],
-                                                f"{notes}: not a checkpoint torch can read: it holds "
-                                                f"text ('these are my notes, not weights')"),
+                                                f"saved_policy={notes}: not a checkpoint (a policy.pt that torch.save "
+                                                f"wrote): it holds text ('these are my notes, not weights')"),
+        'eval: a run without a checkpoint': ('eval.py', ['++mode=sample', f'++saved_policy={tmp_path}/run/LATEST/policy.pt'],
+                                             f"saved_policy={tmp_path}/run/LATEST/policy.pt does not exist: the run has "
+                                             f"no checkpoint yet (train it, or continue it with ++resume=true), or give "
+                                             f"++saved_policy=<a policy.pt or an HF directory>"),
         'eval: no reward prompts': ('eval.py', ['++mode=reward', f'++reward_function={tmp_path}/syntax.py:reward'],
                                     "mode=reward needs ++prompts=<prompts file or dataset names> and "
                                     "++reward_function=path/to/file.py:function"),
