@@ -53,12 +53,13 @@ class SFTDataLoader(DataLoader):
 
 
 class UnpairedPreferenceDataLoader(DataLoader):
-    """One item per desirable or undesirable completion.
+    """One item per desirable or undesirable completion (a pair's chosen and rejected are one of each).
 
     When the trainer reads them (KTO), each element also carries a mismatched 'KL' completion: in the
     global batch, item i's prompt is paired with item (i+1 mod B)'s completion. KTO estimates its reference
     point from these.
     """
+    feedback_kinds = ('binary', 'pairwise')
 
     def flatten(self, examples):
         return self.unary_items(examples)
@@ -132,7 +133,7 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
 
 class PairedPreferenceDataLoader(DataLoader):
     """One item per preference pair (chosen, rejected); both share the same prompt tokens."""
-    online_feedback = 'pairwise'
+    feedback_kinds = ('pairwise',)
 
     def flatten(self, examples):
         rng = random.Random(self.seed)

@@ -7,7 +7,7 @@ elements (`tokenize_items`), and may declare the special tokens it adds to promp
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from halos import batch as schema
 from halos.datasets import load_dataset
@@ -62,6 +62,22 @@ def encode_completion(tokenizer, text: str) -> List[int]:
     return ids + [eos]
 
 
+FEEDBACK_NAMES = {'binary': 'binary feedback (desirable and undesirable outputs)', 'pairwise': 'preference pairs',
+                  'scalar': 'scored outputs without labels'}
+LOSSES_FOR = {'binary': 'binary feedback: kto, kto-simple, csft, ppo, grpo', 'pairwise': 'pairs: dpo, ipo, simpo, kto',
+              'scalar': 'scores: grpo, sft (on the best)'}
+
+
+def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
+    """The kinds of feedback the examples hold: pairwise (pairs), binary (labels), scalar (scores alone)."""
+    held = set()
+    for example in examples:
+        held.update(kind for kind, has in (('pairwise', example.pairs), ('binary', example.desirable),
+                                           ('scalar', example.scores and not (example.pairs or example.desirable)))
+                    if has)
+    return sorted(held)
+
+
 def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[str, str, str, str],
                   data_dir: Optional[str], seed: int) -> Tuple[Dict[str, Example], Counter]:
     """The Examples of every named dataset (a later dataset's prompt replaces an earlier one's), with counts."""
@@ -86,7 +102,7 @@ class DataLoader:
     `sequence_kinds` are the sequences the trainer reads (its `prefixes`); a loader leaves out the
     others (e.g. KTO's mismatched KL rows for trainers that never read them). None: every kind it has.
     """
-    online_feedback: Optional[str] = None  # the one online.feedback its items come from (None: any)
+    feedback_kinds: Optional[Tuple[str, ...]] = None  # binary, pairwise, scalar: what its items come from (None: any)
 
     def __init__(self, dataset_names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
                  max_length: int = 512, max_prompt_length: int = 128, max_prompt_count: Optional[int] = None,
@@ -217,8 +233,15 @@ class DataLoader:
             return (f"{names}: {len(self.full_data)} prompts and no completions to train on: sample and label "
                     f"them first (eval.py ++mode=sample ++num_samples_per_prompt=k, then label.py), or train online "
                     f"on them (++online.rounds=N, or loss=grpo-online)")
-        return (f"[{self.split}] {names}: no {type(self).__name__} items to iterate "
-                f"({', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))})")
+        counts = ', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))
+        held = held_feedback_kinds(self.full_data.values())
+        if self.feedback_kinds and held and not set(held) & set(self.feedback_kinds):
+            return (f"{names}: {' and '.join(FEEDBACK_NAMES[kind] for kind in held)}, and {type(self).__name__} "
+                    f"(loss.dataloader) trains on {' or '.join(FEEDBACK_NAMES[k] for k in self.feedback_kinds)}: "
+                    f"choose a loss for this feedback ({'; '.join(LOSSES_FOR[kind] for kind in held)}), or label "
+                    f"the samples as {self.feedback_kinds[0]} feedback (label.py --feedback {self.feedback_kinds[0]}) "
+                    f"({counts})")
+        return f"[{self.split}] {names}: no {type(self).__name__} items to iterate ({counts})"
 
     def __len__(self) -> int:
         return sum(1 for _ in self.plan())

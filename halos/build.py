@@ -15,7 +15,7 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
-from halos.errors import ConfigError, one_line
+from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting
 from halos.labelers import RewardFunctionLabeler, load_reward_function, make_labeler
 from halos.loop import Humanline, LoopSettings
@@ -154,10 +154,11 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
         raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
     if online.reference == 'previous' and not trainer_class.use_reference_model:
         raise ConfigError(f"online.reference=previous: {run.loss.trainer} has no reference model")
-    needed = dataloader.get_dataloader_class(run.loss.dataloader).online_feedback
-    if needed and online.feedback != needed:
-        raise ConfigError(f"online.feedback={online.feedback}: loss={run.loss.name} trains on {needed} feedback; "
-                          f"set online.feedback={needed}")
+    kinds = dataloader.get_dataloader_class(run.loss.dataloader).feedback_kinds
+    written = 'binary' if online.feedback == 'best' else online.feedback  # the best sample, labelled desirable
+    if kinds and written not in kinds:
+        raise ConfigError(f"online.feedback={online.feedback}: loss={run.loss.name} trains on {' or '.join(kinds)} "
+                          f"feedback; set online.feedback={kinds[0]}")
     if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
                           f"the samples of a prompt, so it needs at least 2")
@@ -293,6 +294,9 @@ def build_trainer(run: RunSettings):
     train_prompts, held_out_prompts = (prompts, run.online.eval_prompts or prompts) if sampled else (None, None)
     train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
     eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
+    for loader in (train_loader, eval_loader):
+        if loader is not None and not loader.items and loader.n_examples != 0:
+            raise DataError(loader.why_no_items())
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,

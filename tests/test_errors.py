@@ -36,7 +36,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
-         'reward model not there', 'eval: a run without a checkpoint']
+         'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss']
 
 
 def cases(tmp_path):
@@ -44,6 +44,7 @@ def cases(tmp_path):
     binary = {'prompt': 'Say hi.', 'output': 'Hi!', 'label': 1}
     latin1 = feedback_file(tmp_path, 'latin1.jsonl', content=b'{"prompt": "Caf\xe9?", "output": "Oui.", "label": 1}\n')
     empty = feedback_file(tmp_path, 'empty.jsonl', content=b'')
+    binary_only = feedback_file(tmp_path, 'binary.jsonl', [binary])
     same = feedback_file(tmp_path, 'same.jsonl', [binary, {'prompt': 'Pick one.', 'output_A': 'This one.',
                                                            'output_B': 'This one.', 'label': 1}])
     role = feedback_file(tmp_path, 'role.jsonl', [binary, {'prompt': [{'role': 'user', 'content': 'Hi'},
@@ -56,7 +57,8 @@ def cases(tmp_path):
     prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
     unlabelled = feedback_file(tmp_path, 'run_samples.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'prompt_id': 'a',
                                                                 'sample_id': 0, 'type': 'sample'}])
-    train_only = feedback_file(tmp_path, 'train_only.jsonl', [dict(binary, split='train')] * 3)
+    train_only = feedback_file(tmp_path, 'train_only.jsonl', [{'prompt': 'Pick one.', 'output_A': 'This one.',
+                                                                'output_B': 'That one.', 'label': 1, 'split': 'train'}])
     missing = os.path.join(DATA, 'bad', 'missing_field.jsonl')
     notes = tmp_path / 'notes.txt'
     notes.write_text('these are my notes, not weights\n')
@@ -131,6 +133,13 @@ def cases(tmp_path):
                                                          f'++online.reward_model={tmp_path}/rm/LATEST/hf'],
                                    f"online.reward_model='{tmp_path}/rm/LATEST/hf': no such directory (a model is a "
                                    f"local HF directory, a hub id or embedded:<name>)"),
+        'binary feedback for a pair loss': ('train.py', [f'datasets=[{binary_only}]'],
+                                            f"{binary_only}: binary feedback (desirable and undesirable outputs), and "
+                                            f"PairedPreferenceDataLoader (loss.dataloader) trains on preference pairs: "
+                                            f"choose a loss for this feedback (binary feedback: kto, kto-simple, csft, "
+                                            f"ppo, grpo), or label the samples as pairwise feedback (label.py --feedback "
+                                            f"pairwise) ({binary_only}: prompts 1, {binary_only}: records 1, items 0, "
+                                            f"prompts without pairs 1)"),
         'unknown role': ('train.py', [f'datasets=[{role}]'],
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
         'one split only': ('train.py', [f'datasets=[{train_only}]'],

@@ -178,6 +178,10 @@ def test_keys_that_must_agree_are_checked_together():
                                 "it needs at least 2")
     assert refused('dpo', '++online.rounds=1', reward, '++online.feedback=binary') == \
         "online.feedback=binary: loss=dpo trains on pairwise feedback; set online.feedback=pairwise"
+    assert refused('kto', '++online.rounds=1', reward, '++online.feedback=scalar') == \
+        "online.feedback=scalar: loss=kto trains on binary or pairwise feedback; set online.feedback=binary"
+    accepted = base_overrides('/tmp/unused', 'sft') + ['++online.rounds=1', reward, '++online.feedback=scalar']
+    assert run_settings(compose_config(accepted), accepted).online.feedback == 'scalar'  # SFT on each prompt's best
 
 
 def test_eval_py_checks_no_training_setting_it_does_not_use():
