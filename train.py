@@ -31,6 +31,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
 def worker_main(run: RunSettings) -> None:
     """Everything one process does: save the config, start wandb, train, evaluate, save."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
+    latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
+    resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
     os.makedirs(run.local_run_dir, exist_ok=True)
     if get_rank() == 0:
         OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
@@ -39,12 +41,14 @@ def worker_main(run: RunSettings) -> None:
             os.environ.setdefault('WANDB_MODE', run.wandb.mode)
             wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=run.exp_name, config=as_dict(run),
                        dir=run.local_run_dir)
-    latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
-    resume = run.resume and resumable(run, latest)  # checked before anything loads
     trainer = build_trainer(run)
     rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
     if resume:                                                          # it decides what the checkpoint holds
         trainer.load_checkpoint(latest)
+        if trainer.finished and nothing_left(run, trainer):
+            rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
+                        f"online.rounds to train further); the checkpoint is unchanged")
+            return
     if rounds is not None:
         rounds.run()
     else:
@@ -54,14 +58,38 @@ def worker_main(run: RunSettings) -> None:
 
 
 def resumable(run: RunSettings, latest: str) -> bool:
-    """resume=true: from the complete checkpoint in `latest`; online rounds stopped before their first
-    checkpoint start again from the start, keeping what is on disk (no round is sampled or labelled twice)."""
+    """resume=true: from the complete checkpoint in `latest`, of a run with the same loss and model; online
+    rounds stopped before their first checkpoint start again from the start, keeping what is on disk (no round
+    is sampled or labelled twice)."""
+    check_same_run(run)
     rounds_dir = os.path.join(run.local_run_dir, 'rounds')
     if run.online.rounds > 0 and checkpoint.resolve_checkpoint_dir(latest) is None and os.path.isdir(rounds_dir):
         rank0_print(f'no checkpoint yet in {latest}: starting from the first round, with the rounds in {rounds_dir}')
         return False
     checkpoint.complete_checkpoint_dir(latest)
     return True
+
+
+def check_same_run(run: RunSettings) -> None:
+    """A resumed run keeps the loss and the model that its saved config.yaml names."""
+    saved_path = os.path.join(run.local_run_dir, 'config.yaml')
+    if not os.path.exists(saved_path):
+        return
+    saved = OmegaConf.load(saved_path)
+    for key, shown, now in (('loss.name', 'loss', run.loss.name),
+                            ('model.name_or_path', 'model.name_or_path', run.model.name_or_path)):
+        before = OmegaConf.select(saved, key)
+        if before is not None and before != now:
+            raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={before}, not {now}; resume "
+                              f"with {shown}={before}, or start a new exp_name from it (++model.load_from="
+                              f"{run.local_run_dir}/{checkpoint.LATEST}/{checkpoint.POLICY})")
+
+
+def nothing_left(run: RunSettings, trainer) -> bool:
+    """Whether the resumed trainer has trained every round, or every batch, that the run plans."""
+    if run.online.rounds > 0:
+        return trainer.completed_rounds >= run.online.rounds
+    return trainer.batches_seen >= len(trainer.train_iterator)
 
 
 def spawned_worker(rank: int, world_size: int, run: RunSettings, port: int) -> None:

@@ -155,6 +155,7 @@ class BasicTrainer:
         self.last_eval_metrics: Dict[str, float] = {}
         self.train_metrics = MetricAccumulator()
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
+        self.finished = False      # the final checkpoint is saved
         self.reference_moves = self.humanline  # its weights are then part of the checkpoint
         self.reference_is_policy = False  # the reference holds the policy's very weights (no update since a sync)
         self.policy_updates = 0    # changes to the policy's weights (steps, resumes): a vLLM engine reloads on a new one
@@ -427,16 +428,18 @@ class BasicTrainer:
         """Counters, data position and RNG: what resuming needs beyond the weights and the optimizer."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                 'batches_seen': self.batches_seen, 'completed_rounds': self.completed_rounds,
-                'rng': checkpoint.get_rng_state()}
+                'finished': self.finished, 'rng': checkpoint.get_rng_state()}
 
     def restore_trainer_state(self, state: Dict) -> None:
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
+        self.finished = state.get('finished', False)
         checkpoint.set_rng_state(state['rng'])
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints; LATEST/hf when final), atomically."""
         self.last_checkpoint_time = time.time()
+        self.finished = final
         policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
         reference_state = self.full_state_dict(self.reference_model) if self.reference_moves else None
         if on_rank0():

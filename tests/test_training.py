@@ -342,6 +342,23 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path, los
     assert max_difference(whole.policy, fresh.policy) > 1e-4
 
 
+def test_resuming_a_finished_run_changes_nothing_and_another_loss_or_model_is_refused(tmp_path, capsys):
+    train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')
+    policy = tmp_path / 'test' / 'LATEST' / 'policy.pt'
+    written = policy.stat().st_mtime_ns
+    out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', '++resume=true', loss='sft')
+    assert f"{tmp_path}/test/LATEST holds the finished run: nothing is left to train" in out
+    assert policy.stat().st_mtime_ns == written
+    for changed, says in ((['loss=kto'], 'loss=sft, not kto; resume with loss=sft'),
+                          (['++model.name_or_path=embedded:smollm2-135m-instruct'],
+                           'model.name_or_path=embedded:tiny-smollm2, not embedded:smollm2-135m-instruct')):
+        with pytest.raises(SystemExit) as exit_:
+            train_in_process(tmp_path, '++n_examples=8', '++resume=true', *changed, loss='sft')
+        assert exit_.value.code == 2
+        assert f"train.py: resume=true: {tmp_path}/test was trained with {says}" in capsys.readouterr().err
+    assert policy.stat().st_mtime_ns == written
+
+
 @pytest.mark.slow
 def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
     """Killed at a random moment (mid-step, mid-eval or mid-save), then resumed: it starts after the last
