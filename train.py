@@ -33,6 +33,8 @@ def worker_main(run: RunSettings) -> None:
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
+    if not run.resume and checkpoint.resolve_checkpoint_dir(latest) is not None:
+        rank0_print(f"warning: {latest} holds an earlier run, which this one overwrites (++resume=true continues it)")
     os.makedirs(run.local_run_dir, exist_ok=True)
     if get_rank() == 0:
         OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))

@@ -342,7 +342,7 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path, los
     assert max_difference(whole.policy, fresh.policy) > 1e-4
 
 
-def test_resuming_a_finished_run_changes_nothing_and_another_loss_or_model_is_refused(tmp_path, capsys):
+def test_resuming_a_finished_run_changes_nothing_another_loss_or_model_is_refused_and_a_rerun_warns(tmp_path, capsys):
     train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')
     policy = tmp_path / 'test' / 'LATEST' / 'policy.pt'
     written = policy.stat().st_mtime_ns
@@ -357,6 +357,8 @@ def test_resuming_a_finished_run_changes_nothing_and_another_loss_or_model_is_re
         assert exit_.value.code == 2
         assert f"train.py: resume=true: {tmp_path}/test was trained with {says}" in capsys.readouterr().err
     assert policy.stat().st_mtime_ns == written
+    out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')  # the same run, afresh
+    assert f"warning: {tmp_path}/test/LATEST holds an earlier run, which this one overwrites" in out
 
 
 @pytest.mark.slow
