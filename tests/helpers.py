@@ -19,6 +19,23 @@ def base_overrides(cache_dir, loss='dpo', exp_name='test', datasets='[hh]'):
             '++minimum_log_interval_secs=0']
 
 
+def tiny_reward_model(directory) -> str:
+    """A randomly initialised one-logit Llama sequence classifier with the tiny model's tokenizer, saved in
+    `directory`; returns the directory."""
+    import torch
+    import transformers
+
+    import models
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      num_labels=1, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
 def compose_config(overrides):
     """The config Hydra composes from config/ and these command-line overrides, as train.py gets it."""
     with initialize_config_dir(config_dir=os.path.join(ROOT, 'config'), version_base=None):

@@ -9,7 +9,7 @@ import torch
 from halos import batch as schema, rl
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
-from helpers import DATA, ROOT, make_config, run_train, train_in_process, whole_and_killed
+from helpers import DATA, ROOT, make_config, run_train, tiny_reward_model, train_in_process, whole_and_killed
 from trainers import adaptive_kl_coef, kl_penalised_rewards
 from utils import get_batch_logps
 
@@ -120,17 +120,8 @@ def test_online_ppo_killed_and_resumed_ends_with_the_same_policy(tmp_path):
 
 
 def test_a_reward_model_scores_each_sample_as_the_reward_model_labeller_does(tmp_path):
-    import transformers
-
-    import models
     from halos.labelers import RewardModelLabeler
-    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'rm')
-    tokenizer.save_pretrained(tmp_path / 'rm')
+    tiny_reward_model(tmp_path / 'rm')
     overrides = [o for o in ppo_overrides(four_prompts(tmp_path), 4) if not o.startswith('++loss.reward_function')]
     trainer = build_trainer(make_config(tmp_path, *overrides, f'++loss.reward_model={tmp_path / "rm"}',
                                         loss='ppo-online'))

@@ -9,7 +9,7 @@ import models
 from halos.batch import LabelledCompletions
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
-from helpers import eval_in_process, make_config, train_in_process
+from helpers import eval_in_process, make_config, tiny_reward_model, train_in_process
 from trainers import generalized_advantages, ppo_loss, whiten_advantages
 
 def assert_close(actual: torch.Tensor, expected, atol: float) -> None:
@@ -121,13 +121,8 @@ def test_ppo_rewards_from_a_reward_model(tmp_path):
     as the reward-model labeller reads it."""
     import transformers
     tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
-    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
-                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
-                                      num_labels=1, pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'rm')
-    tokenizer.save_pretrained(tmp_path / 'rm')
-    trainer = build_trainer(make_config(tmp_path, f'++loss.reward_model={tmp_path / "rm"}', loss='ppo'))
+    trainer = build_trainer(make_config(tmp_path, f'++loss.reward_model={tiny_reward_model(tmp_path / "rm")}',
+                                        loss='ppo'))
     batch = trainer.eval_batches[0]
     scores = trainer.scores(LabelledCompletions.of(batch, trainer.tokenizer.pad_token_id))
     reward_model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / 'rm')
