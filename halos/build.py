@@ -15,6 +15,7 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
+from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting
 from halos.labelers import RewardFunctionLabeler, load_reward_function, make_labeler
@@ -292,6 +293,8 @@ def build_trainer(run: RunSettings):
     online, sampled = run.online.rounds > 0, trainer_class.samples_online
     prompts = run.online.prompts or run.datasets
     train_prompts, held_out_prompts = (prompts, run.online.eval_prompts or prompts) if sampled else (None, None)
+    for name in [*prompts, *(run.online.eval_prompts or [])] if online else []:  # the rounds' loaders come later
+        check_dataset_name(name)
     train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
     eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
     for loader in (train_loader, eval_loader):

@@ -256,18 +256,24 @@ def is_feedback_file(name: str) -> bool:
     return name.endswith('.json') or name.endswith('.jsonl')
 
 
+def check_dataset_name(name: str) -> None:
+    """Stop unless `name` is a registered dataset or a feedback file that exists."""
+    if is_feedback_file(name):
+        if not os.path.exists(name):
+            raise MissingFileError(f"{name}: no such file (a .json/.jsonl file of feedback records or prompts)")
+    elif name not in DATASETS:
+        raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
+                        f"or a path to a .json/.jsonl feedback file")
+
+
 def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
                  assistant_suffix: str, data_dir: Optional[str] = None, seed: int = 0) -> Dataset:
     """A registered dataset by name, or a feedback file by path. `seed` goes to the dataset functions that
     sample (those with a `seed` parameter, such as get_shp)."""
     formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
+    check_dataset_name(name)
     if is_feedback_file(name):
-        if not os.path.exists(name):
-            raise MissingFileError(f"{name}: no such file (a .json/.jsonl file of feedback records or prompts)")
         return get_feedback_file(name, split, *formatting)
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
-                        f"or a path to a .json/.jsonl feedback file")
     get = DATASETS[name]
     options = {'seed': seed} if 'seed' in inspect.signature(get).parameters else {}
     return get(split, *formatting, data_dir=data_dir, **options)

@@ -36,7 +36,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
-         'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss']
+         'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
+         'online prompts not there']
 
 
 def cases(tmp_path):
@@ -140,6 +141,10 @@ def cases(tmp_path):
                                             f"ppo, grpo), or label the samples as pairwise feedback (label.py --feedback "
                                             f"pairwise) ({binary_only}: prompts 1, {binary_only}: records 1, items 0, "
                                             f"prompts without pairs 1)"),
+        'online prompts not there': ('train.py', ['++online.rounds=1', f'++online.prompts={tmp_path}/no_prompts.jsonl',
+                                                  f"++online.reward_function={ROOT}/tests/rewards.py:vowels"],
+                                     f"{tmp_path}/no_prompts.jsonl: no such file (a .json/.jsonl file of feedback "
+                                     f"records or prompts)"),
         'unknown role': ('train.py', [f'datasets=[{role}]'],
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
         'one split only': ('train.py', [f'datasets=[{train_only}]'],
