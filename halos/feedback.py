@@ -5,6 +5,9 @@
     scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
     prompt:   {"prompt": ...}                                                     (a prompts file, for sampling)
 
+TRL's explicit-prompt formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen
+preferred) and {"prompt", "completion", "label"} binary feedback.
+
 Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
 `split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
 pair) / `weight_A` / `weight_B` (of a pair's outputs, when the pairs are flattened into desirable and
@@ -14,10 +17,23 @@ import json
 import math
 import os
 import tempfile
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from halos.errors import DataError, MissingFileError, UserError
 from halos.examples import ROLES, Dataset, render_turns
+
+
+PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
+
+
+def pair_fields(record: Dict) -> Optional[Tuple[str, str]]:
+    """The names of a pairwise record's two outputs (None for another kind of record)."""
+    return next((names for names in PAIR_FIELDS if any(name in record for name in names)), None)
+
+
+def output_field(record: Dict) -> str:
+    """The name of a record's one output: 'output', or TRL's 'completion'."""
+    return 'completion' if 'completion' in record and 'output' not in record else 'output'
 
 
 def read_json_records(path: str) -> List[Dict]:
@@ -30,7 +46,7 @@ def read_json_records(path: str) -> List[Dict]:
     except OSError as error:  # a directory, or no permission
         raise DataError(f"{path}: cannot be read ({error.strerror})") from None
     try:
-        text = content.decode('utf-8')
+        text = content.decode('utf-8-sig')  # a byte-order mark, as some editors write, is not text
     except UnicodeDecodeError as error:
         line = content[:error.start].count(b'\n') + 1
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}, line {line}: {error.reason}); "
@@ -106,10 +122,11 @@ def _score(record: Dict, name: str, where: str) -> Optional[float]:
 
 
 def record_kind(record: Dict) -> str:
-    """'pairwise' (output_A/output_B), 'scalar' (a reward and no label), 'prompt' (no output) or 'binary'."""
-    if 'output_A' in record or 'output_B' in record or record.get('type') == 'pairwise_feedback':
+    """'pairwise' (output_A/output_B, or chosen/rejected), 'scalar' (a reward and no label), 'prompt' (no output)
+    or 'binary'."""
+    if pair_fields(record) or record.get('type') == 'pairwise_feedback':
         return 'pairwise'
-    if 'output' not in record and 'label' not in record:
+    if output_field(record) not in record and 'label' not in record:
         return 'prompt'
     if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
         return 'scalar'
@@ -177,13 +194,14 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             pass
         elif kind == 'scalar':
             reward = _score(record, 'reward', where) if record.get('reward') is not None else _field(record, 'reward', where)
-            add_generation(example, _completion(record, 'output', where) + assistant_suffix, reward,
+            add_generation(example, _completion(record, output_field(record), where) + assistant_suffix, reward,
                            _weight(record, 'weight', where))
         elif kind == 'pairwise':
-            label = _label(record, where)
-            outputs = [_completion(record, 'output_A', where), _completion(record, 'output_B', where)]
+            first, second = pair_fields(record) or PAIR_FIELDS[0]
+            label = _label(record, where) if first == 'output_A' else True
+            outputs = [_completion(record, first, where), _completion(record, second, where)]
             if outputs[0].strip() == outputs[1].strip():
-                raise DataError(f"{where}: fields 'output_A' and 'output_B' are the same text; a preference needs "
+                raise DataError(f"{where}: fields '{first}' and '{second}' are the same text; a preference needs "
                                 f"two different outputs")
             rewards = [_score(record, 'reward_A', where), _score(record, 'reward_B', where)]
             weights = [_weight(record, 'weight_A', where), _weight(record, 'weight_B', where)]
@@ -198,7 +216,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.pair_weights[pair] = _weight(record, 'weight', where)
         else:
             label = _label(record, where)
-            add_generation(example, _completion(record, 'output', where) + assistant_suffix,
+            add_generation(example, _completion(record, output_field(record), where) + assistant_suffix,
                            _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)
         example.remove_extra_spaces()

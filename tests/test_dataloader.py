@@ -385,3 +385,21 @@ def test_an_shp_pair_with_a_zero_score_has_an_infinite_ratio_and_is_kept(tmp_pat
         {'history': 'Q?', 'human_ref_A': 'a', 'human_ref_B': 'b', 'score_A': 5, 'score_B': 0, 'labels': 1}) + '\n')
     example, = D.load_dataset('shp', 'train', **FORMAT, data_dir=str(tmp_path)).data.values()
     assert example.generations[example.pairs[0][0]] == 'a'
+
+
+def test_trl_preference_and_unpaired_records_and_a_byte_order_mark_read_as_feedback(tmp_path):
+    pairs = tmp_path / 'trl_pairs.jsonl'
+    pairs.write_bytes(b'\xef\xbb\xbf' + json.dumps({
+        'prompt': [{'role': 'user', 'content': 'Hi'}], 'chosen': [{'role': 'assistant', 'content': 'Hello!'}],
+        'rejected': 'Go away.'}).encode() + b'\n')
+    example, = D.load_dataset(str(pairs), 'train', **FORMAT).data.values()
+    assert example.generations == ['Hello!', 'Go away.'] and example.pairs == [(0, 1)]
+    unpaired = tmp_path / 'trl_unpaired.jsonl'
+    unpaired.write_text(json.dumps({'prompt': 'Hi', 'completion': 'Hello!', 'label': True}) + '\n' +
+                        json.dumps({'prompt': 'Hi', 'completion': 'Go away.', 'label': False}) + '\n')
+    example, = D.load_dataset(str(unpaired), 'train', **FORMAT).data.values()
+    assert example.generations == ['Hello!', 'Go away.'] and example.desirable == [True, False]
+    same = tmp_path / 'same.jsonl'
+    same.write_text(json.dumps({'prompt': 'Hi', 'chosen': 'Yo.', 'rejected': 'Yo.'}) + '\n')
+    with pytest.raises(D.DataError, match=r"record 1: fields 'chosen' and 'rejected' are the same text"):
+        D.load_dataset(str(same), 'train', **FORMAT)
