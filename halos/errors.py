@@ -29,6 +29,10 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the run needs (data, checkpoint, model) that is not there."""
 
 
+class TrainingDiverged(UserError, FloatingPointError):
+    """A non-finite training loss: too high a learning rate, or data that drives the loss there."""
+
+
 class HubUnavailableError(UserError, ConnectionError):
     """The Hugging Face hub could not be reached for a dataset that has no local copy."""
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 import models
 from halos import batch as schema
 from halos import checkpoint, lora
-from halos.errors import ConfigError
+from halos.errors import ConfigError, TrainingDiverged
 from halos.examples import Formatting
 from halos.jsonl import append_json_lines
 from halos.losses import humanline_logratios
@@ -283,9 +283,10 @@ class BasicTrainer:
         saved = f"the last checkpoint in {latest} is intact (resume with ++resume=true)" \
             if checkpoint.resolve_checkpoint_dir(latest) else "no checkpoint had been written yet"
         where = f"on this rank ({self.rank}), first prompt {first_prompt[:80]!r}" if not finite else "on another rank"
-        raise FloatingPointError(
+        raise TrainingDiverged(
             f"non-finite training loss at optimizer step {self.batch_counter}, after microbatch {self.batches_seen} "
-            f"({self.example_counter} examples) {where}. Nothing was saved: {saved}.")
+            f"({self.example_counter} examples) {where}: lower lr (or raise warmup_steps), or check that "
+            f"example. Nothing was saved: {saved}.")
 
     def accumulate(self, loss: torch.Tensor, metrics: Dict[str, torch.Tensor], first_prompt: str,
                    n_microbatches: int) -> None:

@@ -21,7 +21,7 @@ from halos.build import build_trainer
 from halos.checkpoint import load_policy_file, save_policy_file
 from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 from halos import packing
-from halos.errors import ConfigError
+from halos.errors import ConfigError, UserError
 from halos.packing import sequence_logps, token_level_logps
 import utils
 from utils import get_batch_logps
@@ -170,7 +170,7 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
     trainer.get_batch_metrics = poisoned
     with pytest.raises(FloatingPointError, match=r'optimizer step 2, after microbatch 2 \(8 examples\)') as error:
         trainer.train()
-    assert 'LATEST is intact' in str(error.value)
+    assert 'LATEST is intact' in str(error.value) and isinstance(error.value, UserError)  # one line, exit status 2
     saved = load_policy_file(os.path.join(config.local_run_dir, 'LATEST', 'policy.pt'))
     assert saved['step_idx'] == 8
 
