@@ -15,12 +15,11 @@ stops with one line and exit status 2. The feedback (binary, pairwise, scalar or
 halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
-import math
 import os
 import sys
 from typing import List, Optional, Sequence
 
-from halos.errors import ArgumentParser, DataError, UserError, positive_int, reported
+from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
 from halos.feedback import checked_turns, read_json_records, write_jsonl
 from halos.labelers import make_labeler
@@ -56,18 +55,16 @@ def threshold(text: str):
     """mean, median or a finite number."""
     if text in ('mean', 'median'):
         return text
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
+    value = finite_number(text)
+    if value is None:
         raise argparse.ArgumentTypeError(f"{text} is not mean, median or a number")
     return value
 
 
 def share(text: str) -> float:
-    value = float(text)
-    if not 0 <= value <= 1:
+    """A number from 0 to 1."""
+    value = finite_number(text)
+    if value is None or not 0 <= value <= 1:
         raise argparse.ArgumentTypeError(f"{text} is not a share between 0 and 1")
     return value
 

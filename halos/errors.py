@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from typing import Optional
 
 
 class UserError(Exception):
@@ -120,12 +121,18 @@ def non_negative_int(text: str) -> int:
     return int(text)
 
 
-def positive_number(text: str) -> float:
-    """An argparse type: a finite number > 0."""
+def finite_number(text: str) -> Optional[float]:
+    """`text` as a finite float, else None."""
     try:
         value = float(text)
     except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
+        return None
+    return value if math.isfinite(value) else None
+
+
+def positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = finite_number(text)
+    if value is None or value <= 0:
         raise argparse.ArgumentTypeError(f"{text} is not a number > 0")
     return value

@@ -266,6 +266,8 @@ def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(t
     ('--threshold', 'nan', 'nan is not mean, median or a number'),
     ('--concurrency', '0', '0 is not an integer >= 1'),
     ('--max-length', '-5', '-5 is not an integer >= 1'),
+    ('--min-scored', 'most', 'most is not a share between 0 and 1'),
+    ('--min-scored', '1.5', '1.5 is not a share between 0 and 1'),
 ])
 def test_label_py_names_a_bad_argument_and_writes_nothing(tmp_path, capsys, option, value, says):
     samples = tmp_path / 'samples.jsonl'
