@@ -205,9 +205,12 @@ def get_batch_logps(logits: torch.Tensor, labels: torch.Tensor, average_log_prob
 
 
 def weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """sum_i w_i v_i / sum_i w_i (unit weights give values.mean() exactly; all-zero weights give 0)."""
+    """sum_i w_i v_i / sum_i w_i over the global microbatch: this rank's weighted sum over the ranks' mean weight
+    sum, so that the mean over ranks (FSDP's gradient average) is the global weighted mean. Unit weights give
+    values.mean() exactly; all-zero weights give 0."""
     weights = weights.to(values.device, values.dtype)
-    return (values * weights).sum() / weights.sum().clamp(min=torch.finfo(values.dtype).tiny)
+    total = all_reduce_mean(weights.sum())
+    return (values * weights).sum() / total.clamp(min=torch.finfo(values.dtype).tiny)
 
 
 def completion_lengths(labels: torch.Tensor) -> torch.Tensor:

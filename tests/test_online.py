@@ -132,6 +132,20 @@ def test_unit_weights_reproduce_the_loss_and_a_zero_weight_removes_the_example(t
     assert not all(torch.allclose(a, b) for a, b in zip(results['zero'][1], results['plain'][1]))
 
 
+def test_weights_are_normalised_over_the_global_microbatch_not_each_rank(monkeypatch):
+    """Two ranks, one holding weight-0.1 items and one weight-1 items: the mean of their losses (what FSDP's
+    gradient average gives) is the weighted mean over both, as one process computes it."""
+    import utils
+    values = [torch.tensor([1.0, 3.0]), torch.tensor([5.0, 7.0])]
+    weights = [torch.tensor([0.1, 0.1]), torch.tensor([1.0, 1.0])]
+    mean_weight_sum = torch.stack([w.sum() for w in weights]).mean()
+    monkeypatch.setattr(utils, 'all_reduce_mean', lambda value: mean_weight_sum)
+    per_rank = [utils.weighted_mean(v, w) for v, w in zip(values, weights)]
+    monkeypatch.undo()
+    whole = utils.weighted_mean(torch.cat(values), torch.cat(weights))
+    assert torch.stack(per_rank).mean().item() == pytest.approx(whole.item()) == pytest.approx(12.4 / 2.2)
+
+
 def test_a_negative_weight_is_refused(tmp_path):
     from halos.errors import DataError
     import dataloader
