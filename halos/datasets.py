@@ -162,8 +162,8 @@ def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix
 
     Every ranked assistant reply of rank k > 0 is paired with its English sibling of rank k - 1
     (the next better reply), so a ranking a > b > c gives the pairs (a, b) and (b, c). The prompt is
-    the conversation from the root down to the replies' parent. The SFT target is the best-ranked
-    reply of the prompt.
+    the conversation from the root down to the replies' parent. A reply's score is minus its rank (a higher
+    score is better, as GRPO reads scores); the SFT target is the best-ranked reply of the prompt.
     """
     formatting = Formatting(human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     rows, source = load_raw_records('oasst', split, data_dir, 'OpenAssistant/oasst1',
@@ -197,8 +197,8 @@ def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix
         turns = [{'role': 'assistant' if message['role'] == 'assistant' else 'user', 'content': message['text']}
                  for message in reversed(path)]
         example = add_comparison(dataset, turns, (better['text'], row['text']), 0, formatting,
-                                 f'{source} record {number}', scores=(float(better['rank']), float(row['rank'])))
-        example.sft_index = min(range(len(example.scores)), key=lambda i: example.scores[i])
+                                 f'{source} record {number}', scores=(-float(better['rank']), -float(row['rank'])))
+        example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
     return dataset
 
 

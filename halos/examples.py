@@ -19,7 +19,7 @@ class Example:
     turns: List[Dict[str, str]] = field(default_factory=list)  # the prompt as chat turns {'role', 'content'}
     generations: List[str] = field(default_factory=list)       # completions, each ending with assistant_suffix
     sft_index: int = -1                   # index of the SFT target in generations
-    scores: List[float] = field(default_factory=list)  # one per generation, when the data has them
+    scores: List[float] = field(default_factory=list)  # one per generation (higher is better), when the data has them
     pairs: List[Tuple[int, int]] = field(default_factory=list)  # (i, j): generations[i] preferred to generations[j]
     desirable: List[bool] = field(default_factory=list)        # unary labels, one per generation (binary feedback)
     weights: List[float] = field(default_factory=list)         # per generation (feedback files); empty: all 1

@@ -101,7 +101,7 @@ def test_oasst_filters_and_sft_target():
     assert train.counts['dropped: no English sibling of the next better rank'] == 1
     assert train.counts['dropped: ancestor not English or missing'] == 1
     for example in train.data.values():   # the SFT target is the best-ranked reply, not the last worse one
-        assert example.scores[example.sft_index] == min(example.scores)
+        assert example.scores[example.sft_index] == max(example.scores)  # a score is minus a rank
         assert example.prompt.startswith('\n<|user|>\n') and example.prompt.endswith('\n<|assistant|>\n')
 
 
@@ -403,3 +403,13 @@ def test_trl_preference_and_unpaired_records_and_a_byte_order_mark_read_as_feedb
     same.write_text(json.dumps({'prompt': 'Hi', 'chosen': 'Yo.', 'rejected': 'Yo.'}) + '\n')
     with pytest.raises(D.DataError, match=r"record 1: fields 'chosen' and 'rejected' are the same text"):
         D.load_dataset(str(same), 'train', **FORMAT)
+
+
+def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):
+    """OASST's rank is lower for a better reply: as a GRPO score (a reward) it enters with its sign flipped."""
+    example = next(e for e in get('oasst', 'train').data.values() if len(e.generations) == 2)
+    (better, worse), = example.pairs
+    assert example.scores[better] > example.scores[worse]
+    items = loader(D.GroupUnpairedPreferenceDataLoader, ['oasst'], tokenizer).items
+    scored = {item.completion: item.score for item in items if item.example.prompt == example.prompt}
+    assert scored[example.generations[better]] > scored[example.generations[worse]]
