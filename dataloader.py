@@ -216,7 +216,12 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
 
 class PromptDataLoader(DataLoader):
     """One item per prompt, with no completion: what sampling needs (eval.py's k samples per prompt, online
-    rounds, online PPO). Prompts come from any dataset or from a prompts file ({"prompt": ...} records)."""
+    rounds, online PPO). Prompts come from any dataset or from a prompts file ({"prompt": ...} records).
+    `prompt_suffix` is appended to every prompt (a CSFT policy's desirable control token)."""
+
+    def __init__(self, *args, prompt_suffix: str = '', **kwargs):
+        self.prompt_suffix = prompt_suffix
+        super().__init__(*args, **kwargs)
 
     def flatten(self, examples):
         return list(examples)
@@ -224,7 +229,7 @@ class PromptDataLoader(DataLoader):
     def tokenize_items(self, items, global_batch):
         elements = []
         for example in items:
-            element = self.tokenize_prompt(example, self.prompt_text(example))
+            element = self.tokenize_prompt(example, self.prompt_text(example) + self.prompt_suffix)
             element.update({schema.PROMPT_ID: example.group_key(), schema.PROMPT_TURNS: example.turns,
                             schema.DATASET: example.dataset_name})
             elements.append(element)

@@ -45,7 +45,7 @@ import models
 import trainers
 from halos import batch as schema
 from halos import checkpoint, lora, rl
-from halos.build import (build_loader, control_tokens, load_models, load_run_tokenizer, loop_settings,
+from halos.build import (build_loader, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter)
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
@@ -78,10 +78,10 @@ def load_policy(run: RunSettings, tokenizer):
 
 
 def sampling_loader(run: RunSettings, tokenizer, dataset_names) -> dataloader.SFTDataLoader:
-    """One item per test prompt, in a seeded order; a CSFT run's prompts end in its desirable control token."""
-    tokens = control_tokens(run)
+    """One item per test prompt, in a seeded order; a CSFT run's prompts end in its desirable control token
+    (build_loader)."""
     return build_loader(run, tokenizer, 'test', dataset_names, dataloader.SFTDataLoader,
-                        max_prompt_count=1, n_examples=run.n_samples, prompt_suffix=tokens[0] if tokens else '')
+                        max_prompt_count=1, n_examples=run.n_samples)
 
 
 def policy_sampler(run: RunSettings, tokenizer):

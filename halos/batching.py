@@ -279,10 +279,19 @@ class DataLoader:
         prompt_ids = self.encode_prompt(prompt)
         if len(prompt_ids) <= self.max_prompt_length:
             return schema.prompt_fields(prompt, prompt_ids)
-        keep = self.max_prompt_length
-        prompt_ids = prompt_ids[:keep] if example.truncation_mode == 'keep_start' else prompt_ids[-keep:]
+        prompt_ids = self.cut_prompt(example, prompt_ids)
         self.counts['prompts truncated'] += 1
         return schema.prompt_fields(self.tokenizer.decode(prompt_ids, skip_special_tokens=False), prompt_ids)
+
+    def cut_prompt(self, example: Example, prompt_ids: List[int]) -> List[int]:
+        """The prompt's ids cut to max_prompt_length, keeping its start, or its end and its BOS."""
+        keep = self.max_prompt_length
+        if example.truncation_mode == 'keep_start':
+            return prompt_ids[:keep]
+        if example.truncation_mode == 'keep_end':
+            has_bos = prompt_ids[0] == self.tokenizer.bos_token_id
+            return prompt_ids[:1] * has_bos + prompt_ids[-(keep - has_bos):]
+        raise DataError(f"{example.source}: unknown truncation_mode '{example.truncation_mode}'")
 
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
         """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).
@@ -299,13 +308,7 @@ class DataLoader:
         longest = max(len(ids) for ids in completion_ids.values())
         prompt_truncated = len(prompt_ids) + longest > self.max_length and len(prompt_ids) > self.max_prompt_length
         if prompt_truncated:
-            if example.truncation_mode == 'keep_start':
-                prompt_ids = prompt_ids[:self.max_prompt_length]
-            elif example.truncation_mode == 'keep_end':
-                has_bos = prompt_ids[0] == self.tokenizer.bos_token_id
-                prompt_ids = prompt_ids[:1] * has_bos + prompt_ids[-(self.max_prompt_length - has_bos):]
-            else:
-                raise DataError(f"{example.source}: unknown truncation_mode '{example.truncation_mode}'")
+            prompt_ids = self.cut_prompt(example, prompt_ids)
         room = self.max_length - len(prompt_ids)
         if room < 1:
             raise DataError(f"{example.source}: field 'prompt' is {len(prompt_ids)} tokens and leaves no room for "

@@ -241,6 +241,9 @@ def build_loader(run: RunSettings, tokenizer, split: str, dataset_names: Optiona
         kwargs.update(batch_size=run.model.batch_size, n_epochs=run.n_epochs, n_examples=run.n_examples)
     else:
         kwargs.update(batch_size=run.model.eval_batch_size, n_epochs=1, n_examples=run.n_eval_examples)
+    tokens = control_tokens(run)
+    if tokens and issubclass(loader_class, (dataloader.SFTDataLoader, dataloader.PromptDataLoader)):
+        kwargs['prompt_suffix'] = tokens[0]  # a CSFT policy is asked for what it learned as desirable
     kwargs.update(options)
     return loader_class(list(dataset_names or run.datasets), tokenizer, **kwargs)
 

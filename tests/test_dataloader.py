@@ -194,6 +194,11 @@ def test_a_single_bos(tokenizer):
     assert ids[0] == bos and ids.count(bos) == 1
     element = sft.tokenize_element(example, example.prompt, {'target': 'Sure.'})
     assert element['target_combined_input_ids'].count(bos) == 1
+    # a prompt cut for sampling keeps its BOS and its end, as a training prompt does
+    long = next(e for e in sft.full_data.values() if len(bos_tokenizer(e.prompt)['input_ids']) > 200)
+    sampled = sft.tokenize_prompt(long, long.prompt)['prompt_input_ids']
+    trained = sft.tokenize_element(long, long.prompt, {'target': 'x' * 2000})['prompt_input_ids']
+    assert sampled == trained and sampled[0] == bos and len(sampled) == sft.max_prompt_length
 
 
 def test_sharding_splits_the_global_batch_and_kl_pairs_are_global(tokenizer):

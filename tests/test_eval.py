@@ -11,6 +11,8 @@ import subprocess
 import pytest
 import torch
 
+import dataloader
+from halos.build import build_loader
 from helpers import DATA, ROOT, eval_command, eval_in_process, make_config, run_train, train_in_process
 
 
@@ -168,6 +170,9 @@ def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
     assert batch['prompt_input_ids'][:, -1].tolist() == [good] * 5
     plain = next(iter(eval_script.sampling_loader(make_config(tmp_path, loss='sft'), tokenizer, ['hh'])))
     assert plain['prompt_text'][0].endswith('\n<|assistant|>\n') and good not in plain['prompt_input_ids'].tolist()[0]
+    # the prompt loader of k samples per prompt, mode=reward and online rounds ends them so too
+    prompts = next(iter(build_loader(config, tokenizer, 'test', loader_class=dataloader.PromptDataLoader)))
+    assert prompts['prompt_input_ids'][:, -1].tolist() == [good] * 5
 
 
 @pytest.mark.slow
