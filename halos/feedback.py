@@ -11,7 +11,8 @@ preferred) and {"prompt", "completion", "label"} binary feedback.
 Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
 `split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
 pair) / `weight_A` / `weight_B` (of a pair's outputs, when the pairs are flattened into desirable and
-undesirable outputs). Every error names the file, the record and the field.
+undesirable outputs). Every error names the file, the record and the field. The text is kept as written
+(the hub datasets' runs of spaces are collapsed, as in HALOs; a user's outputs, code among them, are not).
 """
 import json
 import math
@@ -219,7 +220,6 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             add_generation(example, _completion(record, output_field(record), where) + assistant_suffix,
                            _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)
-        example.remove_extra_spaces()
     if not dataset.data:
         splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
         raise DataError(f"{path}: no records for split '{split}': every record's 'split' field names another "

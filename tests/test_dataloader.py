@@ -418,3 +418,14 @@ def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):
     items = loader(D.GroupUnpairedPreferenceDataLoader, ['oasst'], tokenizer).items
     scored = {item.completion: item.score for item in items if item.example.prompt == example.prompt}
     assert scored[example.generations[better]] > scored[example.generations[worse]]
+
+
+def test_a_feedback_files_text_is_kept_as_written_and_a_repeated_output_is_stored_once(tmp_path):
+    code = 'def f():\n    return  1'
+    path = tmp_path / 'code.jsonl'
+    path.write_text(''.join(json.dumps(record) + '\n' for record in [
+        {'prompt': 'Write  f.', 'output_A': code, 'output_B': 'no', 'label': 1},
+        {'prompt': 'Write  f.', 'output_A': code, 'output_B': 'nah', 'label': 1}]))
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert example.generations == [code, 'no', 'nah'] and example.pairs == [(0, 1), (0, 2)]
+    assert example.turns == [{'role': 'user', 'content': 'Write  f.'}]
