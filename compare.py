@@ -33,8 +33,7 @@ from halos.errors import (ArgumentParser, UserError, describe_error, non_negativ
                           reported)
 from halos.jsonl import append_json_lines
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
-                         constrained, fatal_error_message, json_field, make_client, public_url)
-from halos.judge import judgment_key as judge_key
+                         cache_key, constrained, fatal_error_message, json_field, make_client, public_url)
 
 PROMPT_VERSION = 'halos-judge-v1'
 CANDIDATE, BASELINE = 'candidate', 'baseline'
@@ -216,7 +215,7 @@ def verdict_schema(labels: str) -> dict:
 def judgment_key(messages: List[dict], args: argparse.Namespace) -> str:
     """Identifies a judgment: the messages (prompt and both responses in order), judge, prompt version, seed
     and answer length."""
-    return judge_key(messages, args.judge, PROMPT_VERSION, args.seed, args.max_tokens)
+    return cache_key(messages, args.judge, PROMPT_VERSION, args.seed, args.max_tokens)
 
 
 # --- asking the judge

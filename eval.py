@@ -50,8 +50,7 @@ from halos.build import (build_loader, load_models, load_run_tokenizer, loop_set
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
-from halos.feedback import write_jsonl
-from halos.jsonl import append_json_lines
+from halos.jsonl import append_json_lines, write_jsonl
 from halos.labelers import RewardFunctionLabeler, checked_scores
 from halos.monitors import reward_summary
 from halos.packing import sequence_logps

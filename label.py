@@ -21,7 +21,8 @@ from typing import List, Optional, Sequence
 
 from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
-from halos.feedback import checked_turns, read_json_records, write_jsonl
+from halos.feedback import checked_turns, read_json_records
+from halos.jsonl import write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
                              why_no_training_data)

@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from halos.checkpoint import load_policy_file
-from halos.errors import ConfigError, MissingFileError
+from halos.errors import FILE_SYSTEM_REFUSALS, ConfigError, MissingFileError
 
 EMBEDDED_PREFIX = 'embedded:'
 SMOLLM2_GGUF = 'SmolLM2-135M-Instruct.Q4_1.gguf'
@@ -179,12 +179,15 @@ def from_pretrained(loader, name_or_path: str, **options):
     """`loader.from_pretrained` of a local HF directory, a hub id or embedded:<name>; one that does not load
     (no such directory, not on the hub, no network) ends in one line naming it."""
     reason = missing_model(name_or_path)
-    if reason is None:
-        try:
-            return loader.from_pretrained(os.path.expanduser(resolve_model_path(name_or_path)), **options)
-        except OSError as error:  # transformers reports every way a model cannot be found as an OSError
-            reason = str(error).strip().split('\n')[0]
-    raise MissingFileError(f"model {name_or_path!r}: {reason}")
+    if reason is not None:
+        raise MissingFileError(f"model {name_or_path!r}: {reason}")
+    path = os.path.expanduser(resolve_model_path(name_or_path))
+    try:
+        return loader.from_pretrained(path, **options)
+    except OSError as error:  # transformers reports every way a model cannot be found as an OSError
+        if error.errno in FILE_SYSTEM_REFUSALS:
+            raise  # the entry point names the path
+        raise MissingFileError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
 
 
 def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] = None):

@@ -29,34 +29,40 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
 
 
 def worker_main(run: RunSettings) -> None:
-    """Everything one process does: save the config, start wandb, train, evaluate, save."""
+    """Everything one process does: build, resume, save the config, start wandb, train, evaluate, save."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
     if not run.resume and checkpoint.resolve_checkpoint_dir(latest) is not None:
         rank0_print(f"warning: {latest} holds an earlier run, which this one overwrites (++resume=true continues it)")
-    os.makedirs(run.local_run_dir, exist_ok=True)
-    if get_rank() == 0:
-        OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
-        if run.wandb.enabled and not run.debug:
-            import wandb
-            os.environ.setdefault('WANDB_MODE', run.wandb.mode)
-            wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=run.exp_name, config=as_dict(run),
-                       dir=run.local_run_dir)
     trainer = build_trainer(run)
     rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
     if resume:                                                          # it decides what the checkpoint holds
         trainer.load_checkpoint(latest)
         if trainer.finished and nothing_left(run, trainer):
             rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
-                        f"online.rounds to train further); the checkpoint is unchanged")
+                        f"online.rounds to train further); the run directory is unchanged")
             return
+    start_run_records(run)
     if rounds is not None:
         rounds.run()
     else:
         trainer.train()
     trainer.evaluate()
     trainer.save_checkpoint(final=True)
+
+
+def start_run_records(run: RunSettings) -> None:
+    """The run's config.yaml and its wandb run (rank 0)."""
+    os.makedirs(run.local_run_dir, exist_ok=True)
+    if get_rank() != 0:
+        return
+    OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
+    if run.wandb.enabled and not run.debug:
+        import wandb
+        os.environ.setdefault('WANDB_MODE', run.wandb.mode)
+        wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=run.exp_name, config=as_dict(run),
+                   dir=run.local_run_dir)
 
 
 def resumable(run: RunSettings, latest: str) -> bool:

@@ -7,7 +7,7 @@ elements (`tokenize_items`), and may declare the special tokens it adds to promp
 import random
 from collections import Counter
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence, Tuple
 
 from halos import batch as schema
 from halos.datasets import load_dataset
@@ -64,8 +64,6 @@ def encode_completion(tokenizer, text: str) -> List[int]:
 
 FEEDBACK_NAMES = {'binary': 'binary feedback (desirable and undesirable outputs)', 'pairwise': 'preference pairs',
                   'scalar': 'scored outputs without labels'}
-LOSSES_FOR = {'binary': 'binary feedback: kto, kto-simple, csft, ppo, grpo', 'pairwise': 'pairs: dpo, ipo, simpo, kto',
-              'scalar': 'scores: grpo, sft (on the best)'}
 
 
 def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
@@ -227,7 +225,9 @@ class DataLoader:
                 n_seen += len(batch)
             epoch += 1
 
-    def why_no_items(self) -> str:
+    def why_no_items(self, losses_reading: Callable[[str], List[str]] = lambda kind: []) -> str:
+        """Why the data gives this loader no item; `losses_reading(kind)` names the losses that train on a kind of
+        feedback."""
         names = ', '.join(self.dataset_names)
         if self.full_data and not any(example.generations for example in self.full_data.values()):
             return (f"{names}: {len(self.full_data)} prompts and no completions to train on: sample and label "
@@ -236,11 +236,11 @@ class DataLoader:
         counts = ', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))
         held = held_feedback_kinds(self.full_data.values())
         if self.feedback_kinds and held and not set(held) & set(self.feedback_kinds):
+            losses = '; '.join(f"{kind}: {', '.join(losses_reading(kind))}" for kind in held if losses_reading(kind))
             return (f"{names}: {' and '.join(FEEDBACK_NAMES[kind] for kind in held)}, and {type(self).__name__} "
                     f"(loss.dataloader) trains on {' or '.join(FEEDBACK_NAMES[k] for k in self.feedback_kinds)}: "
-                    f"choose a loss for this feedback ({'; '.join(LOSSES_FOR[kind] for kind in held)}), or label "
-                    f"the samples as {self.feedback_kinds[0]} feedback (label.py --feedback {self.feedback_kinds[0]}) "
-                    f"({counts})")
+                    f"choose a loss for this feedback{f' ({losses})' if losses else ''}, or label the samples as "
+                    f"{self.feedback_kinds[0]} feedback (label.py --feedback {self.feedback_kinds[0]}) ({counts})")
         return f"[{self.split}] {names}: no {type(self).__name__} items to iterate ({counts})"
 
     def __len__(self) -> int:
@@ -290,7 +290,7 @@ class DataLoader:
             return prompt_ids[:keep]
         if example.truncation_mode == 'keep_end':
             has_bos = prompt_ids[0] == self.tokenizer.bos_token_id
-            return prompt_ids[:1] * has_bos + prompt_ids[-(keep - has_bos):]
+            return prompt_ids[:1] * has_bos + prompt_ids[len(prompt_ids) - (keep - has_bos):]
         raise DataError(f"{example.source}: unknown truncation_mode '{example.truncation_mode}'")
 
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:

@@ -30,6 +30,9 @@ from halos.vllm_engine import EngineChoice, chosen_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
 
+LOSS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config', 'loss')
+
+
 def run_settings(config: DictConfig, overrides: Sequence[str] = ()) -> RunSettings:
     """The composed config as typed settings: every key's type and rule (halos/settings.py), the loss section's
     keys against its trainer's and loader's Params, then what spans keys. `overrides` (the command line's)
@@ -133,13 +136,17 @@ def check_consistency(run: RunSettings) -> None:
         load_reward_function(loss.params.reward_function)
 
 
-def check_model_paths(run: RunSettings) -> None:
-    """A model named by a local path that is not there stops the run before anything loads (checked when a run
-    starts, not with the settings: a command may name the model that the command before it writes)."""
+def check_model_paths(run: RunSettings, training: bool = True) -> None:
+    """A model the run loads, named by a local path that is not there, stops it before anything loads (checked
+    when a run starts, not with the settings: a command may name the model that the command before it writes).
+    Training also loads its labeller's reward model."""
     named = {'model.name_or_path': run.model.name_or_path,
-             'model.tokenizer_name_or_path': run.model.tokenizer_name_or_path,
-             'online.reward_model': run.online.reward_model,
-             'loss.reward_model': getattr(run.loss.params, 'reward_model', None)}
+             'model.tokenizer_name_or_path': run.model.tokenizer_name_or_path}
+    if training:
+        samples = run.online.rounds > 0 or trainers.get_trainer_class(run.loss.trainer).samples_online
+        named['online.reward_model'] = run.online.reward_model if samples and run.online.labeler == 'reward_model' \
+            else None
+        named['loss.reward_model'] = getattr(run.loss.params, 'reward_model', None)
     for key, value in named.items():
         reason = value and models.missing_model(value)
         if reason:
@@ -302,11 +309,23 @@ def build_trainer(run: RunSettings):
     eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
-            raise DataError(loader.why_no_items())
+            raise DataError(loader.why_no_items(losses_reading))
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
+
+
+def losses_reading(kind: str) -> List[str]:
+    """The losses of config/loss/ that train offline on `kind` feedback (binary, pairwise or scalar): those whose
+    loader's feedback_kinds hold it, or that read any kind."""
+    names = []
+    for file in sorted(os.listdir(LOSS_CONFIGS)):
+        loader_class = dataloader.get_dataloader_class(OmegaConf.load(os.path.join(LOSS_CONFIGS, file)).dataloader)
+        if not issubclass(loader_class, dataloader.PromptDataLoader) and kind in (loader_class.feedback_kinds or
+                                                                                 (kind,)):
+            names.append(file[:-len('.yaml')])
+    return names
 
 
 def build_rollouts(run: RunSettings) -> Rollouts:
@@ -352,5 +371,5 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
 
 def load_run_tokenizer(run: RunSettings):
     """The tokenizer the run saved (with any control tokens), else the model's; eval.py's first load."""
-    check_model_paths(run)
+    check_model_paths(run, training=False)
     return models.load_run_tokenizer(run.local_run_dir, run.model.tokenizer_name_or_path or run.model.name_or_path)

@@ -82,8 +82,7 @@ def reported_as_one_line(program: str):
         if show_traceback() or error.errno not in FILE_SYSTEM_REFUSALS:
             raise
         where = f"{error.filename}: " if error.filename else ''
-        print(f'{program}: {where}{error.strerror} (check cache_dir, samples_dir and the disk)', file=sys.stderr,
-              flush=True)
+        print(f'{program}: {where}{error.strerror}', file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         if show_traceback():

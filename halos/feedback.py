@@ -17,10 +17,9 @@ undesirable outputs). Every error names the file, the record and the field. The 
 import json
 import math
 import os
-import tempfile
 from typing import Dict, List, Optional, Tuple
 
-from halos.errors import DataError, MissingFileError, UserError
+from halos.errors import DataError, MissingFileError
 from halos.examples import ROLES, Dataset, render_turns
 
 
@@ -234,24 +233,3 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         elif example.pairs:
             example.sft_index = example.pairs[0][0]
     return dataset
-
-
-def write_jsonl(path: str, records: List[Dict]) -> None:
-    """Write records as JSON Lines atomically: a crash leaves the previous file (or none), never half of one."""
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = None
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8', suffix='.tmp') as f:
-            temporary = f.name
-            f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(f.name, 0o666 & ~umask)  # the mode of a file written with open(), not the temporary file's 0600
-        os.replace(f.name, path)
-    except OSError as error:  # a directory in the way, no permission, a full disk
-        if temporary and os.path.exists(temporary):
-            os.remove(temporary)
-        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from None

@@ -2,11 +2,15 @@
 and judgment caches).
 
 A process killed mid-write leaves a last line without its newline: readers skip it, and the next append drops
-it first, so that a record never runs into the one after it.
+it first, so that a record never runs into the one after it. A file written whole (a round's samples and
+feedback, label.py's output) is replaced atomically.
 """
 import json
 import os
+import tempfile
 from typing import Dict, Iterable, List
+
+from halos.errors import UserError
 
 
 def drop_cut_last_line(path: str) -> bool:
@@ -46,3 +50,24 @@ def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) ->
         if sync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def write_jsonl(path: str, records: List[Dict]) -> None:
+    """Write records as JSON Lines atomically: a crash leaves the previous file (or none), never half of one."""
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = None
+    try:
+        os.makedirs(directory, exist_ok=True)
+        with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8', suffix='.tmp') as f:
+            temporary = f.name
+            f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
+            f.flush()
+            os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(f.name, 0o666 & ~umask)  # the mode of a file written with open(), not the temporary file's 0600
+        os.replace(f.name, path)
+    except OSError as error:  # a directory in the way, no permission, a full disk
+        if temporary and os.path.exists(temporary):
+            os.remove(temporary)
+        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from None

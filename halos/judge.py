@@ -154,7 +154,7 @@ def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int
     return choices[0].message.content or ''
 
 
-def judgment_key(messages: List[Dict[str, str]], judge: str, prompt_version: str, seed: int, max_tokens: int) -> str:
+def cache_key(messages: List[Dict[str, str]], judge: str, prompt_version: str, seed: int, max_tokens: int) -> str:
     """A judgment's key in a cache: its messages, the judge, the prompt's version, the seed and the answer length."""
     identity = [messages, judge, prompt_version, seed, max_tokens]
     return hashlib.sha256(json.dumps(identity, ensure_ascii=False).encode()).hexdigest()

@@ -281,7 +281,7 @@ class JudgeLabeler:
 
     def key(self, messages: List[Dict[str, str]]) -> str:
         from halos import judge
-        return judge.judgment_key(messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens)
+        return judge.cache_key(messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens)
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
         from halos import judge

@@ -26,8 +26,8 @@ import torch
 
 from halos import checkpoint
 from halos.errors import DataError, UserError
-from halos.feedback import read_json_records, write_jsonl
-from halos.jsonl import read_json_lines
+from halos.feedback import read_json_records
+from halos.jsonl import read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
 from halos.monitors import HackingMonitor, Observation, repeated_ngram_share, reward_summary, sample_stats

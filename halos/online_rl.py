@@ -34,8 +34,7 @@ import torch
 from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
-from halos.feedback import write_jsonl
-from halos.jsonl import append_json_lines, read_json_lines
+from halos.jsonl import append_json_lines, read_json_lines, write_jsonl
 from halos.labelers import Labeler, checked_scores
 from halos.labelling import scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
@@ -142,8 +141,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                  for j in range(k)]
         labeler = self.rollouts.labeler
         scores = checked_scores(labeler, prompts, [s.text for group in samples for s in group], names)
-        scored_enough(sum(score is not None for score in scores), len(scores), self.rollouts.min_scored, labeler,
-                      f'step {self.batch_counter}')
+        self.scored_enough(scores, labeler, f'step {self.batch_counter}')
         groups = []
         for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
                                                               batch[schema.PROMPT_ATTENTION_MASK],
@@ -153,16 +151,24 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                 groups.append(Group(ids[mask.bool()], prompt_id, [s for s, _ in scored], [score for _, score in scored]))
         return groups
 
+    def scored_enough(self, scores: List[Optional[float]], labeler: Labeler, what: str) -> None:
+        """Stop on every rank, with the labeller's last error, when fewer than online.min_scored of the samples of
+        all ranks got a score."""
+        counts = all_reduce_sum(torch.tensor([float(sum(score is not None for score in scores)), float(len(scores))]))
+        scored_enough(int(counts[0]), int(counts[1]), self.rollouts.min_scored, labeler, what)
+
     def refilled(self, groups: List[Group]) -> Tuple[List[Group], Dict[str, float]]:
         """Dynamic sampling: the degenerate groups replaced by groups of fresh prompts drawn from the pool (seeded
-        by the data position), while any are left and refills remain; then the dropped ones fill what is left."""
+        by the data position), while any rank has some left and refills remain; then the dropped ones fill what
+        is left."""
         kept = [group for group in groups if not group.degenerate()]
         dropped = [group for group in groups if group.degenerate()]
         pool, refills = self.train_iterator.items, 0
         rng = random.Random(f'{self.settings.seed}/{self.batches_seen}/{groups[0].prompt_id}')
-        while len(kept) < len(groups) and refills < self.params.max_refills:
-            refills += 1
-            batch = self.train_iterator.batch_of(rng.sample(pool, min(len(groups) - len(kept), len(pool))))
+        while refills < self.params.max_refills and all_reduce_sum(torch.tensor(float(len(groups) - len(kept)))) > 0:
+            refills += 1  # on every rank while any rank misses groups: the ranks sample in step
+            wanted = max(len(groups) - len(kept), 1)
+            batch = self.train_iterator.batch_of(rng.sample(pool, min(wanted, len(pool))))
             fresh = self.scored_groups(batch, f'refill {refills}')
             kept += [group for group in fresh if not group.degenerate()]
             dropped += [group for group in fresh if group.degenerate()]
@@ -279,8 +285,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         labeler = self.rollouts.held_out_labeler
         scores = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples], names)
         scored = [(score, sample.token_ids) for score, sample in zip(scores, samples) if score is not None]
-        scored_enough(len(scored), len(samples), self.rollouts.min_scored, labeler,
-                      f'the held-out reward after step {self.batch_counter}')
+        self.scored_enough(scores, labeler, f'the held-out reward after step {self.batch_counter}')
         self.held_out += scored
         return torch.zeros(()), {f'reward_{mode}/mean': torch.tensor([score for score, _ in scored]),
                                  f'completions_{mode}/length': torch.tensor([float(len(s.token_ids)) for s in samples])}

@@ -36,7 +36,7 @@ def write_data(args) -> None:
 
     import dataloader
     import models
-    from halos.feedback import write_jsonl
+    from halos.jsonl import write_jsonl
     from halos.labelers import RewardFunctionLabeler
     from halos.labelling import build_feedback, label_samples
     from halos.sampling import SamplingOptions, halos_sampler, sample_records

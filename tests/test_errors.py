@@ -137,10 +137,10 @@ def cases(tmp_path):
         'binary feedback for a pair loss': ('train.py', [f'datasets=[{binary_only}]'],
                                             f"{binary_only}: binary feedback (desirable and undesirable outputs), and "
                                             f"PairedPreferenceDataLoader (loss.dataloader) trains on preference pairs: "
-                                            f"choose a loss for this feedback (binary feedback: kto, kto-simple, csft, "
-                                            f"ppo, grpo), or label the samples as pairwise feedback (label.py --feedback "
-                                            f"pairwise) ({binary_only}: prompts 1, {binary_only}: records 1, items 0, "
-                                            f"prompts without pairs 1)"),
+                                            f"choose a loss for this feedback (binary: csft, grpo, kto-simple, kto-zero, "
+                                            f"kto, ppo, sft), or label the samples as pairwise feedback (label.py "
+                                            f"--feedback pairwise) ({binary_only}: prompts 1, {binary_only}: records 1, "
+                                            f"items 0, prompts without pairs 1)"),
         'online prompts not there': ('train.py', ['++online.rounds=1', f'++online.prompts={tmp_path}/no_prompts.jsonl',
                                                   f"++online.reward_function={ROOT}/tests/rewards.py:vowels"],
                                      f"{tmp_path}/no_prompts.jsonl: no such file (a .json/.jsonl file of feedback "
@@ -282,6 +282,6 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
     with pytest.raises(SystemExit) as exit_, reported_as_one_line('train.py'):
         raise PermissionError(errno.EACCES, 'Permission denied', '/data/runs/x')
     assert exit_.value.code == 2 and capsys.readouterr().err == (
-        'train.py: /data/runs/x: Permission denied (check cache_dir, samples_dir and the disk)\n')
+        'train.py: /data/runs/x: Permission denied\n')
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')

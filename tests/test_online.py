@@ -313,7 +313,7 @@ def test_the_shipped_upbeat_feedback_is_what_its_reward_function_says():
 
 
 def test_written_feedback_files_get_the_usual_file_mode(tmp_path):
-    from halos.feedback import write_jsonl
+    from halos.jsonl import write_jsonl
     umask = os.umask(0o022)
     try:
         write_jsonl(str(tmp_path / 'f.jsonl'), [{'a': 1}])

@@ -344,11 +344,11 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path, los
 
 def test_resuming_a_finished_run_changes_nothing_another_loss_or_model_is_refused_and_a_rerun_warns(tmp_path, capsys):
     train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')
-    policy = tmp_path / 'test' / 'LATEST' / 'policy.pt'
-    written = policy.stat().st_mtime_ns
+    policy, config = tmp_path / 'test' / 'LATEST' / 'policy.pt', tmp_path / 'test' / 'config.yaml'
+    written, configured = policy.stat().st_mtime_ns, config.stat().st_mtime_ns
     out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', '++resume=true', loss='sft')
     assert f"{tmp_path}/test/LATEST holds the finished run: nothing is left to train" in out
-    assert policy.stat().st_mtime_ns == written
+    assert policy.stat().st_mtime_ns == written and config.stat().st_mtime_ns == configured
     for changed, says in ((['loss=kto'], 'loss=sft, not kto; resume with loss=sft'),
                           (['++model.name_or_path=embedded:smollm2-135m-instruct'],
                            'model.name_or_path=embedded:tiny-smollm2, not embedded:smollm2-135m-instruct')):
