@@ -321,9 +321,10 @@ def losses_reading(kind: str) -> List[str]:
     loader's feedback_kinds hold it, or that read any kind."""
     names = []
     for file in sorted(os.listdir(LOSS_CONFIGS)):
-        loader_class = dataloader.get_dataloader_class(OmegaConf.load(os.path.join(LOSS_CONFIGS, file)).dataloader)
-        if not issubclass(loader_class, dataloader.PromptDataLoader) and kind in (loader_class.feedback_kinds or
-                                                                                 (kind,)):
+        loader = getattr(dataloader, str(OmegaConf.load(os.path.join(LOSS_CONFIGS, file)).get('dataloader')), None)
+        reads_feedback = isinstance(loader, type) and issubclass(loader, dataloader.DataLoader) and \
+            not issubclass(loader, dataloader.PromptDataLoader)  # a YAML naming no such loader is left out
+        if reads_feedback and kind in (loader.feedback_kinds or (kind,)):
             names.append(file[:-len('.yaml')])
     return names
 
