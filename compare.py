@@ -384,7 +384,6 @@ def run(args: argparse.Namespace) -> dict:
                            f"{args.results_file}")
     result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
                          response_format is not None)
-    os.makedirs(os.path.dirname(os.path.abspath(args.results_file)), exist_ok=True)
     append_json_lines(args.results_file, [result], sync=True)
     if args.save_csv:
         write_csv(args.save_csv, judgments, cache.records, args)

@@ -288,9 +288,8 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
     if checkpoint is not None and os.path.isdir(checkpoint):
         path, checkpoint = checkpoint, None
-    model = from_pretrained(
-        model_class, path, dtype=getattr(torch, dtype), attn_implementation=attention_implementation(use_flash_attention),
-        **model_options)
+    model = from_pretrained(model_class, path, dtype=getattr(torch, dtype),
+                            attn_implementation=attention_implementation(use_flash_attention), **model_options)
     if value_head:
         add_value_head(model)
     if checkpoint is not None:

@@ -71,7 +71,7 @@ METHODS = {method.name: method for method in (
     Method('ipo', 'ipo', 'pairwise'),
     Method('simpo', 'simpo', 'pairwise'),
     Method('kto', 'kto', 'pairwise'),  # each pair's outputs as one desirable and one undesirable (as in HALOs)
-    Method('grpo', 'grpo', 'scalar', ('++n_epochs=1',)),  # one pass: its groups already give more steps than 2 epochs of pairs
+    Method('grpo', 'grpo', 'scalar', ('++n_epochs=1',)),  # one pass: more steps than 2 epochs of pairs
     Method('online-dpo', 'dpo', None, ('++online.feedback=pairwise', '++online.pair_mode=max',
                                        '++online.reference=previous')),
     Method('online-ppo', 'ppo-online', None, ('++n_epochs=null', '++loss.whiten_scores=true', '++model.batch_size=8',
@@ -425,7 +425,6 @@ class TrialRecord:
         return found if found is not None and found['overrides'] == list(overrides) else None
 
     def add(self, name: str, result: dict) -> dict:
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
         append_json_lines(self.path, [{'trial': name, **result}])
         self.trials[name] = result
         return result

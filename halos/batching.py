@@ -236,7 +236,8 @@ class DataLoader:
         counts = ', '.join(f'{k} {v}' for k, v in sorted(self.counts.items()))
         held = held_feedback_kinds(self.full_data.values())
         if self.feedback_kinds and held and not set(held) & set(self.feedback_kinds):
-            losses = '; '.join(f"{kind}: {', '.join(losses_reading(kind))}" for kind in held if losses_reading(kind))
+            named = {kind: losses_reading(kind) for kind in held}
+            losses = '; '.join(f"{kind}: {', '.join(names)}" for kind, names in named.items() if names)
             return (f"{names}: {' and '.join(FEEDBACK_NAMES[kind] for kind in held)}, and {type(self).__name__} "
                     f"(loss.dataloader) trains on {' or '.join(FEEDBACK_NAMES[k] for k in self.feedback_kinds)}: "
                     f"choose a loss for this feedback{f' ({losses})' if losses else ''}, or label the samples as "

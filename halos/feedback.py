@@ -224,12 +224,13 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         raise DataError(f"{path}: no records for split '{split}': every record's 'split' field names another "
                         f"split ({', '.join(splits)}); records without a 'split' field are used for both splits")
 
+    best_scored = lambda scores: max(range(len(scores)), key=lambda i: -math.inf if scores[i] is None else scores[i])
     for example in dataset.data.values():
         if example.desirable:
             example.sft_index = example.desirable.index(True) if True in example.desirable else \
-                max(range(len(example.scores)), key=lambda i: -math.inf if example.scores[i] is None else example.scores[i])
+                best_scored(example.scores)
         elif example.scores and all(score is not None for score in example.scores):
-            example.sft_index = max(range(len(example.scores)), key=lambda i: example.scores[i])
+            example.sft_index = best_scored(example.scores)
         elif example.pairs:
             example.sft_index = example.pairs[0][0]
     return dataset

@@ -43,7 +43,9 @@ def read_json_lines(path: str) -> List[Dict]:
 
 
 def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) -> None:
-    """Append one line per record (after dropping a cut last line); `sync`: on disk before returning."""
+    """Append one line per record (after dropping a cut last line; the directory made if need be); `sync`: on
+    disk before returning."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     drop_cut_last_line(path)
     with open(path, 'a', encoding='utf-8') as f:
         f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)

@@ -148,7 +148,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                                                               batch[schema.PROMPT_ID], samples)):
             scored = [(sample, score) for sample, score in zip(group, scores[i * k:(i + 1) * k]) if score is not None]
             if scored:
-                groups.append(Group(ids[mask.bool()], prompt_id, [s for s, _ in scored], [score for _, score in scored]))
+                samples_kept, scores_kept = zip(*scored)
+                groups.append(Group(ids[mask.bool()], prompt_id, list(samples_kept), list(scores_kept)))
         return groups
 
     def scored_enough(self, scores: List[Optional[float]], labeler: Labeler, what: str) -> None:
