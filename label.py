@@ -15,7 +15,6 @@ stops with one line and exit status 2. The feedback (binary, pairwise, scalar or
 halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
-import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -93,7 +92,7 @@ def run(args: argparse.Namespace) -> dict:
     kind = 'function' if args.reward_function else 'reward_model' if args.reward_model else 'judge'
     cache = args.cache or args.output.rsplit('.jsonl', 1)[0] + '.judgments.jsonl'
     labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge,
-                           args.base_url or os.environ.get('OPENAI_BASE_URL'), cache, args.max_length, args.concurrency)
+                           args.base_url, cache, args.max_length, args.concurrency)
     labelled, counts = label_samples(samples, labeler)
     scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)

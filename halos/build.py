@@ -143,14 +143,27 @@ def check_model_paths(run: RunSettings, training: bool = True) -> None:
     named = {'model.name_or_path': run.model.name_or_path,
              'model.tokenizer_name_or_path': run.model.tokenizer_name_or_path}
     if training:
-        samples = run.online.rounds > 0 or trainers.get_trainer_class(run.loss.trainer).samples_online
-        named['online.reward_model'] = run.online.reward_model if samples and run.online.labeler == 'reward_model' \
-            else None
+        named['online.reward_model'] = run.online.reward_model if labels_as_it_trains(run, 'reward_model') else None
         named['loss.reward_model'] = getattr(run.loss.params, 'reward_model', None)
     for key, value in named.items():
         reason = value and models.missing_model(value)
         if reason:
             raise ConfigError(f"{key}={value!r}: {reason}")
+
+
+def labels_as_it_trains(run: RunSettings, labeler: str) -> bool:
+    """The run samples from the policy as it trains (online rounds, or a loss that samples every step) and
+    labels the samples with `labeler`."""
+    samples = run.online.rounds > 0 or trainers.get_trainer_class(run.loss.trainer).samples_online
+    return samples and run.online.labeler == labeler
+
+
+def check_judge_server(run: RunSettings) -> None:
+    """A judge server that is down, or refuses the API key, stops the run before the models load and sample."""
+    if labels_as_it_trains(run, 'judge'):
+        from halos import judge
+        url = judge.server_url(run.online.base_url)
+        judge.check_reachable(judge.make_client(url, timeout=10, max_retries=1), url)
 
 
 def check_online(run: RunSettings, trainer_class: type) -> None:
@@ -295,6 +308,7 @@ def build_trainer(run: RunSettings):
     """Data, models and the trainer of one process, from checked settings (online: without data; each round
     gives its own)."""
     check_model_paths(run)
+    check_judge_server(run)
     if run.model.load_from:  # a missing or unreadable checkpoint stops the run before anything loads
         checkpoint.check_policy_file(models.resolve_load_from(run.model.load_from, run.cache_dir), 'model.load_from')
     start_process(run.seed, run.retain_freed_memory)
@@ -351,7 +365,7 @@ def monitor_settings(run: RunSettings) -> MonitorSettings:
 def build_labeler(run: RunSettings, cache_path: str):
     online = run.online
     return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
-                        online.base_url or os.environ.get('OPENAI_BASE_URL'), cache_path, run.model.max_length)
+                        online.base_url, cache_path, run.model.max_length)
 
 
 def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:

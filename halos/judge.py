@@ -56,6 +56,11 @@ def api_key_for(base_url: str) -> str:
     return NO_KEY
 
 
+def server_url(base_url: Optional[str]) -> str:
+    """The judge server: the one given, else OPENAI_BASE_URL from the environment, else OpenAI."""
+    return base_url or os.environ.get('OPENAI_BASE_URL') or OPENAI_BASE_URL
+
+
 def make_client(base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
     return openai.OpenAI(api_key=api_key_for(base_url), base_url=base_url, timeout=timeout, max_retries=max_retries)
 

@@ -271,7 +271,7 @@ class JudgeLabeler:
                  timeout: float = 30.0, max_retries: int = 5, sleep_time: float = 0.0, max_tokens: int = 16,
                  seed: int = 0):
         from halos import judge
-        base_url = base_url or judge.OPENAI_BASE_URL
+        base_url = judge.server_url(base_url)
         self.model, self.base_url, self.cache_path = model, base_url, cache_path
         self.name = f'judge {model} at {judge.public_url(base_url)}'
         self.last_error: Optional[str] = None  # of the requests that failed after their retries

@@ -9,7 +9,8 @@ Checkpoints hold the trainable state (policy.pt), the adapter as peft writes it 
 PeftModel.from_pretrained) and, at the end, the merged model (`hf/`).
 """
 import os
-from typing import Dict, Iterator, Optional, Sequence, Tuple
+import re
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -49,7 +50,28 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None)
             raise MissingFileError(f"model.load_lora_from={adapter_dir!r} holds no adapter_config.json (give a "
                                    f"run's LATEST/adapter directory, or any directory PeftModel.save_pretrained wrote)")
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+    unmatched = unmatched_targets(model, config.target_modules)
+    if unmatched:
+        from halos.errors import ConfigError
+        raise ConfigError(f"model.peft.target_modules: no module of the model is named {' or '.join(unmatched)}; its "
+                          f"linear layers are {', '.join(linear_layer_names(model))} (or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
+    """The target_modules that name no module of `model`, matched as peft matches them: a list entry by the
+    module name's last parts, a string as a regular expression of the whole name (all-linear matches always)."""
+    names = [name for name, _ in model.named_modules()]
+    if isinstance(targets, str):
+        return [] if targets == 'all-linear' or any(re.fullmatch(targets, name) for name in names) else [targets]
+    return sorted(target for target in targets if not any(name == target or name.endswith('.' + target)
+                                                           for name in names))
+
+
+def linear_layer_names(model: torch.nn.Module) -> List[str]:
+    """The last name of each kind of linear layer in a model (q_proj, ...): what target_modules entries name."""
+    return sorted({name.rsplit('.', 1)[-1] for name, module in model.named_modules()
+                   if isinstance(module, torch.nn.Linear)})
 
 
 def is_lora(model: Optional[torch.nn.Module]) -> bool:

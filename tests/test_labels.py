@@ -169,16 +169,23 @@ def judged_by(url):
     return ['++online.labeler=judge', '++online.judge=smollm2', f'++online.base_url={url}', '++online.feedback=best']
 
 
-@pytest.mark.slow
-def test_a_judge_server_that_is_down_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys):
+def test_a_judge_server_that_is_down_stops_the_run_before_it_samples(tmp_path, capsys):
     down = f'http://127.0.0.1:{free_port()}/v1'  # nothing listens there
-    with FaultProxy(None) as working:
-        stops_then_resumes(tmp_path, capsys, 'down', judged_by(down), judged_by(working.base_url),
-                           lambda samples: f"no judge server reachable at {down}: start one (python -m "
-                                           f"llama_cpp.server --model M.gguf, vllm serve M, or ollama serve) and pass "
-                                           f"its URL (--base-url; online.base_url in training), or unset "
-                                           f"OPENAI_BASE_URL to use OpenAI"
-                                           f"{kept(samples)}",
+    status, last, _ = train(tmp_path, online(tmp_path, 'down', *judged_by(down), loss='sft'), capsys)
+    assert (status, last) == (2, f"train.py: no judge server reachable at {down}: start one (python -m "
+                                 f"llama_cpp.server --model M.gguf, vllm serve M, or ollama serve) and pass its URL "
+                                 f"(--base-url; online.base_url in training), or unset OPENAI_BASE_URL to use OpenAI")
+    assert not (tmp_path / 'down').exists()
+
+
+@pytest.mark.slow
+def test_a_judge_server_lost_mid_round_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys):
+    with FaultProxy(None, die=range(1, 1000)) as dying, FaultProxy(None) as working:
+        cache = tmp_path / 'lost' / 'rounds' / 'judgments.jsonl'
+        stops_then_resumes(tmp_path, capsys, 'lost', judged_by(dying.base_url), judged_by(working.base_url),
+                           lambda samples: f"lost the judge server at {dying.base_url} (APIConnectionError: "
+                                           f"Connection error.); the judgments received are in {cache}: restart the "
+                                           f"server and rerun to continue{kept(samples)}",
                            loss='sft')
 
 
