@@ -65,7 +65,7 @@ def reported(program: str, error: UserError) -> int:
 
 
 # what the file system answers a run that writes where it may not, or where no room is left
-FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT}
+FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
 
 
 @contextlib.contextmanager

@@ -283,5 +283,8 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
         raise PermissionError(errno.EACCES, 'Permission denied', '/data/runs/x')
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         'train.py: /data/runs/x: Permission denied\n')
+    with pytest.raises(SystemExit), reported_as_one_line('train.py'):
+        os.makedirs('/etc/hostname/runs')  # a file where a directory must be
+    assert capsys.readouterr().err == 'train.py: /etc/hostname/runs: Not a directory\n'
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
