@@ -8,6 +8,7 @@ shards the models with FSDP2, and with use_fsdp=true on a multi-GPU machine halo
 per GPU itself. A mistake in the data, the config or a checkpoint ends the run with one line naming it
 (exit status 2; HYDRA_FULL_ERROR=1 shows the traceback).
 """
+import contextlib
 import dataclasses
 import os
 import resource
@@ -22,6 +23,7 @@ from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
+from halos.run_lock import exclusive_run_dir
 from halos.settings import RunSettings, as_dict
 from utils import free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
 
@@ -29,8 +31,14 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
 
 
 def worker_main(run: RunSettings) -> None:
-    """Everything one process does: build, resume, save the config, start wandb, train, evaluate, save."""
+    """Everything one process does, rank 0 holding the run directory's lock."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
+    with exclusive_run_dir(run.local_run_dir) if get_rank() == 0 else contextlib.nullcontext():
+        train_run(run)
+
+
+def train_run(run: RunSettings) -> None:
+    """Build, resume, save the config, start wandb, train, evaluate, save."""
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
     if not run.resume and checkpoint.resolve_checkpoint_dir(latest) is not None:
