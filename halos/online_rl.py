@@ -35,7 +35,7 @@ from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
 from halos.jsonl import append_json_lines, read_json_lines, write_jsonl
-from halos.labelers import Labeler, checked_scores
+from halos.labelers import LabelError, Labeler, checked_scores
 from halos.labelling import scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
                             sample_stats)
@@ -43,7 +43,7 @@ from halos.packing import token_level_logps
 from halos.policy_gradient import PolicyGradientTrainer, Reduction
 from halos.sampling import Sample
 from halos.settings import at_least, greater_than, setting
-from utils import all_gather_list, all_reduce_sum, on_rank0, rank0_print
+from utils import all_gather_list, all_reduce_sum, get_world_size, on_rank0, rank0_print
 
 ROLLOUTS = 'rollouts.jsonl'
 
@@ -141,7 +141,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                  for j in range(k)]
         labeler = self.rollouts.labeler
         scores = checked_scores(labeler, prompts, [s.text for group in samples for s in group], names)
-        self.scored_enough(scores, labeler, f'step {self.batch_counter}')
+        self.scored_enough(scores, labeler, f'step {self.batch_counter}', on_every_rank=True)
         groups = []
         for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
                                                               batch[schema.PROMPT_ATTENTION_MASK],
@@ -152,11 +152,17 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                 groups.append(Group(ids[mask.bool()], prompt_id, list(samples_kept), list(scores_kept)))
         return groups
 
-    def scored_enough(self, scores: List[Optional[float]], labeler: Labeler, what: str) -> None:
+    def scored_enough(self, scores: List[Optional[float]], labeler: Labeler, what: str,
+                      on_every_rank: bool = False) -> None:
         """Stop on every rank, with the labeller's last error, when fewer than online.min_scored of the samples of
-        all ranks got a score."""
-        counts = all_reduce_sum(torch.tensor([float(sum(score is not None for score in scores)), float(len(scores))]))
+        all ranks got a score, or (`on_every_rank`: a microbatch to train on) some rank got none."""
+        scored = sum(score is not None for score in scores)
+        counts = all_reduce_sum(torch.tensor([float(scored), float(len(scores)), float(scored == 0)]))
         scored_enough(int(counts[0]), int(counts[1]), self.rollouts.min_scored, labeler, what)
+        if on_every_rank and counts[2] > 0:
+            raise LabelError(f"{what}: {labeler.name} scored none of the samples of {int(counts[2])} of "
+                             f"{get_world_size()} processes, which have nothing to train on"
+                             + (f"; last error: {labeler.last_error}" if getattr(labeler, 'last_error', None) else ''))
 
     def refilled(self, groups: List[Group]) -> Tuple[List[Group], Dict[str, float]]:
         """Dynamic sampling: the degenerate groups replaced by groups of fresh prompts drawn from the pool (seeded

@@ -232,6 +232,22 @@ def test_a_step_or_evaluation_the_judge_mostly_could_not_score_stops_the_run(tmp
         trainer.evaluate()
 
 
+def test_a_process_whose_judge_scored_none_of_its_samples_stops_every_process(tmp_path, monkeypatch):
+    """Two processes simulated: the other scored all 6 of its samples, so half of all are scored (enough), but
+    this one has nothing to train on."""
+    import halos.online_rl
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(), loss='grpo-online'))
+    trainer.rollouts = dataclasses.replace(trainer.rollouts, labeler=Abstaining(lambda i: True))
+    other_rank = torch.tensor([6.0, 6.0, 0.0])  # scored, samples, processes with none scored
+    monkeypatch.setattr(halos.online_rl, 'all_reduce_sum',
+                        lambda value: value + other_rank if value.shape == other_rank.shape else value)
+    monkeypatch.setattr(halos.online_rl, 'get_world_size', lambda: 2)
+    with pytest.raises(LabelError) as error:
+        trainer.experience([next(iter(trainer.train_iterator))])
+    assert str(error.value) == ("step 0: an abstaining judge scored none of the samples of 1 of 2 processes, which "
+                                "have nothing to train on; last error: ValueError: no score in the answer")
+
+
 def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(tmp_path, capsys):
     trainer = build_trainer(make_config(tmp_path, *online_overrides(f'++online.reward_function={REWARD}:constant',
                                                                     '++eval_every=2'), loss='grpo-online'))
