@@ -435,8 +435,7 @@ class RLOOTrainer(OnlineGroupTrainer):
     def advantages(self, parts):
         """A_i = r_i - mean of r over the other samples of its prompt, r_i = s_i - beta sum_t (log pi_old -
         log pi_ref) (the log-probs the sampler recorded)."""
-        return [rloo_advantages(part.scores - self.params.beta * ((part.sampler_logps - part.reference_logps)
-                                                                  * part.mask).sum(-1), part.group_ids)
+        return [rloo_advantages(part.scores - self.params.beta * part.sampled_kl().sum(-1), part.group_ids)
                 for part in parts]
 
     def loss(self, log_ratios, reference_log_ratios, advantages, mask):
@@ -458,8 +457,7 @@ class ReinforcePPTrainer(OnlineGroupTrainer):
         """G_t = sum_{u >= t} r_u, r_u = -beta KL_u (+ s on the last token), KL_u = log pi_old - log pi_ref as
         sampled; A = G normalised over every completion token of the step (all ranks)."""
         beta = self.params.beta if self.params.kl_in_reward else 0.0
-        returns = [reinforce_pp_returns(part.scores, part.sampler_logps - part.reference_logps, part.mask, beta)
-                   for part in parts]
+        returns = [reinforce_pp_returns(part.scores, part.sampled_kl(), part.mask, beta) for part in parts]
         return whiten_advantages(returns, [part.mask for part in parts])
 
     def loss(self, log_ratios, reference_log_ratios, advantages, mask):

@@ -288,12 +288,12 @@ def load_models(run: RunSettings, trainer_class, tokenizer, policy_load_from: Op
         disable_dropout(policy)
         policy = lora.with_lora(policy, lora.lora_config(model.peft, trainer_class.lora_task_type,
                                                          trainer_class.lora_heads), adapter_from)
-        return policy, lora.AdaptersOff(policy) if trainer_class.use_reference_model else None
+        return policy, lora.AdaptersOff(policy) if trainer_class.uses_reference(run.loss.params) else None
     policy = trainer_class.load_policy(model.name_or_path, model.policy_dtype,
                                        **{**common, 'load_from': policy_load_from})
     disable_dropout(policy)
     reference_model = None
-    if trainer_class.use_reference_model:
+    if trainer_class.uses_reference(run.loss.params):
         reference_model = models.load_causal_lm(model.name_or_path, model.reference_dtype, **common)
         disable_dropout(reference_model)
     return policy, reference_model

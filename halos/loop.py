@@ -105,6 +105,11 @@ class BasicTrainer:
     lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 
+    @classmethod
+    def uses_reference(cls, params) -> bool:
+        """Whether a run with these loss parameters loads a reference model."""
+        return cls.use_reference_model
+
     @dataclass(frozen=True)
     class Params:
         """The loss's hyperparameters (config/loss/<name>.yaml); each trainer declares its own."""

@@ -78,13 +78,19 @@ class Part:
     mask: torch.Tensor            # [rows, T-1] 1 where a completion token is predicted
     scores: torch.Tensor          # [rows]
     sampler_logps: torch.Tensor   # [rows, T-1] what the sampler recorded for each completion token
-    reference_logps: torch.Tensor  # [rows, T-1]
+    reference_logps: Optional[torch.Tensor]  # [rows, T-1]; None without a reference model (beta = 0)
     advantages: Optional[torch.Tensor] = None  # [rows] or [rows, T-1]
     old_logps: Optional[torch.Tensor] = None   # [rows, T-1]: the first pass's, detached
 
     @property
     def group_ids(self) -> List[str]:
         return [group.prompt_id for group in self.groups for _ in group.samples]
+
+    def sampled_kl(self) -> torch.Tensor:
+        """[rows, T-1] log pi_old - log pi_ref of each completion token as sampled (0 without a reference)."""
+        if self.reference_logps is None:
+            return torch.zeros_like(self.sampler_logps)
+        return (self.sampler_logps - self.reference_logps) * self.mask
 
 
 class OnlineGroupTrainer(PolicyGradientTrainer):
@@ -102,6 +108,11 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         dynamic_sampling: bool = setting(False, 'DAPO: replace the groups whose scores are all equal')
         max_refills: int = setting(3, 'dynamic sampling: rounds of replacement prompts at most per microbatch',
                                    at_least(0))
+
+    @classmethod
+    def uses_reference(cls, params) -> bool:
+        """At beta = 0 nothing reads the reference: it is not loaded, and kl/start is not monitored."""
+        return params.beta > 0
 
     def __init__(self, *args, rollouts: Rollouts, **kwargs):
         super().__init__(*args, **kwargs)
@@ -191,8 +202,10 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         sampler_logps = torch.zeros_like(mask)
         for row, (prompt, sample) in enumerate(zip(prompt_rows, samples)):
             sampler_logps[row, len(prompt) - 1:len(prompt) - 1 + len(sample.token_ids)] = torch.tensor(sample.token_logps)
-        with torch.no_grad():
-            reference_logps = self.row_logps(self.reference_model, rows)
+        reference_logps = None
+        if self.reference_model is not None:
+            with torch.no_grad():
+                reference_logps = self.row_logps(self.reference_model, rows)
         scores = torch.tensor([score for group in groups for score in group.scores], device=self.device)
         return Part(groups, rows, mask, scores, sampler_logps, reference_logps)
 
@@ -245,16 +258,17 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             logps = self.row_logps(self.policy, part.rows)
         if part.old_logps is None:  # the first pass: the sampling policy is this very forward
             part.old_logps = logps.detach()
-        token_losses, stats = self.loss(logps - part.old_logps, part.reference_logps - logps, part.advantages,
-                                        part.mask)
+        reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps  # KL 0 at beta 0
+        token_losses, stats = self.loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
         weights = torch.ones(len(part.mask), device=self.device)
         loss = self.reduced(token_losses, part.mask, weights, step_tokens)
         token_mean = lambda values: (values * part.mask).sum(-1) / part.mask.sum(-1).clamp(min=1)
         metrics = {'loss/train': loss.detach().reshape(1), 'clipfrac_train/policy': token_mean(stats['clipped'])}
         if first_pass:
-            metrics.update({'kl_train/start': ((logps.detach() - part.reference_logps) * part.mask).sum(-1),
-                            'entropy_train': token_mean(entropy),
+            metrics.update({'entropy_train': token_mean(entropy),
                             'sampling_train/logp_gap': ((part.sampler_logps - logps.detach()) * part.mask).sum(-1)})
+            if part.reference_logps is not None:
+                metrics['kl_train/start'] = ((logps.detach() - part.reference_logps) * part.mask).sum(-1)
         return loss, metrics
 
     def train_step(self, microbatches):

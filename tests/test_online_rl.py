@@ -180,9 +180,12 @@ def test_every_method_trains_a_step_and_logs_its_monitors(tmp_path, loss):
     metrics = trainer.train_metrics.means()
     for name in ('reward_train/mean', 'reward_train/std', 'groups_train/degenerate', 'completions_train/length',
                  'completions_train/truncated', 'completions_train/repetition', 'completions_train/distinct2',
-                 'kl_train/start', 'entropy_train', 'clipfrac_train/policy', 'loss/train'):
+                 'entropy_train', 'clipfrac_train/policy', 'loss/train'):
         assert math.isfinite(metrics[name]), name
-    assert metrics['kl_train/start'] == pytest.approx(0.0, abs=1e-4)  # the first pass's policy is the start
+    if trainer.params.beta > 0:
+        assert metrics['kl_train/start'] == pytest.approx(0.0, abs=1e-4)  # the first pass's policy is the start
+    else:  # nothing reads the reference at beta 0: it is not loaded
+        assert trainer.reference_model is None and 'kl_train/start' not in metrics
     line = json.loads(open(tmp_path / 'test' / 'rollouts.jsonl').readline())
     assert line['step'] == 0 and len(line['completions']) == len(line['scores']) == 3
     results = trainer.evaluate()
@@ -196,6 +199,21 @@ def test_dynamic_sampling_replaces_the_groups_that_tie(tmp_path):
     metrics = trainer.train_metrics.means()
     assert metrics['groups_train/dropped'] > 0 and metrics['groups_train/refills'] >= 1
     assert len(parts[0].groups) == 4 and not any(group.degenerate() for group in parts[0].groups)
+
+
+@pytest.mark.parametrize('loss', ['grpo-online', 'rloo', 'reinforce-pp'])
+def test_at_beta_0_no_reference_is_loaded_and_the_step_is_the_one_with_a_reference(tmp_path, loss):
+    import models
+    steps = []
+    for with_reference in (False, True):
+        trainer = build_trainer(make_config(tmp_path, *online_overrides('++lr=1e-3', '++loss.beta=0',
+                                                                         '++loss.mu=2'), loss=loss))
+        assert trainer.reference_model is None
+        if with_reference:  # as before: the reference's forward computed, and multiplied by 0
+            trainer.reference_model = models.load_causal_lm('embedded:tiny-smollm2', 'float32').eval()
+        trainer.train_step([next(iter(trainer.train_iterator))])
+        steps.append({name: p.detach().clone() for name, p in trainer.policy.named_parameters()})
+    assert all(torch.equal(steps[0][name], steps[1][name]) for name in steps[0])
 
 
 class Abstaining:
