@@ -49,8 +49,9 @@ Sampler = Callable[[Dict, int], List[List[Sample]]]  # (batch, k) -> k samples p
 
 @dataclass(frozen=True)
 class Decoded:
-    tokens: torch.Tensor       # [B * k, N] new tokens, pad after a sample's EOS
-    token_logps: torch.Tensor  # [B * k, N] float32 log pi(token | prefix) at temperature 1, 0 after EOS
+    tokens: torch.Tensor       # [B * k, N] new tokens, pad after a sample's end
+    token_logps: torch.Tensor  # [B * k, N] float32 log pi(token | prefix) at temperature 1, 0 after the end
+    lengths: torch.Tensor      # [B * k] each sample's number of tokens, its EOS included (pad may equal EOS)
 
 
 def use_vllm() -> bool:
@@ -166,10 +167,11 @@ def decoding_cache(model_config, capacity: int) -> DynamicCache:
 def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, options: SamplingOptions,
            eos_token_id: int, pad_token_id: int) -> Decoded:
     """[B, P] left-padded prompts -> [B * k, N] new tokens (prompt i's samples are rows i*k .. i*k + k-1),
-    pad after a sample's EOS, with each token's log-prob under the model at temperature 1 (what a forward of
+    pad after a sample's end, with each token's log-prob under the model at temperature 1 (what a forward of
     prompt + completion gives it), under autocast in options.autocast_dtype when set. One prefill per prompt;
-    its KV cache is repeated for the k samples. In several processes each decodes until every rank's samples
-    are done (its own stop at its own length budget)."""
+    its KV cache is repeated for the k samples. Each prompt has its own length budget (max_length less its own
+    length, as vLLM gives it), so a sample does not depend on the prompts batched with it. In several
+    processes each decodes until every rank's samples are done."""
     device = next(model.parameters()).device
     with autocast(device.type, options.autocast_dtype):
         return decode_tokens(model, prompt_ids.to(device), prompt_mask.to(device), k, options, eos_token_id,
@@ -181,42 +183,45 @@ def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, o
     """decode's loop, for prompts on the model's device."""
     device = prompt_ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    budget = options.max_length - prompt_ids.shape[1]
+    budgets = options.max_length - mask.sum(-1)
     if options.max_new_tokens is not None:
-        budget = min(budget, options.max_new_tokens)
-    cache = decoding_cache(model.config, prompt_ids.shape[1] + max(budget, 1))  # filled in place by every forward
+        budgets = budgets.clamp(max=options.max_new_tokens)
+    capacity = prompt_ids.shape[1] + max(int(budgets.max()), 1)
+    cache = decoding_cache(model.config, capacity)  # filled in place by every forward
     cache_argument = {cache_keyword(model): cache}
     logits = model(input_ids=prompt_ids, attention_mask=mask, position_ids=positions, use_cache=True,
                    logits_to_keep=1, **cache_argument).logits[:, -1]
     if k > 1:
         cache.batch_repeat_interleave(k)
         mask, logits = mask.repeat_interleave(k, 0), logits.repeat_interleave(k, 0)
-        positions = positions.repeat_interleave(k, 0)
+        positions, budgets = positions.repeat_interleave(k, 0), budgets.repeat_interleave(k, 0)
     position = positions[:, -1:]
-    tokens, token_logps, finished = [], [], torch.zeros(len(logits), dtype=torch.bool, device=device)
+    tokens, token_logps = [], []
+    lengths, finished = torch.zeros_like(budgets), budgets <= 0
     while True:
         token = next_tokens(logits, options).masked_fill(finished, pad_token_id)
         tokens.append(token)
         token_logps.append(label_logps(logits, token).masked_fill(finished, 0))  # at temperature 1
-        finished |= (token == eos_token_id) | (len(tokens) >= budget)
+        lengths += ~finished
+        finished |= (token == eos_token_id) | (lengths >= budgets)
         if all_reduce_sum((~finished).sum()).item() == 0:  # under FSDP every rank runs the same forwards
             break
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         position = position + 1
         logits = model(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=position, use_cache=True,
                        **cache_argument).logits[:, -1]
-    kept = max(budget, 0)
-    return Decoded(torch.stack(tokens, 1)[:, :kept], torch.stack(token_logps, 1)[:, :kept])
+    kept = int(lengths.max())
+    return Decoded(torch.stack(tokens, 1)[:, :kept], torch.stack(token_logps, 1)[:, :kept], lengths)
 
 
 def samples_from_tokens(decoded: Decoded, tokenizer, k: int) -> List[List[Sample]]:
-    """Decoded rows (pad after EOS) -> k Samples per prompt."""
-    eos = tokenizer.eos_token_id
+    """Decoded rows -> k Samples per prompt."""
     samples = []
-    for row, logps in zip(decoded.tokens.tolist(), decoded.token_logps.tolist()):
-        ids = row[:row.index(eos) + 1] if eos in row else row
-        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, eos in row, sum(logps),
-                              logps[:len(ids)]))
+    for row, logps, length in zip(decoded.tokens.tolist(), decoded.token_logps.tolist(), decoded.lengths.tolist()):
+        ids = row[:length]
+        finished = bool(ids) and ids[-1] == tokenizer.eos_token_id
+        samples.append(Sample(tokenizer.decode(ids, skip_special_tokens=True), ids, finished, sum(logps[:length]),
+                              logps[:length]))
     return [samples[i:i + k] for i in range(0, len(samples), k)]
 
 
@@ -227,7 +232,8 @@ def halos_sampler(policy, tokenizer, options: SamplingOptions) -> Sampler:
     def sample(batch: Dict, k: int = 1) -> List[List[Sample]]:
         decoded = decode(policy, batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK], k, options,
                          tokenizer.eos_token_id, tokenizer.pad_token_id)
-        return samples_from_tokens(Decoded(decoded.tokens.cpu(), decoded.token_logps.cpu()), tokenizer, k)
+        return samples_from_tokens(Decoded(decoded.tokens.cpu(), decoded.token_logps.cpu(), decoded.lengths.cpu()),
+                                   tokenizer, k)
     return sample
 
 

@@ -97,10 +97,10 @@ def test_greedy_sampling_equals_hf_generate_on_cuda():
     model = models.load_causal_lm('embedded:tiny-smollm2', 'float32').cuda().eval()
     prompts = tokenizer(['\n<|user|>\nHello there, how are you today?\n<|assistant|>\n',
                          '\n<|user|>\nName a color.\n<|assistant|>\n'], return_tensors='pt', padding=True).to('cuda')
-    length = prompts['input_ids'].shape[1] + 20
-    hf = model.generate(**prompts, do_sample=False, max_length=length, pad_token_id=tokenizer.pad_token_id)
-    ours = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, SamplingOptions(length, temperature=0),
-                  tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
+    options = SamplingOptions(prompts['input_ids'].shape[1] + 40, temperature=0, max_new_tokens=20)
+    hf = model.generate(**prompts, do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+    ours = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, options, tokenizer.eos_token_id,
+                  tokenizer.pad_token_id).tokens
     assert torch.equal(ours, hf[:, prompts['input_ids'].shape[1]:][:, :ours.shape[1]])
 
 

@@ -23,14 +23,34 @@ def test_greedy_decoding_equals_hf_generate_on_a_left_padded_batch(tiny):
     model, tokenizer = tiny
     prompts = tokenizer(PROMPTS, return_tensors='pt', padding=True)
     assert (prompts['attention_mask'] == 0).any()
-    length = prompts['input_ids'].shape[1] + 20
-    hf = model.generate(**prompts, do_sample=False, max_length=length, pad_token_id=tokenizer.pad_token_id)
-    ours = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, SamplingOptions(length, temperature=0),
-                  tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
+    options = SamplingOptions(prompts['input_ids'].shape[1] + 40, temperature=0, max_new_tokens=20)
+    hf = model.generate(**prompts, do_sample=False, max_new_tokens=20, pad_token_id=tokenizer.pad_token_id)
+    ours = decode(model, prompts['input_ids'], prompts['attention_mask'], 1, options, tokenizer.eos_token_id,
+                  tokenizer.pad_token_id).tokens
     assert torch.equal(ours, hf[:, prompts['input_ids'].shape[1]:][:, :ours.shape[1]])
-    three = decode(model, prompts['input_ids'], prompts['attention_mask'], 3, SamplingOptions(length, temperature=0),
-                   tokenizer.eos_token_id, tokenizer.pad_token_id).tokens
+    three = decode(model, prompts['input_ids'], prompts['attention_mask'], 3, options, tokenizer.eos_token_id,
+                   tokenizer.pad_token_id).tokens
     assert torch.equal(three, ours.repeat_interleave(3, 0))  # k greedy samples of a prompt are its greedy sample
+
+
+def test_each_prompt_has_its_own_length_budget_so_a_sample_does_not_depend_on_its_batch(tiny):
+    """max_length bounds prompt + completion row by row (as vLLM does, where HF generate's max_length bounds the
+    padded width): the short prompt of a batch decodes what it decodes alone. The tiny model's pad token is its
+    EOS, so a sample cut by its budget is told from one that ended by its length, not by a pad after it."""
+    model, tokenizer = tiny
+    batch = tokenizer(PROMPTS, return_tensors='pt', padding=True)
+    short = int(batch['attention_mask'][1].sum())
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id and short < batch['input_ids'].shape[1]
+    options = SamplingOptions(batch['input_ids'].shape[1] + 6, temperature=0)
+    together = halos_sampler(model, tokenizer, options)({'prompt_input_ids': batch['input_ids'],
+                                                         'prompt_attention_mask': batch['attention_mask']}, 2)
+    for i, prompt in enumerate(PROMPTS):
+        ids = tokenizer(prompt, return_tensors='pt')
+        alone, = halos_sampler(model, tokenizer, options)({'prompt_input_ids': ids['input_ids'],
+                                                           'prompt_attention_mask': ids['attention_mask']}, 1)
+        assert [s.token_ids for s in together[i]] == [alone[0].token_ids] * 2
+        assert len(alone[0].token_ids) == options.max_length - ids['input_ids'].shape[1] or alone[0].finished
+    assert len(together[1][0].token_ids) > 6  # the short prompt had more room than the padded width left
 
 
 def test_the_preallocated_cache_gives_the_dynamic_caches_logits_and_grows_when_full(tiny):
@@ -75,7 +95,7 @@ def test_the_k_samples_of_a_prompt_share_one_prefill(tiny):
     hook = model.register_forward_hook(lambda module, args, kwargs, output: shapes.append(tuple(kwargs['input_ids'].shape)),
                                        with_kwargs=True)
     torch.manual_seed(0)
-    samples = halos_sampler(model, tokenizer, SamplingOptions(prompts['input_ids'].shape[1] + 6, temperature=1.0))(
+    samples = halos_sampler(model, tokenizer, SamplingOptions(100, temperature=1.0, max_new_tokens=6))(
         {'prompt_input_ids': prompts['input_ids'], 'prompt_attention_mask': prompts['attention_mask']}, 4)
     hook.remove()
     assert shapes[0] == tuple(prompts['input_ids'].shape)      # the prompts once, not 4 times
