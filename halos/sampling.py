@@ -181,7 +181,6 @@ def decode(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, k: int, o
 def decode_tokens(model, prompt_ids: torch.Tensor, mask: torch.Tensor, k: int, options: SamplingOptions,
                   eos_token_id: int, pad_token_id: int) -> Decoded:
     """decode's loop, for prompts on the model's device."""
-    device = prompt_ids.device
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     budgets = options.max_length - mask.sum(-1)
     if options.max_new_tokens is not None:
