@@ -116,7 +116,7 @@ def sample(run: RunSettings, dataset_names, include_original_prompt: bool = Fals
                 if include_original_prompt:
                     sample_record['original_prompt'] = batch[schema.ORIGINAL_PROMPT][i]
                 samples.append(sample_record)
-            progress.update(schema.batch_size(batch))
+            progress.update(min(schema.batch_size(batch), progress.total - progress.n))  # the last batch may be cut
     return samples[:run.n_samples]
 
 
