@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import resource
+import signal
 import sys
 
 import hydra
@@ -52,12 +53,29 @@ def train_run(run: RunSettings) -> None:
                         f"online.rounds to train further); the run directory is unchanged")
             return
     start_run_records(run)
-    if rounds is not None:
-        rounds.run()
-    else:
-        trainer.train()
-    trainer.evaluate()
-    trainer.save_checkpoint(final=True)
+    with stopping_after_a_step_on_sigterm(trainer):
+        if rounds is not None:
+            rounds.run()
+        else:
+            trainer.train()
+        trainer.evaluate()
+        trainer.save_checkpoint(final=True)
+
+
+@contextlib.contextmanager
+def stopping_after_a_step_on_sigterm(trainer):
+    """SIGTERM (a scheduler's preemption, `kill`; torchrun passes it to every process) lets the current optimizer
+    step end, saves the checkpoint and stops the run, instead of losing what was trained since the last one; a
+    second SIGTERM stops at once, as Ctrl-C does."""
+    def ask_to_stop(signum, frame):
+        if trainer.stop_signal is not None:
+            raise KeyboardInterrupt
+        trainer.stop_signal = signum
+    previous = signal.signal(signal.SIGTERM, ask_to_stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def start_run_records(run: RunSettings) -> None:

@@ -34,6 +34,14 @@ class TrainingDiverged(UserError, FloatingPointError):
     """A non-finite training loss: too high a learning rate, or data that drives the loss there."""
 
 
+class StoppedBySignal(Exception):
+    """A run asked to stop (SIGTERM: a scheduler's preemption, `kill`) that saved its checkpoint and stopped."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+
 class HubUnavailableError(UserError, ConnectionError):
     """The Hugging Face hub could not be reached for a dataset that has no local copy."""
 
@@ -73,11 +81,14 @@ def reported_as_one_line(program: str):
     """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2; a command run
     inside that failed (which printed its own message) into one line naming it, with its exit status; a file
     system's refusal (no permission, read-only, full) into one line naming the path; Ctrl-C into
-    `<program>: interrupted` and exit status 130."""
+    `<program>: interrupted` and exit status 130; a stop on a signal into its line and 128 + the signal."""
     try:
         yield
     except UserError as error:
         sys.exit(reported(program, error))
+    except StoppedBySignal as stop:
+        print(f'{program}: {stop}', file=sys.stderr, flush=True)
+        sys.exit(128 + stop.signum)
     except OSError as error:
         if show_traceback() or error.errno not in FILE_SYSTEM_REFUSALS:
             raise

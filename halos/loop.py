@@ -10,6 +10,7 @@ trainer its loss's `Params` (`self.params`, which its `loss()` reads).
 """
 import inspect
 import os
+import signal
 import sys
 import time
 from dataclasses import dataclass
@@ -21,7 +22,7 @@ from tqdm import tqdm
 import models
 from halos import batch as schema
 from halos import checkpoint, lora
-from halos.errors import ConfigError, TrainingDiverged
+from halos.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from halos.examples import Formatting
 from halos.jsonl import append_json_lines
 from halos.losses import humanline_logratios
@@ -157,6 +158,7 @@ class BasicTrainer:
         self.batches_seen = 0      # global microbatches consumed: the data position
         self.grad_norm = float('nan')
         self.last_checkpoint_time = time.time()
+        self.stop_signal: Optional[int] = None  # a signal that asked the run to stop after its current step
         self.last_eval_metrics: Dict[str, float] = {}
         self.train_metrics = MetricAccumulator()
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
@@ -341,18 +343,24 @@ class BasicTrainer:
                 if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
                     self.log_train_metrics(examples_per_second)
                     last_log = time.time()
-                if self.checkpoint_due():
+                due, stop = self.checkpoint_due()
+                if due or stop:
                     self.save_checkpoint()
+                if stop:
+                    raise StoppedBySignal(f"stopped by {signal.Signals(self.stop_signal or signal.SIGTERM).name} "
+                                          f"after {self.example_counter} examples, saved in {self.run_dir}/"
+                                          f"{checkpoint.LATEST}: continue with ++resume=true",
+                                          self.stop_signal or signal.SIGTERM)
         if self.train_metrics.counts:
             self.log_train_metrics(None)
 
-    def checkpoint_due(self) -> bool:
-        """checkpoint_minutes have passed since the last checkpoint (on some rank: all ranks save together)."""
+    def checkpoint_due(self) -> Tuple[bool, bool]:
+        """Whether checkpoint_minutes have passed since the last checkpoint, and whether a stop was asked for (on
+        some rank: all ranks save, and stop, together)."""
         minutes = self.settings.checkpoint_minutes
-        if minutes is None:
-            return False
-        due = time.time() - self.last_checkpoint_time >= 60 * minutes
-        return all_reduce_sum(torch.tensor(float(due))).item() > 0
+        due = minutes is not None and time.time() - self.last_checkpoint_time >= 60 * minutes
+        flags = all_reduce_sum(torch.tensor([float(due), float(self.stop_signal is not None)]))
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
     def optimizer_step(self) -> None:
         self.grad_norm = self.clip_gradient()

@@ -384,6 +384,44 @@ def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
 
 
+def test_a_first_sigterm_asks_for_a_stop_a_second_stops_at_once_and_the_handler_is_restored():
+    import signal
+    trainer, before = types.SimpleNamespace(stop_signal=None), signal.getsignal(signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt), train.stopping_after_a_step_on_sigterm(trainer):
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert trainer.stop_signal == signal.SIGTERM
+        os.kill(os.getpid(), signal.SIGTERM)
+    assert signal.getsignal(signal.SIGTERM) is before
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_stops_and_the_resumed_run_ends_with_the_uninterrupted_policy(tmp_path):
+    """SIGTERM mid-training (a scheduler's preemption): the step in progress ends, LATEST is saved at it (no
+    evaluation was due), the run stops with one line and status 143, and ++resume=true finishes the run."""
+    import signal
+    import time
+    common = ['++n_epochs=4', '++eval_every=1000', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=10',
+              'datasets=[hh_helpful]']
+    run_train(tmp_path, *common, exp_name='whole')
+    stopped = subprocess.Popen(train_command(tmp_path, *common, exp_name='stopped'), cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = tmp_path / 'stopped' / 'metrics.jsonl', time.time() + 300
+    while not (metrics.exists() and 'counters/examples' in metrics.read_text()) and time.time() < deadline:
+        time.sleep(0.02)
+    stopped.send_signal(signal.SIGTERM)
+    last = stopped.communicate(timeout=300)[1].strip().splitlines()[-1]
+    state = torch.load(tmp_path / 'stopped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
+    examples = state['example_counter']
+    assert stopped.returncode == 128 + signal.SIGTERM and 0 < examples < 48, (stopped.returncode, examples)
+    assert last == (f"train.py: stopped by SIGTERM after {examples} examples, saved in {tmp_path}/stopped/LATEST: "
+                    f"continue with ++resume=true")
+    run_train(tmp_path, *common, '++resume=true', exp_name='stopped')
+    whole, resumed = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('whole', 'stopped'))
+    assert resumed['step_idx'] == whole['step_idx'] == 48
+    for name, tensor in whole['state'].items():
+        assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
+
+
 # ---------------------------------------------------------------- the reference cache
 
 def count_forwards(model) -> list:
