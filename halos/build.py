@@ -24,8 +24,8 @@ from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
 from halos.online_rl import Rollouts
 from halos.sampling import SamplingOptions
-from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, is_params, missing_keys, typed,
-                            unknown_key)
+from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, dotted_keys, is_params, missing_keys,
+                            typed, unknown_key)
 from halos.vllm_engine import EngineChoice, chosen_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
@@ -328,6 +328,15 @@ def build_trainer(run: RunSettings):
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
+
+
+def unknown_override(key: str) -> str:
+    """The message for `key=value` of a key the composed config lacks: the closest keys of the settings and of
+    every loss YAML."""
+    loss_keys = {f'loss.{name}' for file in os.listdir(LOSS_CONFIGS)
+                 for name in OmegaConf.load(os.path.join(LOSS_CONFIGS, file))}
+    return unknown_key(key, dotted_keys(RunSettings) + sorted(loss_keys), Overrides(),
+                       otherwise='no key is close to it (docs/training.md lists them)')
 
 
 def losses_reading(kind: str) -> List[str]:

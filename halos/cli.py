@@ -5,6 +5,7 @@ syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise 
 as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
 """
 import os
+import re
 from typing import Callable, List
 
 from hydra.errors import HydraException, MissingConfigException
@@ -57,6 +58,10 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
+    unknown = re.match(r"Could not override '([^']+)'", str(error))
+    if unknown:
+        from halos.build import unknown_override
+        return unknown_override(unknown.group(1))
     if isinstance(error, MissingConfigException) and 'primary config' in str(error):
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")

@@ -359,6 +359,18 @@ def unknown_key(key: str, names: Sequence[str], overrides: Overrides, otherwise:
     return f"{where}no config defines the key '{key}'; {hint}"
 
 
+def dotted_keys(schema: type, prefix: str = '') -> List[str]:
+    """Every key a settings schema declares, dotted (`model.peft.lora_r`), its Params sections left out."""
+    hints = typing.get_type_hints(schema)
+    keys = []
+    for spec in dataclasses.fields(schema):
+        if is_params(spec):
+            continue
+        kind = hints[spec.name]
+        keys += dotted_keys(kind, f'{prefix}{spec.name}.') if dataclasses.is_dataclass(kind) else [prefix + spec.name]
+    return keys
+
+
 def missing_keys(raw: Mapping, prefix: str = '') -> List[str]:
     """Every key of a composed config (a plain dict, unresolved) whose value is still REQUIRED."""
     missing = []
