@@ -330,12 +330,19 @@ def build_trainer(run: RunSettings):
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
 
 
-def unknown_override(key: str) -> str:
-    """The message for `key=value` of a key the composed config lacks: the closest keys of the settings and of
-    every loss YAML."""
+def unknown_override(override: str) -> str:
+    """The message for `key=value` of a key the composed config lacks: a key a loss's Params declares without its
+    YAML listing it is set with ++; anything else gets the closest keys of the settings and of every loss."""
+    key = override.split('=', 1)[0]
     loss_keys = {f'loss.{name}' for file in os.listdir(LOSS_CONFIGS)
                  for name in OmegaConf.load(os.path.join(LOSS_CONFIGS, file))}
-    return unknown_key(key, dotted_keys(RunSettings) + sorted(loss_keys), Overrides(),
+    loss_keys |= {f'loss.{spec.name}' for module, base in ((trainers, trainers.BasicTrainer),
+                                                            (dataloader, dataloader.DataLoader))
+                  for kind in vars(module).values() if isinstance(kind, type) and issubclass(kind, base)
+                  for spec in dataclasses.fields(kind.Params)}
+    if key in loss_keys:
+        return f"{override}: the loss's YAML does not list {key}; set it with ++{override}"
+    return unknown_key(key, dotted_keys(RunSettings) + sorted(loss_keys), Overrides([override]),
                        otherwise='no key is close to it (docs/training.md lists them)')
 
 

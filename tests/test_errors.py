@@ -156,12 +156,13 @@ def cases(tmp_path):
         'unknown loss key': ('train.py', ['++loss.betta=0.2'],
                              "++loss.betta=0.2: no config defines the key 'loss.betta'; did you mean loss.beta?"),
         'unknown key without ++': ('train.py', ['model.bach_size=8'],
-                                   "no config defines the key 'model.bach_size'; did you mean model.batch_size or "
-                                   "model.eval_batch_size?"),
+                                   "model.bach_size=8: no config defines the key 'model.bach_size'; did you mean "
+                                   "model.batch_size or model.eval_batch_size?"),
         'unknown loss key without ++': ('train.py', ['loss.betta=0.2'],
-                                        "no config defines the key 'loss.betta'; did you mean loss.beta?"),
+                                        "loss.betta=0.2: no config defines the key 'loss.betta'; did you mean "
+                                        "loss.beta?"),
         'unknown key without ++, nothing close': ('train.py', ['qqq=1'],
-                                                  "no config defines the key 'qqq'; no key is close to it "
+                                                  "qqq=1: no config defines the key 'qqq'; no key is close to it "
                                                   "(docs/training.md lists them)"),
         'missing load_from': ('train.py', ['++model.load_from=no_run/LATEST/policy.pt'],
                               f"model.load_from='no_run/LATEST/policy.pt' does not exist (looked in "
