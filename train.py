@@ -104,19 +104,32 @@ def resumable(run: RunSettings, latest: str) -> bool:
     return True
 
 
+# what a resumed run must keep: its loss and model, and what decides its data's order (the checkpoint's data
+# position counts batches of that order)
+KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'datasets', 'seed', 'model.batch_size', 'frac_unique_desirable',
+                  'frac_unique_undesirable')
+
+
 def check_same_run(run: RunSettings) -> None:
-    """A resumed run keeps the loss and the model that its saved config.yaml names."""
+    """A resumed run keeps what its saved config.yaml says for each of KEPT_ON_RESUME."""
     saved_path = os.path.join(run.local_run_dir, 'config.yaml')
     if not os.path.exists(saved_path):
         return
-    saved = OmegaConf.load(saved_path)
-    for key, shown, now in (('loss.name', 'loss', run.loss.name),
-                            ('model.name_or_path', 'model.name_or_path', run.model.name_or_path)):
-        before = OmegaConf.select(saved, key)
-        if before is not None and before != now:
-            raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={before}, not {now}; resume "
-                              f"with {shown}={before}, or start a new exp_name from it (++model.load_from="
+    saved, now = OmegaConf.load(saved_path), OmegaConf.create(as_dict(run))
+    for key in KEPT_ON_RESUME:
+        shown = 'loss' if key == 'loss.name' else key  # a loss is chosen as loss=<name>
+        before, after = (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+                         for value in (OmegaConf.select(saved, key), OmegaConf.select(now, key)))
+        if before is not None and before != after:
+            raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={shown_value(before)}, not "
+                              f"{shown_value(after)}; resume with {shown}={shown_value(before)}, or start a new exp_name "
+                              f"from it (++model.load_from="
                               f"{run.local_run_dir}/{checkpoint.LATEST}/{checkpoint.POLICY})")
+
+
+def shown_value(value) -> str:
+    """A setting as it is typed on the command line: [a,b] for a list."""
+    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
 
 
 def nothing_left(run: RunSettings, trainer) -> bool:

@@ -342,7 +342,8 @@ def test_resume_restores_optimizer_scheduler_rng_and_data_position(tmp_path, los
     assert max_difference(whole.policy, fresh.policy) > 1e-4
 
 
-def test_resuming_a_finished_run_changes_nothing_another_loss_or_model_is_refused_and_a_rerun_warns(tmp_path, capsys):
+def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_order_is_refused_and_a_rerun_warns(
+        tmp_path, capsys):
     train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')
     policy, config = tmp_path / 'test' / 'LATEST' / 'policy.pt', tmp_path / 'test' / 'config.yaml'
     written, configured = policy.stat().st_mtime_ns, config.stat().st_mtime_ns
@@ -351,7 +352,12 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_or_model_is_refuse
     assert policy.stat().st_mtime_ns == written and config.stat().st_mtime_ns == configured
     for changed, says in ((['loss=kto'], 'loss=sft, not kto; resume with loss=sft'),
                           (['++model.name_or_path=embedded:smollm2-135m-instruct'],
-                           'model.name_or_path=embedded:tiny-smollm2, not embedded:smollm2-135m-instruct')):
+                           'model.name_or_path=embedded:tiny-smollm2, not embedded:smollm2-135m-instruct'),
+                          # the data position counts batches of the saved order: a larger n_examples still resumes
+                          (['++n_examples=16', '++model.batch_size=2'], 'model.batch_size=4, not 2; resume with '
+                                                                        'model.batch_size=4, or start a new exp_name'),
+                          (['datasets=[hh,shp]'], 'datasets=[hh], not [hh,shp]; resume with datasets=[hh]'),
+                          (['++seed=7'], 'seed=1, not 7')):
         with pytest.raises(SystemExit) as exit_:
             train_in_process(tmp_path, '++n_examples=8', '++resume=true', *changed, loss='sft')
         assert exit_.value.code == 2
