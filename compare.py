@@ -31,7 +31,7 @@ from tqdm import tqdm
 
 from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, positive_int, positive_number,
                           reported)
-from halos.jsonl import append_json_lines
+from halos.jsonl import append_json_lines, check_distinct_files
 from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          cache_key, constrained, fatal_error_message, json_field, make_client, public_url)
 
@@ -362,6 +362,8 @@ def result_line(args: argparse.Namespace, config: dict, samples: List[dict], sum
 
 
 def run(args: argparse.Namespace) -> dict:
+    check_distinct_files({'--file': args.file, '--results_file': args.results_file, '--cache': args.cache,
+                          **({'--save_csv': args.save_csv} if args.save_csv else {})})
     config, samples = load_samples(args.file, [args.history_key, args.candidate_key, args.baseline_key])
     user_tag = config.get('human_prefix', '\n<|user|>\n').strip() or 'the user'
     assistant_tag = config.get('assistant_prefix', '\n<|assistant|>\n').strip() or 'the assistant'

@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
 from halos.feedback import checked_turns, read_json_records
-from halos.jsonl import write_jsonl
+from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
                              why_no_training_data)
@@ -88,9 +88,10 @@ def read_samples(path: str) -> List[dict]:
 
 
 def run(args: argparse.Namespace) -> dict:
+    cache = args.cache or args.output.rsplit('.jsonl', 1)[0] + '.judgments.jsonl'
+    check_distinct_files({'samples': args.samples, 'output': args.output, '--cache': cache})
     samples = read_samples(args.samples)
     kind = 'function' if args.reward_function else 'reward_model' if args.reward_model else 'judge'
-    cache = args.cache or args.output.rsplit('.jsonl', 1)[0] + '.judgments.jsonl'
     labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge,
                            args.base_url, cache, args.max_length, args.concurrency)
     labelled, counts = label_samples(samples, labeler)

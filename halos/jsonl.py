@@ -13,6 +13,16 @@ from typing import Dict, Iterable, List
 from halos.errors import UserError
 
 
+def check_distinct_files(paths: Dict[str, str]) -> None:
+    """Stop before anything is written when two of a command's files (by the argument naming each) are one file:
+    an output would overwrite, or append to, an input."""
+    named = {}
+    for argument, path in paths.items():
+        same = named.setdefault(os.path.realpath(path), argument)
+        if same != argument:
+            raise UserError(f"{same} and {argument} are the same file ({path}): give {argument} another path")
+
+
 def drop_cut_last_line(path: str) -> bool:
     """Truncate `path` after its last newline when a line follows it (an interrupted write); whether one did."""
     if not os.path.exists(path):

@@ -266,6 +266,27 @@ def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_p
         'quality.py: argument --prompts-train: no such file: nope.jsonl (--help lists the arguments)')
 
 
+def test_an_output_that_is_an_input_stops_label_py_and_compare_py_before_anything_is_written(tmp_path, capsys):
+    import compare
+    import label
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(open(os.path.join(DATA, 'upbeat', 'samples.jsonl')).read())
+    content = samples.read_text()
+    same = str(tmp_path / '.' / 'samples.jsonl')
+    assert label.main([str(samples), same, '--reward-function', 'data/upbeat/reward.py:reward']) == 2
+    assert last_line(capsys.readouterr().err) == (f"label.py: samples and output are the same file ({same}): give "
+                                                  f"output another path")
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--judge', 'j', '--cache', str(samples)]) == 2
+    assert last_line(capsys.readouterr().err) == (f"label.py: samples and --cache are the same file ({samples}): give "
+                                                  f"--cache another path")
+    eval_samples = tmp_path / 'run.json'
+    eval_samples.write_text('{"config": {}, "samples": []}')
+    assert compare.main(['-f', str(eval_samples), '-r', str(eval_samples)]) == 2
+    assert last_line(capsys.readouterr().err) == (f"compare.py: --file and --results_file are the same file "
+                                                  f"({eval_samples}): give --results_file another path")
+    assert samples.read_text() == content and eval_samples.read_text() == '{"config": {}, "samples": []}'
+
+
 def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
     import label
     from halos.errors import reported_as_one_line
