@@ -32,8 +32,8 @@ from tqdm import tqdm
 from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, positive_int, positive_number,
                           reported)
 from halos.jsonl import append_json_lines, check_distinct_files
-from halos.judge import (OPENAI_BASE_URL, JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
-                         cache_key, constrained, fatal_error_message, json_field, make_client, public_url)
+from halos.judge import (JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
+                         cache_key, constrained, fatal_error_message, json_field, make_client, public_url, server_url)
 
 PROMPT_VERSION = 'halos-judge-v1'
 CANDIDATE, BASELINE = 'candidate', 'baseline'
@@ -86,7 +86,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--results_file', '-r', default='results.jsonl', help='JSONL file the result line is appended to')
     parser.add_argument('--judge', '-j', default='gpt-4-0613', help='judge model name, as the server knows it')
     parser.add_argument('--save_csv', '-csv', default='', help='also write every judgment to this CSV file')
-    parser.add_argument('--base-url', dest='base_url', default=os.environ.get('OPENAI_BASE_URL') or OPENAI_BASE_URL,
+    parser.add_argument('--base-url', dest='base_url', default=server_url(None),
                         help='OpenAI-compatible API root, e.g. http://127.0.0.1:8000/v1 (default: OPENAI_BASE_URL, '
                              'else OpenAI)')
     parser.add_argument('--concurrency', type=positive_int, default=4, help='requests in flight at once')

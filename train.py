@@ -29,6 +29,7 @@ from halos.settings import RunSettings, as_dict
 from utils import free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
+WORKER_GRACE_SECONDS = 10  # after one spawned worker fails, for the others to end (they may wait in a collective)
 
 
 def worker_main(run: RunSettings) -> None:
@@ -65,11 +66,9 @@ def train_run(run: RunSettings) -> None:
 @contextlib.contextmanager
 def stopping_after_a_step_on_sigterm(trainer):
     """SIGTERM (a scheduler's preemption, `kill`; torchrun passes it to every process) lets the current optimizer
-    step end, saves the checkpoint and stops the run, instead of losing what was trained since the last one; a
-    second SIGTERM stops at once, as Ctrl-C does."""
+    step end, saves the checkpoint and stops the run, instead of losing what was trained since the last one. A
+    process may get it twice (from a scheduler and from torchrun): Ctrl-C, not a second SIGTERM, stops at once."""
     def ask_to_stop(signum, frame):
-        if trainer.stop_signal is not None:
-            raise KeyboardInterrupt
         trainer.stop_signal = signum
     previous = signal.signal(signal.SIGTERM, ask_to_stop)
     try:
@@ -157,10 +156,27 @@ def launch(run: RunSettings) -> None:
     elif run.use_fsdp and torch.cuda.device_count() > 1:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-        world_size = torch.cuda.device_count()
-        mp.spawn(spawned_worker, nprocs=world_size, join=True, args=(world_size, run, run.fsdp_port or free_port()))
+        spawn_workers(run, torch.cuda.device_count())
     else:
         worker_main(run)
+
+
+def spawn_workers(run: RunSettings, world_size: int) -> None:
+    """One process per GPU. SIGTERM is passed on to them (each saves and stops); a worker that stopped with its own
+    line ends this process with its exit status, and the others get a short grace before they are killed."""
+    workers = mp.spawn(spawned_worker, nprocs=world_size, join=False,
+                       args=(world_size, run, run.fsdp_port or free_port()))
+    pass_on = lambda signum, frame: [os.kill(worker.pid, signum) for worker in workers.processes if worker.is_alive()]
+    previous = signal.signal(signal.SIGTERM, pass_on)
+    try:
+        while not workers.join(grace_period=WORKER_GRACE_SECONDS):
+            pass
+    except mp.ProcessExitedException as error:
+        if error.exit_code is None or error.exit_code <= 0:
+            raise
+        sys.exit(error.exit_code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name='config')

@@ -159,8 +159,11 @@ def labels_as_it_trains(run: RunSettings, labeler: str) -> bool:
 
 
 def check_judge_server(run: RunSettings) -> None:
-    """A judge server that is down, or refuses the API key, stops the run before the models load and sample."""
-    if labels_as_it_trains(run, 'judge'):
+    """A judge server that is down, or refuses the API key, stops a fresh run before the models load and sample,
+    on the processes that ask it (online rounds: rank 0; step-level online RL: every rank). A resumed run may
+    find its judgments cached: its labeller checks the server when it needs it."""
+    asks = get_rank() == 0 or trainers.get_trainer_class(run.loss.trainer).samples_online
+    if labels_as_it_trains(run, 'judge') and asks and not run.resume:
         from halos import judge
         url = judge.server_url(run.online.base_url)
         judge.check_reachable(judge.make_client(url, timeout=10, max_retries=1), url)
@@ -330,20 +333,21 @@ def build_trainer(run: RunSettings):
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
 
 
-def unknown_override(override: str) -> str:
-    """The message for `key=value` of a key the composed config lacks: a key a loss's Params declares without its
-    YAML listing it is set with ++; anything else gets the closest keys of the settings and of every loss."""
-    key = override.split('=', 1)[0]
+def unknown_override(key: str, override: str) -> str:
+    """The message for `key=value` (`override`, as typed) of a key the composed config lacks: a key that halos
+    declares (a setting, or a key of some loss) but no config file lists is set with ++, which checks it against
+    the chosen loss; anything else gets the closest keys of the settings and of every loss."""
     loss_keys = {f'loss.{name}' for file in os.listdir(LOSS_CONFIGS)
                  for name in OmegaConf.load(os.path.join(LOSS_CONFIGS, file))}
     loss_keys |= {f'loss.{spec.name}' for module, base in ((trainers, trainers.BasicTrainer),
                                                             (dataloader, dataloader.DataLoader))
                   for kind in vars(module).values() if isinstance(kind, type) and issubclass(kind, base)
                   for spec in dataclasses.fields(kind.Params)}
-    if key in loss_keys:
-        return f"{override}: the loss's YAML does not list {key}; set it with ++{override}"
-    return unknown_key(key, dotted_keys(RunSettings) + sorted(loss_keys), Overrides([override]),
-                       otherwise='no key is close to it (docs/training.md lists them)')
+    known = dotted_keys(RunSettings) + sorted(loss_keys)
+    if key in known:
+        return f"{override}: the config files do not list {key}; set it with ++{override}"
+    return f"{override}: " + unknown_key(key, known, Overrides(), otherwise='no key is close to it (docs/training.md '
+                                                                            'lists them)')
 
 
 def losses_reading(kind: str) -> List[str]:

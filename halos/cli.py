@@ -58,10 +58,10 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
-    unknown = re.search(r"Could not override '([^']+)'.*use \+(\S+)", str(error), re.DOTALL)
+    unknown = re.search(r"Could not override '([^']+)'.*use \+(.+)$", str(error), re.DOTALL)
     if unknown:
         from halos.build import unknown_override
-        return unknown_override(unknown.group(2))
+        return unknown_override(unknown.group(1), unknown.group(2).strip())
     if isinstance(error, MissingConfigException) and 'primary config' in str(error):
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")

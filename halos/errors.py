@@ -72,7 +72,8 @@ def reported(program: str, error: UserError) -> int:
     return 2
 
 
-# what the file system answers a run that writes where it may not, or where no room is left
+# what the file system answers a run that writes where it may not, where no room is left, or where a path's kind
+# (file or directory) is not the one it needs
 FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
 
 
@@ -80,7 +81,7 @@ FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, er
 def reported_as_one_line(program: str):
     """Turn a UserError raised inside into `<program>: <message>` on stderr and exit status 2; a command run
     inside that failed (which printed its own message) into one line naming it, with its exit status; a file
-    system's refusal (no permission, read-only, full) into one line naming the path; Ctrl-C into
+    system's refusal (FILE_SYSTEM_REFUSALS) into one line naming the path; Ctrl-C into
     `<program>: interrupted` and exit status 130; a stop on a signal into its line and 128 + the signal."""
     try:
         yield

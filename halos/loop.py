@@ -4,9 +4,10 @@ It owns the loop (evaluate and checkpoint every `eval_every` examples, then one 
 `gradient_accumulation_steps` microbatches), the forwards of policy and reference, logging, clipping,
 FSDP2 sharding and the checkpoint files. Subclasses (trainers.py) provide
 `get_batch_metrics(batch, mode) -> (scalar loss, {name: per-example values})`; class attributes say what a
-trainer needs (`use_reference_model`, `prefixes`: the sequence kinds it reads), so nothing outside asks
-for a loss by name. The loop gets its settings typed (LoopSettings, built by halos/build.py) and each
-trainer its loss's `Params` (`self.params`, which its `loss()` reads).
+trainer needs (`use_reference_model`, or `uses_reference(params)` where its parameters decide; `prefixes`: the
+sequence kinds it reads), so nothing outside asks for a loss by name. The loop gets its settings typed
+(LoopSettings, built by halos/build.py) and each trainer its loss's `Params` (`self.params`, which its `loss()`
+reads).
 """
 import inspect
 import os
@@ -324,6 +325,7 @@ class BasicTrainer:
             next_eval = 0 if self.do_first_eval and not self.batches_seen else \
                 (self.example_counter // self.eval_every + 1) * self.eval_every
             self.policy.train()
+            stop = False
             for microbatches in chunked(self.train_iterator, self.accumulation_steps):
                 if self.example_counter >= next_eval:
                     self.evaluate()
@@ -343,24 +345,33 @@ class BasicTrainer:
                 if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
                     self.log_train_metrics(examples_per_second)
                     last_log = time.time()
-                due, stop = self.checkpoint_due()
-                if due or stop:
+                stop = self.stop_asked()
+                if stop or self.checkpoint_due():
                     self.save_checkpoint()
                 if stop:
-                    raise StoppedBySignal(f"stopped by {signal.Signals(self.stop_signal or signal.SIGTERM).name} "
-                                          f"after {self.example_counter} examples, saved in {self.run_dir}/"
-                                          f"{checkpoint.LATEST}: continue with ++resume=true",
-                                          self.stop_signal or signal.SIGTERM)
+                    break
         if self.train_metrics.counts:
             self.log_train_metrics(None)
+        if stop:
+            raise self.stopped()
 
-    def checkpoint_due(self) -> Tuple[bool, bool]:
-        """Whether checkpoint_minutes have passed since the last checkpoint, and whether a stop was asked for (on
-        some rank: all ranks save, and stop, together)."""
+    def checkpoint_due(self) -> bool:
+        """checkpoint_minutes have passed since the last checkpoint (on some rank: all ranks save together)."""
         minutes = self.settings.checkpoint_minutes
-        due = minutes is not None and time.time() - self.last_checkpoint_time >= 60 * minutes
-        flags = all_reduce_sum(torch.tensor([float(due), float(self.stop_signal is not None)]))
-        return bool(flags[0] > 0), bool(flags[1] > 0)
+        if minutes is None:
+            return False
+        due = time.time() - self.last_checkpoint_time >= 60 * minutes
+        return all_reduce_sum(torch.tensor(float(due))).item() > 0
+
+    def stop_asked(self) -> bool:
+        """A signal asked some rank to stop (all ranks stop together)."""
+        return all_reduce_sum(torch.tensor(float(self.stop_signal is not None))).item() > 0
+
+    def stopped(self) -> StoppedBySignal:
+        """What ends a run stopped by a signal, once its checkpoint is saved."""
+        signum = self.stop_signal or signal.SIGTERM  # None here: another rank's signal
+        return StoppedBySignal(f"stopped by {signal.Signals(signum).name} after {self.example_counter} examples, saved "
+                               f"in {self.run_dir}/{checkpoint.LATEST}: continue with ++resume=true", signum)
 
     def optimizer_step(self) -> None:
         self.grad_norm = self.clip_gradient()

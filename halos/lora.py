@@ -53,17 +53,23 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None)
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:
         from halos.errors import ConfigError
-        raise ConfigError(f"model.peft.target_modules: no module of the model is named {' or '.join(unmatched)}; its "
-                          f"linear layers are {', '.join(linear_layer_names(model))} (or give all-linear)")
+        raise ConfigError(f"model.peft.target_modules: no module of the model that LoRA adapts (a linear, embedding or "
+                          f"convolution layer) is named {' or '.join(unmatched)}; its linear layers are "
+                          f"{', '.join(linear_layer_names(model))} (or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
 def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
-    """The target_modules that name no module of `model`, matched as peft matches them: a list entry by the
-    module name's last parts, a string as a regular expression of the whole name (all-linear matches always)."""
-    names = [name for name, _ in model.named_modules()]
+    """The target_modules that name no module of `model` that peft adapts, matched as peft matches them: a list
+    entry by the module name's last parts, a string as a regular expression of the whole name (all-linear matches
+    always)."""
+    from transformers.pytorch_utils import Conv1D
+    adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
+                 torch.nn.MultiheadAttention, Conv1D)
+    names = [name for name, module in model.named_modules() if isinstance(module, adaptable)]
     if isinstance(targets, str):
-        return [] if targets == 'all-linear' or any(re.fullmatch(targets, name) for name in names) else [targets]
+        matched = targets.lower() == 'all-linear' or any(re.fullmatch(targets, name) for name in names)
+        return [] if matched else [targets]
     return sorted(target for target in targets if not any(name == target or name.endswith('.' + target)
                                                            for name in names))
 

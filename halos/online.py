@@ -232,3 +232,5 @@ class OnlineRounds:
             trainer.completed_rounds, trainer.batches_seen = round_index + 1, 0
             self.evaluate_reward(round_index + 1)  # before the checkpoint: a policy the monitors stop is not saved
             trainer.save_checkpoint()
+            if trainer.stop_asked():  # before the next round's sampling, which may outlast a scheduler's grace
+                raise trainer.stopped()

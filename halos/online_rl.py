@@ -152,7 +152,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                  for j in range(k)]
         labeler = self.rollouts.labeler
         scores = checked_scores(labeler, prompts, [s.text for group in samples for s in group], names)
-        self.scored_enough(scores, labeler, f'step {self.batch_counter}', on_every_rank=True)
+        # a refill's groups only add to the microbatch's own: a process may get none of them
+        self.scored_enough(scores, labeler, f'step {self.batch_counter}', on_every_rank=salt == 'step')
         groups = []
         for i, (ids, mask, prompt_id, group) in enumerate(zip(batch[schema.PROMPT_INPUT_IDS],
                                                               batch[schema.PROMPT_ATTENTION_MASK],
@@ -258,7 +259,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             logps = self.row_logps(self.policy, part.rows)
         if part.old_logps is None:  # the first pass: the sampling policy is this very forward
             part.old_logps = logps.detach()
-        reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps  # KL 0 at beta 0
+        # without a reference (beta = 0) the policy stands in for it: its KL is exactly 0 (never 0 times an overflow)
+        reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps
         token_losses, stats = self.loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
         weights = torch.ones(len(part.mask), device=self.device)
         loss = self.reduced(token_losses, part.mask, weights, step_tokens)

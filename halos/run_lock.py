@@ -23,20 +23,20 @@ def exclusive_run_dir(run_dir: str) -> Iterator[None]:
     made = not os.path.isdir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK)
-    try:
-        with open(path, 'a+') as handle:
-            if take(handle, run_dir):
-                handle.truncate(0)
-                handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
-                handle.flush()
+    with open(path, 'a+') as handle:
+        if lock_or_refuse(handle, run_dir):
+            handle.truncate(0)
+            handle.write(f'pid {os.getpid()} on {socket.gethostname()}\n')
+            handle.flush()
+        try:
             yield
-    finally:
-        if made and os.listdir(run_dir) == [LOCK]:
-            os.remove(path)
-            os.rmdir(run_dir)
+        finally:
+            if made and os.listdir(run_dir) == [LOCK]:  # removed while still locked
+                os.remove(path)
+                os.rmdir(run_dir)
 
 
-def take(handle, run_dir: str) -> bool:
+def lock_or_refuse(handle, run_dir: str) -> bool:
     """Lock the open lock file; False where the file system has no locks."""
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -46,7 +46,7 @@ def take(handle, run_dir: str) -> bool:
         raise ConfigError(f"{run_dir} is in use by a run that is still training ({holder}): wait for it to end, "
                           f"stop it, or give this run another exp_name") from None
     except OSError as error:
-        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP):
+        if error.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
             return False
         raise
     return True

@@ -53,6 +53,9 @@ class Decoded:
     token_logps: torch.Tensor  # [B * k, N] float32 log pi(token | prefix) at temperature 1, 0 after the end
     lengths: torch.Tensor      # [B * k] each sample's number of tokens, its EOS included (pad may equal EOS)
 
+    def cpu(self) -> 'Decoded':
+        return Decoded(self.tokens.cpu(), self.token_logps.cpu(), self.lengths.cpu())
+
 
 def use_vllm() -> bool:
     """vLLM generates when it is installed and a GPU is present."""
@@ -231,8 +234,7 @@ def halos_sampler(policy, tokenizer, options: SamplingOptions) -> Sampler:
     def sample(batch: Dict, k: int = 1) -> List[List[Sample]]:
         decoded = decode(policy, batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK], k, options,
                          tokenizer.eos_token_id, tokenizer.pad_token_id)
-        return samples_from_tokens(Decoded(decoded.tokens.cpu(), decoded.token_logps.cpu(), decoded.lengths.cpu()),
-                                   tokenizer, k)
+        return samples_from_tokens(decoded.cpu(), tokenizer, k)
     return sample
 
 

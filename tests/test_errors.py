@@ -303,8 +303,8 @@ def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, ca
                                                   f"judge's answers so far are cached for the rerun)")
 
 
-def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_errors_keep_their_traceback(capsys,
-                                                                                                         monkeypatch):
+def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_errors_keep_their_traceback(
+        tmp_path, capsys, monkeypatch):
     import errno
 
     from halos.errors import reported_as_one_line
@@ -313,8 +313,13 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
         raise PermissionError(errno.EACCES, 'Permission denied', '/data/runs/x')
     assert exit_.value.code == 2 and capsys.readouterr().err == (
         'train.py: /data/runs/x: Permission denied\n')
+    a_file = tmp_path / 'a_file'
+    a_file.write_text('')
     with pytest.raises(SystemExit), reported_as_one_line('train.py'):
-        os.makedirs('/etc/hostname/runs')  # a file where a directory must be
-    assert capsys.readouterr().err == 'train.py: /etc/hostname/runs: Not a directory\n'
+        os.makedirs(a_file / 'runs')  # a file where a directory must be
+    assert capsys.readouterr().err == f'train.py: {a_file}/runs: Not a directory\n'
+    with pytest.raises(SystemExit), reported_as_one_line('train.py'):
+        open(tmp_path, 'w')  # a directory where a file must be
+    assert capsys.readouterr().err == f'train.py: {tmp_path}: Is a directory\n'
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')

@@ -178,6 +178,17 @@ def test_a_judge_server_that_is_down_stops_the_run_before_it_samples(tmp_path, c
     assert not (tmp_path / 'down').exists()
 
 
+def test_judging_with_openai_without_a_key_stops_the_run_before_it_samples(tmp_path, capsys, monkeypatch):
+    for name in ('OPENAI_API_KEY', 'OPENAI_BASE_URL'):
+        monkeypatch.delenv(name, raising=False)
+    judged = ['++online.labeler=judge', '++online.judge=gpt-4o', '++online.feedback=best']
+    status, last, _ = train(tmp_path, online(tmp_path, 'no_key', *judged, loss='sft'), capsys)
+    assert (status, last) == (2, "train.py: judging with OpenAI needs an API key: export OPENAI_API_KEY=... (it is read "
+                                 "from the environment only), or point --base-url at a local server such as "
+                                 "http://127.0.0.1:8000/v1")
+    assert not (tmp_path / 'no_key').exists()
+
+
 @pytest.mark.slow
 def test_a_judge_server_lost_mid_round_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys):
     with FaultProxy(None, die=range(1, 1000)) as dying, FaultProxy(None) as working:

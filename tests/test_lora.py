@@ -100,11 +100,13 @@ def test_lora_refuses_a_reference_that_must_move(tmp_path):
 def test_target_modules_that_match_nothing_name_the_linear_layers(tmp_path):
     with pytest.raises(ConfigError) as error:
         build_trainer(make_config(tmp_path, *LORA, '++model.peft.target_modules=[qproj,v_proj]', loss='sft'))
-    assert str(error.value) == ("model.peft.target_modules: no module of the model is named qproj; its linear layers "
-                                "are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or give "
-                                "all-linear)")
-    with pytest.raises(ConfigError, match=r'no module of the model is named \.\*attn\\\.q;'):
+    assert str(error.value) == ("model.peft.target_modules: no module of the model that LoRA adapts (a linear, "
+                                "embedding or convolution layer) is named qproj; its linear layers are down_proj, "
+                                "gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj (or give all-linear)")
+    with pytest.raises(ConfigError, match=r'convolution layer\) is named \.\*attn\\\.q;'):
         build_trainer(make_config(tmp_path, *LORA, "++model.peft.target_modules='.*attn\\.q'", loss='sft'))
+    with pytest.raises(ConfigError, match=r'convolution layer\) is named mlp;'):  # a block: peft adapts no block
+        build_trainer(make_config(tmp_path, *LORA, '++model.peft.target_modules=[mlp]', loss='sft'))
     regex = build_trainer(make_config(tmp_path, *LORA, "++model.peft.target_modules='.*self_attn\\.q_proj'", loss='sft'))
     assert sorted(lora.lora_layers(regex.policy)) == [f'base_model.model.model.layers.{i}.self_attn.q_proj'
                                                      for i in range(len(regex.policy.base_model.model.model.layers))]

@@ -209,11 +209,18 @@ def test_at_beta_0_no_reference_is_loaded_and_the_step_is_the_one_with_a_referen
         trainer = build_trainer(make_config(tmp_path, *online_overrides('++lr=1e-3', '++loss.beta=0',
                                                                          '++loss.mu=2'), loss=loss))
         assert trainer.reference_model is None
-        if with_reference:  # as before: the reference's forward computed, and multiplied by 0
+        if with_reference:  # the reference's forward computed, and its KL multiplied by 0
             trainer.reference_model = models.load_causal_lm('embedded:tiny-smollm2', 'float32').eval()
         trainer.train_step([next(iter(trainer.train_iterator))])
         steps.append({name: p.detach().clone() for name, p in trainer.policy.named_parameters()})
     assert all(torch.equal(steps[0][name], steps[1][name]) for name in steps[0])
+
+
+def test_under_lora_at_beta_0_no_adapters_off_reference_is_built(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, *online_overrides('++model.use_peft=true', '++model.peft.lora_r=4'),
+                                        loss='dapo'))
+    assert trainer.reference_model is None
+    assert math.isfinite(trainer.train_step([next(iter(trainer.train_iterator))]))
 
 
 class Abstaining:

@@ -214,7 +214,7 @@ def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path
                                                  'integer >= 1'),
         'n_examples': (['++n_examples=-4'], 'train.py: ++n_examples=-4: n_examples must be an integer >= 1 or null'),
         'beta': (['++loss.beta=-0.1'], 'train.py: ++loss.beta=-0.1: loss.beta must be a number (a float > 0)'),
-        'no ++': (['loss.humanline=true'], "train.py: loss.humanline=true: the loss's YAML does not list "
+        'no ++': (['loss.humanline=true'], "train.py: loss.humanline=true: the config files do not list "
                                            "loss.humanline; set it with ++loss.humanline=true"),
     }
     env = {key: value for key, value in os.environ.items() if key != 'HYDRA_FULL_ERROR'}
