@@ -190,7 +190,10 @@ def test_judging_with_openai_without_a_key_stops_the_run_before_it_samples(tmp_p
 
 
 @pytest.mark.slow
-def test_a_judge_server_lost_mid_round_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys):
+def test_a_judge_server_lost_mid_round_stops_the_round_and_a_working_one_resumes_it(tmp_path, capsys, monkeypatch):
+    from halos import judge
+    make_client = judge.make_client
+    monkeypatch.setattr(judge, 'make_client', lambda url, timeout, max_retries: make_client(url, timeout, 0))  # fast
     with FaultProxy(None, die=range(1, 1000)) as dying, FaultProxy(None) as working:
         cache = tmp_path / 'lost' / 'rounds' / 'judgments.jsonl'
         stops_then_resumes(tmp_path, capsys, 'lost', judged_by(dying.base_url), judged_by(working.base_url),
