@@ -104,6 +104,9 @@ class OnlineRounds:
         self.make_sampler, self.labeler, self.held_out_labeler, self.monitor = make_sampler, labeler, held_out_labeler, \
             monitor
         self.pool = list(prompt_loader.items)
+        if settings.prompts_per_round > len(self.pool):
+            rank0_print(f"warning: online.prompts_per_round={settings.prompts_per_round}, but the prompt pool holds "
+                        f"{len(self.pool)} prompts: every round samples all of them")
         self.rounds_dir = os.path.join(trainer.run_dir, 'rounds')
         self.metrics_path = os.path.join(trainer.run_dir, 'metrics.jsonl')
         trainer.reference_moves = trainer.reference_moves or settings.reference == 'previous'

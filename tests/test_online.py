@@ -322,6 +322,17 @@ def test_written_feedback_files_get_the_usual_file_mode(tmp_path):
     assert (tmp_path / 'f.jsonl').stat().st_mode & 0o777 == 0o644
 
 
+def test_more_prompts_per_round_than_the_pool_holds_warns(tmp_path, capsys):
+    from halos.build import build_online_rounds
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text(''.join(open(os.path.join(UPBEAT, 'train_prompts.jsonl')).readlines()[:3]))
+    run = make_config(tmp_path, *online_overrides(tmp_path), f'++online.prompts={prompts}')
+    rounds = build_online_rounds(run, build_trainer(run))
+    assert len(rounds.pool) == 3 and len(round_block(3, 4, 0, run.seed)) == 3
+    assert ("warning: online.prompts_per_round=4, but the prompt pool holds 3 prompts: every round samples all of "
+            "them") in capsys.readouterr().out
+
+
 def online_overrides(tmp_path):
     held_out = tmp_path / 'held_out.jsonl'
     held_out.write_text(''.join(open(os.path.join(UPBEAT, 'test_prompts.jsonl')).readlines()[:8]))
