@@ -17,7 +17,7 @@ import trainers
 from halos import checkpoint, lora
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
-from halos.examples import Formatting
+from halos.examples import Formatting, prompt_digest
 from halos.labelers import RewardFunctionLabeler, load_reward_function, make_labeler
 from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
@@ -327,6 +327,8 @@ def build_trainer(run: RunSettings):
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))
+    if sampled:
+        warn_on_shared_held_out(train_loader.items, eval_loader.items)
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
@@ -397,11 +399,23 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
     pool = build_loader(run, tokenizer, 'train', online.prompts or run.datasets, **prompt_options)
     held_out = build_loader(run, tokenizer, 'test', online.eval_prompts, **prompt_options) \
         if online.eval_prompts else None
+    if held_out is not None:
+        warn_on_shared_held_out(pool.items, held_out.items)
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
     return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler,
                         held_out_labeler(run, labeler), HackingMonitor(monitor_settings(run)))
+
+
+def warn_on_shared_held_out(train_items, held_out_items) -> None:
+    """The held-out reward checks the training reward (the monitors compare them): a held-out prompt that is also a
+    training prompt does not."""
+    digests = lambda items: {prompt_digest(example.turns or example.prompt) for example in items}
+    shared = len(digests(held_out_items) & digests(train_items))
+    if shared:
+        rank0_print(f"warning: {shared} of the {len(held_out_items)} held-out prompts are also training prompts, so "
+                    f"the held-out reward is not held out there: give online.eval_prompts a file of other prompts")
 
 
 def load_run_tokenizer(run: RunSettings):

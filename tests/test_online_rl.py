@@ -151,6 +151,19 @@ def online_overrides(*extra):
             '++temperature=1.0', '++top_k=0', '++top_p=1.0', '++optimizer=AdamW', '++warmup_steps=0', *extra]
 
 
+def test_held_out_prompts_that_are_training_prompts_warn(tmp_path, capsys):
+    held_out = tmp_path / 'held_out.jsonl'
+    lines = open(PROMPTS).readlines()
+    held_out.write_text(''.join(lines[:2]) + json.dumps({'prompt': 'A prompt of its own.'}) + '\n')
+    build_trainer(make_config(tmp_path, *online_overrides(f'++online.eval_prompts={held_out}'), loss='grpo-online'))
+    assert ("warning: 2 of the 3 held-out prompts are also training prompts, so the held-out reward is not held out "
+            "there: give online.eval_prompts a file of other prompts") in capsys.readouterr().out
+    other = tmp_path / 'other.jsonl'
+    other.write_text(json.dumps({'prompt': 'A prompt of its own.'}) + '\n')
+    build_trainer(make_config(tmp_path, *online_overrides(f'++online.eval_prompts={other}'), loss='grpo-online'))
+    assert 'held-out prompts are also training prompts' not in capsys.readouterr().out
+
+
 def test_the_first_pass_is_at_ratio_1_and_the_clip_acts_on_the_next(tmp_path):
     trainer = build_trainer(make_config(tmp_path, *online_overrides('++loss.mu=2', '++loss.epsilon=1e-3',
                                                                     '++lr=1e-2'), loss='grpo-online'))
