@@ -9,8 +9,8 @@ chat-formatted), reward (data/upbeat/reward.py:reward), k, completion length, te
 no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2,
 the `grpo` reduction, and mu updates (--mu, TRL's num_iterations) on all P x k completions. halos runs one
 step of standard GRPO (`train.py loss=grpo-online`: halos' sampler, the reward labeler, the old policy = the
-policy that sampled, the k3 KL to the starting model) with its checkpoint write left out, since TRL's run
-saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
+policy that sampled, the k3 KL to the starting model): the loop's train_step alone, without a checkpoint,
+since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
 process, alternating; the wall time of the step (sampling + scoring + updates; model loading excluded) is the
 best of --runs.
 
@@ -76,9 +76,9 @@ def halos_step(args, work_dir: str) -> dict:
         '++do_first_eval=false', '++eval_every=1000000', '++n_eval_examples=0', '++wandb.enabled=false',
         '++minimum_log_interval_secs=0'])
     trainer = build_trainer(config)
-    trainer.save_checkpoint = lambda final=False: None  # TRL's step writes nothing either
+    batch = next(iter(trainer.train_iterator))
     start = time.perf_counter()
-    trainer.train()
+    trainer.train_step([batch])  # the step alone: no checkpoint (TRL's writes none), and timed whatever the scores
     return {'seconds': time.perf_counter() - start, 'completions': args.prompts * args.k, 'steps': trainer.batch_counter}
 
 
