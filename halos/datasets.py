@@ -261,7 +261,13 @@ def check_dataset_name(name: str) -> None:
     if is_feedback_file(name):
         if not os.path.exists(name):
             raise MissingFileError(f"{name}: no such file (a .json/.jsonl file of feedback records or prompts)")
-    elif name not in DATASETS:
+    elif name in DATASETS:
+        return
+    elif os.path.isdir(name):
+        files = sorted(f for f in os.listdir(name) if is_feedback_file(f))[:3]
+        raise DataError(f"dataset '{name}' is a directory: name its .json/.jsonl files"
+                        + (f" (datasets=[{','.join(os.path.join(name, f) for f in files)}])" if files else ''))
+    else:
         raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
                         f"or a path to a .json/.jsonl feedback file")
 

@@ -332,6 +332,13 @@ def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
         D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path))
     with pytest.raises(ValueError, match=r"unknown dataset 'hhh'; valid names: alpacaeval, hh, "):
         D.load_dataset('hhh', 'train', **FORMAT)
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'b.jsonl').write_text('')
+    (tmp_path / 'mine' / 'a.json').write_text('')
+    with pytest.raises(ValueError) as error:
+        D.load_dataset(str(tmp_path / 'mine'), 'train', **FORMAT)
+    assert str(error.value) == (f"dataset '{tmp_path}/mine' is a directory: name its .json/.jsonl files "
+                                f"(datasets=[{tmp_path}/mine/a.json,{tmp_path}/mine/b.jsonl])")
     with pytest.raises(ConnectionError, match=r"dataset 'hh': could not fetch Anthropic/hh-rlhf .* pass \+\+data_dir=DIR"):
         D.load_dataset('hh', 'train', **FORMAT)
     with pytest.raises(ValueError, match='set n_epochs or n_examples'):
