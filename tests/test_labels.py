@@ -182,7 +182,7 @@ def test_the_judge_client_logs_no_line_per_request():
     import logging
 
     from halos import judge  # noqa: F401 (importing it quiets the HTTP client)
-    assert all(logging.getLogger(name).getEffectiveLevel() == logging.WARNING for name in ('httpx', 'openai'))
+    assert all(logging.getLogger(name).level == logging.WARNING for name in ('httpx', 'openai'))
 
 
 def test_judging_with_openai_without_a_key_stops_the_run_before_it_samples(tmp_path, capsys, monkeypatch):
