@@ -91,17 +91,22 @@ def write_checkpoint_dir(directory: str, write_files: Callable[[str], None]) -> 
 
     `write_files(tmp_dir)` writes everything into a fresh temporary directory; only when it has
     returned is the old directory swapped out. A crash at any point leaves either the old or the
-    new directory complete (see `resolve_checkpoint_dir` for the one window between two renames).
+    new directory complete (see `resolve_checkpoint_dir` for the one window between two renames);
+    a write that fails (a full disk, Ctrl-C) removes what it wrote, which a full disk needs back.
     """
     directory = directory.rstrip("/")
     tmp_dir, old_dir = directory + ".tmp", directory + ".old"
     shutil.rmtree(tmp_dir, ignore_errors=True)
     os.makedirs(tmp_dir)
-    write_files(tmp_dir)
-    for parent, _, names in os.walk(tmp_dir):  # make the data durable before the rename publishes it
-        for name in names:
-            with open(os.path.join(parent, name), "rb") as f:
-                os.fsync(f.fileno())
+    try:
+        write_files(tmp_dir)
+        for parent, _, names in os.walk(tmp_dir):  # make the data durable before the rename publishes it
+            for name in names:
+                with open(os.path.join(parent, name), "rb") as f:
+                    os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
     if os.path.exists(directory):  # else .old may be the only complete copy (a crash between the renames)
         shutil.rmtree(old_dir, ignore_errors=True)
         os.replace(directory, old_dir)
