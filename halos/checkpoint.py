@@ -132,7 +132,8 @@ def save_policy_file(path: str, step_idx: int, state: Dict[str, torch.Tensor], m
 def load_policy_file(path: str) -> Dict:
     """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
     policy = read_torch_file(path)
-    if not isinstance(policy, dict) or not isinstance(policy.get("state"), dict):
+    state = policy.get("state") if isinstance(policy, dict) else None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
         held = f"a dict of {', '.join(map(repr, list(policy)[:4]))}" if isinstance(policy, dict) \
             else type(policy).__name__
         raise DataError(f"{path}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: it holds {held}")

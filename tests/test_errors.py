@@ -37,7 +37,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
-         'online prompts not there']
+         'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
+         'unknown key without ++, nothing close', 'load_from an optimizer file']
 
 
 def cases(tmp_path):
@@ -56,6 +57,10 @@ def cases(tmp_path):
                                                     {'prompt': 'Say hi.', 'output': 'Hello!', 'reward': 0.5},
                                                     {'prompt': 'Say bye.', 'output': 'Bye!', 'reward': 2.0}])
     prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
+    import torch
+    optimizer_file = tmp_path / 'optimizer.pt'
+    torch.save({'state': {0: {'step': torch.tensor(1.0)}}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
+               optimizer_file)
     unlabelled = feedback_file(tmp_path, 'run_samples.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'prompt_id': 'a',
                                                                 'sample_id': 0, 'type': 'sample'}])
     train_only = feedback_file(tmp_path, 'train_only.jsonl', [{'prompt': 'Pick one.', 'output_A': 'This one.',
@@ -164,6 +169,9 @@ def cases(tmp_path):
         'unknown key without ++, nothing close': ('train.py', ['qqq=1'],
                                                   "qqq=1: no config defines the key 'qqq'; no key is close to it "
                                                   "(docs/training.md lists them)"),
+        'load_from an optimizer file': ('train.py', [f'++model.load_from={optimizer_file}'],
+                                        f"{optimizer_file}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: "
+                                        f"it holds a dict of 'state', 'param_groups'"),
         'missing load_from': ('train.py', ['++model.load_from=no_run/LATEST/policy.pt'],
                               f"model.load_from='no_run/LATEST/policy.pt' does not exist (looked in "
                               f"cache_dir='{tmp_path}' and the working directory); give a policy.pt file or an HF "
@@ -193,6 +201,10 @@ def run_in_process(monkeypatch, capsys, script: str, argv: list):
     with pytest.raises(SystemExit) as exit:
         module.main()
     return exit.value.code, capsys.readouterr().err
+
+
+def test_every_case_is_run(tmp_path):
+    assert sorted(CASES) == sorted(cases(tmp_path))
 
 
 @pytest.mark.parametrize('name', CASES)
