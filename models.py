@@ -268,10 +268,22 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
     state = {key: value for key, value in state.items() if key in own or not key.startswith(HEADS_A_MODEL_MAY_LACK)}
     state.update({key: value for key, value in own.items()
                   if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as error:
-        raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {error}") from None
+    mismatch = state_mismatch(own, state)
+    if mismatch:
+        raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {mismatch} (a "
+                          f"checkpoint of another model or size?)")
+    model.load_state_dict(state)
+
+
+def state_mismatch(own: dict, state: dict) -> str:
+    """How a state dict differs from a model's, in a few words with an example of each difference ('' if none)."""
+    missing = [key for key in own if key not in state]
+    unexpected = [key for key in state if key not in own]
+    reshaped = [f'{key} {tuple(state[key].shape)} in the checkpoint, {tuple(own[key].shape)} in the model'
+                for key in own if key in state and state[key].shape != own[key].shape]
+    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
+             ((missing, 'keys missing'), (unexpected, 'keys the model lacks'), (reshaped, 'of another shape')) if keys]
+    return '; '.join(parts)
 
 
 def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,

@@ -219,8 +219,13 @@ def test_load_from_errors_are_clear(tmp_path):
     bad = tmp_path / 'bad.pt'
     torch.save({'step_idx': 0, 'state': {'model.embed_tokens.weight': torch.zeros(3, 3)}, 'metrics': {}}, bad)
     config = make_config(tmp_path, f'++model.load_from={bad}')
-    with pytest.raises(ValueError, match='does not match the model'):
+    with pytest.raises(ValueError) as error:
         build_trainer(config)
+    n_keys = len(models.load_causal_lm('embedded:tiny-smollm2', 'float32').state_dict())
+    assert str(error.value).endswith(
+        f"does not match the model {models.resolve_model_path('embedded:tiny-smollm2')}: {n_keys - 1} keys missing "
+        f"(e.g. model.layers.0.self_attn.q_proj.weight); 1 of another shape (e.g. model.embed_tokens.weight (3, 3) "
+        f"in the checkpoint, (49152, 32) in the model) (a checkpoint of another model or size?)")
 
 
 def test_unknown_trainer_lists_the_valid_ones(tmp_path):
