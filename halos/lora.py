@@ -49,7 +49,13 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None)
             from halos.errors import MissingFileError
             raise MissingFileError(f"model.load_lora_from={adapter_dir!r} holds no adapter_config.json (give a "
                                    f"run's LATEST/adapter directory, or any directory PeftModel.save_pretrained wrote)")
-        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+        try:
+            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+        except RuntimeError as error:  # torch's load_state_dict: a line per mismatched tensor
+            from halos.errors import ConfigError
+            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+            raise ConfigError(f"model.load_lora_from={adapter_dir!r}: its adapters do not fit the model "
+                              f"{model.config._name_or_path}: {first} (adapters of another model or size?)") from None
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:
         from halos.errors import ConfigError

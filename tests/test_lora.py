@@ -2,6 +2,7 @@
 merged export and the adapter directory give the adapted model's logits, resume is exact, and 2 processes
 give what 1 process gives."""
 import os
+import re
 import shutil
 import subprocess
 
@@ -110,6 +111,23 @@ def test_target_modules_that_match_nothing_name_the_linear_layers(tmp_path):
     regex = build_trainer(make_config(tmp_path, *LORA, "++model.peft.target_modules='.*self_attn\\.q_proj'", loss='sft'))
     assert sorted(lora.lora_layers(regex.policy)) == [f'base_model.model.model.layers.{i}.self_attn.q_proj'
                                                      for i in range(len(regex.policy.base_model.model.model.layers))]
+
+
+def test_adapters_of_another_model_size_are_refused_in_one_line(tmp_path):
+    import transformers
+
+    from halos.settings import PeftSettings
+    tiny = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    adapted = lora.with_lora(tiny, lora.lora_config(PeftSettings(lora_r=4, lora_alpha=8), 'CAUSAL_LM', ()))
+    adapted.save_pretrained(tmp_path / 'adapter')
+    config = transformers.LlamaConfig(vocab_size=tiny.config.vocab_size, hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    config._name_or_path = 'a smaller llama'
+    with pytest.raises(ConfigError) as error:
+        lora.with_lora(transformers.LlamaForCausalLM(config), None, str(tmp_path / 'adapter'))
+    assert re.fullmatch(rf"model.load_lora_from='{tmp_path}/adapter': its adapters do not fit the model a smaller "
+                        rf"llama: size mismatch for [\w.]+lora_A\.default\.weight: .* \(adapters of another model or "
+                        rf"size\?\)", str(error.value))
 
 
 @pytest.mark.slow
