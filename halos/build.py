@@ -249,6 +249,11 @@ def formatting(run: RunSettings) -> Formatting:
 def build_loader(run: RunSettings, tokenizer, split: str, dataset_names: Optional[List[str]] = None,
                  loader_class: Optional[type] = None, **options):
     """The run's loader of `split` (its loss's loader class unless given); `options` override the settings'."""
+    if run.use_chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"use_chat_template=true, but the tokenizer of "
+                          f"{run.model.tokenizer_name_or_path or run.model.name_or_path} has no chat template: set "
+                          f"use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
+                          f"model.tokenizer_name_or_path a tokenizer that has one")
     loader_class = loader_class or dataloader.get_dataloader_class(run.loss.dataloader)
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     kwargs = dict(split=split, max_length=run.model.max_length, max_prompt_length=run.model.max_prompt_length,

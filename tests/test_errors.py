@@ -38,7 +38,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
-         'unknown key without ++, nothing close', 'load_from an optimizer file']
+         'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template']
 
 
 def cases(tmp_path):
@@ -58,6 +58,12 @@ def cases(tmp_path):
                                                     {'prompt': 'Say bye.', 'output': 'Bye!', 'reward': 2.0}])
     prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
     import torch
+
+    import models
+    no_template = tmp_path / 'tokenizer_without_template'
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(no_template)
     optimizer_file = tmp_path / 'optimizer.pt'
     torch.save({'state': {0: {'step': torch.tensor(1.0)}}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
                optimizer_file)
@@ -169,6 +175,10 @@ def cases(tmp_path):
         'unknown key without ++, nothing close': ('train.py', ['qqq=1'],
                                                   "qqq=1: no config defines the key 'qqq'; no key is close to it "
                                                   "(docs/training.md lists them)"),
+        'no chat template': ('train.py', ['++use_chat_template=true', f'++model.tokenizer_name_or_path={no_template}'],
+                             f"use_chat_template=true, but the tokenizer of {no_template} has no chat template: set "
+                             f"use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
+                             f"model.tokenizer_name_or_path a tokenizer that has one"),
         'load_from an optimizer file': ('train.py', [f'++model.load_from={optimizer_file}'],
                                         f"{optimizer_file}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: "
                                         f"it holds a dict of 'state', 'param_groups'"),
