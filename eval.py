@@ -45,7 +45,7 @@ import models
 import trainers
 from halos import batch as schema
 from halos import checkpoint, lora, rl
-from halos.build import (build_loader, load_models, load_run_tokenizer, loop_settings,
+from halos.build import (build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter)
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
@@ -128,7 +128,9 @@ def evaluate(run: RunSettings) -> dict:
                                           saved_adapter(run.saved_policy) if run.model.use_peft else None)
     policy.eval()
     eval_loader = build_loader(run, tokenizer, 'test')
-    trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, None, eval_loader, policy, reference_model)
+    extra = {'rollouts': build_rollouts(run)} if trainer_class.samples_online else {}  # it samples and scores
+    trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, None, eval_loader, policy, reference_model,
+                            **extra)
     return {'metadata': as_dict(run), 'results': trainer.evaluate()}
 
 

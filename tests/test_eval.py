@@ -160,6 +160,16 @@ def test_sampling_a_prompts_file_writes_each_prompt_and_its_sample_without_a_cho
     assert all(any(text in s['prompt'] for text in texts) and s['policy'] for s in samples)
 
 
+def test_eval_mode_of_a_step_level_rl_run_gives_its_held_out_reward(tmp_path):
+    """Its evaluation samples one completion of each held-out prompt and scores it (with the run's labeller)."""
+    prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
+    config = make_config(tmp_path, '++n_eval_examples=4', '++model.eval_batch_size=2', '++max_new_tokens=4',
+                         f"++online.reward_function={os.path.join(ROOT, 'tests', 'rewards.py')}:vowels",
+                         '++saved_policy=null', loss='dapo', datasets=f'[{prompts}]')
+    results = eval_script.evaluate(config)['results']
+    assert 0 < results['completions_eval/length'] <= 4 and results['reward_eval/mean'] >= 0
+
+
 def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
     import models
     config = make_config(tmp_path, '++n_samples=5', '++model.eval_batch_size=5', loss='csft')
