@@ -71,7 +71,7 @@ def load_policy(run: RunSettings, tokenizer):
                                    load_from=run.model.load_from if lora_run else run.saved_policy,
                                    cache_dir=run.cache_dir, vocab_size=len(tokenizer))
     if lora_run:
-        policy = lora.with_lora(policy, None, saved_adapter(run.saved_policy)).merge_and_unload()
+        policy = lora.with_lora(policy, None, saved_adapter(run.saved_policy), 'saved_policy').merge_and_unload()
     disable_dropout(policy)
     return policy.eval()
 

@@ -269,20 +269,25 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
     state.update({key: value for key, value in own.items()
                   if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})
     mismatch = state_mismatch(own, state)
-    if mismatch:
-        raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {mismatch} (a "
-                          f"checkpoint of another model or size?)")
-    model.load_state_dict(state)
+    if not mismatch:
+        try:
+            model.load_state_dict(state)
+            return
+        except RuntimeError as error:  # what state_mismatch cannot see (a module's own load hooks)
+            mismatch = str(error)
+    raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {mismatch} (a "
+                      f"checkpoint of another model or size?)")
 
 
 def state_mismatch(own: dict, state: dict) -> str:
     """How a state dict differs from a model's, in a few words with an example of each difference ('' if none)."""
     missing = [key for key in own if key not in state]
     unexpected = [key for key in state if key not in own]
-    reshaped = [f'{key} {tuple(state[key].shape)} in the checkpoint, {tuple(own[key].shape)} in the model'
-                for key in own if key in state and state[key].shape != own[key].shape]
-    parts = [f"{len(keys)} {what} (e.g. {keys[0]})" for keys, what in
-             ((missing, 'keys missing'), (unexpected, 'keys the model lacks'), (reshaped, 'of another shape')) if keys]
+    shape_differences = [f'{key} {tuple(state[key].shape)} in the checkpoint, {tuple(own[key].shape)} in the model'
+                         for key in own if key in state and state[key].shape != own[key].shape]
+    parts = [f"{len(found)} {what} (e.g. {found[0]})" for found, what in
+             ((missing, 'keys missing'), (unexpected, 'keys the model lacks'), (shape_differences, 'of another shape'))
+             if found]
     return '; '.join(parts)
 
 

@@ -9,8 +9,8 @@ chat-formatted), reward (data/upbeat/reward.py:reward), k, completion length, te
 no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL weight) 0.01, clip epsilon 0.2,
 the `grpo` reduction, and mu updates (--mu, TRL's num_iterations) on all P x k completions. halos runs one
 step of standard GRPO (`train.py loss=grpo-online`: halos' sampler, the reward labeler, the old policy = the
-policy that sampled, the k3 KL to the starting model): the loop's train_step alone, without a checkpoint,
-since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
+policy that sampled, the k3 KL to the starting model): the loop's train_step alone, without a
+checkpoint, since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
 process, alternating; the wall time of the step (sampling + scoring + updates; model loading excluded) is the
 best of --runs.
 
@@ -77,6 +77,7 @@ def halos_step(args, work_dir: str) -> dict:
         '++minimum_log_interval_secs=0'])
     trainer = build_trainer(config)
     batch = next(iter(trainer.train_iterator))
+    trainer.policy.train()  # as the loop's train() leaves it
     start = time.perf_counter()
     trainer.train_step([batch])  # the step alone: no checkpoint (TRL's writes none), and timed whatever the scores
     return {'seconds': time.perf_counter() - start, 'completions': args.prompts * args.k, 'steps': trainer.batch_counter}

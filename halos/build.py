@@ -249,11 +249,6 @@ def formatting(run: RunSettings) -> Formatting:
 def build_loader(run: RunSettings, tokenizer, split: str, dataset_names: Optional[List[str]] = None,
                  loader_class: Optional[type] = None, **options):
     """The run's loader of `split` (its loss's loader class unless given); `options` override the settings'."""
-    if run.use_chat_template and not tokenizer.chat_template:
-        raise ConfigError(f"use_chat_template=true, but the tokenizer of "
-                          f"{run.model.tokenizer_name_or_path or run.model.name_or_path} has no chat template: set "
-                          f"use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
-                          f"model.tokenizer_name_or_path a tokenizer that has one")
     loader_class = loader_class or dataloader.get_dataloader_class(run.loss.dataloader)
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     kwargs = dict(split=split, max_length=run.model.max_length, max_prompt_length=run.model.max_prompt_length,
@@ -322,6 +317,7 @@ def build_trainer(run: RunSettings):
     start_process(run.seed, run.retain_freed_memory)
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     tokenizer = models.load_tokenizer(run.model.tokenizer_name_or_path or run.model.name_or_path, control_tokens(run))
+    check_chat_template(run, tokenizer)
     online, sampled = run.online.rounds > 0, trainer_class.samples_online
     prompts = run.online.prompts or run.datasets
     train_prompts, held_out_prompts = (prompts, run.online.eval_prompts or prompts) if sampled else (None, None)
@@ -332,7 +328,7 @@ def build_trainer(run: RunSettings):
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))
-    if sampled:
+    if sampled and eval_loader.n_examples != 0:
         warn_on_shared_held_out(train_loader.items, eval_loader.items)
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
@@ -414,16 +410,29 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
 
 
 def warn_on_shared_held_out(train_items, held_out_items) -> None:
-    """The held-out reward checks the training reward (the monitors compare them): a held-out prompt that is also a
-    training prompt does not."""
-    digests = lambda items: {prompt_digest(example.turns or example.prompt) for example in items}
-    shared = len(digests(held_out_items) & digests(train_items))
+    """Warn (rank 0) when held-out prompts are also training prompts: the held-out reward checks the training
+    reward (the monitors compare them), which a training prompt cannot do."""
+    shared = len(prompt_digests(held_out_items) & prompt_digests(train_items))
     if shared:
         rank0_print(f"warning: {shared} of the {len(held_out_items)} held-out prompts are also training prompts, so "
                     f"the held-out reward is not held out there: give online.eval_prompts a file of other prompts")
 
 
+def prompt_digests(examples) -> set:
+    return {prompt_digest(example.turns or example.prompt) for example in examples}
+
+
 def load_run_tokenizer(run: RunSettings):
     """The tokenizer the run saved (with any control tokens), else the model's; eval.py's first load."""
     check_model_paths(run, training=False)
-    return models.load_run_tokenizer(run.local_run_dir, run.model.tokenizer_name_or_path or run.model.name_or_path)
+    tokenizer = models.load_run_tokenizer(run.local_run_dir, run.model.tokenizer_name_or_path or run.model.name_or_path)
+    check_chat_template(run, tokenizer)
+    return tokenizer
+
+
+def check_chat_template(run: RunSettings, tokenizer) -> None:
+    """use_chat_template=true needs a tokenizer with a chat template: stop before any model loads."""
+    if run.use_chat_template and not tokenizer.chat_template:
+        raise ConfigError(f"use_chat_template=true, but the tokenizer of {tokenizer.name_or_path} has no chat template: "
+                          f"set use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
+                          f"model.tokenizer_name_or_path a tokenizer that has one")

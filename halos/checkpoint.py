@@ -133,10 +133,15 @@ def load_policy_file(path: str) -> Dict:
     """Reads a file written by `save_policy_file` (plain tensors, so weights_only=True works)."""
     policy = read_torch_file(path)
     state = policy.get("state") if isinstance(policy, dict) else None
-    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+    if not isinstance(state, dict):
         held = f"a dict of {', '.join(map(repr, list(policy)[:4]))}" if isinstance(policy, dict) \
             else type(policy).__name__
         raise DataError(f"{path}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: it holds {held}")
+    wrong = next(((k, v) for k, v in state.items() if not (isinstance(k, str) and torch.is_tensor(v))), None)
+    if wrong is not None or not state:
+        what = f"maps {wrong[0]!r} to a {type(wrong[1]).__name__}" if wrong else "is empty"
+        raise DataError(f"{path}: not a policy checkpoint: its 'state' {what}, where a policy's maps each parameter's "
+                        f"name to its tensor")
     return policy
 
 

@@ -264,9 +264,12 @@ def check_dataset_name(name: str) -> None:
     elif name in DATASETS:
         return
     elif os.path.isdir(name):
-        files = sorted(f for f in os.listdir(name) if is_feedback_file(f))[:3]
-        raise DataError(f"dataset '{name}' is a directory: name its .json/.jsonl files"
-                        + (f" (datasets=[{','.join(os.path.join(name, f) for f in files)}])" if files else ''))
+        files = [os.path.join(name, f) for f in sorted(os.listdir(name)) if is_feedback_file(f)]
+        if not files:
+            raise DataError(f"dataset '{name}' is a directory with no .json/.jsonl file; valid names: "
+                            f"{', '.join(sorted(DATASETS))}, or a path to a .json/.jsonl feedback file")
+        listed = ','.join(files[:3]) + (',...' if len(files) > 3 else '')
+        raise DataError(f"dataset '{name}' is a directory: name its .json/.jsonl files (datasets=[{listed}])")
     else:
         raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
                         f"or a path to a .json/.jsonl feedback file")

@@ -29,9 +29,11 @@ from halos.jsonl import complete_lines, drop_cut_last_line
 
 OPENAI_BASE_URL = 'https://api.openai.com/v1'
 # the HTTP client logs every request, and the OpenAI client every retry, at INFO: under train.py's logging (Hydra's,
-# INFO) a judged round would print a line per judgment; the judge's own progress bar and errors say what matters
-logging.getLogger('httpx').setLevel(logging.WARNING)
-logging.getLogger('openai').setLevel(logging.WARNING)
+# INFO) a judged round would print a line per judgment; the judge's own progress bar and errors say what matters.
+# OPENAI_LOG=info or debug, the OpenAI client's own switch, still shows them.
+if not os.environ.get('OPENAI_LOG'):
+    logging.getLogger('httpx').setLevel(logging.WARNING)
+    logging.getLogger('openai').setLevel(logging.WARNING)
 NO_KEY = 'sk-no-key-required'  # servers such as vLLM, llama.cpp and Ollama accept any key
 # Refusals that every other request would get too: stop the run (what is cached stays).
 FATAL_ERRORS = (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError)

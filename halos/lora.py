@@ -15,6 +15,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 import torch
 
 import models
+from halos.errors import ConfigError, MissingFileError
 from halos.settings import PeftSettings
 
 ADAPTER_WEIGHTS = 'adapter_model.safetensors'
@@ -33,7 +34,6 @@ def four_bit_options(compute_dtype: str) -> Dict:
     """from_pretrained options for 4-bit NF4 base weights (QLoRA), when a GPU and bitsandbytes are present."""
     import importlib.util
     if not torch.cuda.is_available() or importlib.util.find_spec('bitsandbytes') is None:
-        from halos.errors import ConfigError
         raise ConfigError("model.peft.load_in_4bit=true needs a GPU and bitsandbytes (pip install -r "
                           "requirements-gpu.txt); set it to false to train LoRA on full-precision base weights")
     from transformers import BitsAndBytesConfig
@@ -41,28 +41,37 @@ def four_bit_options(compute_dtype: str) -> Dict:
                                                       bnb_4bit_compute_dtype=getattr(torch, compute_dtype))}
 
 
-def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None) -> torch.nn.Module:
-    """`model` with fresh adapters (in the base weights' dtype), or with those saved in `adapter_dir`."""
-    from peft import PeftModel, get_peft_model
+def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
+              key: str = 'model.load_lora_from') -> torch.nn.Module:
+    """`model` with fresh adapters (in the base weights' dtype), or with those saved in `adapter_dir` (named in
+    errors as the setting `key`)."""
+    from peft import get_peft_model
     if adapter_dir is not None:
         if not os.path.exists(os.path.join(adapter_dir, 'adapter_config.json')):
-            from halos.errors import MissingFileError
-            raise MissingFileError(f"model.load_lora_from={adapter_dir!r} holds no adapter_config.json (give a "
-                                   f"run's LATEST/adapter directory, or any directory PeftModel.save_pretrained wrote)")
-        try:
-            return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
-        except RuntimeError as error:  # torch's load_state_dict: a line per mismatched tensor
-            from halos.errors import ConfigError
-            first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
-            raise ConfigError(f"model.load_lora_from={adapter_dir!r}: its adapters do not fit the model "
-                              f"{model.config._name_or_path}: {first} (adapters of another model or size?)") from None
+            raise MissingFileError(f"{key}={adapter_dir!r} holds no adapter_config.json (give a run's LATEST/adapter "
+                                   f"directory, or any directory PeftModel.save_pretrained wrote)")
+        return saved_adapters_on(model, adapter_dir, key)
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:
-        from halos.errors import ConfigError
         raise ConfigError(f"model.peft.target_modules: no module of the model that LoRA adapts (a linear, embedding or "
                           f"convolution layer) is named {' or '.join(unmatched)}; its linear layers are "
                           f"{', '.join(linear_layer_names(model))} (or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+def saved_adapters_on(model: torch.nn.Module, adapter_dir: str, key: str) -> torch.nn.Module:
+    """`model` with the trainable adapters saved in `adapter_dir`; adapters of another model stop in one line."""
+    from peft import PeftModel
+    from peft.utils.error import NoMatchingPeftModuleError
+    try:
+        return PeftModel.from_pretrained(model, adapter_dir, is_trainable=True, autocast_adapter_dtype=False)
+    except (RuntimeError, NoMatchingPeftModuleError) as error:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        if isinstance(error, RuntimeError) and not lines[0].startswith('Error(s) in loading state_dict'):
+            raise  # not a mismatch (out of memory, a CUDA error)
+        first = lines[1] if isinstance(error, RuntimeError) and len(lines) > 1 else lines[0]
+        raise ConfigError(f"{key}={adapter_dir!r}: its adapters do not fit the model {model.config._name_or_path}: "
+                          f"{first} (adapters of another model or size?)") from None
 
 
 def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
@@ -158,7 +167,6 @@ def lora_delta(layer, adapter: str) -> torch.Tensor:
     """(alpha / r) B A of one adapted linear layer, as peft's merge adds it to the base weight: on CPU a
     half-precision product runs in float32 and is cast back (peft does the same, so the merged values are equal)."""
     if adapter in getattr(layer, 'lora_variant', {}) or getattr(layer, 'lora_bias', {}).get(adapter):
-        from halos.errors import ConfigError
         raise ConfigError("vLLM sampling merges plain LoRA adapters only (no DoRA or other variant, no LoRA bias)")
     a, b = full(layer.lora_A[adapter].weight), full(layer.lora_B[adapter].weight)
     upcast = b.device.type == 'cpu' and b.dtype in (torch.float16, torch.bfloat16)

@@ -339,6 +339,10 @@ def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
         D.load_dataset(str(tmp_path / 'mine'), 'train', **FORMAT)
     assert str(error.value) == (f"dataset '{tmp_path}/mine' is a directory: name its .json/.jsonl files "
                                 f"(datasets=[{tmp_path}/mine/a.json,{tmp_path}/mine/b.jsonl])")
+    (tmp_path / 'empty').mkdir()
+    with pytest.raises(ValueError, match=rf"^dataset '{tmp_path}/empty' is a directory with no .json/.jsonl file; "
+                                         rf"valid names: alpacaeval, hh, "):
+        D.load_dataset(str(tmp_path / 'empty'), 'train', **FORMAT)
     with pytest.raises(ConnectionError, match=r"dataset 'hh': could not fetch Anthropic/hh-rlhf .* pass \+\+data_dir=DIR"):
         D.load_dataset('hh', 'train', **FORMAT)
     with pytest.raises(ValueError, match='set n_epochs or n_examples'):

@@ -41,7 +41,23 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template']
 
 
-def cases(tmp_path):
+@pytest.fixture(scope='module')
+def made_once(tmp_path_factory):
+    """Files some cases need, made once for the module (every case is built for each test): the tiny model's
+    tokenizer without its chat template, and a run's optimizer.pt (its 'state' maps parameter numbers to dicts)."""
+    import torch
+
+    import models
+    directory = tmp_path_factory.mktemp('made_once')
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(directory / 'tokenizer_without_template')
+    torch.save({'state': {0: {'step': torch.tensor(1.0)}}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
+               directory / 'optimizer.pt')
+    return directory
+
+
+def cases(tmp_path, made_once):
     """name -> (script, overrides, the exact message after '<script>: ')."""
     binary = {'prompt': 'Say hi.', 'output': 'Hi!', 'label': 1}
     latin1 = feedback_file(tmp_path, 'latin1.jsonl', content=b'{"prompt": "Caf\xe9?", "output": "Oui.", "label": 1}\n')
@@ -57,16 +73,7 @@ def cases(tmp_path):
                                                     {'prompt': 'Say hi.', 'output': 'Hello!', 'reward': 0.5},
                                                     {'prompt': 'Say bye.', 'output': 'Bye!', 'reward': 2.0}])
     prompts = os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')
-    import torch
-
-    import models
-    no_template = tmp_path / 'tokenizer_without_template'
-    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
-    tokenizer.chat_template = None
-    tokenizer.save_pretrained(no_template)
-    optimizer_file = tmp_path / 'optimizer.pt'
-    torch.save({'state': {0: {'step': torch.tensor(1.0)}}, 'param_groups': [{'lr': 1e-3, 'params': [0]}]},
-               optimizer_file)
+    no_template, optimizer_file = made_once / 'tokenizer_without_template', made_once / 'optimizer.pt'
     unlabelled = feedback_file(tmp_path, 'run_samples.jsonl', [{'prompt': 'Say hi.', 'output': 'Hi!', 'prompt_id': 'a',
                                                                 'sample_id': 0, 'type': 'sample'}])
     train_only = feedback_file(tmp_path, 'train_only.jsonl', [{'prompt': 'Pick one.', 'output_A': 'This one.',
@@ -180,8 +187,8 @@ def cases(tmp_path):
                              f"use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
                              f"model.tokenizer_name_or_path a tokenizer that has one"),
         'load_from an optimizer file': ('train.py', [f'++model.load_from={optimizer_file}'],
-                                        f"{optimizer_file}: not a policy checkpoint {{'step_idx', 'state', 'metrics'}}: "
-                                        f"it holds a dict of 'state', 'param_groups'"),
+                                        f"{optimizer_file}: not a policy checkpoint: its 'state' maps 0 to a dict, where "
+                                        f"a policy's maps each parameter's name to its tensor"),
         'missing load_from': ('train.py', ['++model.load_from=no_run/LATEST/policy.pt'],
                               f"model.load_from='no_run/LATEST/policy.pt' does not exist (looked in "
                               f"cache_dir='{tmp_path}' and the working directory); give a policy.pt file or an HF "
@@ -213,13 +220,13 @@ def run_in_process(monkeypatch, capsys, script: str, argv: list):
     return exit.value.code, capsys.readouterr().err
 
 
-def test_every_case_is_run(tmp_path):
-    assert sorted(CASES) == sorted(cases(tmp_path))
+def test_every_case_is_run(tmp_path, made_once):
+    assert sorted(CASES) == sorted(cases(tmp_path, made_once))
 
 
 @pytest.mark.parametrize('name', CASES)
-def test_a_user_error_ends_with_one_line_and_status_2(tmp_path, monkeypatch, capsys, name):
-    script, overrides, message = cases(tmp_path)[name]
+def test_a_user_error_ends_with_one_line_and_status_2(tmp_path, made_once, monkeypatch, capsys, name):
+    script, overrides, message = cases(tmp_path, made_once)[name]
     hydra_dir = [f'hydra.run.dir={tmp_path / "hydra"}']
     if script == 'train.py':
         argv = [f'--config-path={ROOT}/config'] + base_overrides(tmp_path, 'dpo', 'test') + hydra_dir + overrides

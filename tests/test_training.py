@@ -411,7 +411,7 @@ def test_sigterm_saves_the_step_stops_and_the_resumed_run_ends_with_the_uninterr
     evaluation was due), the run stops with one line and status 143, and ++resume=true finishes the run."""
     import signal
     import time
-    common = ['++n_epochs=2', '++eval_every=1000', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=10',
+    common = ['++n_epochs=3', '++eval_every=1000', '++optimizer=AdamW', '++lr=1e-3', '++warmup_steps=10',
               'datasets=[hh_helpful]', '++n_eval_examples=4']
     run_train(tmp_path, *common, exp_name='whole')
     stopped = subprocess.Popen(train_command(tmp_path, *common, exp_name='stopped'), cwd=ROOT,
@@ -423,12 +423,12 @@ def test_sigterm_saves_the_step_stops_and_the_resumed_run_ends_with_the_uninterr
     last = stopped.communicate(timeout=300)[1].strip().splitlines()[-1]
     state = torch.load(tmp_path / 'stopped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
     examples = state['example_counter']
-    assert stopped.returncode == 128 + signal.SIGTERM and 0 < examples < 24, (stopped.returncode, examples)
+    assert stopped.returncode == 128 + signal.SIGTERM and 0 < examples < 36, (stopped.returncode, examples)
     assert last == (f"train.py: stopped by SIGTERM after {examples} examples, saved in {tmp_path}/stopped/LATEST: "
                     f"continue with ++resume=true")
     run_train(tmp_path, *common, '++resume=true', exp_name='stopped')
     whole, resumed = (load_policy_file(tmp_path / name / 'LATEST' / 'policy.pt') for name in ('whole', 'stopped'))
-    assert resumed['step_idx'] == whole['step_idx'] == 24
+    assert resumed['step_idx'] == whole['step_idx'] == 36
     for name, tensor in whole['state'].items():
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
 
@@ -445,24 +445,27 @@ train.spawn_workers(make_config({cache!r}, *{overrides!r}), 2)
 @pytest.mark.slow
 def test_sigterm_to_halos_spawned_workers_reaches_both_which_save_together_and_stop_with_status_143(tmp_path):
     """halos' own one-process-per-GPU launch (here two CPU processes over gloo): the parent passes SIGTERM on, both
-    ranks save the same step, and the parent ends with the workers' status (the resume is tested above)."""
+    ranks save the same step, the parent ends with the workers' status, and two processes resume it to its end."""
     import signal
     import time
-    overrides = ['++n_epochs=2', '++eval_every=1000', '++optimizer=AdamW', '++lr=1e-3', 'datasets=[hh_helpful]',
+    overrides = ['++n_epochs=3', '++eval_every=1000', '++optimizer=AdamW', '++lr=1e-3', 'datasets=[hh_helpful]',
                  'exp_name=spawned', '++n_eval_examples=4']
-    script = SPAWNED.format(root=ROOT, tests=os.path.join(ROOT, 'tests'), cache=str(tmp_path), overrides=overrides)
-    parent = subprocess.Popen([sys.executable, '-c', script], cwd=ROOT, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
+    spawned = lambda *extra: [sys.executable, '-c', SPAWNED.format(
+        root=ROOT, tests=os.path.join(ROOT, 'tests'), cache=str(tmp_path), overrides=overrides + list(extra))]
+    parent = subprocess.Popen(spawned(), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics, deadline = tmp_path / 'spawned' / 'metrics.jsonl', time.time() + 300
     while not (metrics.exists() and 'counters/examples' in metrics.read_text()) and time.time() < deadline:
         time.sleep(0.02)
     parent.send_signal(signal.SIGTERM)
     stderr = parent.communicate(timeout=300)[1]
     examples = torch.load(tmp_path / 'spawned' / 'LATEST' / 'trainer_state.pt', weights_only=True)['example_counter']
-    assert parent.returncode == 143 and 0 < examples < 24, (parent.returncode, stderr[-2000:])
+    assert parent.returncode == 143 and 0 < examples < 36, (parent.returncode, stderr[-2000:])
     assert stderr.count(f"train.py: stopped by SIGTERM after {examples} examples, saved in {tmp_path}/spawned/"
                         f"LATEST") == 2  # each rank stopped at the same step
     assert 'Traceback' not in stderr
+    checked(subprocess.run(spawned('++resume=true'), cwd=ROOT, capture_output=True, text=True, timeout=300),
+            ['python', 'train.py'])
+    assert load_policy_file(tmp_path / 'spawned' / 'LATEST' / 'policy.pt')['step_idx'] == 36
 
 
 # ---------------------------------------------------------------- the reference cache
