@@ -88,7 +88,8 @@ def reported_as_one_line(program: str):
     except UserError as error:
         sys.exit(reported(program, error))
     except StoppedBySignal as stop:
-        print(f'{program}: {stop}', file=sys.stderr, flush=True)
+        if os.environ.get('RANK', '0') == '0':  # every process stops at the same step: one says so
+            print(f'{program}: {stop}', file=sys.stderr, flush=True)
         sys.exit(128 + stop.signum)
     except OSError as error:
         if show_traceback() or error.errno not in FILE_SYSTEM_REFUSALS:
