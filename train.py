@@ -63,14 +63,19 @@ def train_run(run: RunSettings) -> None:
         trainer.save_checkpoint(final=True)
 
 
-@contextlib.contextmanager
 def stopping_after_a_step_on_sigterm(trainer):
     """SIGTERM (a scheduler's preemption, `kill`; torchrun passes it to every process) lets the current optimizer
     step end, saves the checkpoint and stops the run, instead of losing what was trained since the last one. A
     process may get it twice (from a scheduler and from torchrun): Ctrl-C, not a second SIGTERM, stops at once."""
     def ask_to_stop(signum, frame):
         trainer.stop_signal = signum
-    previous = signal.signal(signal.SIGTERM, ask_to_stop)
+    return sigterm_handled_by(ask_to_stop)
+
+
+@contextlib.contextmanager
+def sigterm_handled_by(handler):
+    """SIGTERM goes to `handler` while the body runs; then to whatever handled it before."""
+    previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
     finally:
@@ -167,16 +172,14 @@ def spawn_workers(run: RunSettings, world_size: int) -> None:
     workers = mp.spawn(spawned_worker, nprocs=world_size, join=False,
                        args=(world_size, run, run.fsdp_port or free_port()))
     pass_on = lambda signum, frame: [os.kill(worker.pid, signum) for worker in workers.processes if worker.is_alive()]
-    previous = signal.signal(signal.SIGTERM, pass_on)
     try:
-        while not workers.join(grace_period=WORKER_GRACE_SECONDS):
-            pass
+        with sigterm_handled_by(pass_on):
+            while not workers.join(grace_period=WORKER_GRACE_SECONDS):
+                pass
     except mp.ProcessExitedException as error:
         if error.exit_code is None or error.exit_code <= 0:
             raise
         sys.exit(error.exit_code)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name='config')

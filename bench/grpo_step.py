@@ -10,9 +10,9 @@ no top-k, fused AdamW (as halos builds it) at the same learning rate, beta (KL w
 the `grpo` reduction, and mu updates (--mu, TRL's num_iterations) on all P x k completions. halos runs one
 step of standard GRPO (`train.py loss=grpo-online`: halos' sampler, the reward labeler, the old policy = the
 policy that sampled, the k3 KL to the starting model): the loop's train_step alone, without a
-checkpoint, since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate. Each side runs in its own
-process, alternating; the wall time of the step (sampling + scoring + updates; model loading excluded) is the
-best of --runs.
+checkpoint, since TRL's run saves nothing; TRL runs `GRPOTrainer.train()` for max_steps=mu with HF generate.
+Each side runs in its own process, alternating; the wall time of the step (sampling + scoring + updates; model
+loading excluded) is the best of --runs.
 
 Writes bench/results/grpo-<timestamp>.{json,md} and grpo-latest.{json,md}.
 """

@@ -6,7 +6,7 @@ train.py and eval.py (the entry points) call these; everything below them receiv
 """
 import dataclasses
 import os
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -340,8 +340,7 @@ def unknown_override(key: str, override: str) -> str:
     """The message for `key=value` (`override`, as typed) of a key the composed config lacks: a key that halos
     declares (a setting, or a key of some loss) but no config file lists is set with ++, which checks it against
     the chosen loss; anything else gets the closest keys of the settings and of every loss."""
-    loss_keys = {f'loss.{name}' for file in os.listdir(LOSS_CONFIGS)
-                 for name in OmegaConf.load(os.path.join(LOSS_CONFIGS, file))}
+    loss_keys = {f'loss.{name}' for config in loss_yamls().values() for name in config}
     loss_keys |= {f'loss.{spec.name}' for module, base in ((trainers, trainers.BasicTrainer),
                                                             (dataloader, dataloader.DataLoader))
                   for kind in vars(module).values() if isinstance(kind, type) and issubclass(kind, base)
@@ -357,13 +356,19 @@ def losses_reading(kind: str) -> List[str]:
     """The losses of config/loss/ that train offline on `kind` feedback (binary, pairwise or scalar): those whose
     loader's feedback_kinds hold it, or that read any kind."""
     names = []
-    for file in sorted(os.listdir(LOSS_CONFIGS)):
-        loader = getattr(dataloader, str(OmegaConf.load(os.path.join(LOSS_CONFIGS, file)).get('dataloader')), None)
+    for name, config in loss_yamls().items():
+        loader = getattr(dataloader, str(config.get('dataloader')), None)
         reads_feedback = isinstance(loader, type) and issubclass(loader, dataloader.DataLoader) and \
             not issubclass(loader, dataloader.PromptDataLoader)  # a YAML naming no such loader is left out
         if reads_feedback and kind in (loader.feedback_kinds or (kind,)):
-            names.append(file[:-len('.yaml')])
+            names.append(name)
     return names
+
+
+def loss_yamls() -> Dict[str, DictConfig]:
+    """config/loss/<name>.yaml by name, in name order."""
+    return {file[:-len('.yaml')]: OmegaConf.load(os.path.join(LOSS_CONFIGS, file))
+            for file in sorted(os.listdir(LOSS_CONFIGS))}
 
 
 def build_rollouts(run: RunSettings) -> Rollouts:
@@ -433,6 +438,6 @@ def load_run_tokenizer(run: RunSettings):
 def check_chat_template(run: RunSettings, tokenizer) -> None:
     """use_chat_template=true needs a tokenizer with a chat template: stop before any model loads."""
     if run.use_chat_template and not tokenizer.chat_template:
-        raise ConfigError(f"use_chat_template=true, but the tokenizer of {tokenizer.name_or_path} has no chat template: "
-                          f"set use_chat_template=false (prompts then take human_prefix and assistant_prefix), or give "
-                          f"model.tokenizer_name_or_path a tokenizer that has one")
+        raise ConfigError(f"use_chat_template=true, but the tokenizer of {tokenizer.name_or_path} has no chat "
+                          f"template: set use_chat_template=false (prompts then take human_prefix and "
+                          f"assistant_prefix), or give model.tokenizer_name_or_path a tokenizer that has one")

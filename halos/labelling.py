@@ -56,10 +56,15 @@ def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, wh
     samples got a score."""
     if n_scored > 0 and n_scored >= least_share * n_samples:
         return
-    last_error = getattr(labeler, 'last_error', None)
     share = f' (fewer than {least_share:.0%})' if n_scored else ''
     raise LabelError(f"{what}: {getattr(labeler, 'name', 'the labeler')} scored {n_scored} of {n_samples} samples"
-                     f"{share}" + (f"; last error: {last_error}" if last_error else ''))
+                     f"{share}{last_error_note(labeler)}")
+
+
+def last_error_note(labeler) -> str:
+    """'; last error: ...' where the labeller kept one (a judge's failed requests), else ''."""
+    last_error = getattr(labeler, 'last_error', None)
+    return f"; last error: {last_error}" if last_error else ''
 
 
 TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ'}

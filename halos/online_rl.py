@@ -36,7 +36,7 @@ from halos import checkpoint, rl
 from halos.errors import DataError
 from halos.jsonl import append_json_lines, read_json_lines, write_jsonl
 from halos.labelers import LabelError, Labeler, checked_scores
-from halos.labelling import scored_enough
+from halos.labelling import last_error_note, scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
                             sample_stats)
 from halos.packing import token_level_logps
@@ -173,8 +173,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         scored_enough(int(counts[0]), int(counts[1]), self.rollouts.min_scored, labeler, what)
         if on_every_rank and counts[2] > 0:
             raise LabelError(f"{what}: {labeler.name} scored none of the samples of {int(counts[2])} of "
-                             f"{get_world_size()} processes, which have nothing to train on"
-                             + (f"; last error: {labeler.last_error}" if getattr(labeler, 'last_error', None) else ''))
+                             f"{get_world_size()} processes, which have nothing to train on{last_error_note(labeler)}")
 
     def refilled(self, groups: List[Group]) -> Tuple[List[Group], Dict[str, float]]:
         """Dynamic sampling: the degenerate groups replaced by groups of fresh prompts drawn from the pool (seeded
