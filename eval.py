@@ -197,15 +197,15 @@ def lm_eval_results(run: RunSettings) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
     settings = run.lm_eval
+    task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
+    unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
+    if unknown:  # said before the policy loads
+        raise ConfigError(f"lm_eval.tasks: no task {', '.join(unknown)} in lm-eval or {HALOS_TASKS}"
+                          + (f" or {settings.include_path}" if settings.include_path else ''))
     tokenizer = load_run_tokenizer(run)
     policy = load_policy(run, tokenizer).to('cuda' if torch.cuda.is_available() else 'cpu')
     model = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=settings.batch_size,
                  max_length=run.model.max_length)
-    task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
-    unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
-    if unknown:
-        raise ConfigError(f"lm_eval.tasks: no task {', '.join(unknown)} in lm-eval or {HALOS_TASKS}"
-                          + (f" or {settings.include_path}" if settings.include_path else ''))
     results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
                                       limit=settings.limit, task_manager=task_manager)
     print(make_table(results))

@@ -62,6 +62,10 @@ def composition_message(error: Exception) -> str:
     if unknown:
         from halos.build import unknown_override
         return unknown_override(unknown.group(1), unknown.group(2).strip())
+    missing_dir = re.search(r"config directory '([^']+)' exists", str(error))
+    if isinstance(error, MissingConfigException) and missing_dir:
+        return (f"--config-path={missing_dir.group(1)}: no such directory; give a run directory "
+                "(<cache_dir>/<exp_name>, where train.py saved config.yaml) or --config-path=config (halos' defaults)")
     if isinstance(error, MissingConfigException) and 'primary config' in str(error):
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")

@@ -74,7 +74,8 @@ def reported(program: str, error: UserError) -> int:
 
 # what the file system answers a run that writes where it may not, where no room is left, or where a path's kind
 # (file or directory) is not the one it needs
-FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR}
+FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
+                        errno.EEXIST}
 
 
 @contextlib.contextmanager
@@ -95,7 +96,9 @@ def reported_as_one_line(program: str):
         if show_traceback() or error.errno not in FILE_SYSTEM_REFUSALS:
             raise
         where = f"{error.filename}: " if error.filename else ''
-        print(f'{program}: {where}{error.strerror}', file=sys.stderr, flush=True)
+        a_file_in_the_way = error.errno == errno.EEXIST and error.filename and os.path.isfile(error.filename)
+        what = 'a file, where a directory must be' if a_file_in_the_way else error.strerror
+        print(f'{program}: {where}{what}', file=sys.stderr, flush=True)
         sys.exit(2)
     except KeyboardInterrupt:
         if show_traceback():

@@ -79,7 +79,9 @@ def write_jsonl(path: str, records: List[Dict]) -> None:
         os.umask(umask)
         os.chmod(f.name, 0o666 & ~umask)  # the mode of a file written with open(), not the temporary file's 0600
         os.replace(f.name, path)
-    except OSError as error:  # a directory in the way, no permission, a full disk
+    except BaseException as error:  # a directory in the way, no permission, a full disk, Ctrl-C
         if temporary and os.path.exists(temporary):
             os.remove(temporary)
-        raise UserError(f"{path}: cannot be written ({error.strerror or error})") from None
+        if isinstance(error, OSError):
+            raise UserError(f"{path}: cannot be written ({error.strerror or error})") from None
+        raise

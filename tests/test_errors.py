@@ -253,6 +253,14 @@ def test_eval_py_without_a_config_path_says_which_to_give(tmp_path):
         "or --config-path=config (halos' defaults)")
 
 
+def test_eval_py_names_a_config_path_that_is_not_there(tmp_path, monkeypatch, capsys):
+    status, stderr = run_in_process(monkeypatch, capsys, 'eval.py', [
+        f'--config-path={tmp_path}/runs/nosuch', f'hydra.run.dir={tmp_path}', '++mode=sample'])
+    assert status == 2 and last_line(stderr) == (
+        f"eval.py: --config-path={tmp_path}/runs/nosuch: no such directory; give a run directory "
+        "(<cache_dir>/<exp_name>, where train.py saved config.yaml) or --config-path=config (halos' defaults)")
+
+
 def test_a_reward_function_that_raises_mid_run_ends_it_with_its_line_last(tmp_path):
     """The training progress bar is closed before the error is printed, so the error is the last line."""
     (tmp_path / 'broken.py').write_text('def reward(prompt, completion):\n    return len(completion) / 0\n')
@@ -350,5 +358,8 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
     with pytest.raises(SystemExit), reported_as_one_line('train.py'):
         open(tmp_path, 'w')  # a directory where a file must be
     assert capsys.readouterr().err == f'train.py: {tmp_path}: Is a directory\n'
+    with pytest.raises(SystemExit), reported_as_one_line('eval.py'):
+        os.makedirs(a_file, exist_ok=True)  # e.g. ++samples_dir=<a file>
+    assert capsys.readouterr().err == f'eval.py: {a_file}: a file, where a directory must be\n'
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')

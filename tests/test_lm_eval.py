@@ -3,6 +3,7 @@ data/lm_eval, no hub), with the embedded SmolLM2; its accuracy equals one comput
 log-probs of every answer."""
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -43,3 +44,19 @@ def test_lm_eval_accuracy_equals_the_one_from_the_models_log_probs(tmp_path, mon
         correct.append(max(range(len(scores)), key=scores.__getitem__) == item['answer'])
     assert accuracy == pytest.approx(sum(correct) / len(items), abs=1e-9)
     assert 0 < accuracy < 1  # neither side trivially right or wrong on all 20
+
+
+def test_an_unknown_task_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
+    import eval as eval_py
+
+    def no_load(*args, **kwargs):
+        raise AssertionError('the policy loaded before the tasks were checked')
+    monkeypatch.setattr(eval_py, 'load_run_tokenizer', no_load)
+    monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
+                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[halos_basics,nosuch]',
+                                      '++saved_policy=null', f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
+    with pytest.raises(SystemExit) as exit_:
+        eval_py.main()
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"eval.py: lm_eval.tasks: no task nosuch in lm-eval or {os.path.join(DATA, 'lm_eval')}")

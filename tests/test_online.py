@@ -322,6 +322,18 @@ def test_written_feedback_files_get_the_usual_file_mode(tmp_path):
     assert (tmp_path / 'f.jsonl').stat().st_mode & 0o777 == 0o644
 
 
+def test_a_write_interrupted_by_ctrl_c_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    from halos.jsonl import write_jsonl
+
+    def interrupted():
+        yield {'a': 2}
+        raise KeyboardInterrupt
+    write_jsonl(str(tmp_path / 'f.jsonl'), [{'a': 1}])
+    with pytest.raises(KeyboardInterrupt):
+        write_jsonl(str(tmp_path / 'f.jsonl'), interrupted())
+    assert os.listdir(tmp_path) == ['f.jsonl'] and (tmp_path / 'f.jsonl').read_text() == '{"a": 1}\n'
+
+
 def test_more_prompts_per_round_than_the_pool_holds_warns(tmp_path, capsys):
     from halos.build import build_online_rounds
     prompts = tmp_path / 'prompts.jsonl'
