@@ -5,8 +5,10 @@
     scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
     prompt:   {"prompt": ...}                                                     (a prompts file, for sampling)
 
-TRL's explicit-prompt formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen
-preferred) and {"prompt", "completion", "label"} binary feedback.
+TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen preferred) and
+{"prompt", "completion", "label"} binary feedback. In their conversational form an output may repeat the
+prompt's turns before its own (as ultrafeedback_binarized's do), and a pair may leave the prompt implicit:
+{"chosen": [turns], "rejected": [turns]}, the prompt being the turns the two share.
 
 Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
 `split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
@@ -96,13 +98,31 @@ def checked_turns(value, name: str, where: str) -> List[Dict[str, str]]:
     return [{'role': t['role'], 'content': t['content']} for t in value]
 
 
-def _completion(record: Dict, name: str, where: str) -> str:
+def _completion(record: Dict, name: str, where: str, prompt_turns: List[Dict[str, str]]) -> str:
     turns = checked_turns(_field(record, name, where), name, where)
+    if len(turns) > len(prompt_turns) and turns[:len(prompt_turns)] == prompt_turns:
+        turns = turns[len(prompt_turns):]  # a whole conversation: the prompt's turns, then the completion's
     if len(turns) != 1:
-        raise DataError(f"{where}: field '{name}' has {len(turns)} turns; a completion must be one assistant turn")
+        raise DataError(f"{where}: field '{name}' has {len(turns)} turns after the prompt's; a completion must be "
+                        f"one assistant turn")
     if not turns[0]['content'].strip():
         raise DataError(f"{where}: field '{name}' is an empty completion")
     return turns[0]['content']
+
+
+def prompt_turns(record: Dict, where: str) -> List[Dict[str, str]]:
+    """The record's prompt; where a pair of conversations has none, the turns that both share before their
+    last (TRL's implicit prompt)."""
+    if 'prompt' in record or not all(isinstance(record.get(name), list) for name in PAIR_FIELDS[1]):
+        return checked_turns(_field(record, 'prompt', where), 'prompt', where)
+    chosen, rejected = (checked_turns(record[name], name, where) for name in PAIR_FIELDS[1])
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    if not shared:
+        raise DataError(f"{where}: missing field 'prompt', and 'chosen' and 'rejected' share no turns to take "
+                        f"as the prompt")
+    return chosen[:shared]
 
 
 def _label(record: Dict, where: str) -> bool:
@@ -179,7 +199,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             raise DataError(f"{where}: an unlabelled sample (type 'sample', as eval.py writes it); label the file "
                             f"first: python label.py {path} feedback.jsonl --reward-function file.py:function (or "
                             f"--reward-model, --judge)")
-        turns = checked_turns(_field(record, 'prompt', where), 'prompt', where)
+        turns = prompt_turns(record, where)
         prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]
@@ -194,12 +214,12 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             pass
         elif kind == 'scalar':
             reward = _score(record, 'reward', where) if record.get('reward') is not None else _field(record, 'reward', where)
-            add_generation(example, _completion(record, output_field(record), where) + assistant_suffix, reward,
+            add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, reward,
                            _weight(record, 'weight', where))
         elif kind == 'pairwise':
             first, second = pair_fields(record) or PAIR_FIELDS[0]
             label = _label(record, where) if first == 'output_A' else True
-            outputs = [_completion(record, first, where), _completion(record, second, where)]
+            outputs = [_completion(record, first, where, turns), _completion(record, second, where, turns)]
             if outputs[0].strip() == outputs[1].strip():
                 raise DataError(f"{where}: fields '{first}' and '{second}' are the same text; a preference needs "
                                 f"two different outputs")
@@ -216,7 +236,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.pair_weights[pair] = _weight(record, 'weight', where)
         else:
             label = _label(record, where)
-            add_generation(example, _completion(record, output_field(record), where) + assistant_suffix,
+            add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix,
                            _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)
     if not dataset.data:

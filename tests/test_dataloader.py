@@ -421,6 +421,31 @@ def test_trl_preference_and_unpaired_records_and_a_byte_order_mark_read_as_feedb
         D.load_dataset(str(same), 'train', **FORMAT)
 
 
+def test_trl_conversations_that_repeat_the_prompt_or_leave_it_implicit_read_as_feedback(tmp_path):
+    user = lambda text: {'role': 'user', 'content': text}
+    assistant = lambda text: {'role': 'assistant', 'content': text}
+    history = [user('Hi'), assistant('Hello!'), user('Name a colour.')]
+    path = tmp_path / 'conversations.jsonl'
+    path.write_text('\n'.join(json.dumps(record) for record in [
+        {'prompt': 'Hi', 'chosen': [user('Hi'), assistant('Hello!')], 'rejected': [user('Hi'), assistant('Go.')]},
+        {'chosen': history + [assistant('Blue.')], 'rejected': history + [assistant('No.')]},
+        {'prompt': [user('Yo')], 'completion': [user('Yo'), assistant('Hey.')], 'label': True}]) + '\n')
+    hi, colour, yo = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert hi.turns == [user('Hi')] and hi.generations == ['Hello!', 'Go.'] and hi.pairs == [(0, 1)]
+    assert colour.turns == history and colour.generations == ['Blue.', 'No.'] and colour.pairs == [(0, 1)]
+    assert yo.turns == [user('Yo')] and yo.generations == ['Hey.'] and yo.desirable == [True]
+    for record, says in [({'chosen': [user('A'), assistant('B')], 'rejected': [user('C'), assistant('D')]},
+                          "missing field 'prompt', and 'chosen' and 'rejected' share no turns to take as the prompt"),
+                         ({'prompt': 'Hi', 'chosen': [user('Hi'), assistant('B'), user('C'), assistant('D')],
+                           'rejected': 'E'}, "field 'chosen' has 3 turns after the prompt's; a completion must be one "
+                                             "assistant turn"),
+                         ({'chosen': 'A', 'rejected': 'B'}, "missing field 'prompt'")]:
+        path.write_text(json.dumps(record) + '\n')
+        with pytest.raises(D.DataError) as error:
+            D.load_dataset(str(path), 'train', **FORMAT)
+        assert str(error.value) == f'{path}: record 1: {says}'
+
+
 def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):
     """OASST's rank is lower for a better reply: as a GRPO score (a reward) it enters with its sign flipped."""
     example = next(e for e in get('oasst', 'train').data.values() if len(e.generations) == 2)
