@@ -3,7 +3,7 @@
 A parser `get_<name>(split, human_prefix, human_suffix, assistant_prefix, assistant_suffix, data_dir=None)`
 returns a `Dataset` of `Example`s. It reads the Hugging Face hub by default, or
 `<data_dir>/<name>/<split>.jsonl` (or `.parquet`) in the hub's raw schema when `data_dir` is given.
-A name that is a path to a `.json`/`.jsonl` file is read as a feedback file (halos.feedback).
+A name that is a path to a `.json`, `.jsonl` or `.parquet` file is read as a feedback file (halos.feedback).
 """
 import inspect
 import math
@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from halos.errors import DataError, HubUnavailableError, MissingFileError
 from halos.examples import Dataset, Formatting, add_comparison
-from halos.feedback import checked_turns, get_feedback_file, read_json_records
+from halos.feedback import FILE_TYPES, checked_turns, get_feedback_file, read_records
 
 NUMBER, OPTIONAL_NUMBER, INTEGER, TEXT, OPTIONAL_TEXT, LIST = (
     (int, float), (int, float, type(None)), (int,), (str,), (str, type(None)), (list,))
@@ -33,7 +33,7 @@ def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str
         for extension in ('jsonl', 'json', 'parquet'):
             path = os.path.join(data_dir, name, f'{split}.{extension}')
             if os.path.exists(path):
-                return checked_records(read_local_records(path), path, fields), path
+                return checked_records(read_records(path), path, fields), path
         raise MissingFileError(
             f"dataset '{name}': no file {os.path.join(data_dir, name, split)}.jsonl (or .parquet) under data_dir={data_dir}")
     import datasets
@@ -66,19 +66,6 @@ def checked_records(rows: List, source: str, fields: Optional[Dict[str, tuple]])
                 allowed = [TYPE_NAMES[t] for t in types if not (t is int and float in types)]  # an int is a number
                 raise DataError(f"{where}: field '{name}' must be {' or '.join(allowed)}, got {shown}")
     return rows
-
-
-def read_local_records(path: str) -> List[Dict]:
-    """The records of a local copy of a hub dataset: JSON Lines or a JSON array (read directly), or Parquet."""
-    if path.endswith('.parquet'):
-        import datasets
-        try:
-            return list(datasets.load_dataset('parquet', data_files=path, split='train'))
-        except Exception as error:  # the datasets library's parse errors do not name the file
-            cause = error.__cause__ or error
-            raise DataError(f"{path}: not readable as Parquet ({type(cause).__name__}: "
-                            f"{str(cause).splitlines()[0][:200]})") from None
-    return read_json_records(path)
 
 
 def get_shp(split: str, human_prefix: str, human_suffix: str, assistant_prefix: str, assistant_suffix: str,
@@ -253,26 +240,28 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
 
 
 def is_feedback_file(name: str) -> bool:
-    return name.endswith('.json') or name.endswith('.jsonl')
+    return name.endswith(FILE_TYPES)
 
 
 def check_dataset_name(name: str) -> None:
     """Stop unless `name` is a registered dataset or a feedback file that exists."""
     if is_feedback_file(name):
         if not os.path.exists(name):
-            raise MissingFileError(f"{name}: no such file (a .json/.jsonl file of feedback records or prompts)")
+            raise MissingFileError(f"{name}: no such file (a .json/.jsonl/.parquet file of feedback records or "
+                                   f"prompts)")
     elif name in DATASETS:
         return
     elif os.path.isdir(name):
         files = [os.path.join(name, f) for f in sorted(os.listdir(name)) if is_feedback_file(f)]
         if not files:
-            raise DataError(f"dataset '{name}' is a directory with no .json/.jsonl file; valid names: "
-                            f"{', '.join(sorted(DATASETS))}, or a path to a .json/.jsonl feedback file")
+            raise DataError(f"dataset '{name}' is a directory with no .json/.jsonl/.parquet file; valid names: "
+                            f"{', '.join(sorted(DATASETS))}, or a path to a .json/.jsonl/.parquet feedback file")
         listed = ','.join(files[:3]) + (',...' if len(files) > 3 else '')
-        raise DataError(f"dataset '{name}' is a directory: name its .json/.jsonl files (datasets=[{listed}])")
+        raise DataError(f"dataset '{name}' is a directory: name its .json/.jsonl/.parquet files "
+                        f"(datasets=[{listed}])")
     else:
         raise DataError(f"unknown dataset '{name}'; valid names: {', '.join(sorted(DATASETS))}, "
-                        f"or a path to a .json/.jsonl feedback file")
+                        f"or a path to a .json/.jsonl/.parquet feedback file")
 
 
 def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,

@@ -1,4 +1,4 @@
-"""Feedback files: a user's own binary, pairwise or scalar feedback as JSON or JSON Lines.
+"""Feedback files: a user's own binary, pairwise or scalar feedback as JSON, JSON Lines or Parquet.
 
     binary:   {"prompt": ..., "output": ..., "label": 1}
     pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
@@ -10,7 +10,8 @@ TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedbac
 prompt's turns before its own (as ultrafeedback_binarized's do), and a pair may leave the prompt implicit:
 {"chosen": [turns], "rejected": [turns]}, the prompt being the turns the two share.
 
-Prompts and outputs are strings or lists of {"role", "content"} turns; optional fields are `prompt_id`,
+Prompts and outputs are strings or lists of {"role", "content"} turns; a null field is an absent one (a
+Parquet file's column holds nulls where its records lack the field); optional fields are `prompt_id`,
 `split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
 pair) / `weight_A` / `weight_B` (of a pair's outputs, when the pairs are flattened into desirable and
 undesirable outputs). Every error names the file, the record and the field. The text is kept as written
@@ -26,6 +27,7 @@ from halos.examples import ROLES, Dataset, render_turns
 
 
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
+FILE_TYPES = ('.json', '.jsonl', '.parquet')
 
 
 def pair_fields(record: Dict) -> Optional[Tuple[str, str]]:
@@ -75,6 +77,21 @@ def read_json_records(path: str) -> List[Dict]:
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
     return records
+
+
+def read_records(path: str) -> List[Dict]:
+    """Records of a JSON array, JSON Lines or Parquet file; errors name the file."""
+    if path.endswith('.parquet'):
+        import pyarrow
+        import pyarrow.parquet
+        try:
+            return pyarrow.parquet.read_table(path).to_pylist()
+        except FileNotFoundError:
+            raise MissingFileError(f"{path}: no such file") from None
+        except (pyarrow.ArrowException, OSError) as error:
+            raise DataError(f"{path}: not readable as Parquet ({type(error).__name__}: "
+                            f"{str(error).splitlines()[0][:200]})") from None
+    return read_json_records(path)
 
 
 def _field(record: Dict, name: str, where: str):
@@ -182,7 +199,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     One prompt's records are all of one kind.
     """
     dataset = Dataset(os.path.basename(path))
-    records = read_json_records(path)
+    records = read_records(path)
     if not records:
         raise DataError(f"{path}: the file holds no records (of feedback, or prompts to sample)")
     dataset.counts['records'] = len(records)
@@ -191,6 +208,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        record = {name: value for name, value in record.items() if value is not None}
         if record.get('split', split) != split:
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue

@@ -183,7 +183,7 @@ def is_params(spec: dataclasses.Field) -> bool:
 class RunSettings:
     seed: int = setting(1, 'random seed of data order, sampling and initialisation', at_least(0))
     exp_name: str = setting(REQUIRED, 'name of the run: its directory under cache_dir and its wandb name')
-    datasets: List[str] = setting(REQUIRED, 'registered dataset names and/or .json/.jsonl feedback files')
+    datasets: List[str] = setting(REQUIRED, 'registered dataset names and/or .json/.jsonl/.parquet feedback files')
     mode: str = setting(REQUIRED, 'train (train.py), or what eval.py does',
                         one_of('train', 'sample', 'eval', 'alpacaeval', 'reward', 'lm_eval'))
     data_dir: Optional[str] = setting(None, 'read registered datasets from DIR/<name>/<split>.jsonl, not the hub')

@@ -337,10 +337,10 @@ def test_missing_data_and_names_are_clear(tmp_path, tokenizer):
     (tmp_path / 'mine' / 'a.json').write_text('')
     with pytest.raises(ValueError) as error:
         D.load_dataset(str(tmp_path / 'mine'), 'train', **FORMAT)
-    assert str(error.value) == (f"dataset '{tmp_path}/mine' is a directory: name its .json/.jsonl files "
+    assert str(error.value) == (f"dataset '{tmp_path}/mine' is a directory: name its .json/.jsonl/.parquet files "
                                 f"(datasets=[{tmp_path}/mine/a.json,{tmp_path}/mine/b.jsonl])")
     (tmp_path / 'empty').mkdir()
-    with pytest.raises(ValueError, match=rf"^dataset '{tmp_path}/empty' is a directory with no .json/.jsonl file; "
+    with pytest.raises(ValueError, match=rf"^dataset '{tmp_path}/empty' is a directory with no .json/.jsonl/.parquet file; "
                                          rf"valid names: alpacaeval, hh, "):
         D.load_dataset(str(tmp_path / 'empty'), 'train', **FORMAT)
     with pytest.raises(ConnectionError, match=r"dataset 'hh': could not fetch Anthropic/hh-rlhf .* pass \+\+data_dir=DIR"):
@@ -444,6 +444,43 @@ def test_trl_conversations_that_repeat_the_prompt_or_leave_it_implicit_read_as_f
         with pytest.raises(D.DataError) as error:
             D.load_dataset(str(path), 'train', **FORMAT)
         assert str(error.value) == f'{path}: record 1: {says}'
+
+
+def test_a_parquet_feedback_file_reads_as_its_json_lines_twin_its_nulls_absent_fields(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    records = [{'prompt': 'a', 'output_A': 'b', 'output_B': 'c', 'label': 1, 'split': 'train'},
+               {'prompt': 'a', 'output_A': 'd', 'output_B': 'b', 'label': 0},
+               {'prompt': 'e', 'output': 'f', 'label': 1, 'weight': 0.5},
+               {'prompt': 'g', 'output': 'h', 'reward': 2.0, 'split': 'test'}]
+    (tmp_path / 'feedback.jsonl').write_text(''.join(json.dumps(record) + '\n' for record in records))
+    columns = list(dict.fromkeys(name for record in records for name in record))
+    table = pyarrow.Table.from_pylist([{name: record.get(name) for name in columns} for record in records])
+    pyarrow.parquet.write_table(table, tmp_path / 'feedback.parquet')  # a null where a record lacks a field
+    for split in ('train', 'test'):
+        from_json, from_parquet = (D.load_dataset(str(tmp_path / name), split, **FORMAT)
+                                   for name in ('feedback.jsonl', 'feedback.parquet'))
+        assert {k: vars(e) | {'dataset_name': '', 'source': ''} for k, e in from_parquet.data.items()} == \
+               {k: vars(e) | {'dataset_name': '', 'source': ''} for k, e in from_json.data.items()}
+    train = {e.turns[0]['content']: e for e in D.load_dataset(str(tmp_path / 'feedback.parquet'), 'train',
+                                                             **FORMAT).data.values()}
+    assert sorted(train) == ['a', 'e'] and train['e'].weights == [0.5] and train['e'].desirable == [True]
+    assert train['a'].generations == ['b', 'c', 'd'] and train['a'].pairs == [(0, 1), (0, 2)]
+    (tmp_path / 'broken.parquet').write_bytes(b'PAR1 not really')
+    with pytest.raises(D.DataError, match=rf"^{tmp_path}/broken.parquet: not readable as Parquet \(ArrowInvalid: "):
+        D.load_dataset(str(tmp_path / 'broken.parquet'), 'train', **FORMAT)
+
+
+def test_a_local_copy_of_a_hub_dataset_reads_from_parquet(tmp_path):
+    import pyarrow
+    import pyarrow.parquet
+    (tmp_path / 'ultrabin').mkdir()
+    rows = [json.loads(line) for line in open(os.path.join(DATA, 'ultrabin', 'train.jsonl'))]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / 'ultrabin' / 'train.parquet')
+    from_parquet = D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=str(tmp_path))
+    from_json = D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=DATA)
+    assert [(e.prompt, e.generations, e.pairs) for e in from_parquet.data.values()] == \
+           [(e.prompt, e.generations, e.pairs) for e in from_json.data.values()]
 
 
 def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):

@@ -125,7 +125,7 @@ def cases(tmp_path, made_once):
         'empty feedback file': ('train.py', [f'datasets=[{empty}]'],
                                 f"{empty}: the file holds no records (of feedback, or prompts to sample)"),
         'missing feedback file': ('train.py', [f'datasets=[{tmp_path}/nowhere.jsonl]'],
-                                  f"{tmp_path}/nowhere.jsonl: no such file (a .json/.jsonl file of feedback records "
+                                  f"{tmp_path}/nowhere.jsonl: no such file (a .json/.jsonl/.parquet file of feedback records "
                                   f"or prompts)"),
         'identical outputs': ('train.py', [f'datasets=[{same}]'],
                               f"{same}: record 2: fields 'output_A' and 'output_B' are the same text; a preference "
@@ -161,7 +161,7 @@ def cases(tmp_path, made_once):
                                             f"items 0, prompts without pairs 1)"),
         'online prompts not there': ('train.py', ['++online.rounds=1', f'++online.prompts={tmp_path}/no_prompts.jsonl',
                                                   f"++online.reward_function={ROOT}/tests/rewards.py:vowels"],
-                                     f"{tmp_path}/no_prompts.jsonl: no such file (a .json/.jsonl file of feedback "
+                                     f"{tmp_path}/no_prompts.jsonl: no such file (a .json/.jsonl/.parquet file of feedback "
                                      f"records or prompts)"),
         'unknown role': ('train.py', [f'datasets=[{role}]'],
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
