@@ -171,7 +171,8 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
         for batch in batches:
             samples = [group[0] for group in complete(batch, 1)]
             batch_rewards = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
-                                           [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]])
+                                           [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]],
+                                           batch[schema.PROMPT_EXTRA])
             records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
                                                 run.assistant_suffix),
                          'policy': s.text, 'reward': r, 'prompt_id': prompt_id}

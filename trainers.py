@@ -306,7 +306,7 @@ class OnlinePPOTrainer(PPOTrainer):
         completions = [sample.text for sample in samples]
         names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
         scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_TURNS], completions,
-                                names)
+                                names, batch[schema.PROMPT_EXTRA])
         raw_scores = torch.tensor(scores, device=self.device)
         scores = raw_scores - self.params.reward_baseline
         if self.params.whiten_scores:  # over the microbatch's rows on every rank

@@ -36,6 +36,7 @@ IS_DESIRABLE = 'is_desirable'
 SCORE, PROMPT_ID = 'score', 'prompt_id'  # [B] float scores of scored completions (GRPO), [B] ids of their prompts
 WEIGHT = 'weight'  # [B] float: each item's weight in the loss (1 unless the data says otherwise)
 PROMPT_TURNS, DATASET = 'prompt_turns', 'dataset'  # [B] each prompt as {role, content} turns, [B] its dataset
+PROMPT_EXTRA = 'prompt_extra'  # [B] each prompt's own fields in its prompts file ({} for none), by name
 ORIGINAL_PROMPT = 'original_prompt'
 IGNORE_INDEX = -100  # the label of a position that is not scored
 

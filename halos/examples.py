@@ -7,7 +7,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Any, Dict, List, Tuple
 
 ROLES = ('user', 'assistant', 'system')
 
@@ -28,6 +28,7 @@ class Example:
     dataset_name: str = ''
     original_prompt: str = ''             # the raw instruction (AlpacaEval)
     prompt_id: str = ''                   # the prompt's id in a feedback or prompts file (else: a digest of it)
+    extra: Dict[str, Any] = field(default_factory=dict)  # its record's other fields (an answer to check), by name
     source: str = ''                      # where the first record of this prompt came from, for error messages
 
     def num_generations(self) -> int:

@@ -14,8 +14,10 @@ Prompts and outputs are strings or lists of {"role", "content"} turns; a null fi
 Parquet file's column holds nulls where its records lack the field); optional fields are `prompt_id`,
 `split`, the rewards `reward` / `reward_A` / `reward_B` and the weights `weight` (of an output, or of a
 pair) / `weight_A` / `weight_B` (of a pair's outputs, when the pairs are flattened into desirable and
-undesirable outputs). Every error names the file, the record and the field. The text is kept as written
-(the hub datasets' runs of spaces are collapsed, as in HALOs; a user's outputs, code among them, are not).
+undesirable outputs). Any other field (an answer to check, tests to run) is the prompt's own: a reward
+function that names it as a parameter is given it. Every error names the file, the record and the field.
+The text is kept as written (the hub datasets' runs of spaces are collapsed, as in HALOs; a user's outputs,
+code among them, are not).
 """
 import json
 import math
@@ -28,6 +30,15 @@ from halos.examples import ROLES, Dataset, render_turns
 
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
 FILE_TYPES = ('.json', '.jsonl', '.parquet')
+# what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
+RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', *PAIR_FIELDS[0],
+                           *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
+                           'weight_B', 'sample_id', 'generator', 'dataset', 'finished'})
+
+
+def extra_fields(record: Dict) -> Dict:
+    """A record's fields that are the prompt's own (an answer to check), not halos'."""
+    return {name: value for name, value in record.items() if name not in RECORD_FIELDS}
 
 
 def pair_fields(record: Dict) -> Optional[Tuple[str, str]]:
@@ -225,6 +236,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         example.prompt_id = str(record['prompt_id']) if record.get('prompt_id') is not None else ''
         example.dataset_name = dataset.name
         example.source = example.source or where
+        example.extra = {**extra_fields(record), **example.extra}  # the prompt's first record says first
         if kinds.setdefault(key, kind) != kind:
             raise DataError(f"{where}: this prompt already has {kinds[key]} feedback (first at {example.source}); "
                             f"the records of one prompt must be all binary, all pairwise or all scalar")

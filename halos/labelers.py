@@ -1,11 +1,12 @@
 """Labelers: whatever scores a completion of a prompt. Every labeler has one call shape,
 
-    labeler(prompts, completions) -> scores
+    labeler(prompts, completions, extras) -> scores
 
 with `prompts[i]` as a prompts file gives it (a string, or a list of {role, content} turns), `completions[i]`
-a string, and `scores[i]` a float, or None when no score could be had (a failed or unparseable judgment):
-such a completion is dropped and counted, never scored 0. A labeler has a `name` for messages and says
-whether it `may_abstain` (give None); only a judge may.
+a string, `extras[i]` the prompt's own fields in its file by name (an answer to check; {} for none: only a
+reward function reads them), and `scores[i]` a float, or None when no score could be had (a failed or
+unparseable judgment): such a completion is dropped and counted, never scored 0. A labeler has a `name`
+for messages and says whether it `may_abstain` (give None); only a judge may.
 
 Every score goes through one check, `checked_scores`: a finite number, or None from a labeler that may
 abstain. A reward function that raises, or any labeler that gives anything else, stops the run with one line
@@ -15,6 +16,7 @@ import dataclasses
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import numbers
@@ -36,7 +38,8 @@ class Labeler(Protocol):
     name: str           # how messages name it: 'reward function data/task/reward.py:reward'
     may_abstain: bool   # it may give None for a completion it could not score (a failed judgment)
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]: ...
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                 extras: Sequence[Dict]) -> List[Optional[float]]: ...
 
 
 class LabelError(UserError):
@@ -51,13 +54,14 @@ class SampleFailed(Exception):
         self.index, self.reason = index, reason
 
 
-def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Sequence[str],
-                   names: Sequence[str]) -> List[Optional[float]]:
-    """The labeler's scores of the completions (`names[i]` says which sample each is, for messages): each a
-    finite float, or None where the labeler may abstain; a LabelError otherwise."""
+def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Sequence[str], names: Sequence[str],
+                   extras: Optional[Sequence[Dict]] = None) -> List[Optional[float]]:
+    """The labeler's scores of the completions (`names[i]` says which sample each is, for messages; `extras[i]`
+    its prompt's own fields, none by default): each a finite float, or None where the labeler may abstain; a
+    LabelError otherwise."""
     labeler_name = getattr(labeler, 'name', 'the labeler')
     try:
-        scores = list(labeler(prompts, completions))
+        scores = list(labeler(prompts, completions, extras or [{}] * len(completions)))
     except SampleFailed as failure:
         raise LabelError(f"{labeler_name} failed on {names[failure.index]}: {failure.reason}") from None
     if len(scores) != len(completions):
@@ -125,19 +129,37 @@ def imported_function(spec: str, location: str, name: str) -> Callable[[Prompt, 
     return function
 
 
+def field_parameters(function: Callable) -> Tuple[Optional[set], set]:
+    """The prompt fields a reward function takes after (prompt, completion): the names of its further
+    parameters (None where it takes **kwargs: every field), and those of them without a default."""
+    try:
+        parameters = list(inspect.signature(function).parameters.values())[2:]
+    except (TypeError, ValueError):  # a builtin or extension function without a signature
+        return set(), set()
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
+    return (None if takes_all else {p.name for p in named}), {p.name for p in named if p.default is p.empty}
+
+
 class RewardFunctionLabeler:
-    """Scores from a Python function(prompt, completion) -> float."""
+    """Scores from a Python function(prompt, completion, **fields it names) -> float."""
     may_abstain = False
 
     def __init__(self, spec: str):
         self.spec, self.function = spec, load_reward_function(spec)
         self.name = f'reward function {spec}'
+        self.takes, self.needs = field_parameters(self.function)
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
         scores = []
-        for index, (prompt, completion) in enumerate(zip(prompts, completions)):
+        for index, (prompt, completion, extra) in enumerate(zip(prompts, completions, extras)):
+            missing = sorted(self.needs - extra.keys())
+            if missing:
+                raise SampleFailed(index, f"it takes {', '.join(missing)}, which its prompt's record lacks (the "
+                                          f"prompt's own fields: {', '.join(sorted(extra)) or 'none'})")
+            given = extra if self.takes is None else {name: extra[name] for name in self.takes & extra.keys()}
             try:
-                scores.append(self.function(prompt, completion))
+                scores.append(self.function(prompt, completion, **given))
             except Exception as error:  # the user's function: any failure is theirs to fix, named with its sample
                 raise SampleFailed(index, f"it raised {describe_error(error)}") from None
         return scores
@@ -225,7 +247,8 @@ class RewardModelLabeler:
         ids = prompt_ids + completion_ids
         return ids[-self.max_length:]
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                 extras: Sequence[Dict]) -> List[Optional[float]]:
         rows = [self.token_ids(prompt, completion) for prompt, completion in zip(prompts, completions)]
         return score_token_rows(self.model, rows, self.tokenizer.pad_token_id, self.device).tolist()
 
@@ -283,7 +306,8 @@ class JudgeLabeler:
         from halos import judge
         return judge.cache_key(messages, self.model, JUDGE_PROMPT_VERSION, self.seed, self.max_tokens)
 
-    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> List[Optional[float]]:
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                 extras: Sequence[Dict]) -> List[Optional[float]]:
         from halos import judge
         messages = [pointwise_messages(p, c) for p, c in zip(prompts, completions)]
         keys = [self.key(m) for m in messages]

@@ -21,6 +21,7 @@ from collections import Counter
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from halos.errors import ConfigError
+from halos.feedback import extra_fields
 from halos.labelers import LabelError, checked_scores
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
@@ -41,7 +42,7 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
     for start in range(0, len(samples), batch_size):
         chunk = samples[start:start + batch_size]
         rewards = checked_scores(labeler, [s['prompt'] for s in chunk], [s['output'] for s in chunk],
-                                 [sample_name(s) for s in chunk])
+                                 [sample_name(s) for s in chunk], [extra_fields(s) for s in chunk])
         for sample, reward in zip(chunk, rewards):
             if reward is None:
                 counts['dropped: no score'] += 1
@@ -106,7 +107,7 @@ def threshold_value(rewards: Sequence[float], threshold: Threshold) -> float:
 
 
 def feedback_record(sample: Dict, **fields) -> Dict:
-    return {'prompt_id': sample['prompt_id'], 'prompt': sample['prompt'], **fields}
+    return {**extra_fields(sample), 'prompt_id': sample['prompt_id'], 'prompt': sample['prompt'], **fields}
 
 
 def binary_feedback(samples: List[Dict], threshold: Threshold = 'median', per_prompt: bool = False) -> List[Dict]:

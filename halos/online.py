@@ -26,7 +26,7 @@ import torch
 
 from halos import checkpoint
 from halos.errors import DataError, UserError
-from halos.feedback import read_json_records
+from halos.feedback import extra_fields, read_json_records
 from halos.jsonl import read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
@@ -193,7 +193,7 @@ class OnlineRounds:
         """The held-out reward, logged and plotted; the monitors see it (with stop_on_hacking they may stop the
         run here, before the round's checkpoint is written)."""
         scores = checked_scores(self.held_out_labeler, [s['prompt'] for s in samples], [s['output'] for s in samples],
-                                [f'held-out {sample_name(s)}' for s in samples])
+                                [f'held-out {sample_name(s)}' for s in samples], [extra_fields(s) for s in samples])
         rewards = [r for r in scores if r is not None]
         scored_enough(len(rewards), len(samples), self.settings.min_scored, self.held_out_labeler,
                       f'the held-out reward after {round_index} rounds')

@@ -30,3 +30,8 @@ def on_some_prompts(prompt, completion: str) -> float:
 def constant(prompt, completion: str) -> float:
     """The same score for every completion: nothing to learn from."""
     return 1.0
+
+
+def answer_count(prompt, completion: str, answer: str) -> float:
+    """A reward that reads a field of the prompts file: how often the completion says the prompt's answer."""
+    return float(completion.count(answer))

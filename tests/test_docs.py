@@ -331,8 +331,8 @@ def test_docs_check_finds_every_command_and_file_in_reading_order():
     assert commands[0].doc == 'README.md' and commands[0].line.startswith('python train.py loss=kto model=smollm2')
     files = [step.path for step in ordered if isinstance(step, docs_check.FileStep)]
     assert files == ['trainers.py', 'config/loss/my-kto-simple.yaml', 'dataloader.py', 'my_data/ranked_qa/train.jsonl',
-                     'my_data/ranked_qa/test.jsonl', 'my_task/reward.py', 'my_task/generate_sampler.py',
-                     'my_task/train_online.py']
+                     'my_data/ranked_qa/test.jsonl', 'my_task/reward.py', 'my_task/sums.jsonl', 'my_task/sums.py',
+                     'my_task/generate_sampler.py', 'my_task/train_online.py']
     position = {id(step): i for i, step in enumerate(ordered)}
     uses_reward = next(step for step in commands if 'my_task/reward.py:on_topic' in step.line)
     writes_reward = next(step for step in ordered if getattr(step, 'path', '') == 'my_task/reward.py')

@@ -107,7 +107,7 @@ def test_compare_through_the_scoring_judge_has_no_unparseable_verdict(tmp_path, 
 
 def test_the_judge_labeler_through_the_scoring_judge_scores_every_sample(tmp_path, scoring_url):
     labeler = JudgeLabeler(TINY, scoring_url, str(tmp_path / 'judgments.jsonl'), max_tokens=4)
-    scores = labeler(['Say hello.', 'Name a colour.', 'Add 2 and 2.'], ['Hello!', 'Blue.', 'Four, I think.'])
+    scores = labeler(['Say hello.', 'Name a colour.', 'Add 2 and 2.'], ['Hello!', 'Blue.', 'Four, I think.'], [{}] * 3)
     assert len(scores) == 3 and all(isinstance(s, float) and 1 <= s <= 10 for s in scores)
     answers = [json.loads(json.loads(line)['answer']) for line in open(tmp_path / 'judgments.jsonl')]
     assert [a['score'] for a in answers] == scores

@@ -41,7 +41,7 @@ class Labeler:
     def __init__(self, scores):
         self.scores = scores
 
-    def __call__(self, prompts, completions):
+    def __call__(self, prompts, completions, extras):
         return self.scores
 
 
@@ -73,9 +73,50 @@ def test_only_a_labeler_that_may_abstain_gives_none():
         checked_scores(Labeler([1.0]), ['p', 'q'], ['c', 'd'], ['one', 'two'])
 
 
+FIELDS = """
+def by_name(prompt, completion, answer, unit='m'):
+    return float(completion == answer + unit)
+
+
+def every_field(prompt, completion, **fields):
+    return float(len(fields))
+
+
+def none(prompt, completion):
+    return 1.0
+"""
+
+
+def test_a_reward_function_is_given_the_prompt_fields_it_names(tmp_path):
+    from halos.labelers import RewardFunctionLabeler
+    (tmp_path / 'fields.py').write_text(FIELDS)
+    label = lambda name, completions, extras: checked_scores(
+        RewardFunctionLabeler(f"{tmp_path / 'fields.py'}:{name}"), ['p'] * len(completions), completions,
+        [f'sample {i}' for i in range(len(completions))], extras)
+    extras = [{'answer': '4', 'unit': 'km', 'level': 2}, {'answer': '4'}]
+    assert label('by_name', ['4km', '4m'], extras) == [1.0, 1.0]  # unit from the first record, its default after
+    assert label('every_field', ['a', 'b'], extras) == [3.0, 1.0]
+    assert label('none', ['a', 'b'], extras) == [1.0, 1.0]  # fields it does not name are not given
+    with pytest.raises(LabelError) as error:
+        label('by_name', ['4m', '5m'], [{'answer': '4'}, {'level': 2}])
+    assert str(error.value) == (f"reward function {tmp_path / 'fields.py'}:by_name failed on sample 1: it takes "
+                                f"answer, which its prompt's record lacks (the prompt's own fields: level)")
+
+
+def test_label_py_gives_a_samples_own_fields_to_the_reward_function_and_keeps_them(tmp_path, capsys):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': 'What is 2+2?', 'output': output, 'prompt_id': 'q',
+                                           'sample_id': i, 'answer': '4'}) + '\n'
+                               for i, output in enumerate(['It is 4.', 'It is 5.'])))
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function',
+                       f'{REWARD}:answer_count', '--feedback', 'scalar']) == 0
+    records = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
+    assert [(r['output'], r['reward'], r['answer']) for r in records] == [('It is 4.', 1.0, '4'), ('It is 5.', 0.0, '4')]
+
+
 def test_a_labeler_that_fails_on_a_sample_is_named_with_it():
     class Failing(Labeler):
-        def __call__(self, prompts, completions):
+        def __call__(self, prompts, completions, extras):
             raise SampleFailed(1, 'it raised KeyError: x')
     with pytest.raises(LabelError, match=r'^a test labeler failed on two: it raised KeyError: x$'):
         checked_scores(Failing([]), ['p', 'q'], ['c', 'd'], ['one', 'two'])

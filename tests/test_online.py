@@ -80,7 +80,7 @@ def test_best_and_scalar_feedback():
 
 
 def test_unscored_samples_are_dropped_and_counted():
-    labeler = lambda prompts, completions: [None if 'bad' in c else 1.0 for c in completions]
+    labeler = lambda prompts, completions, extras: [None if 'bad' in c else 1.0 for c in completions]
     raw = [{'prompt_id': 'a', 'prompt': 'p', 'output': o} for o in ('good', 'bad', 'fine')]
     labelled, counts = labelling.label_samples(raw, labeler)
     assert [s['output'] for s in labelled] == ['good', 'fine'] and counts == {'dropped: no score': 1, 'labelled': 2}
@@ -343,6 +343,24 @@ def test_more_prompts_per_round_than_the_pool_holds_warns(tmp_path, capsys):
     assert len(rounds.pool) == 3 and len(round_block(3, 4, 0, run.seed)) == 3
     assert ("warning: online.prompts_per_round=4, but the prompt pool holds 3 prompts: every round samples all of "
             "them") in capsys.readouterr().out
+
+
+def test_a_rounds_samples_and_feedback_keep_their_prompts_own_fields_for_the_reward_function(tmp_path):
+    from halos.build import build_online_rounds
+    prompts = tmp_path / 'questions.jsonl'
+    answers = {'Name a vowel.': 'e', 'Name another vowel.': 'a', 'Name a consonant.': 't'}
+    prompts.write_text(''.join(json.dumps({'prompt': prompt, 'answer': answer}) + '\n'
+                               for prompt, answer in answers.items()))
+    run = make_config(tmp_path, *online_overrides(tmp_path), f'++online.prompts={prompts}',
+                      '++online.prompts_per_round=3', f'++online.reward_function={REWARD}:answer_count',
+                      '++online.feedback=scalar', loss='grpo')
+    rounds = build_online_rounds(run, build_trainer(run))
+    samples = rounds.round_samples(0)
+    assert len(samples) == 9 and all(s['answer'] == answers[s['prompt'][0]['content']] for s in samples)
+    feedback = [json.loads(line) for line in open(rounds.round_feedback(0))]
+    assert [(r['output'], r['answer'], r['reward']) for r in feedback] == \
+           [(s['output'], s['answer'], float(s['output'].count(s['answer']))) for s in samples]
+    assert len({r['reward'] for r in feedback}) > 1
 
 
 def online_overrides(tmp_path):

@@ -127,11 +127,12 @@ def test_a_reward_model_scores_each_sample_as_the_reward_model_labeller_does(tmp
                                         loss='ppo-online'))
     seen = []
     score = trainer.reward_model.__call__
-    trainer.reward_model = lambda prompts, completions: seen.append((prompts, completions)) or score(prompts, completions)
+    trainer.reward_model = lambda prompts, completions, extras: (seen.append((prompts, completions))
+                                                                 or score(prompts, completions, extras))
     batch = next(iter(trainer.train_iterator))
     rollout = trainer.rollout(batch)
     (prompts, completions), = seen
     assert prompts == batch[schema.PROMPT_TURNS] and len(completions) == 4
-    expected = RewardModelLabeler(str(tmp_path / 'rm'))(prompts, completions)
+    expected = RewardModelLabeler(str(tmp_path / 'rm'))(prompts, completions, [{}] * len(prompts))
     assert rollout.metrics['rewards/score'].tolist() == pytest.approx(expected, abs=1e-5)
     assert len({round(s, 6) for s in expected}) > 1

@@ -243,9 +243,25 @@ class Abstaining:
     def __init__(self, abstains):
         self.abstains = abstains
 
-    def __call__(self, prompts, completions):
+    def __call__(self, prompts, completions, extras):
         return [None if self.abstains(i) else float(sum(c in 'aeiou' for c in completion))
                 for i, completion in enumerate(completions)]
+
+
+def test_each_prompt_is_scored_with_its_own_answer_from_the_prompts_file(tmp_path):
+    prompts = tmp_path / 'questions.jsonl'
+    answers = {'Name a vowel.': 'e', 'Name a consonant.': 't'}
+    prompts.write_text(''.join(json.dumps({'prompt': prompt, 'answer': answer}) + '\n'
+                               for prompt, answer in answers.items()))
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(
+        f'++online.prompts={prompts}', f'++online.reward_function={REWARD}:answer_count',
+        f'++online.eval_prompts={prompts}'), loss='grpo-online'))
+    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    by_prompt = {trainer.tokenizer.decode(group.prompt_ids, skip_special_tokens=True): group for group in part.groups}
+    for prompt, answer in answers.items():
+        group = next(group for text, group in by_prompt.items() if prompt in text)
+        assert group.scores == [float(sample.text.count(answer)) for sample in group.samples]
+    assert len({score for group in part.groups for score in group.scores}) > 1
 
 
 def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):

@@ -53,4 +53,4 @@ def test_the_exported_reward_model_scores_like_the_trainer_and_the_labeler(tmp_p
     element = trainer.eval_iterator.tokenize_element(example, example.prompt, {'chosen': chosen})
     with torch.no_grad():
         expected = exported(input_ids=torch.tensor([element['chosen_combined_input_ids']])).logits[0, 0].item()
-    assert labeler([example.turns], [chosen])[0] == pytest.approx(expected, abs=1e-5)
+    assert labeler([example.turns], [chosen], [{}])[0] == pytest.approx(expected, abs=1e-5)
