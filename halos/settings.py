@@ -58,6 +58,9 @@ def section(schema: type, doc: str):
     return field(default_factory=schema, metadata={'doc': doc, 'rule': None})
 
 
+RUN_NAME = Rule(lambda value: all(part not in ('', '.', '..') for part in value.split('/')),
+                "a directory name under cache_dir, or a path of them (no empty, '.' or '..' part)",
+                names_values=True)
 NUMBER_OR_MEAN_OR_MEDIAN = Rule(lambda value: value in ('mean', 'median') or isinstance(value, float),
                                 'mean, median or a number', names_values=True)
 
@@ -182,7 +185,7 @@ def is_params(spec: dataclasses.Field) -> bool:
 @dataclass(frozen=True)
 class RunSettings:
     seed: int = setting(1, 'random seed of data order, sampling and initialisation', at_least(0))
-    exp_name: str = setting(REQUIRED, 'name of the run: its directory under cache_dir and its wandb name')
+    exp_name: str = setting(REQUIRED, 'name of the run: its directory under cache_dir and its wandb name', RUN_NAME)
     datasets: List[str] = setting(REQUIRED, 'registered dataset names and/or .json/.jsonl/.parquet feedback files')
     mode: str = setting(REQUIRED, 'train (train.py), or what eval.py does',
                         one_of('train', 'sample', 'eval', 'alpacaeval', 'reward', 'lm_eval'))

@@ -155,6 +155,13 @@ def test_an_unknown_key_names_the_closest_ones_that_exist(override, message):
     assert refused('dpo', override).startswith(message)
 
 
+@pytest.mark.parametrize('name', ['..', 'runs/../..', 'a//b', 'a/'])
+def test_a_run_name_stays_a_directory_under_cache_dir(name):
+    assert refused('dpo', f'exp_name={name}') == (
+        f"exp_name={name}: exp_name must be a directory name under cache_dir, or a path of them (no empty, '.' or "
+        f"'..' part)")
+
+
 def test_keys_that_must_agree_are_checked_together():
     assert refused('dpo', '++model.max_prompt_length=512') == \
         "model.max_prompt_length (512) must be below model.max_length (128), or no room is left for a completion"
