@@ -77,7 +77,9 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
     if number is None or not math.isfinite(number):
         shown = repr(value)
         shown = shown if len(shown) <= 80 else shown[:77] + '...'
-        raise LabelError(f"{labeler_name} gave {shown} for {name}: a score must be a finite number")
+        batched = ("; a reward function scores one completion a call, function(prompt, completion) -> float, not "
+                   "a batch as TRL's do") if isinstance(value, (list, tuple)) else ''
+        raise LabelError(f"{labeler_name} gave {shown} for {name}: a score must be a finite number{batched}")
     return number
 
 

@@ -55,7 +55,9 @@ def test_a_finite_number_of_any_numeric_type_passes_as_a_float(score, expected):
 def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
     with pytest.raises(LabelError) as error:
         checked_scores(Labeler([0.0, score]), ['p', 'q'], ['c', 'd'], ['sample 1', 'sample 2'])
-    assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number"
+    batched = ("; a reward function scores one completion a call, function(prompt, completion) -> float, not a "
+               "batch as TRL's do") if isinstance(score, list) else ''
+    assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number{batched}"
 
 
 def test_a_huge_or_long_value_is_named_in_a_short_line():
