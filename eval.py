@@ -13,7 +13,8 @@ mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
-                 ++reward_function=file.py:function: prints the mean reward, its standard error, n, the mean
+                 ++reward_function=file.py:function (an online run's default: its online.eval_prompts, scored
+                 by online.eval_reward_function, else online.reward_function): prints the mean reward, its standard error, n, the mean
                  length and the KL to the starting model (the mean summed log-ratio of the samples), and
                  appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
                  ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
@@ -28,6 +29,7 @@ samples from the base model, as does `--config-path=config model=<model> loss=<l
 datasets=[...]` (halos' own config directory: no run needed). Generation uses vLLM when it is installed and
 a GPU is present, and halos' own decoding loop otherwise (halos/sampling.py); the output format is the same.
 """
+import dataclasses
 import datetime
 import importlib.util
 import json
@@ -124,10 +126,15 @@ def evaluate(run: RunSettings) -> dict:
     """The run's trainer evaluation (its loss and metrics) on the test split."""
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     tokenizer = load_run_tokenizer(run)
+    eval_loader = build_loader(run, tokenizer, 'test')
+    if run.online.rounds and not eval_loader.items:
+        raise ConfigError(f"mode=eval: {run.exp_name} trained in online rounds on prompts, which hold no completions "
+                          f"to evaluate its loss on; its measure is the held-out reward: ++mode=reward (on "
+                          f"online.eval_prompts, scored by the run's reward function), or give ++datasets=[feedback "
+                          f"files] for the loss")
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.saved_policy,
                                           saved_adapter(run.saved_policy) if run.model.use_peft else None)
     policy.eval()
-    eval_loader = build_loader(run, tokenizer, 'test')
     extra = {'rollouts': build_rollouts(run)} if trainer_class.samples_online else {}  # it samples and scores
     trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, None, eval_loader, policy, reference_model,
                             **extra)
@@ -183,6 +190,8 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(
                 run, policy, start, batch, samples, tokenizer.pad_token_id,
                 recorded=options.autocast_dtype == run.model.autocast_dtype)
+    n = run.n_samples  # the last batch may run past it
+    records, rewards, lengths, log_ratios = records[:n], rewards[:n], lengths[:n], log_ratios[:n]
     summary = reward_summary(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
             'reward_function': run.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
@@ -238,9 +247,13 @@ def checked(run: RunSettings) -> RunSettings:
         raise ConfigError(f"mode={run.mode}: eval.py takes mode={', '.join(MODES)}")
     if run.mode in ('sample', 'eval') and not run.datasets:
         raise missing_keys_error(['datasets'])
+    if run.mode == 'reward':  # an online run's own held-out prompts and reward, unless others are given
+        run = dataclasses.replace(run, prompts=run.prompts or run.online.eval_prompts, reward_function=(
+            run.reward_function or run.online.eval_reward_function or run.online.reward_function))
     if run.mode == 'reward' and not (run.prompts and run.reward_function):
         raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> and "
-                          "++reward_function=path/to/file.py:function")
+                          "++reward_function=path/to/file.py:function (an online run has its own: online.eval_prompts "
+                          "and online.reward_function)")
     if run.mode == 'reward':
         RewardFunctionLabeler(run.reward_function)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:

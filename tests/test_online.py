@@ -295,6 +295,23 @@ def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
     assert 'mode=reward needs ++prompts=' in capsys.readouterr().err
 
 
+def test_eval_py_measures_an_online_rounds_run_by_its_own_held_out_reward(tmp_path, capsys):
+    from helpers import eval_in_process, train_in_process
+    train_in_process(tmp_path, *online_overrides(tmp_path), '++online.rounds=1', '++online.prompts_per_round=2',
+                     '++online.samples_per_prompt=2', '++max_new_tokens=4', exp_name='online')
+    out = ['++max_new_tokens=4', '++n_samples=3', f'++samples_dir={tmp_path / "out"}']
+    eval_in_process(tmp_path / 'online', '++mode=reward', *out)
+    measured, = [json.loads(line) for line in open(tmp_path / 'out' / 'rewards.jsonl')]
+    assert measured['prompts'] == [str(tmp_path / 'held_out.jsonl')] and measured['n'] == 3
+    assert measured['reward_function'] == f'{REWARD}:vowels'
+    with pytest.raises(SystemExit):
+        eval_in_process(tmp_path / 'online', '++mode=eval', *out)
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "eval.py: mode=eval: online trained in online rounds on prompts, which hold no completions to evaluate its "
+        "loss on; its measure is the held-out reward: ++mode=reward (on online.eval_prompts, scored by the run's "
+        "reward function), or give ++datasets=[feedback files] for the loss")
+
+
 def test_the_shipped_upbeat_feedback_is_what_its_reward_function_says():
     """data/upbeat's offline feedback (scripts/upbeat_data.py) agrees with reward.py on every record."""
     import statistics
