@@ -158,6 +158,9 @@ def check_policy_file(path: str, key: str) -> None:
     """Stop at once, naming `key` and what the file holds, unless `path` is a torch-saved file or an HF model
     directory (the two things a policy loads from); cheap: only the file's start or zip index is read."""
     if os.path.isdir(path):
+        latest = os.path.join(path, "LATEST", POLICY)
+        if os.path.exists(latest):
+            raise DataError(f"{key}={path}: a run directory; give its checkpoint, {key}={latest}")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise DataError(f"{key}={path}: a directory with neither {POLICY} nor config.json, so not a run's "
                             f"checkpoint nor an HF model directory")

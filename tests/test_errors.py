@@ -38,7 +38,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
-         'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template']
+         'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template',
+         'load_from a run directory']
 
 
 @pytest.fixture(scope='module')
@@ -99,6 +100,9 @@ def cases(tmp_path, made_once):
         'load_from not a checkpoint': ('train.py', [f'++model.load_from={notes}'],
                                        f"model.load_from={notes}: not a checkpoint (a policy.pt that torch.save wrote): "
                                        f"it holds text ('these are my notes, not weights')"),
+        'load_from a run directory': ('train.py', [f"++model.load_from={tmp_path / 'corrupt'}"],
+                                      f"model.load_from={tmp_path / 'corrupt'}: a run directory; give its checkpoint, "
+                                      f"model.load_from={latest}/policy.pt"),
         'load_from empty': ('train.py', [f'++model.load_from={tmp_path}/empty.pt'],
                             f"model.load_from={tmp_path}/empty.pt: not a checkpoint (a policy.pt that torch.save "
                             f"wrote): it holds nothing (an empty file)"),
