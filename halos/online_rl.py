@@ -108,6 +108,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         dynamic_sampling: bool = setting(False, 'DAPO: replace the groups whose scores are all equal')
         max_refills: int = setting(3, 'dynamic sampling: rounds of replacement prompts at most per microbatch',
                                    at_least(0))
+        mask_truncated: bool = setting(False, 'a completion cut at the length limit (no EOS) carries no loss '
+                                              "(DAPO's overlong filtering)")
 
     @classmethod
     def uses_reference(cls, params) -> bool:
@@ -200,6 +202,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         rows = rl.rollout_sequences_of(prompt_rows, [s.token_ids for s in samples], self.tokenizer.pad_token_id)
         rows = rows.to(self.device)
         mask = rl.completion_mask(rows.labels)
+        if self.params.mask_truncated:  # its score judged a text that did not end: it scores in its group only
+            mask = mask * mask.new_tensor([float(sample.finished) for sample in samples])[:, None]
         sampler_logps = torch.zeros_like(mask)
         for row, (prompt, sample) in enumerate(zip(prompt_rows, samples)):
             sampler_logps[row, len(prompt) - 1:len(prompt) - 1 + len(sample.token_ids)] = torch.tensor(sample.token_logps)

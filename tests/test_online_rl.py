@@ -9,6 +9,7 @@ import os
 import pytest
 import torch
 
+from halos import batch as schema
 from halos.build import build_trainer
 from halos.errors import DataError
 from halos.labelers import LabelError
@@ -262,6 +263,25 @@ def test_each_prompt_is_scored_with_its_own_answer_from_the_prompts_file(tmp_pat
         group = next(group for text, group in by_prompt.items() if prompt in text)
         assert group.scores == [float(sample.text.count(answer)) for sample in group.samples]
     assert len({score for group in part.groups for score in group.scores}) > 1
+
+
+@pytest.mark.parametrize('mask_truncated', [False, True])
+def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, mask_truncated):
+    from halos.sampling import Sample
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(f'++loss.mask_truncated={mask_truncated}'),
+                                        loss='dapo'))
+    eos = trainer.tokenizer.eos_token_id
+    texts = ['a', 'ee', 'iii']  # vowels scores 1, 2, 3: every group has advantages
+
+    def fake_sampler(batch, k):  # the second sample of each prompt ran out of length
+        return [[Sample(text, [100 + j, 101, eos] if j != 1 else [100 + j, 101, 102], finished=j != 1,
+                        token_logps=[-1.0] * 3) for j, text in enumerate(texts[:k])] for _ in batch[schema.PROMPT_ID]]
+    trainer.sampler = lambda: fake_sampler
+    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    cut = [not sample.finished for group in part.groups for sample in group.samples]
+    assert part.mask.sum(-1).tolist() == [0.0 if c and mask_truncated else 3.0 for c in cut] and any(cut)
+    unit = 1 / (1 + 1e-4)  # scores 1, 2, 3: mean 2, unbiased std 1, std_epsilon 1e-4
+    assert part.advantages.tolist() == pytest.approx([-unit, 0.0, unit] * 2)  # its score still counts in its group
 
 
 def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):
