@@ -13,7 +13,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 from halos.errors import ConfigError
 
@@ -23,10 +23,12 @@ DTYPES = ('float32', 'bfloat16', 'float16', 'float64')
 
 @dataclass(frozen=True)
 class Rule:
-    """A constraint on a value, and how it reads after 'must be' (`names_values`: it says the whole type)."""
+    """A constraint on a value, and how it reads after 'must be' (`names_values`: it says the whole type; `choices`:
+    the values it allows, where it lists them)."""
     holds: Callable[[Any], bool]
     reads: str
     names_values: bool = False
+    choices: Tuple[str, ...] = ()
 
 
 def greater_than(bound: float) -> Rule:
@@ -42,7 +44,7 @@ def between(low: float, high: float) -> Rule:
 
 
 def one_of(*choices: str) -> Rule:
-    return Rule(lambda value: value in choices, 'one of ' + ', '.join(choices), names_values=True)
+    return Rule(lambda value: value in choices, 'one of ' + ', '.join(choices), names_values=True, choices=choices)
 
 
 def setting(default: Any = REQUIRED, doc: str = '', rule: Optional[Rule] = None):
@@ -345,8 +347,18 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
             if values[name] is not None and rule is not None and not all(rule.holds(v) for v in each(values[name])):
                 raise WrongType
         except WrongType:
-            raise ConfigError(f"{overrides.named(key, value)}: {key} must be {described(hints[name], rule)}") from None
+            raise ConfigError(f"{overrides.named(key, value)}: {key} must be {described(hints[name], rule)}"
+                              f"{closest_choice(value, rule)}") from None
     return schema(**values)
+
+
+def closest_choice(value: Any, rule: Optional[Rule]) -> str:
+    """' (did you mean AdamW?)' for a value close to one of the rule's choices (`adamw`), else ''."""
+    if rule is None or not isinstance(value, str):
+        return ''
+    close = [choice for choice in rule.choices if choice.lower() == value.lower()] or \
+        difflib.get_close_matches(value, rule.choices, n=1, cutoff=0.75)
+    return f' (did you mean {close[0]}?)' if close else ''
 
 
 def each(value: Any) -> List[Any]:
@@ -355,7 +367,9 @@ def each(value: Any) -> List[Any]:
 
 def unknown_key(key: str, names: Sequence[str], overrides: Overrides, otherwise: str = '') -> str:
     """The message for a key no schema defines: the closest keys that exist, else `otherwise` (or all of them)."""
-    close = difflib.get_close_matches(key, names, n=3, cutoff=0.8)
+    leaf = key.rsplit('.', 1)[-1]
+    elsewhere = [name for name in dotted_keys(RunSettings) if name.rsplit('.', 1)[-1] == leaf and name != key]
+    close = list(dict.fromkeys(elsewhere + difflib.get_close_matches(key, names, n=3, cutoff=0.8)))
     every = f"the keys there are {', '.join(sorted(names))}"
     hint = f"did you mean {' or '.join(close)}?" if close else otherwise or every
     where = f'{overrides.lines[key]}: ' if key in overrides.lines else ''

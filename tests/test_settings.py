@@ -148,6 +148,9 @@ def test_the_yaml_defaults_are_the_schemas():
     ('++loss.gamma=0.2', "++loss.gamma=0.2: no config defines the key 'loss.gamma'; DPOTrainer.Params declares "
                          "humanline, log_epsilon_P, log_epsilon_R, beta (a loss declares its keys in its trainer's "
                          "Params)"),
+    ('++max_grad_norm=5', "++max_grad_norm=5: no config defines the key 'max_grad_norm'; did you mean "
+                          "model.max_grad_norm?"),
+    ('++model.rounds=2', "++model.rounds=2: no config defines the key 'model.rounds'; did you mean online.rounds?"),
     ('++loss.trainer=NoSuchTrainer', "loss.trainer=NoSuchTrainer is not a trainer; valid: "),
     ('++online=3', "++online=3: online must be a group of keys (rounds, prompts, "),
 ])
@@ -160,6 +163,13 @@ def test_a_run_name_stays_a_directory_under_cache_dir(name):
     assert refused('dpo', f'exp_name={name}') == (
         f"exp_name={name}: exp_name must be a directory name under cache_dir, or a path of them (no empty, '.' or "
         f"'..' part)")
+
+
+@pytest.mark.parametrize('override, suggested', [('++optimizer=adamw', 'AdamW'), ('mode=trian', 'train'),
+                                                 ('++model.policy_dtype=bfloat', 'bfloat16')])
+def test_a_value_close_to_a_choice_names_it(override, suggested):
+    message = refused('dpo', override)
+    assert message.startswith(f'{override}: ') and message.endswith(f' (did you mean {suggested}?)')
 
 
 def test_keys_that_must_agree_are_checked_together():
