@@ -14,9 +14,9 @@ mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
                  ++reward_function=file.py:function (an online run's default: its online.eval_prompts, scored
-                 by online.eval_reward_function, else online.reward_function): prints the mean reward, its standard error, n, the mean
-                 length and the KL to the starting model (the mean summed log-ratio of the samples), and
-                 appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
+                 by online.eval_reward_function, else online.reward_function): prints the mean reward, its
+                 standard error, n, the mean length and the KL to the starting model (the mean summed
+                 log-ratio of the samples), and appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
                  ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
                  run's prefixes as in mode=sample; compare.py reads it)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter

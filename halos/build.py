@@ -330,8 +330,12 @@ def build_trainer(run: RunSettings):
             raise DataError(loader.why_no_items(losses_reading))
     if sampled and eval_loader.n_examples != 0:
         warn_on_shared_held_out(train_loader.items, eval_loader.items)
-    policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     extra = {'rollouts': build_rollouts(run)} if sampled else {}
+    if sampled:
+        check_prompt_fields(extra['rollouts'].labeler, train_loader.items, 'the training prompts')
+        if eval_loader.n_examples != 0:
+            check_prompt_fields(extra['rollouts'].held_out_labeler, eval_loader.items, 'the held-out prompts')
+    policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
 
@@ -410,8 +414,18 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
+    check_prompt_fields(labeler, pool.items, 'the prompt pool')
+    if held_out is not None:
+        check_prompt_fields(held_out_labeler(run, labeler), held_out.items, 'the held-out prompts')
     return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler,
                         held_out_labeler(run, labeler), HackingMonitor(monitor_settings(run)))
+
+
+def check_prompt_fields(labeler, examples, what: str) -> None:
+    """A reward function that takes a field some prompt's record lacks stops the run before anything samples
+    (other labelers read no fields)."""
+    if isinstance(labeler, RewardFunctionLabeler):
+        labeler.check_prompts(examples, what)
 
 
 def warn_on_shared_held_out(train_items, held_out_items) -> None:

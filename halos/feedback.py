@@ -96,12 +96,14 @@ def read_records(path: str) -> List[Dict]:
         import pyarrow
         import pyarrow.parquet
         try:
-            return pyarrow.parquet.read_table(path).to_pylist()
+            records = pyarrow.parquet.read_table(path).to_pylist()
         except FileNotFoundError:
             raise MissingFileError(f"{path}: no such file") from None
         except (pyarrow.ArrowException, OSError) as error:
             raise DataError(f"{path}: not readable as Parquet ({type(error).__name__}: "
                             f"{str(error).splitlines()[0][:200]})") from None
+        # what JSON has no type for (a date, a decimal, bytes) is read as its text: records travel on as JSON
+        return json.loads(json.dumps(records, default=str))
     return read_json_records(path)
 
 

@@ -99,7 +99,7 @@ def as_turns(prompt: Prompt) -> List[Dict[str, str]]:
     return [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
 
 
-def load_reward_function(spec: str) -> Callable[[Prompt, str], float]:
+def load_reward_function(spec: str) -> Callable[..., float]:
     """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion).
     Each file is imported once per process (the run's start-up checks import it before anything loads)."""
     location, _, name = spec.rpartition(':')
@@ -111,7 +111,7 @@ def load_reward_function(spec: str) -> Callable[[Prompt, str], float]:
 
 
 @functools.lru_cache(maxsize=None)
-def imported_function(spec: str, location: str, name: str) -> Callable[[Prompt, str], float]:
+def imported_function(spec: str, location: str, name: str) -> Callable[..., float]:
     try:
         if location.endswith('.py'):
             module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0],
@@ -131,16 +131,19 @@ def imported_function(spec: str, location: str, name: str) -> Callable[[Prompt, 
     return function
 
 
-def field_parameters(function: Callable) -> Tuple[Optional[set], set]:
+def field_parameters(function: Callable) -> Tuple[Optional[set], set, set]:
     """The prompt fields a reward function takes after (prompt, completion): the names of its further
-    parameters (None where it takes **kwargs: every field), and those of them without a default."""
+    parameters (None where it takes **kwargs: every field), those of them without a default, and the names of
+    the two it is called with by position (never given a field)."""
     try:
-        parameters = list(inspect.signature(function).parameters.values())[2:]
+        parameters = list(inspect.signature(function).parameters.values())
     except (TypeError, ValueError):  # a builtin or extension function without a signature
-        return set(), set()
-    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        return set(), set(), set()
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p not in positional]
     takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
-    return (None if takes_all else {p.name for p in named}), {p.name for p in named if p.default is p.empty}
+    return ((None if takes_all else {p.name for p in named}), {p.name for p in named if p.default is p.empty},
+            {p.name for p in positional})
 
 
 class RewardFunctionLabeler:
@@ -150,16 +153,30 @@ class RewardFunctionLabeler:
     def __init__(self, spec: str):
         self.spec, self.function = spec, load_reward_function(spec)
         self.name = f'reward function {spec}'
-        self.takes, self.needs = field_parameters(self.function)
+        self.takes, self.needs, self.by_position = field_parameters(self.function)
+
+    def lacking(self, extra: Dict) -> Optional[str]:
+        """What a prompt with these fields lacks for the function, else None."""
+        missing = sorted(self.needs - extra.keys())
+        if not missing:
+            return None
+        return (f"it takes {', '.join(missing)}, which its prompt's record lacks (the prompt's own fields: "
+                f"{', '.join(sorted(extra)) or 'none'})")
+
+    def check_prompts(self, examples, what: str) -> None:
+        """Stop before anything is sampled when a prompt lacks a field the function takes."""
+        for example in examples:
+            lacking = self.lacking(example.extra)
+            if lacking:
+                raise LabelError(f"{self.name} cannot score {what}: {example.source}: {lacking}")
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
         scores = []
         for index, (prompt, completion, extra) in enumerate(zip(prompts, completions, extras)):
-            missing = sorted(self.needs - extra.keys())
-            if missing:
-                raise SampleFailed(index, f"it takes {', '.join(missing)}, which its prompt's record lacks (the "
-                                          f"prompt's own fields: {', '.join(sorted(extra)) or 'none'})")
-            given = extra if self.takes is None else {name: extra[name] for name in self.takes & extra.keys()}
+            if self.lacking(extra):
+                raise SampleFailed(index, self.lacking(extra))
+            given = {name: value for name, value in extra.items()
+                     if (self.takes is None or name in self.takes) and name not in self.by_position}
             try:
                 scores.append(self.function(prompt, completion, **given))
             except Exception as error:  # the user's function: any failure is theirs to fix, named with its sample

@@ -341,16 +341,18 @@ def grpo_loss(token_losses: torch.Tensor, mask: torch.Tensor, loss_type: str, n_
     `n_tokens` and `n_sequences` are the counts the mean is over (the trainer passes this rank's share of
     the global microbatch, or for dapo of the whole optimizer step, so that averaging gradients over ranks
     and microbatches gives the global mean). Per-sequence `weights` [rows] multiply each sequence's terms
-    (the counts are then weighted counts).
+    (the counts are then weighted counts; where every weight is 0 the loss is 0, not 0 / 0).
     """
     weights = torch.ones(len(token_losses), device=token_losses.device) if weights is None else weights
     masked = token_losses * mask * weights.unsqueeze(1)
+    nonzero = lambda count: torch.as_tensor(count, dtype=masked.dtype, device=masked.device).clamp(
+        min=torch.finfo(masked.dtype).tiny)
     if loss_type in ('halos', 'dapo'):
-        return masked.sum() / n_tokens
+        return masked.sum() / nonzero(n_tokens)
     if loss_type == 'grpo':
-        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / n_sequences
+        return (masked.sum(1) / mask.sum(1).clamp(min=1)).sum() / nonzero(n_sequences)
     if loss_type == 'dr_grpo':
-        return masked.sum() / (n_sequences * max_completion_length)
+        return masked.sum() / nonzero(n_sequences * max_completion_length)
     raise ValueError(f"loss.loss_type={loss_type}: GRPO takes {', '.join(GRPO_LOSS_TYPES)}")
 
 

@@ -95,7 +95,7 @@ def on_rank0_for_all(work: Callable[[], T]) -> Optional[T]:
 class OnlineRounds:
     """The round loop around a trainer. `prompt_loader` is a PromptDataLoader over the pool,
     `held_out` one over the held-out prompts (or None); `make_loaders(feedback_path)` gives the round's
-    (train, eval) loaders; `labeler` scores (prompts, completions)."""
+    (train, eval) loaders; `labeler` scores (prompts, completions, extras)."""
 
     def __init__(self, trainer, settings: OnlineSettings, seed: int, prompt_loader, held_out, make_loaders: Callable,
                  make_sampler: Callable[[], Sampler], labeler, held_out_labeler, monitor: HackingMonitor):

@@ -77,6 +77,7 @@ class Part:
     rows: schema.Sequences        # [rows, T]
     mask: torch.Tensor            # [rows, T-1] 1 where a completion token is predicted
     scores: torch.Tensor          # [rows]
+    weights: torch.Tensor         # [rows] each row's weight in the loss (0: a truncated one under mask_truncated)
     sampler_logps: torch.Tensor   # [rows, T-1] what the sampler recorded for each completion token
     reference_logps: Optional[torch.Tensor]  # [rows, T-1]; None without a reference model (beta = 0)
     advantages: Optional[torch.Tensor] = None  # [rows] or [rows, T-1]
@@ -202,8 +203,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         rows = rl.rollout_sequences_of(prompt_rows, [s.token_ids for s in samples], self.tokenizer.pad_token_id)
         rows = rows.to(self.device)
         mask = rl.completion_mask(rows.labels)
-        if self.params.mask_truncated:  # its score judged a text that did not end: it scores in its group only
-            mask = mask * mask.new_tensor([float(sample.finished) for sample in samples])[:, None]
+        # a completion that did not end was scored unfinished: it counts in its group's advantages, not in the loss
+        weights = mask.new_tensor([float(sample.finished or not self.params.mask_truncated) for sample in samples])
         sampler_logps = torch.zeros_like(mask)
         for row, (prompt, sample) in enumerate(zip(prompt_rows, samples)):
             sampler_logps[row, len(prompt) - 1:len(prompt) - 1 + len(sample.token_ids)] = torch.tensor(sample.token_logps)
@@ -212,7 +213,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             with torch.no_grad():
                 reference_logps = self.row_logps(self.reference_model, rows)
         scores = torch.tensor([score for group in groups for score in group.scores], device=self.device)
-        return Part(groups, rows, mask, scores, sampler_logps, reference_logps)
+        return Part(groups, rows, mask, scores, weights, sampler_logps, reference_logps)
 
     def row_logps(self, model, rows: schema.Sequences, entropy: bool = False):
         """Per-token log-probs [rows, T-1] of the rows' completions under `model` (and their entropies)."""
@@ -266,8 +267,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         # without a reference (beta = 0) the policy stands in for it: its KL is exactly 0 (never 0 times an overflow)
         reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps
         token_losses, stats = self.loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
-        weights = torch.ones(len(part.mask), device=self.device)
-        loss = self.reduced(token_losses, part.mask, weights, step_tokens)
+        loss = self.reduced(token_losses, part.mask, part.weights, step_tokens)
         token_mean = lambda values: (values * part.mask).sum(-1) / part.mask.sum(-1).clamp(min=1)
         metrics = {'loss/train': loss.detach().reshape(1), 'clipfrac_train/policy': token_mean(stats['clipped'])}
         if first_pass:
@@ -279,8 +279,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
 
     def train_step(self, microbatches):
         parts = self.experience(microbatches)
-        step_tokens = self.step_tokens([part.mask for part in parts],
-                                       [torch.ones(len(part.mask), device=self.device) for part in parts])
+        step_tokens = self.step_tokens([part.mask for part in parts], [part.weights for part in parts])
         for epoch in range(self.params.mu):
             for part, batch in zip(parts, microbatches):
                 loss, metrics = self.pass_loss(part, step_tokens, first_pass=epoch == 0)

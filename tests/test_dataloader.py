@@ -466,6 +466,11 @@ def test_a_parquet_feedback_file_reads_as_its_json_lines_twin_its_nulls_absent_f
                                                              **FORMAT).data.values()}
     assert sorted(train) == ['a', 'e'] and train['e'].weights == [0.5] and train['e'].desirable == [True]
     assert train['a'].generations == ['b', 'c', 'd'] and train['a'].pairs == [(0, 1), (0, 2)]
+    import datetime
+    dated = pyarrow.Table.from_pylist([{'prompt': 'a', 'asked_on': datetime.date(2026, 12, 6)}])
+    pyarrow.parquet.write_table(dated, tmp_path / 'dated.parquet')
+    example, = D.load_dataset(str(tmp_path / 'dated.parquet'), 'train', **FORMAT).data.values()
+    assert example.extra == {'asked_on': '2026-12-06'}  # as JSON will write it in samples and feedback
     (tmp_path / 'broken.parquet').write_bytes(b'PAR1 not really')
     with pytest.raises(D.DataError, match=rf"^{tmp_path}/broken.parquet: not readable as Parquet \(ArrowInvalid: "):
         D.load_dataset(str(tmp_path / 'broken.parquet'), 'train', **FORMAT)

@@ -201,10 +201,12 @@ def cases(tmp_path, made_once):
         'resume without a checkpoint': ('train.py', ['++resume=true'],
                                         f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST"),
         'bad optimizer': ('train.py', ['++optimizer=Adamm'],
-                          f"++optimizer=Adamm: optimizer must be one of {', '.join(torch_optimizers())}"),
+                          f"++optimizer=Adamm: optimizer must be one of {', '.join(torch_optimizers())} (did you "
+                          f"mean Adam?)"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
-        'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, alpacaeval, reward, lm_eval"),
+        'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, "
+                                                              "alpacaeval, reward, lm_eval (did you mean sample?)"),
     }
 
 

@@ -86,6 +86,14 @@ def every_field(prompt, completion, **fields):
 
 def none(prompt, completion):
     return 1.0
+
+
+def spread(*args, **fields):
+    return float(len(args) * 10 + len(fields))
+
+
+def short_names(p, c, **fields):
+    return float(sorted(fields) == ['answer'])
 """
 
 
@@ -99,6 +107,8 @@ def test_a_reward_function_is_given_the_prompt_fields_it_names(tmp_path):
     assert label('by_name', ['4km', '4m'], extras) == [1.0, 1.0]  # unit from the first record, its default after
     assert label('every_field', ['a', 'b'], extras) == [3.0, 1.0]
     assert label('none', ['a', 'b'], extras) == [1.0, 1.0]  # fields it does not name are not given
+    assert label('spread', ['a', 'b'], extras) == [23.0, 21.0]
+    assert label('short_names', ['a'], [{'answer': '4', 'p': 'its own', 'c': 3}]) == [1.0]  # never twice
     with pytest.raises(LabelError) as error:
         label('by_name', ['4m', '5m'], [{'answer': '4'}, {'level': 2}])
     assert str(error.value) == (f"reward function {tmp_path / 'fields.py'}:by_name failed on sample 1: it takes "

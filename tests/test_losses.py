@@ -234,6 +234,14 @@ def test_grpo_reductions(loss_type, expected):
     assert trainers.grpo_loss(token_losses, mask, loss_type, n_tokens, 2.0, 4).item() == pytest.approx(expected)
 
 
+@pytest.mark.parametrize('loss_type', ['halos', 'grpo', 'dr_grpo', 'dapo'])
+def test_grpo_reductions_of_rows_that_all_weigh_zero_are_zero_not_nan(loss_type):
+    token_losses = torch.tensor([[1.0, 2.0], [3.0, 9.0]], requires_grad=True)
+    loss = trainers.grpo_loss(token_losses, torch.ones(2, 2), loss_type, 0.0, 0.0, 4, weights=torch.zeros(2))
+    loss.backward()
+    assert loss.item() == 0.0 and token_losses.grad.tolist() == [[0.0, 0.0], [0.0, 0.0]]
+
+
 def test_humanline_clamps_each_token_log_ratio_and_stops_its_gradient_outside_the_band():
     # log-ratios [1, -2, -0.1] clamped to [-1, 1.5]: [1, -1, -0.1]; two tokens inside the band
     policy = torch.tensor([[-1.0, -3.0, -0.5]], requires_grad=True)

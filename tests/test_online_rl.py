@@ -265,6 +265,21 @@ def test_each_prompt_is_scored_with_its_own_answer_from_the_prompts_file(tmp_pat
     assert len({score for group in part.groups for score in group.scores}) > 1
 
 
+def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_before_the_models_load(tmp_path,
+                                                                                                  monkeypatch):
+    import halos.build
+    prompts = tmp_path / 'questions.jsonl'
+    prompts.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "What is 3+3?", "level": 1}\n')
+    monkeypatch.setattr(halos.build, 'load_models', lambda *args: pytest.fail('the models loaded'))
+    with pytest.raises(LabelError) as error:
+        build_trainer(make_config(tmp_path, *online_overrides(f'++online.prompts={prompts}',
+                                                              f'++online.reward_function={REWARD}:answer_count'),
+                                  loss='grpo-online'))
+    assert str(error.value) == (f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: "
+                                f"record 2: it takes answer, which its prompt's record lacks (the prompt's own fields: "
+                                f"level)")
+
+
 @pytest.mark.parametrize('mask_truncated', [False, True])
 def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, mask_truncated):
     from halos.sampling import Sample
@@ -273,15 +288,20 @@ def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, ma
     eos = trainer.tokenizer.eos_token_id
     texts = ['a', 'ee', 'iii']  # vowels scores 1, 2, 3: every group has advantages
 
-    def fake_sampler(batch, k):  # the second sample of each prompt ran out of length
-        return [[Sample(text, [100 + j, 101, eos] if j != 1 else [100 + j, 101, 102], finished=j != 1,
-                        token_logps=[-1.0] * 3) for j, text in enumerate(texts[:k])] for _ in batch[schema.PROMPT_ID]]
-    trainer.sampler = lambda: fake_sampler
-    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    def sampler(cut):  # the samples `cut` picks ran out of length
+        return lambda batch, k: [[Sample(text, [100 + j, 101, 102 if cut(j) else eos], finished=not cut(j),
+                                         token_logps=[-1.0] * 3) for j, text in enumerate(texts[:k])]
+                                 for _ in batch[schema.PROMPT_ID]]
+    batch = next(iter(trainer.train_iterator))
+    trainer.sampler = lambda: sampler(lambda j: j == 1)
+    part, = trainer.experience([batch])
     cut = [not sample.finished for group in part.groups for sample in group.samples]
-    assert part.mask.sum(-1).tolist() == [0.0 if c and mask_truncated else 3.0 for c in cut] and any(cut)
+    assert part.weights.tolist() == [0.0 if c and mask_truncated else 1.0 for c in cut] and any(cut)
     unit = 1 / (1 + 1e-4)  # scores 1, 2, 3: mean 2, unbiased std 1, std_epsilon 1e-4
     assert part.advantages.tolist() == pytest.approx([-unit, 0.0, unit] * 2)  # its score still counts in its group
+    trainer.sampler = lambda: sampler(lambda j: True)
+    loss = trainer.train_step([batch])  # every completion cut: no token carries loss, and the loss is 0, not 0 / 0
+    assert loss == 0.0 if mask_truncated else math.isfinite(loss)
 
 
 def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):
