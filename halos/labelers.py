@@ -100,8 +100,9 @@ def as_turns(prompt: Prompt) -> List[Dict[str, str]]:
 
 
 def load_reward_function(spec: str) -> Callable[..., float]:
-    """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion).
-    Each file is imported once per process (the run's start-up checks import it before anything loads)."""
+    """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion,
+    **the prompt's fields it names). Each file is imported once per process (the run's start-up checks import it
+    before anything loads)."""
     location, _, name = spec.rpartition(':')
     if not location or not name:
         raise ConfigError(f"reward function {spec!r}: give it as path/to/file.py:function or module:function")
@@ -173,8 +174,9 @@ class RewardFunctionLabeler:
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
         scores = []
         for index, (prompt, completion, extra) in enumerate(zip(prompts, completions, extras)):
-            if self.lacking(extra):
-                raise SampleFailed(index, self.lacking(extra))
+            lacking = self.lacking(extra)
+            if lacking:
+                raise SampleFailed(index, lacking)
             given = {name: value for name, value in extra.items()
                      if (self.takes is None or name in self.takes) and name not in self.by_position}
             try:

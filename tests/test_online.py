@@ -370,7 +370,7 @@ def test_a_rounds_samples_and_feedback_keep_their_prompts_own_fields_for_the_rew
                                for prompt, answer in answers.items()))
     run = make_config(tmp_path, *online_overrides(tmp_path), f'++online.prompts={prompts}',
                       '++online.prompts_per_round=3', f'++online.reward_function={REWARD}:answer_count',
-                      '++online.feedback=scalar', loss='grpo')
+                      f'++online.eval_prompts={prompts}', '++online.feedback=scalar', loss='grpo')
     rounds = build_online_rounds(run, build_trainer(run))
     samples = rounds.round_samples(0)
     assert len(samples) == 9 and all(s['answer'] == answers[s['prompt'][0]['content']] for s in samples)
