@@ -54,7 +54,8 @@ from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_jsonl
 from halos.labelers import RewardFunctionLabeler, checked_scores
-from halos.monitors import reward_summary
+from halos.labelling import parts_field
+from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
 from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict
@@ -182,7 +183,7 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
                                            batch[schema.PROMPT_EXTRA])
             records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
                                                 run.assistant_suffix),
-                         'policy': s.text, 'reward': r, 'prompt_id': prompt_id}
+                         'policy': s.text, 'reward': r, **parts_field(r), 'prompt_id': prompt_id}
                         for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
                                                           batch[schema.PROMPT_ID])]
             rewards += batch_rewards
@@ -192,10 +193,11 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
                 recorded=options.autocast_dtype == run.model.autocast_dtype)
     n = run.n_samples  # the last batch may run past it
     records, rewards, lengths, log_ratios = records[:n], rewards[:n], lengths[:n], log_ratios[:n]
-    summary = reward_summary(rewards)
+    summary, parts = reward_summary(rewards), part_means(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
             'reward_function': run.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
             'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
+            **({'reward_parts': parts} if parts else {}),
             'sampled_at': str(datetime.datetime.now())}
 
 

@@ -33,7 +33,7 @@ FILE_TYPES = ('.json', '.jsonl', '.parquet')
 # what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
 RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', *PAIR_FIELDS[0],
                            *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
-                           'weight_B', 'sample_id', 'generator', 'dataset', 'finished'})
+                           'weight_B', 'sample_id', 'generator', 'dataset', 'finished', 'reward_parts'})
 
 
 def extra_fields(record: Dict) -> Dict:

@@ -9,7 +9,8 @@ unparseable judgment): such a completion is dropped and counted, never scored 0.
 for messages and says whether it `may_abstain` (give None); only a judge may.
 
 Every score goes through one check, `checked_scores`: a finite number, or None from a labeler that may
-abstain. A reward function that raises, or any labeler that gives anything else, stops the run with one line
+abstain; a reward function may give a score as named parts, {name: number}, which is their sum (a
+PartedScore: the monitors log each part's mean). A reward function that raises, or any labeler that gives anything else, stops the run with one line
 naming the labeler, the sample and the value or exception.
 """
 import dataclasses
@@ -22,7 +23,7 @@ import math
 import numbers
 import os
 import re
-from typing import Callable, Dict, List, Optional, Protocol, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
 
@@ -70,17 +71,45 @@ def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Seq
             for score, name in zip(scores, names)]
 
 
+class PartedScore(float):
+    """A score given as named parts (a correctness and a format reward): the float of their sum everywhere,
+    with the parts beside it."""
+    parts: Dict[str, float] = {}
+
+    @classmethod
+    def of(cls, parts: Dict[str, float]) -> 'PartedScore':
+        score = cls(math.fsum(parts.values()))
+        score.parts = parts
+        return score
+
+
 def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Optional[float]:
     if value is None and may_abstain:
         return None
+    if isinstance(value, Mapping):
+        return checked_parts(value, labeler_name, name)
     number = as_number(value)
     if number is None or not math.isfinite(number):
-        shown = repr(value)
-        shown = shown if len(shown) <= 80 else shown[:77] + '...'
         batched = ("; a reward function scores one completion a call, function(prompt, completion) -> float, not "
                    "a batch as TRL's do") if isinstance(value, (list, tuple)) else ''
-        raise LabelError(f"{labeler_name} gave {shown} for {name}: a score must be a finite number{batched}")
+        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score must be a finite "
+                         f"number{batched}")
     return number
+
+
+def checked_parts(value: Mapping, labeler_name: str, name: str) -> PartedScore:
+    """A score given as {name: part}: every part a finite number."""
+    parts = {str(part_name): as_number(part) for part_name, part in value.items()}
+    bad = [part_name for part_name, part in parts.items() if part is None or not math.isfinite(part)]
+    if bad or not parts:
+        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score's parts must be finite "
+                         f"numbers ({f'not {bad[0]}' if bad else 'it has none'})")
+    return PartedScore.of(parts)
+
+
+def shortened(value) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + '...'
 
 
 def as_number(value) -> Optional[float]:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from halos.errors import ConfigError
 from halos.feedback import extra_fields
-from halos.labelers import LabelError, checked_scores
+from halos.labelers import LabelError, PartedScore, checked_scores
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
 PAIR_MODES = ('max', 'min', 'random')
@@ -47,9 +47,14 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
             if reward is None:
                 counts['dropped: no score'] += 1
             else:
-                labelled.append({**sample, 'reward': reward})
+                labelled.append({**sample, 'reward': reward, **parts_field(reward)})
     counts['labelled'] = len(labelled)
     return labelled, counts
+
+
+def parts_field(score: float) -> Dict:
+    """{'reward_parts': {name: part}} for a score given in parts, else nothing."""
+    return {'reward_parts': score.parts} if isinstance(score, PartedScore) else {}
 
 
 def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, what: str) -> None:
@@ -116,7 +121,7 @@ def binary_feedback(samples: List[Dict], threshold: Threshold = 'median', per_pr
     for group in groups:
         cut = threshold_value([s['reward'] for s in group], threshold)
         records += [feedback_record(s, output=s['output'], label=int(s['reward'] >= cut), reward=s['reward'],
-                                    type='binary_feedback') for s in group]
+                                    **parts_field(s['reward']), type='binary_feedback') for s in group]
     return records
 
 
@@ -152,13 +157,15 @@ def pairwise_feedback(samples: List[Dict], mode: str = 'max', threshold: float =
 
 
 def scalar_feedback(samples: List[Dict]) -> List[Dict]:
-    return [feedback_record(s, output=s['output'], reward=s['reward'], type='scalar_feedback') for s in samples]
+    return [feedback_record(s, output=s['output'], reward=s['reward'], **parts_field(s['reward']),
+                            type='scalar_feedback') for s in samples]
 
 
 def best_feedback(samples: List[Dict]) -> List[Dict]:
     """Each prompt's best sample (the first of equals), a desirable output: SFT trains on it."""
     best = [max(group, key=lambda s: s['reward']) for group in by_prompt(samples).values()]
-    return [feedback_record(s, output=s['output'], label=1, reward=s['reward'], type='binary_feedback') for s in best]
+    return [feedback_record(s, output=s['output'], label=1, reward=s['reward'], **parts_field(s['reward']),
+                            type='binary_feedback') for s in best]
 
 
 def build_feedback(samples: List[Dict], kind: str, threshold: Threshold = 'median', per_prompt: bool = False,

@@ -37,7 +37,7 @@ def sample_stats(scores: Sequence[float], group_ids: Sequence, completions: Sequ
                  finished: Sequence[bool]) -> Dict[str, float]:
     """Monitors of one step's or round's samples: reward mean and std, the share of degenerate groups (one
     sample, or all of a prompt's samples scored alike), completion length (tokens) and the share cut at the
-    length budget, the share of repeated 4-grams and distinct-2."""
+    length budget, the share of repeated 4-grams and distinct-2; and each part's mean where scores have parts."""
     groups: Dict = {}
     for group, score in zip(group_ids, scores):
         groups.setdefault(group, []).append(score)
@@ -46,7 +46,17 @@ def sample_stats(scores: Sequence[float], group_ids: Sequence, completions: Sequ
             'completions/length': statistics.fmean(len(tokens) for tokens in completions),
             'completions/truncated': statistics.fmean(not done for done in finished),
             'completions/repetition': statistics.fmean(map(repeated_ngram_share, completions)),
-            'completions/distinct2': distinct_ngrams(completions)}
+            'completions/distinct2': distinct_ngrams(completions),
+            **{f'reward_parts/{name}': mean for name, mean in part_means(scores).items()}}
+
+
+def part_means(scores: Sequence[float]) -> Dict[str, float]:
+    """The mean of each named part of the scores given in parts (labelers.PartedScore), over those that have it."""
+    values: Dict[str, List[float]] = {}
+    for score in scores:
+        for name, value in getattr(score, 'parts', {}).items():
+            values.setdefault(name, []).append(value)
+    return {name: statistics.fmean(each) for name, each in values.items()}
 
 
 @dataclass(frozen=True)

@@ -246,9 +246,11 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
                              [s.finished for s in samples])
         for part_counts in counts:
             stats.update(part_counts)
-        for name, value in stats.items():
-            group, leaf = name.split('/')
-            self.train_metrics.add(f'{group}_train/{leaf}', torch.tensor([value]))
+        # every rank adds the same keys (the accumulator reduces them in order): the parts any rank's scores have
+        named = set(stats) | set(all_gather_list([name for name in stats if name.startswith('reward_parts/')]))
+        for name in named:
+            group, leaf = name.split('/', 1)
+            self.train_metrics.add(f'{group}_train/{leaf}', torch.tensor([stats[name]] if name in stats else []))
         self.step_rewards.append(stats['reward/mean'])
         lines = all_gather_list([{'step': self.batch_counter, 'examples': self.example_counter,
                                   'prompt': group.prompt_id, 'completions': [s.text for s in group.samples],

@@ -35,3 +35,8 @@ def constant(prompt, completion: str) -> float:
 def answer_count(prompt, completion: str, answer: str) -> float:
     """A reward that reads a field of the prompts file: how often the completion says the prompt's answer."""
     return float(completion.count(answer))
+
+
+def vowels_and_brevity(prompt, completion: str) -> dict:
+    """A reward given in named parts: their sum is the score, and each part's mean is logged."""
+    return {'vowels': vowels(prompt, completion), 'brevity': -len(completion) / 100}

@@ -60,6 +60,29 @@ def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
     assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number{batched}"
 
 
+def test_a_score_in_named_parts_is_their_sum_and_keeps_them():
+    from halos.labelers import PartedScore
+    score, = checked_scores(Labeler([{'correct': 1, 'format': np.float32(0.25)}]), ['p'], ['c'], ['sample 1'])
+    assert isinstance(score, PartedScore) and score == 1.25 and score.parts == {'correct': 1.0, 'format': 0.25}
+    for parts, why in [({'correct': 1.0, 'format': math.nan}, 'not format'), ({}, 'it has none'),
+                       ({'correct': 'yes'}, 'not correct')]:
+        with pytest.raises(LabelError) as error:
+            checked_scores(Labeler([parts]), ['p'], ['c'], ['sample 1'])
+        assert str(error.value) == (f"a test labeler gave {parts!r} for sample 1: a score's parts must be finite "
+                                    f"numbers ({why})")
+
+
+def test_label_py_writes_each_part_of_a_score_beside_it(tmp_path):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': 'Hi', 'output': output, 'prompt_id': 'h', 'sample_id': i}) + '\n'
+                               for i, output in enumerate(['Hello there.', 'Yo.'])))
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function',
+                       f'{REWARD}:vowels_and_brevity', '--feedback', 'scalar']) == 0
+    records = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
+    assert [r['reward_parts'] for r in records] == [{'vowels': 4.0, 'brevity': -0.12}, {'vowels': 1.0, 'brevity': -0.03}]
+    assert [r['reward'] for r in records] == [pytest.approx(3.88), pytest.approx(0.97)]
+
+
 def test_a_huge_or_long_value_is_named_in_a_short_line():
     for value, shown in ((10 ** 400, repr(10 ** 400)[:77] + '...'), ('x' * 500, repr('x' * 500)[:77] + '...')):
         with pytest.raises(LabelError) as error:

@@ -280,6 +280,21 @@ def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_befo
                                 f"level)")
 
 
+def test_a_score_in_named_parts_logs_each_parts_mean_over_the_steps_samples(tmp_path):
+    import sys
+    sys.path.insert(0, os.path.dirname(REWARD))
+    from rewards import vowels
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(
+        f'++online.reward_function={REWARD}:vowels_and_brevity'), loss='grpo-online'))
+    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    texts = [sample.text for group in part.groups for sample in group.samples]
+    logged = trainer.train_metrics.means()
+    assert logged['reward_parts_train/vowels'] == pytest.approx(sum(vowels(None, t) for t in texts) / len(texts))
+    assert logged['reward_parts_train/brevity'] == pytest.approx(-sum(len(t) for t in texts) / 100 / len(texts))
+    assert logged['reward_train/mean'] == pytest.approx(logged['reward_parts_train/vowels']
+                                                        + logged['reward_parts_train/brevity'])
+
+
 @pytest.mark.parametrize('mask_truncated', [False, True])
 def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, mask_truncated):
     from halos.sampling import Sample
