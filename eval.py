@@ -16,9 +16,10 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  ++reward_function=file.py:function (an online run's default: its online.eval_prompts, scored
                  by online.eval_reward_function, else online.reward_function): prints the mean reward, its
                  standard error, n, the mean length and the KL to the starting model (the mean summed
-                 log-ratio of the samples), and appends them to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
-                 ({sampled_at, config, samples: [{prompt, policy, reward, prompt_id}]}, the prompt rendered with the
-                 run's prefixes as in mode=sample; compare.py reads it)
+                 log-ratio of the samples), and appends them (with each part's mean, for a reward given in
+                 parts) to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
+                 ({sampled_at, config, samples: [{prompt, policy, reward, reward_parts?, prompt_id}]}, the
+                 prompt rendered with the run's prefixes as in mode=sample; compare.py reads it)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
                  merged (what its HF export holds): ++lm_eval.tasks=[halos_basics,...]; prints lm-eval's table,
                  writes its results to <local_run_dir>/lm_eval.json and logs them to wandb
@@ -54,7 +55,7 @@ from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_jsonl
 from halos.labelers import RewardFunctionLabeler, checked_scores
-from halos.labelling import parts_field
+from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
 from halos.sampling import Sample, make_sampler, sample_records
@@ -183,7 +184,7 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
                                            batch[schema.PROMPT_EXTRA])
             records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
                                                 run.assistant_suffix),
-                         'policy': s.text, 'reward': r, **parts_field(r), 'prompt_id': prompt_id}
+                         'policy': s.text, 'reward': r, **reward_parts_field(r), 'prompt_id': prompt_id}
                         for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
                                                           batch[schema.PROMPT_ID])]
             rewards += batch_rewards

@@ -414,11 +414,12 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
+    gold = held_out_labeler(run, labeler)
     check_prompt_fields(labeler, pool.items, 'the prompt pool')
     if held_out is not None:
-        check_prompt_fields(held_out_labeler(run, labeler), held_out.items, 'the held-out prompts')
-    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler,
-                        held_out_labeler(run, labeler), HackingMonitor(monitor_settings(run)))
+        check_prompt_fields(gold, held_out.items, 'the held-out prompts')
+    return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler, gold,
+                        HackingMonitor(monitor_settings(run)))
 
 
 def check_prompt_fields(labeler, examples, what: str) -> None:

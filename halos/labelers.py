@@ -10,8 +10,8 @@ for messages and says whether it `may_abstain` (give None); only a judge may.
 
 Every score goes through one check, `checked_scores`: a finite number, or None from a labeler that may
 abstain; a reward function may give a score as named parts, {name: number}, which is their sum (a
-PartedScore: the monitors log each part's mean). A reward function that raises, or any labeler that gives anything else, stops the run with one line
-naming the labeler, the sample and the value or exception.
+PartedScore: the monitors log each part's mean). A reward function that raises, or any labeler that gives
+anything else, stops the run with one line naming the labeler, the sample and the value or exception.
 """
 import dataclasses
 import functools
@@ -83,6 +83,10 @@ class PartedScore(float):
         return score
 
 
+def parts_of(score: Optional[float]) -> Optional[Dict[str, float]]:
+    return score.parts if isinstance(score, PartedScore) else None
+
+
 def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Optional[float]:
     if value is None and may_abstain:
         return None
@@ -104,7 +108,11 @@ def checked_parts(value: Mapping, labeler_name: str, name: str) -> PartedScore:
     if bad or not parts:
         raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score's parts must be finite "
                          f"numbers ({f'not {bad[0]}' if bad else 'it has none'})")
-    return PartedScore.of(parts)
+    try:
+        return PartedScore.of(parts)
+    except OverflowError:  # finite parts whose sum is not
+        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: the sum of its parts is not a finite "
+                         f"number") from None
 
 
 def shortened(value) -> str:

@@ -22,7 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from halos.errors import ConfigError
 from halos.feedback import extra_fields
-from halos.labelers import LabelError, PartedScore, checked_scores
+from halos.labelers import LabelError, checked_scores, parts_of
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
 PAIR_MODES = ('max', 'min', 'random')
@@ -47,14 +47,10 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
             if reward is None:
                 counts['dropped: no score'] += 1
             else:
-                labelled.append({**sample, 'reward': reward, **parts_field(reward)})
+                earlier = {name: value for name, value in sample.items() if name != 'reward_parts'}
+                labelled.append({**earlier, 'reward': reward, **reward_parts_field(reward)})
     counts['labelled'] = len(labelled)
     return labelled, counts
-
-
-def parts_field(score: float) -> Dict:
-    """{'reward_parts': {name: part}} for a score given in parts, else nothing."""
-    return {'reward_parts': score.parts} if isinstance(score, PartedScore) else {}
 
 
 def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, what: str) -> None:
@@ -111,8 +107,20 @@ def threshold_value(rewards: Sequence[float], threshold: Threshold) -> float:
         raise ConfigError(f"threshold={threshold!r}: give mean, median or a number") from None
 
 
+def reward_parts_field(score: float) -> Dict:
+    """{'reward_parts': {name: part}} for a score given in parts, else nothing."""
+    parts = parts_of(score)
+    return {'reward_parts': parts} if parts else {}
+
+
 def feedback_record(sample: Dict, **fields) -> Dict:
     return {**extra_fields(sample), 'prompt_id': sample['prompt_id'], 'prompt': sample['prompt'], **fields}
+
+
+def scored_record(sample: Dict, **fields) -> Dict:
+    """The feedback record of one labelled output: its reward, and the reward's parts where it has them."""
+    parts = {'reward_parts': sample['reward_parts']} if 'reward_parts' in sample else {}
+    return feedback_record(sample, output=sample['output'], reward=sample['reward'], **parts, **fields)
 
 
 def binary_feedback(samples: List[Dict], threshold: Threshold = 'median', per_prompt: bool = False) -> List[Dict]:
@@ -120,8 +128,7 @@ def binary_feedback(samples: List[Dict], threshold: Threshold = 'median', per_pr
     records = []
     for group in groups:
         cut = threshold_value([s['reward'] for s in group], threshold)
-        records += [feedback_record(s, output=s['output'], label=int(s['reward'] >= cut), reward=s['reward'],
-                                    **parts_field(s['reward']), type='binary_feedback') for s in group]
+        records += [scored_record(s, label=int(s['reward'] >= cut), type='binary_feedback') for s in group]
     return records
 
 
@@ -157,15 +164,13 @@ def pairwise_feedback(samples: List[Dict], mode: str = 'max', threshold: float =
 
 
 def scalar_feedback(samples: List[Dict]) -> List[Dict]:
-    return [feedback_record(s, output=s['output'], reward=s['reward'], **parts_field(s['reward']),
-                            type='scalar_feedback') for s in samples]
+    return [scored_record(s, type='scalar_feedback') for s in samples]
 
 
 def best_feedback(samples: List[Dict]) -> List[Dict]:
     """Each prompt's best sample (the first of equals), a desirable output: SFT trains on it."""
     best = [max(group, key=lambda s: s['reward']) for group in by_prompt(samples).values()]
-    return [feedback_record(s, output=s['output'], label=1, reward=s['reward'], **parts_field(s['reward']),
-                            type='binary_feedback') for s in best]
+    return [scored_record(s, label=1, type='binary_feedback') for s in best]
 
 
 def build_feedback(samples: List[Dict], kind: str, threshold: Threshold = 'median', per_prompt: bool = False,

@@ -30,7 +30,8 @@ from halos.feedback import extra_fields, read_json_records
 from halos.jsonl import read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
-from halos.monitors import HackingMonitor, Observation, repeated_ngram_share, reward_summary, sample_stats
+from halos.monitors import (HackingMonitor, Observation, part_means, repeated_ngram_share, reward_summary,
+                            sample_stats)
 from halos.sampling import Sampler, sample_records
 from halos.settings import OnlineSettings
 from utils import all_gather_list, barrier, is_distributed, on_rank0, rank0_print
@@ -207,6 +208,7 @@ class OnlineRounds:
         self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
                           'reward_eval/n': summary['n'], 'reward_eval/length': observation.length,
                           'reward_eval/repetition': observation.repetition,
+                          **{f'reward_parts_eval/{name}': mean for name, mean in part_means(rewards).items()},
                           **self.monitor.observe(observation, os.path.join(self.trainer.run_dir, checkpoint.LATEST))})
         plot_rounds(self.metrics_path, os.path.join(self.rounds_dir, 'reward_per_round.png'))
         return summary

@@ -35,10 +35,10 @@ from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
 from halos.jsonl import append_json_lines, read_json_lines, write_jsonl
-from halos.labelers import LabelError, Labeler, checked_scores
+from halos.labelers import LabelError, Labeler, checked_scores, parts_of
 from halos.labelling import last_error_note, scored_enough
-from halos.monitors import (HackingMonitor, MonitorSettings, Observation, repeated_ngram_share, reward_summary,
-                            sample_stats)
+from halos.monitors import (HackingMonitor, MonitorSettings, Observation, part_means, repeated_ngram_share,
+                            reward_summary, sample_stats)
 from halos.packing import token_level_logps
 from halos.policy_gradient import PolicyGradientTrainer, Reduction
 from halos.sampling import Sample
@@ -92,6 +92,12 @@ class Part:
         if self.reference_logps is None:
             return torch.zeros_like(self.sampler_logps)
         return (self.sampler_logps - self.reference_logps) * self.mask
+
+
+def scores_parts(scores: List[float]) -> Dict:
+    """{'score_parts': [each score's parts]} for scores given in parts, else nothing (rollouts.jsonl)."""
+    parts = [parts_of(score) for score in scores]
+    return {'score_parts': parts} if any(parts) else {}
 
 
 class OnlineGroupTrainer(PolicyGradientTrainer):
@@ -254,7 +260,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         self.step_rewards.append(stats['reward/mean'])
         lines = all_gather_list([{'step': self.batch_counter, 'examples': self.example_counter,
                                   'prompt': group.prompt_id, 'completions': [s.text for s in group.samples],
-                                  'scores': group.scores} for group in groups])
+                                  'scores': group.scores, **scores_parts(group.scores)} for group in groups])
         if on_rank0():
             append_json_lines(os.path.join(self.run_dir, ROLLOUTS), lines)
 
@@ -328,8 +334,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         held_out = all_gather_list(self.held_out)
         if not held_out:
             return results
-        summary = reward_summary([score for score, _ in held_out])
-        tokens = [ids for _, ids in held_out]
+        scores, tokens = [score for score, _ in held_out], [ids for _, ids in held_out]
+        summary = reward_summary(scores)
         observation = Observation(
             where=f'step {self.batch_counter}', train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
             held_out=summary['mean'], held_out_se=summary['se'],
@@ -337,7 +343,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             repetition=statistics.fmean(map(repeated_ngram_share, tokens)))
         self.step_rewards = []
         monitors = self.monitor.observe(observation, os.path.join(self.run_dir, checkpoint.LATEST))
-        self.log({'reward_eval/se': summary['se'], 'reward_eval/n': summary['n'], **monitors})
+        parts = {f'reward_parts_eval/{name}': mean for name, mean in part_means(scores).items()}
+        self.log({'reward_eval/se': summary['se'], 'reward_eval/n': summary['n'], **parts, **monitors})
         return results
 
     # --- resume

@@ -293,6 +293,14 @@ def test_a_score_in_named_parts_logs_each_parts_mean_over_the_steps_samples(tmp_
     assert logged['reward_parts_train/brevity'] == pytest.approx(-sum(len(t) for t in texts) / 100 / len(texts))
     assert logged['reward_train/mean'] == pytest.approx(logged['reward_parts_train/vowels']
                                                         + logged['reward_parts_train/brevity'])
+    line = json.loads(open(tmp_path / 'test' / 'rollouts.jsonl').readline())
+    assert [sum(parts.values()) for parts in line['score_parts']] == pytest.approx(line['scores'])
+    trainer.evaluate()
+    held_out = {}
+    for line in open(tmp_path / 'test' / 'metrics.jsonl'):  # the evaluation's metrics, then its held-out summary
+        held_out.update(json.loads(line))
+    assert held_out['reward_parts_eval/vowels'] + held_out['reward_parts_eval/brevity'] == \
+        pytest.approx(held_out['reward_eval/mean'])
 
 
 @pytest.mark.parametrize('mask_truncated', [False, True])
