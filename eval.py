@@ -178,7 +178,8 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
     rewards, lengths, log_ratios, records = [], [], [], []
     with tqdm(loader, desc='sampling') as batches:  # closed before an error's line is printed
         for batch in batches:
-            samples = [group[0] for group in complete(batch, 1)]
+            wanted = None if run.n_samples is None else run.n_samples - len(rewards)  # the last batch may run past
+            samples = [group[0] for group in complete(batch, 1)][:wanted]
             batch_rewards = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
                                            [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]],
                                            batch[schema.PROMPT_EXTRA])
@@ -192,8 +193,6 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(
                 run, policy, start, batch, samples, tokenizer.pad_token_id,
                 recorded=options.autocast_dtype == run.model.autocast_dtype)
-    n = run.n_samples  # the last batch may run past it
-    records, rewards, lengths, log_ratios = records[:n], rewards[:n], lengths[:n], log_ratios[:n]
     summary, parts = reward_summary(rewards), part_means(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
             'reward_function': run.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],

@@ -304,6 +304,11 @@ def test_eval_py_measures_an_online_rounds_run_by_its_own_held_out_reward(tmp_pa
     measured, = [json.loads(line) for line in open(tmp_path / 'out' / 'rewards.jsonl')]
     assert measured['prompts'] == [str(tmp_path / 'held_out.jsonl')] and measured['n'] == 3
     assert measured['reward_function'] == f'{REWARD}:vowels'
+    (tmp_path / 'counted.py').write_text('CALLS = []\n\n\ndef counted(prompt, completion):\n'
+                                         '    CALLS.append(completion)\n    return 1.0\n')
+    eval_in_process(tmp_path / 'online', '++mode=reward', f"++reward_function={tmp_path / 'counted.py'}:counted", *out)
+    from halos.labelers import load_reward_function
+    assert len(load_reward_function(f"{tmp_path / 'counted.py'}:counted").__globals__['CALLS']) == 3  # of a batch of 4
     with pytest.raises(SystemExit):
         eval_in_process(tmp_path / 'online', '++mode=eval', *out)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
