@@ -6,7 +6,7 @@
     python label.py samples.jsonl feedback.jsonl --judge my-model --base-url http://127.0.0.1:8000/v1 --feedback scalar
 
 The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (or any records with `prompt`,
-`output` and optionally `prompt_id`). Each sample is scored by a reward function (`file.py:function` or
+`output` and optionally `prompt_id`, in JSON Lines, JSON or Parquet). Each sample is scored by a reward function (`file.py:function` or
 `module:function`, called as function(prompt, completion, **the sample's own fields it names) -> a number, or
 {name: number} parts whose sum is the score and which are written beside it), a reward model (any HF
 sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so a rerun asks
@@ -21,7 +21,7 @@ from typing import List, Optional, Sequence
 
 from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
-from halos.feedback import checked_turns, read_json_records
+from halos.feedback import checked_turns, read_records
 from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
@@ -30,7 +30,7 @@ from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_s
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(prog='label.py', description=__doc__.split('\n')[0])
-    parser.add_argument('samples', help='sample records (JSON Lines or a JSON array)')
+    parser.add_argument('samples', help='sample records (JSON Lines, a JSON array or Parquet)')
     parser.add_argument('output', help='the feedback file to write (JSON Lines)')
     labeler = parser.add_mutually_exclusive_group(required=True)
     labeler.add_argument('--reward-function', help='path/to/file.py:function or module:function')
@@ -73,7 +73,7 @@ def share(text: str) -> float:
 def read_samples(path: str) -> List[dict]:
     """Sample records with `prompt` and `output`; a record without `prompt_id` gets a digest of its prompt."""
     samples = []
-    for number, record in enumerate(read_json_records(path), 1):
+    for number, record in enumerate(read_records(path), 1):
         where = f"{path}: record {number}"
         for field in ('prompt', 'output'):
             if not isinstance(record, dict) or field not in record:

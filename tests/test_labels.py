@@ -147,6 +147,13 @@ def test_label_py_gives_a_samples_own_fields_to_the_reward_function_and_keeps_th
                        f'{REWARD}:answer_count', '--feedback', 'scalar']) == 0
     records = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
     assert [(r['output'], r['reward'], r['answer']) for r in records] == [('It is 4.', 1.0, '4'), ('It is 5.', 0.0, '4')]
+    import pyarrow
+    import pyarrow.parquet
+    rows = [json.loads(line) for line in open(samples)]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(rows), tmp_path / 'samples.parquet')
+    assert label.main([str(tmp_path / 'samples.parquet'), str(tmp_path / 'from_parquet.jsonl'), '--reward-function',
+                       f'{REWARD}:answer_count', '--feedback', 'scalar']) == 0
+    assert [json.loads(line) for line in open(tmp_path / 'from_parquet.jsonl')] == records
 
 
 def test_a_labeler_that_fails_on_a_sample_is_named_with_it():
