@@ -6,13 +6,13 @@
     python label.py samples.jsonl feedback.jsonl --judge my-model --base-url http://127.0.0.1:8000/v1 --feedback scalar
 
 The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (or any records with `prompt`,
-`output` and optionally `prompt_id`, in JSON Lines, JSON or Parquet). Each sample is scored by a reward function (`file.py:function` or
-`module:function`, called as function(prompt, completion, **the sample's own fields it names) -> a number, or
-{name: number} parts whose sum is the score and which are written beside it), a reward model (any HF
-sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so a rerun asks
-nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored of them scored, a
-labeller that fails or gives anything but a finite number, or feedback with nothing to train on stops with one
-line and exit status 2. The feedback (binary, pairwise, scalar or best; see
+`output` and optionally `prompt_id`, in JSON Lines, JSON or Parquet). Each sample is scored by a reward function
+(`file.py:function` or `module:function`, called as function(prompt, completion, **the sample's own fields it
+names) -> a number, or {name: number} parts whose sum is the score and which are written beside it), a reward
+model (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
+a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored of them
+scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on stops
+with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see
 halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
