@@ -328,13 +328,13 @@ def build_trainer(run: RunSettings):
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))
-    if sampled and eval_loader.n_examples != 0:
-        warn_on_shared_held_out(train_loader.items, eval_loader.items)
-    extra = {'rollouts': build_rollouts(run)} if sampled else {}
+    extra = {}
     if sampled:
-        check_prompt_fields(extra['rollouts'].labeler, train_loader.items, 'the training prompts')
+        extra['rollouts'] = rollouts = build_rollouts(run)
+        check_prompt_fields(rollouts.labeler, train_loader.items, 'the training prompts')
         if eval_loader.n_examples != 0:
-            check_prompt_fields(extra['rollouts'].held_out_labeler, eval_loader.items, 'the held-out prompts')
+            warn_on_shared_held_out(train_loader.items, eval_loader.items)
+            check_prompt_fields(rollouts.held_out_labeler, eval_loader.items, 'the held-out prompts')
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
     return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
                          reference_model, rank=get_rank(), world_size=get_world_size(), **extra)

@@ -47,15 +47,16 @@ def sample_stats(scores: Sequence[float], group_ids: Sequence, completions: Sequ
             'completions/truncated': statistics.fmean(not done for done in finished),
             'completions/repetition': statistics.fmean(map(repeated_ngram_share, completions)),
             'completions/distinct2': distinct_ngrams(completions),
-            **{f'reward_parts/{name}': mean for name, mean in part_means(scores).items()}}
+            **part_means(scores, 'reward_parts/')}
 
 
-def part_means(scores: Sequence[float]) -> Dict[str, float]:
-    """The mean of each named part of the scores given in parts (labelers.PartedScore), over those that have it."""
+def part_means(scores: Sequence[float], prefix: str = '') -> Dict[str, float]:
+    """The mean of each named part of the scores given in parts (labelers.PartedScore), over those that have it,
+    by `prefix` + its name."""
     values: Dict[str, List[float]] = {}
     for score in scores:
         for name, value in getattr(score, 'parts', {}).items():
-            values.setdefault(name, []).append(value)
+            values.setdefault(prefix + name, []).append(value)
     return {name: statistics.fmean(each) for name, each in values.items()}
 
 

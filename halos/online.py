@@ -208,7 +208,7 @@ class OnlineRounds:
         self.trainer.log({'round': round_index, 'reward_eval/mean': summary['mean'], 'reward_eval/se': summary['se'],
                           'reward_eval/n': summary['n'], 'reward_eval/length': observation.length,
                           'reward_eval/repetition': observation.repetition,
-                          **{f'reward_parts_eval/{name}': mean for name, mean in part_means(rewards).items()},
+                          **part_means(rewards, 'reward_parts_eval/'),
                           **self.monitor.observe(observation, os.path.join(self.trainer.run_dir, checkpoint.LATEST))})
         plot_rounds(self.metrics_path, os.path.join(self.rounds_dir, 'reward_per_round.png'))
         return summary

@@ -343,8 +343,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             repetition=statistics.fmean(map(repeated_ngram_share, tokens)))
         self.step_rewards = []
         monitors = self.monitor.observe(observation, os.path.join(self.run_dir, checkpoint.LATEST))
-        parts = {f'reward_parts_eval/{name}': mean for name, mean in part_means(scores).items()}
-        self.log({'reward_eval/se': summary['se'], 'reward_eval/n': summary['n'], **parts, **monitors})
+        self.log({'reward_eval/se': summary['se'], 'reward_eval/n': summary['n'],
+                  **part_means(scores, 'reward_parts_eval/'), **monitors})
         return results
 
     # --- resume
