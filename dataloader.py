@@ -231,6 +231,7 @@ class PromptDataLoader(DataLoader):
         for example in items:
             element = self.tokenize_prompt(example, self.prompt_text(example) + self.prompt_suffix)
             element.update({schema.PROMPT_ID: example.group_key(), schema.PROMPT_TURNS: example.turns,
+                            schema.PROMPT_AS_GIVEN: example.given_prompt(),
                             schema.PROMPT_EXTRA: example.extra, schema.DATASET: example.dataset_name})
             elements.append(element)
         return elements

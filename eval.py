@@ -180,9 +180,11 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
         for batch in batches:
             wanted = None if run.n_samples is None else run.n_samples - len(rewards)  # the last batch may run past
             samples = [group[0] for group in complete(batch, 1)][:wanted]
-            batch_rewards = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples],
-                                           [f'prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]],
-                                           batch[schema.PROMPT_EXTRA])
+            given = {name: batch[name][:len(samples)] for name in (schema.PROMPT_AS_GIVEN, schema.PROMPT_ID,
+                                                                    schema.PROMPT_EXTRA)}
+            batch_rewards = checked_scores(labeler, given[schema.PROMPT_AS_GIVEN], [s.text for s in samples],
+                                           [f'prompt {prompt_id}' for prompt_id in given[schema.PROMPT_ID]],
+                                           given[schema.PROMPT_EXTRA])
             records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
                                                 run.assistant_suffix),
                          'policy': s.text, 'reward': r, **reward_parts_field(r), 'prompt_id': prompt_id}

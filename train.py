@@ -12,8 +12,10 @@ import contextlib
 import dataclasses
 import os
 import resource
+import shutil
 import signal
 import sys
+from typing import List
 
 import hydra
 import torch
@@ -24,9 +26,10 @@ from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
+from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
 from halos.settings import RunSettings, as_dict
-from utils import free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
+from utils import barrier, free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
 WORKER_GRACE_SECONDS = 10  # after one spawned worker fails, for the others to end (they may wait in a collective)
@@ -43,8 +46,10 @@ def train_run(run: RunSettings) -> None:
     """Build, resume, save the config, start wandb, train, evaluate, save."""
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
-    if not run.resume and checkpoint.resolve_checkpoint_dir(latest) is not None:
-        rank0_print(f"warning: {latest} holds an earlier run, which this one overwrites (++resume=true continues it)")
+    earlier = [] if run.resume else earlier_records(run.local_run_dir)
+    if earlier:
+        rank0_print(f"warning: {run.local_run_dir} holds an earlier run ({', '.join(earlier)}), which this one replaces "
+                    f"(++resume=true continues it)")
     trainer = build_trainer(run)
     rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
     if resume:                                                          # it decides what the checkpoint holds
@@ -53,7 +58,7 @@ def train_run(run: RunSettings) -> None:
             rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
                         f"online.rounds to train further); the run directory is unchanged")
             return
-    start_run_records(run)
+    start_run_records(run, [name for name in earlier if name != checkpoint.LATEST])
     with stopping_after_a_step_on_sigterm(trainer):
         if rounds is not None:
             rounds.run()
@@ -82,9 +87,27 @@ def sigterm_handled_by(handler):
         signal.signal(signal.SIGTERM, previous)
 
 
-def start_run_records(run: RunSettings) -> None:
-    """The run's config.yaml and its wandb run (rank 0)."""
+# what a run writes beside its checkpoint and reads back when it resumes (rounds' samples and feedback, the
+# metrics that the rounds' plot and the curves read, step-level RL's samples)
+RUN_RECORDS = ('rounds', 'metrics.jsonl', ROLLOUTS)
+
+
+def earlier_records(run_dir: str) -> List[str]:
+    """What an earlier run left in `run_dir`: its checkpoint (LATEST) and its records."""
+    has_checkpoint = checkpoint.resolve_checkpoint_dir(os.path.join(run_dir, checkpoint.LATEST)) is not None
+    return [checkpoint.LATEST] * has_checkpoint + [name for name in RUN_RECORDS
+                                                   if os.path.exists(os.path.join(run_dir, name))]
+
+
+def start_run_records(run: RunSettings, earlier: List[str]) -> None:
+    """The run's config.yaml and its wandb run (rank 0), after an earlier run's records that a fresh run
+    replaces are removed: a round on disk would be read back as this run's, and metrics would mix two runs."""
     os.makedirs(run.local_run_dir, exist_ok=True)
+    if get_rank() == 0:
+        for name in earlier:
+            path = os.path.join(run.local_run_dir, name)
+            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+    barrier()  # no process looks for a round on disk before it is gone
     if get_rank() != 0:
         return
     OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))

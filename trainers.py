@@ -305,7 +305,7 @@ class OnlinePPOTrainer(PPOTrainer):
                                     [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
         completions = [sample.text for sample in samples]
         names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
-        scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_TURNS], completions,
+        scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_AS_GIVEN], completions,
                                 names, batch[schema.PROMPT_EXTRA])
         raw_scores = torch.tensor(scores, device=self.device)
         scores = raw_scores - self.params.reward_baseline

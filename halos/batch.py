@@ -14,7 +14,8 @@ A loader yields a dict per microbatch (HALOs' flat keys, which users' code may s
     is_desirable                             [B] bool, for unpaired (desirable / undesirable) items
     weight                                   [B] float, each item's weight in the loss (pairs: the pair's)
     score, prompt_id                         [B] float and [B] str, for scored completions grouped by prompt (GRPO)
-    prompt_turns                             [B] the prompt as {role, content} turns (for labellers)
+    prompt_turns                             [B] the prompt as {role, content} turns (for samplers)
+    prompt_as_given                          [B] the prompt as its record gave it, a string or turns (for labellers)
     dataset                                  [B] the prompt's dataset (prompt batches, for sampling)
     original_prompt                          [B] the raw instruction (SFT items)
 
@@ -36,6 +37,7 @@ IS_DESIRABLE = 'is_desirable'
 SCORE, PROMPT_ID = 'score', 'prompt_id'  # [B] float scores of scored completions (GRPO), [B] ids of their prompts
 WEIGHT = 'weight'  # [B] float: each item's weight in the loss (1 unless the data says otherwise)
 PROMPT_TURNS, DATASET = 'prompt_turns', 'dataset'  # [B] each prompt as {role, content} turns, [B] its dataset
+PROMPT_AS_GIVEN = 'prompt_as_given'  # [B] each prompt as its record gave it: its text, or its turns
 PROMPT_EXTRA = 'prompt_extra'  # [B] each prompt's own fields in its prompts file ({} for none), by name
 ORIGINAL_PROMPT = 'original_prompt'
 IGNORE_INDEX = -100  # the label of a position that is not scored
@@ -137,7 +139,7 @@ class LabelledCompletions:
     rows of one process)."""
     sequences: Sequences
     is_desirable: torch.Tensor   # [rows] bool
-    prompts: List[List[Dict[str, str]]]  # [rows] each row's prompt as turns
+    prompts: List                # [rows] each row's prompt as its record gave it (a string or turns)
     completions: List[str]       # [rows] each row's completion string
     weights: torch.Tensor        # [rows] (a pair's weight for both its rows)
 
@@ -149,7 +151,7 @@ class LabelledCompletions:
             completions = batch[key(CHOSEN, TEXT)] + batch[key(REJECTED, TEXT)]
             is_desirable = torch.cat([torch.ones(n, dtype=torch.bool), torch.zeros(n, dtype=torch.bool)])
             sequences = Sequences.stacked(batch, (CHOSEN, REJECTED), pad_token_id, device).reordered(order.to(device))
-            return cls(sequences, is_desirable[order].to(device), [batch[PROMPT_TURNS][i // 2] for i in range(2 * n)],
+            return cls(sequences, is_desirable[order].to(device), [batch[PROMPT_AS_GIVEN][i // 2] for i in range(2 * n)],
                        [completions[i] for i in order.tolist()], batch[WEIGHT].repeat(2)[order].to(device))
         return cls(Sequences.stacked(batch, (TARGET,), pad_token_id, device), batch[IS_DESIRABLE].to(device),
-                   list(batch[PROMPT_TURNS]), list(batch[key(TARGET, TEXT)]), batch[WEIGHT].to(device))
+                   list(batch[PROMPT_AS_GIVEN]), list(batch[key(TARGET, TEXT)]), batch[WEIGHT].to(device))

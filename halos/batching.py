@@ -318,7 +318,7 @@ class DataLoader:
         decode = lambda ids: self.tokenizer.decode(ids, skip_special_tokens=False)
         prompt_text = decode(prompt_ids) if prompt_truncated else prompt
         element = {**schema.prompt_fields(prompt_text, prompt_ids), schema.PROMPT_TURNS: example.turns,
-                   'truncation_mode': example.truncation_mode}
+                   schema.PROMPT_AS_GIVEN: example.given_prompt(), 'truncation_mode': example.truncation_mode}
         for kind, ids in completion_ids.items():
             text = completions[kind]
             if len(ids) > room:

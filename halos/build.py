@@ -18,7 +18,7 @@ from halos import checkpoint, lora
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting, prompt_digest
-from halos.labelers import RewardFunctionLabeler, load_reward_function, make_labeler
+from halos.labelers import RewardFunctionLabeler, make_labeler
 from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
@@ -133,7 +133,7 @@ def check_consistency(run: RunSettings) -> None:
     elif not run.datasets:
         raise missing_keys_error(['datasets'])
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
-        load_reward_function(loss.params.reward_function)
+        RewardFunctionLabeler(loss.params.reward_function)
 
 
 def check_model_paths(run: RunSettings, training: bool = True) -> None:
@@ -208,9 +208,9 @@ def check_labeler(run: RunSettings, who: str) -> None:
     if not getattr(online, needs):
         raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set")
     if online.labeler == 'function':
-        load_reward_function(online.reward_function)
+        RewardFunctionLabeler(online.reward_function)
     if online.eval_reward_function:
-        load_reward_function(online.eval_reward_function)
+        RewardFunctionLabeler(online.eval_reward_function)
 
 
 def derived(run: RunSettings) -> RunSettings:

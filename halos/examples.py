@@ -30,6 +30,7 @@ class Example:
     prompt_id: str = ''                   # the prompt's id in a feedback or prompts file (else: a digest of it)
     extra: Dict[str, Any] = field(default_factory=dict)  # its record's other fields (an answer to check), by name
     source: str = ''                      # where the first record of this prompt came from, for error messages
+    text_prompt: bool = False             # its record gave the prompt as one string (TRL's standard format)
 
     def num_generations(self) -> int:
         return len(self.generations)
@@ -40,6 +41,10 @@ class Example:
 
     def pair_weight(self, pair: Tuple[int, int]) -> float:
         return self.pair_weights.get(tuple(pair), 1.0)
+
+    def given_prompt(self):
+        """The prompt in the form its record gave it, as labellers see it: its text, or its turns."""
+        return self.turns[0]['content'] if self.text_prompt else self.turns
 
     def group_key(self) -> str:
         """What groups the completions of this prompt (GRPO): its prompt_id, else a digest of its turns."""

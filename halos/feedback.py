@@ -235,6 +235,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]
         example.prompt, example.turns = prompt, turns
+        example.text_prompt = isinstance(record.get('prompt'), str)
         example.prompt_id = str(record['prompt_id']) if record.get('prompt_id') is not None else ''
         example.dataset_name = dataset.name
         example.source = example.source or where

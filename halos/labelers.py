@@ -13,6 +13,7 @@ abstain; a reward function may give a score as named parts, {name: number}, whic
 PartedScore: the monitors log each part's mean). A reward function that raises, or any labeler that gives
 anything else, stops the run with one line naming the labeler, the sample and the value or exception.
 """
+import asyncio
 import dataclasses
 import functools
 import importlib
@@ -48,9 +49,9 @@ class LabelError(UserError):
 
 
 class SampleFailed(Exception):
-    """Raised by a labeler when scoring the completion at `index` of its call failed."""
+    """Raised by a labeler when scoring the completion at `index` of its call failed (None: the whole call)."""
 
-    def __init__(self, index: int, reason: str):
+    def __init__(self, index: Optional[int], reason: str):
         super().__init__(reason)
         self.index, self.reason = index, reason
 
@@ -64,7 +65,9 @@ def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Seq
     try:
         scores = list(labeler(prompts, completions, extras or [{}] * len(completions)))
     except SampleFailed as failure:
-        raise LabelError(f"{labeler_name} failed on {names[failure.index]}: {failure.reason}") from None
+        where = names[failure.index] if failure.index is not None else \
+            f"the {len(names)} completions {names[0]} to {names[-1]}"
+        raise LabelError(f"{labeler_name} failed on {where}: {failure.reason}") from None
     if len(scores) != len(completions):
         raise LabelError(f"{labeler_name} gave {len(scores)} scores for {len(completions)} completions")
     return [checked_score(score, labeler_name, getattr(labeler, 'may_abstain', True), name)
@@ -94,8 +97,8 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
         return checked_parts(value, labeler_name, name)
     number = as_number(value)
     if number is None or not math.isfinite(number):
-        batched = ("; a reward function scores one completion a call, function(prompt, completion) -> float, not "
-                   "a batch as TRL's do") if isinstance(value, (list, tuple)) else ''
+        batched = (f"; function(prompt, completion) scores one completion a call (a function with a parameter "
+                   f"named {BATCH_PARAMETER} is given a batch, as TRL's are)") if isinstance(value, (list, tuple)) else ''
         raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score must be a finite "
                          f"number{batched}")
     return number
@@ -169,29 +172,63 @@ def imported_function(spec: str, location: str, name: str) -> Callable[..., floa
     return function
 
 
-def field_parameters(function: Callable) -> Tuple[Optional[set], set, set]:
-    """The prompt fields a reward function takes after (prompt, completion): the names of its further
-    parameters (None where it takes **kwargs: every field), those of them without a default, and the names of
-    the two it is called with by position (never given a field)."""
-    try:
-        parameters = list(inspect.signature(function).parameters.values())
-    except (TypeError, ValueError):  # a builtin or extension function without a signature
-        return set(), set(), set()
-    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
-    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p not in positional]
+BATCH_PARAMETER = 'completions'  # a reward function that names it is called as TRL calls its reward functions
+
+
+def field_parameters(function: Callable, batched: bool) -> Tuple[Optional[set], set, set]:
+    """The prompt fields a reward function takes: the names of its parameters beyond what halos fills in (None
+    where it takes **kwargs: every field), those of them without a default, and the names halos fills in (never
+    given a field): the first two positional parameters, (prompt, completion), of a function called once per
+    completion, or `prompts` and `completions` of one called once per batch."""
+    parameters = signature_of(function)
+    if batched:
+        filled = [p for p in parameters if p.name in ('prompts', BATCH_PARAMETER) and p.kind != p.POSITIONAL_ONLY]
+    else:
+        filled = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
+    named = [p for p in parameters if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p not in filled]
     takes_all = any(p.kind == p.VAR_KEYWORD for p in parameters)
     return ((None if takes_all else {p.name for p in named}), {p.name for p in named if p.default is p.empty},
-            {p.name for p in positional})
+            {p.name for p in filled})
+
+
+def signature_of(function: Callable) -> List[inspect.Parameter]:
+    try:
+        return list(inspect.signature(function).parameters.values())
+    except (TypeError, ValueError):  # a builtin or extension function without a signature: called as it comes
+        return [inspect.Parameter(name, inspect.Parameter.POSITIONAL_ONLY) for name in ('prompt', 'completion')]
 
 
 class RewardFunctionLabeler:
-    """Scores from a Python function(prompt, completion, **fields it names) -> float."""
+    """Scores from a Python function, called one of two ways:
+
+    - once per completion, function(prompt, completion, **the prompt's fields it names) -> score;
+    - once per call, where it has a parameter named `completions`, as TRL calls its reward functions:
+      function(prompts=[...], completions=[...], **each field it names as a list) -> [score, ...]; a completion
+      of a prompt given as turns is then TRL's [{'role': 'assistant', 'content': text}].
+
+    Either may be `async def` (a reward that asks a server): the completions of one call are then scored
+    concurrently."""
     may_abstain = False
 
     def __init__(self, spec: str):
         self.spec, self.function = spec, load_reward_function(spec)
         self.name = f'reward function {spec}'
-        self.takes, self.needs, self.by_position = field_parameters(self.function)
+        self.batched = any(p.name == BATCH_PARAMETER for p in signature_of(self.function))
+        self.takes, self.needs, self.filled = field_parameters(self.function, self.batched)
+        if not self.batched:
+            self.check_one_at_a_time()
+
+    def check_one_at_a_time(self) -> None:
+        """A function that cannot be called as function(prompt, completion) stops the run before anything loads."""
+        try:
+            inspect.signature(self.function).bind(None, None, **dict.fromkeys(self.needs))
+        except ValueError:  # no signature to check
+            pass
+        except TypeError:
+            raise ConfigError(
+                f"{self.name}: it takes {inspect.signature(self.function)}; halos calls a reward function as "
+                f"function(prompt, completion) for each completion, or, where it has a parameter named "
+                f"{BATCH_PARAMETER}, as TRL does: function(prompts=[...], {BATCH_PARAMETER}=[...]) for a batch") from None
 
     def lacking(self, extra: Dict) -> Optional[str]:
         """What a prompt with these fields lacks for the function, else None."""
@@ -208,19 +245,61 @@ class RewardFunctionLabeler:
             if lacking:
                 raise LabelError(f"{self.name} cannot score {what}: {example.source}: {lacking}")
 
+    def given(self, extra: Dict) -> Dict:
+        """The prompt's fields that the function takes."""
+        return {name: value for name, value in extra.items()
+                if (self.takes is None or name in self.takes) and name not in self.filled}
+
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
-        scores = []
-        for index, (prompt, completion, extra) in enumerate(zip(prompts, completions, extras)):
+        for index, extra in enumerate(extras):
             lacking = self.lacking(extra)
             if lacking:
                 raise SampleFailed(index, lacking)
-            given = {name: value for name, value in extra.items()
-                     if (self.takes is None or name in self.takes) and name not in self.by_position}
-            try:
-                scores.append(self.function(prompt, completion, **given))
-            except Exception as error:  # the user's function: any failure is theirs to fix, named with its sample
-                raise SampleFailed(index, f"it raised {describe_error(error)}") from None
-        return scores
+        if self.batched:
+            return self.score_batch(prompts, completions, extras)
+        results = awaited([outcome(functools.partial(self.function, prompt, completion, **self.given(extra)))
+                           for prompt, completion, extra in zip(prompts, completions, extras)])
+        for index, result in enumerate(results):
+            if isinstance(result, Exception):
+                raise SampleFailed(index, f"it raised {describe_error(result)}")
+        return results
+
+    def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+        names = sorted({name for extra in extras for name in self.given(extra)})
+        arguments = {name: [extra.get(name) for extra in extras] for name in names}
+        arguments[BATCH_PARAMETER] = [text if isinstance(prompt, str) else [{'role': 'assistant', 'content': text}]
+                                      for prompt, text in zip(prompts, completions)]
+        if 'prompts' in self.filled or self.takes is None:
+            arguments['prompts'] = list(prompts)
+        result, = awaited([outcome(functools.partial(self.function, **arguments))])
+        if isinstance(result, Exception):
+            raise SampleFailed(None, f"it raised {describe_error(result)}")
+        try:
+            if isinstance(result, (str, bytes, Mapping)):
+                raise TypeError
+            return list(result)
+        except TypeError:
+            raise SampleFailed(None, f"it gave {shortened(result)}, not a list of one score per completion") from None
+
+
+def outcome(call: Callable):
+    """The call's result, or the exception it raised (the user's function: any failure is theirs to fix, named
+    with its sample)."""
+    try:
+        return call()
+    except Exception as error:
+        return error
+
+
+def awaited(results: List) -> List:
+    """The results with every awaitable among them (from an `async def` function) awaited, all concurrently."""
+    pending = [index for index, result in enumerate(results) if inspect.isawaitable(result)]
+    if pending:
+        async def gathered():
+            return await asyncio.gather(*(results[index] for index in pending), return_exceptions=True)
+        for index, result in zip(pending, asyncio.run(gathered())):
+            results[index] = result
+    return results
 
 
 def classifier_scores(logits: torch.Tensor) -> torch.Tensor:

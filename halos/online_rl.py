@@ -156,7 +156,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
     def scored_groups(self, batch: Dict, salt: str) -> List[Group]:
         k = self.rollouts.samples_per_prompt
         samples = self.sample_groups(batch, k, salt)
-        prompts = [prompt for prompt in batch[schema.PROMPT_TURNS] for _ in range(k)]
+        prompts = [prompt for prompt in batch[schema.PROMPT_AS_GIVEN] for _ in range(k)]
         extras = [extra for extra in batch[schema.PROMPT_EXTRA] for _ in range(k)]
         names = [f'step {self.batch_counter} prompt {prompt_id} sample {j}' for prompt_id in batch[schema.PROMPT_ID]
                  for j in range(k)]
@@ -317,7 +317,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         samples = [group[0] for group in self.sample_groups(batch, 1, f'eval {self.example_counter}')]
         names = [f'held-out prompt {prompt_id} after step {self.batch_counter}' for prompt_id in batch[schema.PROMPT_ID]]
         labeler = self.rollouts.held_out_labeler
-        scores = checked_scores(labeler, batch[schema.PROMPT_TURNS], [s.text for s in samples], names,
+        scores = checked_scores(labeler, batch[schema.PROMPT_AS_GIVEN], [s.text for s in samples], names,
                                 batch[schema.PROMPT_EXTRA])
         scored = [(score, sample.token_ids) for score, sample in zip(scores, samples) if score is not None]
         self.scored_enough(scores, labeler, f'the held-out reward after step {self.batch_counter}')

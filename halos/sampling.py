@@ -270,16 +270,16 @@ def make_sampler(policy, tokenizer, options: SamplingOptions, dtype: str) -> Sam
 
 
 def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optional[int] = None) -> List[Dict]:
-    """k samples of every prompt of a PromptDataLoader, as HALOs' sample records: {output, prompt (turns),
-    prompt_id (a digest of the prompt, stable across runs and rounds), sample_id, generator, dataset,
-    type: 'sample'}, whether it ended with EOS (`finished`) and the prompt's own fields, prompt by prompt.
-    `limit` stops after that many prompts."""
+    """k samples of every prompt of a PromptDataLoader, as HALOs' sample records: {output, prompt (as its record
+    gave it: a string or turns), prompt_id (a digest of the prompt, stable across runs and rounds), sample_id,
+    generator, dataset, type: 'sample'}, whether it ended with EOS (`finished`) and the prompt's own fields,
+    prompt by prompt. `limit` stops after that many prompts."""
     records, n_prompts = [], 0
     for batch in loader:
         for i, samples in enumerate(sample(batch, k)):
             if limit is not None and n_prompts >= limit:
                 return records
-            records += [{**batch[schema.PROMPT_EXTRA][i], 'output': s.text, 'prompt': batch[schema.PROMPT_TURNS][i],
+            records += [{**batch[schema.PROMPT_EXTRA][i], 'output': s.text, 'prompt': batch[schema.PROMPT_AS_GIVEN][i],
                          'prompt_id': batch[schema.PROMPT_ID][i], 'sample_id': sample_id, 'generator': generator,
                          'dataset': f'{batch[schema.DATASET][i]}_{loader.split}', 'type': 'sample',
                          'finished': s.finished}

@@ -40,3 +40,14 @@ def answer_count(prompt, completion: str, answer: str) -> float:
 def vowels_and_brevity(prompt, completion: str) -> dict:
     """A reward given in named parts: their sum is the score, and each part's mean is logged."""
     return {'vowels': vowels(prompt, completion), 'brevity': -len(completion) / 100}
+
+
+CALLS = []  # what trl_answer_count was given, call by call
+
+
+def trl_answer_count(prompts, completions, answer, **kwargs):
+    """answer_count in TRL's form: one call for the batch, every argument a list (a completion of a prompt given as
+    turns is TRL's [{'role': 'assistant', 'content': text}])."""
+    CALLS.append({'prompts': prompts, 'completions': completions, 'answer': answer, **kwargs})
+    texts = [c if isinstance(c, str) else c[0]['content'] for c in completions]
+    return [float(text.count(a)) for text, a in zip(texts, answer)]

@@ -55,8 +55,8 @@ def test_a_finite_number_of_any_numeric_type_passes_as_a_float(score, expected):
 def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
     with pytest.raises(LabelError) as error:
         checked_scores(Labeler([0.0, score]), ['p', 'q'], ['c', 'd'], ['sample 1', 'sample 2'])
-    batched = ("; a reward function scores one completion a call, function(prompt, completion) -> float, not a "
-               "batch as TRL's do") if isinstance(score, list) else ''
+    batched = ("; function(prompt, completion) scores one completion a call (a function with a parameter named "
+               "completions is given a batch, as TRL's are)") if isinstance(score, list) else ''
     assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number{batched}"
 
 
@@ -138,6 +138,98 @@ def test_a_reward_function_is_given_the_prompt_fields_it_names(tmp_path):
                                 f"answer, which its prompt's record lacks (the prompt's own fields: level)")
 
 
+CALLING_CONVENTIONS = """
+import asyncio
+
+def trl_style(completions, answer, **kwargs):
+    return [float(c == a) + 10 * len(kwargs['prompts']) for c, a in zip(completions, answer)]
+
+def trl_turns(prompts, completions, **kwargs):
+    return [{'turns': len(p), 'roles': float(isinstance(c, list) and c[0]['role'] == 'assistant')}
+            for p, c in zip(prompts, completions)]
+
+def trl_no_prompts(completions):
+    return [len(c) for c in completions]
+
+def trl_scalar(completions, **kwargs):
+    return 1.0
+
+def trl_raises(completions, **kwargs):
+    raise RuntimeError('the sandbox is down')
+
+ORDER = []
+
+async def one_async(prompt, completion, answer):
+    await asyncio.sleep(0.05 if completion == 'slow' else 0)
+    ORDER.append(completion)
+    return float(completion == answer)
+
+async def async_raises(prompt, completion):
+    if completion == 'bad':
+        raise ConnectionError('refused')
+    return 1.0
+
+async def trl_async(completions, **kwargs):
+    return [0.5] * len(completions)
+
+def one_argument(completion):
+    return 1.0
+
+def keyword_only(*, prompt, completion):
+    return 1.0
+"""
+
+
+def calling(tmp_path, name):
+    from halos.labelers import RewardFunctionLabeler
+    (tmp_path / 'conventions.py').write_text(CALLING_CONVENTIONS)
+    labeler = RewardFunctionLabeler(f"{tmp_path / 'conventions.py'}:{name}")
+    return lambda prompts, completions, extras: checked_scores(
+        labeler, prompts, completions, [f'sample {i}' for i in range(len(completions))], extras)
+
+
+def test_a_reward_function_that_names_completions_is_called_once_per_batch_as_trl_calls_it(tmp_path):
+    label = calling(tmp_path, 'trl_style')
+    assert label(['p', 'q'], ['4', '5'], [{'answer': '4'}, {'answer': '4'}]) == [21.0, 20.0]
+    turns = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}, {'role': 'user', 'content': '?'}]
+    scores = calling(tmp_path, 'trl_turns')([turns, 'plain'], ['a', 'b'], [{}, {}])
+    assert scores == [4.0, 5.0] and [s.parts for s in scores] == [{'turns': 3.0, 'roles': 1.0}, {'turns': 5.0, 'roles': 0.0}]
+    assert calling(tmp_path, 'trl_no_prompts')(['p', 'q'], ['ab', 'c'], [{'level': 1}, {}]) == [2.0, 1.0]
+    with pytest.raises(LabelError) as error:
+        calling(tmp_path, 'trl_scalar')(['p', 'q'], ['a', 'b'], [{}, {}])
+    assert str(error.value) == (f"reward function {tmp_path / 'conventions.py'}:trl_scalar failed on the 2 completions "
+                                f"sample 0 to sample 1: it gave 1.0, not a list of one score per completion")
+    with pytest.raises(LabelError, match=r"trl_raises failed on the 2 completions sample 0 to sample 1: it raised "
+                                         r"RuntimeError: the sandbox is down$"):
+        calling(tmp_path, 'trl_raises')(['p', 'q'], ['a', 'b'], [{}, {}])
+    with pytest.raises(LabelError, match=r"trl_style failed on sample 2: it takes answer, which its prompt's record "
+                                         r"lacks \(the prompt's own fields: none\)$"):
+        label(['p', 'q', 'r'], ['4', '5', '6'], [{'answer': '4'}, {'answer': '4'}, {}])
+
+
+def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(tmp_path):
+    label = calling(tmp_path, 'one_async')
+    from halos.labelers import load_reward_function
+    order = load_reward_function(f"{tmp_path / 'conventions.py'}:one_async").__globals__['ORDER']
+    assert label(['p'] * 3, ['slow', '4', '5'], [{'answer': '4'}] * 3) == [0.0, 1.0, 0.0]
+    assert order == ['4', '5', 'slow']  # the slow one finished last: all three ran at once, in input order out
+    with pytest.raises(LabelError, match=r"async_raises failed on sample 1: it raised ConnectionError: refused$"):
+        calling(tmp_path, 'async_raises')(['p'] * 3, ['ok', 'bad', 'ok'], [{}] * 3)
+    assert calling(tmp_path, 'trl_async')(['p', 'q'], ['a', 'b'], [{}, {}]) == [0.5, 0.5]
+
+
+@pytest.mark.parametrize('name, signature', [('one_argument', '(completion)'),
+                                             ('keyword_only', '(*, prompt, completion)')])
+def test_a_reward_function_that_cannot_be_called_with_a_prompt_and_a_completion_stops_at_once(tmp_path, name,
+                                                                                            signature):
+    with pytest.raises(ConfigError) as error:
+        calling(tmp_path, name)
+    assert str(error.value) == (
+        f"reward function {tmp_path / 'conventions.py'}:{name}: it takes {signature}; halos calls a reward function "
+        f"as function(prompt, completion) for each completion, or, where it has a parameter named completions, as "
+        f"TRL does: function(prompts=[...], completions=[...]) for a batch")
+
+
 def test_label_py_gives_a_samples_own_fields_to_the_reward_function_and_keeps_them(tmp_path, capsys):
     samples = tmp_path / 'samples.jsonl'
     samples.write_text(''.join(json.dumps({'prompt': 'What is 2+2?', 'output': output, 'prompt_id': 'q',
@@ -200,6 +292,23 @@ def train(tmp_path, overrides, capsys):
         status = exit_.code
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     return status, lines[-1] if lines else '', out
+
+
+def test_a_fresh_run_samples_its_own_rounds_where_an_earlier_run_of_its_name_left_some(tmp_path, capsys):
+    first, second = tmp_path / 'first.jsonl', tmp_path / 'second.jsonl'
+    lines = open(os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')).readlines()
+    first.write_text(''.join(lines[:4]))
+    second.write_text(''.join(lines[-4:]))
+    for prompts in (first, second):
+        status, error, out = train(tmp_path, online(tmp_path, 'again', f'++online.prompts={prompts}',
+                                                          f'++online.reward_function={REWARD}:vowels'), capsys)
+        assert status == 0, error
+    assert (f"warning: {tmp_path}/again holds an earlier run (LATEST, rounds, metrics.jsonl), which this one "
+            f"replaces (++resume=true continues it)") in out
+    sampled = {json.loads(line)['prompt'] for line in open(tmp_path / 'again' / 'rounds' / '0' / 'samples.jsonl')}
+    assert sampled == {json.loads(line)['prompt'] for line in lines[-4:]}
+    rounds = [json.loads(line)['round'] for line in open(tmp_path / 'again' / 'metrics.jsonl') if 'round' in line]
+    assert rounds == sorted(rounds)  # one run's records
 
 
 def stops_then_resumes(tmp_path, capsys, name, broken, fixed, expected, loss='dpo'):

@@ -378,7 +378,7 @@ def test_a_rounds_samples_and_feedback_keep_their_prompts_own_fields_for_the_rew
                       f'++online.eval_prompts={prompts}', '++online.feedback=scalar', loss='grpo')
     rounds = build_online_rounds(run, build_trainer(run))
     samples = rounds.round_samples(0)
-    assert len(samples) == 9 and all(s['answer'] == answers[s['prompt'][0]['content']] for s in samples)
+    assert len(samples) == 9 and all(s['answer'] == answers[s['prompt']] for s in samples)  # the prompt as given
     feedback = [json.loads(line) for line in open(rounds.round_feedback(0))]
     assert [(r['output'], r['answer'], r['reward']) for r in feedback] == \
            [(s['output'], s['answer'], float(s['output'].count(s['answer']))) for s in samples]

@@ -265,6 +265,31 @@ def test_each_prompt_is_scored_with_its_own_answer_from_the_prompts_file(tmp_pat
     assert len({score for group in part.groups for score in group.scores}) > 1
 
 
+def test_a_trl_reward_function_is_given_the_batch_in_the_form_its_prompts_file_gave(tmp_path):
+    from halos.labelers import load_reward_function
+    prompts = tmp_path / 'questions.jsonl'
+    turns = [{'role': 'system', 'content': 'Answer in one word.'}, {'role': 'user', 'content': 'Name a consonant.'}]
+    prompts.write_text(json.dumps({'prompt': 'Name a vowel.', 'answer': 'e', 'level': 1}) + '\n' +
+                       json.dumps({'prompt': turns, 'answer': 't', 'level': 2}) + '\n')
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(
+        f'++online.prompts={prompts}', f'++online.reward_function={REWARD}:trl_answer_count',
+        f'++online.eval_prompts={prompts}'), loss='grpo-online'))
+    calls = load_reward_function(f'{REWARD}:trl_answer_count').__globals__['CALLS']
+    calls.clear()
+    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    call, = calls  # one call for the step's 6 completions
+    assert sorted(call) == ['answer', 'completions', 'level', 'prompts']
+    by_form = {isinstance(prompt, str): i for i, prompt in enumerate(call['prompts'])}
+    text, chat = by_form[True], by_form[False]
+    assert call['prompts'][text] == 'Name a vowel.' and call['prompts'][chat] == turns
+    assert isinstance(call['completions'][text], str) and call['completions'][chat][0]['role'] == 'assistant'
+    assert len(call['prompts']) == len(call['answer']) == len(call['level']) == 6
+    assert sorted(zip(call['answer'], call['level'])) == [('e', 1)] * 3 + [('t', 2)] * 3
+    for group in part.groups:
+        answer = 'e' if 'vowel' in trainer.tokenizer.decode(group.prompt_ids) else 't'
+        assert group.scores == [float(sample.text.count(answer)) for sample in group.samples]
+
+
 def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_before_the_models_load(tmp_path,
                                                                                                   monkeypatch):
     import halos.build
@@ -393,6 +418,14 @@ def test_a_step_level_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_p
         assert torch.allclose(tensor, policies[1]['state'][name], atol=1e-6), name
     rollouts = [open(tmp_path / name / 'rollouts.jsonl').read() for name in ('whole', 'killed')]
     assert rollouts[0] == rollouts[1] and len(rollouts[0].splitlines()) == 6 * 2  # 6 steps of 2 prompts
+
+
+def test_a_fresh_run_replaces_the_rollouts_of_an_earlier_run_of_its_name(tmp_path):
+    from helpers import train_in_process
+    for seed in (1, 2):
+        train_in_process(tmp_path, *online_overrides(f'++seed={seed}'), loss='grpo-online', exp_name='again')
+    steps = [json.loads(line)['step'] for line in open(tmp_path / 'again' / 'rollouts.jsonl')]
+    assert steps == [0, 0, 1, 1]  # the second run's 2 steps of 2 prompts, not the first's before them
 
 
 def test_checkpoint_minutes_checkpoint_between_evaluations(tmp_path):

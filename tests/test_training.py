@@ -369,7 +369,10 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
         assert f"train.py: resume=true: {tmp_path}/test was trained with {says}" in capsys.readouterr().err
     assert policy.stat().st_mtime_ns == written
     out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')  # the same run, afresh
-    assert f"warning: {tmp_path}/test/LATEST holds an earlier run, which this one overwrites" in out
+    assert (f"warning: {tmp_path}/test holds an earlier run (LATEST, metrics.jsonl), which this one replaces "
+            f"(++resume=true continues it)") in out
+    steps = [json.loads(line)['step'] for line in open(tmp_path / 'test' / 'metrics.jsonl')]
+    assert steps == sorted(steps)  # this run's metrics alone: the earlier run's do not come first
 
 
 @pytest.mark.slow
