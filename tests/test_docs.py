@@ -168,6 +168,18 @@ def test_the_labeller_example_scores_known_texts_to_hand_computed_values(reward_
     assert scores == pytest.approx([0.75, 0.15, 0.0, 0.25])
 
 
+def test_the_trl_reward_example_scores_a_batch_in_both_of_trls_forms(tmp_path):
+    from halos.labelers import RewardFunctionLabeler, checked_scores
+    (tmp_path / 'trl_sums.py').write_text(file_block('my_task/trl_sums.py'))
+    labeler = RewardFunctionLabeler(f"{tmp_path / 'trl_sums.py'}:accuracy_reward")
+    asked = [{'role': 'user', 'content': 'What is 7 + 8?'}]
+    prompts = ['What is 12 + 30?', 'What is 12 + 30?', asked, asked]
+    completions = ['42', 'It is 41, or 42.', 'The sum is 15.', 'fifteen']
+    scores = checked_scores(labeler, prompts, completions, [f'sample {i}' for i in range(4)],
+                            [{'answer': '42'}, {'answer': '42'}, {'answer': '15'}, {'answer': '15'}])
+    assert scores == [1.0, 0.0, 1.0, 0.0]
+
+
 def test_the_labeller_example_labels_samples_with_label_py(reward_file, tmp_path):
     import label
     prompt = [{'role': 'user', 'content': 'How do I bake sourdough bread at home?'}]
@@ -332,7 +344,7 @@ def test_docs_check_finds_every_command_and_file_in_reading_order():
     files = [step.path for step in ordered if isinstance(step, docs_check.FileStep)]
     assert files == ['trainers.py', 'config/loss/my-kto-simple.yaml', 'dataloader.py', 'my_data/ranked_qa/train.jsonl',
                      'my_data/ranked_qa/test.jsonl', 'my_task/reward.py', 'my_task/sums.jsonl', 'my_task/sums.py',
-                     'my_task/generate_sampler.py', 'my_task/train_online.py']
+                     'my_task/trl_sums.py', 'my_task/generate_sampler.py', 'my_task/train_online.py']
     position = {id(step): i for i, step in enumerate(ordered)}
     uses_reward = next(step for step in commands if 'my_task/reward.py:on_topic' in step.line)
     writes_reward = next(step for step in ordered if getattr(step, 'path', '') == 'my_task/reward.py')
