@@ -13,11 +13,11 @@ mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
-                 ++reward_function=file.py:function (an online run's default: its online.eval_prompts, scored
-                 by online.eval_reward_function, else online.reward_function): prints the mean reward, its
-                 standard error, n, the mean length and the KL to the starting model (the mean summed
-                 log-ratio of the samples), and appends them (with each part's mean, for a reward given in
-                 parts) to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
+                 ++reward_function=file.py:function (a run trained online has its own: online.eval_prompts, else
+                 the prompts it trained on every step, scored by online.eval_reward_function, else its reward
+                 function): prints the mean reward, its standard error, n, the mean length and the KL to
+                 the starting model (the mean summed log-ratio of the samples), and appends them (with each
+                 part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
                  ({sampled_at, config, samples: [{prompt, policy, reward, reward_parts?, prompt_id}]}, the
                  prompt rendered with the run's prefixes as in mode=sample; compare.py reads it)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
@@ -245,19 +245,32 @@ def write_json(path: str, data) -> None:
         json.dump(data, f, indent=2)
 
 
+def own_held_out_prompts(run: RunSettings):
+    """The prompts a run trained online measured itself on: online.eval_prompts, else, where it trained on
+    prompts every step (online RL and online PPO), the test split of those."""
+    trained_on_prompts = run.loss.dataloader == 'PromptDataLoader'
+    return run.online.eval_prompts or ((run.online.prompts or run.datasets) if trained_on_prompts else None)
+
+
+def own_reward_function(run: RunSettings):
+    """The reward function a run trained online scored its held-out samples with."""
+    return (run.online.eval_reward_function or run.online.reward_function
+            or getattr(run.loss.params, 'reward_function', None))  # online PPO's own
+
+
 def checked(run: RunSettings) -> RunSettings:
     """What eval.py needs of the settings, beyond the schema's checks."""
     if run.mode not in MODES:
         raise ConfigError(f"mode={run.mode}: eval.py takes mode={', '.join(MODES)}")
     if run.mode in ('sample', 'eval') and not run.datasets:
         raise missing_keys_error(['datasets'])
-    if run.mode == 'reward':  # an online run's own held-out prompts and reward, unless others are given
-        run = dataclasses.replace(run, prompts=run.prompts or run.online.eval_prompts, reward_function=(
-            run.reward_function or run.online.eval_reward_function or run.online.reward_function))
+    if run.mode == 'reward':
+        run = dataclasses.replace(run, prompts=run.prompts or own_held_out_prompts(run),
+                                  reward_function=run.reward_function or own_reward_function(run))
     if run.mode == 'reward' and not (run.prompts and run.reward_function):
         raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> and "
-                          "++reward_function=path/to/file.py:function (an online run has its own: online.eval_prompts "
-                          "and online.reward_function)")
+                          "++reward_function=path/to/file.py:function (a run trained online has its own: "
+                          "online.eval_prompts, or the prompts it trained on every step, and its reward function)")
     if run.mode == 'reward':
         RewardFunctionLabeler(run.reward_function)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:

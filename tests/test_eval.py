@@ -13,6 +13,7 @@ import torch
 
 import dataloader
 from halos.build import build_loader
+from halos.errors import ConfigError
 from helpers import DATA, ROOT, eval_command, eval_in_process, make_config, run_train, train_in_process
 
 
@@ -235,3 +236,31 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
     monkeypatch.setattr(torch.cuda, 'is_available', lambda: gpu)
     from halos import sampling
     assert sampling.use_vllm() is expected
+
+
+@pytest.mark.parametrize('loss, overrides, prompts, function', [
+    # step-level online RL: the test split of the prompts it trained on, scored by its reward function
+    ('grpo-online', ['++online.prompts=[train.jsonl]', '++online.reward_function=r.py:vowels'], ['train.jsonl'],
+     'r.py:vowels'),
+    ('rloo', ['datasets=[train.jsonl]', '++online.reward_function=r.py:vowels', '++online.eval_prompts=[held.jsonl]',
+              '++online.eval_reward_function=r.py:gold'], ['held.jsonl'], 'r.py:gold'),
+    # online PPO: its datasets are its prompts, its reward function a key of its loss
+    ('ppo-online', ['datasets=[train.jsonl]', '++loss.reward_function=r.py:vowels'], ['train.jsonl'], 'r.py:vowels'),
+    # an offline run has no prompts of its own to measure a reward on
+    ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], None, 'r.py:vowels'),
+])
+def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_trained_online(tmp_path, monkeypatch, loss,
+                                                                                       overrides, prompts, function):
+    import dataclasses
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'r.py').write_text('def vowels(prompt, completion):\n    return 1.0\n\n\n'
+                                   'def gold(prompt, completion):\n    return 0.0\n')
+    for name in ('train.jsonl', 'held.jsonl', 'pairs.jsonl'):
+        (tmp_path / name).write_text('{"prompt": "Hi.", "chosen": "a", "rejected": "b"}\n')
+    run = dataclasses.replace(make_config(tmp_path, *overrides, loss=loss), mode='reward')
+    if prompts is None:
+        with pytest.raises(ConfigError, match=r'^mode=reward needs \+\+prompts='):
+            eval_script.checked(run)
+        return
+    run = eval_script.checked(run)
+    assert (run.prompts, run.reward_function) == (prompts, function)
