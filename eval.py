@@ -54,7 +54,7 @@ from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_jsonl
-from halos.labelers import RewardFunctionLabeler, checked_scores
+from halos.labelers import checked_scores, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
@@ -172,7 +172,7 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
     options = sampling_options(run)
     loader = build_loader(run, tokenizer, 'test', run.prompts, loader_class=dataloader.PromptDataLoader,
                           n_examples=run.n_samples)
-    labeler, complete = RewardFunctionLabeler(run.reward_function), make_sampler(
+    labeler, complete = reward_labeler(run), make_sampler(
         policy, tokenizer, options, run.model.policy_dtype)
     set_seed(run.seed)
     rewards, lengths, log_ratios, records = [], [], [], []
@@ -258,6 +258,12 @@ def own_reward_function(run: RunSettings):
             or getattr(run.loss.params, 'reward_function', None))  # online PPO's own
 
 
+def reward_labeler(run: RunSettings):
+    """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list."""
+    own = run.reward_function == run.online.reward_function
+    return reward_function_labeler(run.reward_function, run.online.reward_weights if own else None)
+
+
 def checked(run: RunSettings) -> RunSettings:
     """What eval.py needs of the settings, beyond the schema's checks."""
     if run.mode not in MODES:
@@ -272,7 +278,7 @@ def checked(run: RunSettings) -> RunSettings:
                           "++reward_function=path/to/file.py:function (a run trained online has its own: "
                           "online.eval_prompts, or the prompts it trained on every step, and its reward function)")
     if run.mode == 'reward':
-        RewardFunctionLabeler(run.reward_function)  # a broken reward function stops eval.py before anything loads
+        reward_labeler(run)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:
         raise ConfigError("mode=lm_eval needs ++lm_eval.tasks=[task,...] (halos_basics ships in data/lm_eval)")
     if run.mode == 'lm_eval' and importlib.util.find_spec('lm_eval') is None:

@@ -12,7 +12,7 @@ halos/actor_critic.py, GRPO's on scored data halos/policy_gradient.py, the step-
 """
 import zlib
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 
@@ -20,7 +20,7 @@ from halos import batch as schema
 from halos import rl
 from halos.actor_critic import ActorCriticTrainer
 from halos.errors import ConfigError
-from halos.labelers import RewardFunctionLabeler, RewardModelLabeler, checked_scores
+from halos.labelers import RewardModelLabeler, checked_scores, reward_function_labeler
 from halos.loop import BasicTrainer, Humanline
 from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss, dpo_loss, entropy_from_logits,  # noqa: F401
                           generalized_advantages, group_advantages, grpo_loss, grpo_token_losses, humanline_logratios,
@@ -31,7 +31,7 @@ from halos.online_rl import OnlineGroupTrainer
 from halos.policy_gradient import GroupTrainer
 from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
                               UnpairedPreferenceTrainer, unpaired_accuracies)
-from halos.settings import at_least, between, greater_than, one_of, setting
+from halos.settings import REWARD_FUNCTIONS, at_least, between, greater_than, one_of, setting
 from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps, weighted_mean
 
 
@@ -276,7 +276,9 @@ class OnlinePPOTrainer(PPOTrainer):
 
     @dataclass(frozen=True)
     class Params(PPOTrainer.Params):
-        reward_function: Optional[str] = setting(None, 'path/to/file.py:function (or module:function) -> float')
+        reward_function: Union[str, List[str], None] = setting(
+            None, 'path/to/file.py:function (or module:function) -> float, or a list of them (their sum)',
+            REWARD_FUNCTIONS)
         reward_baseline: float = setting(0.0, 'subtracted from every score')
         whiten_scores: bool = setting(False, "whiten the scores over each microbatch (all ranks)")
         score_clip: Optional[float] = setting(None, 'clip the scores to [-score_clip, score_clip]', greater_than(0))
@@ -292,7 +294,8 @@ class OnlinePPOTrainer(PPOTrainer):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.reward_function = RewardFunctionLabeler(self.params.reward_function) if self.params.reward_function else None
+        self.reward_function = reward_function_labeler(self.params.reward_function) if self.params.reward_function \
+            else None
         self.kl_coef = self.params.init_kl_coef
 
     def rollout(self, batch):

@@ -18,7 +18,7 @@ from halos import checkpoint, lora
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting, prompt_digest
-from halos.labelers import RewardFunctionLabeler, make_labeler
+from halos.labelers import RewardFunctionLabeler, RewardFunctionsLabeler, make_labeler, reward_function_labeler
 from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
@@ -133,7 +133,7 @@ def check_consistency(run: RunSettings) -> None:
     elif not run.datasets:
         raise missing_keys_error(['datasets'])
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
-        RewardFunctionLabeler(loss.params.reward_function)
+        reward_function_labeler(loss.params.reward_function)
 
 
 def check_model_paths(run: RunSettings, training: bool = True) -> None:
@@ -207,10 +207,13 @@ def check_labeler(run: RunSettings, who: str) -> None:
     needs = {'function': 'reward_function', 'reward_model': 'reward_model', 'judge': 'judge'}[online.labeler]
     if not getattr(online, needs):
         raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set")
+    if online.reward_weights is not None and online.labeler != 'function':
+        raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, and "
+                          f"online.labeler={online.labeler} scores with none: leave it null")
     if online.labeler == 'function':
-        RewardFunctionLabeler(online.reward_function)
+        reward_function_labeler(online.reward_function, online.reward_weights)
     if online.eval_reward_function:
-        RewardFunctionLabeler(online.eval_reward_function)
+        reward_function_labeler(online.eval_reward_function)
 
 
 def derived(run: RunSettings) -> RunSettings:
@@ -385,7 +388,7 @@ def build_rollouts(run: RunSettings) -> Rollouts:
 
 def held_out_labeler(run: RunSettings, labeler):
     """online.eval_reward_function (a gold reward for the held-out samples), else the labeler."""
-    return RewardFunctionLabeler(run.online.eval_reward_function) if run.online.eval_reward_function else labeler
+    return reward_function_labeler(run.online.eval_reward_function) if run.online.eval_reward_function else labeler
 
 
 def monitor_settings(run: RunSettings) -> MonitorSettings:
@@ -397,7 +400,7 @@ def monitor_settings(run: RunSettings) -> MonitorSettings:
 def build_labeler(run: RunSettings, cache_path: str):
     online = run.online
     return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
-                        online.base_url, cache_path, run.model.max_length)
+                        online.base_url, cache_path, run.model.max_length, reward_weights=online.reward_weights)
 
 
 def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
@@ -425,7 +428,7 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
 def check_prompt_fields(labeler, examples, what: str) -> None:
     """A reward function that takes a field some prompt's record lacks stops the run before anything samples
     (other labelers read no fields)."""
-    if isinstance(labeler, RewardFunctionLabeler):
+    if isinstance(labeler, (RewardFunctionLabeler, RewardFunctionsLabeler)):
         labeler.check_prompts(examples, what)
 
 

@@ -93,29 +93,40 @@ def parts_of(score: Optional[float]) -> Optional[Dict[str, float]]:
 def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Optional[float]:
     if value is None and may_abstain:
         return None
+    try:
+        return score_of(value)
+    except NotAScore as refusal:
+        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: {refusal}") from None
+
+
+class NotAScore(ValueError):
+    """Why a value is not a score."""
+
+
+def score_of(value) -> float:
+    """A finite number as a float, a PartedScore as it is, or {name: part} as a PartedScore; else NotAScore."""
+    if isinstance(value, PartedScore):
+        return value
     if isinstance(value, Mapping):
-        return checked_parts(value, labeler_name, name)
+        return parts_score(value)
     number = as_number(value)
     if number is None or not math.isfinite(number):
         batched = (f"; function(prompt, completion) scores one completion a call (a function with a parameter "
                    f"named {BATCH_PARAMETER} is given a batch, as TRL's are)") if isinstance(value, (list, tuple)) else ''
-        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score must be a finite "
-                         f"number{batched}")
+        raise NotAScore(f"a score must be a finite number{batched}")
     return number
 
 
-def checked_parts(value: Mapping, labeler_name: str, name: str) -> PartedScore:
-    """A score given as {name: part}: every part a finite number."""
+def parts_score(value: Mapping) -> PartedScore:
+    """A score given as {name: part}: every part a finite number, and their sum."""
     parts = {str(part_name): as_number(part) for part_name, part in value.items()}
     bad = [part_name for part_name, part in parts.items() if part is None or not math.isfinite(part)]
     if bad or not parts:
-        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: a score's parts must be finite "
-                         f"numbers ({f'not {bad[0]}' if bad else 'it has none'})")
+        raise NotAScore(f"a score's parts must be finite numbers ({f'not {bad[0]}' if bad else 'it has none'})")
     try:
         return PartedScore.of(parts)
     except OverflowError:  # finite parts whose sum is not
-        raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: the sum of its parts is not a finite "
-                         f"number") from None
+        raise NotAScore("the sum of its parts is not a finite number") from None
 
 
 def shortened(value) -> str:
@@ -239,11 +250,7 @@ class RewardFunctionLabeler:
                 f"{', '.join(sorted(extra)) or 'none'})")
 
     def check_prompts(self, examples, what: str) -> None:
-        """Stop before anything is sampled when a prompt lacks a field the function takes."""
-        for example in examples:
-            lacking = self.lacking(example.extra)
-            if lacking:
-                raise LabelError(f"{self.name} cannot score {what}: {example.source}: {lacking}")
+        check_prompts(self, examples, what)
 
     def given(self, extra: Dict) -> Dict:
         """The prompt's fields that the function takes."""
@@ -280,6 +287,77 @@ class RewardFunctionLabeler:
             return list(result)
         except TypeError:
             raise SampleFailed(None, f"it gave {shortened(result)}, not a list of one score per completion") from None
+
+
+class RewardFunctionsLabeler:
+    """Several reward functions, as TRL's GRPOTrainer takes them (reward_funcs, reward_weights): a completion's
+    score is the weighted sum of the functions' scores, and each function's score is a part of it, named after
+    the function and kept unweighted (as TRL logs them). A function that gives None for a completion does not
+    apply to it (TRL's convention: a code reward on a math prompt); at least one must apply."""
+    may_abstain = False
+
+    def __init__(self, specs: Sequence[str], weights: Optional[Sequence[float]] = None):
+        if weights is not None and len(weights) != len(specs):
+            raise ConfigError(f"{len(weights)} reward weights for the {len(specs)} reward functions {', '.join(specs)}: "
+                              f"give one weight per function")
+        self.functions = [RewardFunctionLabeler(spec) for spec in specs]
+        self.weights = [float(weight) for weight in weights] if weights is not None else [1.0] * len(specs)
+        self.name = f"reward functions {', '.join(specs)}"
+        short = [spec.rpartition(':')[2] for spec in specs]
+        self.part_names = short if len(set(short)) == len(short) else list(specs)
+
+    def lacking(self, extra: Dict) -> Optional[str]:
+        reasons = [f'{function.spec}: {reason}' for function in self.functions for reason in [function.lacking(extra)]
+                   if reason]
+        return reasons[0] if reasons else None
+
+    def check_prompts(self, examples, what: str) -> None:
+        check_prompts(self, examples, what)
+
+    def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+        columns = []
+        for function in self.functions:
+            try:
+                columns.append(function(prompts, completions, extras))
+            except SampleFailed as failure:
+                raise SampleFailed(failure.index, f"{function.spec}: {failure.reason}") from None
+            if len(columns[-1]) != len(completions):
+                raise SampleFailed(None, f"{function.spec} gave {len(columns[-1])} scores for {len(completions)} "
+                                         f"completions")
+        return [self.combined(index, row) for index, row in enumerate(zip(*columns))]
+
+    def combined(self, index: int, row: Sequence) -> PartedScore:
+        parts, total = {}, 0.0
+        for function, name, weight, value in zip(self.functions, self.part_names, self.weights, row):
+            if value is None:
+                continue
+            try:
+                parts[name] = float(score_of(value))
+            except NotAScore as refusal:
+                raise SampleFailed(index, f"{function.spec} gave {shortened(value)}: {refusal}") from None
+            total += weight * parts[name]
+        if not parts:
+            raise SampleFailed(index, "none of the reward functions applies to it (each gave None)")
+        if not math.isfinite(total):
+            raise SampleFailed(index, f"the weighted sum of its scores {parts} is not a finite number")
+        score = PartedScore(total)
+        score.parts = parts
+        return score
+
+
+def reward_function_labeler(spec: Union[str, Sequence[str]], weights: Optional[Sequence[float]] = None):
+    """The labeler of a reward function, or of several (a list of specs, with a weight each or all 1)."""
+    if isinstance(spec, str) and weights is None:
+        return RewardFunctionLabeler(spec)
+    return RewardFunctionsLabeler([spec] if isinstance(spec, str) else list(spec), weights)
+
+
+def check_prompts(labeler, examples, what: str) -> None:
+    """Stop before anything is sampled when a prompt lacks a field a reward function takes."""
+    for example in examples:
+        lacking = labeler.lacking(example.extra)
+        if lacking:
+            raise LabelError(f"{labeler.name} cannot score {what}: {example.source}: {lacking}")
 
 
 def outcome(call: Callable):
@@ -477,9 +555,10 @@ class JudgeLabeler:
 LABELERS = ('function', 'reward_model', 'judge')
 
 
-def make_labeler(kind: str, reward_function: Optional[str] = None, reward_model: Optional[str] = None,
+def make_labeler(kind: str, reward_function: Union[str, Sequence[str], None] = None, reward_model: Optional[str] = None,
                  judge_model: Optional[str] = None, base_url: Optional[str] = None, cache_path: Optional[str] = None,
-                 max_length: int = 2048, concurrency: int = 4) -> Labeler:
+                 max_length: int = 2048, concurrency: int = 4,
+                 reward_weights: Optional[Sequence[float]] = None) -> Labeler:
     """The labeler of `kind` (function, reward_model or judge) from its settings; a ConfigError names what is missing."""
     needs = {'function': ('reward_function', reward_function), 'reward_model': ('reward_model', reward_model),
              'judge': ('judge', judge_model)}
@@ -489,7 +568,7 @@ def make_labeler(kind: str, reward_function: Optional[str] = None, reward_model:
     if not value:
         raise ConfigError(f"the {kind} labeler needs {name} to be set")
     if kind == 'function':
-        return RewardFunctionLabeler(reward_function)
+        return reward_function_labeler(reward_function, reward_weights)
     if kind == 'reward_model':
         return RewardModelLabeler(reward_model, max_length=max_length)
     return JudgeLabeler(judge_model, base_url, cache_path, concurrency=concurrency)

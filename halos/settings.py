@@ -63,6 +63,7 @@ def section(schema: type, doc: str):
 RUN_NAME = Rule(lambda value: all(part not in ('', '.', '..') for part in value.split('/')),
                 "a directory name under cache_dir, or a path of them (no empty, '.' or '..' part)",
                 names_values=True)
+REWARD_FUNCTIONS = Rule(bool, 'path/to/file.py:function (or module:function), or a list of them', names_values=True)
 NUMBER_OR_MEAN_OR_MEDIAN = Rule(lambda value: value in ('mean', 'median') or isinstance(value, float),
                                 'mean, median or a number', names_values=True)
 
@@ -130,7 +131,11 @@ class OnlineSettings:
     prompts_per_round: int = setting(16, 'prompts sampled each round', at_least(1))
     samples_per_prompt: int = setting(4, 'completions sampled per prompt', at_least(1))
     labeler: str = setting('function', 'who scores a sample', one_of('function', 'reward_model', 'judge'))
-    reward_function: Optional[str] = setting(None, 'path/to/file.py:function or module:function -> float')
+    reward_function: Union[str, List[str], None] = setting(
+        None, 'path/to/file.py:function or module:function -> float; a list: the (weighted) sum of their scores',
+        REWARD_FUNCTIONS)
+    reward_weights: Optional[List[float]] = setting(None, "one weight per reward function of a list (TRL's "
+                                                          "reward_weights); null: all 1")
     reward_model: Optional[str] = setting(None, 'an HF sequence classifier (a halos bradley-terry export or any RM)')
     judge: Optional[str] = setting(None, "the judge model's name on its OpenAI-compatible server")
     base_url: Optional[str] = setting(None, "the judge's server (null: OPENAI_BASE_URL, else OpenAI)")
@@ -145,8 +150,9 @@ class OnlineSettings:
     eval_prompts: Optional[List[str]] = setting(None, 'held-out prompts: the mean reward before and after every round')
     min_scored: float = setting(0.5, "stop when the labeller scores fewer than this share of a round's samples "
                                      "(loss=grpo-online and its kin: of a step's)", between(0, 1))
-    eval_reward_function: Optional[str] = setting(None, 'scores the held-out samples (a gold reward); null: the '
-                                                        'labeler')
+    eval_reward_function: Union[str, List[str], None] = setting(
+        None, 'scores the held-out samples (a gold reward; a list: the sum of their scores); null: the labeler',
+        REWARD_FUNCTIONS)
     monitor_window: int = setting(2, 'evaluations over which a rising training reward and a falling held-out one '
                                      'warn', at_least(1))
     max_length_growth: float = setting(2.0, 'warn when completions grow past this many times their first length',
@@ -218,7 +224,8 @@ class RunSettings:
     n_samples: Optional[int] = setting(128, 'eval.py: prompts to sample (null: the whole test split)', at_least(1))
     samples_dir: str = setting('samples/', 'eval.py: where samples are written')
     prompts: Optional[List[str]] = setting(None, 'eval.py mode=reward: a prompts file or dataset names')
-    reward_function: Optional[str] = setting(None, 'eval.py mode=reward: path/to/file.py:function')
+    reward_function: Union[str, List[str], None] = setting(None, 'eval.py mode=reward: path/to/file.py:function, or '
+                                                                 'a list of them', REWARD_FUNCTIONS)
     n_eval_examples: Optional[int] = setting(512, 'test examples of each evaluation (0: none; null: all)', at_least(0))
     saved_policy: Optional[str] = setting(None, 'eval.py: the policy to sample (null: the run\'s LATEST)')
     top_p: float = setting(0.95, 'nucleus sampling mass', Rule(lambda p: 0 < p <= 1, 'in (0, 1]'))
@@ -302,7 +309,8 @@ def described(kind: Any, rule: Optional[Rule]) -> str:
     elif base is float:
         text = 'a number (a float' + (f' {rule.reads}' if rule else '') + ')'
     elif typing.get_origin(base) is list:
-        text = 'a list of strings (or one string)'
+        item = {int: 'integer', float: 'number'}.get(typing.get_args(base)[0], 'string')
+        text = f'a list of {item}s (or one {item})'
     else:
         text = 'a string' if base is str else 'a value'
     return text + (' or null' if optional else '')

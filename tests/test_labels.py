@@ -230,6 +230,73 @@ def test_a_reward_function_that_cannot_be_called_with_a_prompt_and_a_completion_
         f"TRL does: function(prompts=[...], completions=[...]) for a batch")
 
 
+SEVERAL = """
+def length(prompt, completion):
+    return float(len(completion))
+
+def has_x(prompt, completion):
+    return None if completion.startswith('skip') else {'x': float('x' in completion), 'bonus': 0.5}
+
+def never(prompt, completion):
+    return None
+
+def text(prompt, completion):
+    return 'high'
+
+def needs_answer(prompt, completion, answer):
+    return float(completion == answer)
+
+def trl_length(completions, **kwargs):
+    return [2.0 * len(c) for c in completions]
+"""
+
+
+def test_several_reward_functions_score_the_weighted_sum_with_each_functions_score_a_part(tmp_path):
+    from halos.labelers import PartedScore, reward_function_labeler
+    (tmp_path / 'several.py').write_text(SEVERAL)
+    spec = lambda name: f"{tmp_path / 'several.py'}:{name}"
+    label = lambda names, completions, weights=None, extras=None: checked_scores(
+        reward_function_labeler([spec(name) for name in names], weights), ['p'] * len(completions), completions,
+        [f'sample {i}' for i in range(len(completions))], extras)
+    scores = label(['length', 'has_x', 'trl_length'], ['xyz', 'skip', 'ab'], [1.0, -2.0, 0.25])
+    # xyz: 3 - 2 * (1 + 0.5) + 0.25 * 6; skip: has_x does not apply, 4 + 0.25 * 8; ab: 2 - 2 * 0.5 + 0.25 * 4
+    assert scores == [1.5, 6.0, 2.0] and all(isinstance(score, PartedScore) for score in scores)
+    assert [score.parts for score in scores] == [{'length': 3.0, 'has_x': 1.5, 'trl_length': 6.0},
+                                                 {'length': 4.0, 'trl_length': 8.0},
+                                                 {'length': 2.0, 'has_x': 0.5, 'trl_length': 4.0}]
+    assert label(['length', 'has_x'], ['xy']) == [3.5]  # no weights: all 1
+    name = f"reward functions {spec('length')}, {spec('never')}"
+    for names, why in [(['length', 'never'], None),
+                       (['never', 'never'], 'none of the reward functions applies to it (each gave None)'),
+                       (['length', 'text'], f"{spec('text')} gave 'high': a score must be a finite number")]:
+        if why is None:
+            assert label(names, ['ab']) == [2.0]
+            continue
+        with pytest.raises(LabelError) as error:
+            label(names, ['ab'])
+        assert str(error.value) == f"reward functions {spec(names[0])}, {spec(names[1])} failed on sample 0: {why}"
+    with pytest.raises(LabelError) as error:
+        label(['length', 'needs_answer'], ['4', '5'], extras=[{'answer': '4'}, {}])
+    assert str(error.value) == (f"{name.replace('never', 'needs_answer')} failed on sample 1: {spec('needs_answer')}: "
+                                f"it takes answer, which its prompt's record lacks (the prompt's own fields: none)")
+    with pytest.raises(ConfigError) as error:
+        reward_function_labeler([spec('length'), spec('has_x')], [1.0])
+    assert str(error.value) == (f"1 reward weights for the 2 reward functions {spec('length')}, {spec('has_x')}: "
+                                f"give one weight per function")
+
+
+def test_label_py_scores_with_several_weighted_reward_functions(tmp_path):
+    (tmp_path / 'several.py').write_text(SEVERAL)
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': 'Say x.', 'output': output, 'prompt_id': 'q', 'sample_id': i})
+                               + '\n' for i, output in enumerate(['x', 'no'])))
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f"{tmp_path}/several.py:length",
+                       f"{tmp_path}/several.py:has_x", '--reward-weights', '0.5', '2', '--feedback', 'scalar']) == 0
+    records = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
+    assert [(r['output'], r['reward'], r['reward_parts']) for r in records] == [
+        ('x', 0.5 + 2 * 1.5, {'length': 1.0, 'has_x': 1.5}), ('no', 1.0 + 2 * 0.5, {'length': 2.0, 'has_x': 0.5})]
+
+
 def test_label_py_gives_a_samples_own_fields_to_the_reward_function_and_keeps_them(tmp_path, capsys):
     samples = tmp_path / 'samples.jsonl'
     samples.write_text(''.join(json.dumps({'prompt': 'What is 2+2?', 'output': output, 'prompt_id': 'q',

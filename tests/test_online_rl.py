@@ -11,7 +11,7 @@ import torch
 
 from halos import batch as schema
 from halos.build import build_trainer
-from halos.errors import DataError
+from halos.errors import ConfigError, DataError
 from halos.labelers import LabelError
 from halos.losses import (group_advantages, grpo_loss, grpo_token_losses, reinforce_pp_returns, rloo_advantages,
                           sequence_clipped_losses, whiten_advantages)
@@ -288,6 +288,23 @@ def test_a_trl_reward_function_is_given_the_batch_in_the_form_its_prompts_file_g
     for group in part.groups:
         answer = 'e' if 'vowel' in trainer.tokenizer.decode(group.prompt_ids) else 't'
         assert group.scores == [float(sample.text.count(answer)) for sample in group.samples]
+
+
+def test_several_reward_functions_score_each_sample_with_their_weighted_sum(tmp_path):
+    import rewards
+    trainer = build_trainer(make_config(tmp_path, *online_overrides(
+        f'++online.reward_function=[{REWARD}:vowels,{REWARD}:letter_e]', '++online.reward_weights=[0.5,10]'),
+        loss='grpo-online'))
+    part, = trainer.experience([next(iter(trainer.train_iterator))])
+    for group in part.groups:
+        texts = [sample.text for sample in group.samples]
+        assert group.scores == pytest.approx([0.5 * rewards.vowels('', t) + 10 * rewards.letter_e('', t) for t in texts])
+        assert [score.parts for score in group.scores] == [
+            {'vowels': rewards.vowels('', t), 'letter_e': rewards.letter_e('', t)} for t in texts]
+    with pytest.raises(ConfigError, match=r'^online.reward_weights weighs the functions of online.reward_function, '
+                                          r'and online.labeler=judge scores with none: leave it null$'):
+        make_config(tmp_path, *online_overrides('++online.labeler=judge', '++online.judge=j',
+                                                '++online.reward_weights=[1]'), loss='grpo-online')
 
 
 def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_before_the_models_load(tmp_path,
