@@ -121,8 +121,9 @@ def cases(tmp_path, made_once):
                                              f"++saved_policy=<a policy.pt or an HF directory>"),
         'eval: no reward prompts': ('eval.py', ['++mode=reward', f'++reward_function={tmp_path}/syntax.py:reward'],
                                     "mode=reward needs ++prompts=<prompts file or dataset names> and "
-                                    "++reward_function=path/to/file.py:function (an online run has its own: "
-                                    "online.eval_prompts and online.reward_function)"),
+                                    "++reward_function=path/to/file.py:function (a run trained online has its "
+                                    "own: online.eval_prompts, or the prompts it trained on every step, and its "
+                                    "reward function)"),
         'missing field': ('train.py', [f'datasets=[{missing}]'],
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],
