@@ -158,6 +158,7 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
     batch_size, each then a group, and counted). The score is the data's reward, else +1 for a desirable
     and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
     evenly as possible across processes."""
+    feedback_kinds = ('binary', 'pairwise', 'scalar')
 
     def flatten(self, examples):
         rng = random.Random(self.seed)

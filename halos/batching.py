@@ -63,15 +63,19 @@ def encode_completion(tokenizer, text: str) -> List[int]:
 
 
 FEEDBACK_NAMES = {'binary': 'binary feedback (desirable and undesirable outputs)', 'pairwise': 'preference pairs',
-                  'scalar': 'scored outputs without labels'}
+                  'scalar': 'scored outputs without labels', 'demonstration': 'demonstrations (outputs without a label '
+                                                                                'or a score)'}
 
 
 def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
-    """The kinds of feedback the examples hold: pairwise (pairs), binary (labels), scalar (scores alone)."""
+    """The kinds of feedback the examples hold: pairwise (pairs), binary (labels), scalar (scores alone),
+    demonstration (outputs alone)."""
     held = set()
     for example in examples:
+        alone = example.generations and not (example.pairs or example.desirable)
+        scored = any(score is not None for score in example.scores)
         held.update(kind for kind, has in (('pairwise', example.pairs), ('binary', example.desirable),
-                                           ('scalar', example.scores and not (example.pairs or example.desirable)))
+                                           ('scalar', alone and scored), ('demonstration', alone and not scored))
                     if has)
     return sorted(held)
 

@@ -3,10 +3,12 @@
     binary:   {"prompt": ..., "output": ..., "label": 1}
     pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
     scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
+    demonstration: {"prompt": ..., "output": ...}                                 (no label, no reward; for SFT)
     prompt:   {"prompt": ...}                                                     (a prompts file, for sampling)
 
-TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen preferred) and
-{"prompt", "completion", "label"} binary feedback. In their conversational form an output may repeat the
+TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen preferred),
+{"prompt", "completion", "label"} binary feedback, {"prompt", "completion"} a demonstration, and
+{"messages": [turns]} a demonstration whose last turn (the assistant's) is the completion. In their conversational form an output may repeat the
 prompt's turns before its own (as ultrafeedback_binarized's do), and a pair may leave the prompt implicit:
 {"chosen": [turns], "rejected": [turns]}, the prompt being the turns the two share.
 
@@ -31,7 +33,7 @@ from halos.examples import ROLES, Dataset, render_turns
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
 FILE_TYPES = ('.json', '.jsonl', '.parquet')
 # what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
-RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', *PAIR_FIELDS[0],
+RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', 'messages', *PAIR_FIELDS[0],
                            *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
                            'weight_B', 'sample_id', 'generator', 'dataset', 'finished', 'reward_parts'})
 
@@ -143,6 +145,9 @@ def _completion(record: Dict, name: str, where: str, prompt_turns: List[Dict[str
 def prompt_turns(record: Dict, where: str) -> List[Dict[str, str]]:
     """The record's prompt; where a pair of conversations has none, the turns that both share before their
     last (TRL's implicit prompt)."""
+    if 'prompt' not in record and 'text' in record:
+        raise DataError(f"{where}: missing field 'prompt': a record of plain text (TRL's language-modelling format) "
+                        f"has no prompt to complete; give {{\"prompt\", \"completion\"}} or {{\"messages\": [turns]}}")
     if 'prompt' in record or not all(isinstance(record.get(name), list) for name in PAIR_FIELDS[1]):
         return checked_turns(_field(record, 'prompt', where), 'prompt', where)
     chosen, rejected = (checked_turns(record[name], name, where) for name in PAIR_FIELDS[1])
@@ -172,15 +177,30 @@ def _score(record: Dict, name: str, where: str) -> Optional[float]:
 
 
 def record_kind(record: Dict) -> str:
-    """'pairwise' (output_A/output_B, or chosen/rejected), 'scalar' (a reward and no label), 'prompt' (no output)
-    or 'binary'."""
+    """'pairwise' (output_A/output_B, or chosen/rejected), 'scalar' (a reward and no label), 'prompt' (no output),
+    'demonstration' (an output alone, in a record without a HALOs type) or 'binary'."""
     if pair_fields(record) or record.get('type') == 'pairwise_feedback':
         return 'pairwise'
     if output_field(record) not in record and 'label' not in record:
         return 'prompt'
     if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
         return 'scalar'
+    if 'label' not in record and 'type' not in record:
+        return 'demonstration'
     return 'binary'
+
+
+def conversation_record(record: Dict, where: str) -> Dict:
+    """A record in TRL's conversational language-modelling format, {"messages": [turns]}, as a demonstration:
+    the turns before the last are its prompt, the last (the assistant's) its completion."""
+    if 'messages' not in record or 'prompt' in record:
+        return record
+    turns = checked_turns(record['messages'], 'messages', where)
+    if len(turns) < 2 or turns[-1]['role'] != 'assistant':
+        raise DataError(f"{where}: field 'messages' must end with an assistant turn (the completion) after at least "
+                        f"one turn (the prompt)")
+    return {**{name: value for name, value in record.items() if name != 'messages'}, 'prompt': turns[:-1],
+            'completion': turns[-1:]}
 
 
 def _weight(record: Dict, name: str, where: str) -> float:
@@ -225,6 +245,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         if record.get('split', split) != split:
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue
+        record = conversation_record(record, where)
         kind = record_kind(record)
         if kind == 'binary' and 'label' not in record and record.get('type') == 'sample':
             raise DataError(f"{where}: an unlabelled sample (type 'sample', as eval.py writes it); label the file "
@@ -242,9 +263,13 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         example.extra = {**extra_fields(record), **example.extra}  # the prompt's first record says first
         if kinds.setdefault(key, kind) != kind:
             raise DataError(f"{where}: this prompt already has {kinds[key]} feedback (first at {example.source}); "
-                            f"the records of one prompt must be all binary, all pairwise or all scalar")
+                            f"the records of one prompt must be all binary, all pairwise, all scalar or all "
+                            f"demonstrations")
         if kind == 'prompt':
             pass
+        elif kind == 'demonstration':
+            add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, None,
+                           _weight(record, 'weight', where))
         elif kind == 'scalar':
             reward = _score(record, 'reward', where) if record.get('reward') is not None else _field(record, 'reward', where)
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, reward,
@@ -286,4 +311,6 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.sft_index = best_scored(example.scores)
         elif example.pairs:
             example.sft_index = example.pairs[0][0]
+        elif example.generations:  # demonstrations: the first
+            example.sft_index = 0
     return dataset

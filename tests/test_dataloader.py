@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import dataloader as D
+from halos.batching import held_feedback_kinds
 from helpers import DATA
 
 FORMAT = dict(human_prefix='\n<|user|>\n', human_suffix='', assistant_prefix='\n<|assistant|>\n', assistant_suffix='')
@@ -444,6 +445,32 @@ def test_trl_conversations_that_repeat_the_prompt_or_leave_it_implicit_read_as_f
         with pytest.raises(D.DataError) as error:
             D.load_dataset(str(path), 'train', **FORMAT)
         assert str(error.value) == f'{path}: record 1: {says}'
+
+
+def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_trains_on(tmp_path):
+    user = lambda text: {'role': 'user', 'content': text}
+    assistant = lambda text: {'role': 'assistant', 'content': text}
+    path = tmp_path / 'demonstrations.jsonl'
+    path.write_text('\n'.join(json.dumps(record) for record in [
+        {'prompt': 'Hi', 'completion': 'Hello!'},
+        {'messages': [{'role': 'system', 'content': 'Be brief.'}, user('Name a colour.'), assistant('Blue.')],
+         'topic': 'colours'},
+        {'prompt': 'Yo', 'output': 'Hey.', 'weight': 2.0}]) + '\n')
+    hi, colour, yo = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert (hi.turns, hi.generations, hi.sft_index, hi.desirable, hi.pairs) == ([user('Hi')], ['Hello!'], 0, [], [])
+    assert colour.turns == [{'role': 'system', 'content': 'Be brief.'}, user('Name a colour.')]
+    assert colour.generations == ['Blue.'] and colour.extra == {'topic': 'colours'} and not colour.text_prompt
+    assert yo.weights == [2.0] and hi.text_prompt
+    assert held_feedback_kinds([hi, colour, yo]) == ['demonstration']
+    for record, says in [({'messages': [user('Hi')]}, "field 'messages' must end with an assistant turn (the "
+                                                      "completion) after at least one turn (the prompt)"),
+                         ({'text': 'Once upon a time.'}, "missing field 'prompt': a record of plain text (TRL's "
+                                                         "language-modelling format) has no prompt to complete"),
+                         ({'prompt': 'Hi', 'output': 'A', 'type': 'binary_feedback'}, "missing field 'label'")]:
+        path.write_text(json.dumps(record) + '\n')
+        with pytest.raises(D.DataError) as error:
+            D.load_dataset(str(path), 'train', **FORMAT)
+        assert says in str(error.value)
 
 
 def test_a_parquet_feedback_file_reads_as_its_json_lines_twin_its_nulls_absent_fields(tmp_path):

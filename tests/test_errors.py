@@ -39,7 +39,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
          'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template',
-         'load_from a run directory']
+         'load_from a run directory', 'demonstrations for a pair loss']
 
 
 @pytest.fixture(scope='module')
@@ -64,6 +64,8 @@ def cases(tmp_path, made_once):
     latin1 = feedback_file(tmp_path, 'latin1.jsonl', content=b'{"prompt": "Caf\xe9?", "output": "Oui.", "label": 1}\n')
     empty = feedback_file(tmp_path, 'empty.jsonl', content=b'')
     binary_only = feedback_file(tmp_path, 'binary.jsonl', [binary])
+    demonstrations = feedback_file(tmp_path, 'demonstrations.jsonl', [{'messages': [
+        {'role': 'user', 'content': 'Hi'}, {'role': 'assistant', 'content': 'Hello!'}]}])
     same = feedback_file(tmp_path, 'same.jsonl', [binary, {'prompt': 'Pick one.', 'output_A': 'This one.',
                                                            'output_B': 'This one.', 'label': 1}])
     role = feedback_file(tmp_path, 'role.jsonl', [binary, {'prompt': [{'role': 'user', 'content': 'Hi'},
@@ -165,6 +167,13 @@ def cases(tmp_path, made_once):
                                             f"kto, ppo, sft), or label the samples as pairwise feedback (label.py "
                                             f"--feedback pairwise) ({binary_only}: prompts 1, {binary_only}: records 1, "
                                             f"items 0, prompts without pairs 1)"),
+        'demonstrations for a pair loss': ('train.py', [f'datasets=[{demonstrations}]'],
+                                           f"{demonstrations}: demonstrations (outputs without a label or a score), "
+                                           f"and PairedPreferenceDataLoader (loss.dataloader) trains on preference "
+                                           f"pairs: choose a loss for this feedback (demonstration: sft), or label "
+                                           f"the samples as pairwise feedback (label.py --feedback pairwise) "
+                                           f"({demonstrations}: prompts 1, {demonstrations}: records 1, items 0, "
+                                           f"prompts without pairs 1)"),
         'online prompts not there': ('train.py', ['++online.rounds=1', f'++online.prompts={tmp_path}/no_prompts.jsonl',
                                                   f"++online.reward_function={ROOT}/tests/rewards.py:vowels"],
                                      f"{tmp_path}/no_prompts.jsonl: no such file (a .json/.jsonl/.parquet file of feedback "
