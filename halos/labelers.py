@@ -184,6 +184,7 @@ def imported_function(spec: str, location: str, name: str) -> Callable[..., floa
 
 
 BATCH_PARAMETER = 'completions'  # a reward function that names it is called as TRL calls its reward functions
+TRL_ONLY = ('completion_ids', 'trainer_state', 'log_extra', 'log_metric')  # what TRL gives and halos does not
 
 
 def field_parameters(function: Callable, batched: bool) -> Tuple[Optional[set], set, set]:
@@ -228,6 +229,11 @@ class RewardFunctionLabeler:
         self.takes, self.needs, self.filled = field_parameters(self.function, self.batched)
         if not self.batched:
             self.check_one_at_a_time()
+        missing = sorted(self.needs & set(TRL_ONLY))
+        if missing:
+            raise ConfigError(f"{self.name}: it takes {', '.join(missing)}, which TRL gives and halos does not (halos "
+                              f"gives prompts, {BATCH_PARAMETER} and the prompts' own fields); give "
+                              f"{missing[0]} a default")
 
     def check_one_at_a_time(self) -> None:
         """A function that cannot be called as function(prompt, completion) stops the run before anything loads."""

@@ -175,6 +175,9 @@ async def trl_async(completions, **kwargs):
 def one_argument(completion):
     return 1.0
 
+def trl_token_count(completions, completion_ids, **kwargs):
+    return [len(ids) for ids in completion_ids]
+
 def keyword_only(*, prompt, completion):
     return 1.0
 """
@@ -205,6 +208,14 @@ def test_a_reward_function_that_names_completions_is_called_once_per_batch_as_tr
     with pytest.raises(LabelError, match=r"trl_style failed on sample 2: it takes answer, which its prompt's record "
                                          r"lacks \(the prompt's own fields: none\)$"):
         label(['p', 'q', 'r'], ['4', '5', '6'], [{'answer': '4'}, {'answer': '4'}, {}])
+
+
+def test_a_trl_reward_function_that_needs_what_halos_does_not_give_stops_at_once(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        calling(tmp_path, 'trl_token_count')
+    assert str(error.value) == (f"reward function {tmp_path / 'conventions.py'}:trl_token_count: it takes "
+                                f"completion_ids, which TRL gives and halos does not (halos gives prompts, completions "
+                                f"and the prompts' own fields); give completion_ids a default")
 
 
 def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(tmp_path):
