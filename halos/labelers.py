@@ -8,6 +8,9 @@ reward function reads them), and `scores[i]` a float, or None when no score coul
 unparseable judgment): such a completion is dropped and counted, never scored 0. A labeler has a `name`
 for messages and says whether it `may_abstain` (give None); only a judge may.
 
+A reward function is called once per completion, or once per batch where it is written for TRL (a parameter
+named `completions`); several score with the weighted sum of theirs (RewardFunctionsLabeler).
+
 Every score goes through one check, `checked_scores`: a finite number, or None from a labeler that may
 abstain; a reward function may give a score as named parts, {name: number}, which is their sum (a
 PartedScore: the monitors log each part's mean). A reward function that raises, or any labeler that gives
