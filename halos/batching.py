@@ -72,11 +72,9 @@ def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
     demonstration (outputs alone)."""
     held = set()
     for example in examples:
-        alone = example.generations and not (example.pairs or example.desirable)
-        scored = any(score is not None for score in example.scores)
+        scored = example.scores and not (example.pairs or example.desirable or example.demonstrated)
         held.update(kind for kind, has in (('pairwise', example.pairs), ('binary', example.desirable),
-                                           ('scalar', alone and scored), ('demonstration', alone and not scored))
-                    if has)
+                                           ('scalar', scored), ('demonstration', example.demonstrated)) if has)
     return sorted(held)
 
 

@@ -31,6 +31,7 @@ class Example:
     extra: Dict[str, Any] = field(default_factory=dict)  # its record's other fields (an answer to check), by name
     source: str = ''                      # where the first record of this prompt came from, for error messages
     text_prompt: bool = False             # its record gave the prompt as one string (TRL's standard format)
+    demonstrated: bool = False            # its generations are demonstrations: SFT trains on every one
 
     def num_generations(self) -> int:
         return len(self.generations)
@@ -41,6 +42,12 @@ class Example:
 
     def pair_weight(self, pair: Tuple[int, int]) -> float:
         return self.pair_weights.get(tuple(pair), 1.0)
+
+    def sft_targets(self) -> List[str]:
+        """What SFT trains on: every demonstration, else the one SFT target (none without generations)."""
+        if not self.generations:
+            return []
+        return list(self.generations) if self.demonstrated else [self.generations[self.sft_index]]
 
     def given_prompt(self):
         """The prompt in the form its record gave it, as labellers see it: its text, or its turns."""

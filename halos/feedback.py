@@ -3,7 +3,7 @@
     binary:   {"prompt": ..., "output": ..., "label": 1}
     pairwise: {"prompt": ..., "output_A": ..., "output_B": ..., "label": 1}      (label 1/true: A preferred)
     scalar:   {"prompt": ..., "output": ..., "reward": 0.7}                      (no label; for GRPO and PPO)
-    demonstration: {"prompt": ..., "output": ...}                                 (no label, no reward; for SFT)
+    demonstration: {"prompt": ..., "output": ...}       (for SFT; in a file where no record has a label or reward)
     prompt:   {"prompt": ...}                                                     (a prompts file, for sampling)
 
 TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen preferred),
@@ -176,16 +176,17 @@ def _score(record: Dict, name: str, where: str) -> Optional[float]:
     return float(value)
 
 
-def record_kind(record: Dict) -> str:
+def record_kind(record: Dict, demonstrations: bool) -> str:
     """'pairwise' (output_A/output_B, or chosen/rejected), 'scalar' (a reward and no label), 'prompt' (no output),
-    'demonstration' (an output alone, in a record without a HALOs type) or 'binary'."""
+    'demonstration' (an output alone, in a record without a HALOs type, of a file of `demonstrations`: one where
+    no record has a label or a reward) or 'binary'."""
     if pair_fields(record) or record.get('type') == 'pairwise_feedback':
         return 'pairwise'
     if output_field(record) not in record and 'label' not in record:
         return 'prompt'
     if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
         return 'scalar'
-    if 'label' not in record and 'type' not in record:
+    if demonstrations and 'type' not in record:
         return 'demonstration'
     return 'binary'
 
@@ -237,6 +238,10 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         raise DataError(f"{path}: the file holds no records (of feedback, or prompts to sample)")
     dataset.counts['records'] = len(records)
     kinds: Dict[str, str] = {}  # the kind of feedback of each prompt
+    # a record with an output and no label is a demonstration only where no record is labelled or scored: in a
+    # file of feedback, it lacks its label
+    demonstrations = not any(isinstance(record, dict) and (record.get('label') is not None or
+                                                           record.get('reward') is not None) for record in records)
     for number, record in enumerate(records, 1):
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
@@ -246,7 +251,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue
         record = conversation_record(record, where)
-        kind = record_kind(record)
+        kind = record_kind(record, demonstrations)
         if kind == 'binary' and 'label' not in record and record.get('type') == 'sample':
             raise DataError(f"{where}: an unlabelled sample (type 'sample', as eval.py writes it); label the file "
                             f"first: python label.py {path} feedback.jsonl --reward-function file.py:function (or "
@@ -270,6 +275,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         elif kind == 'demonstration':
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, None,
                            _weight(record, 'weight', where))
+            example.demonstrated = True
         elif kind == 'scalar':
             reward = _score(record, 'reward', where) if record.get('reward') is not None else _field(record, 'reward', where)
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, reward,
@@ -311,6 +317,6 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.sft_index = best_scored(example.scores)
         elif example.pairs:
             example.sft_index = example.pairs[0][0]
-        elif example.generations:  # demonstrations: the first
+        elif example.demonstrated:
             example.sft_index = 0
     return dataset

@@ -455,9 +455,11 @@ def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_
         {'prompt': 'Hi', 'completion': 'Hello!'},
         {'messages': [{'role': 'system', 'content': 'Be brief.'}, user('Name a colour.'), assistant('Blue.')],
          'topic': 'colours'},
-        {'prompt': 'Yo', 'output': 'Hey.', 'weight': 2.0}]) + '\n')
+        {'prompt': 'Yo', 'output': 'Hey.', 'weight': 2.0},
+        {'prompt': 'Hi', 'completion': 'Hi there.'}]) + '\n')
     hi, colour, yo = D.load_dataset(str(path), 'train', **FORMAT).data.values()
-    assert (hi.turns, hi.generations, hi.sft_index, hi.desirable, hi.pairs) == ([user('Hi')], ['Hello!'], 0, [], [])
+    assert (hi.turns, hi.generations, hi.desirable, hi.pairs) == ([user('Hi')], ['Hello!', 'Hi there.'], [], [])
+    assert hi.sft_targets() == ['Hello!', 'Hi there.']  # SFT trains on every demonstration of a prompt
     assert colour.turns == [{'role': 'system', 'content': 'Be brief.'}, user('Name a colour.')]
     assert colour.generations == ['Blue.'] and colour.extra == {'topic': 'colours'} and not colour.text_prompt
     assert yo.weights == [2.0] and hi.text_prompt
@@ -466,8 +468,13 @@ def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_
                                                       "completion) after at least one turn (the prompt)"),
                          ({'text': 'Once upon a time.'}, "missing field 'prompt': a record of plain text (TRL's "
                                                          "language-modelling format) has no prompt to complete"),
-                         ({'prompt': 'Hi', 'output': 'A', 'type': 'binary_feedback'}, "missing field 'label'")]:
-        path.write_text(json.dumps(record) + '\n')
+                         ({'prompt': 'Hi', 'output': 'A', 'type': 'binary_feedback'}, "missing field 'label'"),
+                         # in a file of feedback, a record without its label (or with a null one) lacks it
+                         ([{'prompt': 'Hi', 'output': 'A', 'label': 1}, {'prompt': 'Yo', 'output': 'B'}],
+                          "record 2: missing field 'label'"),
+                         ([{'prompt': 'Hi', 'output': 'A', 'label': None}, {'prompt': 'Yo', 'output': 'B', 'label': 0}],
+                          "record 1: missing field 'label'")]:
+        path.write_text(''.join(json.dumps(r) + '\n' for r in (record if isinstance(record, list) else [record])))
         with pytest.raises(D.DataError) as error:
             D.load_dataset(str(path), 'train', **FORMAT)
         assert says in str(error.value)
