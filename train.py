@@ -46,10 +46,11 @@ def train_run(run: RunSettings) -> None:
     """Build, resume, save the config, start wandb, train, evaluate, save."""
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
-    earlier = [] if run.resume else earlier_records(run.local_run_dir)
+    earlier = [] if run.resume else earlier_run(run.local_run_dir)
     if earlier:
-        rank0_print(f"warning: {run.local_run_dir} holds an earlier run ({', '.join(earlier)}), which this one replaces "
-                    f"(++resume=true continues it)")
+        shown = ', '.join(sorted({name.split(os.sep)[0] for name in earlier}))
+        rank0_print(f"warning: {run.local_run_dir} holds an earlier run ({shown}): this run starts afresh and removes "
+                    f"them once its models have loaded (++resume=true continues the earlier run instead)")
     trainer = build_trainer(run)
     rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
     if resume:                                                          # it decides what the checkpoint holds
@@ -58,7 +59,7 @@ def train_run(run: RunSettings) -> None:
             rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
                         f"online.rounds to train further); the run directory is unchanged")
             return
-    start_run_records(run, [name for name in earlier if name != checkpoint.LATEST])
+    start_run_records(run, earlier)
     with stopping_after_a_step_on_sigterm(trainer):
         if rounds is not None:
             rounds.run()
@@ -87,26 +88,32 @@ def sigterm_handled_by(handler):
         signal.signal(signal.SIGTERM, previous)
 
 
-# what a run writes beside its checkpoint and reads back when it resumes (rounds' samples and feedback, the
-# metrics that the rounds' plot and the curves read, step-level RL's samples)
-RUN_RECORDS = ('rounds', 'metrics.jsonl', ROLLOUTS)
+# what a run writes beside its checkpoints and reads back when it resumes: the metrics (that the rounds' plot and
+# the curves read), step-level RL's samples, and in rounds/ each round's samples and feedback and the plot
+RUN_RECORDS = ('metrics.jsonl', ROLLOUTS)
+KEPT_IN_ROUNDS = ('judgments.jsonl',)  # the judge's cache: a judgment does not depend on the run that asked it
 
 
-def earlier_records(run_dir: str) -> List[str]:
-    """What an earlier run left in `run_dir`: its checkpoint (LATEST) and its records."""
-    has_checkpoint = checkpoint.resolve_checkpoint_dir(os.path.join(run_dir, checkpoint.LATEST)) is not None
-    return [checkpoint.LATEST] * has_checkpoint + [name for name in RUN_RECORDS
-                                                   if os.path.exists(os.path.join(run_dir, name))]
+def earlier_run(run_dir: str) -> List[str]:
+    """What an earlier run left in `run_dir` that a fresh run replaces (paths relative to it): its checkpoints
+    (LATEST, step-<n>) and its records."""
+    rounds = os.path.join(run_dir, 'rounds')
+    found = [name for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
+             if name == checkpoint.LATEST or name.startswith('step-') or name in RUN_RECORDS]
+    found += [os.path.join('rounds', name) for name in (os.listdir(rounds) if os.path.isdir(rounds) else [])
+              if name not in KEPT_IN_ROUNDS]
+    return sorted(found)
 
 
 def start_run_records(run: RunSettings, earlier: List[str]) -> None:
-    """The run's config.yaml and its wandb run (rank 0), after an earlier run's records that a fresh run
-    replaces are removed: a round on disk would be read back as this run's, and metrics would mix two runs."""
+    """The run's config.yaml and its wandb run (rank 0), after what an earlier run left is removed: a round on
+    disk would be read back as this run's, metrics would mix two runs, and its checkpoint would be resumed with
+    this run's config."""
     os.makedirs(run.local_run_dir, exist_ok=True)
     if get_rank() == 0:
         for name in earlier:
             path = os.path.join(run.local_run_dir, name)
-            shutil.rmtree(path) if os.path.isdir(path) else os.remove(path)
+            shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     barrier()  # no process looks for a round on disk before it is gone
     if get_rank() != 0:
         return

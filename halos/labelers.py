@@ -27,6 +27,7 @@ import math
 import numbers
 import os
 import re
+import threading
 from typing import Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple, Union
 
 import torch
@@ -379,14 +380,25 @@ def outcome(call: Callable):
 
 
 def awaited(results: List) -> List:
-    """The results with every awaitable among them (from an `async def` function) awaited, all concurrently."""
+    """The results with every awaitable among them (from an `async def` function) awaited, all concurrently, on
+    the process's one reward event loop."""
     pending = [index for index, result in enumerate(results) if inspect.isawaitable(result)]
     if pending:
         async def gathered():
             return await asyncio.gather(*(results[index] for index in pending), return_exceptions=True)
-        for index, result in zip(pending, asyncio.run(gathered())):
+        for index, result in zip(pending, asyncio.run_coroutine_threadsafe(gathered(), reward_loop()).result()):
             results[index] = result
     return results
+
+
+@functools.lru_cache(maxsize=None)
+def reward_loop() -> asyncio.AbstractEventLoop:
+    """One event loop for the process's async reward functions, running in a daemon thread for the run's life
+    (as TRL's): what a function keeps between calls (a client, a semaphore) stays bound to it, and a caller
+    whose own loop is running (a notebook) can wait on it."""
+    loop = asyncio.new_event_loop()
+    threading.Thread(target=loop.run_forever, name='halos-reward-loop', daemon=True).start()
+    return loop
 
 
 def classifier_scores(logits: torch.Tensor) -> torch.Tensor:

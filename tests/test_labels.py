@@ -172,6 +172,13 @@ async def async_raises(prompt, completion):
 async def trl_async(completions, **kwargs):
     return [0.5] * len(completions)
 
+LIMIT = asyncio.Semaphore(2)  # a rate limit kept between calls: bound to the loop of the first
+
+async def limited(prompt, completion):
+    async with LIMIT:
+        await asyncio.sleep(0)
+        return 1.0
+
 def one_argument(completion):
     return 1.0
 
@@ -227,6 +234,17 @@ def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(
     with pytest.raises(LabelError, match=r"async_raises failed on sample 1: it raised ConnectionError: refused$"):
         calling(tmp_path, 'async_raises')(['p'] * 3, ['ok', 'bad', 'ok'], [{}] * 3)
     assert calling(tmp_path, 'trl_async')(['p', 'q'], ['a', 'b'], [{}, {}]) == [0.5, 0.5]
+    limited = calling(tmp_path, 'limited')
+    assert [limited(['p'] * 3, ['a', 'b', 'c'], [{}] * 3) for _ in range(2)] == [[1.0] * 3] * 2
+
+
+def test_an_async_reward_function_is_awaited_from_a_caller_whose_own_loop_runs(tmp_path):
+    import asyncio
+    label = calling(tmp_path, 'async_raises')
+
+    async def in_a_notebook():
+        return label(['p', 'q'], ['ok', 'fine'], [{}, {}])
+    assert asyncio.run(in_a_notebook()) == [1.0, 1.0]
 
 
 @pytest.mark.parametrize('name, signature', [('one_argument', '(completion)'),
@@ -377,12 +395,16 @@ def test_a_fresh_run_samples_its_own_rounds_where_an_earlier_run_of_its_name_lef
     lines = open(os.path.join(DATA, 'upbeat', 'train_prompts.jsonl')).readlines()
     first.write_text(''.join(lines[:4]))
     second.write_text(''.join(lines[-4:]))
+    judgments = tmp_path / 'again' / 'rounds' / 'judgments.jsonl'  # a judge's cache, kept by a fresh run
     for prompts in (first, second):
         status, error, out = train(tmp_path, online(tmp_path, 'again', f'++online.prompts={prompts}',
                                                           f'++online.reward_function={REWARD}:vowels'), capsys)
         assert status == 0, error
-    assert (f"warning: {tmp_path}/again holds an earlier run (LATEST, rounds, metrics.jsonl), which this one "
-            f"replaces (++resume=true continues it)") in out
+        if prompts == first:
+            judgments.write_text('{"a judgment": 1}\n')
+    assert (f"warning: {tmp_path}/again holds an earlier run (LATEST, metrics.jsonl, rounds): this run starts afresh "
+            f"and removes them once its models have loaded (++resume=true continues the earlier run instead)") in out
+    assert judgments.read_text() == '{"a judgment": 1}\n'
     sampled = {json.loads(line)['prompt'] for line in open(tmp_path / 'again' / 'rounds' / '0' / 'samples.jsonl')}
     assert sampled == {json.loads(line)['prompt'] for line in lines[-4:]}
     rounds = [json.loads(line)['round'] for line in open(tmp_path / 'again' / 'metrics.jsonl') if 'round' in line]

@@ -369,10 +369,21 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
         assert f"train.py: resume=true: {tmp_path}/test was trained with {says}" in capsys.readouterr().err
     assert policy.stat().st_mtime_ns == written
     out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')  # the same run, afresh
-    assert (f"warning: {tmp_path}/test holds an earlier run (LATEST, metrics.jsonl), which this one replaces "
-            f"(++resume=true continues it)") in out
+    assert (f"warning: {tmp_path}/test holds an earlier run (LATEST, metrics.jsonl): this run starts afresh and "
+            f"removes them once its models have loaded (++resume=true continues the earlier run instead)") in out
     steps = [json.loads(line)['step'] for line in open(tmp_path / 'test' / 'metrics.jsonl')]
     assert steps == sorted(steps)  # this run's metrics alone: the earlier run's do not come first
+
+
+def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_the_rest(tmp_path):
+    for name in ('LATEST/policy.pt', 'step-8/policy.pt', 'rounds/0/samples.jsonl', 'rounds/judgments.jsonl',
+                 'rounds/reward_per_round.png', 'metrics.jsonl', 'rollouts.jsonl', 'config.yaml', '.lock',
+                 'reference_logps_abc.pt', 'wandb/run.txt'):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text('earlier')
+    assert train.earlier_run(str(tmp_path)) == ['LATEST', 'metrics.jsonl', 'rollouts.jsonl', 'rounds/0',
+                                                'rounds/reward_per_round.png', 'step-8']
+    assert train.earlier_run(str(tmp_path / 'not_there')) == []
 
 
 @pytest.mark.slow
