@@ -17,9 +17,10 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  the prompts it trained on every step, scored by online.eval_reward_function, else its reward
                  function): prints the mean reward, its standard error, n, the mean length and the KL to
                  the starting model (the mean summed log-ratio of the samples), and appends them (with each
-                 part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go to <samples_dir>/<exp_name>.json
-                 ({sampled_at, config, samples: [{prompt, policy, reward, reward_parts?, prompt_id}]}, the
-                 prompt rendered with the run's prefixes as in mode=sample; compare.py reads it)
+                 part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go
+                 to <samples_dir>/<exp_name>.json ({sampled_at, config, samples: [{prompt, policy, reward,
+                 reward_parts?, prompt_id}]}, the prompt rendered with the run's prefixes as in mode=sample;
+                 compare.py reads it)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
                  merged (what its HF export holds): ++lm_eval.tasks=[halos_basics,...]; prints lm-eval's table,
                  writes its results to <local_run_dir>/lm_eval.json and logs them to wandb
@@ -246,21 +247,29 @@ def write_json(path: str, data) -> None:
 
 
 def own_held_out_prompts(run: RunSettings):
-    """The prompts a run trained online measured itself on: online.eval_prompts, else, where it trained on
-    prompts every step (online RL and online PPO), the test split of those."""
-    trained_on_prompts = run.loss.dataloader == 'PromptDataLoader'
-    return run.online.eval_prompts or ((run.online.prompts or run.datasets) if trained_on_prompts else None)
+    """The prompts a run trained online measured itself on: online rounds' online.eval_prompts; online RL's, else
+    the test split of the prompts it trained on; online PPO's datasets (their test split)."""
+    if run.online.rounds > 0:
+        return run.online.eval_prompts
+    if trainers.get_trainer_class(run.loss.trainer).samples_online:
+        return run.online.eval_prompts or run.online.prompts or run.datasets
+    return run.datasets if trains_online_ppo(run) else None
 
 
 def own_reward_function(run: RunSettings):
     """The reward function a run trained online scored its held-out samples with."""
-    return (run.online.eval_reward_function or run.online.reward_function
-            or getattr(run.loss.params, 'reward_function', None))  # online PPO's own
+    if trains_online_ppo(run):
+        return run.loss.params.reward_function
+    return run.online.eval_reward_function or run.online.reward_function
+
+
+def trains_online_ppo(run: RunSettings) -> bool:
+    return run.online.rounds == 0 and hasattr(run.loss.params, 'reward_function')
 
 
 def reward_labeler(run: RunSettings):
     """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list."""
-    own = run.reward_function == run.online.reward_function
+    own = run.reward_function == run.online.reward_function and not trains_online_ppo(run)
     return reward_function_labeler(run.reward_function, run.online.reward_weights if own else None)
 
 

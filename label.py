@@ -9,8 +9,8 @@ The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (
 `output` and optionally `prompt_id`, in JSON Lines, JSON or Parquet). Each sample is scored by a reward function
 (`file.py:function` or `module:function`, called as function(prompt, completion, **the sample's own fields it
 names) -> a number, or {name: number} parts whose sum is the score and which are written beside it; several
-functions score with the sum of their scores, weighted by --reward-weights, each written as a part), a reward
-model (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
+--reward-function score with the sum of their scores, weighted by --reward-weights, each written as a part), a
+reward model (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
 a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored of them
 scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on stops
 with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see
@@ -34,12 +34,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('samples', help='sample records (JSON Lines, a JSON array or Parquet)')
     parser.add_argument('output', help='the feedback file to write (JSON Lines)')
     labeler = parser.add_mutually_exclusive_group(required=True)
-    labeler.add_argument('--reward-function', nargs='+', metavar='FUNCTION',
-                         help='path/to/file.py:function or module:function; several: the sum of their scores')
+    labeler.add_argument('--reward-function', action='append', metavar='FUNCTION',
+                         help='path/to/file.py:function or module:function; given again for each of several, which '
+                              'score with the sum of theirs')
     labeler.add_argument('--reward-model', help='an HF sequence-classification model (hub id or directory)')
     labeler.add_argument('--judge', help='the judge model name on an OpenAI-compatible server')
-    parser.add_argument('--reward-weights', nargs='+', type=weight, metavar='WEIGHT',
-                        help='one weight per reward function (default: all 1)')
+    parser.add_argument('--reward-weights', type=weights, metavar='W1,W2,...',
+                        help='one weight per reward function, in their order (default: all 1)')
     parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
     parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
     parser.add_argument('--concurrency', type=positive_int, default=4, help='judge requests in flight at once')
@@ -59,11 +60,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def weight(text: str) -> float:
-    value = finite_number(text)
-    if value is None:
-        raise argparse.ArgumentTypeError(f"{text} is not a number")
-    return value
+def weights(text: str) -> List[float]:
+    """Comma-separated finite numbers."""
+    values = [finite_number(item) for item in text.split(',')]
+    if None in values:
+        raise argparse.ArgumentTypeError(f"{text} is not a comma-separated list of numbers")
+    return values
 
 
 def threshold(text: str):
@@ -107,10 +109,8 @@ def run(args: argparse.Namespace) -> dict:
     check_distinct_files({'samples': args.samples, 'output': args.output, '--cache': cache})
     samples = read_samples(args.samples)
     kind = 'function' if args.reward_function else 'reward_model' if args.reward_model else 'judge'
-    functions = args.reward_function[0] if args.reward_function and len(args.reward_function) == 1 \
-        else args.reward_function
-    labeler = make_labeler(kind, functions, args.reward_model, args.judge, args.base_url, cache, args.max_length,
-                           args.concurrency, reward_weights=args.reward_weights)
+    labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge, args.base_url, cache,
+                           args.max_length, args.concurrency, reward_weights=args.reward_weights)
     labelled, counts = label_samples(samples, labeler)
     scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)

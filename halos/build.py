@@ -132,6 +132,9 @@ def check_consistency(run: RunSettings) -> None:
         check_sampled_online(run)
     elif not run.datasets:
         raise missing_keys_error(['datasets'])
+    if online.reward_weights is not None and not (online.rounds > 0 or trainer_class.samples_online):
+        raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, which "
+                          f"loss={loss.name} does not score with (online rounds and online RL do): leave it null")
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         reward_function_labeler(loss.params.reward_function)
 

@@ -8,9 +8,10 @@
 
 TRL's formats read as well: {"prompt", "chosen", "rejected"} is pairwise feedback (chosen preferred),
 {"prompt", "completion", "label"} binary feedback, {"prompt", "completion"} a demonstration, and
-{"messages": [turns]} a demonstration whose last turn (the assistant's) is the completion. In their conversational form an output may repeat the
-prompt's turns before its own (as ultrafeedback_binarized's do), and a pair may leave the prompt implicit:
-{"chosen": [turns], "rejected": [turns]}, the prompt being the turns the two share.
+{"messages": [turns]} a demonstration whose last turn (the assistant's) is the completion. In their
+conversational form an output may repeat the prompt's turns before its own (as ultrafeedback_binarized's
+do), and a pair may leave the prompt implicit: {"chosen": [turns], "rejected": [turns]}, the prompt being the
+turns the two share.
 
 Prompts and outputs are strings or lists of {"role", "content"} turns; a null field is an absent one (a
 Parquet file's column holds nulls where its records lack the field); optional fields are `prompt_id`,

@@ -116,7 +116,8 @@ def score_of(value) -> float:
     number = as_number(value)
     if number is None or not math.isfinite(number):
         batched = (f"; function(prompt, completion) scores one completion a call (a function with a parameter "
-                   f"named {BATCH_PARAMETER} is given a batch, as TRL's are)") if isinstance(value, (list, tuple)) else ''
+                   f"named {BATCH_PARAMETER} is given a batch, as TRL's are)") \
+            if isinstance(value, (list, tuple)) else ''
         raise NotAScore(f"a score must be a finite number{batched}")
     return number
 
@@ -249,7 +250,8 @@ class RewardFunctionLabeler:
             raise ConfigError(
                 f"{self.name}: it takes {inspect.signature(self.function)}; halos calls a reward function as "
                 f"function(prompt, completion) for each completion, or, where it has a parameter named "
-                f"{BATCH_PARAMETER}, as TRL does: function(prompts=[...], {BATCH_PARAMETER}=[...]) for a batch") from None
+                f"{BATCH_PARAMETER}, as TRL does: function(prompts=[...], {BATCH_PARAMETER}=[...]) for a batch"
+            ) from None
 
     def lacking(self, extra: Dict) -> Optional[str]:
         """What a prompt with these fields lacks for the function, else None."""
@@ -356,10 +358,12 @@ class RewardFunctionsLabeler:
 
 
 def reward_function_labeler(spec: Union[str, Sequence[str]], weights: Optional[Sequence[float]] = None):
-    """The labeler of a reward function, or of several (a list of specs, with a weight each or all 1)."""
-    if isinstance(spec, str) and weights is None:
-        return RewardFunctionLabeler(spec)
-    return RewardFunctionsLabeler([spec] if isinstance(spec, str) else list(spec), weights)
+    """The labeler of a reward function, or of several (a list of specs, with a weight each or all 1); a list of
+    one without a weight is that function."""
+    specs = [spec] if isinstance(spec, str) else list(spec)
+    if len(specs) == 1 and weights is None:
+        return RewardFunctionLabeler(specs[0])
+    return RewardFunctionsLabeler(specs, weights)
 
 
 def check_prompts(labeler, examples, what: str) -> None:

@@ -77,7 +77,7 @@ def held_out_scores(runs: str, new_tokens: int, seed: int):
         torch.manual_seed(seed)
         for batch in prompts:
             samples = [group[0] for group in halos_sampler(policy, tokenizer, options)(batch, 1)]
-            scores[name] += reward_model(batch[schema.PROMPT_TURNS], [sample.text for sample in samples],
+            scores[name] += reward_model(batch[schema.PROMPT_AS_GIVEN], [sample.text for sample in samples],
                                          batch[schema.PROMPT_EXTRA])
             if name == 'ppo':
                 rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],

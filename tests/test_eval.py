@@ -14,6 +14,7 @@ import torch
 import dataloader
 from halos.build import build_loader
 from halos.errors import ConfigError
+from halos.labelers import checked_scores
 from helpers import DATA, ROOT, eval_command, eval_in_process, make_config, run_train, train_in_process
 
 
@@ -244,8 +245,12 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
      'r.py:vowels'),
     ('rloo', ['datasets=[train.jsonl]', '++online.reward_function=r.py:vowels', '++online.eval_prompts=[held.jsonl]',
               '++online.eval_reward_function=r.py:gold'], ['held.jsonl'], 'r.py:gold'),
-    # online PPO: its datasets are its prompts, its reward function a key of its loss
-    ('ppo-online', ['datasets=[train.jsonl]', '++loss.reward_function=r.py:vowels'], ['train.jsonl'], 'r.py:vowels'),
+    # online PPO: its datasets are its prompts, its reward function a key of its loss (online.* it never reads)
+    ('ppo-online', ['datasets=[train.jsonl]', '++loss.reward_function=r.py:vowels', '++online.prompts=[held.jsonl]',
+                    '++online.reward_function=r.py:gold'], ['train.jsonl'], 'r.py:vowels'),
+    # online rounds: their held-out prompts alone
+    ('dpo', ['datasets=[pairs.jsonl]', '++online.rounds=1', '++online.reward_function=r.py:vowels',
+             '++online.eval_prompts=[held.jsonl]'], ['held.jsonl'], 'r.py:vowels'),
     # an offline run has no prompts of its own to measure a reward on
     ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], None, 'r.py:vowels'),
 ])
@@ -264,3 +269,18 @@ def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_traine
         return
     run = eval_script.checked(run)
     assert (run.prompts, run.reward_function) == (prompts, function)
+
+
+def test_reward_mode_weighs_a_runs_own_reward_functions_as_training_did(tmp_path):
+    import dataclasses
+    (tmp_path / 'r.py').write_text('def one(prompt, completion):\n    return 1.0\n\n\n'
+                                   'def two(prompt, completion):\n    return 2.0\n')
+    (tmp_path / 'prompts.jsonl').write_text('{"prompt": "Hi."}\n')
+    functions = f'[{tmp_path}/r.py:one,{tmp_path}/r.py:two]'
+    run = dataclasses.replace(make_config(tmp_path, f'++online.prompts=[{tmp_path}/prompts.jsonl]',
+                                          f'++online.reward_function={functions}', '++online.reward_weights=[1,10]',
+                                          loss='grpo-online'), mode='reward')
+    labeler = eval_script.reward_labeler(eval_script.checked(run))
+    assert checked_scores(labeler, ['p'], ['c'], ['sample 0']) == [21.0]
+    other = dataclasses.replace(run, reward_function=[f'{tmp_path}/r.py:two', f'{tmp_path}/r.py:one'])
+    assert checked_scores(eval_script.reward_labeler(eval_script.checked(other)), ['p'], ['c'], ['sample 0']) == [3.0]

@@ -203,7 +203,8 @@ def test_a_reward_function_that_names_completions_is_called_once_per_batch_as_tr
     assert label(['p', 'q'], ['4', '5'], [{'answer': '4'}, {'answer': '4'}]) == [21.0, 20.0]
     turns = [{'role': 'user', 'content': 'hi'}, {'role': 'assistant', 'content': 'yo'}, {'role': 'user', 'content': '?'}]
     scores = calling(tmp_path, 'trl_turns')([turns, 'plain'], ['a', 'b'], [{}, {}])
-    assert scores == [4.0, 5.0] and [s.parts for s in scores] == [{'turns': 3.0, 'roles': 1.0}, {'turns': 5.0, 'roles': 0.0}]
+    assert scores == [4.0, 5.0]
+    assert [s.parts for s in scores] == [{'turns': 3.0, 'roles': 1.0}, {'turns': 5.0, 'roles': 0.0}]
     assert calling(tmp_path, 'trl_no_prompts')(['p', 'q'], ['ab', 'c'], [{'level': 1}, {}]) == [2.0, 1.0]
     with pytest.raises(LabelError) as error:
         calling(tmp_path, 'trl_scalar')(['p', 'q'], ['a', 'b'], [{}, {}])
@@ -319,8 +320,9 @@ def test_label_py_scores_with_several_weighted_reward_functions(tmp_path):
     samples = tmp_path / 'samples.jsonl'
     samples.write_text(''.join(json.dumps({'prompt': 'Say x.', 'output': output, 'prompt_id': 'q', 'sample_id': i})
                                + '\n' for i, output in enumerate(['x', 'no'])))
-    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f"{tmp_path}/several.py:length",
-                       f"{tmp_path}/several.py:has_x", '--reward-weights', '0.5', '2', '--feedback', 'scalar']) == 0
+    assert label.main(['--reward-function', f"{tmp_path}/several.py:length", '--reward-weights', '0.5,2',
+                       str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f"{tmp_path}/several.py:has_x",
+                       '--feedback', 'scalar']) == 0
     records = [json.loads(line) for line in open(tmp_path / 'out.jsonl')]
     assert [(r['output'], r['reward'], r['reward_parts']) for r in records] == [
         ('x', 0.5 + 2 * 1.5, {'length': 1.0, 'has_x': 1.5}), ('no', 1.0 + 2 * 0.5, {'length': 2.0, 'has_x': 0.5})]

@@ -132,7 +132,8 @@ def test_a_reward_model_scores_each_sample_as_the_reward_model_labeller_does(tmp
     batch = next(iter(trainer.train_iterator))
     rollout = trainer.rollout(batch)
     (prompts, completions), = seen
-    assert prompts == batch[schema.PROMPT_AS_GIVEN] == [t[0]['content'] for t in batch[schema.PROMPT_TURNS]] and len(completions) == 4
+    assert prompts == batch[schema.PROMPT_AS_GIVEN] == [t[0]['content'] for t in batch[schema.PROMPT_TURNS]]
+    assert len(completions) == 4
     expected = RewardModelLabeler(str(tmp_path / 'rm'))(prompts, completions, [{}] * len(prompts))
     assert rollout.metrics['rewards/score'].tolist() == pytest.approx(expected, abs=1e-5)
     assert len({round(s, 6) for s in expected}) > 1
