@@ -259,7 +259,8 @@ class WrongType(Exception):
 
 def converted(value: Any, kind: Any) -> Any:
     """`value` as `kind` (bool, int, float, str, a list of them, Optional or Union of them, Any); else WrongType.
-    A lone value stands for a list of one; an integral float is an int; a number is a string where one is asked."""
+    A lone string (or, for a list of numbers, a lone number) stands for a list of one; an integral float is an int;
+    a number is a string where one is asked."""
     if kind is Any:
         return value
     options = typing.get_args(kind)
@@ -273,7 +274,8 @@ def converted(value: Any, kind: Any) -> Any:
                 continue
         raise WrongType
     if typing.get_origin(kind) is list:
-        items = [value] if isinstance(value, (str, int, float)) else value
+        lone_number = isinstance(value, (int, float)) and options[0] in (int, float)
+        items = [value] if isinstance(value, str) or lone_number else value
         if not isinstance(items, list):
             raise WrongType
         return [converted(item, options[0]) for item in items]

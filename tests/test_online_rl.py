@@ -305,6 +305,10 @@ def test_several_reward_functions_score_each_sample_with_their_weighted_sum(tmp_
                                           r'and online.labeler=judge scores with none: leave it null$'):
         make_config(tmp_path, *online_overrides('++online.labeler=judge', '++online.judge=j',
                                                 '++online.reward_weights=[1]'), loss='grpo-online')
+    with pytest.raises(ConfigError, match=r'^online.reward_weights weighs the functions of online.reward_function, '
+                                          r'which loss=dpo does not score with \(online rounds and online RL do\): '
+                                          r'leave it null$'):
+        make_config(tmp_path, '++online.reward_weights=0.5')
 
 
 def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_before_the_models_load(tmp_path,

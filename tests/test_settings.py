@@ -54,11 +54,11 @@ def base_type(kind):
 
 
 def wrong_type(kind) -> str:
-    """An override value no key of this type takes: a word for a number or a bool, a number for a list (Hydra merges
-    a mapping into a list), a mapping otherwise."""
+    """An override value no key of this type takes: a word for a number or a bool (or a list of numbers), a number
+    for a list of strings (Hydra merges a mapping into a list), a mapping otherwise."""
     base = base_type(kind)
     if typing.get_origin(base) is list:
-        return '5'
+        return 'abc' if typing.get_args(base)[0] in (int, float) else '5'
     return 'abc' if base in (int, float) else 'maybe' if base is bool else '{a: 1}'
 
 
