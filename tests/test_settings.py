@@ -45,7 +45,19 @@ def keys_of(loss):
             *schema_keys(loader_class.Params, 'loss.')]
 
 
-KEYS = [('dpo', *key) for key in schema_keys(RunSettings)] + [(loss, *key) for loss in LOSSES for key in keys_of(loss)]
+def first_of_each(keys):
+    """Each declared key once, with the first loss that has it: a key that a loss inherits (LossSettings', a base
+    trainer's) is checked where it is first met; one a loss declares again, again."""
+    kept, seen = [], set()
+    for loss, name, kind, rule, spec in keys:
+        if (name, id(spec)) not in seen:
+            seen.add((name, id(spec)))
+            kept.append((loss, name, kind, rule, spec))
+    return kept
+
+
+KEYS = first_of_each([('dpo', *key) for key in schema_keys(RunSettings)] +
+                     [(loss, *key) for loss in LOSSES for key in keys_of(loss)])
 
 
 def base_type(kind):
