@@ -15,6 +15,7 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
+from halos.batching import load_examples
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting, prompt_digest
@@ -327,8 +328,10 @@ def build_trainer(run: RunSettings):
     online, sampled = run.online.rounds > 0, trainer_class.samples_online
     prompts = run.online.prompts or run.datasets
     train_prompts, held_out_prompts = (prompts, run.online.eval_prompts or prompts) if sampled else (None, None)
-    for name in [*prompts, *(run.online.eval_prompts or [])] if online else []:  # the rounds' loaders come later
-        check_dataset_name(name)
+    if online:  # the rounds' loaders come later
+        for name in [*prompts, *(run.online.eval_prompts or [])]:
+            check_dataset_name(name)
+        check_round_prompt_fields(run)
     train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
     eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
     for loader in (train_loader, eval_loader):
@@ -421,11 +424,24 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
     gold = held_out_labeler(run, labeler)
-    check_prompt_fields(labeler, pool.items, 'the prompt pool')
-    if held_out is not None:
-        check_prompt_fields(gold, held_out.items, 'the held-out prompts')
     return OnlineRounds(trainer, online, run.seed, pool, held_out, make_loaders, trainer.sampler, labeler, gold,
                         HackingMonitor(monitor_settings(run)))
+
+
+def check_round_prompt_fields(run: RunSettings) -> None:
+    """Before the models load: a prompt of the online rounds' pool or held-out set that lacks a field its reward
+    function needs stops the run (the rounds' loaders are built after the models; their records are read here
+    only where a function needs a field)."""
+    online = run.online
+    labeler = reward_function_labeler(online.reward_function, online.reward_weights) \
+        if online.labeler == 'function' else None
+    gold = reward_function_labeler(online.eval_reward_function) if online.eval_reward_function else labeler
+    formatting = (run.human_prefix, run.human_suffix, run.assistant_prefix, run.assistant_suffix)
+    for function, names, split, what in [(labeler, online.prompts or run.datasets, 'train', 'the prompt pool'),
+                                         (gold, online.eval_prompts, 'test', 'the held-out prompts')]:
+        if names and getattr(function, 'needs', None):
+            examples, _ = load_examples(names, split, formatting, run.data_dir, run.seed)
+            check_prompt_fields(function, examples.values(), what)
 
 
 def check_prompt_fields(labeler, examples, what: str) -> None:

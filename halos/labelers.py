@@ -317,6 +317,7 @@ class RewardFunctionsLabeler:
         self.name = f"reward functions {', '.join(specs)}"
         short = [spec.rpartition(':')[2] for spec in specs]
         self.part_names = short if len(set(short)) == len(short) else list(specs)
+        self.needs = set().union(*(function.needs for function in self.functions))  # the fields some function needs
 
     def lacking(self, extra: Dict) -> Optional[str]:
         reasons = [f'{function.spec}: {reason}' for function in self.functions for reason in [function.lacking(extra)]

@@ -413,6 +413,22 @@ def test_a_fresh_run_samples_its_own_rounds_where_an_earlier_run_of_its_name_lef
     assert rounds == sorted(rounds)  # one run's records
 
 
+def test_a_round_prompt_without_the_field_its_reward_function_needs_stops_the_run_before_the_models_load(
+        tmp_path, monkeypatch):
+    import halos.build
+    from helpers import make_config
+    questions = tmp_path / 'questions.jsonl'
+    questions.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "What is 3+3?", "level": 1}\n')
+    monkeypatch.setattr(halos.build, 'load_models', lambda *args: pytest.fail('the models loaded'))
+    run = make_config(tmp_path, '++online.rounds=1', f'++online.prompts={questions}',
+                      f'++online.reward_function=[{REWARD}:vowels,{REWARD}:answer_count]')
+    with pytest.raises(LabelError) as error:
+        halos.build.build_trainer(run)
+    assert str(error.value) == (f"reward functions {REWARD}:vowels, {REWARD}:answer_count cannot score the prompt "
+                                f"pool: {questions}: record 2: {REWARD}:answer_count: it takes answer, which its "
+                                f"prompt's record lacks (the prompt's own fields: level)")
+
+
 def stops_then_resumes(tmp_path, capsys, name, broken, fixed, expected, loss='dpo'):
     """The run with `broken` labeller settings stops with `expected(samples)` (exit 2, no traceback); rerun with
     `fixed` and ++resume=true, it completes without sampling round 0 again."""
