@@ -309,6 +309,10 @@ class RewardFunctionsLabeler:
     may_abstain = False
 
     def __init__(self, specs: Sequence[str], weights: Optional[Sequence[float]] = None):
+        twice = sorted({spec for spec in specs if specs.count(spec) > 1})
+        if twice:
+            raise ConfigError(f"the reward functions {', '.join(specs)} name {twice[0]} twice: give each once (a "
+                              f"weight scales one)")
         if weights is not None and len(weights) != len(specs):
             raise ConfigError(f"{len(weights)} reward weights for the {len(specs)} reward functions {', '.join(specs)}: "
                               f"give one weight per function")

@@ -295,20 +295,21 @@ def test_several_reward_functions_score_the_weighted_sum_with_each_functions_sco
                                                  {'length': 4.0, 'trl_length': 8.0},
                                                  {'length': 2.0, 'has_x': 0.5, 'trl_length': 4.0}]
     assert label(['length', 'has_x'], ['xy']) == [3.5]  # no weights: all 1
-    name = f"reward functions {spec('length')}, {spec('never')}"
-    for names, why in [(['length', 'never'], None),
-                       (['never', 'never'], 'none of the reward functions applies to it (each gave None)'),
-                       (['length', 'text'], f"{spec('text')} gave 'high': a score must be a finite number")]:
-        if why is None:
-            assert label(names, ['ab']) == [2.0]
-            continue
+    assert label(['length', 'never'], ['ab']) == [2.0]  # a function that gives None does not apply
+    for names, completion, why in [
+            (['never', 'has_x'], 'skip', 'none of the reward functions applies to it (each gave None)'),
+            (['length', 'text'], 'ab', f"{spec('text')} gave 'high': a score must be a finite number")]:
         with pytest.raises(LabelError) as error:
-            label(names, ['ab'])
+            label(names, [completion])
         assert str(error.value) == f"reward functions {spec(names[0])}, {spec(names[1])} failed on sample 0: {why}"
     with pytest.raises(LabelError) as error:
         label(['length', 'needs_answer'], ['4', '5'], extras=[{'answer': '4'}, {}])
-    assert str(error.value) == (f"{name.replace('never', 'needs_answer')} failed on sample 1: {spec('needs_answer')}: "
-                                f"it takes answer, which its prompt's record lacks (the prompt's own fields: none)")
+    assert str(error.value) == (f"reward functions {spec('length')}, {spec('needs_answer')} failed on sample 1: "
+                                f"{spec('needs_answer')}: it takes answer, which its prompt's record lacks (the "
+                                f"prompt's own fields: none)")
+    with pytest.raises(ConfigError, match=rf"^the reward functions .* name {spec('length')} twice: give each once "
+                                          rf"\(a weight scales one\)$"):
+        reward_function_labeler([spec('length'), spec('has_x'), spec('length')])
     with pytest.raises(ConfigError) as error:
         reward_function_labeler([spec('length'), spec('has_x')], [1.0])
     assert str(error.value) == (f"1 reward weights for the 2 reward functions {spec('length')}, {spec('has_x')}: "
