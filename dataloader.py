@@ -32,16 +32,17 @@ __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get
            'PairedPreferenceDataLoader', 'GroupUnpairedPreferenceDataLoader', 'PromptDataLoader', 'get_dataloader_class']
 
 class SFTDataLoader(DataLoader):
-    """One item per SFT target: a prompt's generations[sft_index], or each of its demonstrations. `prompt_suffix`
-    is appended to every prompt (how a CSFT model is asked for desirable completions: its desirable control
-    token)."""
+    """One item per SFT target: a prompt's generations[sft_index], or each of its demonstrations (at most
+    max_prompt_count). `prompt_suffix` is appended to every prompt (how a CSFT model is asked for desirable
+    completions: its desirable control token)."""
 
     def __init__(self, *args, prompt_suffix: str = '', **kwargs):
         self.prompt_suffix = prompt_suffix
         super().__init__(*args, **kwargs)
 
     def flatten(self, examples):
-        return [(example, target) for example in examples for target in example.sft_targets()]
+        return [(example, target) for example in examples
+                for target in example.sft_targets()[:self.max_prompt_count]]  # eval.py samples each prompt once
 
     def tokenize_items(self, items, global_batch):
         elements = []

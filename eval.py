@@ -13,9 +13,10 @@ mode=sample      one completion per test prompt -> <samples_dir>/<exp_name>.json
 mode=eval        the trainer's evaluation metrics on the test split
 mode=alpacaeval  AlpacaEval model outputs -> <samples_dir>/alpaca_<exp_name>.json
 mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (test split), scored by
-                 ++reward_function=file.py:function (a run trained online has its own: online.eval_prompts, else
-                 the prompts it trained on every step, scored by online.eval_reward_function, else its reward
-                 function): prints the mean reward, its standard error, n, the mean length and the KL to
+                 ++reward_function=file.py:function (a run trained online has its own: online rounds'
+                 online.eval_prompts, online RL's, else the prompts it trained on, scored by
+                 online.eval_reward_function, else online.reward_function; online PPO's datasets, scored by
+                 loss.reward_function): prints the mean reward, its standard error, n, the mean length and the KL to
                  the starting model (the mean summed log-ratio of the samples), and appends them (with each
                  part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go
                  to <samples_dir>/<exp_name>.json ({sampled_at, config, samples: [{prompt, policy, reward,

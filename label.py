@@ -40,7 +40,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     labeler.add_argument('--reward-model', help='an HF sequence-classification model (hub id or directory)')
     labeler.add_argument('--judge', help='the judge model name on an OpenAI-compatible server')
     parser.add_argument('--reward-weights', type=weights, metavar='W1,W2,...',
-                        help='one weight per reward function, in their order (default: all 1)')
+                        help='one weight per reward function, in their order (default: all 1); a negative first '
+                             'one as --reward-weights=-1,2')
     parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
     parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
     parser.add_argument('--concurrency', type=positive_int, default=4, help='judge requests in flight at once')

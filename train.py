@@ -15,7 +15,7 @@ import resource
 import shutil
 import signal
 import sys
-from typing import List
+from typing import List, Sequence
 
 import hydra
 import torch
@@ -46,7 +46,9 @@ def train_run(run: RunSettings) -> None:
     """Build, resume, save the config, start wandb, train, evaluate, save."""
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
-    earlier = [] if run.resume else earlier_run(run.local_run_dir)
+    loaded = [path for given in (run.model.load_from, run.model.load_lora_from) if given
+              for path in (os.path.join(run.cache_dir, given), given)]  # where load_from may be, as it is looked up
+    earlier = [] if run.resume else earlier_run(run.local_run_dir, loaded)
     if earlier:
         shown = ', '.join(sorted({name.split(os.sep)[0] for name in earlier}))
         rank0_print(f"warning: {run.local_run_dir} holds an earlier run ({shown}): this run starts afresh and removes "
@@ -94,15 +96,22 @@ RUN_RECORDS = ('metrics.jsonl', ROLLOUTS)
 KEPT_IN_ROUNDS = ('judgments.jsonl',)  # the judge's cache: a judgment does not depend on the run that asked it
 
 
-def earlier_run(run_dir: str) -> List[str]:
+def earlier_run(run_dir: str, loaded: Sequence[str] = ()) -> List[str]:
     """What an earlier run left in `run_dir` that a fresh run replaces (paths relative to it): its checkpoints
-    (LATEST, step-<n>) and its records."""
+    (LATEST, step-<n>, with the .old or .tmp copy a crash mid-save leaves) and its records; not a checkpoint
+    that holds one of the `loaded` paths (the run starts from it: model.load_from)."""
     rounds = os.path.join(run_dir, 'rounds')
     found = [name for name in (os.listdir(run_dir) if os.path.isdir(run_dir) else [])
-             if name == checkpoint.LATEST or name.startswith('step-') or name in RUN_RECORDS]
+             if name.split('.')[0] == checkpoint.LATEST or name.startswith('step-') or name in RUN_RECORDS]
     found += [os.path.join('rounds', name) for name in (os.listdir(rounds) if os.path.isdir(rounds) else [])
               if name not in KEPT_IN_ROUNDS]
-    return sorted(found)
+    return sorted(name for name in found if not any(inside(path, os.path.join(run_dir, name)) for path in loaded))
+
+
+def inside(path: str, directory: str) -> bool:
+    """Whether `path` is `directory` or lies under it."""
+    directory = os.path.abspath(directory)
+    return os.path.commonpath([os.path.abspath(path), directory]) == directory
 
 
 def start_run_records(run: RunSettings, earlier: List[str]) -> None:

@@ -394,10 +394,20 @@ def awaited(results: List) -> List:
     pending = [index for index, result in enumerate(results) if inspect.isawaitable(result)]
     if pending:
         async def gathered():
-            return await asyncio.gather(*(results[index] for index in pending), return_exceptions=True)
+            return await asyncio.gather(*(settled(results[index]) for index in pending))
         for index, result in zip(pending, asyncio.run_coroutine_threadsafe(gathered(), reward_loop()).result()):
+            if not isinstance(result, Exception) and isinstance(result, BaseException):
+                raise result  # sys.exit() or Ctrl-C in the function: this process's to act on, not the loop's
             results[index] = result
     return results
+
+
+async def settled(awaitable):
+    """The awaitable's result, or whatever it raised (SystemExit too, which would stop the shared loop)."""
+    try:
+        return await awaitable
+    except BaseException as error:
+        return error
 
 
 @functools.lru_cache(maxsize=None)

@@ -447,7 +447,7 @@ def test_trl_conversations_that_repeat_the_prompt_or_leave_it_implicit_read_as_f
         assert str(error.value) == f'{path}: record 1: {says}'
 
 
-def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_trains_on(tmp_path):
+def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_trains_on(tmp_path, tokenizer):
     user = lambda text: {'role': 'user', 'content': text}
     assistant = lambda text: {'role': 'assistant', 'content': text}
     path = tmp_path / 'demonstrations.jsonl'
@@ -460,6 +460,10 @@ def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_
     hi, colour, yo = D.load_dataset(str(path), 'train', **FORMAT).data.values()
     assert (hi.turns, hi.generations, hi.desirable, hi.pairs) == ([user('Hi')], ['Hello!', 'Hi there.'], [], [])
     assert hi.sft_targets() == ['Hello!', 'Hi there.']  # SFT trains on every demonstration of a prompt
+    targets = lambda **kwargs: sorted(text for _, text in loader(D.SFTDataLoader, [str(path)], tokenizer,
+                                                                 **kwargs).items)
+    assert targets() == ['Blue.', 'Hello!', 'Hey.', 'Hi there.']
+    assert targets(max_prompt_count=1) == ['Blue.', 'Hello!', 'Hey.']  # eval.py samples each prompt once
     assert colour.turns == [{'role': 'system', 'content': 'Be brief.'}, user('Name a colour.')]
     assert colour.generations == ['Blue.'] and colour.extra == {'topic': 'colours'} and not colour.text_prompt
     assert yo.weights == [2.0] and hi.text_prompt

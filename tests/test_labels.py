@@ -174,6 +174,9 @@ async def trl_async(completions, **kwargs):
 
 LIMIT = asyncio.Semaphore(2)  # a rate limit kept between calls: bound to the loop of the first
 
+async def exits(prompt, completion):
+    raise SystemExit(3)
+
 async def limited(prompt, completion):
     async with LIMIT:
         await asyncio.sleep(0)
@@ -237,6 +240,9 @@ def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(
     assert calling(tmp_path, 'trl_async')(['p', 'q'], ['a', 'b'], [{}, {}]) == [0.5, 0.5]
     limited = calling(tmp_path, 'limited')
     assert [limited(['p'] * 3, ['a', 'b', 'c'], [{}] * 3) for _ in range(2)] == [[1.0] * 3] * 2
+    with pytest.raises(SystemExit):  # passed on to the caller; the shared loop lives on
+        calling(tmp_path, 'exits')(['p'], ['a'], [{}])
+    assert limited(['p'], ['a'], [{}]) == [1.0]
 
 
 def test_an_async_reward_function_is_awaited_from_a_caller_whose_own_loop_runs(tmp_path):

@@ -381,8 +381,12 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_
                  'reference_logps_abc.pt', 'wandb/run.txt'):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text('earlier')
-    assert train.earlier_run(str(tmp_path)) == ['LATEST', 'metrics.jsonl', 'rollouts.jsonl', 'rounds/0',
-                                                'rounds/reward_per_round.png', 'step-8']
+    (tmp_path / 'LATEST.old').mkdir()  # a crash between a save's two renames leaves the complete copy there
+    (tmp_path / 'step-16').mkdir()
+    assert train.earlier_run(str(tmp_path)) == ['LATEST', 'LATEST.old', 'metrics.jsonl', 'rollouts.jsonl',
+                                                'rounds/0', 'rounds/reward_per_round.png', 'step-16', 'step-8']
+    # a checkpoint the fresh run starts from (model.load_from) stays
+    assert 'step-8' not in train.earlier_run(str(tmp_path), [str(tmp_path / 'step-8' / 'policy.pt')])
     assert train.earlier_run(str(tmp_path / 'not_there')) == []
 
 
