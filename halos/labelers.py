@@ -395,7 +395,8 @@ def awaited(results: List) -> List:
     if pending:
         async def gathered():
             return await asyncio.gather(*(settled(results[index]) for index in pending))
-        for index, result in zip(pending, asyncio.run_coroutine_threadsafe(gathered(), reward_loop()).result()):
+        loop = reward_loop(os.getpid())
+        for index, result in zip(pending, asyncio.run_coroutine_threadsafe(gathered(), loop).result()):
             if not isinstance(result, Exception) and isinstance(result, BaseException):
                 raise result  # sys.exit() or Ctrl-C in the function: this process's to act on, not the loop's
             results[index] = result
@@ -411,10 +412,10 @@ async def settled(awaitable):
 
 
 @functools.lru_cache(maxsize=None)
-def reward_loop() -> asyncio.AbstractEventLoop:
-    """One event loop for the process's async reward functions, running in a daemon thread for the run's life
-    (as TRL's): what a function keeps between calls (a client, a semaphore) stays bound to it, and a caller
-    whose own loop is running (a notebook) can wait on it."""
+def reward_loop(pid: int) -> asyncio.AbstractEventLoop:
+    """One event loop for the async reward functions of process `pid` (a forked child gets its own), running in a
+    daemon thread for the run's life (as TRL's): what a function keeps between calls (a client, a semaphore)
+    stays bound to it, and a caller whose own loop is running (a notebook) can wait on it."""
     loop = asyncio.new_event_loop()
     threading.Thread(target=loop.run_forever, name='halos-reward-loop', daemon=True).start()
     return loop
