@@ -10,11 +10,11 @@ The samples are what `eval.py ++mode=sample ++num_samples_per_prompt=k` writes (
 (`file.py:function` or `module:function`, called as function(prompt, completion, **the sample's own fields it
 names) -> a number, or {name: number} parts whose sum is the score and which are written beside it; several
 --reward-function score with the sum of their scores, weighted by --reward-weights, each written as a part), a
-reward model (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is cached, so
-a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored of them
-scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on stops
-with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see
-halos/labelling.py) is written as JSON Lines, the format `datasets=[file]` reads.
+reward model (any HF sequence-classification model) or an LLM judge (a pointwise 1-10 score; every judgment is
+cached, so a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored
+of them scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on
+stops with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see halos/labelling.py) is
+written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
 import sys

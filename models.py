@@ -215,9 +215,14 @@ def load_reward_model(path: str, dtype: str):
     return model.eval().requires_grad_(False), tokenizer
 
 
+def load_from_candidates(load_from: str, cache_dir: str) -> Tuple[str, str]:
+    """Where `load_from` is looked for, in order: relative to cache_dir (as in HALOs), else as given."""
+    return os.path.join(cache_dir, load_from), load_from
+
+
 def resolve_load_from(load_from: str, cache_dir: str) -> str:
     """`load_from` relative to cache_dir (as in HALOs), else as given; a policy.pt file or an HF directory."""
-    for candidate in (os.path.join(cache_dir, load_from), load_from):
+    for candidate in load_from_candidates(load_from, cache_dir):
         if os.path.isdir(candidate) and os.path.exists(os.path.join(candidate, 'policy.pt')):
             return os.path.join(candidate, 'policy.pt')
         if os.path.exists(candidate):

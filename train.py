@@ -22,6 +22,7 @@ import torch
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
+import models
 from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings
 from halos.cli import run_hydra, task_overrides
@@ -47,7 +48,7 @@ def train_run(run: RunSettings) -> None:
     latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
     resume = run.resume and resumable(run, latest)  # checked before anything loads or the config is saved
     loaded = [path for given in (run.model.load_from, run.model.load_lora_from) if given
-              for path in (os.path.join(run.cache_dir, given), given)]  # where load_from may be, as it is looked up
+              for path in models.load_from_candidates(given, run.cache_dir)]
     earlier = [] if run.resume else earlier_run(run.local_run_dir, loaded)
     if earlier:
         shown = ', '.join(sorted({name.split(os.sep)[0] for name in earlier}))

@@ -19,7 +19,8 @@ from halos.batching import load_examples
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
 from halos.examples import Formatting, prompt_digest
-from halos.labelers import RewardFunctionLabeler, RewardFunctionsLabeler, make_labeler, reward_function_labeler
+from halos.labelers import (RewardFunctionLabeler, RewardFunctionsLabeler, check_prompts, make_labeler,
+                            reward_function_labeler)
 from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
@@ -448,7 +449,7 @@ def check_prompt_fields(labeler, examples, what: str) -> None:
     """A reward function that takes a field some prompt's record lacks stops the run before anything samples
     (other labelers read no fields)."""
     if isinstance(labeler, (RewardFunctionLabeler, RewardFunctionsLabeler)):
-        labeler.check_prompts(examples, what)
+        check_prompts(labeler, examples, what)
 
 
 def warn_on_shared_held_out(train_items, held_out_items) -> None:

@@ -318,6 +318,4 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.sft_index = best_scored(example.scores)
         elif example.pairs:
             example.sft_index = example.pairs[0][0]
-        elif example.demonstrated:
-            example.sft_index = 0
     return dataset

@@ -261,9 +261,6 @@ class RewardFunctionLabeler:
         return (f"it takes {', '.join(missing)}, which its prompt's record lacks (the prompt's own fields: "
                 f"{', '.join(sorted(extra)) or 'none'})")
 
-    def check_prompts(self, examples, what: str) -> None:
-        check_prompts(self, examples, what)
-
     def given(self, extra: Dict) -> Dict:
         """The prompt's fields that the function takes."""
         return {name: value for name, value in extra.items()
@@ -327,9 +324,6 @@ class RewardFunctionsLabeler:
         reasons = [f'{function.spec}: {reason}' for function in self.functions for reason in [function.lacking(extra)]
                    if reason]
         return reasons[0] if reasons else None
-
-    def check_prompts(self, examples, what: str) -> None:
-        check_prompts(self, examples, what)
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
         columns = []
