@@ -27,6 +27,7 @@ from halos.losses import (GRPO_LOSS_TYPES, adaptive_kl_coef, bradley_terry_loss,
                           ipo_loss, kl_penalised_rewards, kto_loss, orpo_loss, ppo_loss, reinforce_pp_returns,
                           rloo_advantages, sequence_clipped_losses, sft_loss, simple_kto_loss, simpo_loss, slic_loss,
                           whiten_advantages)
+from halos.monitors import part_values
 from halos.online_rl import OnlineGroupTrainer
 from halos.policy_gradient import GroupTrainer
 from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
@@ -310,6 +311,7 @@ class OnlinePPOTrainer(PPOTrainer):
         names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
         scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_AS_GIVEN], completions,
                                 names, batch[schema.PROMPT_EXTRA])
+        parts = {name: torch.tensor(values) for name, values in part_values(scores, 'reward_parts/').items()}
         raw_scores = torch.tensor(scores, device=self.device)
         scores = raw_scores - self.params.reward_baseline
         if self.params.whiten_scores:  # over the microbatch's rows on every rank
@@ -317,7 +319,8 @@ class OnlinePPOTrainer(PPOTrainer):
         if self.params.score_clip:
             scores = scores.clamp(-self.params.score_clip, self.params.score_clip)
         return rl.Rollout(rows.to(self.device), torch.ones(len(samples), device=self.device), scores,
-                          {'rewards/score': raw_scores, 'completions/length': rows.labels.ne(schema.IGNORE_INDEX).sum(-1)})
+                          {'rewards/score': raw_scores, 'completions/length': rows.labels.ne(schema.IGNORE_INDEX).sum(-1),
+                           **parts})
 
     def behaviour(self, rows):
         """The current policy is the behaviour policy: its token log-probs and values from one forward."""

@@ -17,7 +17,7 @@ from halos import rl
 from halos.losses import entropy_from_logits, generalized_advantages, whiten_advantages
 from halos.loop import BasicTrainer
 from halos.settings import at_least, between, greater_than, setting
-from utils import all_reduce_mean, clip_gradient_norm, get_batch_logps
+from utils import all_gather_list, all_reduce_mean, clip_gradient_norm, get_batch_logps
 
 
 class ActorCriticTrainer(BasicTrainer):
@@ -100,7 +100,11 @@ class ActorCriticTrainer(BasicTrainer):
             for name, values in reward_metrics.items():
                 metrics.setdefault(name, []).append(values.reshape(-1))
         whitened = whiten_advantages(raw_advantages, [part.mask for part in experience])
-        return rl.with_advantages(experience, whitened), {name: torch.cat(v) for name, v in metrics.items()}
+        metrics = {name: torch.cat(v) for name, v in metrics.items()}
+        # a part of the score that this rank's samples lack is added empty: every rank adds the same keys
+        for name in all_gather_list([name for name in metrics if name.startswith('reward_parts/')]):
+            metrics.setdefault(name, torch.tensor([]))
+        return rl.with_advantages(experience, whitened), metrics
 
     def ppo_metrics(self, part: rl.Experience) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         """The PPO loss of one microbatch of experience (token means over the global microbatch) and its metrics."""

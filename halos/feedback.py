@@ -161,7 +161,10 @@ def prompt_turns(record: Dict, where: str) -> List[Dict[str, str]]:
     return chosen[:shared]
 
 
-def _label(record: Dict, where: str) -> bool:
+def _label(record: Dict, where: str, scalar_file: bool = False) -> bool:
+    if 'label' not in record and scalar_file:
+        raise DataError(f"{where}: missing field 'reward' (the file's other records are scalar feedback, "
+                        f"{{\"prompt\", \"output\", \"reward\"}}), or 'label' (binary feedback)")
     label = _field(record, 'label', where)
     if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
         return bool(label)
@@ -195,8 +198,12 @@ def record_kind(record: Dict, demonstrations: bool) -> str:
 def conversation_record(record: Dict, where: str) -> Dict:
     """A record in TRL's conversational language-modelling format, {"messages": [turns]}, as a demonstration:
     the turns before the last are its prompt, the last (the assistant's) its completion."""
-    if 'messages' not in record or 'prompt' in record:
+    if 'messages' not in record:
         return record
+    for name in ('prompt', output_field(record)):
+        if name in record:
+            raise DataError(f"{where}: fields 'messages' and '{name}' both given; a conversation is either "
+                            f"{{\"messages\": [turns]}} or {{\"prompt\", \"completion\"}}")
     turns = checked_turns(record['messages'], 'messages', where)
     if len(turns) < 2 or turns[-1]['role'] != 'assistant':
         raise DataError(f"{where}: field 'messages' must end with an assistant turn (the completion) after at least "
@@ -243,6 +250,8 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     # file of feedback, it lacks its label
     demonstrations = not any(isinstance(record, dict) and (record.get('label') is not None or
                                                            record.get('reward') is not None) for record in records)
+    scalar_file = any(isinstance(record, dict) and record.get('reward') is not None and record.get('label') is None
+                      for record in records)
     for number, record in enumerate(records, 1):
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
@@ -300,7 +309,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             example.pairs.append(pair)
             example.pair_weights[pair] = _weight(record, 'weight', where)
         else:
-            label = _label(record, where)
+            label = _label(record, where, scalar_file)
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix,
                            _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)

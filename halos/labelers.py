@@ -155,6 +155,12 @@ def as_turns(prompt: Prompt) -> List[Dict[str, str]]:
     return [{'role': 'user', 'content': prompt}] if isinstance(prompt, str) else list(prompt)
 
 
+def function_identity(spec: str) -> Tuple[str, str]:
+    """What a spec names, however its path is written: (the file's absolute path, or the module; the function)."""
+    location, _, name = spec.rpartition(':')
+    return (os.path.abspath(location) if location.endswith('.py') else location), name
+
+
 def load_reward_function(spec: str) -> Callable[..., float]:
     """`path/to/file.py:function` or `module:function` -> the function, called as function(prompt, completion,
     **the prompt's fields it names). Each file is imported once per process (the run's start-up checks import it
@@ -164,7 +170,7 @@ def load_reward_function(spec: str) -> Callable[..., float]:
         raise ConfigError(f"reward function {spec!r}: give it as path/to/file.py:function or module:function")
     if location.endswith('.py') and not os.path.exists(location):
         raise MissingFileError(f"reward function {spec!r}: no file {location}")
-    return imported_function(spec, os.path.abspath(location) if location.endswith('.py') else location, name)
+    return imported_function(spec, *function_identity(spec))
 
 
 @functools.lru_cache(maxsize=None)
@@ -306,7 +312,8 @@ class RewardFunctionsLabeler:
     may_abstain = False
 
     def __init__(self, specs: Sequence[str], weights: Optional[Sequence[float]] = None):
-        twice = sorted({spec for spec in specs if specs.count(spec) > 1})
+        identities = [function_identity(spec) for spec in specs]
+        twice = [spec for index, spec in enumerate(specs) if identities.index(identities[index]) != index]
         if twice:
             raise ConfigError(f"the reward functions {', '.join(specs)} name {twice[0]} twice: give each once (a "
                               f"weight scales one)")

@@ -50,14 +50,19 @@ def sample_stats(scores: Sequence[float], group_ids: Sequence, completions: Sequ
             **part_means(scores, 'reward_parts/')}
 
 
-def part_means(scores: Sequence[float], prefix: str = '') -> Dict[str, float]:
-    """The mean of each named part of the scores given in parts (labelers.PartedScore), over those that have it,
-    by `prefix` + its name."""
+def part_values(scores: Sequence[float], prefix: str = '') -> Dict[str, List[float]]:
+    """Each named part of the scores given in parts (labelers.PartedScore), over those that have it, by `prefix` +
+    its name."""
     values: Dict[str, List[float]] = {}
     for score in scores:
         for name, value in getattr(score, 'parts', {}).items():
             values.setdefault(prefix + name, []).append(value)
-    return {name: statistics.fmean(each) for name, each in values.items()}
+    return values
+
+
+def part_means(scores: Sequence[float], prefix: str = '') -> Dict[str, float]:
+    """The mean of each named part of the scores given in parts, over those that have it."""
+    return {name: statistics.fmean(each) for name, each in part_values(scores, prefix).items()}
 
 
 @dataclass(frozen=True)

@@ -477,7 +477,16 @@ def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_
                          ([{'prompt': 'Hi', 'output': 'A', 'label': 1}, {'prompt': 'Yo', 'output': 'B'}],
                           "record 2: missing field 'label'"),
                          ([{'prompt': 'Hi', 'output': 'A', 'label': None}, {'prompt': 'Yo', 'output': 'B', 'label': 0}],
-                          "record 1: missing field 'label'")]:
+                          "record 1: missing field 'label'"),
+                         # in a file of scalar feedback, it lacks its reward
+                         ([{'prompt': 'Hi', 'output': 'A', 'reward': 0.5}, {'prompt': 'Yo', 'output': 'B'}],
+                          "record 2: missing field 'reward' (the file's other records are scalar feedback, "
+                          "{\"prompt\", \"output\", \"reward\"}), or 'label' (binary feedback)"),
+                         ({'prompt': 'Hi', 'messages': [user('Hi'), assistant('A')]},
+                          "fields 'messages' and 'prompt' both given; a conversation is either "
+                          "{\"messages\": [turns]} or {\"prompt\", \"completion\"}"),
+                         ({'messages': [user('Hi'), assistant('A')], 'completion': 'B'},
+                          "fields 'messages' and 'completion' both given")]:
         path.write_text(''.join(json.dumps(r) + '\n' for r in (record if isinstance(record, list) else [record])))
         with pytest.raises(D.DataError) as error:
             D.load_dataset(str(path), 'train', **FORMAT)

@@ -3,6 +3,7 @@ that names it and the sample, a round with too few scores or nothing to train on
 run, its labeller fixed, labelling the round again without sampling it (the real round loop, in this process)."""
 import json
 import math
+import re
 import os
 
 import numpy as np
@@ -316,6 +317,9 @@ def test_several_reward_functions_score_the_weighted_sum_with_each_functions_sco
     with pytest.raises(ConfigError, match=rf"^the reward functions .* name {spec('length')} twice: give each once "
                                           rf"\(a weight scales one\)$"):
         reward_function_labeler([spec('length'), spec('has_x'), spec('length')])
+    same_file = os.path.join(os.path.relpath(tmp_path), '.', 'several.py:length')  # the same file, spelled otherwise
+    with pytest.raises(ConfigError, match=rf"^the reward functions .* name {re.escape(same_file)} twice"):
+        reward_function_labeler([spec('length'), same_file])
     with pytest.raises(ConfigError) as error:
         reward_function_labeler([spec('length'), spec('has_x')], [1.0])
     assert str(error.value) == (f"1 reward weights for the 2 reward functions {spec('length')}, {spec('has_x')}: "

@@ -86,6 +86,20 @@ def test_an_online_ppo_step_moves_probability_towards_the_better_scored_samples(
     assert moved[scores == scores.max()].mean() > 0 > moved[scores == scores.min()].mean(), (scores.tolist(), moved.tolist())
 
 
+def test_several_reward_functions_log_each_part_of_the_score(tmp_path):
+    """loss.reward_function as a list: the score is the sum, and each function's score is logged as its part."""
+    overrides = [o for o in ppo_overrides(four_prompts(tmp_path), 4) if not o.startswith('++loss.reward_function')]
+    trainer = build_trainer(make_config(tmp_path, *overrides, f'++loss.reward_function=[{REWARD}:vowels,'
+                                                              f'{REWARD}:characters]', loss='ppo-online'))
+    batch = next(iter(trainer.train_iterator))
+    _, metrics = trainer.experience([batch])
+    vowels, characters = metrics['reward_parts/vowels'], metrics['reward_parts/characters']
+    assert len(vowels) == len(characters) == 4 and characters.min() > 0
+    torch.testing.assert_close(metrics['rewards/score'], vowels + characters)
+    named = trainer.named_for('eval', metrics)
+    assert {'reward_parts_eval/vowels', 'reward_parts_eval/characters', 'rewards_eval/score'} <= set(named)
+
+
 @pytest.mark.slow
 def test_online_ppo_trains_end_to_end_with_the_kl_controller(tmp_path):
     """train.py: a score and a KL per step, the KL grows from 0 (the policy starts as the reference) and the
