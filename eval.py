@@ -248,13 +248,13 @@ def write_json(path: str, data) -> None:
 
 
 def own_held_out_prompts(run: RunSettings):
-    """The prompts a run trained online measured itself on: online rounds' online.eval_prompts; online RL's, else
-    the test split of the prompts it trained on; online PPO's datasets (their test split)."""
+    """The prompts a run measured itself on: online rounds' online.eval_prompts; online RL's, else the test split
+    of the prompts it trained on; any other run's datasets (their test split, as mode=sample samples)."""
     if run.online.rounds > 0:
         return run.online.eval_prompts
     if trainers.get_trainer_class(run.loss.trainer).samples_online:
         return run.online.eval_prompts or run.online.prompts or run.datasets
-    return run.datasets if trains_online_ppo(run) else None
+    return run.datasets
 
 
 def own_reward_function(run: RunSettings):
@@ -284,9 +284,9 @@ def checked(run: RunSettings) -> RunSettings:
         run = dataclasses.replace(run, prompts=run.prompts or own_held_out_prompts(run),
                                   reward_function=run.reward_function or own_reward_function(run))
     if run.mode == 'reward' and not (run.prompts and run.reward_function):
-        raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> and "
-                          "++reward_function=path/to/file.py:function (a run trained online has its own: "
-                          "online.eval_prompts, or the prompts it trained on every step, and its reward function)")
+        raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> (default: the run's "
+                          "held-out prompts, or its datasets' test split) and ++reward_function=path/to/file.py:"
+                          "function (a run trained online has its own)")
     if run.mode == 'reward':
         reward_labeler(run)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:

@@ -33,7 +33,7 @@ def torch_optimizers():
 CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs', 'unknown role', 'one split only',
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
-         'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward prompts',
+         'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward function',
          'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
@@ -121,11 +121,10 @@ def cases(tmp_path, made_once):
                                              f"saved_policy={tmp_path}/run/LATEST/policy.pt does not exist: the run has "
                                              f"no checkpoint yet (train it, or continue it with ++resume=true), or give "
                                              f"++saved_policy=<a policy.pt or an HF directory>"),
-        'eval: no reward prompts': ('eval.py', ['++mode=reward', f'++reward_function={tmp_path}/syntax.py:reward'],
-                                    "mode=reward needs ++prompts=<prompts file or dataset names> and "
-                                    "++reward_function=path/to/file.py:function (a run trained online has its "
-                                    "own: online.eval_prompts, or the prompts it trained on every step, and its "
-                                    "reward function)"),
+        'eval: no reward function': ('eval.py', ['++mode=reward'],
+                                     "mode=reward needs ++prompts=<prompts file or dataset names> (default: the run's "
+                                     "held-out prompts, or its datasets' test split) and ++reward_function=path/to/"
+                                     "file.py:function (a run trained online has its own)"),
         'missing field': ('train.py', [f'datasets=[{missing}]'],
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],

@@ -251,8 +251,9 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
     # online rounds: their held-out prompts alone
     ('dpo', ['datasets=[pairs.jsonl]', '++online.rounds=1', '++online.reward_function=r.py:vowels',
              '++online.eval_prompts=[held.jsonl]'], ['held.jsonl'], 'r.py:vowels'),
-    # an offline run has no prompts of its own to measure a reward on
-    ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], None, 'r.py:vowels'),
+    # an offline run: the test split of its datasets, as mode=sample; it has no reward function of its own
+    ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], ['pairs.jsonl'], 'r.py:vowels'),
+    ('dpo', ['datasets=[pairs.jsonl]'], None, None),
 ])
 def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_trained_online(tmp_path, monkeypatch, loss,
                                                                                        overrides, prompts, function):
@@ -263,7 +264,7 @@ def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_traine
     for name in ('train.jsonl', 'held.jsonl', 'pairs.jsonl'):
         (tmp_path / name).write_text('{"prompt": "Hi.", "chosen": "a", "rejected": "b"}\n')
     run = dataclasses.replace(make_config(tmp_path, *overrides, loss=loss), mode='reward')
-    if prompts is None:
+    if function is None:
         with pytest.raises(ConfigError, match=r'^mode=reward needs \+\+prompts='):
             eval_script.checked(run)
         return

@@ -291,7 +291,7 @@ def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
     from helpers import eval_in_process, train_in_process
     train_in_process(tmp_path, '++n_examples=4', loss='sft', exp_name='sft')
     with pytest.raises(SystemExit):
-        eval_in_process(tmp_path / 'sft', '++mode=reward', f'++reward_function={REWARD}:vowels')
+        eval_in_process(tmp_path / 'sft', '++mode=reward')
     assert 'mode=reward needs ++prompts=' in capsys.readouterr().err
 
 
