@@ -209,7 +209,12 @@ def load_reward_model(path: str, dtype: str):
     """A sequence-classification reward model and its tokenizer (scored through halos.labelers.RewardModelLabeler)."""
     from transformers import AutoModelForSequenceClassification
     tokenizer = load_tokenizer(path)
-    model = from_pretrained(AutoModelForSequenceClassification, path, dtype=getattr(torch, dtype))
+    model, loading = from_pretrained(AutoModelForSequenceClassification, path, dtype=getattr(torch, dtype),
+                                     output_loading_info=True)
+    if loading['missing_keys']:  # a score head made up at random would score at random
+        raise ConfigError(f"reward model {path!r} is not a sequence classifier: its weights lack "
+                          f"{', '.join(sorted(loading['missing_keys'])[:3])} (a causal LM? a reward model is an HF "
+                          f"...ForSequenceClassification, such as a loss=bradley-terry run's LATEST/hf)")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval().requires_grad_(False), tokenizer

@@ -54,3 +54,20 @@ def test_the_exported_reward_model_scores_like_the_trainer_and_the_labeler(tmp_p
     with torch.no_grad():
         expected = exported(input_ids=torch.tensor([element['chosen_combined_input_ids']])).logits[0, 0].item()
     assert labeler([example.turns], [chosen], [{}])[0] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_causal_lm_given_as_the_reward_model_is_refused_not_scored_by_a_random_head(tmp_path):
+    import transformers
+
+    import models
+    from halos.errors import ConfigError
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / 'lm')
+    tokenizer.save_pretrained(tmp_path / 'lm')
+    with pytest.raises(ConfigError) as error:
+        models.load_reward_model(str(tmp_path / 'lm'), 'float32')
+    assert str(error.value) == (f"reward model '{tmp_path / 'lm'}' is not a sequence classifier: its weights lack "
+                                f"score.weight (a causal LM? a reward model is an HF ...ForSequenceClassification, "
+                                f"such as a loss=bradley-terry run's LATEST/hf)")
