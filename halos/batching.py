@@ -140,6 +140,9 @@ class DataLoader:
         self.items = self.flatten([self.full_data[p] for p in prompts])
         self.counts['items'] = len(self.items)
         rank0_print(f"[{split}] {type(self).__name__}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.counts.items())))
+        if split == 'train' and self.items and not any(getattr(item, 'weight', 1.0) > 0 for item in self.items):
+            raise DataError(f"{', '.join(self.dataset_names)}: every one of the {len(self.items)} items has weight 0, "
+                            f"so there is nothing to train on")
 
     @dataclass(frozen=True)
     class Params:

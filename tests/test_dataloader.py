@@ -554,3 +554,20 @@ def test_a_feedback_files_text_is_kept_as_written_and_a_repeated_output_is_store
     example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
     assert example.generations == [code, 'no', 'nah'] and example.pairs == [(0, 1), (0, 2)]
     assert example.turns == [{'role': 'user', 'content': 'Write  f.'}]
+
+
+@pytest.mark.parametrize('cls, record', [
+    (D.PairedPreferenceDataLoader, {'output_A': 'Yes.', 'output_B': 'No.', 'label': 1}),
+    (D.UnpairedPreferenceDataLoader, {'output': 'Yes.', 'label': 1}),
+])
+def test_training_items_that_all_weigh_0_are_refused_and_one_that_weighs_is_enough(tmp_path, tokenizer, cls, record):
+    path = tmp_path / 'weights.jsonl'
+    records = [{'prompt': f'Question {i}?', **record, 'weight': 0} for i in range(3)]
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    with pytest.raises(D.DataError) as error:
+        loader(cls, [str(path)], tokenizer)
+    assert str(error.value) == f"{path}: every one of the 3 items has weight 0, so there is nothing to train on"
+    assert len(loader(cls, [str(path)], tokenizer, split='test').items) == 3  # held out: measured, not trained
+    records[1]['weight'] = 0.5
+    path.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    assert [item.weight for item in loader(cls, [str(path)], tokenizer).items if item.weight] == [0.5]
