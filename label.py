@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> dict:
     labelled, counts = label_samples(samples, labeler)
     scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)
-    reason = why_no_training_data(labelled, records, args.feedback)
+    reason = why_no_training_data(labelled, records, args.feedback, args.threshold)
     if reason:
         raise DataError(f"{args.samples}: no {args.feedback} feedback to write: {reason}")
     write_jsonl(args.output, records)

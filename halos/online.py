@@ -161,7 +161,7 @@ class OnlineRounds:
                              f"{self.path(round_index, 'samples.jsonl')}: rerun with ++resume=true once the labeler "
                              f"is fixed") from None
         records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
-        reason = why_no_training_data(labelled, records, s.feedback)
+        reason = why_no_training_data(labelled, records, s.feedback, s.threshold)
         if reason:
             raise DataError(f"round {round_index}: {reason}; sample more per prompt, change online.feedback or "
                             f"online.threshold, or delete {self.path(round_index, '')} to sample the round again")

@@ -641,3 +641,25 @@ def test_a_broken_reward_model_format_file_is_named(tmp_path, content, says):
         read_reward_model_format(str(path))
     assert str(error.value).startswith(f"{path}: {says}")
     assert read_reward_model_format(str(tmp_path / 'absent.json')) is None
+
+
+@pytest.mark.parametrize('options, says', [
+    (['--feedback', 'binary'], "0 undesirable samples: every reward reaches the median threshold, as the rewards are tied"),
+    (['--feedback', 'binary', '--threshold', 'mean', '--per-prompt'],
+     "0 undesirable samples: every reward reaches the mean threshold, as the rewards are tied"),
+    (['--feedback', 'best'], "0 prompts whose best sample stands out: no prompt of 2 has two samples with different "
+                             "rewards"),
+    (['--feedback', 'pairwise'], "0 pairs: no prompt of 2 has two samples with different rewards"),
+])
+def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from(tmp_path, capsys, options, says):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': prompt, 'output': output, 'prompt_id': prompt}) + '\n'
+                               for prompt in ('hi', 'yo') for output in ('hello', 'howdy')))
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:constant',
+                       *options]) == 2
+    assert capsys.readouterr().err.strip() == f"label.py: {samples}: no {options[1]} feedback to write: {says}"
+    assert not (tmp_path / 'out.jsonl').exists()
+    # against a fixed threshold, every sample may rightly be desirable
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:constant',
+                       '--feedback', 'binary', '--threshold', '0.5']) == 0
+    assert [json.loads(line)['label'] for line in open(tmp_path / 'out.jsonl')] == [1, 1, 1, 1]
