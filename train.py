@@ -29,7 +29,7 @@ from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, reported_as_one_line
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
-from halos.settings import RunSettings, as_dict
+from halos.settings import PeftSettings, RunSettings, as_dict
 from utils import barrier, free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
@@ -148,10 +148,12 @@ def resumable(run: RunSettings, latest: str) -> bool:
     return True
 
 
-# what a resumed run must keep: its loss and model, and what decides its data's order (the checkpoint's data
-# position counts batches of that order)
-KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'datasets', 'seed', 'model.batch_size', 'frac_unique_desirable',
-                  'frac_unique_undesirable')
+# what a resumed run must keep: its loss and model, what its optimizer state is the state of (the checkpoint's
+# optimizer and schedule restore their own learning rate), and what decides its data's order (the checkpoint's
+# data position counts batches of that order)
+KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'model.use_peft',
+                  *(f'model.peft.{key.name}' for key in dataclasses.fields(PeftSettings)), 'optimizer', 'lr', 'datasets',
+                  'seed', 'model.batch_size', 'frac_unique_desirable', 'frac_unique_undesirable')
 
 
 def check_same_run(run: RunSettings) -> None:
@@ -172,8 +174,10 @@ def check_same_run(run: RunSettings) -> None:
 
 
 def shown_value(value) -> str:
-    """A setting as it is typed on the command line: [a,b] for a list."""
-    return f"[{','.join(map(str, value))}]" if isinstance(value, list) else str(value)
+    """A setting as it is typed on the command line: [a,b] for a list, true for True."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return f"[{','.join(map(shown_value, value))}]" if isinstance(value, list) else str(value)
 
 
 def nothing_left(run: RunSettings, trainer) -> bool:

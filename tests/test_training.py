@@ -362,7 +362,12 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
                           (['++n_examples=16', '++model.batch_size=2'], 'model.batch_size=4, not 2; resume with '
                                                                         'model.batch_size=4, or start a new exp_name'),
                           (['datasets=[hh,shp]'], 'datasets=[hh], not [hh,shp]; resume with datasets=[hh]'),
-                          (['++seed=7'], 'seed=1, not 7')):
+                          (['++seed=7'], 'seed=1, not 7'),
+                          # the optimizer's state and schedule are of the saved optimizer, learning rate and weights
+                          (['++optimizer=AdamW'], 'optimizer=RMSprop, not AdamW; resume with optimizer=RMSprop'),
+                          (['++lr=0.001'], 'lr=5e-07, not 0.001; resume with lr=5e-07'),
+                          (['++model.use_peft=true'], 'model.use_peft=false, not true; resume with model.use_peft=false'),
+                          (['++model.peft.lora_r=8'], 'model.peft.lora_r=64, not 8')):
         with pytest.raises(SystemExit) as exit_:
             train_in_process(tmp_path, '++n_examples=8', '++resume=true', *changed, loss='sft')
         assert exit_.value.code == 2
