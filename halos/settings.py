@@ -68,10 +68,16 @@ NUMBER_OR_MEAN_OR_MEDIAN = Rule(lambda value: value in ('mean', 'median') or isi
                                 'mean, median or a number', names_values=True)
 
 
+# torch.optim classes that cannot step a whole language model: LBFGS steps through a closure, SparseAdam takes
+# sparse gradients only, Muon takes matrices only (a model has vectors: norms, biases)
+UNUSABLE_OPTIMIZERS = ('LBFGS', 'SparseAdam', 'Muon')
+
+
 def torch_optimizers() -> List[str]:
     import torch
     return sorted(name for name, found in vars(torch.optim).items() if isinstance(found, type)
-                  and issubclass(found, torch.optim.Optimizer) and found is not torch.optim.Optimizer)
+                  and issubclass(found, torch.optim.Optimizer) and found is not torch.optim.Optimizer
+                  and name not in UNUSABLE_OPTIMIZERS)
 
 
 @dataclass(frozen=True)

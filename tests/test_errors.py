@@ -25,9 +25,12 @@ def feedback_file(directory, name, lines=None, content=None):
 
 
 def torch_optimizers():
+    """torch.optim's optimizers but LBFGS (it steps through a closure), SparseAdam (sparse gradients) and Muon
+    (matrices only), which cannot step a language model."""
     import torch
     return sorted(name for name, c in vars(torch.optim).items()
-                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer)
+                  if isinstance(c, type) and issubclass(c, torch.optim.Optimizer) and c is not torch.optim.Optimizer
+                  and name not in ('LBFGS', 'SparseAdam', 'Muon'))
 
 
 CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs', 'unknown role', 'one split only',
@@ -39,7 +42,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
          'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template',
-         'load_from a run directory', 'demonstrations for a pair loss']
+         'load_from a run directory', 'demonstrations for a pair loss', 'an optimizer that cannot step a model']
 
 
 @pytest.fixture(scope='module')
@@ -209,6 +212,9 @@ def cases(tmp_path, made_once):
                               f"model directory"),
         'resume without a checkpoint': ('train.py', ['++resume=true'],
                                         f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST"),
+        'an optimizer that cannot step a model': ('train.py', ['++optimizer=LBFGS'],
+                                                  f"++optimizer=LBFGS: optimizer must be one of "
+                                                  f"{', '.join(torch_optimizers())}"),
         'bad optimizer': ('train.py', ['++optimizer=Adamm'],
                           f"++optimizer=Adamm: optimizer must be one of {', '.join(torch_optimizers())} (did you "
                           f"mean Adam?)"),
