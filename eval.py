@@ -55,7 +55,7 @@ from halos.build import (build_loader, build_rollouts, load_models, load_run_tok
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
-from halos.jsonl import append_json_lines, write_jsonl
+from halos.jsonl import append_json_lines, write_json, write_jsonl
 from halos.labelers import checked_scores, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
@@ -240,11 +240,6 @@ def lm_eval_results(run: RunSettings) -> dict:
             logged.log({f'lm_eval/{task}/{metric}': value for task, metrics in results['results'].items()
                         for metric, value in metrics.items() if isinstance(value, (int, float))})
     return results
-
-
-def write_json(path: str, data) -> None:
-    with open(path, 'w') as f:
-        json.dump(data, f, indent=2)
 
 
 def own_held_out_prompts(run: RunSettings):

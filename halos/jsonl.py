@@ -66,13 +66,23 @@ def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) ->
 
 def write_jsonl(path: str, records: List[Dict]) -> None:
     """Write records as JSON Lines atomically: a crash leaves the previous file (or none), never half of one."""
+    write_text(path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records))
+
+
+def write_json(path: str, data) -> None:
+    """Write one JSON document (indented) atomically."""
+    write_text(path, json.dumps(data, indent=2))
+
+
+def write_text(path: str, text: str) -> None:
+    """Write a text file atomically, its directory made where missing."""
     directory = os.path.dirname(os.path.abspath(path))
     temporary = None
     try:
         os.makedirs(directory, exist_ok=True)
         with tempfile.NamedTemporaryFile('w', dir=directory, delete=False, encoding='utf-8', suffix='.tmp') as f:
             temporary = f.name
-            f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
+            f.write(text)
             f.flush()
             os.fsync(f.fileno())
         umask = os.umask(0)

@@ -285,3 +285,15 @@ def test_reward_mode_weighs_a_runs_own_reward_functions_as_training_did(tmp_path
     assert checked_scores(labeler, ['p'], ['c'], ['sample 0']) == [21.0]
     other = dataclasses.replace(run, reward_function=[f'{tmp_path}/r.py:two', f'{tmp_path}/r.py:one'])
     assert checked_scores(eval_script.reward_labeler(eval_script.checked(other)), ['p'], ['c'], ['sample 0']) == [3.0]
+
+
+def test_an_exp_name_that_is_a_path_writes_its_samples_there(tmp_path):
+    """exp_name may be a path of directories under cache_dir; its samples go to the same path under samples_dir."""
+    from helpers import eval_in_process, train_in_process
+    train_in_process(tmp_path, '++n_examples=4', '++do_first_eval=false', loss='sft', exp_name='sweep/lr_1e-5')
+    eval_in_process(tmp_path / 'sweep' / 'lr_1e-5', '++mode=sample', '++n_samples=2', '++max_new_tokens=4',
+                    f'++samples_dir={tmp_path / "samples"}')
+    with open(tmp_path / 'samples' / 'sweep' / 'lr_1e-5.json') as f:
+        written = json.load(f)
+    assert len(written['samples']) == 2 and written['config']['exp_name'] == 'sweep/lr_1e-5'
+    assert os.listdir(tmp_path / 'samples' / 'sweep') == ['lr_1e-5.json']  # no temporary file left
