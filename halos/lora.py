@@ -53,9 +53,12 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
         return saved_adapters_on(model, adapter_dir, key)
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:
+        names = linear_layer_names(model)
+        a_name = f" (a lone string is a regular expression of the whole module path: [{unmatched[0]}] names the " \
+                 f"modules {unmatched[0]})" if isinstance(config.target_modules, str) and unmatched[0] in names else ''
         raise ConfigError(f"model.peft.target_modules: no module of the model that LoRA adapts (a linear, embedding or "
-                          f"convolution layer) is named {' or '.join(unmatched)}; its linear layers are "
-                          f"{', '.join(linear_layer_names(model))} (or give all-linear)")
+                          f"convolution layer) is named {' or '.join(unmatched)}{a_name}; its linear layers are "
+                          f"{', '.join(names)} (or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 

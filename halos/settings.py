@@ -100,6 +100,10 @@ class PeftSettings:
         Rule(bool, 'all-linear or a list of module names', names_values=True))
     load_in_4bit: bool = setting(False, 'QLoRA: 4-bit NF4 base weights (needs a GPU and bitsandbytes)')
 
+    def __post_init__(self):
+        if self.target_modules == []:
+            raise ConfigError("model.peft.target_modules=[]: give all-linear, or the names of the modules LoRA adapts")
+
 
 @dataclass(frozen=True)
 class ModelSettings:

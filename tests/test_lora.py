@@ -108,6 +108,9 @@ def test_target_modules_that_match_nothing_name_the_linear_layers(tmp_path):
         build_trainer(make_config(tmp_path, *LORA, "++model.peft.target_modules='.*attn\\.q'", loss='sft'))
     with pytest.raises(ConfigError, match=r'convolution layer\) is named mlp;'):  # a block: peft adapts no block
         build_trainer(make_config(tmp_path, *LORA, '++model.peft.target_modules=[mlp]', loss='sft'))
+    with pytest.raises(ConfigError, match=r'is named q_proj \(a lone string is a regular expression of the whole module '
+                                          r'path: \[q_proj\] names the modules q_proj\); its linear layers are'):
+        build_trainer(make_config(tmp_path, *LORA, '++model.peft.target_modules=q_proj', loss='sft'))
     regex = build_trainer(make_config(tmp_path, *LORA, "++model.peft.target_modules='.*self_attn\\.q_proj'", loss='sft'))
     assert sorted(lora.lora_layers(regex.policy)) == [f'base_model.model.model.layers.{i}.self_attn.q_proj'
                                                      for i in range(len(regex.policy.base_model.model.model.layers))]
@@ -166,3 +169,10 @@ def test_a_killed_lora_run_resumes_to_the_uninterrupted_adapters(tmp_path):
     assert whole['step_idx'] == resumed['step_idx'] == 24 and set(whole['state']) == set(resumed['state'])
     for name, tensor in whole['state'].items():
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
+
+
+def test_an_empty_list_of_target_modules_is_refused(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        make_config(tmp_path, '++model.use_peft=true', '++model.peft.target_modules=[]')
+    assert str(error.value) == ("model.peft.target_modules=[]: give all-linear, or the names of the modules LoRA "
+                                "adapts")
