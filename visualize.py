@@ -87,12 +87,14 @@ def plot_win_rates(bars: List[Bar], path: str) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    parser = ArgumentParser(description='Plot the win rates of compare.py result lines.')
+    parser = ArgumentParser(prog='visualize.py', description='Plot the win rates of compare.py result lines.')
     parser.add_argument('results_file', help='JSONL file of compare.py result lines (with --curves: a run directory)')
     parser.add_argument('more_runs', nargs='*', help='with --curves: more run directories, one column each')
     parser.add_argument('--curves', action='store_true', help="plot the runs' training curves instead")
-    parser.add_argument('--output', '-o', default=None, help='PNG file to write (winrates.png, training_curves.png)')
+    parser.add_argument('--output', '-o', default=None, help='the image file to write (default winrates.png, training_curves.png; .pdf, .svg, ...)')
     args = parser.parse_args(argv)
+    if args.output is not None:
+        check_output(parser, args.output)
     if args.curves:
         return plot_curves([args.results_file, *args.more_runs], args.output or 'training_curves.png')
     if args.more_runs:
@@ -106,6 +108,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         plot_win_rates(bars, args.output)
     print(f"plotted {len(bars)} win rates ({len(results) - len(bars)} lines without judgments skipped) to {args.output}")
     return 0
+
+
+def check_output(parser: ArgumentParser, path: str) -> None:
+    """An image file name whose extension is a format matplotlib writes (it would add .png to a name without one)."""
+    formats = plt.figure().canvas.get_supported_filetypes()
+    plt.close('all')
+    extension = os.path.splitext(path)[1][1:].lower()
+    if os.path.isdir(path) or extension not in formats:
+        what = 'is a directory' if os.path.isdir(path) else 'has no extension of an image format'
+        parser.error(f"argument --output/-o: {path} {what}; give a file name ending in one of "
+                     f".{', .'.join(sorted(formats))}")
 
 
 def plot_curves(run_dirs: List[str], output: str) -> int:

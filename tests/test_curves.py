@@ -90,3 +90,18 @@ def test_a_metrics_line_cut_by_a_kill_is_skipped_and_the_next_record_starts_a_li
     assert read_metrics(str(tmp_path)) == [{'step': 4, 'loss/train': 1.5}]
     append_json_lines(str(path), [{'step': 8, 'loss/train': 1.25}])  # the resumed run logs again
     assert path.read_text() == '{"step": 4, "loss/train": 1.5}\n{"step": 8, "loss/train": 1.25}\n'
+
+
+@pytest.mark.parametrize('output, says', [('curves.txt', 'curves.txt has no extension of an image format'),
+                                          ('curves', 'curves has no extension of an image format'),
+                                          ('.', '. is a directory')])
+def test_visualize_refuses_an_output_that_is_no_image_file_name_before_plotting(tmp_path, capsys, monkeypatch,
+                                                                                output, says):
+    import visualize
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        visualize.main(['--curves', 'no_such_run', '-o', output])
+    assert exit_.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"visualize.py: argument --output/-o: {says}; give a file name ending in one of ")
+    assert '.pdf' in error and '.png' in error and os.listdir(tmp_path) == []
