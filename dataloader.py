@@ -84,10 +84,13 @@ class UnpairedPreferenceDataLoader(DataLoader):
 class SimpleKTODataLoader(UnpairedPreferenceDataLoader):
     """Unpaired items in batches of exactly B/2 desirable and B/2 undesirable, alternating."""
 
-    def epoch_batches(self, rng):
-        if (self.batch_size // self.world_size) % 2:
+    @classmethod
+    def check_batch_size(cls, batch_size: int, world_size: int) -> None:
+        if (batch_size // world_size) % 2:
             raise ConfigError(f"SimpleKTODataLoader needs an even number of examples per process, got batch_size "
-                              f"{self.batch_size} over {self.world_size} processes")
+                              f"{batch_size} over {world_size} processes")
+
+    def epoch_batches(self, rng):
         order = list(self.items)
         rng.shuffle(order)
         desirable = [item for item in order if item.is_desirable]

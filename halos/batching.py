@@ -120,6 +120,7 @@ class DataLoader:
         if batch_size % world_size != 0:
             key = 'model.batch_size' if split == 'train' else 'model.eval_batch_size'
             raise ConfigError(f"{key} ({batch_size}) must be divisible by the number of processes ({world_size})")
+        self.check_batch_size(batch_size, world_size)  # before the data loads (and a fresh run clears its directory)
         if tokenizer.pad_token_id is None:
             raise ConfigError("the tokenizer has no pad token; set tokenizer.pad_token = tokenizer.eos_token")
         self.tokenizer = tokenizer
@@ -149,6 +150,10 @@ class DataLoader:
         """Keys of the loss section this loader reads (config/loss/<name>.yaml), passed to its constructor."""
 
     # --- what subclasses provide
+    @classmethod
+    def check_batch_size(cls, batch_size: int, world_size: int) -> None:
+        """Stop on a batch size this loader cannot cut its batches from (ConfigError)."""
+
     @classmethod
     def control_tokens(cls, params) -> List[str]:
         """Special tokens this loader adds to prompts (the tokenizer and embeddings must know them)."""

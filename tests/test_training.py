@@ -373,6 +373,12 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
         assert exit_.value.code == 2
         assert f"train.py: resume=true: {tmp_path}/test was trained with {says}" in capsys.readouterr().err
     assert policy.stat().st_mtime_ns == written
+    # a fresh run whose settings its loader refuses stops before it clears the earlier run
+    with pytest.raises(SystemExit):
+        train_in_process(tmp_path, '++n_examples=8', '++model.batch_size=3', loss='kto-simple')
+    assert "SimpleKTODataLoader needs an even number of examples per process, got batch_size 3 over 1 processes" in \
+        capsys.readouterr().err
+    assert policy.stat().st_mtime_ns == written and config.stat().st_mtime_ns == configured
     out = train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')  # the same run, afresh
     assert (f"warning: {tmp_path}/test holds an earlier run (LATEST, metrics.jsonl): this run starts afresh and "
             f"removes them once its models have loaded (++resume=true continues the earlier run instead)") in out
