@@ -275,6 +275,11 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
     head or a score head loaded from a checkpoint without one keeps its freshly initialised head.
     """
     own = model.state_dict()
+    has_score_head = lambda keys: any(key.startswith('score.') for key in keys)
+    if has_score_head(state) and not has_score_head(own) and not any(key.startswith('lm_head.') for key in state):
+        raise ConfigError(f"{path} is a reward model's checkpoint (a score head and no lm_head, as loss=bradley-terry "
+                          f"saves), not a policy's: it does not generate; label.py --reward-model <its run>/LATEST/hf "
+                          f"scores samples with it")
     state = {key: value for key, value in state.items() if key in own or not key.startswith(HEADS_A_MODEL_MAY_LACK)}
     state.update({key: value for key, value in own.items()
                   if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})

@@ -71,3 +71,16 @@ def test_a_causal_lm_given_as_the_reward_model_is_refused_not_scored_by_a_random
     assert str(error.value) == (f"reward model '{tmp_path / 'lm'}' is not a sequence classifier: its weights lack "
                                 f"score.weight (a causal LM? a reward model is an HF ...ForSequenceClassification, "
                                 f"such as a loss=bradley-terry run's LATEST/hf)")
+
+
+def test_a_reward_models_checkpoint_given_as_a_policy_is_named_as_one():
+    import models
+    from halos.errors import ConfigError
+    policy = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    classifier = models.load_sequence_classifier('embedded:tiny-smollm2', 'float32')
+    with pytest.raises(ConfigError) as error:
+        models.load_state_into(policy, classifier.state_dict(), 'rm/LATEST/policy.pt')
+    assert str(error.value) == ("rm/LATEST/policy.pt is a reward model's checkpoint (a score head and no lm_head, as "
+                                "loss=bradley-terry saves), not a policy's: it does not generate; label.py "
+                                "--reward-model <its run>/LATEST/hf scores samples with it")
+    models.load_state_into(classifier, policy.state_dict(), 'sft/LATEST/policy.pt')  # a policy starts a reward model
