@@ -320,6 +320,9 @@ class RewardFunctionsLabeler:
         if weights is not None and len(weights) != len(specs):
             raise ConfigError(f"{len(weights)} reward weights for the {len(specs)} reward functions {', '.join(specs)}: "
                               f"give one weight per function")
+        if weights is not None and not any(weights):
+            raise ConfigError(f"the reward weights of {', '.join(specs)} are all 0, so every score would be 0: give "
+                              f"some function a weight")
         self.functions = [RewardFunctionLabeler(spec) for spec in specs]
         self.weights = [float(weight) for weight in weights] if weights is not None else [1.0] * len(specs)
         self.name = f"reward functions {', '.join(specs)}"

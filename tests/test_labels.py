@@ -321,6 +321,10 @@ def test_several_reward_functions_score_the_weighted_sum_with_each_functions_sco
     with pytest.raises(ConfigError, match=rf"^the reward functions .* name {re.escape(same_file)} twice"):
         reward_function_labeler([spec('length'), same_file])
     with pytest.raises(ConfigError) as error:
+        reward_function_labeler([spec('length'), spec('has_x')], [0.0, 0.0])
+    assert str(error.value) == (f"the reward weights of {spec('length')}, {spec('has_x')} are all 0, so every score "
+                                f"would be 0: give some function a weight")
+    with pytest.raises(ConfigError) as error:
         reward_function_labeler([spec('length'), spec('has_x')], [1.0])
     assert str(error.value) == (f"1 reward weights for the 2 reward functions {spec('length')}, {spec('has_x')}: "
                                 f"give one weight per function")
