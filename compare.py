@@ -115,6 +115,10 @@ def load_samples(path: str, keys: Sequence[str]) -> Tuple[dict, List[dict]]:
         with open(path) as f:
             data = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        if isinstance(error, json.JSONDecodeError) and error.msg == 'Extra data' and error.lineno > 1:
+            raise CompareError(f"samples file '{path}' holds JSON records one per line (sample records, as eval.py "
+                               f"++num_samples_per_prompt=k writes for label.py), not the samples JSON compare.py "
+                               f"judges (eval.py ++mode=sample writes it)") from None
         raise CompareError(f"samples file '{path}' is not valid JSON: {error}") from None
     except OSError as error:  # a directory, or a file this user cannot read
         raise CompareError(f"samples file '{path}' cannot be read: {error.strerror}") from None

@@ -310,6 +310,11 @@ def test_samples_file_problems_are_named(tmp_path, capsys, monkeypatch):
     assert 'missing.json' in message and 'not found' in message and 'eval.py' in message
     (tmp_path / 'broken.json').write_text('{"samples": [')
     assert 'not valid JSON' in compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'broken.json')] + results)
+    (tmp_path / 'records.jsonl').write_text('{"prompt": "p", "output": "a"}\n{"prompt": "p", "output": "b"}\n')
+    assert compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'records.jsonl')] + results) == (
+        f"compare.py: samples file '{tmp_path / 'records.jsonl'}' holds JSON records one per line (sample records, as "
+        f"eval.py ++num_samples_per_prompt=k writes for label.py), not the samples JSON compare.py judges (eval.py "
+        f"++mode=sample writes it)")
     (tmp_path / 'flat.json').write_text('[{"prompt": "p"}]')
     assert "'samples' list and a 'config'" in compare_error(capsys, monkeypatch, ['-f', str(tmp_path / 'flat.json')] + results)
     data = {'config': {}, 'samples': [{'prompt': 'p', 'chosen': 'c', 'policy': 'x'}] * 2 + [{'prompt': 'p', 'chosen': 'c'}]}
