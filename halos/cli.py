@@ -4,8 +4,10 @@ Hydra prints its own errors (an unknown `loss=` choice, an override of a key the
 syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise them instead and reports them
 as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
 """
+import itertools
 import os
 import re
+import sys
 from typing import Callable, List
 
 from hydra.errors import HydraException, MissingConfigException
@@ -14,9 +16,27 @@ from omegaconf.errors import OmegaConfBaseException
 from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one_line
 
 
+CONFIG_FLAGS = ('--config-path', '-cp', '--config-name', '-cn', '--config-dir', '-cd')
+
+
+def config_flags_first(arguments: List[str]) -> List[str]:
+    """The command line with Hydra's config flags (and their values) before the overrides: Hydra's parser takes
+    no override after a flag (`eval.py ++a=1 --config-path=RUN ++b=2` would end in its usage)."""
+    flags, others, rest = [], [], iter(arguments)
+    for argument in rest:
+        if argument.split('=', 1)[0] not in CONFIG_FLAGS:
+            others.append(argument)
+            continue
+        flags.append(argument)
+        if '=' not in argument:  # its value is the next argument
+            flags += itertools.islice(rest, 1)
+    return flags + others
+
+
 def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
     """Run a @hydra.main function, the errors of Hydra's composition reported as one line (exit status 2); what
     the task function itself raises stays its own."""
+    sys.argv[1:] = config_flags_first(sys.argv[1:])
     saved = {name: os.environ.get(name) for name in ('HYDRA_FULL_ERROR', USER_FULL_ERROR)}
     os.environ[USER_FULL_ERROR] = saved[USER_FULL_ERROR] or saved['HYDRA_FULL_ERROR'] or '0'
     os.environ['HYDRA_FULL_ERROR'] = '1'  # Hydra raises what it cannot compose instead of printing it

@@ -283,6 +283,21 @@ def test_eval_py_names_a_config_path_that_is_not_there(tmp_path, monkeypatch, ca
         "(<cache_dir>/<exp_name>, where train.py saved config.yaml) or --config-path=config (halos' defaults)")
 
 
+def test_a_config_flag_after_an_override_is_hydras_flag_still():
+    from halos.cli import config_flags_first
+    assert config_flags_first(['++a=1', '--config-path=runs/x', '++b=2', '-cn', 'config', 'c=3']) == [
+        '--config-path=runs/x', '-cn', 'config', '++a=1', '++b=2', 'c=3']
+    assert config_flags_first(['++a=1', '--config-path']) == ['--config-path', '++a=1']  # Hydra names what lacks
+    overrides = ['--config-path', 'runs/x', '++a=1']
+    assert config_flags_first(overrides) == overrides
+
+
+def test_eval_py_takes_its_config_path_after_an_override(tmp_path, monkeypatch, capsys):
+    status, stderr = run_in_process(monkeypatch, capsys, 'eval.py', [
+        f'hydra.run.dir={tmp_path}', f'--config-path={tmp_path}/runs/nosuch', '++mode=sample'])
+    assert status == 2 and f"eval.py: --config-path={tmp_path}/runs/nosuch: no such directory" in last_line(stderr)
+
+
 def test_a_reward_function_that_raises_mid_run_ends_it_with_its_line_last(tmp_path):
     """The training progress bar is closed before the error is printed, so the error is the last line."""
     (tmp_path / 'broken.py').write_text('def reward(prompt, completion):\n    return len(completion) / 0\n')
