@@ -279,6 +279,16 @@ def build_loader(run: RunSettings, tokenizer, split: str, dataset_names: Optiona
     return loader_class(list(dataset_names or run.datasets), tokenizer, **kwargs)
 
 
+def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
+    """n_epochs and n_examples both stop a run (as in HALOs): say so where n_epochs stops it first."""
+    if run.n_epochs is None or run.n_examples is None:
+        return
+    planned = sum(map(len, train_loader.plan()))
+    if planned < run.n_examples:
+        rank0_print(f"warning: n_epochs={run.n_epochs} stops the run after {planned} examples, before "
+                    f"n_examples={run.n_examples}; ++n_epochs=null trains n_examples examples")
+
+
 def control_tokens(run: RunSettings) -> List[str]:
     """The special tokens the run's loader adds to prompts (CSFT's control tokens)."""
     return dataloader.get_dataloader_class(run.loss.dataloader).control_tokens(run.loss.loader_params)
@@ -338,6 +348,8 @@ def build_trainer(run: RunSettings):
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))
+    if train_loader is not None:
+        warn_of_an_unreached_n_examples(run, train_loader)
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)

@@ -571,3 +571,15 @@ def test_training_items_that_all_weigh_0_are_refused_and_one_that_weighs_is_enou
     records[1]['weight'] = 0.5
     path.write_text(''.join(json.dumps(r) + '\n' for r in records))
     assert [item.weight for item in loader(cls, [str(path)], tokenizer).items if item.weight] == [0.5]
+
+
+def test_n_epochs_that_stop_a_run_before_its_n_examples_are_warned_of(tmp_path, tokenizer, capsys):
+    from halos.build import build_loader, warn_of_an_unreached_n_examples
+    from helpers import make_config
+    for overrides, warned in [(['++n_examples=100'], True), (['++n_examples=100', '++n_epochs=4'], False),
+                              (['++n_examples=100', '++n_epochs=null'], False), ([], False)]:
+        run = make_config(tmp_path, *overrides, loss='sft')
+        warn_of_an_unreached_n_examples(run, build_loader(run, tokenizer, 'train'))
+        out = capsys.readouterr().out
+        assert (f"warning: n_epochs=1 stops the run after 33 examples, before n_examples=100; ++n_epochs=null trains "
+                f"n_examples examples" in out) == warned, (overrides, out)
