@@ -26,8 +26,8 @@ from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
 from halos.online_rl import Rollouts
 from halos.sampling import SamplingOptions
-from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, dotted_keys, is_params, missing_keys,
-                            typed, unknown_key)
+from halos.settings import (REQUIRED, LossSettings, OnlineSettings, Overrides, RunSettings, dotted_keys, is_params,
+                            missing_keys, typed, unknown_key)
 from halos.vllm_engine import EngineChoice, chosen_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
@@ -137,6 +137,11 @@ def check_consistency(run: RunSettings) -> None:
     if online.reward_weights is not None and not (online.rounds > 0 or trainer_class.samples_online):
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, which "
                           f"loss={loss.name} does not score with (online rounds and online RL do): leave it null")
+    unread = [f'online.{key.name}' for key in dataclasses.fields(OnlineSettings)
+              if getattr(online, key.name) != getattr(OnlineSettings(), key.name) and not key.name.startswith('eval_')]
+    if unread and not (online.rounds > 0 or trainer_class.samples_online):
+        rank0_print(f"warning: {', '.join(unread)} set, but loss={loss.name} with online.rounds=0 trains offline on "
+                    f"its datasets and reads no online key: ++online.rounds=N trains in online rounds")
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         reward_function_labeler(loss.params.reward_function)
 

@@ -581,5 +581,5 @@ def test_n_epochs_that_stop_a_run_before_its_n_examples_are_warned_of(tmp_path, 
         run = make_config(tmp_path, *overrides, loss='sft')
         warn_of_an_unreached_n_examples(run, build_loader(run, tokenizer, 'train'))
         out = capsys.readouterr().out
-        assert (f"warning: n_epochs=1 stops the run after 33 examples, before n_examples=100; ++n_epochs=null trains "
-                f"n_examples examples" in out) == warned, (overrides, out)
+        assert ("warning: n_epochs=1 stops the run after 33 examples, before n_examples=100; ++n_epochs=null trains "
+                "n_examples examples" in out) == warned, (overrides, out)

@@ -15,7 +15,7 @@ import trainers
 from halos.build import run_settings
 from halos.errors import ConfigError, UserError
 from halos.settings import REQUIRED, LossSettings, ModelSettings, RunSettings, described
-from helpers import ROOT, base_overrides, compose_config, train_command
+from helpers import ROOT, base_overrides, compose_config, make_config, train_command
 
 CONFIG = os.path.join(ROOT, 'config')
 LOSSES = sorted(name[:-len('.yaml')] for name in os.listdir(os.path.join(CONFIG, 'loss')))
@@ -259,3 +259,13 @@ def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path
     assert unknown_loss.returncode == 2 and 'Traceback' not in unknown_loss.stderr
     assert last_line(unknown_loss.stderr) == f"train.py: loss=dpoo: config/loss has no dpoo.yaml; the choices are " \
                                              f"{', '.join(LOSSES)}"
+
+
+def test_online_keys_on_a_run_that_trains_offline_are_warned_of(tmp_path, capsys):
+    make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
+                '++online.eval_prompts=[held.jsonl]', loss='sft')
+    assert ("warning: online.prompts_per_round, online.reward_function set, but loss=sft with online.rounds=0 trains "
+            "offline on its datasets and reads no online key: ++online.rounds=N trains in online rounds"
+            in capsys.readouterr().out)
+    make_config(tmp_path, '++online.eval_prompts=[held.jsonl]', loss='sft')  # eval.py ++mode=reward reads it
+    assert 'warning' not in capsys.readouterr().out
