@@ -15,10 +15,10 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
-from halos.batching import load_examples
+from halos.batching import FEEDBACK_NAMES, held_feedback_kinds, load_examples
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, one_line
-from halos.examples import Formatting, prompt_digest
+from halos.examples import Example, Formatting, prompt_digest
 from halos.labelers import (RewardFunctionLabeler, RewardFunctionsLabeler, check_prompts, make_labeler,
                             reward_function_labeler)
 from halos.loop import Humanline, LoopSettings
@@ -294,6 +294,20 @@ def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
                     f"n_examples={run.n_examples}; ++n_epochs=null trains n_examples examples")
 
 
+def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
+    """Name a dataset of several that gives the loss nothing to train on (prompts alone, or feedback of a kind
+    its loader does not read) while the others train."""
+    used = {(item if isinstance(item, Example) else item[0]).dataset_name for item in train_loader.items}
+    examples: Dict[str, list] = {}
+    for example in train_loader.full_data.values():
+        examples.setdefault(example.dataset_name, []).append(example)
+    for name, held in examples.items():
+        if used and name not in used:
+            kinds = ' and '.join(FEEDBACK_NAMES[kind] for kind in held_feedback_kinds(held)) or 'prompts alone'
+            rank0_print(f"warning: {name}: loss={run.loss.name} trains on none of its {len(held)} prompts (they hold "
+                        f"{kinds}), only on the other datasets")
+
+
 def control_tokens(run: RunSettings) -> List[str]:
     """The special tokens the run's loader adds to prompts (CSFT's control tokens)."""
     return dataloader.get_dataloader_class(run.loss.dataloader).control_tokens(run.loss.loader_params)
@@ -355,6 +369,7 @@ def build_trainer(run: RunSettings):
             raise DataError(loader.why_no_items(losses_reading))
     if train_loader is not None:
         warn_of_an_unreached_n_examples(run, train_loader)
+        warn_of_unused_datasets(run, train_loader)
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)

@@ -583,3 +583,19 @@ def test_n_epochs_that_stop_a_run_before_its_n_examples_are_warned_of(tmp_path, 
         out = capsys.readouterr().out
         assert ("warning: n_epochs=1 stops the run after 33 examples, before n_examples=100; ++n_epochs=null trains "
                 "n_examples examples" in out) == warned, (overrides, out)
+
+
+def test_a_dataset_that_gives_the_loss_nothing_while_others_train_is_warned_of(tmp_path, tokenizer, capsys):
+    from halos.build import build_loader, warn_of_unused_datasets
+    from helpers import make_config
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text('{"prompt": "Say hi."}\n{"prompt": "Say yo."}\n')
+    for loss, datasets, warned in [('sft', f'[{prompts},hh]', "warning: prompts.jsonl: loss=sft trains on none of its "
+                                                              "2 prompts (they hold prompts alone), only on the other "
+                                                              "datasets"),
+                                   ('dpo', '[hh,shp]', None), ('grpo-online', f'[{prompts}]', None)]:
+        function = [f'++online.reward_function={DATA}/upbeat/reward.py:reward'] if loss == 'grpo-online' else []
+        run = make_config(tmp_path, f'datasets={datasets}', *function, loss=loss)
+        warn_of_unused_datasets(run, build_loader(run, tokenizer, 'train'))
+        out = capsys.readouterr().out
+        assert (warned in out) if warned else 'warning' not in out, (loss, out)
