@@ -130,6 +130,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         self.step_rewards: List[float] = []   # the training samples' mean reward of each step since the last evaluation
         self.held_out: List[Tuple[float, List[int]]] = []  # each held-out sample's score and tokens, this evaluation
         self.steps_with_advantage = 0  # steps with a sample whose advantage is not 0
+        self.steps_all_cut = 0  # steps whose every sample was cut at the length budget
 
     # --- what a method provides
     def advantages(self, parts: List[Part]) -> List[torch.Tensor]:
@@ -240,6 +241,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             part.advantages = advantages
         with_advantage = torch.tensor(float(any(bool(part.advantages.any()) for part in parts)))
         self.steps_with_advantage += all_reduce_sum(with_advantage).item() > 0  # on any rank
+        finished = sum(sample.finished for part in parts for group in part.groups for sample in group.samples)
+        self.steps_all_cut += all_reduce_sum(torch.tensor(float(finished))).item() == 0
         self.record(parts, counts)
         return parts
 
@@ -308,8 +311,10 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         if not self.batch_counter or self.steps_with_advantage:
             return None
         n = self.batch_counter
+        cut = '; every completion was cut at the length budget (max_new_tokens, or model.max_length less the ' \
+              'prompt), so maybe too short to tell apart' if self.steps_all_cut == n else ''
         return (f"after {n} optimizer step{'s' if n > 1 else ''}, no sample has had an advantage other than 0 "
-                f"({self.rollouts.labeler.name} scored the samples of each prompt alike)")
+                f"({self.rollouts.labeler.name} scored the samples of each prompt alike{cut})")
 
     # --- evaluation: the held-out reward, and the monitors
     def get_batch_metrics(self, batch, mode):
@@ -350,13 +355,14 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
     # --- resume
     def trainer_state(self) -> Dict:
         return {**super().trainer_state(), 'monitor': self.monitor.state_dict(), 'step_rewards': self.step_rewards,
-                'steps_with_advantage': self.steps_with_advantage}
+                'steps_with_advantage': self.steps_with_advantage, 'steps_all_cut': self.steps_all_cut}
 
     def restore_trainer_state(self, state: Dict) -> None:
         super().restore_trainer_state(state)
         self.monitor.load_state_dict(state['monitor'])
         self.step_rewards = list(state['step_rewards'])
         self.steps_with_advantage = state.get('steps_with_advantage', self.batch_counter)
+        self.steps_all_cut = state.get('steps_all_cut', 0)
         path = os.path.join(self.run_dir, ROLLOUTS)
         if on_rank0() and os.path.exists(path):  # the steps after the checkpoint are sampled again
             kept = [line for line in read_json_lines(path) if line['examples'] < self.example_counter]

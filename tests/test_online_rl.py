@@ -416,16 +416,22 @@ def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(
                                                                     '++eval_every=2'), loss='grpo-online'))
     with pytest.raises(DataError) as error:
         trainer.train()  # 4 examples, 2 a step
+    # the tiny random model never ends a completion within its 8 tokens
+    cut = ("; every completion was cut at the length budget (max_new_tokens, or model.max_length less the prompt), so "
+           "maybe too short to tell apart")
     assert (f"warning: after 1 optimizer step, no sample has had an advantage other than 0 (reward function "
-            f"{REWARD}:constant scored the samples of each prompt alike): nothing is learned until one has\n"
+            f"{REWARD}:constant scored the samples of each prompt alike{cut}): nothing is learned until one has\n"
             in capsys.readouterr().out)
     rollouts = tmp_path / 'test' / 'rollouts.jsonl'
     assert str(error.value) == (
         f"after 2 optimizer steps, no sample has had an advantage other than 0 (reward function {REWARD}:constant "
-        f"scored the samples of each prompt alike), so nothing was learned: check it, or sample more completions "
-        f"per prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores are in {rollouts}")
+        f"scored the samples of each prompt alike{cut}), so nothing was learned: check it, or sample more "
+        f"completions per prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores are "
+        f"in {rollouts}")
     assert [json.loads(line)['scores'] for line in open(rollouts)] == [[1.0] * 3] * 4
-    assert trainer.trainer_state()['steps_with_advantage'] == 0
+    assert trainer.trainer_state()['steps_with_advantage'] == 0 and trainer.trainer_state()['steps_all_cut'] == 2
+    trainer.steps_all_cut = 1  # a step with a completion that ended: no note of the length budget
+    assert cut not in trainer.nothing_learned()
 
 
 def test_a_step_level_run_killed_and_resumed_ends_as_the_uninterrupted_one(tmp_path):
