@@ -29,8 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import openai
 from tqdm import tqdm
 
-from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, positive_int, positive_number,
-                          reported)
+from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, non_negative_number,
+                          positive_int, positive_number, reported)
 from halos.jsonl import append_json_lines, check_distinct_files
 from halos.judge import (JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          cache_key, constrained, fatal_error_message, json_field, make_client, public_url, server_url)
@@ -78,7 +78,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--history_key', '-hk', default='prompt', help='sample field of the prompt')
     parser.add_argument('--labels', '-l', default='12', help='two characters naming the responses for the judge')
     parser.add_argument('--seed', '-s', type=int, default=0, help='seeds the response order; sent as the API seed')
-    parser.add_argument('--sleep_time', '-st', type=float, default=0.5,
+    parser.add_argument('--sleep_time', '-st', type=non_negative_number, default=0.5,
                         help='minimum seconds between the starts of two requests')
     parser.add_argument('--max_comp', '-mc', type=positive_int, default=None, help='judge at most this many samples')
     parser.add_argument('--verbose', '-v', type=parse_bool, nargs='?', const=True, default=True,
@@ -101,6 +101,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if len(args.labels) != 2 or args.labels[0] == args.labels[1]:
         parser.error(f"--labels needs two different characters, got '{args.labels}'")
+    if args.candidate_key == args.baseline_key:
+        parser.error(f"--candidate_key and --baseline_key are both '{args.baseline_key}': a sample field judged "
+                     f"against itself")
     args.cache = args.cache or os.path.splitext(args.results_file)[0] + '.judgments.jsonl'
     return args
 

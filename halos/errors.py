@@ -145,6 +145,14 @@ def finite_number(text: str) -> Optional[float]:
     return value if math.isfinite(value) else None
 
 
+def non_negative_number(text: str) -> float:
+    """An argparse type: a finite number >= 0."""
+    value = finite_number(text)
+    if value is None or value < 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a number >= 0")
+    return value
+
+
 def positive_number(text: str) -> float:
     """An argparse type: a finite number > 0."""
     value = finite_number(text)

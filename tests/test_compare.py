@@ -293,15 +293,24 @@ def compare_error(capsys, monkeypatch, argv):
     ('--max-retries', '-1', '-1 is not an integer >= 0'),
     ('--timeout', '0', '0 is not a number > 0'),
     ('--timeout', 'inf', 'inf is not a number > 0'),
+    ('--sleep_time', '-1', '-1 is not a number >= 0'),
 ])
 def test_a_bad_argument_is_named_before_anything_is_judged(tmp_path, capsys, option, value, says):
     with pytest.raises(SystemExit) as exit_:
         compare.main(['-f', str(write_samples(tmp_path / 'samples.json', 2)), '-r', str(tmp_path / 'results.jsonl'),
                       option, value])
     assert exit_.value.code == 2
-    named = f'{option}/-mc' if option == '--max_comp' else option
+    named = {'--max_comp': '--max_comp/-mc', '--sleep_time': '--sleep_time/-st'}.get(option, option)
     assert capsys.readouterr().err.strip() == f'compare.py: argument {named}: {says} (--help lists the arguments)'
     assert not (tmp_path / 'results.jsonl').exists()
+
+
+def test_a_sample_field_judged_against_itself_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        compare.main(['-f', str(write_samples(tmp_path / 'samples.json', 2)), '-ck', 'policy', '-bk', 'policy'])
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip() == (
+        "compare.py: --candidate_key and --baseline_key are both 'policy': a sample field judged against itself "
+        "(--help lists the arguments)")
 
 
 def test_samples_file_problems_are_named(tmp_path, capsys, monkeypatch):
