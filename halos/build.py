@@ -26,8 +26,8 @@ from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
 from halos.online_rl import Rollouts
 from halos.sampling import SamplingOptions
-from halos.settings import (REQUIRED, LossSettings, OnlineSettings, Overrides, RunSettings, dotted_keys, is_params,
-                            missing_keys, typed, unknown_key)
+from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, dotted_keys, is_params, missing_keys,
+                            typed, unknown_key)
 from halos.vllm_engine import EngineChoice, chosen_sampler
 from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
@@ -137,13 +137,29 @@ def check_consistency(run: RunSettings) -> None:
     if online.reward_weights is not None and not (online.rounds > 0 or trainer_class.samples_online):
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, which "
                           f"loss={loss.name} does not score with (online rounds and online RL do): leave it null")
-    unread = [f'online.{key.name}' for key in dataclasses.fields(OnlineSettings)
-              if getattr(online, key.name) != getattr(OnlineSettings(), key.name) and not key.name.startswith('eval_')]
-    if unread and not (online.rounds > 0 or trainer_class.samples_online):
-        rank0_print(f"warning: {', '.join(unread)} set, but loss={loss.name} with online.rounds=0 trains offline on "
-                    f"its datasets and reads no online key: ++online.rounds=N trains in online rounds")
+    warn_of_unread_keys(run, trainer_class)
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         reward_function_labeler(loss.params.reward_function)
+
+
+def changed_keys(section, prefix: str) -> List[str]:
+    """The keys of a settings section whose values are not their defaults."""
+    default = type(section)()
+    return [f'{prefix}{key.name}' for key in dataclasses.fields(section)
+            if getattr(section, key.name) != getattr(default, key.name)]
+
+
+def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
+    """Name keys set where the run reads none of them: online keys of an offline run (the held-out keys aside,
+    which eval.py reads), LoRA keys without LoRA."""
+    unread = [key for key in changed_keys(run.online, 'online.') if not key.startswith('online.eval_')]
+    if unread and not (run.online.rounds > 0 or trainer_class.samples_online):
+        rank0_print(f"warning: {', '.join(unread)} set, but loss={run.loss.name} with online.rounds=0 trains offline "
+                    f"on its datasets and reads no online key: ++online.rounds=N trains in online rounds")
+    lora_keys = changed_keys(run.model.peft, 'model.peft.')
+    if lora_keys and not run.model.use_peft:
+        rank0_print(f"warning: {', '.join(lora_keys)} set, but model.use_peft=false trains every weight: "
+                    f"++model.use_peft=true trains LoRA adapters")
 
 
 def check_model_paths(run: RunSettings, training: bool = True) -> None:

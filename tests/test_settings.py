@@ -261,11 +261,16 @@ def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path
                                              f"{', '.join(LOSSES)}"
 
 
-def test_online_keys_on_a_run_that_trains_offline_are_warned_of(tmp_path, capsys):
+def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
     make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
                 '++online.eval_prompts=[held.jsonl]', loss='sft')
     assert ("warning: online.prompts_per_round, online.reward_function set, but loss=sft with online.rounds=0 trains "
             "offline on its datasets and reads no online key: ++online.rounds=N trains in online rounds"
             in capsys.readouterr().out)
     make_config(tmp_path, '++online.eval_prompts=[held.jsonl]', loss='sft')  # eval.py ++mode=reward reads it
+    assert 'warning' not in capsys.readouterr().out
+    make_config(tmp_path, '++model.peft.lora_r=8', loss='sft')
+    assert ("warning: model.peft.lora_r set, but model.use_peft=false trains every weight: ++model.use_peft=true "
+            "trains LoRA adapters" in capsys.readouterr().out)
+    make_config(tmp_path, '++model.peft.lora_r=8', '++model.use_peft=true', loss='sft')
     assert 'warning' not in capsys.readouterr().out
