@@ -6,6 +6,7 @@ train.py and eval.py (the entry points) call these; everything below them receiv
 """
 import dataclasses
 import os
+import random
 from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -304,7 +305,7 @@ def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
     """n_epochs and n_examples both stop a run (as in HALOs): say so where n_epochs stops it first."""
     if run.n_epochs is None or run.n_examples is None:
         return
-    planned = sum(map(len, train_loader.plan()))
+    planned = run.n_epochs * sum(map(len, train_loader.epoch_batches(random.Random(run.seed))))  # epochs alike
     if planned < run.n_examples:
         rank0_print(f"warning: n_epochs={run.n_epochs} stops the run after {planned} examples, before "
                     f"n_examples={run.n_examples}; ++n_epochs=null trains n_examples examples")
