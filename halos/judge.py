@@ -68,8 +68,17 @@ def server_url(base_url: Optional[str]) -> str:
     return base_url or os.environ.get('OPENAI_BASE_URL') or OPENAI_BASE_URL
 
 
+def checked_url(base_url: str) -> str:
+    """A server's URL with its scheme (without one, the client finds nothing there, whatever listens)."""
+    if not base_url.startswith(('http://', 'https://')):
+        raise JudgeError(f"judge server URL {public_url(base_url)} has no http:// or https:// (give it as "
+                         f"http://{public_url(base_url)})")
+    return base_url
+
+
 def make_client(base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
-    return openai.OpenAI(api_key=api_key_for(base_url), base_url=base_url, timeout=timeout, max_retries=max_retries)
+    return openai.OpenAI(api_key=api_key_for(checked_url(base_url)), base_url=base_url, timeout=timeout,
+                         max_retries=max_retries)
 
 
 def check_reachable(client: openai.OpenAI, base_url: str) -> None:

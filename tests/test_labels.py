@@ -667,3 +667,11 @@ def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from
     assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:constant',
                        '--feedback', 'binary', '--threshold', '0.5']) == 0
     assert [json.loads(line)['label'] for line in open(tmp_path / 'out.jsonl')] == [1, 1, 1, 1]
+
+
+def test_a_judge_url_without_its_scheme_is_named_with_the_fix(tmp_path, capsys):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n')
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--judge', 'm', '--base-url', '127.0.0.1:9/v1']) == 2
+    assert capsys.readouterr().err.strip() == ("label.py: judge server URL 127.0.0.1:9/v1 has no http:// or https:// "
+                                               "(give it as http://127.0.0.1:9/v1)")
