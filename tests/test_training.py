@@ -367,7 +367,10 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
                           (['++optimizer=AdamW'], 'optimizer=RMSprop, not AdamW; resume with optimizer=RMSprop'),
                           (['++lr=0.001'], 'lr=5e-07, not 0.001; resume with lr=5e-07'),
                           (['++model.use_peft=true'], 'model.use_peft=false, not true; resume with model.use_peft=false'),
-                          (['++model.peft.lora_r=8'], 'model.peft.lora_r=64, not 8')):
+                          (['++model.peft.lora_r=8'], 'model.peft.lora_r=64, not 8'),
+                          # online rounds take the prompt pool's blocks in turn, each prompt's group of samples
+                          (['++online.prompts_per_round=2'], 'online.prompts_per_round=16, not 2'),
+                          (['++online.samples_per_prompt=8'], 'online.samples_per_prompt=4, not 8')):
         with pytest.raises(SystemExit) as exit_:
             train_in_process(tmp_path, '++n_examples=8', '++resume=true', *changed, loss='sft')
         assert exit_.value.code == 2
