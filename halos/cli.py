@@ -10,6 +10,7 @@ import re
 import sys
 from typing import Callable, List
 
+import yaml
 from hydra.errors import HydraException, MissingConfigException
 from omegaconf.errors import OmegaConfBaseException
 
@@ -44,7 +45,7 @@ def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
         with reported_as_one_line(program):
             try:
                 hydra_main()
-            except (HydraException, OmegaConfBaseException) as error:
+            except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
                 if raised_inside(hydra_main.__wrapped__, error):
                     raise
                 raise ConfigError(composition_message(error)) from error
@@ -75,6 +76,9 @@ def raised_inside(function: Callable, error: Exception) -> bool:
 
 def composition_message(error: Exception) -> str:
     """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
+    if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
+        mark = error.problem_mark
+        return f"{mark.name} line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {error.problem}"
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"

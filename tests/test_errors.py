@@ -400,3 +400,12 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
     assert capsys.readouterr().err == f'eval.py: {a_file}: a file, where a directory must be\n'
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
+
+
+def test_a_config_file_that_is_not_valid_yaml_is_named_with_its_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'config.yaml').write_text('loss:\n  name: dpo\n beta: 0.1\n')  # a user's edit gone wrong
+    status, stderr = run_in_process(monkeypatch, capsys, 'eval.py', [
+        f'--config-path={tmp_path}/run', f'hydra.run.dir={tmp_path}', '++mode=sample'])
+    assert status == 2 and last_line(stderr) == (f"eval.py: {tmp_path}/run/config.yaml line 3, column 2: not valid "
+                                                 f"YAML: expected <block end>, but found '<block mapping start>'")
