@@ -188,6 +188,10 @@ def from_pretrained(loader, name_or_path: str, **options):
         if error.errno in FILE_SYSTEM_REFUSALS:
             raise  # the entry point names the path
         raise MissingFileError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
+    except ValueError as error:  # a config.json that names no architecture transformers knows
+        if not str(error).startswith('Unrecognized'):
+            raise
+        raise ConfigError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
 
 
 def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] = None):

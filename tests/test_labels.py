@@ -602,6 +602,12 @@ def test_label_py_names_a_reward_model_that_is_not_there(tmp_path, capsys):
     assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"label.py: model '{tmp_path}': not an HF model directory (it has no "
                                                f"config.json or tokenizer_config.json)")
+    import models
+    models.load_tokenizer('embedded:tiny-smollm2').save_pretrained(tmp_path)
+    (tmp_path / 'config.json').write_text('{"hidden_size": 8}')  # no model_type: no architecture to build
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(tmp_path)]) == 2
+    assert capsys.readouterr().err.strip() == (f"label.py: model '{tmp_path}': Unrecognized model in {tmp_path}. Should "
+                                               f"have a `model_type` key in its config.json.")
 
 
 def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(tmp_path, capsys):
