@@ -33,6 +33,7 @@ from halos.examples import ROLES, Dataset, render_turns
 
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
 FILE_TYPES = ('.json', '.jsonl', '.parquet')
+SPLITS = ('train', 'test')
 # what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
 RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', 'messages', *PAIR_FIELDS[0],
                            *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
@@ -257,6 +258,8 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         if not isinstance(record, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
         record = {name: value for name, value in record.items() if value is not None}
+        if record.get('split', split) not in SPLITS:
+            raise DataError(f"{where}: field 'split' is {record['split']!r}; give train or test (or no split: both)")
         if record.get('split', split) != split:
             dataset.counts[f"skipped: split is not '{split}'"] += 1
             continue

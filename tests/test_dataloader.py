@@ -486,7 +486,9 @@ def test_trl_prompt_completion_and_messages_records_are_demonstrations_that_sft_
                           "fields 'messages' and 'prompt' both given; a conversation is either "
                           "{\"messages\": [turns]} or {\"prompt\", \"completion\"}"),
                          ({'messages': [user('Hi'), assistant('A')], 'completion': 'B'},
-                          "fields 'messages' and 'completion' both given")]:
+                          "fields 'messages' and 'completion' both given"),
+                         ({'prompt': 'Hi', 'output': 'A', 'split': 'trian'},
+                          "field 'split' is 'trian'; give train or test (or no split: both)")]:
         path.write_text(''.join(json.dumps(r) + '\n' for r in (record if isinstance(record, list) else [record])))
         with pytest.raises(D.DataError) as error:
             D.load_dataset(str(path), 'train', **FORMAT)
