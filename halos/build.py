@@ -80,9 +80,10 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
     """The loss section: its fixed keys, its trainer's Params and its loader's Params."""
     own = [spec.name for spec in dataclasses.fields(LossSettings) if not is_params(spec)]
     fixed = typed(LossSettings, {key: value for key, value in loss.items() if key in own}, overrides, 'loss.')
-    missing = [f'loss.{key}' for key in ('trainer', 'dataloader') if getattr(fixed, key) == REQUIRED]
+    missing = [f'loss.{key}' for key in ('name', 'trainer', 'dataloader') if getattr(fixed, key) == REQUIRED]
     if missing:
-        raise ConfigError(f"missing required config keys: {', '.join(missing)} (a loss YAML names both)")
+        raise ConfigError(f"missing required config keys: {', '.join(missing)} (a loss YAML names all three: its name, "
+                          f"which a resume checks, its trainer and its dataloader)")
     trainer_class = trainers.get_trainer_class(fixed.trainer)
     loader_class = dataloader.get_dataloader_class(fixed.dataloader)
     trainer_keys = [spec.name for spec in dataclasses.fields(trainer_class.Params)]

@@ -274,3 +274,13 @@ def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(
             "trains LoRA adapters" in capsys.readouterr().out)
     make_config(tmp_path, '++model.peft.lora_r=8', '++model.use_peft=true', loss='sft')
     assert 'warning' not in capsys.readouterr().out
+
+
+def test_a_loss_yaml_without_its_name_is_refused():
+    """The name is what a resume checks: a run saved without one would resume under any loss."""
+    from halos.build import loss_settings
+    from halos.settings import Overrides
+    with pytest.raises(ConfigError) as error:
+        loss_settings({'trainer': 'DPOTrainer', 'dataloader': 'PairedPreferenceDataLoader', 'beta': 0.1}, Overrides([]))
+    assert str(error.value) == ("missing required config keys: loss.name (a loss YAML names all three: its name, which "
+                                "a resume checks, its trainer and its dataloader)")
