@@ -134,8 +134,8 @@ def evaluate(run: RunSettings) -> dict:
     if run.online.rounds and not eval_loader.items:
         raise ConfigError(f"mode=eval: {run.exp_name} trained in online rounds on prompts, which hold no completions "
                           f"to evaluate its loss on; its measure is the held-out reward: ++mode=reward (on "
-                          f"online.eval_prompts, scored by the run's reward function), or give ++datasets=[feedback "
-                          f"files] for the loss")
+                          f"{'online.eval_prompts' if run.online.eval_prompts else '++prompts=<held-out prompts>'}, "
+                          f"scored by the run's reward function), or give ++datasets=[feedback files] for the loss")
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.saved_policy,
                                           saved_adapter(run.saved_policy) if run.model.use_peft else None)
     policy.eval()
@@ -278,11 +278,14 @@ def checked(run: RunSettings) -> RunSettings:
     if run.mode == 'reward':
         run = dataclasses.replace(run, prompts=run.prompts or own_held_out_prompts(run),
                                   reward_function=run.reward_function or own_reward_function(run))
-    if run.mode == 'reward' and not (run.prompts and run.reward_function):
-        raise ConfigError("mode=reward needs ++prompts=<prompts file or dataset names> (default: the run's "
-                          "held-out prompts, or its datasets' test split) and ++reward_function=path/to/file.py:"
-                          "function (a run trained online has its own)")
     if run.mode == 'reward':
+        lacking = [needed for needed, given in [
+            ("++prompts=<prompts file or dataset names> (the run has no held-out prompts of its own: "
+             "online.eval_prompts, or its datasets)", run.prompts),
+            ("++reward_function=path/to/file.py:function (the run scored with none of its own)",
+             run.reward_function)] if not given]
+        if lacking:
+            raise ConfigError(f"mode=reward needs {' and '.join(lacking)}")
         reward_labeler(run)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:
         raise ConfigError("mode=lm_eval needs ++lm_eval.tasks=[task,...] (halos_basics ships in data/lm_eval)")

@@ -125,9 +125,8 @@ def cases(tmp_path, made_once):
                                              f"no checkpoint yet (train it, or continue it with ++resume=true), or give "
                                              f"++saved_policy=<a policy.pt or an HF directory>"),
         'eval: no reward function': ('eval.py', ['++mode=reward'],
-                                     "mode=reward needs ++prompts=<prompts file or dataset names> (default: the run's "
-                                     "held-out prompts, or its datasets' test split) and ++reward_function=path/to/"
-                                     "file.py:function (a run trained online has its own)"),
+                                     "mode=reward needs ++reward_function=path/to/file.py:function (the run scored "
+                                     "with none of its own)"),
         'missing field': ('train.py', [f'datasets=[{missing}]'],
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],

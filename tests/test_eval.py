@@ -253,7 +253,10 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
              '++online.eval_prompts=[held.jsonl]'], ['held.jsonl'], 'r.py:vowels'),
     # an offline run: the test split of its datasets, as mode=sample; it has no reward function of its own
     ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], ['pairs.jsonl'], 'r.py:vowels'),
-    ('dpo', ['datasets=[pairs.jsonl]'], None, None),
+    ('dpo', ['datasets=[pairs.jsonl]'], ['pairs.jsonl'], None),
+    # online rounds without held-out prompts measured none
+    ('dpo', ['datasets=[pairs.jsonl]', '++online.rounds=1', '++online.reward_function=r.py:vowels'], None,
+     'r.py:vowels'),
 ])
 def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_trained_online(tmp_path, monkeypatch, loss,
                                                                                        overrides, prompts, function):
@@ -264,9 +267,13 @@ def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_traine
     for name in ('train.jsonl', 'held.jsonl', 'pairs.jsonl'):
         (tmp_path / name).write_text('{"prompt": "Hi.", "chosen": "a", "rejected": "b"}\n')
     run = dataclasses.replace(make_config(tmp_path, *overrides, loss=loss), mode='reward')
-    if function is None:
-        with pytest.raises(ConfigError, match=r'^mode=reward needs \+\+prompts='):
+    if prompts is None or function is None:
+        with pytest.raises(ConfigError) as error:
             eval_script.checked(run)
+        lacking = '++prompts=<prompts file or dataset names> (the run has no held-out prompts of its own: ' \
+                  'online.eval_prompts, or its datasets)' if prompts is None else \
+                  '++reward_function=path/to/file.py:function (the run scored with none of its own)'
+        assert str(error.value) == f'mode=reward needs {lacking}'
         return
     run = eval_script.checked(run)
     assert (run.prompts, run.reward_function) == (prompts, function)

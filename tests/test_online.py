@@ -292,7 +292,7 @@ def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
     train_in_process(tmp_path, '++n_examples=4', loss='sft', exp_name='sft')
     with pytest.raises(SystemExit):
         eval_in_process(tmp_path / 'sft', '++mode=reward')
-    assert 'mode=reward needs ++prompts=' in capsys.readouterr().err
+    assert 'mode=reward needs ++reward_function=' in capsys.readouterr().err
 
 
 def test_eval_py_measures_an_online_rounds_run_by_its_own_held_out_reward(tmp_path, capsys):
