@@ -213,6 +213,8 @@ def lm_eval_results(run: RunSettings) -> dict:
     from lm_eval.tasks import TaskManager
     from lm_eval.utils import make_table
     settings = run.lm_eval
+    if settings.include_path and not os.path.isdir(settings.include_path):
+        raise MissingFileError(f"lm_eval.include_path={settings.include_path}: no such directory (of task YAMLs)")
     task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
     unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
     if unknown:  # said before the policy loads
@@ -222,8 +224,13 @@ def lm_eval_results(run: RunSettings) -> dict:
     policy = load_policy(run, tokenizer).to('cuda' if torch.cuda.is_available() else 'cpu')
     model = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=settings.batch_size,
                  max_length=run.model.max_length)
-    results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
-                                      limit=settings.limit, task_manager=task_manager)
+    try:
+        results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
+                                          limit=settings.limit, task_manager=task_manager)
+    except FileNotFoundError as error:  # a task's data_files, found relative to the working directory
+        raise MissingFileError(f"lm_eval.tasks: a task's data is not there ({str(error).splitlines()[0]}); a task "
+                               f"YAML names its data_files relative to the working directory (run eval.py from the "
+                               f"repository's root for halos_basics)") from None
     print(make_table(results))
     os.makedirs(run.local_run_dir, exist_ok=True)
     path = os.path.join(run.local_run_dir, 'lm_eval.json')

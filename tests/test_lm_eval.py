@@ -60,3 +60,15 @@ def test_an_unknown_task_stops_before_the_policy_loads(tmp_path, monkeypatch, ca
     assert exit_.value.code == 2
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"eval.py: lm_eval.tasks: no task nosuch in lm-eval or {os.path.join(DATA, 'lm_eval')}")
+
+
+def test_an_include_path_that_is_not_there_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
+    import eval as eval_py
+    monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
+                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[halos_basics]',
+                                      f'++lm_eval.include_path={tmp_path}/tasks', '++saved_policy=null',
+                                      f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
+    with pytest.raises(SystemExit) as exit_:
+        eval_py.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"eval.py: lm_eval.include_path={tmp_path}/tasks: no such directory (of task YAMLs)")
