@@ -408,3 +408,19 @@ def test_a_config_file_that_is_not_valid_yaml_is_named_with_its_line(tmp_path, m
         f'--config-path={tmp_path}/run', f'hydra.run.dir={tmp_path}', '++mode=sample'])
     assert status == 2 and last_line(stderr) == (f"eval.py: {tmp_path}/run/config.yaml line 3, column 2: not valid "
                                                  f"YAML: expected <block end>, but found '<block mapping start>'")
+
+
+def test_wandb_that_does_not_start_ends_in_one_line(tmp_path, monkeypatch):
+    import wandb
+
+    import train
+    from halos.errors import ConfigError
+    from helpers import make_config
+
+    def refuse(**kwargs):
+        raise RuntimeError('No API key configured.\nUse `wandb login` to log in.')
+    monkeypatch.setattr(wandb, 'init', refuse)
+    with pytest.raises(ConfigError) as error:
+        train.start_run_records(make_config(tmp_path, '++wandb.enabled=true'), [])
+    assert str(error.value) == ("wandb did not start (RuntimeError: No API key configured. Use `wandb login` to log "
+                                "in.): fix that, or train without it (++wandb.enabled=false, or WANDB_MODE=offline)")
