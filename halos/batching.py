@@ -4,6 +4,8 @@ sharding a global batch across processes, and tokenizing one prompt with its com
 A subclass says how Examples become items (`flatten`) and how a batch of items becomes tokenized
 elements (`tokenize_items`), and may declare the special tokens it adds to prompts (`control_tokens`).
 """
+import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -253,6 +255,14 @@ class DataLoader:
                     f"choose a loss for this feedback{f' ({losses})' if losses else ''}, or label the samples as "
                     f"{self.feedback_kinds[0]} feedback (label.py --feedback {self.feedback_kinds[0]}) ({counts})")
         return f"[{self.split}] {names}: no {type(self).__name__} items to iterate ({counts})"
+
+    def digest(self) -> str:
+        """A digest of the items, in their order: what a checkpoint's data position counts batches of."""
+        hashed = hashlib.sha256()
+        for item in self.items:
+            fields = [item.prompt] if isinstance(item, Example) else [item[0].prompt, *item[1:]]
+            hashed.update(json.dumps(fields, default=str).encode())
+        return hashed.hexdigest()[:16]
 
     def __len__(self) -> int:
         return sum(1 for _ in self.plan())

@@ -922,3 +922,20 @@ def test_retained_memory_is_reused_without_faulting_fresh_pages():
     assert outputs['retain'][0] == 'True' and outputs['default'][0] == 'False'
     assert int(outputs['default'][1]) > 15000
     assert int(outputs['retain'][1]) < 500
+
+
+def test_a_resume_on_data_whose_records_changed_is_refused(tmp_path):
+    """A checkpoint's data position counts batches of the items it was trained on: other records would put it
+    elsewhere in other data."""
+    from halos.errors import ConfigError
+    pairs = tmp_path / 'pairs.jsonl'
+    records = open(os.path.join(ROOT, 'data', 'upbeat', 'pairs.jsonl')).readlines()
+    pairs.write_text(''.join(records))
+    trained = build_trainer(make_config(tmp_path, f'datasets=[{pairs}]', '++n_examples=8'))
+    state = trained.trainer_state()
+    build_trainer(make_config(tmp_path, f'datasets=[{pairs}]', '++n_examples=16')).restore_trainer_state(state)
+    pairs.write_text(''.join(records[10:]))
+    changed = build_trainer(make_config(tmp_path, f'datasets=[{pairs}]', '++n_examples=16'))
+    assert changed.data_digest != trained.data_digest
+    with pytest.raises(ConfigError, match=r'^resume=true: the training data is not the data the checkpoint was '):
+        changed.restore_trainer_state(state)
