@@ -93,12 +93,12 @@ def summary(values) -> str:
 
 
 def main() -> None:
-    from halos.errors import ArgumentParser, reported_as_one_line
-    parser = ArgumentParser(description=__doc__.split('\n')[0])
+    from halos.errors import ArgumentParser, positive_int, positive_number, reported_as_one_line
+    parser = ArgumentParser(prog='stackllama.py', description=__doc__.split('\n')[0])
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'stackllama'))
-    parser.add_argument('--ppo-examples', type=int, default=96, help='prompts PPO trains on (one sample each)')
-    parser.add_argument('--ppo-lr', type=float, default=5e-5)
-    parser.add_argument('--new-tokens', type=int, default=48, help='the longest sample, in new tokens')
+    parser.add_argument('--ppo-examples', type=positive_int, default=96, help='prompts PPO trains on (one sample each)')
+    parser.add_argument('--ppo-lr', type=positive_number, default=5e-5)
+    parser.add_argument('--new-tokens', type=positive_int, default=48, help='the longest sample, in new tokens')
     parser.add_argument('--seed', type=int, default=0)
     args = parser.parse_args()
     with reported_as_one_line('stackllama.py'):

@@ -337,6 +337,10 @@ def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_p
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quality.returncode == 2 and quality.stderr.strip() == (
         'quality.py: argument --prompts-train: no such file: nope.jsonl (--help lists the arguments)')
+    stackllama = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'stackllama.py'), '--new-tokens', '0'],
+                                cwd=ROOT, capture_output=True, text=True, timeout=300)  # before any stage starts
+    assert stackllama.returncode == 2 and stackllama.stderr.strip() == (
+        'stackllama.py: argument --new-tokens: 0 is not an integer >= 1 (--help lists the arguments)')
 
 
 def test_an_output_that_is_an_input_stops_label_py_and_compare_py_before_anything_is_written(tmp_path, capsys):
