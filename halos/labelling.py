@@ -69,15 +69,14 @@ def last_error_note(labeler) -> str:
     return f"; last error: {last_error}" if last_error else ''
 
 
-TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ',
-                  'best': 'prompts whose best sample stands out'}
+TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ'}
 
 
 def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,
                          threshold: Threshold = 'median') -> Optional[str]:
     """Why scored samples gave `kind` feedback `records` with nothing to learn from (None when they did not):
-    pairwise, scalar and best feedback learn from the differences between a prompt's samples, binary feedback
-    against a mean or median threshold from the differences between samples."""
+    pairwise and scalar feedback learn from the differences between a prompt's samples, binary feedback against a
+    mean or median threshold from the differences between samples."""
     if kind == 'binary' and threshold in ('mean', 'median') and len({r['label'] for r in records}) == 1:
         return f"0 undesirable samples: every reward reaches the {threshold} threshold, as the rewards are tied"
     if kind not in TRAINING_UNITS:

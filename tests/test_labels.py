@@ -657,8 +657,6 @@ def test_a_broken_reward_model_format_file_is_named(tmp_path, content, says):
     (['--feedback', 'binary'], "0 undesirable samples: every reward reaches the median threshold, as the rewards are tied"),
     (['--feedback', 'binary', '--threshold', 'mean', '--per-prompt'],
      "0 undesirable samples: every reward reaches the mean threshold, as the rewards are tied"),
-    (['--feedback', 'best'], "0 prompts whose best sample stands out: no prompt of 2 has two samples with different "
-                             "rewards"),
     (['--feedback', 'pairwise'], "0 pairs: no prompt of 2 has two samples with different rewards"),
 ])
 def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from(tmp_path, capsys, options, says):

@@ -196,7 +196,7 @@ def test_the_judge_labeler_asks_nothing_twice_on_a_rerun(tmp_path, capsys):
     samples = sample_file(tmp_path)
     with local_judge_server() as url, FaultProxy(url) as proxy:
         arguments = [samples, str(tmp_path / 'feedback.jsonl'), '--judge', 'smollm2', '--base-url', proxy.base_url,
-                     '--feedback', 'binary']  # keeps every scored sample, tied or not
+                     '--feedback', 'binary', '--threshold', '5']  # keeps every scored sample, tied or not
         status = label.main(arguments)
         assert proxy.chat_requests == 9
         cache = tmp_path / 'feedback.judgments.jsonl'
