@@ -51,7 +51,7 @@ import trainers
 from halos import batch as schema
 from halos import checkpoint, lora, rl
 from halos.build import (build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
-                         missing_keys_error, run_settings, sampling_options, saved_adapter)
+                         missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
 from halos.cli import run_hydra, task_overrides
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
@@ -240,10 +240,7 @@ def lm_eval_results(run: RunSettings) -> dict:
                   f, indent=2, default=str)
     print(f'wrote the results to {path}')
     if run.wandb.enabled and not run.debug:
-        import wandb
-        os.environ.setdefault('WANDB_MODE', run.wandb.mode)
-        with wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=f'{run.exp_name}-lm_eval',
-                        dir=run.local_run_dir) as logged:
+        with start_wandb(run, f'{run.exp_name}-lm_eval') as logged:
             logged.log({f'lm_eval/{task}/{metric}': value for task, metrics in results['results'].items()
                         for metric, value in metrics.items() if isinstance(value, (int, float))})
     return results

@@ -24,9 +24,9 @@ from omegaconf import DictConfig, OmegaConf
 
 import models
 from halos import checkpoint
-from halos.build import build_online_rounds, build_trainer, run_settings
+from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
 from halos.cli import run_hydra, task_overrides
-from halos.errors import ConfigError, describe_error, reported_as_one_line
+from halos.errors import ConfigError, reported_as_one_line
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
 from halos.settings import PeftSettings, RunSettings, as_dict
@@ -129,14 +129,7 @@ def start_run_records(run: RunSettings, earlier: List[str]) -> None:
         return
     OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
     if run.wandb.enabled and not run.debug:
-        import wandb
-        os.environ.setdefault('WANDB_MODE', run.wandb.mode)
-        try:
-            wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=run.exp_name, config=as_dict(run),
-                       dir=run.local_run_dir)
-        except Exception as error:  # no API key, a WANDB_* variable it refuses, no server
-            raise ConfigError(f"wandb did not start ({' '.join(describe_error(error).split())}): fix that, or train "
-                              f"without it (++wandb.enabled=false, or WANDB_MODE=offline)") from None
+        start_wandb(run, run.exp_name, config=as_dict(run))
 
 
 def resumable(run: RunSettings, latest: str) -> bool:

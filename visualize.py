@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from compare import wilson_interval  # noqa: E402
 from halos.curves import plot_training_curves  # noqa: E402
@@ -112,8 +113,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def check_output(parser: ArgumentParser, path: str) -> None:
     """An image file name whose extension is a format matplotlib writes (it would add .png to a name without one)."""
-    formats = plt.figure().canvas.get_supported_filetypes()
-    plt.close('all')
+    formats = FigureCanvasBase.get_supported_filetypes()
     extension = os.path.splitext(path)[1][1:].lower()
     if os.path.isdir(path) or extension not in formats:
         what = 'is a directory' if os.path.isdir(path) else 'has no extension of an image format'

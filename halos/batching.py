@@ -69,6 +69,11 @@ FEEDBACK_NAMES = {'binary': 'binary feedback (desirable and undesirable outputs)
                                                                                 'or a score)'}
 
 
+def item_example(item) -> Example:
+    """The Example an item of a loader comes from (a prompt loader's items are Examples)."""
+    return item if isinstance(item, Example) else item[0]
+
+
 def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
     """The kinds of feedback the examples hold: pairwise (pairs), binary (labels), scalar (scores alone),
     demonstration (outputs alone)."""
@@ -263,6 +268,10 @@ class DataLoader:
             fields = [item.prompt] if isinstance(item, Example) else [item[0].prompt, *item[1:]]
             hashed.update(json.dumps(fields, default=str).encode())
         return hashed.hexdigest()[:16]
+
+    def examples_per_epoch(self) -> int:
+        """The training examples of one epoch (every epoch holds as many: only their order changes)."""
+        return sum(map(len, self.epoch_batches(random.Random(self.seed))))
 
     def __len__(self) -> int:
         return sum(1 for _ in self.plan())

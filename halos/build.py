@@ -6,7 +6,6 @@ train.py and eval.py (the entry points) call these; everything below them receiv
 """
 import dataclasses
 import os
-import random
 from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -16,10 +15,10 @@ import dataloader
 import models
 import trainers
 from halos import checkpoint, lora
-from halos.batching import FEEDBACK_NAMES, held_feedback_kinds, load_examples
+from halos.batching import FEEDBACK_NAMES, held_feedback_kinds, item_example, load_examples
 from halos.datasets import check_dataset_name
-from halos.errors import ConfigError, DataError, one_line
-from halos.examples import Example, Formatting, prompt_digest
+from halos.errors import ConfigError, DataError, describe_error, one_line
+from halos.examples import Formatting, prompt_digest
 from halos.labelers import (RewardFunctionLabeler, RewardFunctionsLabeler, check_prompts, make_labeler,
                             reward_function_labeler)
 from halos.loop import Humanline, LoopSettings
@@ -306,7 +305,7 @@ def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
     """n_epochs and n_examples both stop a run (as in HALOs): say so where n_epochs stops it first."""
     if run.n_epochs is None or run.n_examples is None:
         return
-    planned = run.n_epochs * sum(map(len, train_loader.epoch_batches(random.Random(run.seed))))  # epochs alike
+    planned = run.n_epochs * train_loader.examples_per_epoch()
     if planned < run.n_examples:
         rank0_print(f"warning: n_epochs={run.n_epochs} stops the run after {planned} examples, before "
                     f"n_examples={run.n_examples}; ++n_epochs=null trains n_examples examples")
@@ -315,7 +314,7 @@ def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
 def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
     """Name a dataset of several that gives the loss nothing to train on (prompts alone, or feedback of a kind
     its loader does not read) while the others train."""
-    used = {(item if isinstance(item, Example) else item[0]).dataset_name for item in train_loader.items}
+    used = {item_example(item).dataset_name for item in train_loader.items}
     examples: Dict[str, list] = {}
     for example in train_loader.full_data.values():
         examples.setdefault(example.dataset_name, []).append(example)
@@ -324,6 +323,19 @@ def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
             kinds = ' and '.join(FEEDBACK_NAMES[kind] for kind in held_feedback_kinds(held)) or 'prompts alone'
             rank0_print(f"warning: {name}: loss={run.loss.name} trains on none of its {len(held)} prompts (they hold "
                         f"{kinds}), only on the other datasets")
+
+
+def start_wandb(run: RunSettings, name: str, **options):
+    """The run's wandb run, in wandb.mode unless WANDB_MODE says otherwise; a wandb that does not start (no API
+    key, a WANDB_* value it refuses, no server) ends in one line."""
+    import wandb
+    os.environ.setdefault('WANDB_MODE', run.wandb.mode)
+    try:
+        return wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=name, dir=run.local_run_dir,
+                          **options)
+    except Exception as error:
+        raise ConfigError(f"wandb did not start ({' '.join(describe_error(error).split())}): fix that, or train "
+                          f"without it (++wandb.enabled=false, or WANDB_MODE=offline)") from None
 
 
 def control_tokens(run: RunSettings) -> List[str]:

@@ -77,8 +77,8 @@ def checked_url(base_url: str) -> str:
 
 
 def make_client(base_url: str, timeout: float, max_retries: int) -> openai.OpenAI:
-    return openai.OpenAI(api_key=api_key_for(checked_url(base_url)), base_url=base_url, timeout=timeout,
-                         max_retries=max_retries)
+    checked_url(base_url)
+    return openai.OpenAI(api_key=api_key_for(base_url), base_url=base_url, timeout=timeout, max_retries=max_retries)
 
 
 def check_reachable(client: openai.OpenAI, base_url: str) -> None:
