@@ -48,7 +48,7 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from halos.errors import ArgumentParser, ConfigError, reported_as_one_line  # noqa: E402  (after the path insert)
+from halos.errors import ArgumentParser, ConfigError, reported_as_one_line, wait_passing_stops  # noqa: E402  (after the path insert)
 from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
 
 
@@ -174,18 +174,13 @@ class Runner:
 
 
 def run_forked(script: str, args: List[str]) -> None:
-    """`python script args` in a forked child: its exit status, as subprocess.run(check=True) gives it. A Ctrl-C
-    reaches the child too (same process group); this waits for it to finish saving before raising."""
+    """`python script args` in a forked child: its exit status, as subprocess.run(check=True) gives it (a stop
+    is passed on to it: halos.errors.wait_passing_stops)."""
     sys.stdout.flush(), sys.stderr.flush()
     pid = os.fork()
     if pid == 0:
         os._exit(child_main(script, args))
-    try:
-        _, status = os.waitpid(pid, 0)
-    except KeyboardInterrupt:
-        os.waitpid(pid, 0)
-        raise
-    code = os.waitstatus_to_exitcode(status)
+    code = wait_passing_stops(pid)
     if code:
         raise subprocess.CalledProcessError(code, ['python', script, *args])
 

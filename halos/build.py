@@ -326,13 +326,14 @@ def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
 
 
 def start_wandb(run: RunSettings, name: str, **options):
-    """The run's wandb run, in wandb.mode unless WANDB_MODE says otherwise; a wandb that does not start (no API
-    key, a WANDB_* value it refuses, no server) ends in one line."""
+    """The run's wandb run, in wandb.mode unless WANDB_MODE says otherwise, its files in the run directory unless
+    WANDB_DIR says otherwise; a wandb that does not start (no API key, a WANDB_* value it refuses, no server) ends
+    in one line."""
     import wandb
     os.environ.setdefault('WANDB_MODE', run.wandb.mode)
     try:
-        return wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=name, dir=run.local_run_dir,
-                          **options)
+        return wandb.init(entity=run.wandb.entity, project=run.wandb.project, name=name,
+                          dir=os.environ.get('WANDB_DIR', run.local_run_dir), **options)
     except Exception as error:
         raise ConfigError(f"wandb did not start ({' '.join(describe_error(error).split())}): fix that, or train "
                           f"without it (++wandb.enabled=false, or WANDB_MODE=offline)") from None

@@ -9,6 +9,7 @@ import contextlib
 import errno
 import math
 import os
+import signal
 import subprocess
 import sys
 from typing import Optional
@@ -112,6 +113,22 @@ def reported_as_one_line(program: str):
         print(f'{program}: `{command}` failed with exit status {error.returncode} (its message is above)',
               file=sys.stderr, flush=True)
         sys.exit(error.returncode if error.returncode > 0 else 1)
+
+
+def wait_passing_stops(pid: int) -> int:
+    """The exit code of child process `pid`, a halos command that a script runs. A SIGTERM sent to the script is
+    passed on to it, and a Ctrl-C (which reaches both) waits for it: either way it saves its checkpoint and
+    stops, instead of running on alone or being cut off."""
+    previous = signal.signal(signal.SIGTERM, lambda signum, frame: os.kill(pid, signum))
+    try:
+        try:
+            _, status = os.waitpid(pid, 0)
+        except KeyboardInterrupt:
+            os.waitpid(pid, 0)
+            raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return os.waitstatus_to_exitcode(status)
 
 
 class ArgumentParser(argparse.ArgumentParser):

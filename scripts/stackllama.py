@@ -8,6 +8,7 @@ policy's KL to the SFT model and the wall time of every stage, and the train.py 
 
 Rerunning reuses the stages already trained (delete the run directory to start over).
 """
+import argparse
 import math
 import os
 import statistics
@@ -18,6 +19,8 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 DATASETS = '[hh,shp]'
+
+from halos.errors import wait_passing_stops  # noqa: E402  (after the path insert)
 
 
 def train(runs: str, loss: str, exp_name: str, *extra: str) -> float:
@@ -32,7 +35,9 @@ def train(runs: str, loss: str, exp_name: str, *extra: str) -> float:
                '++optimizer=AdamW', '++model.max_length=384', '++model.max_prompt_length=256', *extra]
     print('\n$ ' + ' '.join(command[1:]), flush=True)
     started = time.time()
-    subprocess.run(command, cwd=ROOT, check=True)
+    code = wait_passing_stops(subprocess.Popen(command, cwd=ROOT).pid)
+    if code:
+        raise subprocess.CalledProcessError(code, command)
     with open(wall_time_file, 'w') as f:
         f.write(f'{time.time() - started:.1f}')
     return time.time() - started
@@ -94,7 +99,8 @@ def summary(values) -> str:
 
 def main() -> None:
     from halos.errors import ArgumentParser, positive_int, positive_number, reported_as_one_line
-    parser = ArgumentParser(prog='stackllama.py', description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='stackllama.py', description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--runs', default=os.path.join(ROOT, 'runs', 'stackllama'))
     parser.add_argument('--ppo-examples', type=positive_int, default=96, help='prompts PPO trains on (one sample each)')
     parser.add_argument('--ppo-lr', type=positive_number, default=5e-5)

@@ -8,8 +8,11 @@ train prompt (SmolLM2-135M-Instruct with its chat template), scored by data/upbe
 
 so that offline losses train on the same task, labels and budget as the online ones.
 
-    python scripts/upbeat_data.py [--samples-per-prompt 4] [--max-new-tokens 48] [--temperature 0.7]
+    python scripts/upbeat_data.py [--samples-per-prompt 4] [--max-new-tokens 48] [--temperature 0.7] [--out DIR]
+
+--out writes the four files elsewhere (the default rewrites the shipped ones).
 """
+import argparse
 import os
 import sys
 
@@ -19,12 +22,14 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 
 
 def main() -> None:
-    from halos.errors import ArgumentParser, reported_as_one_line
-    parser = ArgumentParser(description=__doc__.split('\n')[0])
-    parser.add_argument('--samples-per-prompt', type=int, default=4)
-    parser.add_argument('--max-new-tokens', type=int, default=48)
-    parser.add_argument('--temperature', type=float, default=0.7)
+    from halos.errors import ArgumentParser, positive_int, positive_number, reported_as_one_line
+    parser = ArgumentParser(prog='upbeat_data.py', description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--samples-per-prompt', type=positive_int, default=4)
+    parser.add_argument('--max-new-tokens', type=positive_int, default=48)
+    parser.add_argument('--temperature', type=positive_number, default=0.7)
     parser.add_argument('--seed', type=int, default=0)
+    parser.add_argument('--out', default=UPBEAT, help='the directory the files are written to')
     args = parser.parse_args()
     with reported_as_one_line('upbeat_data.py'):
         write_data(args)
@@ -57,7 +62,7 @@ def write_data(args) -> None:
                'binary': build_feedback(labelled, 'binary', threshold='median', per_prompt=True),
                'scalar': build_feedback(labelled, 'scalar')}
     for kind, records in outputs.items():
-        write_jsonl(os.path.join(UPBEAT, f'{kind}.jsonl'), records)
+        write_jsonl(os.path.join(args.out, f'{kind}.jsonl'), records)
         print(f'{kind}: {len(records)} records')
     print(dict(counts))
 

@@ -428,3 +428,37 @@ def test_wandb_that_does_not_start_ends_in_one_line(tmp_path, monkeypatch):
         train.start_run_records(make_config(tmp_path, '++wandb.enabled=true'), [])
     assert str(error.value) == ("wandb did not start (RuntimeError: No API key configured. Use `wandb login` to log "
                                 "in.): fix that, or train without it (++wandb.enabled=false, or WANDB_MODE=offline)")
+
+
+def test_wandb_writes_into_the_run_directory_unless_wandb_dir_says_where(tmp_path, monkeypatch):
+    import wandb
+
+    import train
+    from helpers import make_config
+    directories = []
+    monkeypatch.setattr(wandb, 'init', lambda **options: directories.append(options['dir']))
+    config = make_config(tmp_path, '++wandb.enabled=true')
+    train.start_run_records(config, [])
+    monkeypatch.setenv('WANDB_DIR', str(tmp_path / 'wandb_files'))
+    train.start_run_records(config, [])
+    assert directories == [config.local_run_dir, str(tmp_path / 'wandb_files')]
+
+
+def test_a_script_passes_a_stop_on_to_the_halos_command_it_waits_for(tmp_path):
+    """A SIGTERM to a script that runs train.py (stackllama.py, bench/quality.py) reaches train.py, which saves and
+    stops with 128 + 15; the script then exits with it, leaving nothing running."""
+    saved = tmp_path / 'saved'
+    command = ("import signal, sys, time; "
+               f"signal.signal(signal.SIGTERM, lambda *a: (open({str(saved)!r}, 'w').write('checkpoint'), sys.exit(143))); "
+               f"open({str(tmp_path / 'started')!r}, 'w').close(); time.sleep(60)")
+    script = (f"import subprocess, sys; sys.path.insert(0, {ROOT!r}); from halos.errors import wait_passing_stops; "
+              f"child = subprocess.Popen([sys.executable, '-c', {command!r}]); print(child.pid, flush=True); "
+              f"sys.exit(wait_passing_stops(child.pid))")
+    parent = subprocess.Popen([sys.executable, '-c', script], stdout=subprocess.PIPE, text=True)
+    child_pid = int(parent.stdout.readline())
+    while not (tmp_path / 'started').exists():
+        assert parent.poll() is None
+    parent.send_signal(15)
+    assert parent.wait(timeout=30) == 143 and saved.read_text() == 'checkpoint'
+    with pytest.raises(ProcessLookupError):
+        os.kill(child_pid, 0)
