@@ -52,7 +52,7 @@ from halos import batch as schema
 from halos import checkpoint, lora, rl
 from halos.build import (build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
-from halos.cli import run_hydra, task_overrides
+from halos.cli import run_hydra, task_overrides, unreadable_yaml_files
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_json, write_jsonl
@@ -218,8 +218,10 @@ def lm_eval_results(run: RunSettings) -> dict:
     task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
     unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
     if unknown:  # said before the policy loads
+        unreadable = unreadable_yaml_files(settings.include_path) if settings.include_path else []
         raise ConfigError(f"lm_eval.tasks: no task {', '.join(unknown)} in lm-eval or {HALOS_TASKS}"
-                          + (f" or {settings.include_path}" if settings.include_path else ''))
+                          + (f" or {settings.include_path}" if settings.include_path else '')
+                          + (f" (lm-eval skipped these task files: {'; '.join(unreadable)})" if unreadable else ''))
     tokenizer = load_run_tokenizer(run)
     policy = load_policy(run, tokenizer).to('cuda' if torch.cuda.is_available() else 'cpu')
     model = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=settings.batch_size,

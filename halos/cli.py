@@ -4,6 +4,7 @@ Hydra prints its own errors (an unknown `loss=` choice, an override of a key the
 syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise them instead and reports them
 as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
 """
+import glob
 import itertools
 import os
 import re
@@ -74,11 +75,38 @@ def raised_inside(function: Callable, error: Exception) -> bool:
     return False
 
 
-def composition_message(error: Exception) -> str:
-    """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
+def yaml_error_line(error: yaml.YAMLError) -> str:
+    """A YAML parse error as one line: `<file> line L, column C: not valid YAML: <problem>`."""
     if isinstance(error, yaml.MarkedYAMLError) and error.problem_mark is not None:
         mark = error.problem_mark
         return f"{mark.name} line {mark.line + 1}, column {mark.column + 1}: not valid YAML: {error.problem}"
+    return f"not valid YAML: {one_line(error)}"
+
+
+class TaggedYamlLoader(yaml.SafeLoader):
+    """A YAML reader for files written for other tools (lm-eval's task YAMLs): their tags, such as !function,
+    are read as plain values."""
+
+
+TaggedYamlLoader.add_multi_constructor('!', lambda loader, suffix, node: None)
+
+
+def unreadable_yaml_files(directory: str) -> List[str]:
+    """`yaml_error_line` of each *.yaml under `directory` that is not valid YAML."""
+    problems = []
+    for path in sorted(glob.glob(os.path.join(directory, '**', '*.yaml'), recursive=True)):
+        with open(path) as f:
+            try:
+                yaml.load(f, TaggedYamlLoader)
+            except yaml.YAMLError as error:
+                problems.append(yaml_error_line(error))
+    return problems
+
+
+def composition_message(error: Exception) -> str:
+    """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
+    if isinstance(error, yaml.YAMLError):
+        return yaml_error_line(error)
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"

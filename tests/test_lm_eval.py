@@ -72,3 +72,21 @@ def test_an_include_path_that_is_not_there_stops_before_the_policy_loads(tmp_pat
         eval_py.main()
     assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
         f"eval.py: lm_eval.include_path={tmp_path}/tasks: no such directory (of task YAMLs)")
+
+
+def test_a_task_yaml_that_does_not_parse_is_named_beside_the_task_it_would_have_given(tmp_path, monkeypatch, capsys):
+    import eval as eval_py
+    tasks = tmp_path / 'tasks'
+    tasks.mkdir()
+    (tasks / 'mine.yaml').write_text('task: mine\ndataset_path: json\n  doc_to_text: "{{question}}"\n')
+    (tasks / 'fine.yaml').write_text('task: fine\nprocess_results: !function utils.process\n')  # lm-eval's tag is valid
+    monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
+                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[mine]',
+                                      f'++lm_eval.include_path={tasks}', '++saved_policy=null',
+                                      f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
+    with pytest.raises(SystemExit) as exit_:
+        eval_py.main()
+    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"eval.py: lm_eval.tasks: no task mine in lm-eval or {os.path.join(DATA, 'lm_eval')} or {tasks} (lm-eval "
+        f"skipped these task files: {tasks}/mine.yaml line 3, column 14: not valid YAML: mapping values are not "
+        f"allowed here)")
