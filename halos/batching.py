@@ -323,6 +323,23 @@ class DataLoader:
             return prompt_ids[:1] * has_bos + prompt_ids[len(prompt_ids) - (keep - has_bos):]
         raise DataError(f"{example.source}: unknown truncation_mode '{example.truncation_mode}'")
 
+    def prompt_is_cut(self, prompt_length: int, longest_completion: int) -> bool:
+        """Whether an element's prompt is cut to max_prompt_length: where its longest completion would not fit."""
+        return prompt_length + longest_completion > self.max_length and prompt_length > self.max_prompt_length
+
+    def cut_completions(self, limit: int = 64) -> Tuple[int, int]:
+        """(cut, checked): of the completions of the first `limit` prompts that have some, how many max_length cuts
+        (after their prompt is cut, as tokenize_element cuts them)."""
+        cut = checked = 0
+        for example in [example for example in self.full_data.values() if example.generations][:limit]:
+            prompt = len(self.encode_prompt(self.prompt_text(example)))
+            lengths = [len(self.encode_completion(text)) for text in example.generations]
+            if self.prompt_is_cut(prompt, max(lengths)):
+                prompt = self.max_prompt_length
+            cut += sum(length > self.max_length - prompt for length in lengths)
+            checked += len(lengths)
+        return cut, checked
+
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
         """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).
 
@@ -336,7 +353,7 @@ class DataLoader:
         prompt_ids = self.encode_prompt(prompt)
         completion_ids = {kind: self.encode_completion(text) for kind, text in completions.items()}
         longest = max(len(ids) for ids in completion_ids.values())
-        prompt_truncated = len(prompt_ids) + longest > self.max_length and len(prompt_ids) > self.max_prompt_length
+        prompt_truncated = self.prompt_is_cut(len(prompt_ids), longest)
         if prompt_truncated:
             prompt_ids = self.cut_prompt(example, prompt_ids)
         room = self.max_length - len(prompt_ids)

@@ -325,6 +325,16 @@ def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
                         f"{kinds}), only on the other datasets")
 
 
+def warn_of_cut_completions(run: RunSettings, train_loader) -> None:
+    """Say so where model.max_length cuts most completions (checked on the first prompts): the loss then sees
+    completions that stop where they did not end."""
+    cut, checked = train_loader.cut_completions()
+    if cut > checked / 2:
+        rank0_print(f"warning: model.max_length={run.model.max_length} cuts {cut} of the first {checked} completions "
+                    f"of {', '.join(train_loader.dataset_names)} (with model.max_prompt_length="
+                    f"{run.model.max_prompt_length}): raise model.max_length to train on whole completions")
+
+
 def start_wandb(run: RunSettings, name: str, **options):
     """The run's wandb run, in wandb.mode unless WANDB_MODE says otherwise, its files in the run directory unless
     WANDB_DIR says otherwise; a wandb that does not start (no API key, a WANDB_* value it refuses, no server) ends
@@ -401,6 +411,7 @@ def build_trainer(run: RunSettings):
     if train_loader is not None:
         warn_of_an_unreached_n_examples(run, train_loader)
         warn_of_unused_datasets(run, train_loader)
+        warn_of_cut_completions(run, train_loader)
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)

@@ -601,3 +601,22 @@ def test_a_dataset_that_gives_the_loss_nothing_while_others_train_is_warned_of(t
         warn_of_unused_datasets(run, build_loader(run, tokenizer, 'train'))
         out = capsys.readouterr().out
         assert (warned in out) if warned else 'warning' not in out, (loss, out)
+
+
+def test_a_max_length_that_cuts_most_completions_is_warned_of(tmp_path, tokenizer, capsys):
+    from halos.build import build_loader, warn_of_cut_completions
+    from helpers import make_config
+    long_text, long_prompt = ' '.join(['word'] * 60), ' '.join(['Say'] * 40) + ' hi.'
+    records = [{'prompt': 'Say hi.', 'chosen': 'Hi.', 'rejected': long_text},  # one of two cut
+               {'prompt': long_prompt, 'chosen': 'Hi.', 'rejected': 'Hello.'}]  # the prompt is cut: both fit
+    path = tmp_path / 'pairs.jsonl'
+    both_cut = [{'prompt': f'Say {word}.', 'chosen': long_text, 'rejected': long_text + '!'} for word in ('yo', 'hey')]
+    for extra, cut, warned in [([], 1, False), (both_cut, 5, True)]:
+        path.write_text(''.join(json.dumps(record) + '\n' for record in records + extra))
+        run = make_config(tmp_path, f'datasets=[{path}]', '++model.max_length=32', '++model.max_prompt_length=16')
+        train_loader = build_loader(run, tokenizer, 'train')
+        assert train_loader.cut_completions() == (cut, 4 + len(extra) * 2)
+        warn_of_cut_completions(run, train_loader)
+        out = capsys.readouterr().out
+        assert (f"warning: model.max_length=32 cuts 5 of the first 8 completions of {path} (with model.max_prompt_length="
+                f"16): raise model.max_length to train on whole completions" in out) == warned, out
