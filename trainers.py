@@ -33,7 +33,7 @@ from halos.policy_gradient import GroupTrainer
 from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
                               UnpairedPreferenceTrainer, unpaired_accuracies)
 from halos.settings import REWARD_FUNCTIONS, at_least, between, greater_than, one_of, setting
-from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps, weighted_mean
+from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps
 
 
 class SFTTrainer(BasicTrainer):
@@ -45,7 +45,7 @@ class SFTTrainer(BasicTrainer):
     def get_batch_metrics(self, batch, mode):
         policy_logps, = self.concatenated_logps(self.policy, batch, (schema.TARGET,))
         losses = self.loss(policy_logps)
-        return weighted_mean(losses, batch[schema.WEIGHT]), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
+        return self.example_mean(losses, batch[schema.WEIGHT]), {f'logps_{mode}/chosen': policy_logps, f'loss/{mode}': losses}
 
 
 class DPOTrainer(PairedPreferenceTrainer):

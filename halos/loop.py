@@ -33,7 +33,7 @@ from halos.sampling import Sampler, SamplingOptions
 from halos.settings import ModelSettings, setting
 from halos.vllm_engine import EngineChoice, PolicySampler
 from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
-                   completion_lengths, find_class, formatted_dict, on_rank0, rank0_print)
+                   completion_lengths, find_class, formatted_dict, on_rank0, rank0_print, weighted_mean)
 
 
 def build_optimizer(name: str, parameters: List[torch.nn.Parameter], lr: float, sharded: bool) -> torch.optim.Optimizer:
@@ -280,6 +280,15 @@ class BasicTrainer:
     # --- the loop
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def example_mean(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """The weighted mean of loss()'s per-example losses. A loss() that returns another shape stops here: broadcast
+        or summed, its losses would train on another objective without a word."""
+        if not isinstance(losses, torch.Tensor) or losses.shape != weights.shape:
+            shape = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
+            raise TypeError(f"{type(self).__name__}.loss returned losses of shape {shape}: it must return one loss per "
+                            f"example of the batch, shape {list(weights.shape)}")
+        return weighted_mean(losses, weights)
 
     def global_batch_size(self, batch: Dict) -> int:
         return schema.batch_size(batch) * self.world_size

@@ -13,7 +13,6 @@ from halos.labelers import classifier_scores, write_reward_model_format
 from halos.loop import BasicTrainer, Humanline
 from halos.packing import classifier_logits
 from halos.settings import greater_than, setting
-from utils import weighted_mean
 
 
 class PreferenceTrainer(BasicTrainer):
@@ -32,7 +31,7 @@ class PreferenceTrainer(BasicTrainer):
         metrics.update({name.format(mode=mode): value for name, value in extra.items()})
         if self.humanline:
             metrics[f'rewards_{mode}/unclamped'] = self.unclamped
-        return weighted_mean(losses, self.loss_weights(batch)), metrics
+        return self.example_mean(losses, self.loss_weights(batch)), metrics
 
     def loss_weights(self, batch: Dict) -> torch.Tensor:
         """The weight of each of compute_losses' losses (the batch's items, in order)."""

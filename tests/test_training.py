@@ -939,3 +939,25 @@ def test_a_resume_on_data_whose_records_changed_is_refused(tmp_path):
     assert changed.data_digest != trained.data_digest
     with pytest.raises(ConfigError, match=r'^resume=true: the training data is not the data the checkpoint was '):
         changed.restore_trainer_state(state)
+
+
+@pytest.mark.parametrize('loss', ['kto-simple', 'sft'])
+def test_a_loss_that_returns_other_than_one_loss_per_example_stops_the_step(tmp_path, loss):
+    """A researcher's loss() that broadcasts, keeps one example or averages would otherwise train on another
+    objective and exit 0."""
+    trainer = build_trainer(make_config(tmp_path, '++n_examples=4', '++model.batch_size=4', loss=loss))
+    batch = next(iter(trainer.train_iterator))
+    right = trainer.loss
+    for wrong, shape in [(lambda losses: losses[:, None] + losses[None, :], [4, 4]), (lambda losses: losses[:1], [1]),
+                         (lambda losses: losses.mean(), [])]:
+        if loss == 'sft':
+            trainer.loss = lambda *args: wrong(right(*args))
+        else:
+            trainer.loss = lambda *args: (wrong(right(*args)[0]), *right(*args)[1:])
+        with pytest.raises(TypeError) as error:
+            trainer.get_batch_metrics(batch, 'train')
+        assert str(error.value) == (f"{type(trainer).__name__}.loss returned losses of shape {shape}: it must return "
+                                    f"one loss per example of the batch, shape [4]")
+    trainer.loss = right
+    loss_value, _ = trainer.get_batch_metrics(batch, 'train')
+    assert loss_value.shape == ()
