@@ -39,7 +39,8 @@ WORKER_GRACE_SECONDS = 10  # after one spawned worker fails, for the others to e
 def worker_main(run: RunSettings) -> None:
     """Everything one process does, rank 0 holding the run directory's lock."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
-    with exclusive_run_dir(run.local_run_dir) if get_rank() == 0 else contextlib.nullcontext():
+    lock = exclusive_run_dir(run.local_run_dir, disposable=('config.yaml',)) if get_rank() == 0 else None
+    with lock or contextlib.nullcontext():
         train_run(run)
 
 
@@ -237,12 +238,24 @@ def train_with(run: RunSettings) -> None:
     try:
         launch(run)
     except KeyboardInterrupt:
-        print(f"\ninterrupted: the last checkpoint in {run.local_run_dir}/LATEST is intact; "
-              f"continue with ++resume=true", file=sys.stderr)
+        print(f"\n{what_an_interrupt_left(run)}", file=sys.stderr)
         sys.exit(130)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+def what_an_interrupt_left(run: RunSettings) -> str:
+    """What to do after a Ctrl-C: resume from the last checkpoint (or, in online rounds, from the rounds on disk), or
+    start again where nothing was saved."""
+    latest = os.path.join(run.local_run_dir, checkpoint.LATEST)
+    if checkpoint.resolve_checkpoint_dir(latest):
+        return f"interrupted: the last checkpoint in {latest} is intact; continue with ++resume=true"
+    rounds = os.path.join(run.local_run_dir, 'rounds')
+    if run.online.rounds > 0 and os.path.isdir(rounds):
+        return (f"interrupted before the first checkpoint: continue with ++resume=true, which keeps the rounds in "
+                f"{rounds}")
+    return "interrupted before the first checkpoint, so there is nothing to resume: rerun without ++resume=true"
 
 
 def main() -> None:

@@ -9,7 +9,7 @@ import errno
 import fcntl
 import os
 import socket
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from halos.errors import ConfigError
 
@@ -17,9 +17,9 @@ LOCK = '.lock'
 
 
 @contextlib.contextmanager
-def exclusive_run_dir(run_dir: str) -> Iterator[None]:
+def exclusive_run_dir(run_dir: str, disposable: Sequence[str] = ()) -> Iterator[None]:
     """Hold the run directory's lock while the body runs; a directory made here that is left holding only the
-    lock (the run stopped before it wrote anything) is removed again."""
+    lock and `disposable` files (the run stopped before it wrote anything to keep) is removed again."""
     made = not os.path.isdir(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     path = os.path.join(run_dir, LOCK)
@@ -31,8 +31,10 @@ def exclusive_run_dir(run_dir: str) -> Iterator[None]:
         try:
             yield
         finally:
-            if made and os.listdir(run_dir) == [LOCK]:  # removed while still locked
-                os.remove(path)
+            left = os.listdir(run_dir)
+            if made and set(left) <= {LOCK, *disposable}:  # removed while still locked
+                for name in sorted(left, key=lambda name: name == LOCK):
+                    os.remove(os.path.join(run_dir, name))
                 os.rmdir(run_dir)
 
 

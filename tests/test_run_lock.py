@@ -1,5 +1,5 @@
 """One run at a time in a run directory: a second train.py of the same exp_name stops at once, a killed holder
-frees the directory, and a run that stops before writing anything leaves no directory behind."""
+frees the directory, and a run that stops before writing anything but its config leaves no directory behind."""
 import os
 import subprocess
 import sys
@@ -53,3 +53,34 @@ def test_a_run_that_stops_before_writing_anything_leaves_no_directory(tmp_path):
     with pytest.raises(SystemExit):
         train_in_process(tmp_path, f'datasets=[{tmp_path}/missing.jsonl]', exp_name='never')
     assert not (tmp_path / 'never').exists()
+
+
+def test_a_run_directory_left_holding_only_what_a_run_writes_at_its_start_is_removed(tmp_path):
+    """A run that stops before its first checkpoint (a reward function that fails, a Ctrl-C) leaves only its
+    config.yaml: nothing to resume, so no directory; metrics, rounds or checkpoints keep it."""
+    for written, kept in [(['config.yaml'], False), (['config.yaml', 'metrics.jsonl'], True)]:
+        run_dir = tmp_path / f'run{len(written)}'
+        with exclusive_run_dir(str(run_dir), disposable=('config.yaml',)):
+            for name in written:
+                (run_dir / name).write_text('{}\n')
+        assert run_dir.exists() == kept
+    made_before = tmp_path / 'earlier'
+    made_before.mkdir()
+    with exclusive_run_dir(str(made_before), disposable=('config.yaml',)):
+        (made_before / 'config.yaml').write_text('{}\n')
+    assert sorted(os.listdir(made_before)) == [LOCK, 'config.yaml']  # a directory it did not make stays
+
+
+def test_ctrl_c_says_whether_there_is_a_checkpoint_to_resume(tmp_path):
+    import train
+    from helpers import make_config
+    run = make_config(tmp_path, '++online.rounds=2', f'++online.reward_function={ROOT}/data/upbeat/reward.py:reward',
+                      loss='kto')
+    assert train.what_an_interrupt_left(run) == ("interrupted before the first checkpoint, so there is nothing to "
+                                                 "resume: rerun without ++resume=true")
+    os.makedirs(os.path.join(run.local_run_dir, 'rounds', '0'))
+    assert train.what_an_interrupt_left(run) == (f"interrupted before the first checkpoint: continue with "
+                                                 f"++resume=true, which keeps the rounds in {run.local_run_dir}/rounds")
+    os.makedirs(os.path.join(run.local_run_dir, 'LATEST'))
+    assert train.what_an_interrupt_left(run) == (f"interrupted: the last checkpoint in {run.local_run_dir}/LATEST is "
+                                                 f"intact; continue with ++resume=true")
