@@ -366,6 +366,7 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
                           # the optimizer's state and schedule are of the saved optimizer, learning rate and weights
                           (['++optimizer=AdamW'], 'optimizer=RMSprop, not AdamW; resume with optimizer=RMSprop'),
                           (['++lr=0.001'], 'lr=5e-07, not 0.001; resume with lr=5e-07'),
+                          (['++warmup_steps=5'], 'warmup_steps=150, not 5; resume with warmup_steps=150'),
                           (['++model.use_peft=true'], 'model.use_peft=false, not true; resume with model.use_peft=false'),
                           (['++model.peft.lora_r=8'], 'model.peft.lora_r=64, not 8'),
                           # online rounds take the prompt pool's blocks in turn, each prompt's group of samples
