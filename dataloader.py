@@ -35,6 +35,7 @@ class SFTDataLoader(DataLoader):
     """One item per SFT target: a prompt's generations[sft_index], or each of its demonstrations (at most
     max_prompt_count). `prompt_suffix` is appended to every prompt (how a CSFT model is asked for desirable
     completions: its desirable control token)."""
+    kinds = (schema.TARGET,)
 
     def __init__(self, *args, prompt_suffix: str = '', **kwargs):
         self.prompt_suffix = prompt_suffix
@@ -62,6 +63,7 @@ class UnpairedPreferenceDataLoader(DataLoader):
     point from these.
     """
     feedback_kinds = ('binary', 'pairwise')
+    kinds = (schema.TARGET, schema.KL)
 
     def flatten(self, examples):
         return self.unary_items(examples)
@@ -108,6 +110,7 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
 
     The control token belongs to the prompt, so it is masked out of the loss.
     """
+    kinds = (schema.TARGET,)
 
     @dataclass(frozen=True)
     class Params:
@@ -139,6 +142,7 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
 class PairedPreferenceDataLoader(DataLoader):
     """One item per preference pair (chosen, rejected); both share the same prompt tokens."""
     feedback_kinds = ('pairwise',)
+    kinds = (schema.CHOSEN, schema.REJECTED)
 
     def flatten(self, examples):
         rng = random.Random(self.seed)
@@ -164,6 +168,7 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
     and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
     evenly as possible across processes."""
     feedback_kinds = ('binary', 'pairwise', 'scalar')
+    kinds = (schema.TARGET,)
 
     def flatten(self, examples):
         rng = random.Random(self.seed)
@@ -224,6 +229,7 @@ class PromptDataLoader(DataLoader):
     """One item per prompt, with no completion: what sampling needs (eval.py's k samples per prompt, online
     rounds, online PPO). Prompts come from any dataset or from a prompts file ({"prompt": ...} records).
     `prompt_suffix` is appended to every prompt (a CSFT policy's desirable control token)."""
+    kinds = ()
 
     def __init__(self, *args, prompt_suffix: str = '', **kwargs):
         self.prompt_suffix = prompt_suffix

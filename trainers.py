@@ -275,6 +275,8 @@ class OnlinePPOTrainer(PPOTrainer):
     token; GAE with value targets A + V; then PPOTrainer's epochs. kl_coef adapts towards loss.target_kl (saved
     with the state). config/loss/ppo-online.yaml holds the recipe's values of PPO's keys (ppo_epochs 4, ...)."""
 
+    trains_on_prompts = True
+
     @dataclass(frozen=True)
     class Params(PPOTrainer.Params):
         reward_function: Union[str, List[str], None] = setting(

@@ -85,6 +85,7 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
                           f"which a resume checks, its trainer and its dataloader)")
     trainer_class = trainers.get_trainer_class(fixed.trainer)
     loader_class = dataloader.get_dataloader_class(fixed.dataloader)
+    check_loader_fits(fixed.trainer, trainer_class, fixed.dataloader, loader_class)
     trainer_keys = [spec.name for spec in dataclasses.fields(trainer_class.Params)]
     loader_keys = [spec.name for spec in dataclasses.fields(loader_class.Params)]
     rest = {key: value for key, value in loss.items() if key not in own}
@@ -100,6 +101,21 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
     params = typed(trainer_class.Params, {k: v for k, v in rest.items() if k in trainer_keys}, overrides, 'loss.')
     loader_params = typed(loader_class.Params, {k: v for k, v in rest.items() if k in loader_keys}, overrides, 'loss.')
     return dataclasses.replace(fixed, params=params, loader_params=loader_params)
+
+
+def check_loader_fits(trainer_name: str, trainer_class: type, loader_name: str, loader_class: type) -> None:
+    """A loss's trainer and dataloader agree: one that samples its completions takes prompts alone, any other takes
+    batches that hold every sequence kind it reads (its prefixes)."""
+    takes = lambda loader: loader.kinds is None or (loader.kinds == () if trainer_class.trains_on_prompts else
+                                                    set(trainer_class.prefixes) <= set(loader.kinds))
+    if takes(loader_class):
+        return
+    fitting = sorted(name for name, loader in vars(dataloader).items() if isinstance(loader, type)
+                     and issubclass(loader, dataloader.DataLoader) and loader.kinds is not None
+                     and name == loader.__name__ and takes(loader))
+    what = 'prompts alone' if trainer_class.trains_on_prompts else f"{' and '.join(trainer_class.prefixes)} sequences"
+    raise ConfigError(f"loss.dataloader={loader_name} does not give what loss.trainer={trainer_name} trains on "
+                      f"({what}); these do: {', '.join(fitting)}")
 
 
 def check_consistency(run: RunSettings) -> None:

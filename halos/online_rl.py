@@ -105,6 +105,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
     abstract = True
     use_reference_model = True
     samples_online = True   # the wiring gives it Rollouts; online.rounds stays 0
+    trains_on_prompts = True
 
     @dataclass(frozen=True)
     class Params(Reduction):

@@ -284,3 +284,25 @@ def test_a_loss_yaml_without_its_name_is_refused():
         loss_settings({'trainer': 'DPOTrainer', 'dataloader': 'PairedPreferenceDataLoader', 'beta': 0.1}, Overrides([]))
     assert str(error.value) == ("missing required config keys: loss.name (a loss YAML names all three: its name, which "
                                 "a resume checks, its trainer and its dataloader)")
+
+
+def test_a_loss_whose_dataloader_does_not_give_what_its_trainer_reads_is_refused(tmp_path):
+    for loss, loader, says in [
+            ('kto-simple', 'PairedPreferenceDataLoader', "loss.dataloader=PairedPreferenceDataLoader does not give what "
+             "loss.trainer=SimpleKTOTrainer trains on (target sequences); these do: ConditionalSFTDataLoader, "
+             "GroupUnpairedPreferenceDataLoader, SFTDataLoader, SimpleKTODataLoader, UnpairedPreferenceDataLoader"),
+            ('kto', 'SimpleKTODataLoader', None),  # it gives KL rows to a trainer that reads them
+            ('kto', 'ConditionalSFTDataLoader', "loss.dataloader=ConditionalSFTDataLoader does not give what "
+             "loss.trainer=KTOTrainer trains on (target and KL sequences); these do: SimpleKTODataLoader, "
+             "UnpairedPreferenceDataLoader"),
+            ('grpo-online', 'SFTDataLoader', "loss.dataloader=SFTDataLoader does not give what "
+             "loss.trainer=GRPOOnlineTrainer trains on (prompts alone); these do: PromptDataLoader"),
+            ('dpo', 'PromptDataLoader', "loss.dataloader=PromptDataLoader does not give what loss.trainer=DPOTrainer "
+             "trains on (chosen and rejected sequences); these do: PairedPreferenceDataLoader")]:
+        overrides = [f'++loss.dataloader={loader}', f'++online.reward_function={ROOT}/tests/rewards.py:vowels']
+        if says is None:
+            make_config(tmp_path, *overrides, loss=loss)
+            continue
+        with pytest.raises(ConfigError) as error:
+            make_config(tmp_path, *overrides, loss=loss)
+        assert str(error.value) == says
