@@ -16,6 +16,7 @@ The API key is read from OPENAI_API_KEY only and is never written anywhere. The 
 import argparse
 import csv
 import datetime
+import io
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from tqdm import tqdm
 
 from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, non_negative_number,
                           positive_int, positive_number, reported)
-from halos.jsonl import append_json_lines, check_distinct_files
+from halos.jsonl import append_json_lines, check_distinct_files, write_text
 from halos.judge import (JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          cache_key, constrained, fatal_error_message, json_field, make_client, public_url, server_url)
 
@@ -338,19 +339,18 @@ def response_lengths(config: dict, texts: List[str]) -> Tuple[List[int], str]:
 
 
 def write_csv(path: str, judgments: List[Judgment], records: Dict[str, dict], args: argparse.Namespace) -> None:
-    """One row per judgment; A is the response the judge saw first."""
+    """One row per judgment; A is the response the judge saw first (written atomically, its directory made)."""
     names = {CANDIDATE: args.candidate_key, BASELINE: args.baseline_key}
-    with open(path, 'w', newline='', encoding='utf-8') as f:
-        writer = csv.writer(f)
-        writer.writerow(['input', 'src_A', 'src_B', 'response_A', 'response_B', 'gpt4_choice', 'judge', 'answer'])
-        for judgment in judgments:
-            record = records.get(judgment.key)
-            position = record['position'] if record else None
-            writer.writerow([judgment.comparison.history, names[judgment.order[0]], names[judgment.order[1]],
-                             getattr(judgment.comparison, judgment.order[0]),
-                             getattr(judgment.comparison, judgment.order[1]),
-                             '' if position is None else 'AB'[position], args.judge,
-                             record['answer'] if record else ''])
+    rows = io.StringIO(newline='')
+    writer = csv.writer(rows)
+    writer.writerow(['input', 'src_A', 'src_B', 'response_A', 'response_B', 'gpt4_choice', 'judge', 'answer'])
+    for judgment in judgments:
+        record = records.get(judgment.key)
+        position = record['position'] if record else None
+        writer.writerow([judgment.comparison.history, names[judgment.order[0]], names[judgment.order[1]],
+                         getattr(judgment.comparison, judgment.order[0]), getattr(judgment.comparison, judgment.order[1]),
+                         '' if position is None else 'AB'[position], args.judge, record['answer'] if record else ''])
+    write_text(path, rows.getvalue())
 
 
 def result_line(args: argparse.Namespace, config: dict, samples: List[dict], summary: dict,
@@ -393,9 +393,9 @@ def run(args: argparse.Namespace) -> dict:
                            f"{args.results_file}")
     result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
                          response_format is not None)
-    append_json_lines(args.results_file, [result], sync=True)
-    if args.save_csv:
+    if args.save_csv:  # before the result line: a CSV that cannot be written leaves the results file as it was
         write_csv(args.save_csv, judgments, cache.records, args)
+    append_json_lines(args.results_file, [result], sync=True)
     return result
 
 

@@ -398,7 +398,7 @@ def test_a_lost_server_keeps_what_was_judged_and_says_how_to_continue(tmp_path, 
 def test_judging_end_to_end_counts_add_up_and_a_rerun_judges_nothing(tmp_path, proxy):
     write_samples(tmp_path / 'samples.json', 5, tokenizer='embedded:tiny-smollm2')
     first = run_compare(tmp_path, proxy.base_url, '--both-orders', '--concurrency', '2', '--max-tokens', '8',
-                        '-csv', str(tmp_path / 'judgments.csv'))
+                        '-csv', str(tmp_path / 'tables' / 'judgments.csv'))  # its directory is made
     result = result_lines(tmp_path)[0]
     assert_counts_add_up(result, 5)
     assert result['judgments'] == {'requested': 10, 'cached': 0} and proxy.chat_requests == 10
@@ -411,7 +411,7 @@ def test_judging_end_to_end_counts_add_up_and_a_rerun_judges_nothing(tmp_path, p
         sum(1 for line in open(tmp_path / 'results.judgments.jsonl') if json.loads(line)['position'] is None)
     keys = cache_keys(tmp_path)
     assert len(keys) == 10 and len(set(keys)) == 10
-    with open(tmp_path / 'judgments.csv') as f:
+    with open(tmp_path / 'tables' / 'judgments.csv', newline='') as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 10 and {(r['src_A'], r['src_B']) for r in rows} == {('policy', 'chosen'), ('chosen', 'policy')}
     assert f"{result['wins']} wins, {result['losses']} losses" in first.stdout
