@@ -13,7 +13,8 @@ feedback-file records halos trains on (halos/feedback.py reads them, like any us
 
 Every score passes halos.labelers.checked_scores: a labeler that fails on a sample or gives anything but a
 finite number stops the run, naming the sample. A sample whose labeler gave no score (a failed or
-unparseable judgment) is dropped and counted; `scored_enough` stops a run when too few got one.
+unparseable judgment) is dropped and counted; `scored_enough` stops a run when too few got one. An empty
+completion is scored (its reward counts in a round's statistics) but never written as feedback.
 """
 import random
 import statistics
@@ -44,6 +45,8 @@ def label_samples(samples: List[Dict], labeler, batch_size: int = 64) -> Tuple[L
         rewards = checked_scores(labeler, [s['prompt'] for s in chunk], [s['output'] for s in chunk],
                                  [sample_name(s) for s in chunk], [extra_fields(s) for s in chunk])
         for sample, reward in zip(chunk, rewards):
+            if not sample['output'].strip():
+                counts['empty completions (scored, not written as feedback)'] += 1
             if reward is None:
                 counts['dropped: no score'] += 1
             else:
@@ -77,6 +80,8 @@ def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,
     """Why scored samples gave `kind` feedback `records` with nothing to learn from (None when they did not):
     pairwise and scalar feedback learn from the differences between a prompt's samples, binary feedback against a
     mean or median threshold from the differences between samples."""
+    if labelled and not any(sample['output'].strip() for sample in labelled):
+        return f"every one of the {len(labelled)} completions is empty"
     if kind == 'binary' and threshold in ('mean', 'median') and len({r['label'] for r in records}) == 1:
         return f"0 undesirable samples: every reward reaches the {threshold} threshold, as the rewards are tied"
     if kind not in TRAINING_UNITS:
@@ -128,7 +133,7 @@ def scored_record(sample: Dict, **fields) -> Dict:
 
 
 def binary_feedback(samples: List[Dict], threshold: Threshold = 'median', per_prompt: bool = False) -> List[Dict]:
-    groups = by_prompt(samples).values() if per_prompt else [samples]
+    groups = by_prompt(samples).values() if per_prompt else [samples] if samples else []
     records = []
     for group in groups:
         cut = threshold_value([s['reward'] for s in group], threshold)
@@ -179,7 +184,9 @@ def best_feedback(samples: List[Dict]) -> List[Dict]:
 
 def build_feedback(samples: List[Dict], kind: str, threshold: Threshold = 'median', per_prompt: bool = False,
                    pair_mode: str = 'max', seed: int = 0) -> List[Dict]:
-    """Feedback records of `kind` (binary, pairwise, scalar or best) from labelled samples."""
+    """Feedback records of `kind` (binary, pairwise, scalar or best) from labelled samples, but for those whose
+    completion is empty: a feedback file holds none (halos.feedback refuses them)."""
+    samples = [sample for sample in samples if sample['output'].strip()]
     if kind == 'binary':
         return binary_feedback(samples, threshold, per_prompt)
     if kind == 'pairwise':

@@ -679,3 +679,28 @@ def test_a_judge_url_without_its_scheme_is_named_with_the_fix(tmp_path, capsys):
     assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--judge', 'm', '--base-url', '127.0.0.1:9/v1']) == 2
     assert capsys.readouterr().err.strip() == ("label.py: judge server URL 127.0.0.1:9/v1 has no http:// or https:// "
                                                "(give it as http://127.0.0.1:9/v1)")
+
+
+@pytest.mark.parametrize('feedback', ['binary', 'pairwise', 'scalar', 'best'])
+def test_an_empty_completion_is_scored_but_never_written_as_feedback(tmp_path, capsys, feedback):
+    """A policy may end a sample at once: its reward counts, but a feedback file holds no empty completion (the
+    reader refuses one), so the feedback is written from the others, and training reads it."""
+    from halos.batching import load_examples
+    samples, output = tmp_path / 'samples.jsonl', tmp_path / 'out.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': 'hi', 'prompt_id': 'hi', 'output': text}) + '\n'
+                               for text in ('', 'a b', 'a', '  ')))
+    assert label.main([str(samples), str(output), '--reward-function', f'{REWARD}:characters', '--feedback', feedback,
+                       '--threshold', '1.5' if feedback == 'binary' else 'median']) == 0
+    assert 'empty completions (scored, not written as feedback) 2, labelled 4' in capsys.readouterr().out
+    records = [json.loads(line) for line in open(output)]
+    written = {feedback: [r.get('output') or (r['output_A'], r['output_B']) for r in records]}
+    assert written == {'binary': {'binary': ['a b', 'a']}, 'pairwise': {'pairwise': [('a', 'a b')]},
+                       'scalar': {'scalar': ['a b', 'a']}, 'best': {'best': ['a b']}}[feedback]
+    examples, _ = load_examples([str(output)], 'train', ('', '', '', ''), None, 0)
+    assert sum(len(example.generations) for example in examples.values()) == (1 if feedback == 'best' else 2)
+    samples.write_text(''.join(json.dumps({'prompt': 'hi', 'prompt_id': 'hi', 'output': text}) + '\n'
+                               for text in ('', ' ')))
+    assert label.main([str(samples), str(output), '--reward-function', f'{REWARD}:characters',
+                       '--feedback', feedback]) == 2
+    assert capsys.readouterr().err.strip() == (f"label.py: {samples}: no {feedback} feedback to write: every one of "
+                                               f"the 2 completions is empty")
