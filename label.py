@@ -48,16 +48,28 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--max-length', type=positive_int, default=2048,
                         help="the reward model's longest input, in tokens")
     parser.add_argument('--feedback', choices=FEEDBACK_KINDS, default='pairwise')
-    parser.add_argument('--threshold', type=threshold, default='median',
-                        help='binary: mean, median or a number; pairwise: the least reward gap of a pair (a number)')
+    parser.add_argument('--threshold', type=threshold,
+                        help='binary: mean, median (the default) or a number; pairwise: the least reward gap of a '
+                             'pair (a number, default 0)')
     parser.add_argument('--per-prompt', action='store_true', help="binary: each prompt's own mean or median")
-    parser.add_argument('--pair-mode', choices=PAIR_MODES, default='max')
+    parser.add_argument('--pair-mode', choices=PAIR_MODES, help='pairwise: how pairs are chosen (default max)')
     parser.add_argument('--seed', type=int, default=0, help='pairwise: the A/B order and the random pairs')
     parser.add_argument('--min-scored', type=share, default=0.5,
                         help='stop when the labeller scores fewer than this share of the samples')
     args = parser.parse_args(argv)
     if args.reward_weights and not args.reward_function:
         parser.error('--reward-weights weighs the functions of --reward-function')
+    for option, given, kinds in (('--threshold', args.threshold is not None, ('binary', 'pairwise')),
+                                 ('--per-prompt', args.per_prompt, ('binary',)),
+                                 ('--pair-mode', args.pair_mode is not None, ('pairwise',))):
+        if given and args.feedback not in kinds:
+            parser.error(f"{option} applies to --feedback {' or '.join(kinds)}, not {args.feedback}")
+    if args.feedback == 'pairwise' and args.threshold in ('mean', 'median'):
+        parser.error(f"--threshold {args.threshold}: --feedback pairwise takes the least reward gap of a pair, a "
+                     f"number")
+    if args.threshold is None:
+        args.threshold = 'median' if args.feedback == 'binary' else 0.0
+    args.pair_mode = args.pair_mode or 'max'
     return args
 
 

@@ -638,6 +638,23 @@ def test_label_py_names_a_bad_argument_and_writes_nothing(tmp_path, capsys, opti
     assert not (tmp_path / 'out.jsonl').exists()
 
 
+@pytest.mark.parametrize('options, says', [
+    (['--feedback', 'pairwise', '--threshold', 'median'], '--threshold median: --feedback pairwise takes the least '
+                                                           'reward gap of a pair, a number'),
+    (['--feedback', 'pairwise', '--per-prompt'], '--per-prompt applies to --feedback binary, not pairwise'),
+    (['--feedback', 'binary', '--pair-mode', 'min'], '--pair-mode applies to --feedback pairwise, not binary'),
+    (['--feedback', 'scalar', '--threshold', '0.5'], '--threshold applies to --feedback binary or pairwise, not scalar'),
+])
+def test_label_py_refuses_an_option_its_feedback_kind_would_ignore(tmp_path, capsys, options, says):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n{"prompt": "hi", "output": "yo"}\n')
+    with pytest.raises(SystemExit) as exit_:
+        label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels', *options])
+    assert exit_.value.code == 2
+    assert capsys.readouterr().err.strip() == f'label.py: {says} (--help lists the arguments)'
+    assert not (tmp_path / 'out.jsonl').exists()
+
+
 @pytest.mark.parametrize('content, says', [
     ('{"use_chat_template": false', "not readable as the reward model's format (Expecting ',' delimiter"),
     ('{"use_chat_template": "no"}', "the reward model's format needs use_chat_template (true/false) and human_prefix, "
@@ -689,8 +706,9 @@ def test_an_empty_completion_is_scored_but_never_written_as_feedback(tmp_path, c
     samples, output = tmp_path / 'samples.jsonl', tmp_path / 'out.jsonl'
     samples.write_text(''.join(json.dumps({'prompt': 'hi', 'prompt_id': 'hi', 'output': text}) + '\n'
                                for text in ('', 'a b', 'a', '  ')))
+    threshold = ['--threshold', '1.5'] if feedback == 'binary' else []
     assert label.main([str(samples), str(output), '--reward-function', f'{REWARD}:characters', '--feedback', feedback,
-                       '--threshold', '1.5' if feedback == 'binary' else 'median']) == 0
+                       *threshold]) == 0
     assert 'empty completions (scored, not written as feedback) 2, labelled 4' in capsys.readouterr().out
     records = [json.loads(line) for line in open(output)]
     written = {feedback: [r.get('output') or (r['output_A'], r['output_B']) for r in records]}
