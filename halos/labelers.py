@@ -186,7 +186,7 @@ def imported_function(spec: str, location: str, name: str) -> Callable[..., floa
     except SyntaxError as error:
         raise ConfigError(f"reward function {spec!r}: {error.filename or location} line {error.lineno}: "
                           f"{error.msg}") from None
-    except Exception as error:  # whatever the module's own code raises while it is imported
+    except FAILURES as error:  # whatever the module's own code raises while it is imported
         raise ConfigError(f"reward function {spec!r}: importing {location} raised {describe_error(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
@@ -282,7 +282,7 @@ class RewardFunctionLabeler:
         results = awaited([outcome(functools.partial(self.function, prompt, completion, **self.given(extra)))
                            for prompt, completion, extra in zip(prompts, completions, extras)])
         for index, result in enumerate(results):
-            if isinstance(result, Exception):
+            if isinstance(result, FAILURES):
                 raise SampleFailed(index, f"it raised {describe_error(result)}")
         return results
 
@@ -294,7 +294,7 @@ class RewardFunctionLabeler:
         if 'prompts' in self.filled or self.takes is None:
             arguments['prompts'] = list(prompts)
         result, = awaited([outcome(functools.partial(self.function, **arguments))])
-        if isinstance(result, Exception):
+        if isinstance(result, FAILURES):
             raise SampleFailed(None, f"it raised {describe_error(result)}")
         try:
             if isinstance(result, (str, bytes, Mapping)):
@@ -383,12 +383,16 @@ def check_prompts(labeler, examples, what: str) -> None:
             raise LabelError(f"{labeler.name} cannot score {what}: {example.source}: {lacking}")
 
 
+# what a user's function may raise that is its failure, named with its sample: sys.exit() too, which would end the
+# run without a word (Ctrl-C stays the process's own)
+FAILURES = (Exception, SystemExit)
+
+
 def outcome(call: Callable):
-    """The call's result, or the exception it raised (the user's function: any failure is theirs to fix, named
-    with its sample)."""
+    """The call's result, or the failure it raised (FAILURES)."""
     try:
         return call()
-    except Exception as error:
+    except FAILURES as error:
         return error
 
 
@@ -401,8 +405,8 @@ def awaited(results: List) -> List:
             return await asyncio.gather(*(settled(results[index]) for index in pending))
         loop = reward_loop(os.getpid())
         for index, result in zip(pending, asyncio.run_coroutine_threadsafe(gathered(), loop).result()):
-            if not isinstance(result, Exception) and isinstance(result, BaseException):
-                raise result  # sys.exit() or Ctrl-C in the function: this process's to act on, not the loop's
+            if isinstance(result, BaseException) and not isinstance(result, FAILURES):
+                raise result  # Ctrl-C in the function: this process's to act on, not the loop's
             results[index] = result
     return results
 

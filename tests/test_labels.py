@@ -241,7 +241,7 @@ def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(
     assert calling(tmp_path, 'trl_async')(['p', 'q'], ['a', 'b'], [{}, {}]) == [0.5, 0.5]
     limited = calling(tmp_path, 'limited')
     assert [limited(['p'] * 3, ['a', 'b', 'c'], [{}] * 3) for _ in range(2)] == [[1.0] * 3] * 2
-    with pytest.raises(SystemExit):  # passed on to the caller; the shared loop lives on
+    with pytest.raises(LabelError, match=r'exits failed on sample 0: it raised SystemExit: 3$'):  # the loop lives on
         calling(tmp_path, 'exits')(['p'], ['a'], [{}])
     assert limited(['p'], ['a'], [{}]) == [1.0]
 
@@ -379,6 +379,23 @@ def test_a_reward_function_that_does_not_import_is_named_with_its_file_and_line(
     with pytest.raises(ConfigError, match=rf"importing {tmp_path}/raising.py raised ModuleNotFoundError: No module "
                                           rf"named 'no_such_module'$"):
         load_reward_function(f'{tmp_path}/raising.py:reward')
+
+
+def test_a_reward_function_that_calls_exit_is_named_with_its_sample_instead_of_ending_the_run(tmp_path):
+    from halos.labelers import reward_function_labeler
+    (tmp_path / 'exits.py').write_text('import sys\n'
+                                       'def reward(prompt, completion):\n    sys.exit(3) if completion == "b" else 1.0\n'
+                                       'async def later(prompt, completion):\n    sys.exit("done")\n'
+                                       'def batch(prompts, completions):\n    exit()\n')
+    for name, says in [('reward', 'sample b: it raised SystemExit: 3'), ('later', 'sample a: it raised SystemExit: done'),
+                       ('batch', 'the 2 completions sample a to sample b: it raised SystemExit: None')]:
+        with pytest.raises(LabelError) as error:
+            checked_scores(reward_function_labeler(f'{tmp_path}/exits.py:{name}'), ['p', 'q'], ['a', 'b'],
+                           ['sample a', 'sample b'])
+        assert str(error.value) == f"reward function {tmp_path}/exits.py:{name} failed on {says}"
+    (tmp_path / 'exits_on_import.py').write_text('raise SystemExit(4)\n')
+    with pytest.raises(ConfigError, match=r"importing .*exits_on_import.py raised SystemExit: 4$"):
+        reward_function_labeler(f'{tmp_path}/exits_on_import.py:reward')
 
 
 # ---------------------------------------------------------------- the round loop
