@@ -256,7 +256,9 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     for number, record in enumerate(records, 1):
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
-            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            one_array = len(records) == 1 and isinstance(record, list) and path.endswith('.jsonl')
+            hint = ' (the file holds one JSON array of records: name it .json)' if one_array else ''
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}")
         record = {name: value for name, value in record.items() if value is not None}
         if record.get('split', split) not in SPLITS:
             raise DataError(f"{where}: field 'split' is {record['split']!r}; give train or test (or no split: both)")

@@ -190,7 +190,9 @@ def imported_function(spec: str, location: str, name: str) -> Callable[..., floa
         raise ConfigError(f"reward function {spec!r}: importing {location} raised {describe_error(error)}") from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise ConfigError(f"reward function {spec!r}: {location} has no function {name!r}")
+        what = f"has {name!r} of type {type(function).__name__}, not a function" if hasattr(module, name) else \
+            f"has no function {name!r}"
+        raise ConfigError(f"reward function {spec!r}: {location} {what}")
     return function
 
 

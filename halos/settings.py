@@ -308,7 +308,7 @@ def converted(value: Any, kind: Any) -> Any:
 
 
 def described(kind: Any, rule: Optional[Rule]) -> str:
-    """What a key takes, as it reads after 'must be': 'a number (a float > 0)', 'an integer >= 1 or null'."""
+    """What a key takes, as it reads after 'must be': 'a number > 0', 'an integer >= 1 or null'."""
     options = typing.get_args(kind)
     optional = type(None) in options and typing.get_origin(kind) in (Union, types.UnionType)
     base = next(o for o in options if o is not type(None)) if optional and len(options) == 2 else kind
@@ -319,7 +319,7 @@ def described(kind: Any, rule: Optional[Rule]) -> str:
     elif base is int:
         text = 'an integer' + (f' {rule.reads}' if rule else '')
     elif base is float:
-        text = 'a number (a float' + (f' {rule.reads}' if rule else '') + ')'
+        text = 'a number' + (f' {rule.reads}' if rule else '')
     elif typing.get_origin(base) is list:
         item = {int: 'integer', float: 'number'}.get(typing.get_args(base)[0], 'string')
         text = f'a list of {item}s (or one {item})'

@@ -318,6 +318,17 @@ def test_bad_jsonl_line_is_named(tmp_path):
         D.load_dataset(str(path), 'train', **FORMAT)
 
 
+def test_a_json_array_in_a_jsonl_file_is_named_with_the_fix(tmp_path):
+    records = [{'prompt': 'a', 'output': 'b', 'label': 1}, {'prompt': 'c', 'output': 'd', 'label': 0}]
+    (tmp_path / 'feedback.jsonl').write_text(json.dumps(records) + '\n')
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(str(tmp_path / 'feedback.jsonl'), 'train', **FORMAT)
+    assert str(error.value) == (f"{tmp_path}/feedback.jsonl: record 1: expected a JSON object, got list (the file "
+                                f"holds one JSON array of records: name it .json)")
+    (tmp_path / 'feedback.json').write_text(json.dumps(records))
+    assert len(D.load_dataset(str(tmp_path / 'feedback.json'), 'train', **FORMAT).data) == 2
+
+
 def test_prompt_that_leaves_no_room_is_an_error(tokenizer):
     with pytest.raises(ValueError, match=r'max_prompt_length \(256\) must be below max_length \(256\)'):
         loader(D.SFTDataLoader, ['hh'], tokenizer, max_prompt_length=256)

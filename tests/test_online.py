@@ -183,6 +183,9 @@ def test_label_py_names_a_bad_sample_and_a_missing_function(tmp_path, capsys):
     assert capsys.readouterr().err.strip() == f"label.py: {bad}: record 2: missing field 'output'"
     assert label.main([sample_file(tmp_path), str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:nope']) == 2
     assert capsys.readouterr().err.strip() == f"label.py: reward function '{REWARD}:nope': {REWARD} has no function 'nope'"
+    assert label.main([sample_file(tmp_path), str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:CALLS']) == 2
+    assert capsys.readouterr().err.strip() == (f"label.py: reward function '{REWARD}:CALLS': {REWARD} has 'CALLS' of "
+                                               f"type list, not a function")
 
 
 @pytest.mark.slow

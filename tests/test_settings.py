@@ -238,11 +238,11 @@ def last_line(stderr: str) -> str:
 def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path):
     """The real train.py, five mistakes at once (each process stops before it loads a model)."""
     cases = {
-        'lr': (['++lr=abc'], 'train.py: ++lr=abc: lr must be a number (a float > 0)'),
+        'lr': (['++lr=abc'], 'train.py: ++lr=abc: lr must be a number > 0'),
         'batch_size': (['++model.batch_size=0'], 'train.py: ++model.batch_size=0: model.batch_size must be an '
                                                  'integer >= 1'),
         'n_examples': (['++n_examples=-4'], 'train.py: ++n_examples=-4: n_examples must be an integer >= 1 or null'),
-        'beta': (['++loss.beta=-0.1'], 'train.py: ++loss.beta=-0.1: loss.beta must be a number (a float > 0)'),
+        'beta': (['++loss.beta=-0.1'], 'train.py: ++loss.beta=-0.1: loss.beta must be a number > 0'),
         'no ++': (['loss.humanline=true'], "train.py: loss.humanline=true: the config files do not list "
                                            "loss.humanline; set it with ++loss.humanline=true"),
     }
