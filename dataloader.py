@@ -63,7 +63,7 @@ class UnpairedPreferenceDataLoader(DataLoader):
     point from these.
     """
     feedback_kinds = ('binary', 'pairwise')
-    kinds = (schema.TARGET, schema.KL)
+    kinds, labels = (schema.TARGET, schema.KL), (schema.IS_DESIRABLE,)
 
     def flatten(self, examples):
         return self.unary_items(examples)
@@ -168,7 +168,7 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
     and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
     evenly as possible across processes."""
     feedback_kinds = ('binary', 'pairwise', 'scalar')
-    kinds = (schema.TARGET,)
+    kinds, labels = (schema.TARGET,), (schema.SCORE, schema.PROMPT_ID)
 
     def flatten(self, examples):
         rng = random.Random(self.seed)

@@ -218,6 +218,7 @@ class PPOTrainer(ActorCriticTrainer):
     backpropagate every microbatch and step the optimizer (halos/actor_critic.py).
     """
     use_reference_model = True
+    labels_read = (schema.IS_DESIRABLE,)
 
     @dataclass(frozen=True)
     class Params(ActorCriticTrainer.Params):

@@ -112,6 +112,7 @@ class DataLoader:
     feedback_kinds: Optional[Tuple[str, ...]] = None  # binary, pairwise, scalar: what its items come from (None: any)
     kinds: Optional[Tuple[str, ...]] = None  # the sequence kinds its batches hold, which a trainer's prefixes must be
                                              # among (None: not declared, not checked; () prompts alone)
+    labels: Tuple[str, ...] = ()  # the label fields its batches hold (a trainer's labels_read must be among them)
 
     def __init__(self, dataset_names: List[str], tokenizer, split: str = 'train', batch_size: int = 1,
                  max_length: int = 512, max_prompt_length: int = 128, max_prompt_count: Optional[int] = None,

@@ -105,15 +105,18 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
 
 def check_loader_fits(trainer_name: str, trainer_class: type, loader_name: str, loader_class: type) -> None:
     """A loss's trainer and dataloader agree: one that samples its completions takes prompts alone, any other takes
-    batches that hold every sequence kind it reads (its prefixes)."""
+    batches that hold every sequence kind it reads (its prefixes) and every label its loss reads."""
     takes = lambda loader: loader.kinds is None or (loader.kinds == () if trainer_class.trains_on_prompts else
-                                                    set(trainer_class.prefixes) <= set(loader.kinds))
+                                                    set(trainer_class.prefixes) <= set(loader.kinds) and
+                                                    set(trainer_class.labels_read) <= set(loader.labels))
     if takes(loader_class):
         return
     fitting = sorted(name for name, loader in vars(dataloader).items() if isinstance(loader, type)
                      and issubclass(loader, dataloader.DataLoader) and loader.kinds is not None
                      and name == loader.__name__ and takes(loader))
-    what = 'prompts alone' if trainer_class.trains_on_prompts else f"{' and '.join(trainer_class.prefixes)} sequences"
+    labelled = f", labelled with {' and '.join(trainer_class.labels_read)}" if trainer_class.labels_read else ''
+    what = 'prompts alone' if trainer_class.trains_on_prompts else \
+        f"{' and '.join(trainer_class.prefixes)} sequences{labelled}"
     raise ConfigError(f"loss.dataloader={loader_name} does not give what loss.trainer={trainer_name} trains on "
                       f"({what}); these do: {', '.join(fitting)}")
 

@@ -105,6 +105,7 @@ class BasicTrainer:
     reference_logps_cacheable = True  # cache_reference_logprobs may replace the reference (summed log-probs)
     samples_online = False      # samples and scores its own completions every step (halos/online_rl.py)
     trains_on_prompts = False   # its loader gives prompts alone (PromptDataLoader): it samples the completions
+    labels_read: Tuple[str, ...] = ()  # the label fields of a batch its loss reads (is_desirable, score)
     lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 

@@ -58,6 +58,7 @@ class GroupTrainer(PolicyGradientTrainer):
     """Scored completions grouped by prompt (GroupUnpairedPreferenceDataLoader keeps each group whole within a
     global microbatch); the reference model is the old policy."""
     abstract = True
+    labels_read = (schema.SCORE, schema.PROMPT_ID)
 
     @dataclass(frozen=True)
     class Params(Humanline, Reduction):

@@ -61,6 +61,7 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
     abstract = True
     use_reference_model = True
     prefixes = (schema.TARGET,)
+    labels_read = (schema.IS_DESIRABLE,)
 
     @dataclass(frozen=True)
     class Params(Humanline):

@@ -289,12 +289,15 @@ def test_a_loss_yaml_without_its_name_is_refused():
 def test_a_loss_whose_dataloader_does_not_give_what_its_trainer_reads_is_refused(tmp_path):
     for loss, loader, says in [
             ('kto-simple', 'PairedPreferenceDataLoader', "loss.dataloader=PairedPreferenceDataLoader does not give what "
-             "loss.trainer=SimpleKTOTrainer trains on (target sequences); these do: ConditionalSFTDataLoader, "
-             "GroupUnpairedPreferenceDataLoader, SFTDataLoader, SimpleKTODataLoader, UnpairedPreferenceDataLoader"),
+             "loss.trainer=SimpleKTOTrainer trains on (target sequences, labelled with is_desirable); these do: "
+             "ConditionalSFTDataLoader, SimpleKTODataLoader, UnpairedPreferenceDataLoader"),
+            ('grpo', 'UnpairedPreferenceDataLoader', "loss.dataloader=UnpairedPreferenceDataLoader does not give what "
+             "loss.trainer=GRPOTrainer trains on (target sequences, labelled with score and prompt_id); these do: "
+             "GroupUnpairedPreferenceDataLoader"),
             ('kto', 'SimpleKTODataLoader', None),  # it gives KL rows to a trainer that reads them
             ('kto', 'ConditionalSFTDataLoader', "loss.dataloader=ConditionalSFTDataLoader does not give what "
-             "loss.trainer=KTOTrainer trains on (target and KL sequences); these do: SimpleKTODataLoader, "
-             "UnpairedPreferenceDataLoader"),
+             "loss.trainer=KTOTrainer trains on (target and KL sequences, labelled with is_desirable); these do: "
+             "SimpleKTODataLoader, UnpairedPreferenceDataLoader"),
             ('grpo-online', 'SFTDataLoader', "loss.dataloader=SFTDataLoader does not give what "
              "loss.trainer=GRPOOnlineTrainer trains on (prompts alone); these do: PromptDataLoader"),
             ('dpo', 'PromptDataLoader', "loss.dataloader=PromptDataLoader does not give what loss.trainer=DPOTrainer "
