@@ -447,6 +447,9 @@ class RLOOTrainer(OnlineGroupTrainer):
         return [rloo_advantages(part.scores - self.params.beta * part.sampled_kl().sum(-1), part.group_ids)
                 for part in parts]
 
+    def score_advantages(self, parts):
+        return [rloo_advantages(part.scores, part.group_ids) for part in parts]
+
     def loss(self, log_ratios, reference_log_ratios, advantages, mask):
         """L_i = -min(s_i A_i, clip(s_i, 1 - epsilon, 1 + epsilon_high) A_i), s_i = exp(sum_t log pi / pi_old)."""
         params = self.params
@@ -456,6 +459,7 @@ class RLOOTrainer(OnlineGroupTrainer):
 
 class ReinforcePPTrainer(OnlineGroupTrainer):
     """REINFORCE++ (Hu et al., 2025) as OpenRLHF runs it: no critic, no group baseline, PPO's clip."""
+    baseline_of = 'step'
 
     @dataclass(frozen=True)
     class Params(OnlineGroupTrainer.Params):
@@ -465,7 +469,13 @@ class ReinforcePPTrainer(OnlineGroupTrainer):
     def advantages(self, parts):
         """G_t = sum_{u >= t} r_u, r_u = -beta KL_u (+ s on the last token), KL_u = log pi_old - log pi_ref as
         sampled; A = G normalised over every completion token of the step (all ranks)."""
-        beta = self.params.beta if self.params.kl_in_reward else 0.0
+        return self.whitened_returns(parts, self.params.beta if self.params.kl_in_reward else 0.0)
+
+    def score_advantages(self, parts):
+        return self.whitened_returns(parts, 0.0)
+
+    @staticmethod
+    def whitened_returns(parts, beta: float):
         returns = [reinforce_pp_returns(part.scores, part.sampled_kl(), part.mask, beta) for part in parts]
         return whiten_advantages(returns, [part.mask for part in parts])
 

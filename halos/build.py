@@ -241,7 +241,7 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
 def check_sampled_online(run: RunSettings) -> None:
     """A trainer that samples every step (loss=grpo-online and its kin)."""
     online = run.online
-    if online.samples_per_prompt < 2:
+    if online.samples_per_prompt < 2 and trainers.get_trainer_class(run.loss.trainer).baseline_of == 'prompt':
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: loss={run.loss.name} compares the "
                           f"samples of a prompt, so it needs at least 2")
     check_labeler(run, f'loss={run.loss.name}')

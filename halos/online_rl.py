@@ -106,6 +106,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
     use_reference_model = True
     samples_online = True   # the wiring gives it Rollouts; online.rounds stays 0
     trains_on_prompts = True
+    baseline_of = 'prompt'  # the samples its baseline compares a score with: its prompt's (a group), or the step's
 
     @dataclass(frozen=True)
     class Params(Reduction):
@@ -240,12 +241,25 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             parts.append(self.part(groups))
         for part, advantages in zip(parts, self.advantages(parts)):
             part.advantages = advantages
-        with_advantage = torch.tensor(float(any(bool(part.advantages.any()) for part in parts)))
+        with_advantage = torch.tensor(float(self.scores_teach(parts)))
         self.steps_with_advantage += all_reduce_sum(with_advantage).item() > 0  # on any rank
         finished = sum(sample.finished for part in parts for group in part.groups for sample in group.samples)
         self.steps_all_cut += all_reduce_sum(torch.tensor(float(finished))).item() == 0
         self.record(parts, counts)
         return parts
+
+    def score_advantages(self, parts: List[Part]) -> List[torch.Tensor]:
+        """The advantages that the scores alone give (without a KL folded into the reward, which teaches nothing of
+        the reward): a trainer whose advantages hold one overrides this."""
+        return [part.advantages for part in parts]
+
+    def scores_teach(self, parts: List[Part]) -> bool:
+        """Whether the step's scores give a sample that carries loss an advantage other than 0 (on this rank)."""
+        for part, advantages in zip(parts, self.score_advantages(parts)):
+            carried = advantages * part.weights.view(-1, *[1] * (advantages.dim() - 1))
+            if bool((carried.abs() > 1e-6).any()):  # whitening tied returns leaves rounding errors
+                return True
+        return False
 
     def record(self, parts: List[Part], counts: List[Dict[str, float]]) -> None:
         """The step's monitors into the training metrics; its samples and scores into rollouts.jsonl."""
@@ -312,10 +326,13 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         if not self.batch_counter or self.steps_with_advantage:
             return None
         n = self.batch_counter
-        cut = '; every completion was cut at the length budget (max_new_tokens, or model.max_length less the ' \
-              'prompt), so maybe too short to tell apart' if self.steps_all_cut == n else ''
-        return (f"after {n} optimizer step{'s' if n > 1 else ''}, no sample has had an advantage other than 0 "
-                f"({self.rollouts.labeler.name} scored the samples of each prompt alike{cut})")
+        budget = 'every completion was cut at the length budget (max_new_tokens, or model.max_length less the prompt)'
+        if self.params.mask_truncated and self.steps_all_cut == n:
+            why = f"{budget}, and loss.mask_truncated=true leaves a cut completion out of the loss"
+        else:
+            cut = f'; {budget}, so maybe too short to tell apart' if self.steps_all_cut == n else ''
+            why = f"{self.rollouts.labeler.name} scored the samples of each {self.baseline_of} alike{cut}"
+        return f"after {n} optimizer step{'s' if n > 1 else ''}, no sample has had an advantage other than 0 ({why})"
 
     # --- evaluation: the held-out reward, and the monitors
     def get_batch_metrics(self, batch, mode):

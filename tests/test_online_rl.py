@@ -371,6 +371,12 @@ def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, ma
     trainer.sampler = lambda: sampler(lambda j: True)
     loss = trainer.train_step([batch])  # every completion cut: no token carries loss, and the loss is 0, not 0 / 0
     assert loss == 0.0 if mask_truncated else math.isfinite(loss)
+    assert trainer.steps_with_advantage == (1 if mask_truncated else 2)  # a step whose loss is all masked teaches nothing
+    trainer.steps_with_advantage, trainer.steps_all_cut = 0, trainer.batch_counter
+    assert trainer.nothing_learned().endswith(
+        "(every completion was cut at the length budget (max_new_tokens, or model.max_length less the prompt), and "
+        "loss.mask_truncated=true leaves a cut completion out of the loss)" if mask_truncated else
+        "so maybe too short to tell apart)")
 
 
 def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):
@@ -411,21 +417,23 @@ def test_a_process_whose_judge_scored_none_of_its_samples_stops_every_process(tm
                                 "have nothing to train on; last error: ValueError: no score in the answer")
 
 
-def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(tmp_path, capsys):
+@pytest.mark.parametrize('loss, alike', [('grpo-online', 'prompt'), ('rloo', 'prompt'), ('reinforce-pp', 'step')])
+def test_a_run_whose_samples_all_score_alike_warns_and_stops_with_what_to_check(tmp_path, capsys, loss, alike):
+    """RLOO and REINFORCE++ fold a KL into the reward by default: its advantages are no signal of the scores."""
     trainer = build_trainer(make_config(tmp_path, *online_overrides(f'++online.reward_function={REWARD}:constant',
-                                                                    '++eval_every=2'), loss='grpo-online'))
+                                                                    '++eval_every=2'), loss=loss))
     with pytest.raises(DataError) as error:
         trainer.train()  # 4 examples, 2 a step
     # the tiny random model never ends a completion within its 8 tokens
     cut = ("; every completion was cut at the length budget (max_new_tokens, or model.max_length less the prompt), so "
            "maybe too short to tell apart")
     assert (f"warning: after 1 optimizer step, no sample has had an advantage other than 0 (reward function "
-            f"{REWARD}:constant scored the samples of each prompt alike{cut}): nothing is learned until one has\n"
+            f"{REWARD}:constant scored the samples of each {alike} alike{cut}): nothing is learned until one has\n"
             in capsys.readouterr().out)
     rollouts = tmp_path / 'test' / 'rollouts.jsonl'
     assert str(error.value) == (
         f"after 2 optimizer steps, no sample has had an advantage other than 0 (reward function {REWARD}:constant "
-        f"scored the samples of each prompt alike{cut}), so nothing was learned: check it, or sample more "
+        f"scored the samples of each {alike} alike{cut}), so nothing was learned: check it, or sample more "
         f"completions per prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores are "
         f"in {rollouts}")
     assert [json.loads(line)['scores'] for line in open(rollouts)] == [[1.0] * 3] * 4
@@ -507,3 +515,15 @@ def test_the_length_warning_fires_before_the_held_out_reward_falls_on_a_hackable
                                             f"this evaluation")
     kept = torch.load(tmp_path / 'stopped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
     assert kept['example_counter'] == warned[0] - 4  # the evaluation before: its checkpoint is the last good one
+
+
+def test_one_sample_per_prompt_is_refused_where_a_baseline_compares_a_prompts_samples_and_not_for_reinforce_pp(tmp_path):
+    for loss in ('grpo-online', 'rloo'):
+        with pytest.raises(ConfigError) as error:
+            make_config(tmp_path, *online_overrides('++online.samples_per_prompt=1'), loss=loss)
+        assert str(error.value) == (f"online.samples_per_prompt=1: loss={loss} compares the samples of a prompt, so it "
+                                    f"needs at least 2")
+    trainer = build_trainer(make_config(tmp_path, *online_overrides('++online.samples_per_prompt=1', '++lr=1e-3'),
+                                        loss='reinforce-pp'))  # its baseline is the step's: one sample a prompt trains
+    trainer.train_step([next(iter(trainer.train_iterator))])
+    assert trainer.steps_with_advantage == 1
