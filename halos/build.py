@@ -142,6 +142,9 @@ def check_consistency(run: RunSettings) -> None:
                           "cannot be cached: set cache_reference_logprobs=false")
     if run.cache_reference_logprobs and not trainer_class.reference_logps_cacheable:
         raise ConfigError(f"loss={loss.name} needs per-token reference log-probs: set cache_reference_logprobs=false")
+    if model.load_lora_from and not model.use_peft:
+        raise ConfigError(f"model.load_lora_from={model.load_lora_from} continues saved LoRA adapters: set "
+                          f"model.use_peft=true (without it the run trains every weight and never loads them)")
     if model.use_peft and humanline:
         raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
@@ -174,15 +177,22 @@ def changed_keys(section, prefix: str) -> List[str]:
 
 def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     """Name keys set where the run reads none of them: online keys of an offline run (the held-out keys aside,
-    which eval.py reads), LoRA keys without LoRA."""
-    unread = [key for key in changed_keys(run.online, 'online.') if not key.startswith('online.eval_')]
+    which eval.py reads; and the sampler's, where the trainer samples), LoRA keys without LoRA or where saved
+    adapters give them."""
+    read = ('online.eval_', *(('online.sampler', 'online.vllm_') if trainer_class.trains_on_prompts else ()))
+    unread = [key for key in changed_keys(run.online, 'online.') if not key.startswith(read)]
     if unread and not (run.online.rounds > 0 or trainer_class.samples_online):
-        rank0_print(f"warning: {', '.join(unread)} set, but loss={run.loss.name} with online.rounds=0 trains offline "
-                    f"on its datasets and reads no online key: ++online.rounds=N trains in online rounds")
+        how = ("samples with its own keys (loss.reward_function, loss.reward_model) and reads no other online key"
+               if trainer_class.trains_on_prompts else "trains offline on its datasets and reads no online key: "
+                                                       "++online.rounds=N trains in online rounds")
+        rank0_print(f"warning: {', '.join(unread)} set, but loss={run.loss.name} with online.rounds=0 {how}")
     lora_keys = changed_keys(run.model.peft, 'model.peft.')
     if lora_keys and not run.model.use_peft:
         rank0_print(f"warning: {', '.join(lora_keys)} set, but model.use_peft=false trains every weight: "
                     f"++model.use_peft=true trains LoRA adapters")
+    elif lora_keys and run.model.load_lora_from:
+        rank0_print(f"warning: {', '.join(lora_keys)} set, but the adapters of model.load_lora_from="
+                    f"{run.model.load_lora_from} keep the settings of their adapter_config.json")
 
 
 def check_model_paths(run: RunSettings, training: bool = True) -> None:

@@ -309,3 +309,23 @@ def test_a_loss_whose_dataloader_does_not_give_what_its_trainer_reads_is_refused
         with pytest.raises(ConfigError) as error:
             make_config(tmp_path, *overrides, loss=loss)
         assert str(error.value) == says
+
+
+def test_saved_adapters_without_lora_are_refused_and_lora_keys_beside_them_are_warned_of(tmp_path, capsys):
+    with pytest.raises(ConfigError) as error:
+        make_config(tmp_path, '++model.load_lora_from=run/LATEST/adapter', loss='sft')
+    assert str(error.value) == ("model.load_lora_from=run/LATEST/adapter continues saved LoRA adapters: set "
+                                "model.use_peft=true (without it the run trains every weight and never loads them)")
+    make_config(tmp_path, '++model.load_lora_from=run/LATEST/adapter', '++model.use_peft=true', '++model.peft.lora_r=8',
+                loss='sft')
+    assert ("warning: model.peft.lora_r set, but the adapters of model.load_lora_from=run/LATEST/adapter keep the "
+            "settings of their adapter_config.json" in capsys.readouterr().out)
+
+
+def test_online_ppo_is_warned_of_online_keys_it_does_not_read_and_not_of_its_sampler(tmp_path, capsys):
+    function = f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'
+    make_config(tmp_path, function, '++online.sampler=halos', loss='ppo-online')
+    assert 'warning' not in capsys.readouterr().out
+    make_config(tmp_path, function, '++online.reward_function=r.py:f', loss='ppo-online')
+    assert ("warning: online.reward_function set, but loss=ppo-online with online.rounds=0 samples with its own keys "
+            "(loss.reward_function, loss.reward_model) and reads no other online key" in capsys.readouterr().out)
