@@ -9,7 +9,7 @@ import itertools
 import os
 import re
 import sys
-from typing import Callable, List
+from typing import Callable, List, Optional
 
 import yaml
 from hydra.errors import HydraException, MissingConfigException
@@ -19,20 +19,36 @@ from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one
 
 
 CONFIG_FLAGS = ('--config-path', '-cp', '--config-name', '-cn', '--config-dir', '-cd')
+PATH_FLAGS = ('--config-path', '-cp', '--config-dir', '-cd')
 
 
 def config_flags_first(arguments: List[str]) -> List[str]:
     """The command line with Hydra's config flags (and their values) before the overrides: Hydra's parser takes
-    no override after a flag (`eval.py ++a=1 --config-path=RUN ++b=2` would end in its usage)."""
+    no override after a flag (`eval.py ++a=1 --config-path=RUN ++b=2` would end in its usage). A flag's path is
+    as `config_path_flags` gives it."""
     flags, others, rest = [], [], iter(arguments)
     for argument in rest:
-        if argument.split('=', 1)[0] not in CONFIG_FLAGS:
+        flag, _, value = argument.partition('=')
+        if flag not in CONFIG_FLAGS:
             others.append(argument)
             continue
-        flags.append(argument)
-        if '=' not in argument:  # its value is the next argument
-            flags += itertools.islice(rest, 1)
+        given = [argument] if '=' in argument else [argument, *itertools.islice(rest, 1)]  # or the next argument
+        value = value if '=' in argument else (given[1] if len(given) > 1 else None)
+        flags += config_path_flags(flag, value) or given
     return flags + others
+
+
+def config_path_flags(flag: str, value: Optional[str]) -> Optional[List[str]]:
+    """A config directory that is there from the working directory, as an absolute path (Hydra reads a relative one
+    against the script's directory); a config file given as --config-path, as its directory and --config-name.
+    None: the flag as given."""
+    if flag not in PATH_FLAGS or not value or not os.path.exists(value):
+        return None
+    path = os.path.abspath(value)
+    if os.path.isfile(path) and flag in ('--config-path', '-cp') and path.endswith(('.yaml', '.yml')):
+        directory, name = os.path.split(path)
+        return [f'--config-path={directory}', f'--config-name={os.path.splitext(name)[0]}']
+    return [f'{flag}={path}']
 
 
 def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:

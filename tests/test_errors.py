@@ -291,6 +291,16 @@ def test_a_config_flag_after_an_override_is_hydras_flag_still():
     assert config_flags_first(overrides) == overrides
 
 
+def test_a_config_path_from_the_working_directory_or_to_a_config_file_is_taken(tmp_path, monkeypatch):
+    from halos.cli import config_flags_first
+    (tmp_path / 'run').mkdir()
+    (tmp_path / 'run' / 'config.yaml').write_text('loss: {}\n')
+    monkeypatch.chdir(tmp_path)  # Hydra would read a relative path against the script's directory
+    assert config_flags_first(['++a=1', '--config-path', 'run']) == [f'--config-path={tmp_path}/run', '++a=1']
+    assert config_flags_first(['-cp=run/config.yaml', '++a=1']) == [f'--config-path={tmp_path}/run',
+                                                                     '--config-name=config', '++a=1']
+
+
 def test_eval_py_takes_its_config_path_after_an_override(tmp_path, monkeypatch, capsys):
     status, stderr = run_in_process(monkeypatch, capsys, 'eval.py', [
         f'hydra.run.dir={tmp_path}', f'--config-path={tmp_path}/runs/nosuch', '++mode=sample'])
