@@ -12,6 +12,7 @@ by scoring every instance of the schema. Both context managers always stop their
 """
 import argparse
 import contextlib
+import errno
 import http.server
 import importlib.util
 import itertools
@@ -26,6 +27,7 @@ import urllib.request
 from typing import Iterator, List, Optional
 
 import models
+from halos.errors import ArgumentParser, ConfigError, reported_as_one_line
 from utils import free_port
 
 class JudgeServerError(RuntimeError):
@@ -223,12 +225,31 @@ def serve(model_dir: str, port: int) -> None:
         def log_message(self, *args):
             pass
 
-    http.server.HTTPServer(('127.0.0.1', port), Handler).serve_forever()
+    try:
+        server = http.server.HTTPServer(('127.0.0.1', port), Handler)
+    except OSError as error:
+        if error.errno != errno.EADDRINUSE:
+            raise
+        raise ConfigError(f"--port {port}: the port is in use; choose another") from None
+    print(f"serving {model_dir} on http://127.0.0.1:{port}/v1 (Ctrl-C stops it)", flush=True)
+    server.serve_forever()
+
+
+def port_number(text: str) -> int:
+    """An argparse type: a TCP port, 1 to 65535."""
+    if not (text.isdigit() and 1 <= int(text) <= 65535):
+        raise argparse.ArgumentTypeError(f"{text} is not a port (1 to 65535)")
+    return int(text)
+
+
+def main() -> None:
+    parser = ArgumentParser(prog='judge_server.py', description="halos' scoring judge server (see scoring_judge_server)")
+    parser.add_argument('model_dir', help='an HF causal LM directory (a run\'s LATEST/hf) or a hub id')
+    parser.add_argument('--port', type=port_number, required=True)
+    arguments = parser.parse_args()
+    with reported_as_one_line('judge_server.py'):
+        serve(arguments.model_dir, arguments.port)
 
 
 if __name__ == '__main__':
-    parser = argparse.ArgumentParser(description='halos\' scoring judge server (see scoring_judge_server)')
-    parser.add_argument('model_dir')
-    parser.add_argument('--port', type=int, required=True)
-    arguments = parser.parse_args()
-    serve(arguments.model_dir, arguments.port)
+    main()

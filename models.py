@@ -191,6 +191,9 @@ def from_pretrained(loader, name_or_path: str, **options):
     except ValueError as error:  # a config.json that names no architecture transformers knows
         if not str(error).startswith('Unrecognized'):
             raise
+        if os.path.exists(os.path.join(path, 'config.yaml')):  # it holds a tokenizer, so it got this far
+            raise ConfigError(f"model {name_or_path!r}: a halos run directory, not a model: give its trained model, "
+                              f"{os.path.join(name_or_path, 'LATEST', 'hf')}") from None
         raise ConfigError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
 
 

@@ -111,3 +111,26 @@ def test_the_judge_labeler_through_the_scoring_judge_scores_every_sample(tmp_pat
     assert len(scores) == 3 and all(isinstance(s, float) and 1 <= s <= 10 for s in scores)
     answers = [json.loads(json.loads(line)['answer']) for line in open(tmp_path / 'judgments.jsonl')]
     assert [a['score'] for a in answers] == scores
+
+
+def test_judge_server_py_ends_a_mistake_with_one_line(tmp_path):
+    import socket
+    command = [sys.executable, os.path.join(ROOT, 'judge_server.py')]
+    run = lambda *args: subprocess.run([*command, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    bad_port = run('embedded:tiny-smollm2', '--port', '70000')
+    assert bad_port.returncode == 2 and bad_port.stderr.strip() == (
+        'judge_server.py: argument --port: 70000 is not a port (1 to 65535) (--help lists the arguments)')
+    run_dir = tmp_path / 'run'  # a run directory holds the run's tokenizer and config.yaml, and no model
+    models.load_tokenizer('embedded:tiny-smollm2').save_pretrained(run_dir)
+    (run_dir / 'config.yaml').write_text('loss: {}\n')
+    given_a_run = run(str(run_dir), '--port', '8911')
+    assert given_a_run.returncode == 2 and given_a_run.stderr.strip().splitlines()[-1] == (
+        f"judge_server.py: model '{run_dir}': a halos run directory, not a model: give its trained model, "
+        f"{run_dir}/LATEST/hf")
+    with socket.socket() as taken:
+        taken.bind(('127.0.0.1', 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        in_use = run('embedded:tiny-smollm2', '--port', port)
+    assert in_use.returncode == 2 and in_use.stderr.strip().splitlines()[-1] == (
+        f"judge_server.py: --port {port}: the port is in use; choose another")
