@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from compare import wilson_interval  # noqa: E402
-from halos.curves import plot_training_curves  # noqa: E402
+from halos.curves import plot_training_curves, read_metrics  # noqa: E402
 from halos.errors import ArgumentParser, DataError, MissingFileError, reported_as_one_line  # noqa: E402
 
 
@@ -83,6 +83,7 @@ def plot_win_rates(bars: List[Bar], path: str) -> None:
     axis.set_xlim(0, 1)
     axis.set_xlabel('win rate (ties count 1/2), 95% CI')
     figure.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
 
@@ -126,6 +127,8 @@ def plot_curves(run_dirs: List[str], output: str) -> int:
         for run_dir in run_dirs:
             if not os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
                 raise MissingFileError(f"{run_dir}: no metrics.jsonl (not a run directory)")
+            if not read_metrics(run_dir):
+                raise DataError(f"{run_dir}/metrics.jsonl: no metrics yet (the run logged nothing)")
         names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
         plot_training_curves(dict(zip(names, run_dirs)), output)
     print(f"plotted the training curves of {len(run_dirs)} run(s) to {output}")

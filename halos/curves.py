@@ -1,6 +1,7 @@
 """Training curves from runs' metrics.jsonl: what a researcher reads learning from. Every run gets its loss
 (raw and smoothed); a preference loss its implicit reward margin and accuracy; KTO its KL estimate; an online
-run its reward per round (the training samples' and, where evaluated, the held-out prompts')."""
+run its reward per round, and a run that samples every step (online RL, online PPO) its reward per step (the
+training samples' and, where evaluated, the held-out prompts')."""
 import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
@@ -42,9 +43,16 @@ def smoothing_window(n_points: int) -> int:
     return max(1, min(max(5, n_points // 10), n_points // 2))
 
 
-def points(records: Sequence[dict], key: str, x_key: str = 'step') -> Tuple[List[float], List[float]]:
-    pairs = [(r[x_key], r[key]) for r in records if key in r and x_key in r]
-    return [x for x, _ in pairs], [y for _, y in pairs]
+def last_per_step(records: Sequence[dict], key: str) -> Dict[float, dict]:
+    """The last record holding `key` at each step, in step order (a run resumed from a checkpoint logs the steps
+    after it again)."""
+    last = {record['step']: record for record in records if key in record and 'step' in record}
+    return {step: last[step] for step in sorted(last)}
+
+
+def points(records: Sequence[dict], key: str) -> Tuple[List[float], List[float]]:
+    last = last_per_step(records, key)
+    return list(last), [record[key] for record in last.values()]
 
 
 def per_round(records: Sequence[dict], key: str) -> Dict[int, dict]:
@@ -52,8 +60,12 @@ def per_round(records: Sequence[dict], key: str) -> Dict[int, dict]:
     return {r['round']: r for r in records if key in r and 'round' in r}
 
 
+TRAINING_LOSSES = ('loss/train', 'loss/total')  # the total of online PPO's policy, value and KL terms
+
+
 def loss_panel(records: Sequence[dict]) -> Panel:
-    x, y = points(records, 'loss/train')
+    key = next((key for key in TRAINING_LOSSES if any(key in record for record in records)), TRAINING_LOSSES[0])
+    x, y = points(records, key)
     window = smoothing_window(len(y))
     return Panel('loss', EXAMPLES, 'training loss (per example)',
                  [Series('per batch', x, y), Series(f'moving average of {window}', x, moving_average(y, window))])
@@ -93,8 +105,29 @@ def reward_panel(records: Sequence[dict]) -> Optional[Panel]:
     return Panel('reward per round', 'round', 'mean reward (the reward function\'s units)', series)
 
 
-PANELS = (loss_panel, preference_panel, kl_panel, reward_panel)
-TITLES = ('loss', 'reward margin and accuracy', 'KL estimate', 'reward per round')  # the rows, in PANELS' order
+# what a run that samples every step logs: its training samples' mean score, the held-out prompts' (online RL;
+# online PPO logs its samples' score under the reward function or model)
+STEP_REWARDS = (('reward_train/mean', 'reward_eval/mean'), ('rewards/score', 'rewards_eval/score'))
+
+
+def step_reward_panel(records: Sequence[dict]) -> Optional[Panel]:
+    if any('round' in record for record in records):
+        return None
+    for sampled_key, evaluated_key in STEP_REWARDS:
+        sampled, evaluated = points(records, sampled_key), points(records, evaluated_key)
+        if sampled[1] or evaluated[1]:
+            window = smoothing_window(len(sampled[1]))
+            series = [Series(f"the step's samples (moving average of {window})", sampled[0],
+                             moving_average(sampled[1], window))] if sampled[1] else []
+            if evaluated[1]:
+                se = [record.get('reward_eval/se', 0.0) for record in last_per_step(records, evaluated_key).values()]
+                series.append(Series('held-out prompts', *evaluated, se))
+            return Panel('reward per step', EXAMPLES, "mean reward (the reward function's units)", series)
+    return None
+
+
+PANELS = (loss_panel, preference_panel, kl_panel, reward_panel, step_reward_panel)
+TITLES = ('loss', 'reward margin and accuracy', 'KL estimate', 'reward per round', 'reward per step')  # the rows
 
 
 def run_panels(records: Sequence[dict]) -> List[Panel]:
@@ -138,7 +171,7 @@ def draw(axis, panel: Panel, title: str) -> None:
         else:
             faint = series.label == 'per batch'
             target.plot(series.x, series.y, label=series.label, color=colour, alpha=0.35 if faint else 1.0,
-                        marker='o' if panel.xlabel == 'round' else None)
+                        marker='o' if panel.xlabel == 'round' or len(series.x) < 3 else None)
     axis.set_title(title, fontsize=9)
     axis.set(xlabel=panel.xlabel, ylabel=panel.ylabel)
     if right is not None:

@@ -64,6 +64,26 @@ def test_kto_gets_its_kl_estimate_and_an_online_run_its_reward_per_round():
     assert panels['reward per round'].xlabel == 'round'
 
 
+STEP_LEVEL = [{'step': 0, 'reward_eval/mean': 1.0, 'reward_eval/se': 0.1},
+              {'step': 4, 'loss/train': 0.2, 'reward_train/mean': 1.5},
+              {'step': 8, 'loss/train': 0.1, 'reward_train/mean': 2.5},
+              {'step': 8, 'loss/train': 0.3, 'reward_train/mean': 2.0},  # logged again after a resume at step 4
+              {'step': 8, 'reward_eval/mean': 2.2, 'reward_eval/se': 0.2}]
+ONLINE_PPO = [{'step': 8, 'loss/total': 1.1, 'rewards/score': 0.5}, {'step': 16, 'loss/total': 0.9, 'rewards/score': 0.7},
+              {'step': 16, 'rewards_eval/score': 0.6}]
+
+
+def test_a_run_that_samples_every_step_gets_its_reward_per_step_the_last_value_of_each_step():
+    panels = {p.title: p for p in run_panels(STEP_LEVEL)}
+    assert list(panels) == ['loss', 'reward per step']
+    assert panels['loss'].series[0].y == [0.2, 0.3]
+    sampled, held_out = panels['reward per step'].series
+    assert (sampled.x, sampled.y) == ([4, 8], [1.5, 2.0])  # two points: a moving average of 1
+    assert (held_out.x, held_out.y, held_out.error) == ([0, 8], [1.0, 2.2], [0.1, 0.2])
+    ppo = {p.title: p for p in run_panels(ONLINE_PPO)}  # online PPO logs its loss as loss/total
+    assert ppo['loss'].series[0].y == [1.1, 0.9] and ppo['reward per step'].series[1].y == [0.6]
+
+
 def test_visualize_plots_the_curves_of_several_runs(tmp_path):
     runs = [write_metrics(str(tmp_path / name), records) for name, records in
             (('dpo', DPO), ('kto', KTO), ('online', ONLINE))]
@@ -77,8 +97,10 @@ def test_visualize_plots_the_curves_of_several_runs(tmp_path):
 @pytest.mark.parametrize('arguments, message', [
     (['--curves', 'no_such_run'], 'no_such_run: no metrics.jsonl (not a run directory)'),
     (['a.jsonl', 'b.jsonl'], 'one results file'),
+    (['--curves', 'empty'], 'empty/metrics.jsonl: no metrics yet (the run logged nothing)'),
 ])
 def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
+    write_metrics(str(tmp_path / 'empty'), [])
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), *arguments], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr
