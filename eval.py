@@ -279,8 +279,16 @@ def checked(run: RunSettings) -> RunSettings:
     """What eval.py needs of the settings, beyond the schema's checks."""
     if run.mode not in MODES:
         raise ConfigError(f"mode={run.mode}: eval.py takes mode={', '.join(MODES)}")
+    if run.mode == 'sample' and run.prompts:  # the prompts to sample, instead of the test split of the datasets
+        run = dataclasses.replace(run, datasets=run.prompts)
     if run.mode in ('sample', 'eval') and not run.datasets:
         raise missing_keys_error(['datasets'])
+    if run.num_samples_per_prompt and run.mode != 'sample':
+        raise ConfigError(f"num_samples_per_prompt={run.num_samples_per_prompt}: mode={run.mode} samples one completion "
+                          f"per prompt; k completions per prompt are mode=sample's")
+    if (run.num_samples_per_prompt or 1) > 1 and run.temperature == 0:
+        print(f"warning: temperature=0 decodes greedily, so the {run.num_samples_per_prompt} samples of each prompt "
+              f"are the same (label.py finds only ties among them): sample at a temperature above 0")
     if run.mode == 'reward':
         run = dataclasses.replace(run, prompts=run.prompts or own_held_out_prompts(run),
                                   reward_function=run.reward_function or own_reward_function(run))

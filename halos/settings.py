@@ -233,7 +233,7 @@ class RunSettings:
     eval_every: int = setting(20_000, 'evaluate (and checkpoint) every this many training examples', at_least(1))
     n_samples: Optional[int] = setting(128, 'eval.py: prompts to sample (null: the whole test split)', at_least(1))
     samples_dir: str = setting('samples/', 'eval.py: where samples are written')
-    prompts: Optional[List[str]] = setting(None, 'eval.py mode=reward: a prompts file or dataset names')
+    prompts: Optional[List[str]] = setting(None, 'eval.py mode=reward or sample: a prompts file or dataset names')
     reward_function: Union[str, List[str], None] = setting(None, 'eval.py mode=reward: path/to/file.py:function, or '
                                                                  'a list of them', REWARD_FUNCTIONS)
     n_eval_examples: Optional[int] = setting(512, 'test examples of each evaluation (0: none; null: all)', at_least(0))

@@ -294,6 +294,25 @@ def test_reward_mode_weighs_a_runs_own_reward_functions_as_training_did(tmp_path
     assert checked_scores(eval_script.reward_labeler(eval_script.checked(other)), ['p'], ['c'], ['sample 0']) == [3.0]
 
 
+def test_prompts_choose_what_sample_mode_samples_and_k_samples_are_sample_modes_alone(tmp_path, capsys):
+    import dataclasses
+    run = make_config(tmp_path, loss='sft')
+    sampling = eval_script.checked(dataclasses.replace(run, mode='sample', prompts=['held.jsonl']))
+    assert sampling.datasets == ['held.jsonl']
+    assert eval_script.checked(dataclasses.replace(run, mode='sample')).datasets == ['hh']
+    for mode in ('reward', 'eval'):
+        with pytest.raises(ConfigError) as error:
+            eval_script.checked(dataclasses.replace(run, mode=mode, num_samples_per_prompt=4, prompts=['held.jsonl'],
+                                                    reward_function='r.py:f'))
+        assert str(error.value) == (f"num_samples_per_prompt=4: mode={mode} samples one completion per prompt; k "
+                                    f"completions per prompt are mode=sample's")
+    capsys.readouterr()
+    eval_script.checked(dataclasses.replace(run, mode='sample', num_samples_per_prompt=3, temperature=0.0))
+    assert capsys.readouterr().out == ("warning: temperature=0 decodes greedily, so the 3 samples of each prompt are "
+                                       "the same (label.py finds only ties among them): sample at a temperature "
+                                       "above 0\n")
+
+
 def test_an_exp_name_that_is_a_path_writes_its_samples_there(tmp_path):
     """exp_name may be a path of directories under cache_dir; its samples go to the same path under samples_dir."""
     from helpers import eval_in_process, train_in_process
