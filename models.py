@@ -20,7 +20,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from halos.checkpoint import load_policy_file
+from halos.checkpoint import LATEST, load_policy_file
 from halos.errors import FILE_SYSTEM_REFUSALS, ConfigError, MissingFileError
 
 EMBEDDED_PREFIX = 'embedded:'
@@ -193,7 +193,7 @@ def from_pretrained(loader, name_or_path: str, **options):
             raise
         if os.path.exists(os.path.join(path, 'config.yaml')):  # it holds a tokenizer, so it got this far
             raise ConfigError(f"model {name_or_path!r}: a halos run directory, not a model: give its trained model, "
-                              f"{os.path.join(name_or_path, 'LATEST', 'hf')}") from None
+                              f"{os.path.join(name_or_path, LATEST, 'hf')}") from None
         raise ConfigError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
 
 
@@ -287,6 +287,11 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
         raise ConfigError(f"{path} is a reward model's checkpoint (a score head and no lm_head, as loss=bradley-terry "
                           f"saves), not a policy's: it does not generate; label.py --reward-model <its run>/LATEST/hf "
                           f"scores samples with it")
+    if any('lora_' in key for key in state) and not any('lora_' in key for key in own):
+        run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        raise ConfigError(f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: "
+                          f"give its merged model, {run}/{LATEST}/hf, or continue its adapters with "
+                          f"model.use_peft=true model.load_lora_from={run}/{LATEST}/adapter")
     state = {key: value for key, value in state.items() if key in own or not key.startswith(HEADS_A_MODEL_MAY_LACK)}
     state.update({key: value for key, value in own.items()
                   if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})

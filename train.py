@@ -166,10 +166,11 @@ def check_same_run(run: RunSettings) -> None:
         before, after = (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
                          for value in (OmegaConf.select(saved, key), OmegaConf.select(now, key)))
         if before is not None and before != after:
+            # a LoRA run's policy.pt holds its adapters alone: a new run starts from its merged model
+            start = 'hf' if OmegaConf.select(saved, 'model.use_peft') else checkpoint.POLICY
             raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={shown_value(before)}, not "
                               f"{shown_value(after)}; resume with {shown}={shown_value(before)}, or start a new exp_name "
-                              f"from it (++model.load_from="
-                              f"{run.local_run_dir}/{checkpoint.LATEST}/{checkpoint.POLICY})")
+                              f"from it (++model.load_from={run.local_run_dir}/{checkpoint.LATEST}/{start})")
 
 
 def shown_value(value) -> str:

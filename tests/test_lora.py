@@ -176,3 +176,16 @@ def test_an_empty_list_of_target_modules_is_refused(tmp_path):
         make_config(tmp_path, '++model.use_peft=true', '++model.peft.target_modules=[]')
     assert str(error.value) == ("model.peft.target_modules=[]: give all-linear, or the names of the modules LoRA "
                                 "adapts")
+
+
+def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_give_instead(tmp_path):
+    from halos.errors import ConfigError
+    tiny = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    adapters_only = {'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight': torch.zeros(4, 64)}
+    path = str(tmp_path / 'run' / 'LATEST' / 'policy.pt')
+    with pytest.raises(ConfigError) as error:
+        models.load_state_into(tiny, adapters_only, path)
+    assert str(error.value) == (
+        f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: give its merged model, "
+        f"{tmp_path}/run/LATEST/hf, or continue its adapters with model.use_peft=true "
+        f"model.load_lora_from={tmp_path}/run/LATEST/adapter")
