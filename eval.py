@@ -70,14 +70,16 @@ HALOS_TASKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', '
 
 def load_policy(run: RunSettings, tokenizer):
     """The saved policy as a plain causal LM (a PPO policy's value head is dropped: sampling needs none; a
-    LoRA run's adapter is merged into its base model)."""
-    lora_run = run.model.use_peft and run.saved_policy is not None
+    LoRA run's policy.pt holds its adapters alone: those beside it are merged into its base model, while its HF
+    export is the merged model already)."""
+    saved = models.resolve_load_from(run.saved_policy, run.cache_dir) if run.saved_policy else None
+    adapters = run.model.use_peft and saved is not None and not os.path.isdir(saved)
     policy = models.load_causal_lm(run.model.name_or_path, run.model.policy_dtype,
                                    use_flash_attention=run.model.use_flash_attention,
-                                   load_from=run.model.load_from if lora_run else run.saved_policy,
+                                   load_from=run.model.load_from if adapters else run.saved_policy,
                                    cache_dir=run.cache_dir, vocab_size=len(tokenizer))
-    if lora_run:
-        policy = lora.with_lora(policy, None, saved_adapter(run.saved_policy), 'saved_policy').merge_and_unload()
+    if adapters:
+        policy = lora.with_lora(policy, None, saved_adapter(saved), 'saved_policy').merge_and_unload()
     disable_dropout(policy)
     return policy.eval()
 

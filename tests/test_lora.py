@@ -69,6 +69,16 @@ def test_the_merged_export_and_the_adapter_directory_give_the_adapted_logits(tmp
         torch.testing.assert_close(adapted(input_ids=input_ids).logits, expected, atol=1e-5, rtol=0)
         torch.testing.assert_close(merged(input_ids=input_ids).logits, expected, atol=1e-4, rtol=0)
         assert (expected - models.load_causal_lm('embedded:tiny-smollm2', 'float32')(input_ids=input_ids).logits).abs().max() > 1e-3
+    # eval.py's policy: the adapters beside a policy.pt merged into the base, or the merged export as given; a path
+    # relative to cache_dir as load_from takes one
+    import dataclasses
+
+    import eval as eval_script
+    run = make_config(tmp_path, *LORA, loss='dpo')
+    for saved_policy in ('lora/LATEST/policy.pt', 'lora/LATEST/hf', str(latest / 'hf')):
+        policy = eval_script.load_policy(dataclasses.replace(run, saved_policy=saved_policy), trainer.tokenizer)
+        with torch.no_grad():
+            torch.testing.assert_close(policy(input_ids=input_ids).logits, expected, atol=1e-4, rtol=0)
 
 
 def test_resume_under_lora_ends_with_the_uninterrupted_adapters(tmp_path):
