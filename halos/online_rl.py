@@ -360,7 +360,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         scores, tokens = [score for score, _ in held_out], [ids for _, ids in held_out]
         summary = reward_summary(scores)
         observation = Observation(
-            where=f'step {self.batch_counter}', train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
+            where=f'step {self.batch_counter} ({self.example_counter} examples)', train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
             held_out=summary['mean'], held_out_se=summary['se'],
             length=statistics.fmean(len(ids) for ids in tokens),
             repetition=statistics.fmean(map(repeated_ngram_share, tokens)))

@@ -510,7 +510,8 @@ def test_the_length_warning_fires_before_the_held_out_reward_falls_on_a_hackable
                        tmp_path / 'hydra')
     assert exit_.value.code == 2
     last_line = capsys.readouterr().err.strip().splitlines()[-1]  # after a progress bar's erasing escape codes
-    assert f"train.py: stopped at step {warned[0] // 4} (online.stop_on_hacking=true): completions grew from" \
+    assert f"train.py: stopped at step {warned[0] // 4} ({warned[0]} examples) (online.stop_on_hacking=true): " \
+        f"completions grew from" \
         in last_line and last_line.endswith(f"the last good checkpoint is {tmp_path}/stopped/LATEST, written before "
                                             f"this evaluation")
     kept = torch.load(tmp_path / 'stopped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
