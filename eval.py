@@ -296,8 +296,9 @@ def checked(run: RunSettings) -> RunSettings:
                                   reward_function=run.reward_function or own_reward_function(run))
     if run.mode == 'reward':
         lacking = [needed for needed, given in [
-            ("++prompts=<prompts file or dataset names> (the run has no held-out prompts of its own: "
-             "online.eval_prompts, or its datasets)", run.prompts),
+            ("++prompts=<prompts file or dataset names> (the run trained in online rounds and measured no held-out "
+             "prompts: online.eval_prompts)" if run.online.rounds > 0 else "++prompts=<prompts file or dataset "
+             "names> (the run has no held-out prompts of its own: online.eval_prompts, or its datasets)", run.prompts),
             ("++reward_function=path/to/file.py:function (the run scored with none of its own)",
              run.reward_function)] if not given]
         if lacking:

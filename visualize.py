@@ -34,6 +34,9 @@ class Bar:
 
 def load_results(path: str) -> List[dict]:
     """The result lines of a compare.py results file (JSON Lines); a bad line is named with its number."""
+    if os.path.isdir(path):
+        raise DataError(f"{path}: a directory, not a compare.py results file; --curves plots a run directory's "
+                        f"training curves")
     try:
         with open(path, encoding='utf-8') as f:
             lines = f.read().splitlines()

@@ -98,6 +98,7 @@ def test_visualize_plots_the_curves_of_several_runs(tmp_path):
     (['--curves', 'no_such_run'], 'no_such_run: no metrics.jsonl (not a run directory)'),
     (['a.jsonl', 'b.jsonl'], 'one results file'),
     (['--curves', 'empty'], 'empty/metrics.jsonl: no metrics yet (the run logged nothing)'),
+    (['empty'], "empty: a directory, not a compare.py results file; --curves plots a run directory's training curves"),
 ])
 def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
     write_metrics(str(tmp_path / 'empty'), [])

@@ -270,8 +270,8 @@ def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_traine
     if prompts is None or function is None:
         with pytest.raises(ConfigError) as error:
             eval_script.checked(run)
-        lacking = '++prompts=<prompts file or dataset names> (the run has no held-out prompts of its own: ' \
-                  'online.eval_prompts, or its datasets)' if prompts is None else \
+        lacking = '++prompts=<prompts file or dataset names> (the run trained in online rounds and measured no ' \
+                  'held-out prompts: online.eval_prompts)' if prompts is None else \
                   '++reward_function=path/to/file.py:function (the run scored with none of its own)'
         assert str(error.value) == f'mode=reward needs {lacking}'
         return
