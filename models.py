@@ -9,6 +9,7 @@
   with the same tokenizer, for fast tests.
 """
 import importlib.util
+import json
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -332,6 +333,9 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
     if checkpoint is not None and os.path.isdir(checkpoint):
         path, checkpoint = checkpoint, None
+    if model_class is AutoModelForCausalLM and is_sequence_classifier(path):
+        raise ConfigError(f"{path} is a reward model (a sequence classifier, as loss=bradley-terry exports), not a "
+                          f"policy: it does not generate; label.py --reward-model {path} scores samples with it")
     model = from_pretrained(model_class, path, dtype=getattr(torch, dtype),
                             attn_implementation=attention_implementation(use_flash_attention), **model_options)
     if value_head:
@@ -345,6 +349,16 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)
     return model
+
+
+def is_sequence_classifier(path: str) -> bool:
+    """Whether `path` is an HF directory whose config.json names only sequence-classification architectures."""
+    config = os.path.join(os.path.expanduser(path), 'config.json')
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        architectures = json.load(f).get('architectures') or []
+    return bool(architectures) and all(name.endswith('ForSequenceClassification') for name in architectures)
 
 
 def load_sequence_classifier(name_or_path: str, dtype: str, **kwargs) -> torch.nn.Module:

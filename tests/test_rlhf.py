@@ -84,3 +84,16 @@ def test_a_reward_models_checkpoint_given_as_a_policy_is_named_as_one():
                                 "loss=bradley-terry saves), not a policy's: it does not generate; label.py "
                                 "--reward-model <its run>/LATEST/hf scores samples with it")
     models.load_state_into(classifier, policy.state_dict(), 'sft/LATEST/policy.pt')  # a policy starts a reward model
+
+
+def test_a_reward_models_export_given_as_a_policy_is_named_as_one(tmp_path):
+    import models
+    from halos.errors import ConfigError
+    models.load_sequence_classifier('embedded:tiny-smollm2', 'float32').save_pretrained(tmp_path / 'rm')
+    with pytest.raises(ConfigError) as error:
+        models.load_causal_lm('embedded:tiny-smollm2', 'float32', load_from=str(tmp_path / 'rm'))
+    assert str(error.value) == (f"{tmp_path}/rm is a reward model (a sequence classifier, as loss=bradley-terry "
+                                f"exports), not a policy: it does not generate; label.py --reward-model {tmp_path}/rm "
+                                f"scores samples with it")
+    reward_model = models.load_sequence_classifier('embedded:tiny-smollm2', 'float32', load_from=str(tmp_path / 'rm'))
+    assert reward_model.config.architectures == ['LlamaForSequenceClassification']  # as a reward model it loads
