@@ -213,6 +213,10 @@ def serve(model_dir: str, port: int) -> None:
             request = json.loads(self.rfile.read(int(self.headers.get('Content-Length', 0))) or b'{}')
             if not self.path.rstrip('/').endswith('/chat/completions'):
                 return self.reply(404, {'error': {'message': f'no route {self.path}', 'type': 'invalid_request_error'}})
+            if request.get('model') != model_dir:  # as an OpenAI-compatible server answers a model it does not serve
+                return self.reply(404, {'error': {'message': f"the model {request.get('model')!r} does not exist here: "
+                                                             f"this server serves {model_dir!r}",
+                                                  'type': 'invalid_request_error', 'code': 'model_not_found'}})
             try:
                 content = judge.answer(request)
             except (UnsupportedSchema, KeyError, TypeError) as error:  # a request this server cannot read

@@ -220,6 +220,12 @@ class PPOTrainer(ActorCriticTrainer):
     use_reference_model = True
     labels_read = (schema.IS_DESIRABLE,)
 
+    @classmethod
+    def fits_loader(cls, loader):
+        """Pairs too: a pair's chosen completion scores +1, its rejected -1 (LabelledCompletions)."""
+        pairs = not cls.trains_on_prompts and {schema.CHOSEN, schema.REJECTED} <= set(loader.kinds)
+        return pairs or super().fits_loader(loader)
+
     @dataclass(frozen=True)
     class Params(ActorCriticTrainer.Params):
         reward_model: Optional[str] = setting(None, "an HF sequence classifier whose score replaces the +1/-1 labels")

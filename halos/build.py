@@ -104,14 +104,9 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
 
 
 def check_loader_fits(trainer_name: str, trainer_class: type, loader_name: str, loader_class: type) -> None:
-    """A loss's trainer and dataloader agree: one that samples its completions takes prompts alone, any other takes
-    batches that hold every sequence kind it reads (its prefixes) and every label its loss reads."""
-    def takes(loader: type) -> bool:
-        if loader.kinds is None:  # a loader of the user's that declares nothing is not checked
-            return True
-        if trainer_class.trains_on_prompts:
-            return loader.kinds == ()
-        return set(trainer_class.prefixes) <= set(loader.kinds) and set(trainer_class.labels_read) <= set(loader.labels)
+    """A loss's trainer and dataloader agree (BasicTrainer.fits_loader), else a ConfigError naming the dataloaders
+    that do."""
+    takes = lambda loader: loader.kinds is None or trainer_class.fits_loader(loader)  # a user's loader may declare none
     if takes(loader_class):
         return
     fitting = sorted(name for name, loader in vars(dataloader).items() if isinstance(loader, type)

@@ -110,6 +110,14 @@ class BasicTrainer:
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
 
     @classmethod
+    def fits_loader(cls, loader: type) -> bool:
+        """Whether the batches of `loader` (a DataLoader class that declares its kinds) hold what this trainer reads:
+        prompts alone for one that samples its completions, else every sequence kind it reads and every label."""
+        if cls.trains_on_prompts:
+            return loader.kinds == ()
+        return set(cls.prefixes) <= set(loader.kinds) and set(cls.labels_read) <= set(loader.labels)
+
+    @classmethod
     def uses_reference(cls, params) -> bool:
         """Whether a run with these loss parameters loads a reference model."""
         return cls.use_reference_model

@@ -103,6 +103,9 @@ def test_compare_through_the_scoring_judge_has_no_unparseable_verdict(tmp_path, 
     assert line['wins'] + line['losses'] + line['ties'] == 4
     answers = [json.loads(row)['answer'] for row in open(tmp_path / 'results.judgments.jsonl')]
     assert len(answers) == 8 and {json.loads(a)['response'] for a in answers} <= {'1', '2'}
+    unknown = subprocess.run([*command[:command.index('--judge') + 1], 'no-such-judge', '-st', '0'], cwd=tmp_path,
+                             env=judge_env(), capture_output=True, text=True, timeout=600)  # as a real server refuses it
+    assert unknown.returncode == 2 and "the model 'no-such-judge' does not exist here" in unknown.stderr.splitlines()[-1]
 
 
 def test_the_judge_labeler_through_the_scoring_judge_scores_every_sample(tmp_path, scoring_url):
