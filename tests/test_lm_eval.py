@@ -46,47 +46,39 @@ def test_lm_eval_accuracy_equals_the_one_from_the_models_log_probs(tmp_path, mon
     assert 0 < accuracy < 1  # neither side trivially right or wrong on all 20
 
 
-def test_an_unknown_task_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
+def lm_eval_stops(tmp_path, monkeypatch, capsys, *overrides) -> str:
+    """eval.py ++mode=lm_eval on the tiny model, which stops before the policy loads: its last line."""
     import eval as eval_py
 
     def no_load(*args, **kwargs):
         raise AssertionError('the policy loaded before the tasks were checked')
     monkeypatch.setattr(eval_py, 'load_run_tokenizer', no_load)
     monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
-                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[halos_basics,nosuch]',
-                                      '++saved_policy=null', f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
+                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++saved_policy=null',
+                                      f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}', *overrides])
     with pytest.raises(SystemExit) as exit_:
         eval_py.main()
     assert exit_.value.code == 2
-    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_an_unknown_task_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
+    assert lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[halos_basics,nosuch]') == (
         f"eval.py: lm_eval.tasks: no task nosuch in lm-eval or {os.path.join(DATA, 'lm_eval')}")
 
 
 def test_an_include_path_that_is_not_there_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
-    import eval as eval_py
-    monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
-                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[halos_basics]',
-                                      f'++lm_eval.include_path={tmp_path}/tasks', '++saved_policy=null',
-                                      f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
-    with pytest.raises(SystemExit) as exit_:
-        eval_py.main()
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[halos_basics]',
+                         f'++lm_eval.include_path={tmp_path}/tasks') == (
         f"eval.py: lm_eval.include_path={tmp_path}/tasks: no such directory (of task YAMLs)")
 
 
 def test_a_task_yaml_that_does_not_parse_is_named_beside_the_task_it_would_have_given(tmp_path, monkeypatch, capsys):
-    import eval as eval_py
     tasks = tmp_path / 'tasks'
     tasks.mkdir()
     (tasks / 'mine.yaml').write_text('task: mine\ndataset_path: json\n  doc_to_text: "{{question}}"\n')
     (tasks / 'fine.yaml').write_text('task: fine\nprocess_results: !function utils.process\n')  # lm-eval's tag is valid
-    monkeypatch.setattr(sys, 'argv', ['eval.py', '--config-path=' + os.path.join(ROOT, 'config'), 'model=tiny',
-                                      'loss=sft', 'exp_name=lm', '++mode=lm_eval', '++lm_eval.tasks=[mine]',
-                                      f'++lm_eval.include_path={tasks}', '++saved_policy=null',
-                                      f'++cache_dir={tmp_path}', f'hydra.run.dir={tmp_path}'])
-    with pytest.raises(SystemExit) as exit_:
-        eval_py.main()
-    assert exit_.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1] == (
+    assert lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[mine]', f'++lm_eval.include_path={tasks}') == (
         f"eval.py: lm_eval.tasks: no task mine in lm-eval or {os.path.join(DATA, 'lm_eval')} or {tasks} (lm-eval "
         f"skipped these task files: {tasks}/mine.yaml line 3, column 14: not valid YAML: mapping values are not "
         f"allowed here)")
