@@ -348,7 +348,7 @@ def write_csv(path: str, judgments: List[Judgment], records: Dict[str, dict], ar
         record = records.get(judgment.key)
         position = record['position'] if record else None
         writer.writerow([judgment.comparison.history, names[judgment.order[0]], names[judgment.order[1]],
-                         getattr(judgment.comparison, judgment.order[0]), getattr(judgment.comparison, judgment.order[1]),
+                         *(getattr(judgment.comparison, side) for side in judgment.order),
                          '' if position is None else 'AB'[position], args.judge, record['answer'] if record else ''])
     write_text(path, rows.getvalue())
 

@@ -286,8 +286,8 @@ def checked(run: RunSettings) -> RunSettings:
     if run.mode in ('sample', 'eval') and not run.datasets:
         raise missing_keys_error(['datasets'])
     if run.num_samples_per_prompt and run.mode != 'sample':
-        raise ConfigError(f"num_samples_per_prompt={run.num_samples_per_prompt}: mode={run.mode} samples one completion "
-                          f"per prompt; k completions per prompt are mode=sample's")
+        raise ConfigError(f"num_samples_per_prompt={run.num_samples_per_prompt}: mode={run.mode} samples one "
+                          f"completion per prompt; k completions per prompt are mode=sample's")
     if (run.num_samples_per_prompt or 1) > 1 and run.temperature == 0:
         print(f"warning: temperature=0 decodes greedily, so the {run.num_samples_per_prompt} samples of each prompt "
               f"are the same (label.py finds only ties among them): sample at a temperature above 0")

@@ -247,7 +247,8 @@ def port_number(text: str) -> int:
 
 
 def main() -> None:
-    parser = ArgumentParser(prog='judge_server.py', description="halos' scoring judge server (see scoring_judge_server)")
+    parser = ArgumentParser(prog='judge_server.py',
+                            description="halos' scoring judge server (see scoring_judge_server)")
     parser.add_argument('model_dir', help='an HF causal LM directory (a run\'s LATEST/hf) or a hub id')
     parser.add_argument('--port', type=port_number, required=True)
     arguments = parser.parse_args()

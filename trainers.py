@@ -33,7 +33,7 @@ from halos.policy_gradient import GroupTrainer
 from halos.preference import (PairedPreferenceTrainer, PreferenceTrainer, RewardModelTrainer,  # noqa: F401
                               UnpairedPreferenceTrainer, unpaired_accuracies)
 from halos.settings import REWARD_FUNCTIONS, at_least, between, greater_than, one_of, setting
-from utils import all_reduce_mean, all_reduce_sum, find_class, get_batch_logps
+from utils import all_gather_list, all_reduce_mean, all_reduce_sum, find_class, get_batch_logps
 
 
 class SFTTrainer(BasicTrainer):
@@ -475,15 +475,15 @@ class ReinforcePPTrainer(OnlineGroupTrainer):
     def advantages(self, parts):
         """G_t = sum_{u >= t} r_u, r_u = -beta KL_u (+ s on the last token), KL_u = log pi_old - log pi_ref as
         sampled; A = G normalised over every completion token of the step (all ranks)."""
-        return self.whitened_returns(parts, self.params.beta if self.params.kl_in_reward else 0.0)
-
-    def score_advantages(self, parts):
-        return self.whitened_returns(parts, 0.0)
-
-    @staticmethod
-    def whitened_returns(parts, beta: float):
+        beta = self.params.beta if self.params.kl_in_reward else 0.0
         returns = [reinforce_pp_returns(part.scores, part.sampled_kl(), part.mask, beta) for part in parts]
         return whiten_advantages(returns, [part.mask for part in parts])
+
+    def scores_teach(self, parts):
+        """The baseline is the step's (every rank's): the scores teach where two samples that carry loss differ."""
+        carried = [score for part in parts for score, weight in zip(part.scores.tolist(), part.weights.tolist())
+                   if weight > 0]
+        return len(set(all_gather_list(carried))) > 1
 
     def loss(self, log_ratios, reference_log_ratios, advantages, mask):
         """Per token: -min(r A_t, clip(r, 1 - epsilon, 1 + epsilon_high) A_t) (+ beta k3 with kl_in_reward=false)."""

@@ -48,7 +48,8 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from halos.errors import ArgumentParser, ConfigError, reported_as_one_line, wait_passing_stops  # noqa: E402  (after the path insert)
+from halos.errors import (ArgumentParser, ConfigError, reported_as_one_line,  # noqa: E402  (after the path insert)
+                          wait_passing_stops)
 from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
 
 

@@ -254,10 +254,11 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         return [part.advantages for part in parts]
 
     def scores_teach(self, parts: List[Part]) -> bool:
-        """Whether the step's scores give a sample that carries loss an advantage other than 0 (on this rank)."""
+        """Whether the step's scores give a sample that carries loss an advantage other than 0 (on this rank; its
+        verdict is all-reduced)."""
         for part, advantages in zip(parts, self.score_advantages(parts)):
             carried = advantages * part.weights.view(-1, *[1] * (advantages.dim() - 1))
-            if bool((carried.abs() > 1e-6).any()):  # whitening tied returns leaves rounding errors
+            if bool((carried.abs() > 1e-6).any()):  # a baseline of tied scores may leave rounding errors
                 return True
         return False
 
@@ -360,7 +361,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         scores, tokens = [score for score, _ in held_out], [ids for _, ids in held_out]
         summary = reward_summary(scores)
         observation = Observation(
-            where=f'step {self.batch_counter} ({self.example_counter} examples)', train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
+            where=f'step {self.batch_counter} ({self.example_counter} examples)',
+            train_reward=statistics.fmean(self.step_rewards or [float('nan')]),
             held_out=summary['mean'], held_out_se=summary['se'],
             length=statistics.fmean(len(ids) for ids in tokens),
             repetition=statistics.fmean(map(repeated_ngram_share, tokens)))
