@@ -15,10 +15,12 @@ Every command is printed, and each is a train.py / eval.py / label.py / compare.
 A rerun keeps every run measured before (delete its runs/demo/quality_<name> to redo one), resumes one cut
 short from its checkpoint, and judges again from the cached judgments.
 """
+import argparse
 import json
 import os
 import sys
 import time
+from typing import Optional, Sequence
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -90,8 +92,16 @@ def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
         return json.loads(f.read().splitlines()[-1])
 
 
-def main() -> None:
-    from halos.errors import reported_as_one_line
+def measured(run: quality.Runner, args, earlier: Optional[dict], method: quality.Method, budget: int,
+             n_prompts: int, feedback: dict) -> dict:
+    """The method's row: as an earlier demo measured it (a rerun keeps it), else trained and measured now."""
+    return quality.kept_row(earlier, method) or quality.run_method(run, args, method, budget, n_prompts, feedback)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    from halos.errors import ArgumentParser, reported_as_one_line
+    ArgumentParser(prog='demo.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+                   ).parse_args(argv)
     with reported_as_one_line('demo.py'):
         run_demo()
 
@@ -100,18 +110,15 @@ def run_demo() -> None:
     started = time.time()
     args, run = demo_args(), quality.Runner()
     earlier = quality.earlier_report(args, 'demo')  # a rerun keeps what an earlier one measured
-    kept, run.commands = quality.kept_rows(args, earlier), list(earlier['commands']) if earlier else []
+    run.commands = list(earlier['commands']) if earlier else []
     n_prompts = quality.count_lines(args.prompts_train)
     feedback = {'samples': os.path.join(UPBEAT, 'samples.jsonl'), 'pairwise': os.path.join(UPBEAT, 'pairs.jsonl'),
                 'best': best_of_k(run)}
     budget = quality.count_lines(feedback['samples'])
-
-    def measured(method: quality.Method) -> dict:
-        return kept.get(method.name) or quality.run_method(run, args, method, budget, n_prompts, feedback)
     start = earlier['start'] if earlier else quality.held_out_reward(run, args, quality.start_overrides(args, 'start'))
-    sft = measured(SFT)
+    sft = measured(run, args, earlier, SFT, budget, n_prompts, feedback)
     args.load_from = os.path.join(quality.run_dir(args, 'sft-best'), 'LATEST', 'policy.pt')
-    aligned = [measured(method) for method in ALIGNED]
+    aligned = [measured(run, args, earlier, method, budget, n_prompts, feedback) for method in ALIGNED]
     args.load_from = None  # the table's starting model: the base model
     report = quality.report_of(args, start, [sft, *aligned], run.commands, budget, n_prompts, 0.0, started, {})
     stem = quality.write_report(report, args.results_dir, 'demo')

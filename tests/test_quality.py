@@ -157,3 +157,22 @@ def test_a_forked_command_runs_in_the_repository_with_its_arguments_and_fails_wi
     with pytest.raises(subprocess.CalledProcessError) as error:
         run_forked(str(script), [str(seen), '3'])
     assert error.value.returncode == 3 and error.value.cmd == ['python', str(script), str(seen), '3']
+
+
+def test_a_demo_rerun_keeps_each_row_an_earlier_demo_measured_and_measures_the_others(monkeypatch):
+    """scripts/demo.py (make demo) through bench/quality.py's rows; its --help shows its usage and runs nothing."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location('demo', os.path.join(ROOT, 'scripts', 'demo.py'))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    trained = []
+    monkeypatch.setattr(demo.quality, 'run_method',
+                        lambda run, args, method, *rest: trained.append(method.name) or {'method': method.name})
+    kto, dpo = demo.ALIGNED[:2]
+    earlier = {'methods': [{'method': 'kto', 'overrides': list(kto.overrides), 'reward_mean': 0.4},
+                           {'method': 'dpo', 'overrides': ['++lr=1e-3'], 'reward_mean': 0.5}]}  # other overrides
+    rows = [demo.measured(None, None, earlier, method, 88, 44, {}) for method in (kto, dpo, demo.SFT)]
+    assert rows == [earlier['methods'][0], {'method': 'dpo'}, {'method': 'sft-best'}] and trained == ['dpo', 'sft-best']
+    shown = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--help'], capture_output=True,
+                           text=True, timeout=300)
+    assert shown.returncode == 0 and shown.stdout.startswith('usage: demo.py [-h]')
