@@ -14,6 +14,7 @@ from omegaconf.errors import OmegaConfBaseException
 import dataloader
 import models
 import trainers
+from halos import batch as schema
 from halos import checkpoint, lora
 from halos.batching import FEEDBACK_NAMES, held_feedback_kinds, item_example, load_examples
 from halos.datasets import check_dataset_name
@@ -240,7 +241,27 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
     if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
                           f"the samples of a prompt, so it needs at least 2")
+    if online.feedback == 'best' and schema.SCORE in trainer_class.labels_read:
+        raise ConfigError(f"online.feedback=best keeps one sample of each prompt, and loss={run.loss.name} compares "
+                          f"the samples of a prompt: set online.feedback=scalar")
+    check_feedback_options(run)
     check_labeler(run, 'online rounds')
+
+
+# the keys of online rounds' feedback that only some of its kinds read
+FEEDBACK_OPTIONS = {'online.threshold': ('binary', 'pairwise'), 'online.per_prompt': ('binary',),
+                    'online.pair_mode': ('pairwise',)}
+
+
+def check_feedback_options(run: RunSettings) -> None:
+    """An online.* key set for a kind of feedback that does not read it (label.py refuses the same options)."""
+    online = run.online
+    for key in changed_keys(online, 'online.'):
+        kinds = FEEDBACK_OPTIONS.get(key)
+        if kinds and online.feedback not in kinds:
+            raise ConfigError(f"{key} applies to online.feedback={' or '.join(kinds)}, not {online.feedback}")
+    if online.feedback == 'pairwise' and online.threshold == 'mean':
+        raise ConfigError("online.threshold=mean: pairwise feedback takes the least reward gap of a pair, a number")
 
 
 def check_sampled_online(run: RunSettings) -> None:
@@ -522,7 +543,7 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
         if online.eval_prompts else None
     if held_out is not None:
         warn_on_shared_held_out(pool.items, held_out.items)
-    make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path], n_examples=None),
+    make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path]),  # n_epochs, n_examples: a round's
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))
     gold = held_out_labeler(run, labeler)

@@ -165,6 +165,11 @@ class OnlineRounds:
         if reason:
             raise DataError(f"round {round_index}: {reason}; sample more per prompt, change online.feedback or "
                             f"online.threshold, or delete {self.path(round_index, '')} to sample the round again")
+        if s.feedback == 'binary' and len({record['label'] for record in records}) == 1:  # a fixed threshold's doing
+            kind = 'desirable' if records[0]['label'] else 'undesirable'
+            shown = f'{s.threshold:g}' if isinstance(s.threshold, float) else s.threshold
+            rank0_print(f"warning: round {round_index}: every sample is {kind} against online.threshold={shown}, "
+                        f"so the round teaches only what to {'do' if records[0]['label'] else 'avoid'}")
         write_jsonl(path, records)
         stats = sample_stats([s['reward'] for s in labelled], [s['prompt_id'] for s in labelled],
                              [s['output'].split() for s in labelled], [s.get('finished', True) for s in labelled])

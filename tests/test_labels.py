@@ -739,3 +739,14 @@ def test_an_empty_completion_is_scored_but_never_written_as_feedback(tmp_path, c
                        '--feedback', feedback]) == 2
     assert capsys.readouterr().err.strip() == (f"label.py: {samples}: no {feedback} feedback to write: every one of "
                                                f"the 2 completions is empty")
+
+
+def test_a_round_trains_at_most_n_examples_and_a_round_of_one_class_is_warned_of(tmp_path, capsys):
+    status, line, out = train(tmp_path, online(tmp_path, 'capped', f'++online.reward_function={REWARD}:vowels',
+                                               '++online.feedback=binary', '++online.threshold=1000', '++n_examples=2',
+                                               loss='kto'), capsys)
+    assert status == 0, line
+    assert ("warning: round 0: every sample is undesirable against online.threshold=1000, so the round teaches only "
+            "what to avoid") in out
+    state = torch.load(tmp_path / 'capped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
+    assert state['example_counter'] == 2  # of the round's 12 labelled samples

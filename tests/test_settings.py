@@ -329,3 +329,20 @@ def test_online_ppo_is_warned_of_online_keys_it_does_not_read_and_not_of_its_sam
     make_config(tmp_path, function, '++online.reward_function=r.py:f', loss='ppo-online')
     assert ("warning: online.reward_function set, but loss=ppo-online with online.rounds=0 samples with its own keys "
             "(loss.reward_function, loss.reward_model) and reads no other online key" in capsys.readouterr().out)
+
+
+def test_online_feedback_options_that_the_feedback_kind_would_ignore_are_refused(tmp_path):
+    common = ['++online.rounds=1', f'++online.reward_function={ROOT}/tests/rewards.py:vowels']
+    for loss, overrides, says in [
+            ('dpo', ['++online.per_prompt=true'], 'online.per_prompt applies to online.feedback=binary, not pairwise'),
+            ('kto', ['++online.feedback=binary', '++online.pair_mode=min'],
+             'online.pair_mode applies to online.feedback=pairwise, not binary'),
+            ('dpo', ['++online.threshold=mean'],
+             'online.threshold=mean: pairwise feedback takes the least reward gap of a pair, a number'),
+            ('grpo', ['++online.feedback=best'], 'online.feedback=best keeps one sample of each prompt, and loss=grpo '
+                                                 'compares the samples of a prompt: set online.feedback=scalar')]:
+        with pytest.raises(ConfigError) as error:
+            make_config(tmp_path, *common, *overrides, loss=loss)
+        assert str(error.value) == says
+    make_config(tmp_path, *common, '++online.feedback=binary', '++online.per_prompt=true', '++online.threshold=mean',
+                loss='kto')  # each read by binary feedback
