@@ -366,7 +366,11 @@ def run_evaluation(run: RunSettings) -> None:
 
 
 def main() -> None:
-    run_hydra('eval.py', evaluation)
+    run_hydra('eval.py', evaluation, lambda: (
+        f"usage: python eval.py --config-path=<run directory> ++mode=<{'|'.join(MODES)}> [++key=value ...]\n\n"
+        "The run directory is where train.py saved the run's config.yaml (<cache_dir>/<exp_name>); "
+        "--config-path=config starts from halos' defaults. Each mode, what it writes and its keys: "
+        "docs/evaluation.md."))
 
 
 if __name__ == '__main__':

@@ -25,7 +25,8 @@ from omegaconf import DictConfig, OmegaConf
 import models
 from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
-from halos.cli import run_hydra, task_overrides
+from halos.cli import config_choices, run_hydra, task_overrides
+from halos.datasets import DATASETS
 from halos.errors import ConfigError, reported_as_one_line
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
@@ -260,7 +261,15 @@ def what_an_interrupt_left(run: RunSettings) -> str:
 
 
 def main() -> None:
-    run_hydra('train.py', train)
+    run_hydra('train.py', train, lambda: (
+        "usage: python train.py loss=<loss> model=<model> datasets=[<name or file>,...] exp_name=<name> mode=train "
+        "[++key=value ...]\n\n"
+        f"losses (config/loss): {config_choices('loss')}\n"
+        f"models (config/model): {config_choices('model')}\n"
+        f"datasets: {', '.join(sorted(DATASETS))} (from the hub; ++data_dir=data reads the shipped samples), or "
+        ".json/.jsonl/.parquet files of feedback or prompts\n\n"
+        "Every key with its default and rule: docs/training.md; online rounds and online RL: docs/online.md; "
+        "++resume=true continues a run."))
 
 
 if __name__ == '__main__':

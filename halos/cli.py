@@ -51,9 +51,19 @@ def config_path_flags(flag: str, value: Optional[str]) -> Optional[List[str]]:
     return [f'{flag}={path}']
 
 
-def run_hydra(program: str, hydra_main: Callable[[], None]) -> None:
+def config_choices(group: str) -> str:
+    """The choices of a config group (config/<group>/*.yaml), comma-separated."""
+    directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config', group)
+    return ', '.join(sorted(name[:-len('.yaml')] for name in os.listdir(directory) if name.endswith('.yaml')))
+
+
+def run_hydra(program: str, hydra_main: Callable[[], None], usage: Callable[[], str]) -> None:
     """Run a @hydra.main function, the errors of Hydra's composition reported as one line (exit status 2); what
-    the task function itself raises stays its own."""
+    the task function itself raises stays its own. --help prints `usage()` (Hydra's own needs a whole config to
+    compose; --hydra-help is still Hydra's)."""
+    if {'--help', '-h'} & set(sys.argv[1:]):
+        print(usage())
+        sys.exit(0)
     sys.argv[1:] = config_flags_first(sys.argv[1:])
     saved = {name: os.environ.get(name) for name in ('HYDRA_FULL_ERROR', USER_FULL_ERROR)}
     os.environ[USER_FULL_ERROR] = saved[USER_FULL_ERROR] or saved['HYDRA_FULL_ERROR'] or '0'

@@ -472,3 +472,15 @@ def test_a_script_passes_a_stop_on_to_the_halos_command_it_waits_for(tmp_path):
     assert parent.wait(timeout=30) == 143 and saved.read_text() == 'checkpoint'
     with pytest.raises(ProcessLookupError):
         os.kill(child_pid, 0)
+
+
+def test_help_of_train_py_and_eval_py_shows_their_usage_and_choices():
+    train = subprocess.run([sys.executable, os.path.join(ROOT, 'train.py'), '--help'], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+    losses = sorted(name[:-len('.yaml')] for name in os.listdir(os.path.join(ROOT, 'config', 'loss')))
+    assert train.returncode == 0 and train.stdout.startswith('usage: python train.py loss=<loss> model=<model>')
+    assert f"losses (config/loss): {', '.join(losses)}\n" in train.stdout
+    evaluation = subprocess.run([sys.executable, os.path.join(ROOT, 'eval.py'), '-h'], cwd=ROOT, capture_output=True,
+                                text=True, timeout=300)
+    assert evaluation.returncode == 0 and evaluation.stdout.startswith(
+        'usage: python eval.py --config-path=<run directory> ++mode=<sample|eval|alpacaeval|reward|lm_eval>')
