@@ -164,11 +164,12 @@ def check_consistency(run: RunSettings) -> None:
         reward_function_labeler(loss.params.reward_function)
 
 
-def changed_keys(section, prefix: str) -> List[str]:
-    """The keys of a settings section whose values are not their defaults."""
-    default = type(section)()
-    return [f'{prefix}{key.name}' for key in dataclasses.fields(section)
-            if getattr(section, key.name) != getattr(default, key.name)]
+def changed_keys(section, prefix: str = '') -> List[str]:
+    """The keys of a settings section whose values are not their defaults (a required key has none)."""
+    def default(spec):
+        return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    return [f'{prefix}{spec.name}' for spec in dataclasses.fields(section)
+            if default(spec) is not dataclasses.MISSING and getattr(section, spec.name) != default(spec)]
 
 
 def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
@@ -189,6 +190,20 @@ def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     elif lora_keys and run.model.load_lora_from:
         rank0_print(f"warning: {', '.join(lora_keys)} set, but the adapters of model.load_lora_from="
                     f"{run.model.load_lora_from} keep the settings of their adapter_config.json")
+    changed = changed_keys(run)
+    fractions = [key for key in ('frac_unique_desirable', 'frac_unique_undesirable') if key in changed]
+    loader_class = dataloader.get_dataloader_class(run.loss.dataloader)
+    if fractions and not issubclass(loader_class, dataloader.UnpairedPreferenceDataLoader):
+        rank0_print(f"warning: {', '.join(fractions)} set, but loss={run.loss.name} trains on every item of its "
+                    f"data: they keep a share of the desirable and undesirable examples of the unpaired losses")
+    formatting = [key for key in FORMATTING_KEYS if key in changed]
+    if formatting and run.use_chat_template:
+        rank0_print(f"warning: {', '.join(formatting)} set, but use_chat_template=true formats the turns with the "
+                    f"tokenizer's chat template instead")
+
+
+FORMATTING_KEYS = ('human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')
+
 
 
 def check_model_paths(run: RunSettings, training: bool = True) -> None:

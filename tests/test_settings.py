@@ -346,3 +346,14 @@ def test_online_feedback_options_that_the_feedback_kind_would_ignore_are_refused
         assert str(error.value) == says
     make_config(tmp_path, *common, '++online.feedback=binary', '++online.per_prompt=true', '++online.threshold=mean',
                 loss='kto')  # each read by binary feedback
+
+
+def test_fractions_that_a_loss_does_not_read_and_formatting_a_chat_template_replaces_are_warned_of(tmp_path, capsys):
+    make_config(tmp_path, '++frac_unique_desirable=0.5', '++human_prefix=Human: ', '++use_chat_template=true', loss='dpo')
+    out = capsys.readouterr().out
+    assert ("warning: frac_unique_desirable set, but loss=dpo trains on every item of its data: they keep a share of "
+            "the desirable and undesirable examples of the unpaired losses") in out
+    assert ("warning: human_prefix set, but use_chat_template=true formats the turns with the tokenizer's chat "
+            "template instead") in out
+    make_config(tmp_path, '++frac_unique_desirable=0.5', '++human_prefix=Human: ', loss='kto')  # both read here
+    assert 'warning' not in capsys.readouterr().out
