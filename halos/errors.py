@@ -66,10 +66,12 @@ def describe_error(error: BaseException) -> str:
 
 
 def reported(program: str, error: UserError) -> int:
-    """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again)."""
+    """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again). A
+    setting's error, which every process of a torchrun meets alike, is printed by one process of each node."""
     if show_traceback():
         raise error
-    print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
+    if not isinstance(error, ConfigError) or os.environ.get('LOCAL_RANK', '0') == '0':
+        print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
     return 2
 
 

@@ -484,3 +484,13 @@ def test_help_of_train_py_and_eval_py_shows_their_usage_and_choices():
                                 text=True, timeout=300)
     assert evaluation.returncode == 0 and evaluation.stdout.startswith(
         'usage: python eval.py --config-path=<run directory> ++mode=<sample|eval|alpacaeval|reward|lm_eval>')
+
+
+def test_a_settings_error_is_named_by_one_process_of_a_node_and_any_other_error_by_each(capsys, monkeypatch):
+    from halos.errors import ConfigError, DataError, reported
+    monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
+    monkeypatch.setenv('LOCAL_RANK', '1')
+    assert reported('train.py', ConfigError('bad key')) == 2 and capsys.readouterr().err == ''
+    assert reported('train.py', DataError('its own shard')) == 2 and capsys.readouterr().err == 'train.py: its own shard\n'
+    monkeypatch.setenv('LOCAL_RANK', '0')
+    assert reported('train.py', ConfigError('bad key')) == 2 and capsys.readouterr().err == 'train.py: bad key\n'
