@@ -300,6 +300,11 @@ def check_labeler(run: RunSettings, who: str) -> None:
     if online.reward_weights is not None and online.labeler != 'function':
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, and "
                           f"online.labeler={online.labeler} scores with none: leave it null")
+    unread = [f'online.{key}' for key in ('reward_function', 'reward_model', 'judge')
+              if key != needs and getattr(online, key)]
+    if unread:
+        rank0_print(f"warning: {', '.join(unread)} set, but online.labeler={online.labeler} scores with "
+                    f"online.{needs} (online.eval_reward_function scores the held-out samples)")
     if online.labeler == 'function':
         reward_function_labeler(online.reward_function, online.reward_weights)
     if online.eval_reward_function:

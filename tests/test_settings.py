@@ -357,3 +357,10 @@ def test_fractions_that_a_loss_does_not_read_and_formatting_a_chat_template_repl
             "template instead") in out
     make_config(tmp_path, '++frac_unique_desirable=0.5', '++human_prefix=Human: ', loss='kto')  # both read here
     assert 'warning' not in capsys.readouterr().out
+
+
+def test_a_reward_source_that_the_chosen_labeler_does_not_read_is_warned_of(tmp_path, capsys):
+    make_config(tmp_path, '++online.rounds=1', '++online.labeler=judge', '++online.judge=j',
+                f'++online.reward_function={ROOT}/tests/rewards.py:vowels', loss='dpo')
+    assert ("warning: online.reward_function set, but online.labeler=judge scores with online.judge "
+            "(online.eval_reward_function scores the held-out samples)") in capsys.readouterr().out
