@@ -148,8 +148,9 @@ def resumable(run: RunSettings, latest: str) -> bool:
 
 
 # what a resumed run must keep: its loss and model, what its optimizer state is the state of (the checkpoint's
-# optimizer and schedule restore their own learning rate and warmup), and what decides its data's order and its samples (the
-# checkpoint's data position counts batches of that order; online rounds take the prompt pool's blocks in turn)
+# optimizer and schedule restore their own learning rate and warmup), and what decides its data's order and its
+# samples (the checkpoint's data position counts batches of that order; online rounds take the prompt pool's blocks
+# in turn)
 KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'model.use_peft',
                   *(f'model.peft.{key.name}' for key in dataclasses.fields(PeftSettings)), 'optimizer', 'lr',
                   'warmup_steps', 'datasets', 'seed', 'model.batch_size', 'frac_unique_desirable',
