@@ -248,6 +248,15 @@ def test_frac_unique_and_simple_kto_balance(tokenizer):
         assert batch['is_desirable'].tolist() == [True, False, True, False]
 
 
+def test_a_fraction_that_keeps_none_of_a_kind_is_warned_of(tokenizer, capsys):
+    kto = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.0)
+    assert not any(item.is_desirable for item in kto.items)
+    assert ("warning: frac_unique_desirable=0.0 keeps none of the 35 desirable examples: the loss sees only the other "
+            "kind") in capsys.readouterr().out
+    loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.2)
+    assert 'warning' not in capsys.readouterr().out
+
+
 def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.add_special_tokens({'additional_special_tokens': ['<|good|>', '<|bad|>']})
