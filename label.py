@@ -25,8 +25,8 @@ from halos.examples import prompt_digest
 from halos.feedback import checked_turns, read_records
 from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
-from halos.labelling import (FEEDBACK_KINDS, PAIR_MODES, build_feedback, label_samples, scored_enough,
-                             why_no_training_data)
+from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, label_samples,
+                             scored_enough, why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -59,11 +59,12 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.reward_weights and not args.reward_function:
         parser.error('--reward-weights weighs the functions of --reward-function')
-    for option, given, kinds in (('--threshold', args.threshold is not None, ('binary', 'pairwise')),
-                                 ('--per-prompt', args.per_prompt, ('binary',)),
-                                 ('--pair-mode', args.pair_mode is not None, ('pairwise',))):
-        if given and args.feedback not in kinds:
-            parser.error(f"{option} applies to --feedback {' or '.join(kinds)}, not {args.feedback}")
+    given = {'threshold': args.threshold is not None, 'per_prompt': args.per_prompt,
+             'pair_mode': args.pair_mode is not None}
+    for option, kinds in FEEDBACK_OPTIONS.items():
+        if given[option] and args.feedback not in kinds:
+            parser.error(f"--{option.replace('_', '-')} applies to --feedback {' or '.join(kinds)}, not "
+                         f"{args.feedback}")
     if args.feedback == 'pairwise' and args.threshold in ('mean', 'median'):
         parser.error(f"--threshold {args.threshold}: --feedback pairwise takes the least reward gap of a pair, a "
                      f"number")

@@ -164,16 +164,26 @@ def start_process(seed: int, retain_memory: bool) -> None:
     set_seed(seed)
 
 
+def is_concrete(found, base: type) -> bool:
+    """Whether `found` is a concrete subclass of `base`: not `base` itself, nor a class that sets `abstract = True`
+    in its own body."""
+    return (isinstance(found, type) and issubclass(found, base) and found is not base
+            and not found.__dict__.get('abstract'))
+
+
+def concrete_classes(namespace: Dict, base: type) -> Dict[str, type]:
+    """The concrete subclasses of `base` that `namespace` (a module's globals) defines, by name."""
+    return {name: found for name, found in namespace.items() if is_concrete(found, base) and name == found.__name__}
+
+
 def find_class(namespace: Dict, base: type, name: str, key: str, description: str) -> type:
-    """The class called `name` in `namespace` (a module's globals) that is a concrete subclass of `base`:
-    not `base` itself, nor a class that sets `abstract = True` in its own body. Else a ConfigError naming
-    the config `key` and the valid names."""
+    """The concrete subclass of `base` called `name` in `namespace`, else a ConfigError naming the config `key` and
+    the valid names."""
     from halos.errors import ConfigError
-    concrete = lambda c: isinstance(c, type) and issubclass(c, base) and c is not base and not c.__dict__.get('abstract')
     found = namespace.get(name)
-    if not concrete(found):
-        valid = sorted(n for n, c in namespace.items() if concrete(c) and n == c.__name__)
-        raise ConfigError(f"{key}={name} is not {description}; valid: {', '.join(valid)}")
+    if not is_concrete(found, base):
+        raise ConfigError(f"{key}={name} is not {description}; valid: "
+                          f"{', '.join(sorted(concrete_classes(namespace, base)))}")
     return found
 
 

@@ -21,7 +21,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
 from compare import wilson_interval  # noqa: E402
-from halos.curves import plot_training_curves, read_metrics  # noqa: E402
+from halos.curves import plot_training_curves  # noqa: E402
 from halos.errors import ArgumentParser, DataError, MissingFileError, reported_as_one_line  # noqa: E402
 
 
@@ -130,8 +130,6 @@ def plot_curves(run_dirs: List[str], output: str) -> int:
         for run_dir in run_dirs:
             if not os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
                 raise MissingFileError(f"{run_dir}: no metrics.jsonl (not a run directory)")
-            if not read_metrics(run_dir):
-                raise DataError(f"{run_dir}/metrics.jsonl: no metrics yet (the run logged nothing)")
         names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]
         plot_training_curves(dict(zip(names, run_dirs)), output)
     print(f"plotted the training curves of {len(run_dirs)} run(s) to {output}")

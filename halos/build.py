@@ -22,6 +22,7 @@ from halos.errors import ConfigError, DataError, describe_error, one_line
 from halos.examples import Formatting, prompt_digest
 from halos.labelers import (RewardFunctionLabeler, RewardFunctionsLabeler, check_prompts, make_labeler,
                             reward_function_labeler)
+from halos.labelling import FEEDBACK_OPTIONS
 from halos.loop import Humanline, LoopSettings
 from halos.monitors import HackingMonitor, MonitorSettings
 from halos.online import OnlineRounds
@@ -30,7 +31,7 @@ from halos.sampling import SamplingOptions
 from halos.settings import (REQUIRED, LossSettings, Overrides, RunSettings, dotted_keys, is_params, missing_keys,
                             typed, unknown_key)
 from halos.vllm_engine import EngineChoice, chosen_sampler
-from utils import disable_dropout, get_rank, get_world_size, rank0_print, start_process
+from utils import concrete_classes, disable_dropout, get_rank, get_world_size, rank0_print, start_process
 
 
 LOSS_CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config', 'loss')
@@ -110,9 +111,8 @@ def check_loader_fits(trainer_name: str, trainer_class: type, loader_name: str, 
     takes = lambda loader: loader.kinds is None or trainer_class.fits_loader(loader)  # a user's loader may declare none
     if takes(loader_class):
         return
-    fitting = sorted(name for name, loader in vars(dataloader).items() if isinstance(loader, type)
-                     and issubclass(loader, dataloader.DataLoader) and loader.kinds is not None
-                     and name == loader.__name__ and takes(loader))
+    fitting = sorted(name for name, loader in concrete_classes(vars(dataloader), dataloader.DataLoader).items()
+                     if loader.kinds is not None and takes(loader))
     labelled = f", labelled with {' and '.join(trainer_class.labels_read)}" if trainer_class.labels_read else ''
     what = 'prompts alone' if trainer_class.trains_on_prompts else \
         f"{' and '.join(trainer_class.prefixes)} sequences{labelled}"
@@ -172,6 +172,9 @@ def changed_keys(section, prefix: str = '') -> List[str]:
             if default(spec) is not dataclasses.MISSING and getattr(section, spec.name) != default(spec)]
 
 
+FORMATTING_KEYS = ('human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')
+
+
 def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     """Name keys set where the run reads none of them: online keys of an offline run (the held-out keys aside,
     which eval.py reads; and the sampler's, where the trainer samples), LoRA keys without LoRA or where saved
@@ -200,9 +203,6 @@ def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     if formatting and run.use_chat_template:
         rank0_print(f"warning: {', '.join(formatting)} set, but use_chat_template=true formats the turns with the "
                     f"tokenizer's chat template instead")
-
-
-FORMATTING_KEYS = ('human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')
 
 
 
@@ -263,18 +263,13 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
     check_labeler(run, 'online rounds')
 
 
-# the keys of online rounds' feedback that only some of its kinds read
-FEEDBACK_OPTIONS = {'online.threshold': ('binary', 'pairwise'), 'online.per_prompt': ('binary',),
-                    'online.pair_mode': ('pairwise',)}
-
-
 def check_feedback_options(run: RunSettings) -> None:
     """An online.* key set for a kind of feedback that does not read it (label.py refuses the same options)."""
     online = run.online
-    for key in changed_keys(online, 'online.'):
-        kinds = FEEDBACK_OPTIONS.get(key)
+    for option in changed_keys(online):
+        kinds = FEEDBACK_OPTIONS.get(option)
         if kinds and online.feedback not in kinds:
-            raise ConfigError(f"{key} applies to online.feedback={' or '.join(kinds)}, not {online.feedback}")
+            raise ConfigError(f"online.{option} applies to online.feedback={' or '.join(kinds)}, not {online.feedback}")
     if online.feedback == 'pairwise' and online.threshold == 'mean':
         raise ConfigError("online.threshold=mean: pairwise feedback takes the least reward gap of a pair, a number")
 

@@ -6,6 +6,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
+from halos.errors import DataError
 from halos.jsonl import read_json_lines
 
 EXAMPLES = 'training examples'
@@ -114,14 +115,15 @@ def step_reward_panel(records: Sequence[dict]) -> Optional[Panel]:
     if any('round' in record for record in records):
         return None
     for sampled_key, evaluated_key in STEP_REWARDS:
-        sampled, evaluated = points(records, sampled_key), points(records, evaluated_key)
-        if sampled[1] or evaluated[1]:
-            window = smoothing_window(len(sampled[1]))
-            series = [Series(f"the step's samples (moving average of {window})", sampled[0],
-                             moving_average(sampled[1], window))] if sampled[1] else []
-            if evaluated[1]:
-                se = [record.get('reward_eval/se', 0.0) for record in last_per_step(records, evaluated_key).values()]
-                series.append(Series('held-out prompts', *evaluated, se))
+        (steps, rewards), evaluated = points(records, sampled_key), last_per_step(records, evaluated_key)
+        if rewards or evaluated:
+            window = smoothing_window(len(rewards))
+            series = [Series(f"the step's samples (moving average of {window})", steps,
+                             moving_average(rewards, window))] if rewards else []
+            if evaluated:
+                series.append(Series('held-out prompts', list(evaluated),
+                                     [record[evaluated_key] for record in evaluated.values()],
+                                     [record.get('reward_eval/se', 0.0) for record in evaluated.values()]))
             return Panel('reward per step', EXAMPLES, "mean reward (the reward function's units)", series)
     return None
 
@@ -140,7 +142,12 @@ def plot_training_curves(run_dirs: Mapping[str, str], out_path: str) -> str:
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    columns = {name: run_panels(read_metrics(path)) for name, path in run_dirs.items()}
+    columns = {}
+    for name, path in run_dirs.items():
+        records = read_metrics(path)
+        if not records:
+            raise DataError(f"{path}/metrics.jsonl: no metrics yet (the run logged nothing)")
+        columns[name] = run_panels(records)
     present = {panel.title for panels in columns.values() for panel in panels}
     kinds = [title for title in TITLES if title in present]
     figure, axes = plt.subplots(len(kinds), len(columns), figsize=(4.2 * len(columns), 3.2 * len(kinds)),

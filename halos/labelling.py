@@ -27,6 +27,8 @@ from halos.labelers import LabelError, checked_scores, parts_of
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
 PAIR_MODES = ('max', 'min', 'random')
+# the options of building feedback that only some of its kinds read (label.py's --threshold, online.threshold, ...)
+FEEDBACK_OPTIONS = {'threshold': ('binary', 'pairwise'), 'per_prompt': ('binary',), 'pair_mode': ('pairwise',)}
 Threshold = Union[str, float]
 
 
