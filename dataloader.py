@@ -163,8 +163,8 @@ class PairedPreferenceDataLoader(DataLoader):
 
 class GroupUnpairedPreferenceDataLoader(DataLoader):
     """Scored completions grouped by prompt (GRPO): every global batch holds whole groups, so a group's
-    statistics are those of all its completions (a group larger than batch_size is cut into parts of
-    batch_size, each then a group, and counted). The score is the data's reward, else +1 for a desirable
+    statistics are those of all its completions (a group larger than batch_size is shuffled and cut into
+    parts of batch_size, each then a group, and counted). The score is the data's reward, else +1 for a desirable
     and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
     evenly as possible across processes."""
     feedback_kinds = ('binary', 'pairwise', 'scalar')
@@ -200,7 +200,8 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
         rng.shuffle(order)
         batches, current = [], []
         for group in order:
-            if len(group) > self.batch_size:  # cut into parts that each fill a batch (and are each a group)
+            if len(group) > self.batch_size:  # parts that each fill a batch (and are each a group), shuffled so
+                group = rng.sample(group, len(group))  # that a file sorted by score does not give tied parts
                 parts = [group[start:start + self.batch_size] for start in range(0, len(group), self.batch_size)]
             else:
                 parts = [group]

@@ -233,6 +233,13 @@ def load_from_candidates(load_from: str, cache_dir: str) -> Tuple[str, str]:
     return os.path.join(cache_dir, load_from), load_from
 
 
+def in_cache_dir(name_or_path: Optional[str], cache_dir: str) -> Optional[str]:
+    """A model named relative to cache_dir where it is there (as model.load_from is read), else as given."""
+    if name_or_path and os.path.exists(os.path.join(cache_dir, name_or_path)):
+        return os.path.join(cache_dir, name_or_path)
+    return name_or_path
+
+
 def resolve_load_from(load_from: str, cache_dir: str) -> str:
     """`load_from` relative to cache_dir (as in HALOs), else as given; a policy.pt file or an HF directory."""
     for candidate in load_from_candidates(load_from, cache_dir):

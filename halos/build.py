@@ -43,7 +43,7 @@ def run_settings(config: DictConfig, overrides: Sequence[str] = ()) -> RunSettin
     name a bad value as the user typed it. Nothing is loaded before this has passed."""
     overrides = Overrides(overrides)
     raw = OmegaConf.to_container(config, resolve=False)
-    if raw.get('datasets') == REQUIRED:
+    if raw.get('datasets') in (REQUIRED, None):
         raw['datasets'] = []  # what needs datasets says so (check_consistency, eval.py)
     missing = missing_keys(raw)
     if missing:
@@ -307,14 +307,19 @@ def check_labeler(run: RunSettings, who: str) -> None:
 
 
 def derived(run: RunSettings) -> RunSettings:
-    """eval_every on an optimizer step."""
+    """eval_every on an optimizer step; reward models found relative to cache_dir, as model.load_from is."""
     step_examples = run.model.batch_size * run.model.gradient_accumulation_steps
     eval_every = run.eval_every
     if eval_every % step_examples:
         eval_every = max(step_examples, eval_every - eval_every % step_examples)
         rank0_print(f"eval_every={run.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
                     f"= {step_examples}; using {eval_every} so that checkpoints fall on optimizer steps")
-    return dataclasses.replace(run, eval_every=eval_every)
+    online = dataclasses.replace(run.online, reward_model=models.in_cache_dir(run.online.reward_model, run.cache_dir))
+    params = run.loss.params
+    if getattr(params, 'reward_model', None):
+        params = dataclasses.replace(params, reward_model=models.in_cache_dir(params.reward_model, run.cache_dir))
+    return dataclasses.replace(run, eval_every=eval_every, online=online,
+                               loss=dataclasses.replace(run.loss, params=params))
 
 
 def loop_settings(run: RunSettings) -> LoopSettings:

@@ -1,6 +1,7 @@
 """Data: exact counts and strings on the shipped samples, token-level guarantees, and bad input."""
 import json
 import os
+import random
 
 import pytest
 import torch
@@ -565,6 +566,20 @@ def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):
     items = loader(D.GroupUnpairedPreferenceDataLoader, ['oasst'], tokenizer).items
     scored = {item.completion: item.score for item in items if item.example.prompt == example.prompt}
     assert scored[example.generations[better]] > scored[example.generations[worse]]
+
+
+def test_a_grpo_group_larger_than_the_batch_is_cut_into_shuffled_parts(tokenizer, tmp_path):
+    """A file sorted by score would otherwise give a part of the best completions and one of the worst, each
+    normalised against itself."""
+    path = tmp_path / 'sorted.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': 'Rate me.', 'output': f'answer {score}', 'reward': score}) + '\n'
+                            for score in range(8, 0, -1)))
+    grouped = loader(D.GroupUnpairedPreferenceDataLoader, [str(path)], tokenizer, n_epochs=3)
+    parts = [[item.score for item in batch] for epoch in range(3)
+             for batch in grouped.epoch_batches(random.Random(epoch))]
+    assert all(len(part) == 4 for part in parts) and len(parts) == 6
+    assert all(sorted(a + b) == list(range(1, 9)) for a, b in zip(parts[::2], parts[1::2]))  # whole groups
+    assert any(min(part) < 5 < max(part) for part in parts)  # not only the sorted halves
 
 
 def test_a_feedback_files_text_is_kept_as_written_and_a_repeated_output_is_stored_once(tmp_path):

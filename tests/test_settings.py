@@ -226,6 +226,7 @@ def test_datasets_are_not_needed_by_online_rounds_with_their_own_prompts():
         '++online.rounds=1', f'++online.prompts={prompts}', f'++online.reward_function={ROOT}/tests/rewards.py:vowels']
     settings = run_settings(compose_config(overrides), overrides)
     assert settings.datasets == [] and settings.online.prompts == [prompts]  # one path stands for a list of one
+    assert run_settings(compose_config(overrides + ['datasets=null']), overrides).datasets == []
     offline = [o for o in overrides if not o.startswith('++online.rounds')]
     with pytest.raises(ConfigError, match=r'^missing required config keys: datasets \(e.g. datasets=\[hh\]\)$'):
         run_settings(compose_config(offline), offline)
@@ -364,3 +365,14 @@ def test_a_reward_source_that_the_chosen_labeler_does_not_read_is_warned_of(tmp_
                 f'++online.reward_function={ROOT}/tests/rewards.py:vowels', loss='dpo')
     assert ("warning: online.reward_function set, but online.labeler=judge scores with online.judge "
             "(online.eval_reward_function scores the held-out samples)") in capsys.readouterr().out
+
+
+def test_reward_models_are_read_relative_to_cache_dir_like_load_from(tmp_path):
+    os.makedirs(tmp_path / 'rm' / 'LATEST' / 'hf')
+    online = make_config(tmp_path, '++online.rounds=1', '++online.labeler=reward_model',
+                         '++online.reward_model=rm/LATEST/hf', loss='dpo')
+    assert online.online.reward_model == str(tmp_path / 'rm' / 'LATEST' / 'hf')
+    ppo = make_config(tmp_path, '++loss.reward_model=rm/LATEST/hf', loss='ppo')
+    assert ppo.loss.params.reward_model == str(tmp_path / 'rm' / 'LATEST' / 'hf')
+    elsewhere = make_config(tmp_path, '++loss.reward_model=elsewhere/rm', loss='ppo')  # not in cache_dir: as given
+    assert elsewhere.loss.params.reward_model == 'elsewhere/rm'
