@@ -107,9 +107,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 def run_demo() -> None:
-    started = time.time()
+    invoked = time.time()
     args, run = demo_args(), quality.Runner()
     earlier = quality.earlier_report(args, 'demo')  # a rerun keeps what an earlier one measured
+    started = quality.wall_start(earlier)
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = quality.count_lines(args.prompts_train)
     feedback = {'samples': os.path.join(UPBEAT, 'samples.jsonl'), 'pairwise': os.path.join(UPBEAT, 'pairs.jsonl'),
@@ -138,7 +139,7 @@ def run_demo() -> None:
           f'samples with their rewards (rewards/<run>.json), {os.path.relpath(stem, ROOT)}.md|json, '
           f'quality-demo-reward.png, quality-demo-frontier.png, {os.path.relpath(curves, ROOT)}, '
           f'online DPO\'s rounds/ (samples, feedback), results.jsonl and win_rates.png')
-    print(f'\ndemo finished in {time.time() - started:.0f} s')
+    print(f'\ndemo finished in {time.time() - invoked:.0f} s')
 
 
 if __name__ == '__main__':

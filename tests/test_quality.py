@@ -114,7 +114,9 @@ def test_the_sweep_picks_each_methods_best_validation_configuration(tmp_path):
     rerun = subprocess.run([*command, '--reuse', '--methods', 'dpo'], cwd=ROOT, capture_output=True, text=True,
                            timeout=900)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert json.loads((tmp_path / 'results' / 'quality-swept.json').read_text())['sweep']['dpo'] == swept
+    rewritten = json.loads((tmp_path / 'results' / 'quality-swept.json').read_text())
+    assert rewritten['sweep']['dpo'] == swept
+    assert rewritten['wall_seconds'] > report['wall_seconds']  # the wall time spans both invocations
     assert '$ python train.py' not in rerun.stdout
 
 
