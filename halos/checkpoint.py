@@ -67,6 +67,12 @@ def complete_checkpoint_dir(directory: str) -> str:
     resolved = resolve_checkpoint_dir(directory)
     if resolved is None or not os.path.exists(os.path.join(resolved, TRAINER_STATE)):
         raise MissingFileError(f"resume=true but there is no complete checkpoint in {directory}")
+    missing = [name for name in (POLICY, OPTIMIZER, SCHEDULER) if not os.path.exists(os.path.join(resolved, name))]
+    if missing:
+        weights = '' if POLICY in missing else \
+            f"; ++model.load_from={os.path.join(resolved, POLICY)} starts a new run from its weights"
+        raise MissingFileError(f"resume=true but the checkpoint in {resolved} lacks {', '.join(missing)}, so it "
+                               f"cannot be resumed{weights}")
     return resolved
 
 

@@ -6,6 +6,7 @@ The entry points' Hydra mains run in this process (fast); one case also runs as 
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -37,7 +38,7 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
          'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward function',
-         'resume a corrupt checkpoint', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
+         'resume a corrupt checkpoint', 'resume a checkpoint without its optimizer', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
@@ -94,7 +95,11 @@ def cases(tmp_path, made_once):
     latest.mkdir(parents=True)
     with zipfile.ZipFile(latest / 'policy.pt', 'w') as archive:  # a zip, as torch writes, without its pickle
         archive.writestr('hello.txt', 'hello')
-    (latest / 'trainer_state.pt').write_bytes(b'')
+    for name in ('trainer_state.pt', 'optimizer.pt', 'scheduler.pt'):
+        (latest / name).write_bytes(b'')
+    unfinished = tmp_path / 'unfinished' / 'LATEST'
+    shutil.copytree(latest, unfinished)
+    (unfinished / 'optimizer.pt').unlink()
     return {
         'eval: a loss choice': ('eval.py', ['++mode=sample', 'loss=kto'],
                                 "loss=kto: loss must be a group of keys (a run directory's config.yaml holds its own; "
@@ -102,6 +107,10 @@ def cases(tmp_path, made_once):
         'resume a corrupt checkpoint': ('train.py', ['++resume=true', '++exp_name=corrupt'],
                                         f"{latest}/policy.pt: not a checkpoint torch can read: it holds a zip archive "
                                         f"of 1 files (hello.txt)"),
+        'resume a checkpoint without its optimizer': ('train.py', ['++resume=true', '++exp_name=unfinished'],
+                                                      f"resume=true but the checkpoint in {unfinished} lacks "
+                                                      f"optimizer.pt, so it cannot be resumed; ++model.load_from="
+                                                      f"{unfinished}/policy.pt starts a new run from its weights"),
         'load_from not a checkpoint': ('train.py', [f'++model.load_from={notes}'],
                                        f"model.load_from={notes}: not a checkpoint (a policy.pt that torch.save wrote): "
                                        f"it holds text ('these are my notes, not weights')"),
