@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from halos.errors import DataError, HubUnavailableError, MissingFileError
 from halos.examples import Dataset, Formatting, add_comparison
-from halos.feedback import FILE_TYPES, checked_turns, get_feedback_file, read_records
+from halos.feedback import FILE_TYPES, checked_turns, file_type, get_feedback_file, read_records
 
 NUMBER, OPTIONAL_NUMBER, INTEGER, TEXT, OPTIONAL_TEXT, LIST = (
     (int, float), (int, float, type(None)), (int,), (str,), (str, type(None)), (list,))
@@ -240,7 +240,7 @@ DATASETS: Dict[str, Callable[..., Dataset]] = {
 
 
 def is_feedback_file(name: str) -> bool:
-    return name.endswith(FILE_TYPES)
+    return file_type(name) in FILE_TYPES
 
 
 def check_dataset_name(name: str) -> None:

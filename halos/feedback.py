@@ -25,6 +25,7 @@ code among them, are not).
 import json
 import math
 import os
+import re
 from typing import Dict, List, Optional, Tuple
 
 from halos.errors import DataError, MissingFileError
@@ -70,7 +71,7 @@ def read_json_records(path: str) -> List[Dict]:
         line = content[:error.start].count(b'\n') + 1
         raise DataError(f"{path}: not UTF-8 text (byte {error.start}, line {line}: {error.reason}); "
                         f"save the file as UTF-8") from None
-    if path.endswith('.jsonl'):
+    if file_type(path) == '.jsonl':
         records = []
         for number, line in enumerate(text.splitlines(), 1):
             if not line.strip():
@@ -80,23 +81,61 @@ def read_json_records(path: str) -> List[Dict]:
             except json.JSONDecodeError as error:
                 raise DataError(f"{path}: record {len(records) + 1} (line {number}) is not valid JSON: {error.msg} "
                                 f"(column {error.colno})") from None
-        return records
+        return checked_text(path, records, text)
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
-        raise DataError(f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno})") from None
+        hint = ' (one JSON record per line: name the file .jsonl)' if error.msg == 'Extra data' and error.colno == 1 else ''
+        raise DataError(f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}){hint}") \
+            from None
     if isinstance(records, dict) and 'samples' in records and 'config' in records:
         raise DataError(f"{path}: eval.py's samples with their run's config (what compare.py reads), not records; "
                         f"label.py labels the sample records that eval.py ++mode=sample ++num_samples_per_prompt=k "
                         f"writes")
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON array of records, got {type(records).__name__}")
+    return checked_text(path, records, text)
+
+
+def file_type(path: str) -> str:
+    """'.json', '.jsonl', '.parquet' (whatever the case of the name's extension), or another extension."""
+    return os.path.splitext(path)[1].lower()
+
+
+SURROGATE_ESCAPE = re.compile(r'\\u[dD][89a-fA-F]')
+
+
+def checked_text(path: str, records: List, text: str) -> List:
+    """`records`, unless a \\ud800-style escape left half of a UTF-16 pair in a string, which no tokenizer
+    encodes (a whole pair decodes to its character)."""
+    if SURROGATE_ESCAPE.search(text):
+        for number, record in enumerate(records, 1):
+            field = unencodable_field(record)
+            if field is not None:
+                raise DataError(f"{path}: record {number}: {field} holds a \\u escape of a lone UTF-16 surrogate "
+                                f"(half of a character), not text")
     return records
+
+
+def unencodable_field(value, name: str = 'the record') -> Optional[str]:
+    """The name of the first string within `value` that is not valid Unicode, else None."""
+    if isinstance(value, str):
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError:
+            return name
+        return None
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        field = unencodable_field(inner, f"field '{key}'" if name == 'the record' else f'{name}[{key!r}]')
+        if field is not None:
+            return field
+    return None
 
 
 def read_records(path: str) -> List[Dict]:
     """Records of a JSON array, JSON Lines or Parquet file; errors name the file."""
-    if path.endswith('.parquet'):
+    if file_type(path) == '.parquet':
         import pyarrow
         import pyarrow.parquet
         try:
@@ -256,7 +295,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
     for number, record in enumerate(records, 1):
         where = f'{path}: record {number}'
         if not isinstance(record, dict):
-            one_array = len(records) == 1 and isinstance(record, list) and path.endswith('.jsonl')
+            one_array = len(records) == 1 and isinstance(record, list) and file_type(path) == '.jsonl'
             hint = ' (the file holds one JSON array of records: name it .json)' if one_array else ''
             raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}{hint}")
         record = {name: value for name, value in record.items() if value is not None}

@@ -8,6 +8,7 @@ import torch
 
 import dataloader as D
 from halos.batching import held_feedback_kinds
+from halos.datasets import check_dataset_name
 from helpers import DATA
 
 FORMAT = dict(human_prefix='\n<|user|>\n', human_suffix='', assistant_prefix='\n<|assistant|>\n', assistant_suffix='')
@@ -337,6 +338,35 @@ def test_a_json_array_in_a_jsonl_file_is_named_with_the_fix(tmp_path):
                                 f"holds one JSON array of records: name it .json)")
     (tmp_path / 'feedback.json').write_text(json.dumps(records))
     assert len(D.load_dataset(str(tmp_path / 'feedback.json'), 'train', **FORMAT).data) == 2
+
+
+def test_json_lines_in_a_json_file_are_named_with_the_fix_and_an_upper_case_extension_is_read(tmp_path):
+    records = [{'prompt': 'a', 'output': 'b', 'label': 1}, {'prompt': 'c', 'output': 'd', 'label': 0}]
+    (tmp_path / 'feedback.json').write_text(''.join(json.dumps(record) + '\n' for record in records))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(str(tmp_path / 'feedback.json'), 'train', **FORMAT)
+    assert str(error.value) == (f"{tmp_path}/feedback.json: not valid JSON: Extra data (line 2, column 1) (one JSON "
+                                f"record per line: name the file .jsonl)")
+    (tmp_path / 'FEEDBACK.JSONL').write_text((tmp_path / 'feedback.json').read_text())
+    check_dataset_name(str(tmp_path / 'FEEDBACK.JSONL'))  # a feedback file, not an unknown dataset
+    assert len(D.load_dataset(str(tmp_path / 'FEEDBACK.JSONL'), 'train', **FORMAT).data) == 2
+
+
+def test_a_lone_surrogate_escape_is_named_with_its_record_and_field_and_a_whole_pair_is_text(tmp_path):
+    path = tmp_path / 'feedback.jsonl'
+    path.write_text('{"prompt": "smile \\ud83d\\ude00", "output": "ok", "label": 1}\n'
+                    '{"prompt": "b", "output": "cut \\ud800", "label": 0}\n')
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(str(path), 'train', **FORMAT)
+    assert str(error.value) == (f"{path}: record 2: field 'output' holds a \\u escape of a lone UTF-16 surrogate "
+                                f"(half of a character), not text")
+    path.write_text('[{"prompt": [{"role": "user", "content": "x \\udc00"}], "output": "ok", "label": 1}]')
+    path.rename(tmp_path / 'turns.json')
+    with pytest.raises(D.DataError, match=r"record 1: field 'prompt'\[0\]\['content'\] holds"):
+        D.load_dataset(str(tmp_path / 'turns.json'), 'train', **FORMAT)
+    path.write_text('{"prompt": "smile \\ud83d\\ude00", "output": "ok", "label": 1}\n')
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert '\U0001F600' in example.turns[0]['content']
 
 
 def test_prompt_that_leaves_no_room_is_an_error(tokenizer):
