@@ -98,8 +98,8 @@ def policy_sampler(run: RunSettings, tokenizer):
 def sample_k(run: RunSettings) -> list:
     """num_samples_per_prompt samples of each test prompt (or of n_samples of them), as HALOs sample records."""
     tokenizer = load_run_tokenizer(run)
-    complete = policy_sampler(run, tokenizer)
     loader = build_loader(run, tokenizer, 'test', loader_class=dataloader.PromptDataLoader, n_examples=run.n_samples)
+    complete = policy_sampler(run, tokenizer)  # after the prompts: a mistake in them stops it before the model loads
     set_seed(run.seed)
     return sample_records(complete, loader, run.num_samples_per_prompt, run.exp_name, run.n_samples)
 
@@ -108,11 +108,11 @@ def sample(run: RunSettings, dataset_names, include_original_prompt: bool = Fals
     """One sample of each test prompt beside the data's chosen completion (none where the data holds prompts
     only, as a prompts file does)."""
     tokenizer = load_run_tokenizer(run)
-    complete = policy_sampler(run, tokenizer)
     loader = sampling_loader(run, tokenizer, dataset_names)
     if not loader.items:
         loader = build_loader(run, tokenizer, 'test', dataset_names, dataloader.PromptDataLoader,
                               n_examples=run.n_samples)
+    complete = policy_sampler(run, tokenizer)
     set_seed(run.seed)
     samples = []
     with tqdm(total=min(len(loader.items), run.n_samples or len(loader.items)), desc='sampling') as progress:
@@ -168,14 +168,14 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
     """The policy's held-out reward: one sample per prompt, scored by the reward function, with the samples'
     mean summed log-ratio to the starting model (model.load_from, else the base model) as its KL."""
     tokenizer = load_run_tokenizer(run)
+    loader = build_loader(run, tokenizer, 'test', run.prompts, loader_class=dataloader.PromptDataLoader,
+                          n_examples=run.n_samples)
     policy = load_policy(run, tokenizer)
     is_start = run.saved_policy == run.model.load_from and not run.model.use_peft  # its KL is 0
     start = None if is_start else models.load_causal_lm(
         run.model.name_or_path, run.model.policy_dtype, load_from=run.model.load_from,
         cache_dir=run.cache_dir, vocab_size=len(tokenizer)).eval()
     options = sampling_options(run)
-    loader = build_loader(run, tokenizer, 'test', run.prompts, loader_class=dataloader.PromptDataLoader,
-                          n_examples=run.n_samples)
     labeler, complete = reward_labeler(run), make_sampler(
         policy, tokenizer, options, run.model.policy_dtype)
     set_seed(run.seed)

@@ -206,8 +206,8 @@ def _label(record: Dict, where: str, scalar_file: bool = False) -> bool:
         raise DataError(f"{where}: missing field 'reward' (the file's other records are scalar feedback, "
                         f"{{\"prompt\", \"output\", \"reward\"}}), or 'label' (binary feedback)")
     label = _field(record, 'label', where)
-    if isinstance(label, bool) or (isinstance(label, int) and label in (0, 1)):
-        return bool(label)
+    if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):  # 1.0: a Parquet column
+        return bool(label)                                                                   # with nulls is float
     raise DataError(f"{where}: field 'label' must be true/false or 0/1, got {label!r}")
 
 
@@ -226,7 +226,7 @@ def record_kind(record: Dict, demonstrations: bool) -> str:
     no record has a label or a reward) or 'binary'."""
     if pair_fields(record) or record.get('type') == 'pairwise_feedback':
         return 'pairwise'
-    if output_field(record) not in record and 'label' not in record:
+    if output_field(record) not in record and 'label' not in record and 'reward' not in record:
         return 'prompt'
     if record.get('type') == 'scalar_feedback' or ('label' not in record and record.get('reward') is not None):
         return 'scalar'
@@ -314,6 +314,9 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         prompt = render_turns(turns, human_prefix, human_suffix, assistant_prefix, assistant_suffix)
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]
+        if example.source and example.prompt != prompt:
+            raise DataError(f"{where}: {key} already names another prompt (in {example.source}); one prompt_id "
+                            f"stands for one prompt")
         example.prompt, example.turns = prompt, turns
         example.text_prompt = isinstance(record.get('prompt'), str)
         example.prompt_id = str(record['prompt_id']) if record.get('prompt_id') is not None else ''
@@ -336,6 +339,10 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                            _weight(record, 'weight', where))
         elif kind == 'pairwise':
             first, second = pair_fields(record) or PAIR_FIELDS[0]
+            if first != 'output_A' and 'label' in record:
+                raise DataError(f"{where}: field 'label' beside '{first}' and '{second}', where '{first}' is the "
+                                f"preferred output as written; leave the label out, or name the outputs "
+                                f"output_A and output_B")
             label = _label(record, where) if first == 'output_A' else True
             outputs = [_completion(record, first, where, turns), _completion(record, second, where, turns)]
             if outputs[0].strip() == outputs[1].strip():

@@ -322,6 +322,32 @@ def test_bad_feedback_files_name_file_record_and_field(file, pattern):
         D.load_dataset(os.path.join(DATA, 'bad', file), 'train', **FORMAT)
 
 
+@pytest.mark.parametrize('records,message', [
+    ([{'prompt': 'a', 'output': 'x', 'reward': 1}, {'prompt': 'b', 'reward': 3}],
+     "record 2: missing field 'output'"),  # a reward needs the output it rates, not a prompt alone
+    ([{'prompt_id': 0, 'prompt': 'a', 'output': 'x', 'label': 1}, {'prompt_id': 0, 'prompt': 'b', 'output': 'y', 'label': 0}],
+     "record 2: prompt_id 0 already names another prompt (in {path}: record 1); one prompt_id stands for one prompt"),
+    ([{'prompt': 'a', 'chosen': 'x', 'rejected': 'y', 'label': 0}],
+     "record 1: field 'label' beside 'chosen' and 'rejected', where 'chosen' is the preferred output as written; "
+     "leave the label out, or name the outputs output_A and output_B"),
+    ([{'prompt': 'a', 'output': 'x', 'label': 0.5}], "record 1: field 'label' must be true/false or 0/1, got 0.5"),
+])
+def test_records_that_contradict_themselves_or_each_other_are_named(tmp_path, records, message):
+    path = tmp_path / 'feedback.jsonl'
+    path.write_text(''.join(json.dumps(record) + '\n' for record in records))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(str(path), 'train', **FORMAT)
+    assert str(error.value) == f'{path}: ' + message.format(path=path)
+
+
+def test_a_label_written_as_a_float_reads_as_its_integer(tmp_path):
+    path = tmp_path / 'feedback.jsonl'  # as pandas writes an integer column with gaps
+    path.write_text(''.join(json.dumps({'prompt': 'a', 'output': output, 'label': label}) + '\n'
+                            for output, label in (('x', 1.0), ('y', 0.0))))
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert example.desirable == [True, False]
+
+
 def test_bad_jsonl_line_is_named(tmp_path):
     path = tmp_path / 'feedback.jsonl'
     path.write_text('{"prompt": "a", "output": "b", "label": 1}\n{"prompt": "a", "output": \n')
