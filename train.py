@@ -28,6 +28,7 @@ from halos.build import build_online_rounds, build_trainer, run_settings, start_
 from halos.cli import config_choices, run_hydra, task_overrides
 from halos.datasets import DATASETS
 from halos.errors import ConfigError, reported_as_one_line
+from halos.loop import METRICS
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
 from halos.settings import PeftSettings, RunSettings, as_dict
@@ -64,6 +65,11 @@ def train_run(run: RunSettings) -> None:
             rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
                         f"online.rounds to train further); the run directory is unchanged")
             return
+        if nothing_left(run, trainer):
+            done = f' in {trainer.completed_rounds} rounds' if rounds else ''
+            rank0_print(f"{latest} has trained {trainer.example_counter} examples{done}, all that the run plans or "
+                        f"more: nothing is left to train, so it ends with its final evaluation and save (raise "
+                        f"n_epochs, n_examples or online.rounds to train further)")
     start_run_records(run, earlier)
     with stopping_after_a_step_on_sigterm(trainer):
         if rounds is not None:
@@ -95,7 +101,7 @@ def sigterm_handled_by(handler):
 
 # what a run writes beside its checkpoints and reads back when it resumes: the metrics (that the rounds' plot and
 # the curves read), step-level RL's samples, and in rounds/ each round's samples and feedback and the plot
-RUN_RECORDS = ('metrics.jsonl', ROLLOUTS)
+RUN_RECORDS = (METRICS, ROLLOUTS)
 KEPT_IN_ROUNDS = ('judgments.jsonl',)  # the judge's cache: a judgment does not depend on the run that asked it
 
 
@@ -147,23 +153,24 @@ def resumable(run: RunSettings, latest: str) -> bool:
     return True
 
 
-# what a resumed run must keep: its loss and model, what its optimizer state is the state of (the checkpoint's
-# optimizer and schedule restore their own learning rate and warmup), and what decides its data's order and its
-# samples (the checkpoint's data position counts batches of that order; online rounds take the prompt pool's blocks
-# in turn)
+# what a resumed run must keep (besides each key of its loss): its loss and model, what its optimizer state is the
+# state of (the checkpoint's optimizer and schedule restore their own learning rate and warmup), and what decides
+# its data's order, its optimizer steps and its samples (the checkpoint's data position counts batches of that
+# order; online rounds take the prompt pool's blocks in turn)
 KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'model.use_peft',
                   *(f'model.peft.{key.name}' for key in dataclasses.fields(PeftSettings)), 'optimizer', 'lr',
-                  'warmup_steps', 'datasets', 'seed', 'model.batch_size', 'frac_unique_desirable',
-                  'frac_unique_undesirable', 'online.prompts', 'online.prompts_per_round', 'online.samples_per_prompt')
+                  'warmup_steps', 'datasets', 'seed', 'model.batch_size', 'model.gradient_accumulation_steps',
+                  'frac_unique_desirable', 'frac_unique_undesirable', 'online.prompts', 'online.prompts_per_round',
+                  'online.samples_per_prompt')
 
 
 def check_same_run(run: RunSettings) -> None:
-    """A resumed run keeps what its saved config.yaml says for each of KEPT_ON_RESUME."""
+    """A resumed run keeps what its saved config.yaml says for each of KEPT_ON_RESUME and each key of its loss."""
     saved_path = os.path.join(run.local_run_dir, 'config.yaml')
     if not os.path.exists(saved_path):
         return
     saved, now = OmegaConf.load(saved_path), OmegaConf.create(as_dict(run))
-    for key in KEPT_ON_RESUME:
+    for key in (*KEPT_ON_RESUME, *(f'loss.{spec.name}' for spec in dataclasses.fields(run.loss.params))):
         shown = 'loss' if key == 'loss.name' else key  # a loss is chosen as loss=<name>
         before, after = (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
                          for value in (OmegaConf.select(saved, key), OmegaConf.select(now, key)))

@@ -8,7 +8,7 @@ feedback, label.py's output) is replaced atomically.
 import json
 import os
 import tempfile
-from typing import Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List
 
 from halos.errors import UserError
 
@@ -62,6 +62,12 @@ def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) ->
         if sync:
             f.flush()
             os.fsync(f.fileno())
+
+
+def keep_json_lines(path: str, keep: Callable[[Dict], bool]) -> None:
+    """Rewrite `path` (if there) atomically with the records that `keep`."""
+    if os.path.exists(path):
+        write_jsonl(path, [record for record in read_json_lines(path) if keep(record)])
 
 
 def write_jsonl(path: str, records: List[Dict]) -> None:

@@ -25,7 +25,7 @@ from halos import batch as schema
 from halos import checkpoint, lora
 from halos.errors import ConfigError, StoppedBySignal, TrainingDiverged
 from halos.examples import Formatting
-from halos.jsonl import append_json_lines
+from halos.jsonl import append_json_lines, keep_json_lines
 from halos.losses import humanline_logratios
 from halos.reference import CachedReference, LiveReference, cache_path, model_identity
 from halos.packing import segment_attention_supported, sequence_logps, token_level_logps
@@ -58,6 +58,9 @@ def shard_model(model: torch.nn.Module, block_name: str, mesh, mixed_precision: 
     for block in blocks:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     fully_shard(model, mesh=mesh, mp_policy=mp_policy)
+
+
+METRICS = 'metrics.jsonl'  # <run_dir>/metrics.jsonl: one line per logged step, keyed by the example count
 
 
 @dataclass(frozen=True)
@@ -451,7 +454,7 @@ class BasicTrainer:
         wandb = sys.modules.get('wandb')  # imported (by train.py) only when a wandb run is wanted
         if wandb is not None and wandb.run is not None:
             wandb.log(metrics, step=self.example_counter)
-        append_json_lines(os.path.join(self.run_dir, 'metrics.jsonl'), [{'step': self.example_counter, **metrics}])
+        append_json_lines(os.path.join(self.run_dir, METRICS), [{'step': self.example_counter, **metrics}])
 
     # --- checkpoints (the format: halos/checkpoint.py)
     def policy_state_dict(self) -> Dict[str, torch.Tensor]:
@@ -485,6 +488,8 @@ class BasicTrainer:
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
         self.finished = state.get('finished', False)
         checkpoint.set_rng_state(state['rng'])
+        if on_rank0():  # the steps after the checkpoint are trained, and logged, again
+            keep_json_lines(os.path.join(self.run_dir, METRICS), lambda line: line['step'] <= self.example_counter)
 
     def save_checkpoint(self, final: bool = False) -> None:
         """Write LATEST/ (and step-<examples>/ with intermediate_checkpoints; LATEST/hf when final), atomically."""

@@ -34,7 +34,7 @@ import torch
 from halos import batch as schema
 from halos import checkpoint, rl
 from halos.errors import DataError
-from halos.jsonl import append_json_lines, read_json_lines, write_jsonl
+from halos.jsonl import append_json_lines, keep_json_lines
 from halos.labelers import LabelError, Labeler, checked_scores, parts_of
 from halos.labelling import last_error_note, scored_enough
 from halos.monitors import (HackingMonitor, MonitorSettings, Observation, part_means, repeated_ngram_share,
@@ -383,7 +383,5 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         self.step_rewards = list(state['step_rewards'])
         self.steps_with_advantage = state.get('steps_with_advantage', self.batch_counter)
         self.steps_all_cut = state.get('steps_all_cut', 0)
-        path = os.path.join(self.run_dir, ROLLOUTS)
-        if on_rank0() and os.path.exists(path):  # the steps after the checkpoint are sampled again
-            kept = [line for line in read_json_lines(path) if line['examples'] < self.example_counter]
-            write_jsonl(path, kept)
+        if on_rank0():  # the steps after the checkpoint are sampled again
+            keep_json_lines(os.path.join(self.run_dir, ROLLOUTS), lambda line: line['examples'] < self.example_counter)

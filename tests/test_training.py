@@ -14,6 +14,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 import models
 import train
@@ -23,6 +24,7 @@ from helpers import ROOT, checked, make_config, run_train, train_command, train_
 from halos import packing
 from halos.errors import ConfigError, UserError
 from halos.packing import sequence_logps, token_level_logps
+from halos.settings import as_dict
 import utils
 from utils import get_batch_logps
 
@@ -363,6 +365,7 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
                                                                         'model.batch_size=4, or start a new exp_name'),
                           (['datasets=[hh,shp]'], 'datasets=[hh], not [hh,shp]; resume with datasets=[hh]'),
                           (['++seed=7'], 'seed=1, not 7'),
+                          (['++model.gradient_accumulation_steps=2'], 'model.gradient_accumulation_steps=1, not 2'),
                           # the optimizer's state and schedule are of the saved optimizer, learning rate and weights
                           (['++optimizer=AdamW'], 'optimizer=RMSprop, not AdamW; resume with optimizer=RMSprop'),
                           (['++lr=0.001'], 'lr=5e-07, not 0.001; resume with lr=5e-07'),
@@ -390,6 +393,28 @@ def test_resuming_a_finished_run_changes_nothing_another_loss_model_or_data_orde
     assert steps == sorted(steps)  # this run's metrics alone: the earlier run's do not come first
 
 
+def test_an_interrupted_run_resumed_with_less_to_train_says_so_and_ends_with_its_final_save(tmp_path):
+    train_in_process(tmp_path, '++n_examples=8', '++n_eval_examples=4', loss='sft')
+    state_file = tmp_path / 'test' / 'LATEST' / 'trainer_state.pt'
+    state = torch.load(state_file, weights_only=False)
+    torch.save({**state, 'finished': False}, state_file)  # as if stopped before its final save
+    out = train_in_process(tmp_path, '++n_examples=4', '++n_eval_examples=4', '++resume=true', loss='sft')
+    assert (f"{tmp_path}/test/LATEST has trained 8 examples, all that the run plans or more: nothing is left to "
+            f"train, so it ends with its final evaluation and save") in out
+    assert torch.load(state_file, weights_only=False)['finished']
+
+
+def test_a_resume_keeps_every_key_of_the_loss(tmp_path):
+    run = make_config(tmp_path, loss='kto')
+    os.makedirs(run.local_run_dir)
+    OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
+    train.check_same_run(make_config(tmp_path, '++resume=true', loss='kto'))
+    with pytest.raises(ConfigError) as error:
+        train.check_same_run(make_config(tmp_path, '++resume=true', '++loss.desirable_weight=1.5', loss='kto'))
+    assert str(error.value).startswith(f"resume=true: {run.local_run_dir} was trained with loss.desirable_weight=1.0, "
+                                       f"not 1.5; resume with loss.desirable_weight=1.0")
+
+
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_the_rest(tmp_path):
     for name in ('LATEST/policy.pt', 'step-8/policy.pt', 'rounds/0/samples.jsonl', 'rounds/judgments.jsonl',
                  'rounds/reward_per_round.png', 'metrics.jsonl', 'rollouts.jsonl', 'config.yaml', '.lock',
@@ -414,13 +439,12 @@ def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
     killed_at = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')['step_idx']
     assert 0 < killed_at < 24, 'the run finished before it was killed'
     metrics_file = tmp_path / 'killed' / 'metrics.jsonl'
-    lines_before = len(metrics_file.read_text().splitlines())
 
     rerun = run_train(tmp_path, *common, '++resume=true', exp_name='killed')
     assert f'after {killed_at} examples' in rerun.stdout and 'resumed from' in rerun.stdout
-    new_lines = [json.loads(line) for line in metrics_file.read_text().splitlines()[lines_before:]]
-    steps = [line for line in new_lines if 'counters/examples' in line]
-    assert [line['counters/examples'] for line in steps] == list(range(killed_at + 4, 25, 4))  # the rest, once
+    steps = [line['counters/examples'] for line in map(json.loads, metrics_file.read_text().splitlines())
+             if 'counters/examples' in line]
+    assert steps == list(range(4, 25, 4))  # each once: the lines of the steps after the checkpoint were dropped
     whole = load_policy_file(tmp_path / 'whole' / 'LATEST' / 'policy.pt')
     resumed = load_policy_file(tmp_path / 'killed' / 'LATEST' / 'policy.pt')
     assert resumed['step_idx'] == whole['step_idx'] == 24
