@@ -33,6 +33,14 @@ class PairItem(NamedTuple):
     weight: float = 1.0
 
 
+class Cuts(NamedTuple):
+    """How many of the completions, and of the prompts, that were checked max_length and max_prompt_length cut."""
+    completions_cut: int
+    completions: int
+    prompts_cut: int
+    prompts: int
+
+
 class ScoredItem(NamedTuple):
     """A completion with its score, in the group of its prompt."""
     example: Example
@@ -335,18 +343,20 @@ class DataLoader:
         """Whether an element's prompt is cut to max_prompt_length: where its longest completion would not fit."""
         return prompt_length + longest_completion > self.max_length and prompt_length > self.max_prompt_length
 
-    def cut_completions(self, limit: int = 64) -> Tuple[int, int]:
-        """(cut, checked): of the completions of the first `limit` prompts that have some, how many max_length cuts
-        (after their prompt is cut, as tokenize_element cuts them)."""
-        cut = checked = 0
-        for example in [example for example in self.full_data.values() if example.generations][:limit]:
+    def cuts(self, limit: int = 64) -> 'Cuts':
+        """Of the first `limit` prompts that have completions, and of their completions, how many are cut (as
+        tokenize_element cuts them: a prompt where its longest completion would not fit, then each completion)."""
+        cut_completions = completions = cut_prompts = 0
+        examples = [example for example in self.full_data.values() if example.generations][:limit]
+        for example in examples:
             prompt = len(self.encode_prompt(self.prompt_text(example)))
             lengths = [len(self.encode_completion(text)) for text in example.generations]
             if self.prompt_is_cut(prompt, max(lengths)):
                 prompt = self.max_prompt_length
-            cut += sum(length > self.max_length - prompt for length in lengths)
-            checked += len(lengths)
-        return cut, checked
+                cut_prompts += 1
+            cut_completions += sum(length > self.max_length - prompt for length in lengths)
+            completions += len(lengths)
+        return Cuts(cut_completions, completions, cut_prompts, len(examples))
 
     def tokenize_element(self, example: Example, prompt: str, completions: Dict[str, str]) -> Dict:
         """Tokenize one prompt with its completions (e.g. {'chosen': .., 'rejected': ..}).

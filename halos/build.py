@@ -393,14 +393,19 @@ def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
                         f"{kinds}), only on the other datasets")
 
 
-def warn_of_cut_completions(run: RunSettings, train_loader) -> None:
-    """Say so where model.max_length cuts most completions (checked on the first prompts): the loss then sees
-    completions that stop where they did not end."""
-    cut, checked = train_loader.cut_completions()
-    if cut > checked / 2:
-        rank0_print(f"warning: model.max_length={run.model.max_length} cuts {cut} of the first {checked} completions "
-                    f"of {', '.join(train_loader.dataset_names)} (with model.max_prompt_length="
-                    f"{run.model.max_prompt_length}): raise model.max_length to train on whole completions")
+def warn_of_cuts(run: RunSettings, train_loader) -> None:
+    """Say so where model.max_length cuts most completions, or model.max_prompt_length most prompts (checked on
+    the first prompts): the loss then sees completions that stop where they did not end, or prompts that lost
+    their start (or end)."""
+    cuts, data, model = train_loader.cuts(), ', '.join(train_loader.dataset_names), run.model
+    if cuts.completions_cut > cuts.completions / 2:
+        rank0_print(f"warning: model.max_length={model.max_length} cuts {cuts.completions_cut} of the first "
+                    f"{cuts.completions} completions of {data} (with model.max_prompt_length="
+                    f"{model.max_prompt_length}): raise model.max_length to train on whole completions")
+    if cuts.prompts_cut > cuts.prompts / 2:
+        rank0_print(f"warning: model.max_prompt_length={model.max_prompt_length} cuts {cuts.prompts_cut} of the "
+                    f"first {cuts.prompts} prompts of {data}, where a completion would not fit after them: raise "
+                    f"model.max_prompt_length (and model.max_length) to train on whole prompts")
 
 
 def start_wandb(run: RunSettings, name: str, **options):
@@ -479,7 +484,7 @@ def build_trainer(run: RunSettings):
     if train_loader is not None:
         warn_of_an_unreached_n_examples(run, train_loader)
         warn_of_unused_datasets(run, train_loader)
-        warn_of_cut_completions(run, train_loader)
+        warn_of_cuts(run, train_loader)
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)

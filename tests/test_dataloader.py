@@ -694,20 +694,25 @@ def test_a_dataset_that_gives_the_loss_nothing_while_others_train_is_warned_of(t
         assert (warned in out) if warned else 'warning' not in out, (loss, out)
 
 
-def test_a_max_length_that_cuts_most_completions_is_warned_of(tmp_path, tokenizer, capsys):
-    from halos.build import build_loader, warn_of_cut_completions
+def test_a_max_length_that_cuts_most_completions_or_prompts_is_warned_of(tmp_path, tokenizer, capsys):
+    from halos.build import build_loader, warn_of_cuts
     from helpers import make_config
     long_text, long_prompt = ' '.join(['word'] * 60), ' '.join(['Say'] * 40) + ' hi.'
     records = [{'prompt': 'Say hi.', 'chosen': 'Hi.', 'rejected': long_text},  # one of two cut
                {'prompt': long_prompt, 'chosen': 'Hi.', 'rejected': 'Hello.'}]  # the prompt is cut: both fit
     path = tmp_path / 'pairs.jsonl'
     both_cut = [{'prompt': f'Say {word}.', 'chosen': long_text, 'rejected': long_text + '!'} for word in ('yo', 'hey')]
-    for extra, cut, warned in [([], 1, False), (both_cut, 5, True)]:
+    long_prompts = [{'prompt': long_prompt + word, 'chosen': 'Hi.', 'rejected': 'Hello.'} for word in ('a', 'b')]
+    for extra, cuts, warned in [([], (1, 4, 1, 2), ''), (both_cut, (5, 8, 1, 4), 'completions'),
+                                (long_prompts, (1, 8, 3, 4), 'prompts')]:
         path.write_text(''.join(json.dumps(record) + '\n' for record in records + extra))
-        run = make_config(tmp_path, f'datasets=[{path}]', '++model.max_length=32', '++model.max_prompt_length=16')
+        run = make_config(tmp_path, f'datasets=[{path}]', '++model.max_length=32', '++model.max_prompt_length=20')
         train_loader = build_loader(run, tokenizer, 'train')
-        assert train_loader.cut_completions() == (cut, 4 + len(extra) * 2)
-        warn_of_cut_completions(run, train_loader)
+        assert train_loader.cuts() == cuts
+        warn_of_cuts(run, train_loader)
         out = capsys.readouterr().out
         assert (f"warning: model.max_length=32 cuts 5 of the first 8 completions of {path} (with model.max_prompt_length="
-                f"16): raise model.max_length to train on whole completions" in out) == warned, out
+                f"20): raise model.max_length to train on whole completions" in out) == (warned == 'completions'), out
+        assert (f"warning: model.max_prompt_length=20 cuts 3 of the first 4 prompts of {path}, where a completion "
+                f"would not fit after them: raise model.max_prompt_length (and model.max_length) to train on whole "
+                f"prompts" in out) == (warned == 'prompts'), out
