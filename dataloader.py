@@ -92,6 +92,16 @@ class SimpleKTODataLoader(UnpairedPreferenceDataLoader):
             raise ConfigError(f"SimpleKTODataLoader needs an even number of examples per process, got batch_size "
                               f"{batch_size} over {world_size} processes")
 
+    def flatten(self, examples):
+        items = super().flatten(examples)
+        desirable = sum(item.is_desirable for item in items)
+        half = self.batch_size // 2
+        if items and min(desirable, len(items) - desirable) < half:
+            raise DataError(f"{', '.join(self.dataset_names)}: SimpleKTODataLoader fills each batch with {half} "
+                            f"desirable and {half} undesirable examples, and the {self.split} split holds {desirable} "
+                            f"desirable and {len(items) - desirable} undesirable ones")
+        return items
+
     def epoch_batches(self, rng):
         order = list(self.items)
         rng.shuffle(order)

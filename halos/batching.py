@@ -209,9 +209,11 @@ class DataLoader:
         self.counts['unary: dropped by frac_unique_*'] = len(desirable) + len(undesirable) - n_desirable - n_undesirable
         for kind, found, kept, share in (('desirable', desirable, n_desirable, self.frac_unique_desirable),
                                          ('undesirable', undesirable, n_undesirable, self.frac_unique_undesirable)):
-            if found and not kept and self.split == 'train':
-                rank0_print(f"warning: frac_unique_{kind}={share} keeps none of the {len(found)} {kind} examples: "
-                            f"the loss sees only the other kind")
+            if self.split != 'train' or kept or not (desirable or undesirable):
+                continue
+            why = f"frac_unique_{kind}={share} keeps none of the {len(found)} {kind} examples" if found else \
+                f"the training data ({', '.join(self.dataset_names)}) holds no {kind} examples"
+            rank0_print(f"warning: {why}: the loss sees only the other kind")
         return desirable[:n_desirable] + undesirable[:n_undesirable]
 
     def unary_labels(self, example: Example, rng: random.Random) -> List[Tuple[str, bool]]:

@@ -259,6 +259,19 @@ def test_a_fraction_that_keeps_none_of_a_kind_is_warned_of(tokenizer, capsys):
     assert 'warning' not in capsys.readouterr().out
 
 
+def test_data_of_one_kind_is_warned_of_and_refused_where_each_batch_needs_both(tokenizer, capsys, tmp_path):
+    path = tmp_path / 'liked.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': f'Say {word}.', 'output': word, 'label': 1}) + '\n'
+                            for word in ('hi', 'yo', 'hey', 'bye')))
+    assert len(loader(D.UnpairedPreferenceDataLoader, [str(path)], tokenizer).items) == 4
+    assert (f"warning: the training data ({path}) holds no undesirable examples: the loss sees only the other "
+            f"kind") in capsys.readouterr().out
+    with pytest.raises(D.DataError) as error:
+        loader(D.SimpleKTODataLoader, [str(path)], tokenizer)
+    assert str(error.value) == (f"{path}: SimpleKTODataLoader fills each batch with 2 desirable and 2 undesirable "
+                                f"examples, and the train split holds 4 desirable and 0 undesirable ones")
+
+
 def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
     tokenizer = type(tokenizer).from_pretrained(tokenizer.name_or_path)
     tokenizer.add_special_tokens({'additional_special_tokens': ['<|good|>', '<|bad|>']})
