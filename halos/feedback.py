@@ -35,6 +35,7 @@ from halos.examples import ROLES, Dataset, render_turns
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
 FILE_TYPES = ('.json', '.jsonl', '.parquet')
 SPLITS = ('train', 'test')
+MAX_WEIGHT = 1e30
 # what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
 RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', 'messages', *PAIR_FIELDS[0],
                            *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
@@ -257,8 +258,9 @@ def _weight(record: Dict, name: str, where: str) -> float:
     if record.get(name) is None:
         return 1.0
     value = _score(record, name, where)
-    if value < 0:
-        raise DataError(f"{where}: field '{name}' must be a number >= 0, got {value!r}")
+    if not 0 <= value <= MAX_WEIGHT:
+        raise DataError(f"{where}: field '{name}' must be a number in [0, {MAX_WEIGHT:g}] (weights are relative; "
+                        f"a larger one overflows the float32 sums of a batch), got {value!r}")
     return value
 
 

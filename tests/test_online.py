@@ -146,12 +146,15 @@ def test_weights_are_normalised_over_the_global_microbatch_not_each_rank(monkeyp
     assert torch.stack(per_rank).mean().item() == pytest.approx(whole.item()) == pytest.approx(12.4 / 2.2)
 
 
-def test_a_negative_weight_is_refused(tmp_path):
+@pytest.mark.parametrize('weight', [-1, 1e31])
+def test_a_negative_weight_or_one_that_would_overflow_is_refused(tmp_path, weight):
     from halos.errors import DataError
     import dataloader
-    path = write_jsonl(tmp_path / 'bad.jsonl', [dict(PAIRS[0], weight=-1)])
-    with pytest.raises(DataError, match=r"bad.jsonl: record 1: field 'weight' must be a number >= 0, got -1.0"):
+    path = write_jsonl(tmp_path / 'bad.jsonl', [dict(PAIRS[0], weight=weight)])
+    with pytest.raises(DataError) as error:
         dataloader.load_dataset(path, 'train', '\n<|user|>\n', '', '\n<|assistant|>\n', '')
+    assert str(error.value) == (f"{path}: record 1: field 'weight' must be a number in [0, 1e+30] (weights are "
+                                f"relative; a larger one overflows the float32 sums of a batch), got {float(weight)!r}")
 
 
 # ---------------------------------------------------------------- label.py and the judge labeler
