@@ -179,6 +179,8 @@ def _completion(record: Dict, name: str, where: str, prompt_turns: List[Dict[str
     if len(turns) != 1:
         raise DataError(f"{where}: field '{name}' has {len(turns)} turns after the prompt's; a completion must be "
                         f"one assistant turn")
+    if turns[0]['role'] != 'assistant':
+        raise DataError(f"{where}: field '{name}' is a {turns[0]['role']} turn; a completion is the assistant's")
     if not turns[0]['content'].strip():
         raise DataError(f"{where}: field '{name}' is an empty completion")
     return turns[0]['content']

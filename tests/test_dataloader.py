@@ -344,6 +344,8 @@ def test_bad_feedback_files_name_file_record_and_field(file, pattern):
      "record 1: field 'label' beside 'chosen' and 'rejected', where 'chosen' is the preferred output as written; "
      "leave the label out, or name the outputs output_A and output_B"),
     ([{'prompt': 'a', 'output': 'x', 'label': 0.5}], "record 1: field 'label' must be true/false or 0/1, got 0.5"),
+    ([{'prompt': 'a', 'output': [{'role': 'user', 'content': 'x'}], 'label': 1}],
+     "record 1: field 'output' is a user turn; a completion is the assistant's"),
 ])
 def test_records_that_contradict_themselves_or_each_other_are_named(tmp_path, records, message):
     path = tmp_path / 'feedback.jsonl'
