@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 from halos.errors import DataError
-from halos.jsonl import read_json_lines
+from halos.jsonl import logged_number, read_json_lines
 
 EXAMPLES = 'training examples'
 
@@ -102,7 +102,7 @@ def reward_panel(records: Sequence[dict]) -> Optional[Panel]:
     if evaluated:
         rounds = sorted(evaluated)
         series.append(Series('held-out prompts', rounds, [evaluated[r]['reward_eval/mean'] for r in rounds],
-                             [evaluated[r].get('reward_eval/se', 0.0) for r in rounds]))
+                             [logged_number(evaluated[r], 'reward_eval/se', 0.0) for r in rounds]))
     return Panel('reward per round', 'round', 'mean reward (the reward function\'s units)', series)
 
 
@@ -123,7 +123,7 @@ def step_reward_panel(records: Sequence[dict]) -> Optional[Panel]:
             if evaluated:
                 series.append(Series('held-out prompts', list(evaluated),
                                      [record[evaluated_key] for record in evaluated.values()],
-                                     [record.get('reward_eval/se', 0.0) for record in evaluated.values()]))
+                                     [logged_number(record, 'reward_eval/se', 0.0) for record in evaluated.values()]))
             return Panel('reward per step', EXAMPLES, "mean reward (the reward function's units)", series)
     return None
 

@@ -3,9 +3,11 @@ and judgment caches).
 
 A process killed mid-write leaves a last line without its newline: readers skip it, and the next append drops
 it first, so that a record never runs into the one after it. A file written whole (a round's samples and
-feedback, label.py's output) is replaced atomically.
+feedback, label.py's output) is replaced atomically. A number that is not finite (the standard error of one
+value) is written as null, which JSON has, where NaN and Infinity are not JSON.
 """
 import json
+import math
 import os
 import tempfile
 from typing import Callable, Dict, Iterable, List
@@ -58,7 +60,7 @@ def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) ->
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     drop_cut_last_line(path)
     with open(path, 'a', encoding='utf-8') as f:
-        f.writelines(json.dumps(record, ensure_ascii=False) + '\n' for record in records)
+        f.writelines(json_line(record) for record in records)
         if sync:
             f.flush()
             os.fsync(f.fileno())
@@ -70,14 +72,35 @@ def keep_json_lines(path: str, keep: Callable[[Dict], bool]) -> None:
         write_jsonl(path, [record for record in read_json_lines(path) if keep(record)])
 
 
+def json_line(record: Dict) -> str:
+    return json.dumps(finite(record), ensure_ascii=False) + '\n'
+
+
+def finite(value):
+    """`value` with each float that is not finite replaced by None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {key: finite(inner) for key, inner in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(inner) for inner in value]
+    return value
+
+
+def logged_number(record: Dict, key: str, default: float = math.nan) -> float:
+    """A number as a JSON Lines file holds it: NaN where it was written as null, `default` where absent."""
+    value = record.get(key, default)
+    return math.nan if value is None else value
+
+
 def write_jsonl(path: str, records: List[Dict]) -> None:
     """Write records as JSON Lines atomically: a crash leaves the previous file (or none), never half of one."""
-    write_text(path, ''.join(json.dumps(record, ensure_ascii=False) + '\n' for record in records))
+    write_text(path, ''.join(json_line(record) for record in records))
 
 
 def write_json(path: str, data) -> None:
     """Write one JSON document (indented) atomically."""
-    write_text(path, json.dumps(data, indent=2))
+    write_text(path, json.dumps(finite(data), indent=2))
 
 
 def write_text(path: str, text: str) -> None:

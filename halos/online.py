@@ -27,7 +27,7 @@ import torch
 from halos import checkpoint
 from halos.errors import DataError, UserError
 from halos.feedback import extra_fields, read_json_records
-from halos.jsonl import read_json_lines, write_jsonl
+from halos.jsonl import logged_number, read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
 from halos.monitors import (HackingMonitor, Observation, part_means, repeated_ngram_share, reward_summary,
@@ -61,7 +61,7 @@ def plot_rounds(metrics_path: str, out_path: str) -> None:
     rounds = sorted(evaluated)
     figure, (reward, training, length) = plt.subplots(1, 3, figsize=(12, 3.5))
     reward.errorbar(rounds, [evaluated[r]['reward_eval/mean'] for r in rounds],
-                    yerr=[evaluated[r]['reward_eval/se'] for r in rounds], marker='o', capsize=3)
+                    yerr=[logged_number(evaluated[r], 'reward_eval/se', 0.0) for r in rounds], marker='o', capsize=3)
     reward.set(xlabel='rounds trained', ylabel='held-out reward (mean ± SE)', xticks=rounds, title='held-out reward')
     training.plot(sorted(sampled), [sampled[r] for r in sorted(sampled)], marker='o', color='tab:orange')
     training.set(xlabel='round', ylabel='mean reward of its samples', title="the training samples' reward")
@@ -222,9 +222,11 @@ class OnlineRounds:
         """A resumed run's monitor sees again what the evaluations up to its checkpoint saw."""
         logged = self.logged()
         self.monitor.load_state_dict([
-            {'where': f'round {r}', 'train_reward': logged.get(r - 1, {}).get('reward_train/mean', float('nan')),
-             'held_out': logged[r]['reward_eval/mean'], 'held_out_se': logged[r]['reward_eval/se'],
-             'length': logged[r]['reward_eval/length'], 'repetition': logged[r].get('reward_eval/repetition', 0.0)}
+            {'where': f'round {r}', 'train_reward': logged_number(logged.get(r - 1, {}), 'reward_train/mean'),
+             'held_out': logged_number(logged[r], 'reward_eval/mean'),
+             'held_out_se': logged_number(logged[r], 'reward_eval/se'),
+             'length': logged_number(logged[r], 'reward_eval/length'),
+             'repetition': logged_number(logged[r], 'reward_eval/repetition', 0.0)}
             for r in sorted(logged) if r <= self.trainer.completed_rounds and 'reward_eval/mean' in logged[r]])
 
     def run(self) -> None:

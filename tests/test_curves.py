@@ -115,6 +115,22 @@ def test_a_metrics_line_cut_by_a_kill_is_skipped_and_the_next_record_starts_a_li
     assert path.read_text() == '{"step": 4, "loss/train": 1.5}\n{"step": 8, "loss/train": 1.25}\n'
 
 
+def test_a_number_that_is_not_finite_is_written_as_null_and_read_back_as_nan(tmp_path):
+    import math
+    from halos.jsonl import logged_number
+    from halos.online import plot_rounds
+    path = tmp_path / 'metrics.jsonl'
+    append_json_lines(str(path), [{'round': 0, 'reward_eval/mean': 0.5, 'reward_eval/se': float('nan'),
+                                   'reward_eval/length': 3.0, 'parts': [float('inf'), 1.0]}])
+    assert path.read_text() == ('{"round": 0, "reward_eval/mean": 0.5, "reward_eval/se": null, '
+                                '"reward_eval/length": 3.0, "parts": [null, 1.0]}\n')  # strict JSON
+    record, = read_metrics(str(tmp_path))
+    assert math.isnan(logged_number(record, 'reward_eval/se')) and logged_number(record, 'reward_eval/mean') == 0.5
+    assert logged_number(record, 'reward_eval/repetition', 0.0) == 0.0
+    plot_rounds(str(path), str(tmp_path / 'rounds.png'))  # one held-out value: no error bar
+    assert (tmp_path / 'rounds.png').stat().st_size > 0
+
+
 @pytest.mark.parametrize('output, says', [('curves.txt', 'curves.txt has no extension of an image format'),
                                           ('curves', 'curves has no extension of an image format'),
                                           ('.', '. is a directory')])
