@@ -256,6 +256,10 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
     if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
         raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
                           f"the samples of a prompt, so it needs at least 2")
+    if run.temperature == 0 and online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt > 1:
+        raise ConfigError(f"temperature=0 decodes greedily, so the samples of a prompt are alike and "
+                          f"online.feedback={online.feedback} has nothing to compare: set temperature > 0 (null: the "
+                          f"model's)")
     if online.feedback == 'best' and schema.SCORE in trainer_class.labels_read:
         raise ConfigError(f"online.feedback=best keeps one sample of each prompt, and loss={run.loss.name} compares "
                           f"the samples of a prompt: set online.feedback=scalar")
@@ -277,9 +281,14 @@ def check_feedback_options(run: RunSettings) -> None:
 def check_sampled_online(run: RunSettings) -> None:
     """A trainer that samples every step (loss=grpo-online and its kin)."""
     online = run.online
-    if online.samples_per_prompt < 2 and trainers.get_trainer_class(run.loss.trainer).baseline_of == 'prompt':
-        raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: loss={run.loss.name} compares the "
-                          f"samples of a prompt, so it needs at least 2")
+    if trainers.get_trainer_class(run.loss.trainer).baseline_of == 'prompt':
+        if online.samples_per_prompt < 2:
+            raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: loss={run.loss.name} compares "
+                              f"the samples of a prompt, so it needs at least 2")
+        if run.temperature == 0:
+            raise ConfigError(f"temperature=0 decodes greedily, so the samples of a prompt are alike and "
+                              f"loss={run.loss.name}'s advantages, which compare them, are all 0: set temperature > 0 "
+                              f"(null: the model's)")
     check_labeler(run, f'loss={run.loss.name}')
 
 

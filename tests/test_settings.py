@@ -211,6 +211,15 @@ def test_keys_that_must_agree_are_checked_together():
         "online.feedback=scalar: loss=kto trains on binary or pairwise feedback; set online.feedback=binary"
     accepted = base_overrides('/tmp/unused', 'sft') + ['++online.rounds=1', reward, '++online.feedback=scalar']
     assert run_settings(compose_config(accepted), accepted).online.feedback == 'scalar'  # SFT on each prompt's best
+    greedy = ("temperature=0 decodes greedily, so the samples of a prompt are alike and {what}: set temperature > 0 "
+              "(null: the model's)")
+    assert refused('dpo', '++online.rounds=1', reward, '++temperature=0') == \
+        greedy.format(what='online.feedback=pairwise has nothing to compare')
+    assert refused('grpo-online', reward, '++temperature=0') == \
+        greedy.format(what="loss=grpo-online's advantages, which compare them, are all 0")
+    for loss, greedy_is_fine in (('reinforce-pp', [reward]), ('kto', ['++online.rounds=1', reward, '++online.feedback=binary'])):
+        settings = base_overrides('/tmp/unused', loss) + greedy_is_fine + ['++temperature=0']
+        assert run_settings(compose_config(settings), settings).temperature == 0  # a baseline across prompts, labels
 
 
 def test_eval_py_checks_no_training_setting_it_does_not_use():
