@@ -127,16 +127,21 @@ class OnlineRounds:
 
     def round_samples(self, round_index: int) -> List[Dict]:
         """The round's samples: read back if on disk, else sampled and written."""
-        path = self.path(round_index, 'samples.jsonl')
+        path, k = self.path(round_index, 'samples.jsonl'), self.settings.samples_per_prompt
+        block = round_block(len(self.pool), self.settings.prompts_per_round, round_index, self.seed)
         if not os.path.exists(path):
-            block = round_block(len(self.pool), self.settings.prompts_per_round, round_index, self.seed)
             self.prompt_loader.items = [self.pool[i] for i in block]
-            records = self.sample(self.prompt_loader, self.settings.samples_per_prompt, f'round {round_index}',
-                                  self.seed * 1_000_003 + 2 * round_index)
+            seed = self.seed * 1_000_003 + 2 * round_index
+            records = self.sample(self.prompt_loader, k, f'round {round_index}', seed)
             if on_rank0():
                 write_jsonl(path, records)
             barrier()
-        return read_json_records(path)
+        records = read_json_records(path)
+        if len(records) != len(block) * k:  # the file is written whole: another count was written by someone else
+            raise DataError(f"{path} holds {len(records)} samples, where round {round_index} samples "
+                            f"{len(block) * k} ({len(block)} prompts x {k}): delete {self.path(round_index, '')} to "
+                            f"sample the round again")
+        return records
 
     def round_feedback(self, round_index: int) -> str:
         """The path of the round's feedback file, labelled (on rank 0) if it is not on disk yet. A round whose

@@ -507,6 +507,19 @@ def test_a_broken_reward_function_stops_the_round_and_the_fixed_one_resumes_it(t
                        [f'++online.reward_function={REWARD}:vowels'], lambda samples: expected(spec, samples))
 
 
+@pytest.mark.slow
+def test_a_round_whose_samples_file_lost_records_is_named_on_resume(tmp_path, capsys):
+    (tmp_path / 'broken.py').write_text(BROKEN)
+    status, _, _ = train(tmp_path, online(tmp_path, 'cut', f'++online.reward_function={tmp_path}/broken.py:raises'),
+                         capsys)
+    samples_file = tmp_path / 'cut' / 'rounds' / '0' / 'samples.jsonl'
+    samples_file.write_text(''.join(samples_file.read_text().splitlines(keepends=True)[:5]))  # whole lines, too few
+    fixed = online(tmp_path, 'cut', f'++online.reward_function={REWARD}:vowels', '++resume=true')
+    status, last, _ = train(tmp_path, fixed, capsys)
+    assert (status, last) == (2, f"train.py: {samples_file} holds 5 samples, where round 0 samples 12 (4 prompts x 3): "
+                                 f"delete {samples_file.parent}/ to sample the round again")
+
+
 def judged_by(url):
     return ['++online.labeler=judge', '++online.judge=smollm2', f'++online.base_url={url}', '++online.feedback=best']
 
