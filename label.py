@@ -17,6 +17,7 @@ stops with one line and exit status 2. The feedback (binary, pairwise, scalar or
 written as JSON Lines, the format `datasets=[file]` reads.
 """
 import argparse
+import json
 import sys
 from typing import List, Optional, Sequence
 
@@ -102,20 +103,32 @@ def share(text: str) -> float:
 
 def read_samples(path: str) -> List[dict]:
     """Sample records with `prompt` and `output`; a record without `prompt_id` gets a digest of its prompt."""
-    samples = []
-    for number, record in enumerate(read_records(path), 1):
-        where = f"{path}: record {number}"
-        for field in ('prompt', 'output'):
-            if not isinstance(record, dict) or field not in record:
-                raise DataError(f"{where}: missing field '{field}'")
-        checked_turns(record['prompt'], 'prompt', where)
-        if not isinstance(record['output'], str):
-            raise DataError(f"{where}: field 'output' must be a string (the sampled completion), "
-                            f"got {record['output']!r}")
-        samples.append({**record, 'prompt_id': str(record.get('prompt_id') or prompt_digest(record['prompt']))})
+    records = read_records(path)
+    samples = [checked_sample(record, f"{path}: record {number}") for number, record in enumerate(records, 1)]
     if not samples:
         raise DataError(f"{path}: the file holds no samples")
+    first_of_prompt, seen = {}, set()
+    for number, sample in enumerate(samples, 1):
+        first, prompt = first_of_prompt.setdefault(sample['prompt_id'], (number, sample['prompt']))
+        if prompt != sample['prompt']:
+            raise DataError(f"{path}: record {number}: prompt_id {sample['prompt_id']} already names another prompt "
+                            f"(in record {first}); one prompt_id stands for one prompt")
+        seen.add(json.dumps([sample['prompt'], sample['output']]))
+    if len(seen) < len(samples):
+        print(f"warning: {path}: {len(samples) - len(seen)} records repeat the prompt and output of an earlier one; "
+              f"each is labelled, and trained on, as often as it appears")
     return samples
+
+
+def checked_sample(record, where: str) -> dict:
+    for field in ('prompt', 'output'):
+        if not isinstance(record, dict) or field not in record:
+            raise DataError(f"{where}: missing field '{field}'")
+    checked_turns(record['prompt'], 'prompt', where)
+    if not isinstance(record['output'], str):
+        raise DataError(f"{where}: field 'output' must be a string (the sampled completion), got {record['output']!r}")
+    given = record.get('prompt_id')
+    return {**record, 'prompt_id': str(given) if given is not None else prompt_digest(record['prompt'])}
 
 
 def run(args: argparse.Namespace) -> dict:

@@ -191,6 +191,19 @@ def test_label_py_names_a_bad_sample_and_a_missing_function(tmp_path, capsys):
                                                f"type list, not a function")
 
 
+def test_label_py_refuses_a_prompt_id_of_two_prompts_and_warns_of_repeated_samples(tmp_path, capsys):
+    import label
+    clash = write_jsonl(tmp_path / 'clash.jsonl', [{'prompt': 'p', 'output': 'o', 'prompt_id': 0},
+                                                   {'prompt': 'q', 'output': 'o', 'prompt_id': 0}])
+    assert label.main([clash, str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == (f"label.py: {clash}: record 2: prompt_id 0 already names another prompt "
+                                               f"(in record 1); one prompt_id stands for one prompt")
+    twice = write_jsonl(tmp_path / 'twice.jsonl', [json.loads(line) for line in open(sample_file(tmp_path))] * 2)
+    assert label.main([twice, str(tmp_path / 'f.jsonl'), '--reward-function', f'{REWARD}:vowels']) == 0
+    assert (f"warning: {twice}: 9 records repeat the prompt and output of an earlier one; each is labelled, and "
+            f"trained on, as often as it appears") in capsys.readouterr().out
+
+
 @pytest.mark.slow
 def test_the_judge_labeler_asks_nothing_twice_on_a_rerun(tmp_path, capsys):
     """Against the local llama.cpp server (SmolLM2 as the judge) behind a proxy that counts requests. A judgment
