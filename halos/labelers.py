@@ -379,10 +379,14 @@ def reward_function_labeler(spec: Union[str, Sequence[str]], weights: Optional[S
 
 def check_prompts(labeler, examples, what: str) -> None:
     """Stop before anything is sampled when a prompt lacks a field a reward function takes."""
-    for example in examples:
-        lacking = labeler.lacking(example.extra)
-        if lacking:
-            raise LabelError(f"{labeler.name} cannot score {what}: {example.source}: {lacking}")
+    examples = list(examples)
+    lacking = sorted((example for example in examples if labeler.lacking(example.extra)),
+                     key=lambda example: [int(part) if part.isdigit() else part
+                                          for part in re.split(r'(\d+)', example.source)])  # record 2 before 10
+    if lacking:
+        others = f" (and so do {len(lacking) - 1} more of its {len(examples)} prompts)" if len(lacking) > 1 else ''
+        raise LabelError(f"{labeler.name} cannot score {what}: {lacking[0].source}: "
+                         f"{labeler.lacking(lacking[0].extra)}{others}")
 
 
 # what a user's function may raise that is its failure, named with its sample: sys.exit() too, which would end the

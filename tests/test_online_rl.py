@@ -324,6 +324,14 @@ def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_befo
     assert str(error.value) == (f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: "
                                 f"record 2: it takes answer, which its prompt's record lacks (the prompt's own fields: "
                                 f"level)")
+    prompts.write_text(''.join(json.dumps({'prompt': f'What is {n}+{n}?'}) + '\n' for n in range(12)))
+    with pytest.raises(LabelError) as error:  # the first in the file, however the loader orders them
+        build_trainer(make_config(tmp_path, *online_overrides(f'++online.prompts={prompts}',
+                                                              f'++online.reward_function={REWARD}:answer_count'),
+                                  loss='grpo-online'))
+    assert str(error.value) == (f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: "
+                                f"record 1: it takes answer, which its prompt's record lacks (the prompt's own fields: "
+                                f"none) (and so do 11 more of its 12 prompts)")
 
 
 def test_a_score_in_named_parts_logs_each_parts_mean_over_the_steps_samples(tmp_path):
