@@ -168,8 +168,9 @@ class OnlineRounds:
         records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
         reason = why_no_training_data(labelled, records, s.feedback, s.threshold)
         if reason:
-            raise DataError(f"round {round_index}: {reason}; sample more per prompt, change online.feedback or "
-                            f"online.threshold, or delete {self.path(round_index, '')} to sample the round again")
+            raise DataError(f"round {round_index}: {reason}; sample more per prompt (online.samples_per_prompt) or "
+                            f"at a higher temperature, change online.threshold, or delete {self.path(round_index, '')} "
+                            f"to sample the round again")
         if s.feedback == 'binary' and len({record['label'] for record in records}) == 1:  # a fixed threshold's doing
             kind = 'desirable' if records[0]['label'] else 'undesirable'
             shown = f'{s.threshold:g}' if isinstance(s.threshold, float) else s.threshold

@@ -497,7 +497,8 @@ def kept(samples):
     ('text', lambda spec, samples: f"reward function {spec} gave 'high' for {first_sample(samples)}: a score must "
                                    f"be a finite number{kept(samples)}"),
     ('constant', lambda spec, samples: f"round 0: 0 pairs: no prompt of 4 has two samples with different rewards; "
-                                       f"sample more per prompt, change online.feedback or online.threshold, or delete "
+                                       f"sample more per prompt (online.samples_per_prompt) or at a higher temperature, "
+                                       f"change online.threshold, or delete "
                                        f"{samples[0]['file'].parent}/ to sample the round again"),
 ])
 def test_a_broken_reward_function_stops_the_round_and_the_fixed_one_resumes_it(tmp_path, capsys, function, expected):
