@@ -26,8 +26,8 @@ from halos.examples import prompt_digest
 from halos.feedback import checked_turns, read_records
 from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
-from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, label_samples,
-                             scored_enough, why_no_training_data)
+from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, kind_defaults,
+                             label_samples, scored_enough, why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -69,9 +69,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if args.feedback == 'pairwise' and args.threshold in ('mean', 'median'):
         parser.error(f"--threshold {args.threshold}: --feedback pairwise takes the least reward gap of a pair, a "
                      f"number")
-    if args.threshold is None:
-        args.threshold = 'median' if args.feedback == 'binary' else 0.0
-    args.pair_mode = args.pair_mode or 'max'
+    args.threshold, args.pair_mode = kind_defaults(args.feedback, args.threshold, args.pair_mode)
     return args
 
 

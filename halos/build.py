@@ -274,8 +274,9 @@ def check_feedback_options(run: RunSettings) -> None:
         kinds = FEEDBACK_OPTIONS.get(option)
         if kinds and online.feedback not in kinds:
             raise ConfigError(f"online.{option} applies to online.feedback={' or '.join(kinds)}, not {online.feedback}")
-    if online.feedback == 'pairwise' and online.threshold == 'mean':
-        raise ConfigError("online.threshold=mean: pairwise feedback takes the least reward gap of a pair, a number")
+    if online.feedback == 'pairwise' and online.threshold in ('mean', 'median'):
+        raise ConfigError(f"online.threshold={online.threshold}: pairwise feedback takes the least reward gap of a "
+                          f"pair, a number")
 
 
 def check_sampled_online(run: RunSettings) -> None:

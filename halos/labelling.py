@@ -184,6 +184,14 @@ def best_feedback(samples: List[Dict]) -> List[Dict]:
     return [scored_record(s, label=1, type='binary_feedback') for s in best]
 
 
+def kind_defaults(kind: str, threshold: Optional[Threshold], pair_mode: Optional[str]) -> Tuple[Threshold, str]:
+    """The threshold and pair mode, where unset (None), as `kind` reads them: binary's median, pairwise's least
+    reward gap of 0 and best-vs-worst pairs."""
+    if threshold is None:
+        threshold = 'median' if kind == 'binary' else 0.0
+    return threshold, pair_mode or 'max'
+
+
 def build_feedback(samples: List[Dict], kind: str, threshold: Threshold = 'median', per_prompt: bool = False,
                    pair_mode: str = 'max', seed: int = 0) -> List[Dict]:
     """Feedback records of `kind` (binary, pairwise, scalar or best) from labelled samples, but for those whose

@@ -29,7 +29,8 @@ from halos.errors import DataError, UserError
 from halos.feedback import extra_fields, read_json_records
 from halos.jsonl import logged_number, read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
-from halos.labelling import build_feedback, label_samples, sample_name, scored_enough, why_no_training_data
+from halos.labelling import (build_feedback, kind_defaults, label_samples, sample_name, scored_enough,
+                             why_no_training_data)
 from halos.monitors import (HackingMonitor, Observation, part_means, repeated_ngram_share, reward_summary,
                             sample_stats)
 from halos.sampling import Sampler, sample_records
@@ -165,15 +166,16 @@ class OnlineRounds:
             raise LabelError(f"{error}; the samples of round {round_index} stay in "
                              f"{self.path(round_index, 'samples.jsonl')}: rerun with ++resume=true once the labeler "
                              f"is fixed") from None
-        records = build_feedback(labelled, s.feedback, s.threshold, s.per_prompt, s.pair_mode, self.seed + round_index)
-        reason = why_no_training_data(labelled, records, s.feedback, s.threshold)
+        threshold, pair_mode = kind_defaults(s.feedback, s.threshold, s.pair_mode)
+        records = build_feedback(labelled, s.feedback, threshold, s.per_prompt, pair_mode, self.seed + round_index)
+        reason = why_no_training_data(labelled, records, s.feedback, threshold)
         if reason:
             raise DataError(f"round {round_index}: {reason}; sample more per prompt (online.samples_per_prompt) or "
                             f"at a higher temperature, change online.threshold, or delete {self.path(round_index, '')} "
                             f"to sample the round again")
         if s.feedback == 'binary' and len({record['label'] for record in records}) == 1:  # a fixed threshold's doing
             kind = 'desirable' if records[0]['label'] else 'undesirable'
-            shown = f'{s.threshold:g}' if isinstance(s.threshold, float) else s.threshold
+            shown = f'{threshold:g}' if isinstance(threshold, float) else threshold
             rank0_print(f"warning: round {round_index}: every sample is {kind} against online.threshold={shown}, "
                         f"so the round teaches only what to {'do' if records[0]['label'] else 'avoid'}")
         write_jsonl(path, records)

@@ -150,10 +150,11 @@ class OnlineSettings:
     judge: Optional[str] = setting(None, "the judge model's name on its OpenAI-compatible server")
     base_url: Optional[str] = setting(None, "the judge's server (null: OPENAI_BASE_URL, else OpenAI)")
     feedback: str = setting('pairwise', 'what the scores become', one_of('binary', 'pairwise', 'scalar', 'best'))
-    pair_mode: str = setting('max', 'pairwise: best vs worst, the closest pair, or random pairs',
-                             one_of('max', 'min', 'random'))
-    threshold: Union[float, str] = setting('median', 'binary: the desirable cut; pairwise: the least reward gap',
-                                           NUMBER_OR_MEAN_OR_MEDIAN)
+    pair_mode: Optional[str] = setting(None, 'pairwise: best vs worst, the closest pair, or random pairs (null: max)',
+                                       one_of('max', 'min', 'random'))
+    threshold: Optional[Union[float, str]] = setting(
+        None, 'binary: the desirable cut (null: median); pairwise: the least reward gap (null: 0)',
+        NUMBER_OR_MEAN_OR_MEDIAN)
     per_prompt: bool = setting(False, "binary: each prompt's own mean or median")
     reference: str = setting('fixed', 'the starting model, or the policy at the start of each round',
                              one_of('fixed', 'previous'))

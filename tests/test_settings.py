@@ -349,6 +349,10 @@ def test_online_feedback_options_that_the_feedback_kind_would_ignore_are_refused
              'online.pair_mode applies to online.feedback=pairwise, not binary'),
             ('dpo', ['++online.threshold=mean'],
              'online.threshold=mean: pairwise feedback takes the least reward gap of a pair, a number'),
+            ('dpo', ['++online.threshold=median'],  # the value binary feedback takes when none is given
+             'online.threshold=median: pairwise feedback takes the least reward gap of a pair, a number'),
+            ('grpo', ['++online.feedback=scalar', '++online.pair_mode=max'],
+             'online.pair_mode applies to online.feedback=pairwise, not scalar'),
             ('grpo', ['++online.feedback=best'], 'online.feedback=best keeps one sample of each prompt, and loss=grpo '
                                                  'compares the samples of a prompt: set online.feedback=scalar')]:
         with pytest.raises(ConfigError) as error:
