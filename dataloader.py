@@ -174,8 +174,8 @@ class PairedPreferenceDataLoader(DataLoader):
 class GroupUnpairedPreferenceDataLoader(DataLoader):
     """Scored completions grouped by prompt (GRPO): every global batch holds whole groups, so a group's
     statistics are those of all its completions (a group larger than batch_size is shuffled and cut into
-    parts of batch_size, each then a group, and counted). The score is the data's reward, else +1 for a desirable
-    and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
+    parts of batch_size, each then a group, and counted). The score is the data's reward, else +1 for a
+    desirable and -1 for an undesirable completion (HALOs). A batch holds at most batch_size completions, split as
     evenly as possible across processes."""
     feedback_kinds = ('binary', 'pairwise', 'scalar')
     kinds, labels = (schema.TARGET,), (schema.SCORE, schema.PROMPT_ID)

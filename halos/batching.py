@@ -345,7 +345,7 @@ class DataLoader:
         """Whether an element's prompt is cut to max_prompt_length: where its longest completion would not fit."""
         return prompt_length + longest_completion > self.max_length and prompt_length > self.max_prompt_length
 
-    def cuts(self, limit: int = 64) -> 'Cuts':
+    def cuts(self, limit: int = 64) -> Cuts:
         """Of the first `limit` prompts that have completions, and of their completions, how many are cut (as
         tokenize_element cuts them: a prompt where its longest completion would not fit, then each completion)."""
         cut_completions = completions = cut_prompts = 0

@@ -86,7 +86,8 @@ def read_json_records(path: str) -> List[Dict]:
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
-        hint = ' (one JSON record per line: name the file .jsonl)' if error.msg == 'Extra data' and error.colno == 1 else ''
+        lines = error.msg == 'Extra data' and error.colno == 1  # a second record starts a line
+        hint = ' (one JSON record per line: name the file .jsonl)' if lines else ''
         raise DataError(f"{path}: not valid JSON: {error.msg} (line {error.lineno}, column {error.colno}){hint}") \
             from None
     if isinstance(records, dict) and 'samples' in records and 'config' in records:

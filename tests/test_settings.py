@@ -217,7 +217,8 @@ def test_keys_that_must_agree_are_checked_together():
         greedy.format(what='online.feedback=pairwise has nothing to compare')
     assert refused('grpo-online', reward, '++temperature=0') == \
         greedy.format(what="loss=grpo-online's advantages, which compare them, are all 0")
-    for loss, greedy_is_fine in (('reinforce-pp', [reward]), ('kto', ['++online.rounds=1', reward, '++online.feedback=binary'])):
+    for loss, greedy_is_fine in (('reinforce-pp', [reward]),
+                                 ('kto', ['++online.rounds=1', reward, '++online.feedback=binary'])):
         settings = base_overrides('/tmp/unused', loss) + greedy_is_fine + ['++temperature=0']
         assert run_settings(compose_config(settings), settings).temperature == 0  # a baseline across prompts, labels
 
