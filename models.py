@@ -350,8 +350,9 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     if checkpoint is not None:
         state = load_policy_file(checkpoint)['state']
         embedding = next(n for n, p in model.named_parameters() if p is model.get_input_embeddings().weight)
-        if vocab_size is not None and embedding in state and state[embedding].shape[0] == vocab_size:
-            model.resize_token_embeddings(vocab_size)  # the checkpoint already has the added control tokens
+        rows = state[embedding].shape[0] if embedding in state else 0
+        if rows > model.get_input_embeddings().num_embeddings:  # the control tokens its run added (as CSFT does)
+            model.resize_token_embeddings(rows)
         load_state_into(model, state, checkpoint)
     if vocab_size is not None and vocab_size > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(vocab_size)

@@ -404,6 +404,16 @@ def test_an_interrupted_run_resumed_with_less_to_train_says_so_and_ends_with_its
     assert torch.load(state_file, weights_only=False)['finished']
 
 
+def test_a_loss_starts_from_a_csft_checkpoint_whose_vocabulary_has_its_control_tokens(tmp_path):
+    train_in_process(tmp_path, '++n_examples=4', '++n_eval_examples=4', loss='csft', exp_name='csft')
+    csft = load_policy_file(tmp_path / 'csft' / 'LATEST' / 'policy.pt')['state']
+    trainer = build_trainer(make_config(tmp_path, '++model.load_from=csft/LATEST/policy.pt', loss='dpo'))
+    for model in (trainer.policy, trainer.reference_model):
+        embedding = model.get_input_embeddings().weight
+        assert embedding.shape[0] == len(trainer.tokenizer) + 2  # <|good|> and <|bad|>
+        assert torch.equal(embedding.detach(), csft['model.embed_tokens.weight'])
+
+
 def test_a_resume_keeps_every_key_of_the_loss(tmp_path):
     run = make_config(tmp_path, loss='kto')
     os.makedirs(run.local_run_dir)
