@@ -326,6 +326,21 @@ def state_mismatch(own: dict, state: dict) -> str:
     return '; '.join(parts)
 
 
+SHAPE_KEYS = ('model_type', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
+
+
+def check_same_shape(load_from: str, name_or_path: str) -> None:
+    """An HF directory given as load_from brings its weights, not another model: its shape must be the
+    model's, as a policy.pt's must (its vocabulary may be larger, by the control tokens its run added)."""
+    from transformers import AutoConfig
+    given, own = (from_pretrained(AutoConfig, path) for path in (load_from, name_or_path))
+    differ = [f'{key} {getattr(given, key, None)}, not {getattr(own, key, None)}' for key in SHAPE_KEYS
+              if getattr(given, key, None) != getattr(own, key, None)]
+    if differ:
+        raise ConfigError(f"model.load_from={load_from} is not a checkpoint of model.name_or_path={name_or_path}: "
+                          f"its {'; '.join(differ)} (give the model it was trained from)")
+
+
 def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = False,
                    load_from: Optional[str] = None, cache_dir: str = '.cache/',
                    vocab_size: Optional[int] = None, value_head: bool = False,
@@ -339,6 +354,7 @@ def load_causal_lm(name_or_path: str, dtype: str, use_flash_attention: bool = Fa
     path = name_or_path
     checkpoint = resolve_load_from(load_from, cache_dir) if load_from else None
     if checkpoint is not None and os.path.isdir(checkpoint):
+        check_same_shape(checkpoint, name_or_path)
         path, checkpoint = checkpoint, None
     if model_class is AutoModelForCausalLM and is_sequence_classifier(path):
         raise ConfigError(f"{path} is a reward model (a sequence classifier, as loss=bradley-terry exports), not a "

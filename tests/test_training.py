@@ -414,6 +414,17 @@ def test_a_loss_starts_from_a_csft_checkpoint_whose_vocabulary_has_its_control_t
         assert torch.equal(embedding.detach(), csft['model.embed_tokens.weight'])
 
 
+def test_an_hf_directory_of_another_shape_given_as_load_from_is_refused(tmp_path):
+    from transformers import LlamaConfig
+    wider = tmp_path / 'wider'
+    LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_hidden_layers=3).save_pretrained(wider)
+    with pytest.raises(ConfigError) as error:
+        build_trainer(make_config(tmp_path, f'++model.load_from={wider}', loss='sft'))
+    assert str(error.value) == (f"model.load_from={wider} is not a checkpoint of model.name_or_path=embedded:tiny-"
+                                f"smollm2: its hidden_size 64, not 32; num_hidden_layers 3, not 2 (give the model it "
+                                f"was trained from)")
+
+
 def test_a_resume_keeps_every_key_of_the_loss(tmp_path):
     run = make_config(tmp_path, loss='kto')
     os.makedirs(run.local_run_dir)
