@@ -487,7 +487,8 @@ def build_trainer(run: RunSettings):
             check_dataset_name(name)
         check_round_prompt_fields(run)
     train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
-    eval_loader = None if online else build_loader(run, tokenizer, 'test', held_out_prompts)  # before models
+    evaluates = not online and run.n_eval_examples != 0  # (0: no evaluation, so no test split to read)
+    eval_loader = build_loader(run, tokenizer, 'test', held_out_prompts) if evaluates else None  # before models
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))
@@ -499,7 +500,7 @@ def build_trainer(run: RunSettings):
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)
         check_prompt_fields(rollouts.labeler, train_loader.items, 'the training prompts')
-        if eval_loader.n_examples != 0:
+        if eval_loader is not None:
             warn_on_shared_held_out(train_loader.items, eval_loader.items)
             check_prompt_fields(rollouts.held_out_labeler, eval_loader.items, 'the held-out prompts')
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)

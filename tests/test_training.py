@@ -425,6 +425,15 @@ def test_an_hf_directory_of_another_shape_given_as_load_from_is_refused(tmp_path
                                 f"was trained from)")
 
 
+def test_a_run_without_evaluation_needs_no_test_split(tmp_path):
+    path = tmp_path / 'train_only.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': f'Say {word}.', 'output_A': word, 'output_B': 'no', 'label': 1,
+                                        'split': 'train'}) + '\n' for word in ('hi', 'yo', 'hey', 'bye')))
+    trainer = build_trainer(make_config(tmp_path, f'datasets=[{path}]', '++n_eval_examples=0'))
+    assert trainer.eval_batches == [] and len(trainer.train_iterator.items) == 4
+    assert trainer.evaluate() == {}
+
+
 def test_a_resume_keeps_every_key_of_the_loss(tmp_path):
     run = make_config(tmp_path, loss='kto')
     os.makedirs(run.local_run_dir)
