@@ -518,6 +518,11 @@ def unknown_override(key: str, override: str) -> str:
                   for kind in vars(module).values() if isinstance(kind, type) and issubclass(kind, base)
                   for spec in dataclasses.fields(kind.Params)}
     known = dotted_keys(RunSettings) + sorted(loss_keys)
+    readers = [f'loss={name}' for name, config in sorted(loss_yamls().items()) if key.split('.', 1)[-1] in config]
+    if key.startswith('loss.') and readers:  # the chosen loss, whose YAML lacks it, may read it all the same
+        shown = ', '.join(readers[:4]) + (f' and {len(readers) - 4} more' if len(readers) > 4 else '')
+        return (f"{override}: the chosen loss's config does not list {key}, a key of {shown}: with a loss that reads "
+                f"it, set it with ++{override}")
     if key in known:
         return f"{override}: the config files do not list {key}; set it with ++{override}"
     return f"{override}: " + unknown_key(key, known, Overrides(), otherwise='no key is close to it (docs/training.md '

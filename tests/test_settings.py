@@ -256,6 +256,10 @@ def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path
         'beta': (['++loss.beta=-0.1'], 'train.py: ++loss.beta=-0.1: loss.beta must be a number > 0'),
         'no ++': (['loss.humanline=true'], "train.py: loss.humanline=true: the config files do not list "
                                            "loss.humanline; set it with ++loss.humanline=true"),
+        'no ++ for another loss': (['loss.desirable_weight=2'],
+                                "train.py: loss.desirable_weight=2: the chosen loss's config does not list "
+                                "loss.desirable_weight, a key of loss=kto: with a loss that reads it, set it with "
+                                "++loss.desirable_weight=2"),
     }
     env = {key: value for key, value in os.environ.items() if key != 'HYDRA_FULL_ERROR'}
     processes = {name: subprocess.Popen(train_command(tmp_path, *overrides, f'hydra.run.dir={tmp_path / name}'),
