@@ -27,7 +27,7 @@ from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
 from halos.cli import config_choices, run_hydra, task_overrides
 from halos.datasets import DATASETS
-from halos.errors import ConfigError, reported_as_one_line
+from halos.errors import ConfigError, met_alike_by_every_process, reported_as_one_line
 from halos.loop import METRICS
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
@@ -57,9 +57,10 @@ def train_run(run: RunSettings) -> None:
         shown = ', '.join(sorted({name.split(os.sep)[0] for name in earlier}))
         rank0_print(f"warning: {run.local_run_dir} holds an earlier run ({shown}): this run starts afresh and removes "
                     f"them once its models have loaded (++resume=true continues the earlier run instead)")
-    trainer = build_trainer(run)
-    rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
-    if resume:                                                          # it decides what the checkpoint holds
+    with met_alike_by_every_process():
+        trainer = build_trainer(run)
+        rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
+    if resume:                                                                          # it decides what is restored
         trainer.load_checkpoint(latest)
         if trainer.finished and nothing_left(run, trainer):
             rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "

@@ -66,13 +66,26 @@ def describe_error(error: BaseException) -> str:
 
 
 def reported(program: str, error: UserError) -> int:
-    """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again). A
-    setting's error, which every process of a torchrun meets alike, is printed by one process of each node."""
+    """Print `<program>: <message>` on one line of stderr; exit status 2 (HYDRA_FULL_ERROR=1: raise it again). An
+    error that every process of a torchrun meets alike (a setting's, or one met while the run is built) is printed
+    by one process of each node."""
     if show_traceback():
         raise error
-    if not isinstance(error, ConfigError) or os.environ.get('LOCAL_RANK', '0') == '0':
+    alike = isinstance(error, ConfigError) or getattr(error, 'met_alike', False)
+    if not alike or os.environ.get('LOCAL_RANK', '0') == '0':
         print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
     return 2
+
+
+@contextlib.contextmanager
+def met_alike_by_every_process():
+    """Mark a UserError raised inside as one that every process meets alike (each reads the settings and the
+    whole data while the run is built), so that one process of each node names it."""
+    try:
+        yield
+    except UserError as error:
+        error.met_alike = True
+        raise
 
 
 # what the file system answers a run that writes where it may not, where no room is left, or where a path's kind

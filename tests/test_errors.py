@@ -495,11 +495,14 @@ def test_help_of_train_py_and_eval_py_shows_their_usage_and_choices():
         'usage: python eval.py --config-path=<run directory> ++mode=<sample|eval|alpacaeval|reward|lm_eval>')
 
 
-def test_a_settings_error_is_named_by_one_process_of_a_node_and_any_other_error_by_each(capsys, monkeypatch):
-    from halos.errors import ConfigError, DataError, reported
+def test_a_settings_or_build_error_is_named_by_one_process_of_a_node_and_any_other_error_by_each(capsys, monkeypatch):
+    from halos.errors import ConfigError, DataError, met_alike_by_every_process, reported
     monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
     monkeypatch.setenv('LOCAL_RANK', '1')
     assert reported('train.py', ConfigError('bad key')) == 2 and capsys.readouterr().err == ''
     assert reported('train.py', DataError('its own shard')) == 2 and capsys.readouterr().err == 'train.py: its own shard\n'
+    with pytest.raises(DataError) as error, met_alike_by_every_process():
+        raise DataError('data.jsonl: record 10: a bad label')  # read whole by every process
+    assert reported('train.py', error.value) == 2 and capsys.readouterr().err == ''
     monkeypatch.setenv('LOCAL_RANK', '0')
     assert reported('train.py', ConfigError('bad key')) == 2 and capsys.readouterr().err == 'train.py: bad key\n'
