@@ -144,6 +144,10 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and missing_dir:
         return (f"--config-path={missing_dir.group(1)}: no such directory; give a run directory "
                 "(<cache_dir>/<exp_name>, where train.py saved config.yaml) or --config-path=config (halos' defaults)")
+    primary = re.search(r"primary config '([^']+)'", str(error))
+    if isinstance(error, MissingConfigException) and primary and primary.group(1) not in ('config', 'config.yaml'):
+        return (f"--config-name={primary.group(1)}: no {primary.group(1)}.yaml in the config directory (halos' config "
+                f"is config.yaml: leave --config-name out)")
     if isinstance(error, MissingConfigException) and 'primary config' in str(error):
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")

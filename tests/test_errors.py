@@ -283,6 +283,13 @@ def test_eval_py_without_a_config_path_says_which_to_give(tmp_path):
         "or --config-path=config (halos' defaults)")
 
 
+def test_a_config_name_that_is_not_there_is_named(tmp_path, monkeypatch, capsys):
+    status, stderr = run_in_process(monkeypatch, capsys, 'train.py', [
+        '--config-name=nosuch', f'hydra.run.dir={tmp_path}', 'loss=sft', 'model=tiny'])
+    assert status == 2 and last_line(stderr) == ("train.py: --config-name=nosuch: no nosuch.yaml in the config directory "
+                                                 "(halos' config is config.yaml: leave --config-name out)")
+
+
 def test_eval_py_names_a_config_path_that_is_not_there(tmp_path, monkeypatch, capsys):
     status, stderr = run_in_process(monkeypatch, capsys, 'eval.py', [
         f'--config-path={tmp_path}/runs/nosuch', f'hydra.run.dir={tmp_path}', '++mode=sample'])
