@@ -315,23 +315,19 @@ def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_befo
                                                                                                   monkeypatch):
     import halos.build
     prompts = tmp_path / 'questions.jsonl'
-    prompts.write_text('{"prompt": "What is 2+2?", "answer": "4"}\n{"prompt": "What is 3+3?", "level": 1}\n')
     monkeypatch.setattr(halos.build, 'load_models', lambda *args: pytest.fail('the models loaded'))
-    with pytest.raises(LabelError) as error:
-        build_trainer(make_config(tmp_path, *online_overrides(f'++online.prompts={prompts}',
-                                                              f'++online.reward_function={REWARD}:answer_count'),
-                                  loss='grpo-online'))
-    assert str(error.value) == (f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: "
-                                f"record 2: it takes answer, which its prompt's record lacks (the prompt's own fields: "
-                                f"level)")
-    prompts.write_text(''.join(json.dumps({'prompt': f'What is {n}+{n}?'}) + '\n' for n in range(12)))
-    with pytest.raises(LabelError) as error:  # the first in the file, however the loader orders them
-        build_trainer(make_config(tmp_path, *online_overrides(f'++online.prompts={prompts}',
-                                                              f'++online.reward_function={REWARD}:answer_count'),
-                                  loss='grpo-online'))
-    assert str(error.value) == (f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: "
-                                f"record 1: it takes answer, which its prompt's record lacks (the prompt's own fields: "
-                                f"none) (and so do 11 more of its 12 prompts)")
+    refusal = f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: record {{}}: it " \
+              f"takes answer, which its prompt's record lacks (the prompt's own fields: {{}})"
+    records = [{'prompt': 'What is 2+2?', 'answer': '4'}, {'prompt': 'What is 3+3?', 'level': 1}]
+    many = [{'prompt': f'What is {n}+{n}?'} for n in range(12)]  # the first in the file, however the loader orders them
+    for lines, expected in ((records, refusal.format(2, 'level')),
+                            (many, refusal.format(1, 'none') + ' (and so do 11 more of its 12 prompts)')):
+        prompts.write_text(''.join(json.dumps(record) + '\n' for record in lines))
+        with pytest.raises(LabelError) as error:
+            build_trainer(make_config(tmp_path, *online_overrides(f'++online.prompts={prompts}',
+                                                                  f'++online.reward_function={REWARD}:answer_count'),
+                                      loss='grpo-online'))
+        assert str(error.value) == expected
 
 
 def test_a_score_in_named_parts_logs_each_parts_mean_over_the_steps_samples(tmp_path):
