@@ -138,7 +138,7 @@ class OnlineRounds:
                 write_jsonl(path, records)
             barrier()
         records = read_json_records(path)
-        if len(records) != len(block) * k:  # the file is written whole: another count was written by someone else
+        if len(records) != len(block) * k:  # halos writes the file whole: another count is someone else's doing
             raise DataError(f"{path} holds {len(records)} samples, where round {round_index} samples "
                             f"{len(block) * k} ({len(block)} prompts x {k}): delete {self.path(round_index, '')} to "
                             f"sample the round again")
