@@ -62,11 +62,11 @@ def train_run(run: RunSettings) -> None:
         rounds = build_online_rounds(run, trainer) if run.online.rounds > 0 else None  # before the resume:
     if resume:                                                                          # it decides what is restored
         trainer.load_checkpoint(latest)
-        if trainer.finished and nothing_left(run, trainer):
-            rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples or "
-                        f"online.rounds to train further); the run directory is unchanged")
-            return
         if nothing_left(run, trainer):
+            if trainer.finished:
+                rank0_print(f"{latest} holds the finished run: nothing is left to train (raise n_epochs, n_examples "
+                            f"or online.rounds to train further); the run directory is unchanged")
+                return
             done = f' in {trainer.completed_rounds} rounds' if rounds else ''
             rank0_print(f"{latest} has trained {trainer.example_counter} examples{done}, all that the run plans or "
                         f"more: nothing is left to train, so it ends with its final evaluation and save (raise "
