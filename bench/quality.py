@@ -581,6 +581,12 @@ def wall_start(earlier: Optional[dict]) -> float:
     return time.time() - (earlier['wall_seconds'] if earlier else 0.0)
 
 
+def measured(run: Runner, args, earlier: Optional[dict], method: Method, budget: int, n_prompts: int,
+             feedback: Dict[str, str]) -> dict:
+    """The method's row: as an earlier report measured it (kept_row), else trained and measured now."""
+    return kept_row(earlier, method) or run_method(run, args, method, budget, n_prompts, feedback)
+
+
 def kept_row(earlier: Optional[dict], method: Method) -> Optional[dict]:
     """The earlier report's row of `method` if it trained with the same overrides: --reuse keeps it as measured,
     on this machine or on another one holding the results (the table of a long sweep fills over several runs)."""
@@ -619,7 +625,7 @@ def measure(args: argparse.Namespace) -> dict:
     rows = []
     for method in methods:  # the report is rewritten after every method: a crash keeps the rows done
         tuned = dataclasses.replace(method, overrides=(*method.overrides, *chosen.get(method.name, {}).get('chosen', ())))
-        rows.append(kept_row(earlier, tuned) or run_method(run, args, tuned, budget, n_prompts, feedback))
+        rows.append(measured(run, args, earlier, tuned, budget, n_prompts, feedback))
         report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started, chosen)
         stem = write_report(report, args.results_dir, tag)
     print('\n' + markdown(report).split('## Commands')[0])

@@ -92,12 +92,6 @@ def judge(run: quality.Runner, candidate: dict, baseline: dict) -> dict:
         return json.loads(f.read().splitlines()[-1])
 
 
-def measured(run: quality.Runner, args, earlier: Optional[dict], method: quality.Method, budget: int,
-             n_prompts: int, feedback: dict) -> dict:
-    """The method's row: as an earlier demo measured it (a rerun keeps it), else trained and measured now."""
-    return quality.kept_row(earlier, method) or quality.run_method(run, args, method, budget, n_prompts, feedback)
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     from halos.errors import ArgumentParser, reported_as_one_line
     ArgumentParser(prog='demo.py', description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -117,9 +111,9 @@ def run_demo() -> None:
                 'best': best_of_k(run)}
     budget = quality.count_lines(feedback['samples'])
     start = earlier['start'] if earlier else quality.held_out_reward(run, args, quality.start_overrides(args, 'start'))
-    sft = measured(run, args, earlier, SFT, budget, n_prompts, feedback)
+    sft = quality.measured(run, args, earlier, SFT, budget, n_prompts, feedback)
     args.load_from = os.path.join(quality.run_dir(args, 'sft-best'), 'LATEST', 'policy.pt')
-    aligned = [measured(run, args, earlier, method, budget, n_prompts, feedback) for method in ALIGNED]
+    aligned = [quality.measured(run, args, earlier, method, budget, n_prompts, feedback) for method in ALIGNED]
     args.load_from = None  # the table's starting model: the base model
     report = quality.report_of(args, start, [sft, *aligned], run.commands, budget, n_prompts, 0.0, started, {})
     stem = quality.write_report(report, args.results_dir, 'demo')

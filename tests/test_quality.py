@@ -173,7 +173,7 @@ def test_a_demo_rerun_keeps_each_row_an_earlier_demo_measured_and_measures_the_o
     kto, dpo = demo.ALIGNED[:2]
     earlier = {'methods': [{'method': 'kto', 'overrides': list(kto.overrides), 'reward_mean': 0.4},
                            {'method': 'dpo', 'overrides': ['++lr=1e-3'], 'reward_mean': 0.5}]}  # other overrides
-    rows = [demo.measured(None, None, earlier, method, 88, 44, {}) for method in (kto, dpo, demo.SFT)]
+    rows = [demo.quality.measured(None, None, earlier, method, 88, 44, {}) for method in (kto, dpo, demo.SFT)]
     assert rows == [earlier['methods'][0], {'method': 'dpo'}, {'method': 'sft-best'}] and trained == ['dpo', 'sft-best']
     shown = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--help'], capture_output=True,
                            text=True, timeout=300)
