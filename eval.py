@@ -207,6 +207,13 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             'sampled_at': str(datetime.datetime.now())}
 
 
+def reward_line(result: dict) -> str:
+    """mode=reward's summary line; one prompt has no standard error."""
+    spread = f"+- {result['reward_se']:.4f} " if result['n'] > 1 else ''
+    return (f"reward {result['reward_mean']:.4f} {spread}(n={result['n']}), length {result['length_words']:.1f} words, "
+            f"KL to the starting model {result['kl']:.3f}")
+
+
 def lm_eval_results(run: RunSettings) -> dict:
     """lm-eval-harness's simple_evaluate on the policy (LoRA merged), its tasks from data/lm_eval, lm_eval.include_path
     and lm-eval's own; the table printed, the results written to <local_run_dir>/lm_eval.json and logged to wandb."""
@@ -353,8 +360,7 @@ def run_evaluation(run: RunSettings) -> None:
         write_json(os.path.join(run.samples_dir, f'{run.exp_name}.json'),
                    {'sampled_at': result['sampled_at'], 'config': as_dict(run),
                     'samples': samples})
-        print(f"reward {result['reward_mean']:.4f} +- {result['reward_se']:.4f} (n={result['n']}), "
-              f"length {result['length_words']:.1f} words, KL to the starting model {result['kl']:.3f}")
+        print(reward_line(result))
     elif run.mode == 'lm_eval':
         lm_eval_results(run)
     else:

@@ -192,15 +192,17 @@ def kind_defaults(kind: str, threshold: Optional[Threshold], pair_mode: Optional
     return threshold, pair_mode or 'max'
 
 
-def build_feedback(samples: List[Dict], kind: str, threshold: Threshold = 'median', per_prompt: bool = False,
-                   pair_mode: str = 'max', seed: int = 0) -> List[Dict]:
+def build_feedback(samples: List[Dict], kind: str, threshold: Optional[Threshold] = None, per_prompt: bool = False,
+                   pair_mode: Optional[str] = None, seed: int = 0) -> List[Dict]:
     """Feedback records of `kind` (binary, pairwise, scalar or best) from labelled samples, but for those whose
-    completion is empty: a feedback file holds none (halos.feedback refuses them)."""
+    completion is empty: a feedback file holds none (halos.feedback refuses them). An unset threshold or pair mode
+    is the kind's default (kind_defaults)."""
     samples = [sample for sample in samples if sample['output'].strip()]
+    threshold, pair_mode = kind_defaults(kind, threshold, pair_mode)
     if kind == 'binary':
         return binary_feedback(samples, threshold, per_prompt)
     if kind == 'pairwise':
-        return pairwise_feedback(samples, pair_mode, 0.0 if threshold in ('mean', 'median') else threshold, seed)
+        return pairwise_feedback(samples, pair_mode, threshold, seed)
     if kind == 'scalar':
         return scalar_feedback(samples)
     if kind == 'best':

@@ -363,10 +363,12 @@ class BasicTrainer:
                 self.batches_seen += len(microbatches)
                 self.example_counter += examples
                 examples_per_second = examples / (time.time() - start)
-                progress.update(len(microbatches))
-                progress.set_postfix(loss=f'{loss:.4g}', examples_per_s=f'{examples_per_second:.3g}')
                 due = time.time() - last_log >= self.minimum_log_interval_secs
-                if all_reduce_sum(torch.tensor(float(due))).item() > 0:  # all ranks log together
+                loss_sum, due_count = all_reduce_sum(torch.tensor([loss, float(due)])).tolist()
+                progress.update(len(microbatches))
+                progress.set_postfix(loss=f'{loss_sum / self.world_size:.4g}',
+                                     examples_per_s=f'{examples_per_second:.3g}')
+                if due_count > 0:  # all ranks log together
                     self.log_train_metrics(examples_per_second)
                     last_log = time.time()
                 stop = self.stop_asked()

@@ -323,3 +323,11 @@ def test_an_exp_name_that_is_a_path_writes_its_samples_there(tmp_path):
         written = json.load(f)
     assert len(written['samples']) == 2 and written['config']['exp_name'] == 'sweep/lr_1e-5'
     assert os.listdir(tmp_path / 'samples' / 'sweep') == ['lr_1e-5.json']  # no temporary file left
+
+
+def test_reward_line_gives_the_standard_error_only_where_there_are_two_rewards_or_more():
+    result = {'reward_mean': 0.5, 'reward_se': 0.125, 'n': 2, 'length_words': 3.0, 'kl': 0.25}
+    assert eval_script.reward_line(result) == ('reward 0.5000 +- 0.1250 (n=2), length 3.0 words, '
+                                               'KL to the starting model 0.250')
+    one = {**result, 'reward_se': float('nan'), 'n': 1}
+    assert eval_script.reward_line(one) == 'reward 0.5000 (n=1), length 3.0 words, KL to the starting model 0.250'

@@ -72,6 +72,14 @@ def test_binary_thresholds_over_the_file_and_per_prompt():
         labelling.binary_feedback(labelled, 'middle')
 
 
+def test_build_feedback_takes_each_kinds_default_where_the_threshold_and_pair_mode_are_unset():
+    labelled = samples({'a': [1.0, 2.0, 3.0], 'b': [10.0, 20.0]})
+    assert labelling.build_feedback(labelled, 'binary') == labelling.binary_feedback(labelled, 'median')
+    assert labelling.build_feedback(labelled, 'pairwise', seed=4) == labelling.pairwise_feedback(labelled, 'max', 0.0, 4)
+    assert pairs_of(labelling.build_feedback(labelled, 'pairwise', threshold=1.5, pair_mode='min')) == {('a-2', 'a-0'),
+                                                                                                       ('b-1', 'b-0')}
+
+
 def test_best_and_scalar_feedback():
     labelled = samples({'a': [1.0, 3.0, 2.0], 'b': [5.0]})
     assert [(r['output'], r['label']) for r in labelling.best_feedback(labelled)] == [('a-1', 1), ('b-0', 1)]
