@@ -32,12 +32,13 @@ from tqdm import tqdm
 
 from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, non_negative_number,
                           positive_int, positive_number, reported)
-from halos.jsonl import append_json_lines, check_distinct_files, write_text
+from halos.jsonl import append_json_lines, check_appendable, check_distinct_files, write_text
 from halos.judge import (JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          cache_key, constrained, fatal_error_message, json_field, make_client, public_url, server_url)
 
 PROMPT_VERSION = 'halos-judge-v1'
 CANDIDATE, BASELINE = 'candidate', 'baseline'
+RESULT_FIELDS = ('judge', CANDIDATE, BASELINE)  # of every result line, this compare.py's and the original's
 
 
 class CompareError(UserError):
@@ -158,10 +159,15 @@ def conversation_history(prompt: str, assistant_prefix: str) -> str:
 
 def build_comparisons(config: dict, samples: List[dict], args: argparse.Namespace) -> List[Comparison]:
     assistant_prefix = config.get('assistant_prefix', '\n<|assistant|>\n')
-    return [Comparison(index, conversation_history(sample[args.history_key], assistant_prefix),
-                       trim_incomplete_sentence(sample[args.candidate_key].strip()),
-                       trim_incomplete_sentence(sample[args.baseline_key].strip()))
-            for index, sample in enumerate(samples[:args.max_comp])]
+    comparisons = [Comparison(index, conversation_history(sample[args.history_key], assistant_prefix),
+                              trim_incomplete_sentence(sample[args.candidate_key].strip()),
+                              trim_incomplete_sentence(sample[args.baseline_key].strip()))
+                   for index, sample in enumerate(samples[:args.max_comp])]
+    repeats = len(comparisons) - len({(c.history, c.candidate, c.baseline) for c in comparisons})
+    if repeats:
+        print(f"warning: {args.file}: {repeats} of the {len(comparisons)} samples repeat another's prompt and "
+              f"responses; each counts in the win rate and its interval (judged once)", file=sys.stderr)
+    return comparisons
 
 
 # --- the judge prompt and its answer
@@ -371,6 +377,7 @@ def result_line(args: argparse.Namespace, config: dict, samples: List[dict], sum
 def run(args: argparse.Namespace) -> dict:
     check_distinct_files({'--file': args.file, '--results_file': args.results_file, '--cache': args.cache,
                           **({'--save_csv': args.save_csv} if args.save_csv else {})})
+    check_appendable(args.results_file, RESULT_FIELDS, '--results_file', 'compare.py result lines')
     config, samples = load_samples(args.file, [args.history_key, args.candidate_key, args.baseline_key])
     user_tag = config.get('human_prefix', '\n<|user|>\n').strip() or 'the user'
     assistant_tag = config.get('assistant_prefix', '\n<|assistant|>\n').strip() or 'the assistant'

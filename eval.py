@@ -286,8 +286,12 @@ def reward_labeler(run: RunSettings):
 
 def checked(run: RunSettings) -> RunSettings:
     """What eval.py needs of the settings, beyond the schema's checks."""
-    if run.mode not in MODES:
-        raise ConfigError(f"mode={run.mode}: eval.py takes mode={', '.join(MODES)}")
+    if run.mode not in MODES:  # a run directory's config.yaml holds mode=train, train.py's
+        raise ConfigError(f"mode={run.mode}: eval.py takes ++mode=<{'|'.join(MODES)}>")
+    if run.prompts == []:  # an empty shell variable, say: not the datasets, which null stands for
+        default = "the run's own held-out prompts" if run.mode == 'reward' else 'the datasets'
+        raise ConfigError(f"prompts=[]: no prompts files or dataset names; give some, or leave prompts out for "
+                          f"{default}")
     if run.mode == 'sample' and run.prompts:  # the prompts to sample, instead of the test split of the datasets
         run = dataclasses.replace(run, datasets=run.prompts)
     if run.mode in ('sample', 'eval') and not run.datasets:

@@ -27,7 +27,7 @@ from halos.feedback import checked_turns, read_records
 from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, kind_defaults,
-                             label_samples, scored_enough, why_no_training_data)
+                             label_samples, one_class, scored_enough, why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -142,6 +142,9 @@ def run(args: argparse.Namespace) -> dict:
     reason = why_no_training_data(labelled, records, args.feedback, args.threshold)
     if reason:
         raise DataError(f"{args.samples}: no {args.feedback} feedback to write: {reason}")
+    lopsided = one_class(records, args.feedback, args.threshold)
+    if lopsided:
+        print(f"warning: {args.samples} (--threshold): {lopsided}", file=sys.stderr)
     write_jsonl(args.output, records)
     return {'samples': len(samples), **counts, 'feedback records': len(records)}
 

@@ -8,7 +8,6 @@ One bar per result line, labelled with the run, the two sample keys and the judg
 the original HALOs compare.py (no `win_rate`) are read too: their win rate is wins / total, with a
 Wilson interval.
 """
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -20,9 +19,10 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.backend_bases import FigureCanvasBase  # noqa: E402
 
-from compare import wilson_interval  # noqa: E402
+from compare import RESULT_FIELDS, wilson_interval  # noqa: E402
 from halos.curves import plot_training_curves  # noqa: E402
 from halos.errors import ArgumentParser, DataError, MissingFileError, reported_as_one_line  # noqa: E402
+from halos.jsonl import read_json_lines  # noqa: E402
 
 
 @dataclass
@@ -38,25 +38,16 @@ def load_results(path: str) -> List[dict]:
         raise DataError(f"{path}: a directory, not a compare.py results file; --curves plots a run directory's "
                         f"training curves")
     try:
-        with open(path, encoding='utf-8') as f:
-            lines = f.read().splitlines()
+        results = read_json_lines(path, RESULT_FIELDS)
     except FileNotFoundError:
         raise MissingFileError(f"{path}: no such file") from None
-    except (OSError, UnicodeDecodeError) as error:
+    except OSError as error:
         raise DataError(f"{path}: cannot be read ({error})") from None
-    results = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            result = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise DataError(f"{path}: line {number} is not valid JSON: {error.msg}") from None
-        if not isinstance(result, dict) or not {'judge', 'candidate', 'baseline'} <= set(result) or \
-                not ({'win_rate', 'total'} & set(result)):
-            raise DataError(f"{path}: line {number} is not a compare.py result line (it needs judge, candidate, "
-                            f"baseline and win_rate or total)")
-        results.append(result)
+    except DataError as error:
+        raise DataError(f"{error}: not a compare.py result line") from None
+    for number, result in enumerate(results, 1):
+        if not {'win_rate', 'total'} & set(result):
+            raise DataError(f"{path}: result {number} has neither win_rate nor total: not a compare.py result line")
     return results
 
 

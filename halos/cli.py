@@ -4,6 +4,7 @@ Hydra prints its own errors (an unknown `loss=` choice, an override of a key the
 syntax) over several lines and exits with status 1. `run_hydra` has Hydra raise them instead and reports them
 as it reports a UserError of the run itself; HYDRA_FULL_ERROR=1 still shows the traceback.
 """
+import contextlib
 import glob
 import itertools
 import os
@@ -20,6 +21,7 @@ from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one
 
 CONFIG_FLAGS = ('--config-path', '-cp', '--config-name', '-cn', '--config-dir', '-cd')
 PATH_FLAGS = ('--config-path', '-cp', '--config-dir', '-cd')
+CONFIG_GROUPS = ('loss', 'model')
 
 
 def config_flags_first(arguments: List[str]) -> List[str]:
@@ -72,8 +74,9 @@ def run_hydra(program: str, hydra_main: Callable[[], None], usage: Callable[[], 
         with reported_as_one_line(program):
             try:
                 hydra_main()
-            except (HydraException, OmegaConfBaseException, yaml.YAMLError) as error:
-                if raised_inside(hydra_main.__wrapped__, error):
+            except (HydraException, OmegaConfBaseException, yaml.YAMLError, ValueError) as error:
+                if raised_inside(hydra_main.__wrapped__, error) or \
+                        isinstance(error, ValueError) and not unnamed_group_choice(sys.argv[1:]):
                     raise
                 raise ConfigError(composition_message(error)) from error
     finally:
@@ -129,10 +132,26 @@ def unreadable_yaml_files(directory: str) -> List[str]:
     return problems
 
 
+def unnamed_group_choice(arguments: List[str]) -> Optional[str]:
+    """The first `group=value` of the command line whose value Hydra reads as no name (a number, null, true)."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    parser = OverridesParser.create()
+    for argument in arguments:
+        group = argument.partition('=')[0]
+        if group in CONFIG_GROUPS:
+            with contextlib.suppress(HydraException):
+                value = parser.parse_overrides([argument])[0].value()
+                if not isinstance(value, (str, list)):
+                    return f"{argument}: {group} takes the name of a config/{group}/*.yaml, one of {config_choices(group)}"
+    return None
+
+
 def composition_message(error: Exception) -> str:
     """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
     if isinstance(error, yaml.YAMLError):
         return yaml_error_line(error)
+    if isinstance(error, ValueError) and unnamed_group_choice(sys.argv[1:]):
+        return unnamed_group_choice(sys.argv[1:])
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"

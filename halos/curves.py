@@ -31,7 +31,15 @@ class Panel:
 
 
 def read_metrics(run_dir: str) -> List[dict]:
-    return read_json_lines(os.path.join(run_dir, 'metrics.jsonl'))
+    """The records of a run's metrics.jsonl, each value a number, null (not finite) or a list of them; a text
+    value stops with its record and key."""
+    path = os.path.join(run_dir, 'metrics.jsonl')
+    records = read_json_lines(path)
+    for number, record in enumerate(records, 1):
+        for key, value in record.items():
+            if isinstance(value, (str, bool)):
+                raise DataError(f"{path}: record {number}: {key} is {value!r}, not a number")
+    return records
 
 
 def moving_average(values: Sequence[float], window: int) -> List[float]:
@@ -145,8 +153,9 @@ def plot_training_curves(run_dirs: Mapping[str, str], out_path: str) -> str:
     columns = {}
     for name, path in run_dirs.items():
         records = read_metrics(path)
-        if not records:
-            raise DataError(f"{path}/metrics.jsonl: no metrics yet (the run logged nothing)")
+        if not any('step' in record or 'round' in record for record in records):
+            raise DataError(f"{path}/metrics.jsonl: no metrics yet (no record of a step or round: the run logged "
+                            f"nothing)")
         columns[name] = run_panels(records)
     present = {panel.title for panels in columns.values() for panel in panels}
     kinds = [title for title in TITLES if title in present]

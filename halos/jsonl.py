@@ -2,7 +2,8 @@
 and judgment caches).
 
 A process killed mid-write leaves a last line without its newline: readers skip it, and the next append drops
-it first, so that a record never runs into the one after it. A file written whole (a round's samples and
+it first, so that a record never runs into the one after it (a whole record that only lacks its newline is
+kept). A file written whole (a round's samples and
 feedback, label.py's output) is replaced atomically. A number that is not finite (the standard error of one
 value) is written as null, which JSON has, where NaN and Infinity are not JSON.
 """
@@ -10,9 +11,9 @@ import json
 import math
 import os
 import tempfile
-from typing import Callable, Dict, Iterable, List
+from typing import Callable, Dict, Iterable, List, Sequence
 
-from halos.errors import UserError
+from halos.errors import DataError, UserError
 
 
 def check_distinct_files(paths: Dict[str, str]) -> None:
@@ -26,7 +27,8 @@ def check_distinct_files(paths: Dict[str, str]) -> None:
 
 
 def drop_cut_last_line(path: str) -> bool:
-    """Truncate `path` after its last newline when a line follows it (an interrupted write); whether one did."""
+    """Make `path` end with a newline before an append: a last line that holds a whole record (its newline lost,
+    say by an editor) gets one; a line cut off by an interrupted write is dropped. Whether one was dropped."""
     if not os.path.exists(path):
         return False
     with open(path, 'r+b') as f:
@@ -37,21 +39,65 @@ def drop_cut_last_line(path: str) -> bool:
         if f.read(1) == b'\n':
             return False
         f.seek(0)
-        f.truncate(f.read().rfind(b'\n') + 1)
+        content = f.read()
+        end = content.rfind(b'\n') + 1
+        if is_record(content[end:]):
+            f.write(b'\n')
+            return False
+        f.truncate(end)
     return True
 
 
+def is_record(text: bytes) -> bool:
+    """Whether `text` is one whole JSON object: a write cut off short of its closing brace never is."""
+    try:
+        return isinstance(json.loads(text), dict)
+    except ValueError:
+        return False
+
+
 def complete_lines(path: str) -> List[str]:
-    """The lines of `path` that end with a newline, without it (split at '\\n' alone: JSON text may hold other
-    line separators, such as U+2028)."""
+    """The lines of `path` that a writer finished, without their newline: those that end with one, and a last line
+    that holds a whole record (split at '\\n' alone: JSON text may hold other line separators, such as U+2028)."""
     with open(path, 'rb') as f:
         content = f.read()
-    return content[:content.rfind(b'\n') + 1].decode('utf-8', errors='replace').split('\n')[:-1]
+    end = content.rfind(b'\n') + 1
+    lines = content[:end].decode('utf-8', errors='replace').split('\n')[:-1]
+    return lines + [content[end:].decode('utf-8', errors='replace')] if is_record(content[end:]) else lines
 
 
-def read_json_lines(path: str) -> List[Dict]:
-    """The records of the complete, non-blank lines of `path`."""
-    return [json.loads(line) for line in complete_lines(path) if line.strip()]
+def read_json_lines(path: str, required: Sequence[str] = ()) -> List[Dict]:
+    """The records of the complete, non-blank lines of `path`; a line that is not a JSON object, or one that lacks
+    a `required` field, stops with the file and its number."""
+    records = []
+    for number, line in enumerate(complete_lines(path), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(f"{path}: line {number} is not JSON ({error.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {number} is not a JSON object (a record)")
+        missing = [name for name in required if name not in record]
+        if missing:
+            raise DataError(f"{path}: line {number} lacks {', '.join(missing)}")
+        records.append(record)
+    return records
+
+
+def check_appendable(path: str, required: Sequence[str], argument: str, what: str) -> None:
+    """Stop before anything is appended to `path` unless it is missing, empty, or JSON Lines of records with the
+    `required` fields (`what`, named by `argument`): another file given by mistake is left as it was."""
+    if os.path.isdir(path):
+        raise DataError(f"{argument} {path}: a directory, not {what}")
+    if not os.path.isfile(path):
+        return
+    try:
+        read_json_lines(path, required)
+    except DataError as error:
+        raise DataError(f"{error}: {argument} takes {what}, and this file holds something else; give "
+                        f"{argument} another path (nothing was written to it)") from None
 
 
 def append_json_lines(path: str, records: Iterable[Dict], sync: bool = False) -> None:

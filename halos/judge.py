@@ -24,7 +24,7 @@ from typing import Callable, Dict, List, Optional
 import openai
 from tqdm import tqdm
 
-from halos.errors import UserError, describe_error
+from halos.errors import DataError, UserError, describe_error
 from halos.jsonl import complete_lines, drop_cut_last_line
 
 OPENAI_BASE_URL = 'https://api.openai.com/v1'
@@ -238,28 +238,41 @@ class JudgmentCache:
         self.lock = threading.Lock()
         if os.path.exists(path):
             self._read()
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        self.file = open(path, 'a', encoding='utf-8')
+        self.file = None  # opened at the first judgment: a run that judges nothing leaves no file
 
     def _read(self) -> None:
-        if drop_cut_last_line(self.path):
-            print(f"dropping an incomplete last line of {self.path} (an interrupted write)", file=sys.stderr)
+        """The judgments of the file, read before the file is touched; a line that is no judgment is skipped, and
+        a file of none (another file given as the cache) refused."""
+        if os.path.isdir(self.path):
+            raise DataError(f"{self.path}: a directory, not a judgment cache (JSON Lines); give the cache a file path")
+        unreadable = []
         for number, line in enumerate(complete_lines(self.path), start=1):
             try:
                 record = json.loads(line)
                 self.records[record['key']] = record
             except (json.JSONDecodeError, KeyError, TypeError):
-                print(f"skipping unreadable line {number} of {self.path}", file=sys.stderr)
+                unreadable += [number] if line.strip() else []
+        if unreadable and not self.records:
+            raise DataError(f"{self.path}: line {unreadable[0]} is no judgment, nor is any other line: this is not a "
+                            f"judgment cache; give the cache another path (nothing was written to it)")
+        for number in unreadable:
+            print(f"skipping unreadable line {number} of {self.path}", file=sys.stderr)
+        if drop_cut_last_line(self.path):
+            print(f"dropping an incomplete last line of {self.path} (an interrupted write)", file=sys.stderr)
 
     def add(self, record: dict) -> None:
         with self.lock:
+            if self.file is None:
+                os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+                self.file = open(self.path, 'a', encoding='utf-8')
             self.file.write(json.dumps(record, ensure_ascii=False) + '\n')
             self.file.flush()
             os.fsync(self.file.fileno())
             self.records[record['key']] = record
 
     def close(self) -> None:
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
     def __enter__(self) -> 'JudgmentCache':
         return self

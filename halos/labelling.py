@@ -99,6 +99,17 @@ def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,
     return None
 
 
+def one_class(records: List[Dict], kind: str, threshold: Threshold) -> Optional[str]:
+    """What binary feedback that a fixed threshold made all of one class teaches (None where both classes are in
+    it): a warning, not a refusal, as the unpaired losses still learn from one class."""
+    if kind != 'binary' or len({record['label'] for record in records}) != 1:
+        return None
+    desirable = records[0]['label'] == 1
+    shown = f'{threshold:g}' if isinstance(threshold, float) else threshold
+    return (f"every sample is {'desirable' if desirable else 'undesirable'} against the threshold {shown}, so the "
+            f"feedback teaches only what to {'do' if desirable else 'avoid'}")
+
+
 def by_prompt(samples: List[Dict]) -> Dict[str, List[Dict]]:
     groups: Dict[str, List[Dict]] = {}
     for sample in samples:

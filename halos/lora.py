@@ -48,8 +48,9 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
     from peft import get_peft_model
     if adapter_dir is not None:
         if not os.path.exists(os.path.join(adapter_dir, 'adapter_config.json')):
-            raise MissingFileError(f"{key}={adapter_dir!r} holds no adapter_config.json (give a run's LATEST/adapter "
-                                   f"directory, or any directory PeftModel.save_pretrained wrote)")
+            what = 'holds no adapter_config.json' if os.path.isdir(adapter_dir) else 'is no directory'
+            raise MissingFileError(f"{key}={adapter_dir!r} {what} (give a run's LATEST/adapter directory, or any "
+                                   f"directory PeftModel.save_pretrained wrote)")
         return saved_adapters_on(model, adapter_dir, key)
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:

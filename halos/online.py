@@ -29,8 +29,8 @@ from halos.errors import DataError, UserError
 from halos.feedback import extra_fields, read_json_records
 from halos.jsonl import logged_number, read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
-from halos.labelling import (build_feedback, kind_defaults, label_samples, sample_name, scored_enough,
-                             why_no_training_data)
+from halos.labelling import (build_feedback, kind_defaults, label_samples, one_class, sample_name,
+                             scored_enough, why_no_training_data)
 from halos.monitors import (HackingMonitor, Observation, part_means, repeated_ngram_share, reward_summary,
                             sample_stats)
 from halos.sampling import Sampler, sample_records
@@ -173,11 +173,9 @@ class OnlineRounds:
             raise DataError(f"round {round_index}: {reason}; sample more per prompt (online.samples_per_prompt) or "
                             f"at a higher temperature, change online.threshold, or delete {self.path(round_index, '')} "
                             f"to sample the round again")
-        if s.feedback == 'binary' and len({record['label'] for record in records}) == 1:  # a fixed threshold's doing
-            kind = 'desirable' if records[0]['label'] else 'undesirable'
-            shown = f'{threshold:g}' if isinstance(threshold, float) else threshold
-            rank0_print(f"warning: round {round_index}: every sample is {kind} against online.threshold={shown}, "
-                        f"so the round teaches only what to {'do' if records[0]['label'] else 'avoid'}")
+        lopsided = one_class(records, s.feedback, threshold)
+        if lopsided:
+            rank0_print(f"warning: round {round_index} (online.threshold): {lopsided}")
         write_jsonl(path, records)
         stats = sample_stats([s['reward'] for s in labelled], [s['prompt_id'] for s in labelled],
                              [s['output'].split() for s in labelled], [s.get('finished', True) for s in labelled])

@@ -205,6 +205,39 @@ def test_cache_drops_a_truncated_last_line_and_appends_after_it(tmp_path):
     assert set(reopened) == {'a', 'c'} and reopened['c']['answer'] == 'Response 2\u2028(line separator)'
 
 
+def test_a_last_record_that_only_lacks_its_newline_is_kept_and_read(tmp_path):
+    from halos.jsonl import append_json_lines, read_json_lines
+    path = tmp_path / 'results.jsonl'
+    path.write_text('{"judge": "j", "candidate": {}, "baseline": {}, "total": 2}')  # an editor that adds no newline
+    append_json_lines(str(path), [{'judge': 'k', 'candidate': {}, 'baseline': {}, 'total': 4}])
+    assert [record['judge'] for record in read_json_lines(str(path))] == ['j', 'k']
+    cache = tmp_path / 'judgments.jsonl'
+    cache.write_text('{"key": "a", "position": 0}')
+    assert set(compare.JudgmentCache(str(cache)).records) == {'a'}
+    assert cache.read_text() == '{"key": "a", "position": 0}\n'
+
+
+def test_another_file_given_as_the_results_file_or_cache_is_refused_and_left_as_it_was(tmp_path, capsys,
+                                                                                       monkeypatch):
+    samples = write_samples(tmp_path / 'samples.json', 2)
+    other = tmp_path / 'other.json'
+    for text in (json.dumps({'config': {}, 'samples': []}), json.dumps({'a': [1, 2]}, indent=2)):
+        other.write_text(text)  # one line without a newline; an indented JSON document
+        base = ['-f', str(samples), '--base-url', 'http://127.0.0.1:9/v1']
+        message = compare_error(capsys, monkeypatch, base + ['-r', str(other)])
+        assert message.startswith(f'compare.py: {other}: line 1 ') and message.endswith(
+            ': --results_file takes compare.py result lines, and this file holds something else; give --results_file '
+            'another path (nothing was written to it)')
+        message = compare_error(capsys, monkeypatch, base + ['-r', str(tmp_path / 'r.jsonl'), '--cache', str(other)])
+        assert message.startswith(f'compare.py: {other}: line ') and message.endswith(
+            'is no judgment, nor is any other line: this is not a judgment cache; give the cache another path '
+            '(nothing was written to it)')
+        assert other.read_text() == text
+    (tmp_path / 'adir').mkdir()
+    message = compare_error(capsys, monkeypatch, base + ['-r', str(tmp_path / 'adir')])
+    assert message == f'compare.py: --results_file {tmp_path}/adir: a directory, not compare.py result lines'
+
+
 def test_the_cache_key_changes_with_judge_seed_answer_length_and_prompt_version(monkeypatch):
     messages = compare.judge_messages('q', ['a', 'b'], '12', 'user', 'assistant')
     key = lambda **overrides: compare.judgment_key(messages, args_for(**overrides))
@@ -229,6 +262,16 @@ class CountingClient:
         import types
         self.requests.append(request['messages'])
         return types.SimpleNamespace(choices=[types.SimpleNamespace(message=types.SimpleNamespace(content='Response 1'))])
+
+
+def test_samples_that_repeat_a_prompt_and_its_responses_are_warned_of(capsys):
+    samples = [{'prompt': 'q', 'policy': 'a', 'chosen': 'b'}] * 3 + [{'prompt': 'q', 'policy': 'c', 'chosen': 'b'}]
+    comparisons = compare.build_comparisons({}, samples, args_for())
+    assert len(comparisons) == 4 and capsys.readouterr().err.strip() == (
+        "warning: unused.json: 2 of the 4 samples repeat another's prompt and responses; each counts in the win rate "
+        "and its interval (judged once)")
+    compare.build_comparisons({}, samples[2:], args_for())
+    assert capsys.readouterr().err == ''
 
 
 def test_identical_comparisons_share_one_judgment_and_the_cache_answers_a_rerun(tmp_path):
@@ -376,7 +419,7 @@ def test_an_unknown_judge_model_stops_the_run_and_names_the_judge(tmp_path, caps
     assert 'refused the request (NotFoundError' in message and "check --judge 'gpt-4-0613'" in message
     # a refusal that every request would get is not retried (with one worker, the next request may have left)
     assert server.chat_requests <= 2
-    assert not (tmp_path / 'results.jsonl').exists() and cache_keys(tmp_path) == []
+    assert not (tmp_path / 'results.jsonl').exists() and not (tmp_path / 'results.judgments.jsonl').exists()
 
 
 def test_a_judge_that_never_names_a_response_appends_no_result(tmp_path, capsys, monkeypatch):

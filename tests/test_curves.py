@@ -97,11 +97,19 @@ def test_visualize_plots_the_curves_of_several_runs(tmp_path):
 @pytest.mark.parametrize('arguments, message', [
     (['--curves', 'no_such_run'], 'no_such_run: no metrics.jsonl (not a run directory)'),
     (['a.jsonl', 'b.jsonl'], 'one results file'),
-    (['--curves', 'empty'], 'empty/metrics.jsonl: no metrics yet (the run logged nothing)'),
+    (['--curves', 'empty'], 'empty/metrics.jsonl: no metrics yet (no record of a step or round: the run logged '
+                            'nothing)'),
+    (['--curves', 'stepless'], 'stepless/metrics.jsonl: no metrics yet (no record of a step or round'),
+    (['--curves', 'garbled'], 'garbled/metrics.jsonl: line 2 is not JSON (Expecting value)'),
+    (['--curves', 'text'], "text/metrics.jsonl: record 1: loss/train is 'abc', not a number"),
     (['empty'], "empty: a directory, not a compare.py results file; --curves plots a run directory's training curves"),
 ])
 def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
     write_metrics(str(tmp_path / 'empty'), [])
+    write_metrics(str(tmp_path / 'stepless'), [{'loss/train': 0.5}])
+    write_metrics(str(tmp_path / 'text'), [{'step': 1, 'loss/train': 'abc'}])
+    os.makedirs(tmp_path / 'garbled')
+    (tmp_path / 'garbled' / 'metrics.jsonl').write_text('{"step": 1, "loss/train": 0.5}\nthis is not json\n')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), *arguments], cwd=tmp_path,
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and message in result.stderr and 'Traceback' not in result.stderr

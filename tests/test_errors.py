@@ -37,7 +37,7 @@ def torch_optimizers():
 CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs', 'unknown role', 'one split only',
          'unknown key', 'unknown loss key', 'missing load_from', 'resume without a checkpoint', 'bad optimizer',
          'eval: unknown key', 'eval: unknown mode', 'load_from not a checkpoint', 'load_from empty',
-         'reward function syntax', 'unknown loss choice', 'eval: saved_policy not a checkpoint', 'eval: no reward function',
+         'reward function syntax', 'unknown loss choice', 'a number as the loss', 'eval: saved_policy not a checkpoint', 'eval: no reward function',
          'resume a corrupt checkpoint', 'resume a checkpoint without its optimizer', 'eval: a loss choice', 'scores alike in every group', 'unlabelled samples',
          'prompts only, offline', 'missing feedback file', 'model not there', 'not a model directory',
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
@@ -126,6 +126,9 @@ def cases(tmp_path, made_once):
         'unknown loss choice': ('train.py', ['loss=dpoo'], "loss=dpoo: config/loss has no dpoo.yaml; the choices are "
                                                            + ', '.join(sorted(name[:-5] for name in os.listdir(
                                                                os.path.join(ROOT, 'config', 'loss'))))),
+        'a number as the loss': ('train.py', ['loss=1'], "loss=1: loss takes the name of a config/loss/*.yaml, one of "
+                                 + ', '.join(sorted(name[:-5] for name in os.listdir(os.path.join(ROOT, 'config',
+                                                                                                  'loss'))))),
         'eval: saved_policy not a checkpoint': ('eval.py', ['++mode=sample', f'++saved_policy={notes}'],
                                                 f"saved_policy={notes}: not a checkpoint (a policy.pt that torch.save "
                                                 f"wrote): it holds text ('these are my notes, not weights')"),
@@ -357,8 +360,18 @@ def test_every_other_entry_point_ends_a_mistake_with_one_line_and_status_2(tmp_p
     missing.write_text('{"judge": "j"}\n')
     with pytest.raises(SystemExit):
         visualize.main([str(missing)])
-    assert last_line(capsys.readouterr().err) == (f'visualize.py: {missing}: line 1 is not a compare.py result line (it '
-                                               f'needs judge, candidate, baseline and win_rate or total)')
+    assert last_line(capsys.readouterr().err) == (f'visualize.py: {missing}: line 1 lacks candidate, baseline: not a '
+                                               f'compare.py result line')
+    missing.write_text('{"judge": "j", "candidate": {}, "baseline": {}}\n[1]\n')
+    with pytest.raises(SystemExit):
+        visualize.main([str(missing)])
+    assert last_line(capsys.readouterr().err) == (f'visualize.py: {missing}: line 2 is not a JSON object (a record): '
+                                               f'not a compare.py result line')
+    missing.write_text('{"judge": "j", "candidate": {}, "baseline": {}}\n')
+    with pytest.raises(SystemExit):
+        visualize.main([str(missing)])
+    assert last_line(capsys.readouterr().err) == (f'visualize.py: {missing}: result 1 has neither win_rate nor total: '
+                                               f'not a compare.py result line')
     quality = subprocess.run([sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--prompts-train', 'nope.jsonl'],
                              cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert quality.returncode == 2 and quality.stderr.strip() == (

@@ -331,3 +331,17 @@ def test_reward_line_gives_the_standard_error_only_where_there_are_two_rewards_o
                                                'KL to the starting model 0.250')
     one = {**result, 'reward_se': float('nan'), 'n': 1}
     assert eval_script.reward_line(one) == 'reward 0.5000 (n=1), length 3.0 words, KL to the starting model 0.250'
+
+
+def test_an_empty_prompts_list_and_the_mode_of_a_training_config_are_refused(tmp_path):
+    import dataclasses
+    run = make_config(tmp_path, loss='sft')
+    for mode in ('sample', 'reward'):
+        with pytest.raises(ConfigError) as error:
+            eval_script.checked(dataclasses.replace(run, mode=mode, prompts=[]))
+        where = "the run's own held-out prompts" if mode == 'reward' else 'the datasets'
+        assert str(error.value) == f"prompts=[]: no prompts files or dataset names; give some, or leave prompts out " \
+                                   f"for {where}"
+    with pytest.raises(ConfigError) as error:
+        eval_script.checked(dataclasses.replace(run, mode='train'))
+    assert str(error.value) == 'mode=train: eval.py takes ++mode=<sample|eval|alpacaeval|reward|lm_eval>'

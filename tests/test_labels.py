@@ -755,12 +755,23 @@ def test_an_empty_completion_is_scored_but_never_written_as_feedback(tmp_path, c
                                                f"the 2 completions is empty")
 
 
+def test_label_py_warns_of_binary_feedback_that_a_fixed_threshold_makes_one_class(tmp_path, capsys):
+    samples, output = tmp_path / 'samples.jsonl', tmp_path / 'feedback.jsonl'
+    samples.write_text(''.join(json.dumps({'prompt': 'hi', 'prompt_id': 'hi', 'output': text}) + '\n'
+                               for text in ('one', 'three')))
+    assert label.main([str(samples), str(output), '--reward-function', f'{REWARD}:characters', '--feedback', 'binary',
+                       '--threshold', '2']) == 0
+    assert (f"warning: {samples} (--threshold): every sample is desirable against the threshold 2, so the feedback "
+            f"teaches only what to do") in capsys.readouterr().err
+    assert [json.loads(line)['label'] for line in output.read_text().splitlines()] == [1, 1]
+
+
 def test_a_round_trains_at_most_n_examples_and_a_round_of_one_class_is_warned_of(tmp_path, capsys):
     status, line, out = train(tmp_path, online(tmp_path, 'capped', f'++online.reward_function={REWARD}:vowels',
                                                '++online.feedback=binary', '++online.threshold=1000', '++n_examples=2',
                                                loss='kto'), capsys)
     assert status == 0, line
-    assert ("warning: round 0: every sample is undesirable against online.threshold=1000, so the round teaches only "
-            "what to avoid") in out
+    assert ("warning: round 0 (online.threshold): every sample is undesirable against the threshold 1000, so the "
+            "feedback teaches only what to avoid") in out
     state = torch.load(tmp_path / 'capped' / 'LATEST' / 'trainer_state.pt', weights_only=True)
     assert state['example_counter'] == 2  # of the round's 12 labelled samples

@@ -15,7 +15,7 @@ import train
 from halos import lora
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
-from halos.errors import ConfigError
+from halos.errors import ConfigError, MissingFileError
 from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 
 LORA = ['++model.use_peft=true', '++model.peft.lora_r=4', '++model.peft.lora_alpha=8', '++model.peft.lora_dropout=0.0',
@@ -138,6 +138,11 @@ def test_adapters_of_another_model_size_are_refused_in_one_line(tmp_path):
     config._name_or_path = 'a smaller llama'
     with pytest.raises(ConfigError) as error:
         lora.with_lora(transformers.LlamaForCausalLM(config), None, str(tmp_path / 'adapter'))
+    for directory, what in (('nowhere', 'is no directory'), ('', 'holds no adapter_config.json')):
+        with pytest.raises(MissingFileError) as missing:
+            lora.with_lora(tiny, None, str(tmp_path / directory))
+        assert str(missing.value) == (f"model.load_lora_from='{tmp_path / directory}' {what} (give a run's "
+                                      f"LATEST/adapter directory, or any directory PeftModel.save_pretrained wrote)")
     assert re.fullmatch(rf"model.load_lora_from='{tmp_path}/adapter': its adapters do not fit the model a smaller "
                         rf"llama: size mismatch for [\w.]+lora_A\.default\.weight: .* \(adapters of another model or "
                         rf"size\?\)", str(error.value))
@@ -189,7 +194,6 @@ def test_an_empty_list_of_target_modules_is_refused(tmp_path):
 
 
 def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_give_instead(tmp_path):
-    from halos.errors import ConfigError
     tiny = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
     adapters_only = {'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight': torch.zeros(4, 64)}
     path = str(tmp_path / 'run' / 'LATEST' / 'policy.pt')
