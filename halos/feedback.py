@@ -22,6 +22,7 @@ function that names it as a parameter is given it. Every error names the file, t
 The text is kept as written (the hub datasets' runs of spaces are collapsed, as in HALOs; a user's outputs,
 code among them, are not).
 """
+import functools
 import json
 import math
 import os
@@ -30,6 +31,7 @@ from typing import Dict, List, Optional, Tuple
 
 from halos.errors import DataError, MissingFileError
 from halos.examples import ROLES, Dataset, render_turns
+from utils import rank0_print
 
 
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
@@ -37,14 +39,22 @@ FILE_TYPES = ('.json', '.jsonl', '.parquet')
 SPLITS = ('train', 'test')
 MAX_WEIGHT = 1e30
 # what halos reads or writes in a feedback, prompt or sample record; any other field is the prompt's own
+SAMPLE_FIELDS = frozenset({'sample_id', 'generator', 'dataset', 'finished'})  # what sampling adds to a prompt's
 RECORD_FIELDS = frozenset({'prompt', 'prompt_id', 'split', 'type', 'output', 'completion', 'messages', *PAIR_FIELDS[0],
                            *PAIR_FIELDS[1], 'label', 'reward', 'reward_A', 'reward_B', 'weight', 'weight_A',
-                           'weight_B', 'sample_id', 'generator', 'dataset', 'finished', 'reward_parts'})
+                           'weight_B', 'reward_parts', *SAMPLE_FIELDS})
 
 
 def extra_fields(record: Dict) -> Dict:
     """A record's fields that are the prompt's own (an answer to check), not halos'."""
     return {name: value for name, value in record.items() if name not in RECORD_FIELDS}
+
+
+@functools.lru_cache(maxsize=None)  # once per file, whichever splits are read
+def warn_of_shadowed_fields(path: str, names: Tuple[str, ...]) -> None:
+    rank0_print(f"warning: {path}: prompt fields named {', '.join(names)} are replaced by the sample record's own "
+                f"(halos writes {', '.join(sorted(SAMPLE_FIELDS))} in every sample), so no reward function is given "
+                f"them: rename them")
 
 
 def pair_fields(record: Dict) -> Optional[Tuple[str, str]]:
@@ -291,6 +301,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         raise DataError(f"{path}: the file holds no records (of feedback, or prompts to sample)")
     dataset.counts['records'] = len(records)
     kinds: Dict[str, str] = {}  # the kind of feedback of each prompt
+    shadowed = set()  # fields of prompt records that the samples' own fields of that name replace
     # a record with an output and no label is a demonstration only where no record is labelled or scored: in a
     # file of feedback, it lacks its label
     demonstrations = not any(isinstance(record, dict) and (record.get('label') is not None or
@@ -333,7 +344,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                             f"the records of one prompt must be all binary, all pairwise, all scalar or all "
                             f"demonstrations")
         if kind == 'prompt':
-            pass
+            shadowed |= SAMPLE_FIELDS & set(record)
         elif kind == 'demonstration':
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, None,
                            _weight(record, 'weight', where))
@@ -369,6 +380,8 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix,
                            _score(record, 'reward', where), _weight(record, 'weight', where))
             example.desirable.append(label)
+    if shadowed:
+        warn_of_shadowed_fields(path, tuple(sorted(shadowed)))
     if not dataset.data:
         splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
         raise DataError(f"{path}: no records for split '{split}': every record's 'split' field names another "

@@ -731,3 +731,18 @@ def test_a_max_length_that_cuts_most_completions_or_prompts_is_warned_of(tmp_pat
         assert (f"warning: model.max_prompt_length=20 cuts 3 of the first 4 prompts of {path}, where a completion "
                 f"would not fit after them: raise model.max_prompt_length (and model.max_length) to train on whole "
                 f"prompts" in out) == (warned == 'prompts'), out
+
+def test_prompt_fields_that_a_sample_record_replaces_are_warned_of_once(tmp_path, capsys):
+    path = tmp_path / 'prompts.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': p, 'dataset': 'greet', 'finished': 1, 'answer': p[-3:-1]}) + '\n'
+                            for p in ('Say hi.', 'Say yo.')))
+    for split in ('train', 'test'):
+        data = D.load_dataset(str(path), split, **FORMAT)
+        assert [example.extra for example in data.data.values()] == [{'answer': 'hi'}, {'answer': 'yo'}]
+    assert capsys.readouterr().out == (f"warning: {path}: prompt fields named dataset, finished are replaced by the "
+                                       f"sample record's own (halos writes dataset, finished, generator, sample_id in "
+                                       f"every sample), so no reward function is given them: rename them\n")
+    labelled = tmp_path / 'labelled.jsonl'  # a sample record's own fields are halos': no warning
+    labelled.write_text(json.dumps({'prompt': 'a', 'output': 'b', 'label': 1, 'dataset': 'x_train'}) + '\n')
+    D.load_dataset(str(labelled), 'train', **FORMAT)
+    assert capsys.readouterr().out == ''
