@@ -38,7 +38,7 @@ import importlib.util
 import json
 import os
 import statistics
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import hydra
 import torch
@@ -52,7 +52,7 @@ from halos import batch as schema
 from halos import checkpoint, lora, rl
 from halos.build import (build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
-from halos.cli import run_hydra, task_overrides, unreadable_yaml_files
+from halos.cli import primary_config_dir, run_hydra, task_overrides, unreadable_yaml_files
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_json, write_jsonl
@@ -325,7 +325,25 @@ def checked(run: RunSettings) -> RunSettings:
 @hydra.main(version_base=None, config_path=None, config_name='config')
 def evaluation(config: DictConfig) -> None:
     with reported_as_one_line('eval.py'):
-        run_evaluation(checked(run_settings(config, task_overrides())))
+        overrides = task_overrides()
+        run_evaluation(checked(where_it_is(run_settings(config, overrides), primary_config_dir(), overrides)))
+
+
+def where_it_is(run: RunSettings, config_dir: Optional[str], overrides: Sequence[str]) -> RunSettings:
+    """A run directory given as --config-path that is no longer where its config.yaml says (copied, moved, or
+    fetched from a cluster) is read where it is: its own LATEST/policy.pt and tokenizer, not those of the paths
+    it was saved with, unless the command line names them."""
+    if config_dir is None or not os.path.isdir(os.path.join(config_dir, checkpoint.LATEST)) or \
+            os.path.exists(run.local_run_dir) and os.path.samefile(config_dir, run.local_run_dir):
+        return run
+    named = {override.lstrip('+').split('=')[0] for override in overrides}
+    if named & {'local_run_dir', 'cache_dir', 'exp_name'}:
+        return run
+    saved_default = os.path.join(run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY)
+    policy = os.path.join(config_dir, checkpoint.LATEST, checkpoint.POLICY) \
+        if run.saved_policy == saved_default and 'saved_policy' not in named else run.saved_policy
+    print(f"note: {config_dir} holds the run saved as {run.local_run_dir}: reading it where it is")
+    return dataclasses.replace(run, local_run_dir=config_dir, saved_policy=policy)
 
 
 def check_saved_policy(run: RunSettings) -> None:

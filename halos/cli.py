@@ -94,6 +94,13 @@ def task_overrides() -> List[str]:
     return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
 
 
+def primary_config_dir() -> Optional[str]:
+    """The directory of the config.yaml the command composed from (--config-path), where it is a file system's."""
+    from hydra.core.hydra_config import HydraConfig
+    return next((source.path for source in HydraConfig.get().runtime.config_sources
+                 if source.provider == 'main' and source.schema == 'file'), None)
+
+
 def raised_inside(function: Callable, error: Exception) -> bool:
     """Whether `error` was raised while `function` ran (one of its frames is on the traceback)."""
     frame = error.__traceback__

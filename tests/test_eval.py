@@ -345,3 +345,21 @@ def test_an_empty_prompts_list_and_the_mode_of_a_training_config_are_refused(tmp
     with pytest.raises(ConfigError) as error:
         eval_script.checked(dataclasses.replace(run, mode='train'))
     assert str(error.value) == 'mode=train: eval.py takes ++mode=<sample|eval|alpacaeval|reward|lm_eval>'
+
+
+def test_a_run_directory_read_elsewhere_than_it_was_saved_gives_its_own_checkpoint(tmp_path, capsys):
+    run = make_config(tmp_path, loss='sft')
+    saved = os.path.join(run.local_run_dir, 'LATEST', 'policy.pt')
+    import dataclasses
+    run = dataclasses.replace(run, saved_policy=saved)  # as train.py saves it in config.yaml
+    copy = tmp_path / 'copied'
+    (copy / 'LATEST').mkdir(parents=True)
+    moved = eval_script.where_it_is(run, str(copy), ['++mode=eval'])
+    assert (moved.local_run_dir, moved.saved_policy) == (str(copy), str(copy / 'LATEST' / 'policy.pt'))
+    assert capsys.readouterr().out == f"note: {copy} holds the run saved as {run.local_run_dir}: reading it where it is\n"
+    named = eval_script.where_it_is(run, str(copy), ['++mode=eval', '++saved_policy=other.pt'])
+    assert (named.local_run_dir, named.saved_policy) == (str(copy), saved)
+    for config_dir, overrides in ((str(tmp_path / 'config'), []), (None, []), (str(copy), ['++cache_dir=/x'])):
+        assert eval_script.where_it_is(run, config_dir, overrides) == run  # halos' config, none, or told where
+    os.makedirs(os.path.join(run.local_run_dir, 'LATEST'))
+    assert eval_script.where_it_is(run, run.local_run_dir, []) == run  # where it was saved
