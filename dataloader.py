@@ -129,6 +129,11 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
         rejected_control_token: str = setting('<|bad|>', 'ends the prompt of an undesirable completion',
                                               Rule(bool, 'a non-empty string', names_values=True))
 
+        def __post_init__(self):
+            if self.chosen_control_token == self.rejected_control_token:
+                raise ConfigError(f"loss.chosen_control_token and loss.rejected_control_token are both "
+                                  f"{self.chosen_control_token!r}: CSFT conditions on which one ends the prompt")
+
     def __init__(self, *args, chosen_control_token: str = '<|good|>', rejected_control_token: str = '<|bad|>',
                  **kwargs):
         self.chosen_control_token, self.rejected_control_token = chosen_control_token, rejected_control_token
@@ -137,6 +142,20 @@ class ConditionalSFTDataLoader(UnpairedPreferenceDataLoader):
     @classmethod
     def control_tokens(cls, params) -> List[str]:
         return [params.chosen_control_token, params.rejected_control_token]
+
+    def flatten(self, examples):
+        """The items, once no prompt or completion holds a control token's text: as a special token it would cut
+        that text apart, and a prompt would seem to ask for one kind of completion."""
+        items = super().flatten(examples)
+        for token in (self.chosen_control_token, self.rejected_control_token):
+            found = [item for item in items if token in item.example.prompt or token in item.completion]
+            if found:
+                where = found[0].example.source or found[0].example.dataset_name
+                more = f" (as do {len(found) - 1} more of the {self.split} split's {len(items)} items)" \
+                    if len(found) > 1 else ''
+                raise DataError(f"{where}: the text holds {token!r}, a CSFT control token{more}: choose a token that "
+                                f"occurs nowhere in the data (the default <|good|> and <|bad|>)")
+        return items
 
     def tokenize_items(self, items, global_batch):
         elements = []

@@ -203,8 +203,22 @@ def load_tokenizer(name_or_path: str, extra_special_tokens: Optional[List[str]] 
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if extra_special_tokens:
+        check_new_tokens(tokenizer, extra_special_tokens, name_or_path)
         tokenizer.add_special_tokens({'additional_special_tokens': list(extra_special_tokens)})
     return tokenizer
+
+
+def check_new_tokens(tokenizer, tokens: List[str], name_or_path: str) -> None:
+    """Special tokens to add (CSFT's control tokens) that are not already the tokenizer's own: a piece of its
+    vocabulary would cut ordinary text apart, and its end, padding or start token ends or pads the prompt.
+    (One that a run added before, as a CSFT export holds, is its own to reuse.)"""
+    vocabulary, added = tokenizer.get_vocab(), tokenizer.get_added_vocab()
+    own = {tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token, tokenizer.unk_token}
+    for token in tokens:
+        if token in own or token in vocabulary and token not in added:
+            what = 'a special token' if token in own else 'a piece of the vocabulary'
+            raise ConfigError(f"control token {token!r} is already {what} of the tokenizer of {name_or_path}: "
+                              f"choose a token of its own (the default <|good|> and <|bad|>)")
 
 
 def load_run_tokenizer(run_dir: str, model_name: Optional[str]):

@@ -286,6 +286,30 @@ def test_conditional_sft_appends_the_control_token_to_the_prompt(tokenizer):
         assert labels[position] == -100 and labels[position + 1] != -100
 
 
+def test_control_tokens_that_are_alike_or_already_text_or_the_tokenizers_own_are_refused(tokenizer, tmp_path):
+    import models
+    with pytest.raises(D.ConfigError, match=r"^loss.chosen_control_token and loss.rejected_control_token are both "
+                                            r"'<\|x\|>': CSFT conditions on which one ends the prompt$"):
+        D.ConditionalSFTDataLoader.Params(chosen_control_token='<|x|>', rejected_control_token='<|x|>')
+    (tmp_path / 'feedback.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in [
+        {'prompt': 'Hi.', 'output': 'Hello <|good|> there.', 'label': 1}, {'prompt': 'Yo.', 'output': 'Hey.', 'label': 0},
+        {'prompt': 'Hm <|good|>?', 'output': 'Hm.', 'label': 0}]))
+    with pytest.raises(D.DataError) as error:
+        loader(D.ConditionalSFTDataLoader, [str(tmp_path / 'feedback.jsonl')], tokenizer)
+    assert str(error.value) == (f"{tmp_path}/feedback.jsonl: record 1: the text holds '<|good|>', a CSFT control "
+                                f"token (as do 1 more of the train split's 3 items): choose a token that occurs "
+                                f"nowhere in the data (the default <|good|> and <|bad|>)")
+    for token, what in ((tokenizer.eos_token, 'a special token'), ('hello', 'a piece of the vocabulary')):
+        with pytest.raises(D.ConfigError) as error:
+            models.load_tokenizer(tokenizer.name_or_path, [token, '<|bad|>'])
+        assert str(error.value) == (f"control token {token!r} is already {what} of the tokenizer of "
+                                    f"{tokenizer.name_or_path}: choose a token of its own (the default <|good|> and "
+                                    f"<|bad|>)")
+    added = models.load_tokenizer(tokenizer.name_or_path, ['<|good|>', '<|bad|>'])
+    added.save_pretrained(tmp_path / 'export')  # a CSFT run's export holds its tokens: they are its own to reuse
+    assert len(models.load_tokenizer(str(tmp_path / 'export'), ['<|good|>', '<|bad|>'])) == len(added)
+
+
 @pytest.mark.parametrize('loader_class', [D.SFTDataLoader, D.PairedPreferenceDataLoader, D.UnpairedPreferenceDataLoader])
 @pytest.mark.parametrize('name', ['hh', 'oasst'])
 def test_chat_template_renders_multi_turn_prompts_in_every_loader(tokenizer, name, loader_class):
