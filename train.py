@@ -41,6 +41,7 @@ WORKER_GRACE_SECONDS = 10  # after one spawned worker fails, for the others to e
 def worker_main(run: RunSettings) -> None:
     """Everything one process does, rank 0 holding the run directory's lock."""
     print(f'process {get_rank()} of {get_world_size()}', flush=True)
+    checkpoint.check_run_dir(run.local_run_dir)
     lock = exclusive_run_dir(run.local_run_dir, disposable=('config.yaml',)) if get_rank() == 0 else None
     with lock or contextlib.nullcontext():
         train_run(run)

@@ -16,6 +16,7 @@ swapped in with renames, so a crash at any moment leaves the previous checkpoint
 """
 import os
 import random
+import re
 import shutil
 import struct
 import zipfile
@@ -25,12 +26,28 @@ from typing import Callable, Dict, List, Optional
 import numpy as np
 import torch
 
-from halos.errors import DataError, MissingFileError
+from halos.errors import ConfigError, DataError, MissingFileError
 
 POLICY, OPTIMIZER, SCHEDULER, TRAINER_STATE, HF_EXPORT = 'policy.pt', 'optimizer.pt', 'scheduler.pt', 'trainer_state.pt', 'hf'
 REFERENCE = 'reference.pt'
 ADAPTER = 'adapter'
 LATEST = 'LATEST'
+
+
+def check_run_dir(run_dir: str) -> None:
+    """Stop before a run writes into another run's checkpoint, which that run's next save replaces, or into an HF
+    model directory, whose files it would overwrite."""
+    path = os.path.abspath(run_dir)
+    while os.path.dirname(path) != path:
+        parent, name = os.path.split(path)
+        if (name == LATEST or re.fullmatch(r'step-\d+', name)) and os.path.isfile(os.path.join(parent, 'config.yaml')):
+            where = 'is' if path == os.path.abspath(run_dir) else 'lies in'
+            raise ConfigError(f"{run_dir} {where} {path}, a checkpoint of the run in {parent}: give the new run a "
+                              f"directory of its own (exp_name, cache_dir)")
+        path = parent
+    if os.path.isfile(os.path.join(run_dir, 'config.json')) and not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+        raise ConfigError(f"{run_dir} is an HF model directory (it holds config.json), not a run's: give the new run a "
+                          f"directory of its own (exp_name, cache_dir)")
 
 
 @dataclass
