@@ -50,13 +50,13 @@ import models
 import trainers
 from halos import batch as schema
 from halos import checkpoint, lora, rl
-from halos.build import (build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
+from halos.build import (build_labeler, build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
 from halos.cli import primary_config_dir, run_hydra, task_overrides, unreadable_yaml_files
 from halos.errors import ConfigError, MissingFileError, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_json, write_jsonl
-from halos.labelers import checked_scores, reward_function_labeler
+from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
@@ -201,7 +201,8 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
                 recorded=options.autocast_dtype == run.model.autocast_dtype)
     summary, parts = reward_summary(rewards), part_means(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
-            'reward_function': run.reward_function, 'reward_mean': summary['mean'], 'reward_se': summary['se'],
+            'reward_function': run.reward_function or labeler.name, 'reward_mean': summary['mean'],
+            'reward_se': summary['se'],
             'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
             **({'reward_parts': parts} if parts else {}),
             'sampled_at': str(datetime.datetime.now())}
@@ -278,8 +279,25 @@ def trains_online_ppo(run: RunSettings) -> bool:
     return run.online.rounds == 0 and hasattr(run.loss.params, 'reward_function')
 
 
+def own_labeler(run: RunSettings) -> Optional[str]:
+    """What a run trained online scored its held-out samples with where no reward function did: its reward model
+    or judge (None: a reward function, or nothing)."""
+    if trains_online_ppo(run):
+        return 'reward_model' if run.loss.params.reward_model else None
+    online_rl = trainers.get_trainer_class(run.loss.trainer).samples_online
+    trained_online = run.online.rounds > 0 or online_rl
+    scored_by_labeler = trained_online and not run.online.eval_reward_function and run.online.labeler != 'function'
+    return run.online.labeler if scored_by_labeler else None
+
+
 def reward_labeler(run: RunSettings):
-    """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list."""
+    """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list; else
+    the run's own reward model or judge."""
+    if not run.reward_function:
+        if trains_online_ppo(run):
+            return make_labeler('reward_model', reward_model=run.loss.params.reward_model,
+                                max_length=run.model.max_length)
+        return build_labeler(run, os.path.join(run.local_run_dir, 'judgments.jsonl'))
     own = run.reward_function == run.online.reward_function and not trains_online_ppo(run)
     return reward_function_labeler(run.reward_function, run.online.reward_weights if own else None)
 
@@ -311,10 +329,11 @@ def checked(run: RunSettings) -> RunSettings:
              "prompts: online.eval_prompts)" if run.online.rounds > 0 else "++prompts=<prompts file or dataset "
              "names> (the run has no held-out prompts of its own: online.eval_prompts, or its datasets)", run.prompts),
             ("++reward_function=path/to/file.py:function (the run scored with none of its own)",
-             run.reward_function)] if not given]
+             run.reward_function or own_labeler(run))] if not given]
         if lacking:
             raise ConfigError(f"mode=reward needs {' and '.join(lacking)}")
-        reward_labeler(run)  # a broken reward function stops eval.py before anything loads
+        if run.reward_function:
+            reward_labeler(run)  # a broken reward function stops eval.py before anything loads
     if run.mode == 'lm_eval' and not run.lm_eval.tasks:
         raise ConfigError("mode=lm_eval needs ++lm_eval.tasks=[task,...] (halos_basics ships in data/lm_eval)")
     if run.mode == 'lm_eval' and importlib.util.find_spec('lm_eval') is None:

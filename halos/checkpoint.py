@@ -45,7 +45,8 @@ def check_run_dir(run_dir: str) -> None:
             raise ConfigError(f"{run_dir} {where} {path}, a checkpoint of the run in {parent}: give the new run a "
                               f"directory of its own (exp_name, cache_dir)")
         path = parent
-    if os.path.isfile(os.path.join(run_dir, 'config.json')) and not os.path.isfile(os.path.join(run_dir, 'config.yaml')):
+    is_run = os.path.isfile(os.path.join(run_dir, 'config.yaml'))
+    if os.path.isfile(os.path.join(run_dir, 'config.json')) and not is_run:
         raise ConfigError(f"{run_dir} is an HF model directory (it holds config.json), not a run's: give the new run a "
                           f"directory of its own (exp_name, cache_dir)")
 

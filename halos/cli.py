@@ -149,7 +149,8 @@ def unnamed_group_choice(arguments: List[str]) -> Optional[str]:
             with contextlib.suppress(HydraException):
                 value = parser.parse_overrides([argument])[0].value()
                 if not isinstance(value, (str, list)):
-                    return f"{argument}: {group} takes the name of a config/{group}/*.yaml, one of {config_choices(group)}"
+                    return (f"{argument}: {group} takes the name of a config/{group}/*.yaml, one of "
+                            f"{config_choices(group)}")
     return None
 
 

@@ -498,6 +498,10 @@ class RewardModelLabeler:
         self.model.to(self.device)
         self.max_length = max_length
         self.halos_format = read_reward_model_format(os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT))
+        if self.halos_format is not None and self.halos_format[0] and not self.tokenizer.chat_template:
+            raise ConfigError(f"reward model {path!r} was trained on chat-template text ({REWARD_MODEL_FORMAT} says "
+                              f"use_chat_template: true), but its tokenizer has no chat template: restore its "
+                              f"tokenizer files from the run's LATEST/hf export")
 
     def token_ids(self, prompt: Prompt, completion: str) -> List[int]:
         turns = as_turns(prompt)

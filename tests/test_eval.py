@@ -363,3 +363,22 @@ def test_a_run_directory_read_elsewhere_than_it_was_saved_gives_its_own_checkpoi
         assert eval_script.where_it_is(run, config_dir, overrides) == run  # halos' config, none, or told where
     os.makedirs(os.path.join(run.local_run_dir, 'LATEST'))
     assert eval_script.where_it_is(run, run.local_run_dir, []) == run  # where it was saved
+
+
+def test_reward_mode_scores_with_the_reward_model_a_run_trained_online_scored_with(tmp_path):
+    import dataclasses
+
+    from halos.labelers import RewardModelLabeler
+    from helpers import tiny_reward_model
+    rm = tiny_reward_model(tmp_path / 'rm')
+    (tmp_path / 'held.jsonl').write_text('{"prompt": "Hi."}\n')
+    for loss, overrides in (('dpo', ['++online.rounds=1', '++online.labeler=reward_model', f'++online.reward_model={rm}',
+                                     f'++online.eval_prompts=[{tmp_path}/held.jsonl]']),
+                            ('ppo-online', [f'++loss.reward_model={rm}'])):
+        run = eval_script.checked(dataclasses.replace(make_config(tmp_path, *overrides, loss=loss), mode='reward'))
+        assert run.reward_function is None and eval_script.own_labeler(run) == 'reward_model'
+        labeler = eval_script.reward_labeler(run)
+        assert isinstance(labeler, RewardModelLabeler) and labeler.name == f'reward model {rm}'
+    gold = make_config(tmp_path, '++online.rounds=1', '++online.labeler=reward_model', f'++online.reward_model={rm}',
+                       f"++online.eval_reward_function={os.path.join(ROOT, 'tests', 'rewards.py')}:vowels")
+    assert eval_script.own_labeler(gold) is None  # its held-out samples were scored by the gold function

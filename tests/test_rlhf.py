@@ -2,13 +2,14 @@
 batch and exports an AutoModelForSequenceClassification directory that scores as the trainer did, the
 reward-model labeler on that export, and online PPO against a reward."""
 import json
+import os
 
 import pytest
 import torch
 
 from halos.build import build_trainer
 from halos.checkpoint import load_policy_file
-from helpers import make_config, train_in_process
+from helpers import make_config, tiny_reward_model, train_in_process
 
 
 def test_reward_model_accuracy_rises_to_one_on_a_repeated_batch(tmp_path):
@@ -97,3 +98,23 @@ def test_a_reward_models_export_given_as_a_policy_is_named_as_one(tmp_path):
                                 f"scores samples with it")
     reward_model = models.load_sequence_classifier('embedded:tiny-smollm2', 'float32', load_from=str(tmp_path / 'rm'))
     assert reward_model.config.architectures == ['LlamaForSequenceClassification']  # as a reward model it loads
+
+
+def test_a_chat_template_reward_model_whose_tokenizer_lost_its_template_is_named(tmp_path):
+    import models
+    from halos.errors import ConfigError
+    from halos.labelers import RewardModelLabeler
+    tiny_reward_model(tmp_path / 'rm')
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    tokenizer.chat_template = None
+    for name in os.listdir(tmp_path / 'rm'):
+        if name.startswith(('tokenizer', 'chat_template', 'special_tokens')):
+            os.remove(tmp_path / 'rm' / name)
+    tokenizer.save_pretrained(tmp_path / 'rm')
+    (tmp_path / 'rm' / 'halos_reward_model.json').write_text(json.dumps(
+        {'use_chat_template': True, 'human_prefix': '', 'human_suffix': '', 'assistant_prefix': '', 'assistant_suffix': ''}))
+    with pytest.raises(ConfigError) as error:
+        RewardModelLabeler(str(tmp_path / 'rm'))
+    assert str(error.value) == (f"reward model '{tmp_path / 'rm'}' was trained on chat-template text "
+                                f"(halos_reward_model.json says use_chat_template: true), but its tokenizer has no chat "
+                                f"template: restore its tokenizer files from the run's LATEST/hf export")
