@@ -169,6 +169,11 @@ def missing_model(name_or_path: str) -> Optional[str]:
     if name_or_path.startswith(EMBEDDED_PREFIX) or not looks_like_a_path(name_or_path):
         return None
     directory = os.path.expanduser(name_or_path)
+    if os.path.isfile(directory):
+        export = os.path.join(os.path.dirname(directory), 'hf')
+        hint = f': give the HF export beside it, {export}' if os.path.isdir(export) else \
+            ' (a training checkpoint? its run exports an HF directory, LATEST/hf, when it ends)'
+        return f'a file, not a model directory{hint}'
     if not os.path.isdir(directory):
         return 'no such directory (a model is a local HF directory, a hub id or embedded:<name>)'
     if not any(os.path.exists(os.path.join(directory, name)) for name in ('config.json', 'tokenizer_config.json')):

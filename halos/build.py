@@ -301,7 +301,9 @@ def check_labeler(run: RunSettings, who: str) -> None:
         raise ConfigError(f"{who} need prompts: online.prompts=[file.jsonl] (or datasets=[...])")
     needs = {'function': 'reward_function', 'reward_model': 'reward_model', 'judge': 'judge'}[online.labeler]
     if not getattr(online, needs):
-        raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set")
+        given = [labeler for labeler, key in (('reward_model', 'reward_model'), ('judge', 'judge')) if getattr(online, key)]
+        switch = f" (online.{given[0]} is set: add online.labeler={given[0]} to score with it)" if given else ''
+        raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set{switch}")
     if online.reward_weights is not None and online.labeler != 'function':
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, and "
                           f"online.labeler={online.labeler} scores with none: leave it null")

@@ -36,6 +36,7 @@ import models
 from halos.batching import encode_completion, encode_prompt
 from halos.errors import ConfigError, DataError, MissingFileError, UserError, describe_error, one_line
 from halos.examples import Formatting
+from utils import rank0_print
 
 Prompt = Union[str, List[Dict[str, str]]]
 
@@ -487,7 +488,7 @@ class RewardModelLabeler:
     A reward model trained by halos (loss=bradley-terry) reads prompt + completion tokenized exactly as its
     training pairs were (its export records the format); any other reads the conversation through its
     tokenizer's chat template (HALOs' convention), or the halos format when it has none. A long input loses
-    the start of its prompt, never the completion.
+    its start (warned of once).
     """
     may_abstain = False
 
@@ -497,6 +498,7 @@ class RewardModelLabeler:
         self.device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.model.to(self.device)
         self.max_length = max_length
+        self.warned_of_cuts = False
         self.halos_format = read_reward_model_format(os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT))
         if self.halos_format is not None and self.halos_format[0] and not self.tokenizer.chat_template:
             raise ConfigError(f"reward model {path!r} was trained on chat-template text ({REWARD_MODEL_FORMAT} says "
@@ -519,6 +521,11 @@ class RewardModelLabeler:
             prompt_ids = encode_prompt(self.tokenizer, Formatting().prompt(turns), False)
             completion_ids = encode_completion(self.tokenizer, completion)
         ids = prompt_ids + completion_ids
+        if len(ids) > self.max_length and not self.warned_of_cuts:
+            self.warned_of_cuts = True
+            rank0_print(f"warning: {self.name}: an input of {len(ids)} tokens is longer than max_length="
+                        f"{self.max_length}, so it is scored on its last {self.max_length} (as is any other that "
+                        f"long): its prompt's start is cut, or the start of its completion too")
         return ids[-self.max_length:]
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str],

@@ -639,6 +639,17 @@ def test_label_py_names_a_reward_model_that_is_not_there(tmp_path, capsys):
     assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(tmp_path)]) == 2
     assert capsys.readouterr().err.strip() == (f"label.py: model '{tmp_path}': Unrecognized model in {tmp_path}. Should "
                                                f"have a `model_type` key in its config.json.")
+    latest = tmp_path / 'run' / 'LATEST'
+    latest.mkdir(parents=True)
+    (latest / 'policy.pt').write_bytes(b'weights')
+    for export, says in ((False, 'a training checkpoint? its run exports an HF directory, LATEST/hf, when it ends)'),
+                         (True, f'give the HF export beside it, {latest}/hf')):
+        if export:
+            (latest / 'hf').mkdir()
+        assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(latest / 'policy.pt')]) == 2
+        message = capsys.readouterr().err.strip()
+        assert message.startswith(f"label.py: model '{latest}/policy.pt': a file, not a model directory") and \
+            message.endswith(says)
 
 
 def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(tmp_path, capsys):

@@ -118,3 +118,19 @@ def test_a_chat_template_reward_model_whose_tokenizer_lost_its_template_is_named
     assert str(error.value) == (f"reward model '{tmp_path / 'rm'}' was trained on chat-template text "
                                 f"(halos_reward_model.json says use_chat_template: true), but its tokenizer has no chat "
                                 f"template: restore its tokenizer files from the run's LATEST/hf export")
+
+
+def test_a_reward_model_warns_once_that_it_cuts_an_input_longer_than_its_max_length(tmp_path, capsys):
+    from halos.labelers import RewardModelLabeler
+    labeler = RewardModelLabeler(tiny_reward_model(tmp_path / 'rm'), max_length=4)
+    long = 'one two three four five six seven'
+    assert len(labeler.token_ids('Hi.', long)) == 4
+    capsys.readouterr()
+    labeler.warned_of_cuts = False
+    labeler(['Hi.', 'Yo.'], [long, long + ' eight'], [{}, {}])
+    n_tokens = len(RewardModelLabeler(str(tmp_path / 'rm'), max_length=256).token_ids('Hi.', long))
+    assert capsys.readouterr().out == (f"warning: reward model {tmp_path / 'rm'}: an input of {n_tokens} tokens is "
+                                       f"longer than max_length=4, so it is scored on its last 4 (as is any other that "
+                                       f"long): its prompt's start is cut, or the start of its completion too\n")
+    assert RewardModelLabeler(str(tmp_path / 'rm'), max_length=64)(['Hi.'], [long], [{}]) and \
+        capsys.readouterr().out == ''

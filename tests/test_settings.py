@@ -200,6 +200,9 @@ def test_keys_that_must_agree_are_checked_together():
         "reward function 'no_such_file.py:reward': no file no_such_file.py"
     reward = f'++online.reward_function={ROOT}/tests/rewards.py:vowels'
     assert refused('dpo', '++online.rounds=1') == "online.labeler=function needs online.reward_function to be set"
+    assert refused('dpo', '++online.rounds=1', '++online.reward_model=/models/rm') == (
+        "online.labeler=function needs online.reward_function to be set (online.reward_model is set: add "
+        "online.labeler=reward_model to score with it)")
     overrides = base_overrides('/tmp/unused') + ['++online.rounds=1', reward, '++online.samples_per_prompt=1']
     with pytest.raises(ConfigError) as error:
         run_settings(compose_config(overrides), overrides)
