@@ -199,6 +199,11 @@ def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     if fractions and not issubclass(loader_class, dataloader.UnpairedPreferenceDataLoader):
         rank0_print(f"warning: {', '.join(fractions)} set, but loss={run.loss.name} trains on every item of its "
                     f"data: they keep a share of the desirable and undesirable examples of the unpaired losses")
+    band = [key for key in changed_keys(run.loss.params, 'loss.')
+            if key in ('loss.log_epsilon_P', 'loss.log_epsilon_R')]
+    if band and isinstance(run.loss.params, Humanline) and not run.loss.params.humanline:
+        rank0_print(f"warning: {', '.join(band)} set, but loss.humanline=false clamps no log-ratio: "
+                    f"++loss.humanline=true clamps each token's log-ratio to the band")
     formatting = [key for key in FORMATTING_KEYS if key in changed]
     if formatting and run.use_chat_template:
         rank0_print(f"warning: {', '.join(formatting)} set, but use_chat_template=true formats the turns with the "

@@ -292,6 +292,11 @@ def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(
             "trains LoRA adapters" in capsys.readouterr().out)
     make_config(tmp_path, '++model.peft.lora_r=8', '++model.use_peft=true', loss='sft')
     assert 'warning' not in capsys.readouterr().out
+    make_config(tmp_path, '++loss.log_epsilon_P=-2', loss='dpo')
+    assert ("warning: loss.log_epsilon_P set, but loss.humanline=false clamps no log-ratio: ++loss.humanline=true "
+            "clamps each token's log-ratio to the band" in capsys.readouterr().out)
+    make_config(tmp_path, '++loss.log_epsilon_P=-2', '++loss.humanline=true', loss='dpo')
+    assert 'warning' not in capsys.readouterr().out
 
 
 def test_a_loss_yaml_without_its_name_is_refused():
