@@ -3,9 +3,9 @@ and judgment caches).
 
 A process killed mid-write leaves a last line without its newline: readers skip it, and the next append drops
 it first, so that a record never runs into the one after it (a whole record that only lacks its newline is
-kept). A file written whole (a round's samples and
-feedback, label.py's output) is replaced atomically. A number that is not finite (the standard error of one
-value) is written as null, which JSON has, where NaN and Infinity are not JSON.
+kept). A file written whole (a round's samples and feedback, label.py's output) is replaced atomically. A
+number that is not finite (the standard error of one value) is written as null, which JSON has, where NaN and
+Infinity are not JSON.
 """
 import json
 import math
