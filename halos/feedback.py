@@ -84,7 +84,7 @@ def read_json_records(path: str) -> List[Dict]:
                         f"save the file as UTF-8") from None
     if file_type(path) == '.jsonl':
         records = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split('\n'), 1):  # JSON text may hold U+2028 and the like unescaped
             if not line.strip():
                 continue
             try:

@@ -394,6 +394,19 @@ def test_bad_jsonl_line_is_named(tmp_path):
         D.load_dataset(str(path), 'train', **FORMAT)
 
 
+def test_line_separators_within_json_text_are_text_and_crlf_ends_a_line(tmp_path):
+    from halos.jsonl import write_jsonl
+    path = tmp_path / 'feedback.jsonl'
+    outputs = ['one\u2028two', 'three\u2029four\x85five']
+    write_jsonl(str(path), [{'prompt': 'a', 'output': output, 'label': label} for output, label in zip(outputs, (1, 0))])
+    assert '\u2028' in path.read_text(encoding='utf-8')  # written unescaped, as JSON allows
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert example.generations == outputs
+    path.write_bytes(b'{"prompt": "a", "output": "b", "label": 1}\r\n{"prompt": "a", "output": "c", "label": 0}\r\n')
+    example, = D.load_dataset(str(path), 'train', **FORMAT).data.values()
+    assert example.generations == ['b', 'c']
+
+
 def test_a_json_array_in_a_jsonl_file_is_named_with_the_fix(tmp_path):
     records = [{'prompt': 'a', 'output': 'b', 'label': 1}, {'prompt': 'c', 'output': 'd', 'label': 0}]
     (tmp_path / 'feedback.jsonl').write_text(json.dumps(records) + '\n')
