@@ -35,7 +35,8 @@ def load_raw_records(name: str, split: str, data_dir: Optional[str], hub_id: str
             if os.path.exists(path):
                 return checked_records(read_records(path), path, fields), path
         raise MissingFileError(
-            f"dataset '{name}': no file {os.path.join(data_dir, name, split)}.jsonl (or .parquet) under data_dir={data_dir}")
+            f"dataset '{name}': no file {os.path.join(data_dir, name, split)}.jsonl (or .json, .parquet) under "
+            f"data_dir={data_dir}")
     import datasets
     try:
         records = datasets.load_dataset(hub_id, data_dir=hub_data_dir, split=hub_split)
@@ -176,6 +177,9 @@ def get_oasst(split: str, human_prefix: str, human_suffix: str, assistant_prefix
             continue
         path, parent_id = [], row['parent_id']
         while parent_id is not None and parent_id in by_id:
+            if len(path) > len(by_id):  # a message among its own ancestors: no root to reach
+                raise DataError(f"{source} record {number}: field 'parent_id' leads into a loop of messages "
+                                f"({parent_id!r} is among its own ancestors), not up to a root message")
             path.append(by_id[parent_id])
             parent_id = by_id[parent_id]['parent_id']
         if parent_id is not None:

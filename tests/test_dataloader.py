@@ -108,6 +108,18 @@ def test_oasst_filters_and_sft_target():
         assert example.prompt.startswith('\n<|user|>\n') and example.prompt.endswith('\n<|assistant|>\n')
 
 
+def test_an_oasst_tree_whose_parents_loop_is_named_not_followed_for_ever(tmp_path):
+    message = lambda id_, parent, role, rank: {'message_id': id_, 'parent_id': parent, 'role': role, 'text': id_,
+                                                'lang': 'en', 'rank': rank}
+    rows = [message('q', 'b', 'prompter', None), message('a', 'q', 'assistant', 0), message('b', 'q', 'assistant', 1)]
+    (tmp_path / 'oasst').mkdir()
+    (tmp_path / 'oasst' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset('oasst', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert str(error.value) == (f"{tmp_path}/oasst/train.jsonl record 3: field 'parent_id' leads into a loop of "
+                                f"messages ('q' is among its own ancestors), not up to a root message")
+
+
 def test_exact_rendered_hh_strings():
     dataset = get('hh', 'train')
     prompt = ('\n<|user|>\nI need to write a short thank-you note to my neighbor.\n<|assistant|>\nHappy to help! '
