@@ -115,14 +115,20 @@ def _load_hh(name: str, hub_data_dir: Optional[str], split: str, formatting: For
     for number, row in enumerate(rows, 1):
         cut = row['chosen'].rfind(marker) + len(marker)
         history = row['chosen'][:cut]
-        if cut < len(marker) or not row['rejected'].startswith(history):
+        if cut < len(marker):
+            raise DataError(f"{source} record {number}: field 'chosen' has no '\\n\\nAssistant: ' marker (HH writes "
+                            f"each turn as '\\n\\nHuman: ...' or '\\n\\nAssistant: ...')")
+        if not row['rejected'].startswith(history):
             raise DataError(f"{source} record {number}: field 'rejected' does not share the history of 'chosen' "
                             f"up to the last '\\n\\nAssistant: ' marker")
         chosen, rejected = row['chosen'][cut:], row['rejected'][cut:]
         if not chosen.strip() or not rejected.strip():
             dataset.counts['dropped: empty completion'] += 1
             continue
-        pieces = HH_TURN.split(history)[1:]  # [role, text, role, text, ..., 'Assistant', '']
+        before, *pieces = HH_TURN.split(history)  # before the first marker; then [role, text, ..., 'Assistant', '']
+        if before.strip():  # a first turn without its marker would vanish from the prompt
+            dataset.counts["dropped: text before the first '\\n\\nHuman: '"] += 1
+            continue
         turns = [{'role': 'user' if role == 'Human' else 'assistant', 'content': text.strip()}
                  for role, text in zip(pieces[0:-2:2], pieces[1:-2:2])]
         add_comparison(dataset, turns, (chosen, rejected), 0, formatting, f'{source} record {number}')

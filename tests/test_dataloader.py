@@ -120,6 +120,22 @@ def test_an_oasst_tree_whose_parents_loop_is_named_not_followed_for_ever(tmp_pat
                                 f"messages ('q' is among its own ancestors), not up to a root message")
 
 
+def test_hh_text_before_its_first_marker_is_dropped_and_counted_and_a_missing_marker_named(tmp_path):
+    (tmp_path / 'hh').mkdir()
+    rows = [{'chosen': '\n\nHuman: hi\n\nAssistant: hello', 'rejected': '\n\nHuman: hi\n\nAssistant: go'},
+            {'chosen': 'Human: yo\n\nAssistant: hey', 'rejected': 'Human: yo\n\nAssistant: no'}]
+    (tmp_path / 'hh' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    dataset = D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert dataset.counts["dropped: text before the first '\\n\\nHuman: '"] == 1
+    assert [example.turns for example in dataset.data.values()] == [[{'role': 'user', 'content': 'hi'}]]
+    rows[1] = {'chosen': '\n\nHuman: yo\n\nAssistant:hey', 'rejected': '\n\nHuman: yo\n\nAssistant:no'}
+    (tmp_path / 'hh' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert str(error.value) == (f"{tmp_path}/hh/train.jsonl record 2: field 'chosen' has no '\\n\\nAssistant: ' "
+                                f"marker (HH writes each turn as '\\n\\nHuman: ...' or '\\n\\nAssistant: ...')")
+
+
 def test_exact_rendered_hh_strings():
     dataset = get('hh', 'train')
     prompt = ('\n<|user|>\nI need to write a short thank-you note to my neighbor.\n<|assistant|>\nHappy to help! '
