@@ -209,7 +209,14 @@ def get_ultrabin(split: str, human_prefix: str, human_suffix: str, assistant_pre
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):
         where = f'{source} record {number}'
-        chosen, rejected = (checked_turns(row[name], name, where)[-1]['content'] for name in ('chosen', 'rejected'))
+        replies = [checked_turns(row[name], name, where)[-1] for name in ('chosen', 'rejected')]
+        for name, reply in zip(('chosen', 'rejected'), replies):
+            if reply['role'] != 'assistant':
+                raise DataError(f"{where}: field '{name}' ends with a {reply['role']} turn, not the assistant's reply")
+        chosen, rejected = (reply['content'] for reply in replies)
+        if not chosen.strip() or not rejected.strip():
+            dataset.counts['dropped: empty completion'] += 1
+            continue
         add_comparison(dataset, [{'role': 'user', 'content': row['prompt']}], (chosen, rejected), 0, formatting,
                        where, truncation_mode='keep_start')
     return dataset

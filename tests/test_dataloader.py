@@ -136,6 +136,23 @@ def test_hh_text_before_its_first_marker_is_dropped_and_counted_and_a_missing_ma
                                 f"marker (HH writes each turn as '\\n\\nHuman: ...' or '\\n\\nAssistant: ...')")
 
 
+def test_ultrabin_replies_that_are_not_the_assistants_are_named_and_empty_ones_counted(tmp_path):
+    (tmp_path / 'ultrabin').mkdir()
+    turns = lambda reply, role='assistant': [{'role': 'user', 'content': 'Q?'}, {'role': role, 'content': reply}]
+    rows = [{'prompt': 'Q?', 'chosen': turns('good'), 'rejected': turns('bad')},
+            {'prompt': 'Q?', 'chosen': turns(''), 'rejected': turns('bad')}]
+    (tmp_path / 'ultrabin' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    dataset = D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert dataset.counts['dropped: empty completion'] == 1
+    assert [example.generations for example in dataset.data.values()] == [['good', 'bad']]
+    rows.append({'prompt': 'Q?', 'chosen': turns('good'), 'rejected': turns('Q?', role='user')[:1]})
+    (tmp_path / 'ultrabin' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert str(error.value) == (f"{tmp_path}/ultrabin/train.jsonl record 3: field 'rejected' ends with a user turn, "
+                                f"not the assistant's reply")
+
+
 def test_exact_rendered_hh_strings():
     dataset = get('hh', 'train')
     prompt = ('\n<|user|>\nI need to write a short thank-you note to my neighbor.\n<|assistant|>\nHappy to help! '
