@@ -345,6 +345,11 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
                             f"demonstrations")
         if kind == 'prompt':
             shadowed |= SAMPLE_FIELDS & set(record)
+            conflict = next((name for name, value in extra_fields(record).items()
+                             if name in example.extra and example.extra[name] != value), None)
+            if conflict is not None:  # which one a reward function would check is not for halos to pick
+                raise DataError(f"{where}: field {conflict!r} is {record[conflict]!r}, where this prompt's first "
+                                f"record ({example.source}) gives {example.extra[conflict]!r}: one prompt, one value")
         elif kind == 'demonstration':
             add_generation(example, _completion(record, output_field(record), where, turns) + assistant_suffix, None,
                            _weight(record, 'weight', where))

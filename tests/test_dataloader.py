@@ -828,3 +828,18 @@ def test_prompt_fields_that_a_sample_record_replaces_are_warned_of_once(tmp_path
     labelled.write_text(json.dumps({'prompt': 'a', 'output': 'b', 'label': 1, 'dataset': 'x_train'}) + '\n')
     D.load_dataset(str(labelled), 'train', **FORMAT)
     assert capsys.readouterr().out == ''
+
+
+def test_a_prompt_listed_twice_with_two_answers_is_refused_and_listed_twice_alike_is_one_prompt(tmp_path):
+    path = tmp_path / 'prompts.jsonl'
+    records = [{'prompt': 'What is 13 + 14?', 'answer': 27}, {'prompt': 'What is 2 + 2?', 'answer': 4},
+               {'prompt': 'What is 13 + 14?', 'answer': 27}]
+    path.write_text(''.join(json.dumps(record) + '\n' for record in records))
+    assert [e.extra for e in D.load_dataset(str(path), 'train', **FORMAT).data.values()] == [{'answer': 27},
+                                                                                              {'answer': 4}]
+    path.write_text(''.join(json.dumps(record) + '\n' for record in records + [{'prompt': 'What is 2 + 2?',
+                                                                                 'answer': 5}]))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(str(path), 'train', **FORMAT)
+    assert str(error.value) == (f"{path}: record 4: field 'answer' is 5, where this prompt's first record ({path}: "
+                                f"record 2) gives 4: one prompt, one value")
