@@ -23,6 +23,7 @@ import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
 import models
+import trainers
 from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
 from halos.cli import config_choices, run_hydra, task_overrides
@@ -166,16 +167,27 @@ KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'model.use_peft',
                   'online.samples_per_prompt')
 
 
+# what scores and samples the run's online steps: a resume may change it (to fix a broken reward function), and is
+# told that the steps before and after its checkpoint differ in it
+WARNED_ON_RESUME = ('online.labeler', 'online.reward_function', 'online.reward_weights', 'online.reward_model',
+                    'online.judge', 'temperature', 'top_p', 'top_k', 'max_new_tokens')
+
+
 def check_same_run(run: RunSettings) -> None:
-    """A resumed run keeps what its saved config.yaml says for each of KEPT_ON_RESUME and each key of its loss."""
+    """A resumed run keeps what its saved config.yaml says for each of KEPT_ON_RESUME and each key of its loss, and
+    is warned of a change to WARNED_ON_RESUME."""
     saved_path = os.path.join(run.local_run_dir, 'config.yaml')
     if not os.path.exists(saved_path):
         return
     saved, now = OmegaConf.load(saved_path), OmegaConf.create(as_dict(run))
+    changed = [f'{key}={shown_value(setting(now, key))} (was {shown_value(setting(saved, key))})'
+               for key in WARNED_ON_RESUME if setting(saved, key) != setting(now, key)]
+    if changed and (run.online.rounds > 0 or trainers.get_trainer_class(run.loss.trainer).trains_on_prompts):
+        rank0_print(f"warning: resume=true with {', '.join(changed)}: the steps before the checkpoint were sampled "
+                    f"or scored the old way, and metrics.jsonl holds both")
     for key in (*KEPT_ON_RESUME, *(f'loss.{spec.name}' for spec in dataclasses.fields(run.loss.params))):
         shown = 'loss' if key == 'loss.name' else key  # a loss is chosen as loss=<name>
-        before, after = (OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
-                         for value in (OmegaConf.select(saved, key), OmegaConf.select(now, key)))
+        before, after = setting(saved, key), setting(now, key)
         if before is not None and before != after:
             # a LoRA run's policy.pt holds its adapters alone: a new run starts from its merged model
             start = 'hf' if OmegaConf.select(saved, 'model.use_peft') else checkpoint.POLICY
@@ -184,10 +196,16 @@ def check_same_run(run: RunSettings) -> None:
                               f"from it (++model.load_from={run.local_run_dir}/{checkpoint.LATEST}/{start})")
 
 
+def setting(config, key: str):
+    """The value at a dotted key of a config, as plain Python (None where absent)."""
+    value = OmegaConf.select(config, key)
+    return OmegaConf.to_object(value) if OmegaConf.is_config(value) else value
+
+
 def shown_value(value) -> str:
     """A setting as it is typed on the command line: [a,b] for a list, true for True."""
-    if isinstance(value, bool):
-        return str(value).lower()
+    if value is None or isinstance(value, bool):
+        return str(value).lower().replace('none', 'null')
     return f"[{','.join(map(shown_value, value))}]" if isinstance(value, list) else str(value)
 
 

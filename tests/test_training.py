@@ -445,6 +445,23 @@ def test_a_resume_keeps_every_key_of_the_loss(tmp_path):
                                        f"not 1.5; resume with loss.desirable_weight=1.0")
 
 
+def test_a_resume_that_changes_how_an_online_run_scores_or_samples_is_warned_of(tmp_path, capsys):
+    reward = os.path.join(ROOT, 'tests', 'rewards.py')
+    online = ['++online.prompts=[hh]', f'++online.reward_function={reward}:vowels']
+    run = make_config(tmp_path, *online, loss='grpo-online')
+    os.makedirs(run.local_run_dir)
+    OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
+    capsys.readouterr()
+    train.check_same_run(make_config(tmp_path, *online, '++resume=true', loss='grpo-online'))
+    assert 'warning' not in capsys.readouterr().out
+    train.check_same_run(make_config(tmp_path, *online, f'++online.reward_function={reward}:characters',
+                                     '++temperature=0.5', '++resume=true', loss='grpo-online'))
+    assert capsys.readouterr().out == (
+        f"warning: resume=true with online.reward_function={reward}:characters (was {reward}:vowels), temperature=0.5 "
+        f"(was null): the steps before the checkpoint were sampled or scored the old way, and metrics.jsonl holds "
+        f"both\n")
+
+
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_the_rest(tmp_path):
     for name in ('LATEST/policy.pt', 'step-8/policy.pt', 'rounds/0/samples.jsonl', 'rounds/judgments.jsonl',
                  'rounds/reward_per_round.png', 'metrics.jsonl', 'rollouts.jsonl', 'config.yaml', '.lock',
