@@ -84,6 +84,9 @@ def get_shp(split: str, human_prefix: str, human_suffix: str, assistant_prefix: 
     dataset = Dataset('shp')
     dataset.counts['records'] = len(rows)
     for number, row in enumerate(rows, 1):
+        if row['labels'] not in (0, 1):
+            raise DataError(f"{source} record {number}: field 'labels' is {row['labels']}; SHP's is 1 (human_ref_A "
+                            f"preferred) or 0 (human_ref_B preferred)")
         low, high = sorted((row['score_A'], row['score_B']))
         ratio = high / low if low > 0 else math.inf
         if split == 'train' and ratio < 2:

@@ -153,6 +153,16 @@ def test_ultrabin_replies_that_are_not_the_assistants_are_named_and_empty_ones_c
                                 f"not the assistant's reply")
 
 
+def test_an_shp_label_other_than_0_or_1_is_named(tmp_path):
+    (tmp_path / 'shp').mkdir()
+    row = {'history': 'Q?', 'human_ref_A': 'a', 'human_ref_B': 'b', 'score_A': 10, 'score_B': 2, 'labels': 2}
+    (tmp_path / 'shp' / 'train.jsonl').write_text(json.dumps(row) + '\n')
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset('shp', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    assert str(error.value) == (f"{tmp_path}/shp/train.jsonl record 1: field 'labels' is 2; SHP's is 1 (human_ref_A "
+                                f"preferred) or 0 (human_ref_B preferred)")
+
+
 def test_exact_rendered_hh_strings():
     dataset = get('hh', 'train')
     prompt = ('\n<|user|>\nI need to write a short thank-you note to my neighbor.\n<|assistant|>\nHappy to help! '
