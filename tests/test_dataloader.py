@@ -18,6 +18,13 @@ def get(name, split):
     return D.load_dataset(name, split, **FORMAT, data_dir=DATA, seed=1)
 
 
+def hub_copy(directory, name, rows):
+    """Write `rows` as a local copy of hub dataset `name`'s train split; returns its reading, as train.py reads it."""
+    os.makedirs(directory / name, exist_ok=True)
+    (directory / name / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
+    return lambda: D.load_dataset(name, 'train', **FORMAT, data_dir=str(directory), seed=1)
+
+
 def loader(cls, names, tokenizer, split='train', **kwargs):
     options = dict(split=split, batch_size=4, max_length=256, max_prompt_length=128, n_epochs=1, data_dir=DATA, seed=1)
     options.update(kwargs)
@@ -112,53 +119,43 @@ def test_an_oasst_tree_whose_parents_loop_is_named_not_followed_for_ever(tmp_pat
     message = lambda id_, parent, role, rank: {'message_id': id_, 'parent_id': parent, 'role': role, 'text': id_,
                                                 'lang': 'en', 'rank': rank}
     rows = [message('q', 'b', 'prompter', None), message('a', 'q', 'assistant', 0), message('b', 'q', 'assistant', 1)]
-    (tmp_path / 'oasst').mkdir()
-    (tmp_path / 'oasst' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
     with pytest.raises(D.DataError) as error:
-        D.load_dataset('oasst', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+        hub_copy(tmp_path, 'oasst', rows)()
     assert str(error.value) == (f"{tmp_path}/oasst/train.jsonl record 3: field 'parent_id' leads into a loop of "
                                 f"messages ('q' is among its own ancestors), not up to a root message")
 
 
 def test_hh_text_before_its_first_marker_is_dropped_and_counted_and_a_missing_marker_named(tmp_path):
-    (tmp_path / 'hh').mkdir()
     rows = [{'chosen': '\n\nHuman: hi\n\nAssistant: hello', 'rejected': '\n\nHuman: hi\n\nAssistant: go'},
             {'chosen': 'Human: yo\n\nAssistant: hey', 'rejected': 'Human: yo\n\nAssistant: no'}]
-    (tmp_path / 'hh' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
-    dataset = D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    dataset = hub_copy(tmp_path, 'hh', rows)()
     assert dataset.counts["dropped: text before the first '\\n\\nHuman: '"] == 1
     assert [example.turns for example in dataset.data.values()] == [[{'role': 'user', 'content': 'hi'}]]
     rows[1] = {'chosen': '\n\nHuman: yo\n\nAssistant:hey', 'rejected': '\n\nHuman: yo\n\nAssistant:no'}
-    (tmp_path / 'hh' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
     with pytest.raises(D.DataError) as error:
-        D.load_dataset('hh', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+        hub_copy(tmp_path, 'hh', rows)()
     assert str(error.value) == (f"{tmp_path}/hh/train.jsonl record 2: field 'chosen' has no '\\n\\nAssistant: ' "
                                 f"marker (HH writes each turn as '\\n\\nHuman: ...' or '\\n\\nAssistant: ...')")
 
 
 def test_ultrabin_replies_that_are_not_the_assistants_are_named_and_empty_ones_counted(tmp_path):
-    (tmp_path / 'ultrabin').mkdir()
     turns = lambda reply, role='assistant': [{'role': 'user', 'content': 'Q?'}, {'role': role, 'content': reply}]
     rows = [{'prompt': 'Q?', 'chosen': turns('good'), 'rejected': turns('bad')},
             {'prompt': 'Q?', 'chosen': turns(''), 'rejected': turns('bad')}]
-    (tmp_path / 'ultrabin' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
-    dataset = D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+    dataset = hub_copy(tmp_path, 'ultrabin', rows)()
     assert dataset.counts['dropped: empty completion'] == 1
     assert [example.generations for example in dataset.data.values()] == [['good', 'bad']]
     rows.append({'prompt': 'Q?', 'chosen': turns('good'), 'rejected': turns('Q?', role='user')[:1]})
-    (tmp_path / 'ultrabin' / 'train.jsonl').write_text(''.join(json.dumps(row) + '\n' for row in rows))
     with pytest.raises(D.DataError) as error:
-        D.load_dataset('ultrabin', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+        hub_copy(tmp_path, 'ultrabin', rows)()
     assert str(error.value) == (f"{tmp_path}/ultrabin/train.jsonl record 3: field 'rejected' ends with a user turn, "
                                 f"not the assistant's reply")
 
 
 def test_an_shp_label_other_than_0_or_1_is_named(tmp_path):
-    (tmp_path / 'shp').mkdir()
     row = {'history': 'Q?', 'human_ref_A': 'a', 'human_ref_B': 'b', 'score_A': 10, 'score_B': 2, 'labels': 2}
-    (tmp_path / 'shp' / 'train.jsonl').write_text(json.dumps(row) + '\n')
     with pytest.raises(D.DataError) as error:
-        D.load_dataset('shp', 'train', **FORMAT, data_dir=str(tmp_path), seed=1)
+        hub_copy(tmp_path, 'shp', [row])()
     assert str(error.value) == (f"{tmp_path}/shp/train.jsonl record 1: field 'labels' is 2; SHP's is 1 (human_ref_A "
                                 f"preferred) or 0 (human_ref_B preferred)")
 
