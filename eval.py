@@ -129,10 +129,12 @@ def sample(run: RunSettings, dataset_names, include_original_prompt: bool = Fals
 
 
 def evaluate(run: RunSettings) -> dict:
-    """The run's trainer evaluation (its loss and metrics) on the test split."""
+    """The run's trainer evaluation (its loss and metrics) on the test split; online RL's on the held-out prompts
+    that its training evaluated on."""
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
     tokenizer = load_run_tokenizer(run)
-    eval_loader = build_loader(run, tokenizer, 'test')
+    eval_loader = build_loader(run, tokenizer, 'test',
+                               own_held_out_prompts(run) if trainer_class.samples_online else None)
     if run.online.rounds and not eval_loader.items:
         raise ConfigError(f"mode=eval: {run.exp_name} trained in online rounds on prompts, which hold no completions "
                           f"to evaluate its loss on; its measure is the held-out reward: ++mode=reward (on "

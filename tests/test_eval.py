@@ -382,3 +382,13 @@ def test_reward_mode_scores_with_the_reward_model_a_run_trained_online_scored_wi
     gold = make_config(tmp_path, '++online.rounds=1', '++online.labeler=reward_model', f'++online.reward_model={rm}',
                        f"++online.eval_reward_function={os.path.join(ROOT, 'tests', 'rewards.py')}:vowels")
     assert eval_script.own_labeler(gold) is None  # its held-out samples were scored by the gold function
+
+
+def test_eval_mode_of_online_rl_evaluates_on_the_held_out_prompts_its_training_evaluated_on(tmp_path):
+    (tmp_path / 'r.py').write_text("def held(prompt, completion):\n    return float('HELD' in prompt)\n")
+    (tmp_path / 'train.jsonl').write_text('{"prompt": "Say hi."}\n{"prompt": "Say yo."}\n')
+    (tmp_path / 'held.jsonl').write_text('{"prompt": "HELD: say hi."}\n{"prompt": "HELD: say yo."}\n')
+    config = make_config(tmp_path, '++n_eval_examples=2', '++model.eval_batch_size=2', '++max_new_tokens=2',
+                         f'++online.reward_function={tmp_path}/r.py:held', f'++online.eval_prompts=[{tmp_path}/held.jsonl]',
+                         '++saved_policy=null', loss='grpo-online', datasets=f'[{tmp_path}/train.jsonl]')
+    assert eval_script.evaluate(config)['results']['reward_eval/mean'] == 1.0
