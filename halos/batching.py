@@ -150,6 +150,7 @@ class DataLoader:
         self.frac_unique_desirable, self.frac_unique_undesirable = frac_unique_desirable, frac_unique_undesirable
         self.sequence_kinds = tuple(sequence_kinds) if sequence_kinds is not None else schema.KINDS
         self.rank, self.world_size = rank, world_size
+        self.warned_of_left_out = False
         self.skip_batches = 0  # set when resuming: the first batches are planned but not tokenized
 
         formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
@@ -233,13 +234,18 @@ class DataLoader:
         """One epoch of global batches: the items shuffled, cut into batch_size chunks.
 
         A last, smaller batch is kept (trimmed to a multiple of the number of processes) rather than
-        dropped; what has to be dropped is counted.
+        dropped; what has to be left out is counted (a different item each epoch, as the order is shuffled).
         """
         order = list(self.items)
         rng.shuffle(order)
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if batches and len(batches[-1]) % self.world_size:
             keep = len(batches[-1]) - len(batches[-1]) % self.world_size
+            if not self.warned_of_left_out:
+                self.warned_of_left_out = True
+                rank0_print(f"warning: [{self.split}] the last batch of each epoch leaves out "
+                            f"{len(batches[-1]) - keep} of {len(order)} items so that it divides among the "
+                            f"{self.world_size} processes (another one each epoch: the order is shuffled)")
             batches[-1] = batches[-1][:keep]
             if not batches[-1]:
                 batches.pop()

@@ -268,6 +268,21 @@ def test_sharding_splits_the_global_batch_and_kl_pairs_are_global(tokenizer):
         assert global_batch['KL_text'] == texts[1:] + texts[:1]  # x_i with y_{i+1 mod B}
 
 
+def test_items_left_out_of_a_last_batch_that_does_not_divide_among_the_processes_are_warned_of(tmp_path, tokenizer,
+                                                                                                capsys):
+    path = tmp_path / 'pairs.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': f'Say {i}.', 'output_A': 'yes', 'output_B': 'no', 'label': 1}) + '\n'
+                            for i in range(9)))
+    two = loader(D.PairedPreferenceDataLoader, [str(path)], tokenizer, batch_size=4, rank=0, world_size=2, n_epochs=2)
+    capsys.readouterr()
+    assert sum(len(batch['prompt_text']) for batch in two) == 2 * (2 + 2)  # this process's half of 4 + 4 (+ 1 left out)
+    assert capsys.readouterr().out == ("warning: [train] the last batch of each epoch leaves out 1 of 9 items so that "
+                                       "it divides among the 2 processes (another one each epoch: the order is "
+                                       "shuffled)\n")
+    one = loader(D.PairedPreferenceDataLoader, [str(path)], tokenizer, batch_size=4, n_epochs=2)
+    assert sum(len(batch['prompt_text']) for batch in one) == 18 and 'warning' not in capsys.readouterr().out
+
+
 def test_kl_rows_are_tokenized_only_for_trainers_that_read_them(tmp_path, tokenizer):
     from helpers import make_config
     from halos.build import build_loader
