@@ -15,7 +15,7 @@ between the ends of optimizer steps, and each side's figure is the median over r
 (trained: the sequences through the policy with a gradient; forward-only: the reference model's
 forwards and KTO's no-grad KL rows), as a fraction of the best torch.matmul of two 2048 x 2048
 matrices of the same dtype timed in this invocation. Writes <out-dir>/<timestamp>.{json,md} and
-<out-dir>/latest.{json,md}.
+<out-dir>/latest.{json,md} (bench/results; runs/bench-smoke under --smoke).
 """
 import argparse
 import datetime
@@ -32,6 +32,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 from common import RETAIN_FREED_MEMORY_ENV, ROOT, with_defaults
+from halos.errors import ArgumentParser, non_negative_int, positive_int  # noqa: E402 (common puts ROOT on the path)
 
 FULL = dict(model='embedded:smollm2-135m-instruct', steps=8, runs=3, batch_size=4, max_length=256,
             max_prompt_length=128, skip=2, matmul_size=2048, override=[])
@@ -47,17 +48,17 @@ FLOPS_FORMULA = ('6 * n_params * trained_tokens + 2 * n_params * forward_only_to
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split('\n')[0])
+    parser = ArgumentParser(prog='bench.py', description=__doc__.split('\n')[0])
     parser.add_argument('--trainers', nargs='+', default=['sft', 'dpo', 'kto'], choices=['sft', 'dpo', 'kto'])
     parser.add_argument('--smoke', action='store_true', help=f'small settings for a quick check: {SMOKE}')
     parser.add_argument('--model', help=f"halos model name or HF directory (default {FULL['model']})")
-    parser.add_argument('--steps', type=int, help='optimizer steps per run')
-    parser.add_argument('--runs', type=int, help='runs per side and trainer (the median is reported)')
-    parser.add_argument('--batch-size', type=int)
-    parser.add_argument('--max-length', type=int)
-    parser.add_argument('--max-prompt-length', type=int)
-    parser.add_argument('--skip', type=int, help='warm-up steps left out of the throughput')
-    parser.add_argument('--matmul-size', type=int)
+    parser.add_argument('--steps', type=positive_int, help='optimizer steps per run')
+    parser.add_argument('--runs', type=positive_int, help='runs per side and trainer (the median is reported)')
+    parser.add_argument('--batch-size', type=positive_int)
+    parser.add_argument('--max-length', type=positive_int)
+    parser.add_argument('--max-prompt-length', type=positive_int)
+    parser.add_argument('--skip', type=non_negative_int, help='warm-up steps left out of the throughput')
+    parser.add_argument('--matmul-size', type=positive_int)
     parser.add_argument('--dtype', default='float32', choices=['float32', 'bfloat16'],
                         help='weights (and so compute and optimizer state) of policy and reference, on both sides')
     parser.add_argument('--override', action='append', default=None, metavar='KEY=VALUE',
@@ -69,10 +70,15 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help='also run halos with model.share_prompts=false (a halos-unshared row per trainer)')
     parser.add_argument('--trl-retains-memory', action='store_true',
                         help="give TRL's processes the allocator settings halos applies itself (retain_freed_memory)")
-    parser.add_argument('--jobs', type=int, default=1,
+    parser.add_argument('--jobs', type=positive_int, default=1,
                         help='runs at once; above 1 only to check that everything works (the timings then mean nothing)')
-    parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
+    parser.add_argument('--out-dir', help='where the report goes (default bench/results; under --smoke, '
+                                              'runs/bench-smoke)')
     args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
+    if args.skip >= args.steps:
+        parser.error(f"--skip {args.skip} leaves none of the {args.steps} steps (--steps) to time")
+    if os.path.isfile(args.out_dir):
+        parser.error(f"--out-dir {args.out_dir} is a file, not a directory")
     args.sides = SIDES + (('halos-unshared',) if args.unshared else ())
     return args
 

@@ -26,11 +26,17 @@ RETAIN_FREED_MEMORY_ENV = {'MALLOC_MMAP_MAX_': str(RETAINED_MMAP_MAX), 'MALLOC_T
 GRAD_PREFIXES = {'sft': ('target',), 'dpo': ('chosen', 'rejected'), 'kto': ('target',)}
 
 
+RESULTS_DIR = os.path.join(ROOT, 'bench', 'results')
+SMOKE_RESULTS_DIR = os.path.join(ROOT, 'runs', 'bench-smoke')  # a quick check never replaces the published results
+
+
 def with_defaults(args, full: Dict, smoke: Dict):
-    """The parsed arguments with the settings left unset taken from `smoke` (under --smoke) or `full`."""
+    """The parsed arguments with the settings left unset taken from `smoke` (under --smoke) or `full`, and the
+    report's directory, where unset: bench/results, or runs/bench-smoke under --smoke."""
     for key, value in (smoke if args.smoke else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.out_dir = args.out_dir or (SMOKE_RESULTS_DIR if args.smoke else RESULTS_DIR)
     return args
 
 

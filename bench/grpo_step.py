@@ -48,7 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="give TRL's process the allocator settings halos applies itself (retain_freed_memory)")
     parser.add_argument('--side', choices=SIDES, help=argparse.SUPPRESS)  # one run of one side (internal)
     parser.add_argument('--out', help=argparse.SUPPRESS)
-    parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
+    parser.add_argument('--out-dir', help='where the report goes (default bench/results; under --smoke, '
+                                              'runs/bench-smoke)')
     args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
     return args
 

@@ -43,7 +43,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--paths', nargs='+', default=list(PATHS), choices=PATHS)
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--top-p', type=float, default=0.95)
-    parser.add_argument('--out-dir', default=os.path.join(ROOT, 'bench', 'results'))
+    parser.add_argument('--out-dir', help='where the report goes (default bench/results; under --smoke, '
+                                              'runs/bench-smoke)')
     args = with_defaults(parser.parse_args(argv), FULL, SMOKE)
     return args
 

@@ -70,3 +70,16 @@ def test_markdown_table_lists_every_trainer_and_side(report):
     for name in ('sft', 'dpo', 'kto'):
         assert f'| {name} | halos |' in text and f'| {name} | trl |' in text and f'| {name} | halos-unshared |' in text
     assert 'examples/s shared/unshared prompts' in text
+
+
+def test_a_smoke_check_reports_outside_the_published_results_and_bad_arguments_are_named(capsys):
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    import bench
+    assert bench.parse_args(['--smoke']).out_dir == os.path.join(ROOT, 'runs', 'bench-smoke')
+    assert bench.parse_args([]).out_dir == os.path.join(ROOT, 'bench', 'results')
+    assert bench.parse_args(['--smoke', '--out-dir', 'elsewhere']).out_dir == 'elsewhere'
+    for arguments, says in ((['--steps', '3', '--skip', '3'], '--skip 3 leaves none of the 3 steps (--steps) to time'),
+                            (['--runs', '0'], 'argument --runs: 0 is not an integer >= 1')):
+        with pytest.raises(SystemExit) as exit_:
+            bench.parse_args(arguments)
+        assert exit_.value.code == 2 and capsys.readouterr().err == f'bench.py: {says} (--help lists the arguments)\n'
