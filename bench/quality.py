@@ -48,8 +48,8 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from halos.errors import (ArgumentParser, ConfigError, reported_as_one_line,  # noqa: E402  (after the path insert)
-                          wait_passing_stops)
+from halos.errors import (ArgumentParser, ConfigError, positive_int,  # noqa: E402  (after the path insert)
+                          reported_as_one_line, wait_passing_stops)
 from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
 
 
@@ -105,7 +105,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--load-from', help='start every method from this checkpoint (model.load_from)')
     parser.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument('--samples-per-prompt', type=int, default=4, help='k: the budget is k x the train prompts')
-    parser.add_argument('--rounds', type=int, default=3, help='online DPO: the budget split into this many rounds')
+    parser.add_argument('--rounds', type=positive_int, default=3, help='online DPO: the budget split into this many rounds')
     parser.add_argument('--max-new-tokens', type=int, default=48)
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--top-p', type=float, default=0.95)
@@ -117,10 +117,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--autocast-dtype', default=None, choices=('bfloat16', 'float16'),
                         help='model.autocast_dtype of every training, sampling and held-out run (default: fp32)')
     parser.add_argument('--lr', type=float, default=2e-5)
-    parser.add_argument('--prompts-per-round', type=int, default=None,
+    parser.add_argument('--prompts-per-round', type=positive_int, default=None,
                         help='online DPO: prompts per round (default: the train prompts / rounds)')
-    parser.add_argument('--epochs', type=int, default=2, help='offline methods and each online DPO round')
-    parser.add_argument('--batch-size', type=int, default=4)
+    parser.add_argument('--epochs', type=positive_int, default=2, help='offline methods and each online DPO round')
+    parser.add_argument('--batch-size', type=positive_int, default=4)
     parser.add_argument('--seed', type=int, default=1)
     parser.add_argument('--chat-template', default=True, action=argparse.BooleanOptionalAction)
     parser.add_argument('--work-dir', default=os.path.join(ROOT, 'runs', 'quality'),
@@ -601,6 +601,21 @@ def existing_file(path: str) -> str:
     return path
 
 
+WORK_ENTRIES = ('samples', 'feedback', 'rewards', 'sweep')  # and quality_<method> runs, quality-<tag> reports
+
+
+def check_clearable(work_dir: str) -> None:
+    """Stop before clearing a work directory that holds what quality.py does not write there (another directory,
+    given by mistake, would be wiped)."""
+    path = os.path.join(ROOT, work_dir)
+    foreign = sorted(name for name in os.listdir(path) if name not in WORK_ENTRIES and not name.startswith('quality')) \
+        if os.path.isdir(path) else []
+    if foreign:
+        raise ConfigError(f"--work-dir {work_dir} holds {', '.join(foreign[:3])}{' and more' if foreign[3:] else ''}, "
+                          f"which quality.py does not write; it clears its work directory at the start (unless "
+                          f"--reuse): give it a directory of its own")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = parse_args(argv)
     with reported_as_one_line('quality.py'):
@@ -610,6 +625,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 def measure(args: argparse.Namespace) -> dict:
     methods = [METHODS[name] for name in args.methods.split(',')]
     if not args.reuse:
+        check_clearable(args.work_dir)
         shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)
     tag = args.tag or datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
     earlier = earlier_report(args, tag)

@@ -178,3 +178,20 @@ def test_a_demo_rerun_keeps_each_row_an_earlier_demo_measured_and_measures_the_o
     shown = subprocess.run([sys.executable, os.path.join(ROOT, 'scripts', 'demo.py'), '--help'], capture_output=True,
                            text=True, timeout=300)
     assert shown.returncode == 0 and shown.stdout.startswith('usage: demo.py [-h]')
+
+
+def test_a_work_directory_that_holds_what_quality_py_does_not_write_is_not_cleared(tmp_path):
+    (tmp_path / 'work' / 'quality_dpo').mkdir(parents=True)
+    (tmp_path / 'work' / 'samples').mkdir()
+    (tmp_path / 'mine').mkdir()
+    (tmp_path / 'mine' / 'notes.txt').write_text('keep me')
+    command = [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--methods', 'dpo', '--work-dir']
+    result = subprocess.run(command + [str(tmp_path / 'mine')], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"quality.py: --work-dir {tmp_path}/mine holds notes.txt, which quality.py does not write; it clears its work "
+        f"directory at the start (unless --reuse): give it a directory of its own")
+    assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me'
+    sys.path.insert(0, os.path.join(ROOT, 'bench'))
+    import quality
+    quality.check_clearable(str(tmp_path / 'work'))  # its own runs and samples: cleared
+    quality.check_clearable(str(tmp_path / 'nowhere'))
