@@ -204,8 +204,8 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
     summary, parts = reward_summary(rewards), part_means(rewards)
     return records, {'exp_name': run.exp_name, 'saved_policy': run.saved_policy, 'prompts': run.prompts,
             'reward_function': run.reward_function or labeler.name, 'reward_mean': summary['mean'],
-            'reward_se': summary['se'],
-            'n': summary['n'], 'length_words': statistics.fmean(lengths), 'kl': statistics.fmean(log_ratios),
+            'reward_se': summary['se'], 'n': summary['n'], 'length_words': statistics.fmean(lengths),
+            'kl': statistics.fmean(log_ratios),
             **({'reward_parts': parts} if parts else {}),
             'sampled_at': str(datetime.datetime.now())}
 

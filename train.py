@@ -203,9 +203,11 @@ def setting(config, key: str):
 
 
 def shown_value(value) -> str:
-    """A setting as it is typed on the command line: [a,b] for a list, true for True."""
-    if value is None or isinstance(value, bool):
-        return str(value).lower().replace('none', 'null')
+    """A setting as it is typed on the command line: [a,b] for a list, true for True, null for None."""
+    if value is None:
+        return 'null'
+    if isinstance(value, bool):
+        return str(value).lower()
     return f"[{','.join(map(shown_value, value))}]" if isinstance(value, list) else str(value)
 
 
