@@ -105,7 +105,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--load-from', help='start every method from this checkpoint (model.load_from)')
     parser.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
     parser.add_argument('--samples-per-prompt', type=int, default=4, help='k: the budget is k x the train prompts')
-    parser.add_argument('--rounds', type=positive_int, default=3, help='online DPO: the budget split into this many rounds')
+    parser.add_argument('--rounds', type=positive_int, default=3,
+                        help='online DPO: the budget split into this many rounds')
     parser.add_argument('--max-new-tokens', type=int, default=48)
     parser.add_argument('--temperature', type=float, default=0.7)
     parser.add_argument('--top-p', type=float, default=0.95)

@@ -306,7 +306,7 @@ def check_labeler(run: RunSettings, who: str) -> None:
         raise ConfigError(f"{who} need prompts: online.prompts=[file.jsonl] (or datasets=[...])")
     needs = {'function': 'reward_function', 'reward_model': 'reward_model', 'judge': 'judge'}[online.labeler]
     if not getattr(online, needs):
-        given = [labeler for labeler, key in (('reward_model', 'reward_model'), ('judge', 'judge')) if getattr(online, key)]
+        given = [key for key in ('reward_model', 'judge') if getattr(online, key)]  # its labeller is named alike
         switch = f" (online.{given[0]} is set: add online.labeler={given[0]} to score with it)" if given else ''
         raise ConfigError(f"online.labeler={online.labeler} needs online.{needs} to be set{switch}")
     if online.reward_weights is not None and online.labeler != 'function':
