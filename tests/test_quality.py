@@ -191,7 +191,6 @@ def test_a_work_directory_that_holds_what_quality_py_does_not_write_is_not_clear
         f"quality.py: --work-dir {tmp_path}/mine holds notes.txt, which quality.py does not write; it clears its work "
         f"directory at the start (unless --reuse): give it a directory of its own")
     assert (tmp_path / 'mine' / 'notes.txt').read_text() == 'keep me'
-    sys.path.insert(0, os.path.join(ROOT, 'bench'))
-    import quality
-    quality.check_clearable(str(tmp_path / 'work'))  # its own runs and samples: cleared
-    quality.check_clearable(str(tmp_path / 'nowhere'))
+    from bench.quality import check_clearable
+    check_clearable(str(tmp_path / 'work'))  # its own runs and samples: cleared
+    check_clearable(str(tmp_path / 'nowhere'))
