@@ -158,8 +158,9 @@ def composition_message(error: Exception) -> str:
     """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
     if isinstance(error, yaml.YAMLError):
         return yaml_error_line(error)
-    if isinstance(error, ValueError) and unnamed_group_choice(sys.argv[1:]):
-        return unnamed_group_choice(sys.argv[1:])
+    choice = unnamed_group_choice(sys.argv[1:]) if isinstance(error, ValueError) else None
+    if choice:
+        return choice
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
