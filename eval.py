@@ -60,6 +60,7 @@ from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
+from halos.preference import RewardModelTrainer
 from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict
 from utils import autocast, disable_dropout, set_seed, start_process
@@ -132,6 +133,8 @@ def evaluate(run: RunSettings) -> dict:
     """The run's trainer evaluation (its loss and metrics) on the test split; online RL's on the held-out prompts
     that its training evaluated on."""
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
+    if issubclass(trainer_class, RewardModelTrainer) and run.saved_policy:
+        check_score_head(run)
     tokenizer = load_run_tokenizer(run)
     eval_loader = build_loader(run, tokenizer, 'test',
                                own_held_out_prompts(run) if trainer_class.samples_online else None)
@@ -147,6 +150,20 @@ def evaluate(run: RunSettings) -> dict:
     trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, None, eval_loader, policy, reference_model,
                             **extra)
     return {'metadata': as_dict(run), 'results': trainer.evaluate()}
+
+
+def check_score_head(run: RunSettings) -> None:
+    """A reward model's saved_policy holds its trained score head: a policy's checkpoint would load with a freshly
+    initialised one (as training a reward model from an SFT policy does), and the evaluation would score at random."""
+    path = models.resolve_load_from(run.saved_policy, run.cache_dir)
+    if os.path.isdir(path):
+        if models.is_sequence_classifier(path):
+            return
+    elif any('score' in key.split('.') for key in checkpoint.state_keys(path)):
+        return
+    raise ConfigError(f"saved_policy={run.saved_policy} has no score head (a policy's checkpoint, not a reward "
+                      f"model's): {run.exp_name} is a reward model (loss={run.loss.name}), evaluated by the head it "
+                      f"trained; give its checkpoint, <its run>/LATEST/policy.pt or <its run>/LATEST/hf")
 
 
 def log_ratios_to_start(run: RunSettings, policy, start, batch: Dict, samples: List[Sample], pad_token_id: int,
@@ -211,10 +228,11 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
 
 
 def reward_line(result: dict) -> str:
-    """mode=reward's summary line; one prompt has no standard error."""
+    """mode=reward's summary line; one prompt has no standard error, and a KL that rounds to zero from below
+    (the policy's own sampling noise) reads 0.000."""
     spread = f"+- {result['reward_se']:.4f} " if result['n'] > 1 else ''
     return (f"reward {result['reward_mean']:.4f} {spread}(n={result['n']}), length {result['length_words']:.1f} words, "
-            f"KL to the starting model {result['kl']:.3f}")
+            f"KL to the starting model {round(result['kl'], 3) + 0.0:.3f}")
 
 
 def lm_eval_results(run: RunSettings) -> dict:
@@ -376,6 +394,8 @@ def check_saved_policy(run: RunSettings) -> None:
                                f"it, or continue it with ++resume=true), or give ++saved_policy=<a policy.pt or an "
                                f"HF directory>") from None
     checkpoint.check_policy_file(path, 'saved_policy')
+    if os.path.isdir(path):
+        models.check_same_shape(path, run.model.name_or_path, 'saved_policy')
 
 
 def run_evaluation(run: RunSettings) -> None:

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 
 from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
-from halos.feedback import checked_turns, read_records
+from halos.feedback import another_prompt, checked_turns, read_records
 from halos.jsonl import check_distinct_files, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, kind_defaults,
@@ -109,8 +109,7 @@ def read_samples(path: str) -> List[dict]:
     for number, sample in enumerate(samples, 1):
         first, prompt = first_of_prompt.setdefault(sample['prompt_id'], (number, sample['prompt']))
         if prompt != sample['prompt']:
-            raise DataError(f"{path}: record {number}: prompt_id {sample['prompt_id']} already names another prompt "
-                            f"(in record {first}); one prompt_id stands for one prompt")
+            raise another_prompt(f"{path}: record {number}", f"prompt_id {sample['prompt_id']}", f"record {first}")
         seen.add(json.dumps([sample['prompt'], sample['output']]))
     if len(seen) < len(samples):
         print(f"warning: {path}: {len(samples) - len(seen)} records repeat the prompt and output of an earlier one; "

@@ -348,15 +348,16 @@ def state_mismatch(own: dict, state: dict) -> str:
 SHAPE_KEYS = ('model_type', 'hidden_size', 'num_hidden_layers', 'num_attention_heads', 'intermediate_size')
 
 
-def check_same_shape(load_from: str, name_or_path: str) -> None:
-    """An HF directory given as load_from brings its weights, not another model: its shape must be the
-    model's, as a policy.pt's must (its vocabulary may be larger, by the control tokens its run added)."""
+def check_same_shape(load_from: str, name_or_path: str, key: str = 'model.load_from') -> None:
+    """An HF directory given as load_from (the setting `key`) brings its weights, not another model: its shape
+    must be the model's, as a policy.pt's must (its vocabulary may be larger, by the control tokens its run
+    added)."""
     from transformers import AutoConfig
     given, own = (from_pretrained(AutoConfig, path) for path in (load_from, name_or_path))
     differ = [f'{key} {getattr(given, key, None)}, not {getattr(own, key, None)}' for key in SHAPE_KEYS
               if getattr(given, key, None) != getattr(own, key, None)]
     if differ:
-        raise ConfigError(f"model.load_from={load_from} is not a checkpoint of model.name_or_path={name_or_path}: "
+        raise ConfigError(f"{key}={load_from} is not a checkpoint of model.name_or_path={name_or_path}: "
                           f"its {'; '.join(differ)} (give the model it was trained from)")
 
 

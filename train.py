@@ -28,7 +28,7 @@ from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
 from halos.cli import config_choices, run_hydra, task_overrides
 from halos.datasets import DATASETS
-from halos.errors import ConfigError, met_alike_by_every_process, reported_as_one_line
+from halos.errors import ConfigError, first_on_its_node, met_alike_by_every_process, reported_as_one_line
 from halos.loop import METRICS
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
@@ -270,7 +270,8 @@ def train_with(run: RunSettings) -> None:
     try:
         launch(run)
     except KeyboardInterrupt:
-        print(f"\n{what_an_interrupt_left(run)}", file=sys.stderr)
+        if first_on_its_node():
+            print(f"\n{what_an_interrupt_left(run)}", file=sys.stderr)
         sys.exit(130)
     finally:
         if torch.distributed.is_initialized():

@@ -28,6 +28,7 @@ samples consumed) and quality-<tag>-frontier.png (reward against KL), and prints
 is a train.py, eval.py or label.py command line a user can rerun by hand.
 """
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import importlib
@@ -51,6 +52,7 @@ if ROOT not in sys.path:
 from halos.errors import (ArgumentParser, ConfigError, positive_int,  # noqa: E402  (after the path insert)
                           reported_as_one_line, wait_passing_stops)
 from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
+from halos.labelers import reward_function_labeler  # noqa: E402
 
 
 STEP_LEVEL = ('grpo-online', 'dr-grpo', 'dapo', 'gspo', 'rloo', 'reinforce-pp')  # losses that sample every step
@@ -625,6 +627,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
 
 def measure(args: argparse.Namespace) -> dict:
     methods = [METHODS[name] for name in args.methods.split(',')]
+    with contextlib.chdir(ROOT):  # where its commands run; a broken reward function stops it before any sampling
+        reward_function_labeler(args.reward_function)
     if not args.reuse:
         check_clearable(args.work_dir)
         shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)

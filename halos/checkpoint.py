@@ -169,6 +169,16 @@ def load_policy_file(path: str) -> Dict:
     return policy
 
 
+def state_keys(path: str) -> List[str]:
+    """The parameter names of the policy checkpoint at `path`, its tensors mapped from the file, not read (a file
+    that is no policy checkpoint: load_policy_file's error)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True).get("state")
+    except Exception:
+        state = None
+    return list(state) if isinstance(state, dict) else list(load_policy_file(path)["state"])
+
+
 def read_torch_file(path: str):
     """torch.load(weights_only=True) of a checkpoint file; a DataError naming the file and what it holds when it
     is not one torch can read."""

@@ -72,9 +72,15 @@ def reported(program: str, error: UserError) -> int:
     if show_traceback():
         raise error
     alike = isinstance(error, ConfigError) or getattr(error, 'met_alike', False)
-    if not alike or os.environ.get('LOCAL_RANK', '0') == '0':
+    if not alike or first_on_its_node():
         print(f"{program}: {one_line(error)}", file=sys.stderr, flush=True)
     return 2
+
+
+def first_on_its_node() -> bool:
+    """Whether this is the one process of its node (of a torchrun, else the only one) that speaks for all its
+    node's processes where each meets the same thing (a Ctrl-C reaches every one)."""
+    return os.environ.get('LOCAL_RANK', '0') == '0'
 
 
 @contextlib.contextmanager
@@ -119,7 +125,8 @@ def reported_as_one_line(program: str):
     except KeyboardInterrupt:
         if show_traceback():
             raise
-        print(f'\n{program}: interrupted', file=sys.stderr, flush=True)
+        if first_on_its_node():
+            print(f'\n{program}: interrupted', file=sys.stderr, flush=True)
         sys.exit(130)
     except subprocess.CalledProcessError as error:
         if show_traceback():

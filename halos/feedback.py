@@ -283,6 +283,11 @@ def add_generation(example, text: str, score: Optional[float], weight: float) ->
     example.weights.append(weight)
 
 
+def another_prompt(where: str, key: str, first: str) -> DataError:
+    """The error of a record whose prompt_id (`key`) already named another prompt, at `first`."""
+    return DataError(f"{where}: {key} already names another prompt (in {first}); one prompt_id stands for one prompt")
+
+
 def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
                       assistant_suffix: str) -> Dataset:
     """A user's own feedback: binary {prompt, output, label} or pairwise {prompt, output_A, output_B, label}.
@@ -331,8 +336,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         key = f"prompt_id {record['prompt_id']}" if record.get('prompt_id') is not None else prompt
         example = dataset[key]
         if example.source and example.prompt != prompt:
-            raise DataError(f"{where}: {key} already names another prompt (in {example.source}); one prompt_id "
-                            f"stands for one prompt")
+            raise another_prompt(where, key, example.source)
         example.prompt, example.turns = prompt, turns
         example.text_prompt = isinstance(record.get('prompt'), str)
         example.prompt_id = str(record['prompt_id']) if record.get('prompt_id') is not None else ''

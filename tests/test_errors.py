@@ -410,6 +410,11 @@ def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, ca
     with pytest.raises(SystemExit) as exit_, reported_as_one_line('eval.py'):
         raise KeyboardInterrupt
     assert exit_.value.code == 130 and capsys.readouterr().err == '\neval.py: interrupted\n'
+    monkeypatch.setenv('LOCAL_RANK', '1')  # under torchrun the Ctrl-C reaches every process: one per node says so
+    with pytest.raises(SystemExit) as exit_, reported_as_one_line('train.py'):
+        raise KeyboardInterrupt
+    assert exit_.value.code == 130 and capsys.readouterr().err == ''
+    monkeypatch.delenv('LOCAL_RANK')
 
     def interrupted(args):
         raise KeyboardInterrupt

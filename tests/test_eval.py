@@ -331,6 +331,8 @@ def test_reward_line_gives_the_standard_error_only_where_there_are_two_rewards_o
                                                'KL to the starting model 0.250')
     one = {**result, 'reward_se': float('nan'), 'n': 1}
     assert eval_script.reward_line(one) == 'reward 0.5000 (n=1), length 3.0 words, KL to the starting model 0.250'
+    assert eval_script.reward_line({**result, 'kl': -0.0004}).endswith('KL to the starting model 0.000')
+    assert eval_script.reward_line({**result, 'kl': -0.0006}).endswith('KL to the starting model -0.001')
 
 
 def test_an_empty_prompts_list_and_the_mode_of_a_training_config_are_refused(tmp_path):
@@ -392,3 +394,35 @@ def test_eval_mode_of_online_rl_evaluates_on_the_held_out_prompts_its_training_e
                          f'++online.reward_function={tmp_path}/r.py:held', f'++online.eval_prompts=[{tmp_path}/held.jsonl]',
                          '++saved_policy=null', loss='grpo-online', datasets=f'[{tmp_path}/train.jsonl]')
     assert eval_script.evaluate(config)['results']['reward_eval/mean'] == 1.0
+
+
+def test_eval_mode_of_a_reward_model_refuses_a_saved_policy_without_a_score_head(tmp_path):
+    import dataclasses
+
+    from halos.checkpoint import save_policy_file
+    from helpers import tiny_reward_model
+    run = make_config(tmp_path, loss='bradley-terry')
+    weights = {'model.norm.weight': torch.ones(2)}
+    save_policy_file(str(tmp_path / 'policy.pt'), 1, {**weights, 'lm_head.weight': torch.ones(2, 2)}, {})
+    save_policy_file(str(tmp_path / 'rm.pt'), 1, {**weights, 'score.weight': torch.ones(1, 2)}, {})
+    save_policy_file(str(tmp_path / 'lora.pt'), 1, {'base_model.model.score.modules_to_save.default.weight':
+                                                    torch.ones(1, 2)}, {})
+    for held in ('rm.pt', 'lora.pt', os.path.basename(tiny_reward_model(tmp_path / 'rm'))):
+        eval_script.check_score_head(dataclasses.replace(run, saved_policy=str(tmp_path / held)))
+    with pytest.raises(ConfigError) as error:
+        eval_script.check_score_head(dataclasses.replace(run, saved_policy=str(tmp_path / 'policy.pt')))
+    assert str(error.value) == (f"saved_policy={tmp_path}/policy.pt has no score head (a policy's checkpoint, not a "
+                                f"reward model's): test is a reward model (loss=bradley-terry), evaluated by the head "
+                                f"it trained; give its checkpoint, <its run>/LATEST/policy.pt or <its run>/LATEST/hf")
+
+
+def test_a_saved_policy_of_another_shape_is_refused_by_its_own_name(tmp_path):
+    import dataclasses
+
+    from transformers import LlamaConfig
+    wider = tmp_path / 'wider'
+    LlamaConfig(hidden_size=64, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2).save_pretrained(wider)
+    with pytest.raises(ConfigError) as error:
+        eval_script.check_saved_policy(dataclasses.replace(make_config(tmp_path, loss='sft'), saved_policy=str(wider)))
+    assert str(error.value) == (f"saved_policy={wider} is not a checkpoint of model.name_or_path=embedded:tiny-smollm2: "
+                                f"its hidden_size 64, not 32 (give the model it was trained from)")

@@ -194,3 +194,14 @@ def test_a_work_directory_that_holds_what_quality_py_does_not_write_is_not_clear
     from bench.quality import check_clearable
     check_clearable(str(tmp_path / 'work'))  # its own runs and samples: cleared
     check_clearable(str(tmp_path / 'nowhere'))
+
+
+def test_a_broken_reward_function_stops_it_before_anything_is_sampled_or_cleared(tmp_path):
+    (tmp_path / 'work' / 'samples').mkdir(parents=True)
+    (tmp_path / 'work' / 'samples' / 'kept.jsonl').write_text('{}\n')
+    command = [sys.executable, os.path.join(ROOT, 'bench', 'quality.py'), '--methods', 'dpo', '--work-dir',
+               str(tmp_path / 'work'), '--reward-function', os.path.join(ROOT, 'tests', 'rewards.py') + ':no_such']
+    result = subprocess.run(command, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and result.stderr.strip() == (
+        f"quality.py: reward function 'tests/rewards.py:no_such': {ROOT}/tests/rewards.py has no function 'no_such'")
+    assert (tmp_path / 'work' / 'samples' / 'kept.jsonl').read_text() == '{}\n' and result.stdout == ''
