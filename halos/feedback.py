@@ -171,7 +171,7 @@ def _field(record: Dict, name: str, where: str):
 def checked_turns(value, name: str, where: str) -> List[Dict[str, str]]:
     """A prompt or output given as a string or a list of {'role', 'content'} turns."""
     if isinstance(value, str):
-        return [{'role': 'user' if name == 'prompt' else 'assistant', 'content': value}]
+        value = [{'role': 'user' if name == 'prompt' else 'assistant', 'content': value}]
     if not isinstance(value, list) or not value or not all(
             isinstance(t, dict) and isinstance(t.get('content'), str) and 'role' in t for t in value):
         raise DataError(f"{where}: field '{name}' must be a string or a non-empty list of "
@@ -180,6 +180,8 @@ def checked_turns(value, name: str, where: str) -> List[Dict[str, str]]:
         if turn['role'] not in ROLES:
             raise DataError(f"{where}: field '{name}' turn {number} has role {turn['role']!r}; "
                             f"roles are {', '.join(ROLES)}")
+    if name == 'prompt' and not any(t['content'].strip() for t in value):  # as an empty completion, a field lost
+        raise DataError(f"{where}: field 'prompt' is empty; a prompt is the text its completions answer")
     return [{'role': t['role'], 'content': t['content']} for t in value]
 
 

@@ -437,6 +437,10 @@ def test_bad_feedback_files_name_file_record_and_field(file, pattern):
     ([{'prompt': 'a', 'output': 'x', 'label': 0.5}], "record 1: field 'label' must be true/false or 0/1, got 0.5"),
     ([{'prompt': 'a', 'output': [{'role': 'user', 'content': 'x'}], 'label': 1}],
      "record 1: field 'output' is a user turn; a completion is the assistant's"),
+    ([{'prompt': 'a', 'output': 'x', 'label': 1}, {'prompt': ' \n', 'output': 'y', 'label': 0}],
+     "record 2: field 'prompt' is empty; a prompt is the text its completions answer"),
+    ([{'prompt': [{'role': 'system', 'content': ''}, {'role': 'user', 'content': ''}], 'output': 'y', 'label': 0}],
+     "record 1: field 'prompt' is empty; a prompt is the text its completions answer"),
 ])
 def test_records_that_contradict_themselves_or_each_other_are_named(tmp_path, records, message):
     path = tmp_path / 'feedback.jsonl'
