@@ -52,8 +52,8 @@ from halos import batch as schema
 from halos import checkpoint, lora, rl
 from halos.build import (build_labeler, build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
-from halos.cli import primary_config_dir, run_hydra, task_overrides, unreadable_yaml_files
-from halos.errors import ConfigError, MissingFileError, reported_as_one_line
+from halos.cli import primary_config_dir, run_hydra, skipped_task_files, task_overrides
+from halos.errors import ConfigError, MissingFileError, describe_error, reported_as_one_line
 from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_json, write_jsonl
 from halos.labelers import checked_scores, make_labeler, reward_function_labeler
@@ -248,21 +248,18 @@ def lm_eval_results(run: RunSettings) -> dict:
     task_manager = TaskManager(include_path=[HALOS_TASKS, *([settings.include_path] if settings.include_path else [])])
     unknown = [task for task in settings.tasks if task not in task_manager.all_tasks]
     if unknown:  # said before the policy loads
-        unreadable = unreadable_yaml_files(settings.include_path) if settings.include_path else []
+        skipped = skipped_task_files(settings.include_path) if settings.include_path else []
         raise ConfigError(f"lm_eval.tasks: no task {', '.join(unknown)} in lm-eval or {HALOS_TASKS}"
                           + (f" or {settings.include_path}" if settings.include_path else '')
-                          + (f" (lm-eval skipped these task files: {'; '.join(unreadable)})" if unreadable else ''))
+                          + (f" (lm-eval skipped these task files: {'; '.join(skipped)})" if skipped else ''))
+    for task in settings.tasks:
+        check_task_builds(task_manager, task)
     tokenizer = load_run_tokenizer(run)
     policy = load_policy(run, tokenizer).to('cuda' if torch.cuda.is_available() else 'cpu')
     model = HFLM(pretrained=policy, tokenizer=tokenizer, batch_size=settings.batch_size,
                  max_length=run.model.max_length)
-    try:
-        results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
-                                          limit=settings.limit, task_manager=task_manager)
-    except FileNotFoundError as error:  # a task's data_files, found relative to the working directory
-        raise MissingFileError(f"lm_eval.tasks: a task's data is not there ({str(error).splitlines()[0]}); a task "
-                               f"YAML names its data_files relative to the working directory (run eval.py from the "
-                               f"repository's root for halos_basics)") from None
+    results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
+                                      limit=settings.limit, task_manager=task_manager)
     print(make_table(results))
     os.makedirs(run.local_run_dir, exist_ok=True)
     path = os.path.join(run.local_run_dir, 'lm_eval.json')
@@ -276,6 +273,21 @@ def lm_eval_results(run: RunSettings) -> dict:
             logged.log({f'lm_eval/{task}/{metric}': value for task, metrics in results['results'].items()
                         for metric, value in metrics.items() if isinstance(value, (int, float))})
     return results
+
+
+def check_task_builds(task_manager, task: str) -> None:
+    """lm-eval builds `task` (reads its YAML, loads its data) before the policy loads; what stops it, one line."""
+    try:
+        task_manager.load([task])
+    except FileNotFoundError as error:  # a task's data_files, found relative to the working directory
+        raise MissingFileError(f"lm_eval.tasks: task {task}: its data is not there ({str(error).splitlines()[0]}); "
+                               f"a task YAML names its data_files relative to the working directory (run eval.py from "
+                               f"the repository's root for halos_basics)") from None
+    except Exception as error:  # its YAML's or its data's, whichever lm-eval or datasets raises
+        entry = task_manager.task_index.get(task)
+        where = f" ({entry.yaml_path})" if getattr(entry, 'yaml_path', None) else ''
+        raise ConfigError(f"lm_eval.tasks: task {task}{where} does not build: "
+                          f"{describe_error(error.__cause__ or error)}") from None
 
 
 def own_held_out_prompts(run: RunSettings):

@@ -127,15 +127,19 @@ class TaggedYamlLoader(yaml.SafeLoader):
 TaggedYamlLoader.add_multi_constructor('!', lambda loader, suffix, node: None)
 
 
-def unreadable_yaml_files(directory: str) -> List[str]:
-    """`yaml_error_line` of each *.yaml under `directory` that is not valid YAML."""
+def skipped_task_files(directory: str) -> List[str]:
+    """Each *.yaml under `directory` that lm-eval skips without a word: `yaml_error_line` of one that is not valid
+    YAML, and one that names no task or group."""
     problems = []
     for path in sorted(glob.glob(os.path.join(directory, '**', '*.yaml'), recursive=True)):
         with open(path) as f:
             try:
-                yaml.load(f, TaggedYamlLoader)
+                config = yaml.load(f, TaggedYamlLoader)
             except yaml.YAMLError as error:
                 problems.append(yaml_error_line(error))
+                continue
+        if not (isinstance(config, dict) and ({'task', 'group'} & set(config))):
+            problems.append(f"{path} names no task (no 'task:' key)")
     return problems
 
 

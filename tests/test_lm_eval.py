@@ -78,7 +78,24 @@ def test_a_task_yaml_that_does_not_parse_is_named_beside_the_task_it_would_have_
     tasks.mkdir()
     (tasks / 'mine.yaml').write_text('task: mine\ndataset_path: json\n  doc_to_text: "{{question}}"\n')
     (tasks / 'fine.yaml').write_text('task: fine\nprocess_results: !function utils.process\n')  # lm-eval's tag is valid
+    (tasks / 'group.yaml').write_text('group: both\ntask: [fine]\n')
+    (tasks / 'named.yaml').write_text('name: other\ndataset_path: json\n')  # `name:` where lm-eval reads `task:`
     assert lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[mine]', f'++lm_eval.include_path={tasks}') == (
         f"eval.py: lm_eval.tasks: no task mine in lm-eval or {os.path.join(DATA, 'lm_eval')} or {tasks} (lm-eval "
         f"skipped these task files: {tasks}/mine.yaml line 3, column 14: not valid YAML: mapping values are not "
-        f"allowed here)")
+        f"allowed here; {tasks}/named.yaml names no task (no 'task:' key))")
+
+
+def test_a_task_whose_data_is_missing_or_broken_stops_before_the_policy_loads(tmp_path, monkeypatch, capsys):
+    tasks = tmp_path / 'tasks'
+    tasks.mkdir()
+    (tmp_path / 'broken.jsonl').write_text('not json\n')
+    for name, data in (('gone', tmp_path / 'gone.jsonl'), ('broken', tmp_path / 'broken.jsonl')):
+        (tasks / f'{name}.yaml').write_text(f'task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n'
+                                            f'    test: {data}\ntest_split: test\noutput_type: multiple_choice\n'
+                                            f'doc_to_text: "{{{{question}}}}"\ndoc_to_choice: "{{{{choices}}}}"\n'
+                                            f'doc_to_target: "{{{{answer}}}}"\n')
+    line = lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[gone]', f'++lm_eval.include_path={tasks}')
+    assert line.startswith("eval.py: lm_eval.tasks: task gone: its data is not there (") and str(tmp_path) in line
+    assert lm_eval_stops(tmp_path, monkeypatch, capsys, '++lm_eval.tasks=[broken]', f'++lm_eval.include_path={tasks}') \
+        .startswith(f"eval.py: lm_eval.tasks: task broken ({tasks}/broken.yaml) does not build: ArrowInvalid: JSON parse")
