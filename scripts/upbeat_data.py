@@ -61,10 +61,23 @@ def write_data(args) -> None:
     outputs = {'samples': labelled, 'pairs': build_feedback(labelled, 'pairwise', pair_mode='max', seed=args.seed),
                'binary': build_feedback(labelled, 'binary', threshold='median', per_prompt=True),
                'scalar': build_feedback(labelled, 'scalar')}
+    check_learnable(labelled, outputs)
     for kind, records in outputs.items():
         write_jsonl(os.path.join(args.out, f'{kind}.jsonl'), records)
         print(f'{kind}: {len(records)} records')
     print(dict(counts))
+
+
+def check_learnable(labelled, outputs) -> None:
+    """Every feedback file has something to learn from, or none is written: a degenerate one (too few or too
+    short samples) would replace a shipped file."""
+    from halos.errors import DataError
+    from halos.labelling import why_no_training_data
+    for name, kind in (('pairs', 'pairwise'), ('binary', 'binary'), ('scalar', 'scalar')):
+        reason = why_no_training_data(labelled, outputs[name], kind)
+        if reason:
+            raise DataError(f"{name}: {reason}; nothing written (sample more per prompt, longer or at a higher "
+                            f"temperature)")
 
 
 if __name__ == '__main__':

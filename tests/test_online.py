@@ -361,6 +361,27 @@ def test_the_shipped_upbeat_feedback_is_what_its_reward_function_says():
     assert all(b['label'] == (b['reward'] >= medians[b['prompt_id']]) for b in binary)
 
 
+def test_upbeat_data_writes_no_file_where_one_kind_of_feedback_would_have_nothing_to_learn_from():
+    import importlib.util
+
+    from halos.errors import DataError
+    from halos.labelling import build_feedback
+    spec = importlib.util.spec_from_file_location('upbeat_data', os.path.join(ROOT, 'scripts', 'upbeat_data.py'))
+    upbeat_data = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(upbeat_data)
+    one_each = [{'prompt_id': str(i), 'prompt': f'p{i}', 'output': f'o{i}', 'reward': float(i)} for i in range(3)]
+    outputs = lambda labelled: {'pairs': build_feedback(labelled, 'pairwise', pair_mode='max', seed=0),
+                                'binary': build_feedback(labelled, 'binary', threshold='median', per_prompt=True),
+                                'scalar': build_feedback(labelled, 'scalar')}
+    with pytest.raises(DataError) as error:
+        upbeat_data.check_learnable(one_each, outputs(one_each))
+    assert str(error.value) == ("pairs: 0 pairs: no prompt of 3 has two samples with different rewards (3 have fewer "
+                                "than 2 scored samples); nothing written (sample more per prompt, longer or at a "
+                                "higher temperature)")
+    two_each = one_each + [{**sample, 'output': 'again', 'reward': sample['reward'] + 1} for sample in one_each]
+    upbeat_data.check_learnable(two_each, outputs(two_each))
+
+
 def test_written_feedback_files_get_the_usual_file_mode(tmp_path):
     from halos.jsonl import write_jsonl
     umask = os.umask(0o022)
