@@ -261,6 +261,9 @@ def spawn_workers(run: RunSettings, world_size: int) -> None:
 def train(config: DictConfig) -> None:
     with reported_as_one_line('train.py'):
         run = run_settings(config, task_overrides())
+        if run.mode != 'train':  # eval.py's modes
+            raise ConfigError(f"mode={run.mode}: train.py trains, with mode=train; eval.py does the others: python "
+                              f"eval.py --config-path=<a run directory> ++mode={run.mode}")
         run = dataclasses.replace(run, saved_policy=run.saved_policy or os.path.join(
             run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY))  # where eval.py finds the trained policy
         train_with(run)

@@ -81,6 +81,9 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
     """The loss section: its fixed keys, its trainer's Params and its loader's Params."""
     own = [spec.name for spec in dataclasses.fields(LossSettings) if not is_params(spec)]
     fixed = typed(LossSettings, {key: value for key, value in loss.items() if key in own}, overrides, 'loss.')
+    if 'loss.name' in overrides.lines:  # it would rename the loss, not change it
+        raise ConfigError(f"{overrides.lines['loss.name']}: loss.name is the name of the loss YAML that loss=<name> "
+                          f"chooses (a resume checks it): choose the loss with loss=<name>")
     missing = [f'loss.{key}' for key in ('name', 'trainer', 'dataloader') if getattr(fixed, key) == REQUIRED]
     if missing:
         raise ConfigError(f"missing required config keys: {', '.join(missing)} (a loss YAML names all three: its name, "

@@ -94,10 +94,10 @@ def met_alike_by_every_process():
         raise
 
 
-# what the file system answers a run that writes where it may not, where no room is left, or where a path's kind
-# (file or directory) is not the one it needs
+# what the file system answers a run that writes where it may not, where no room is left, where a path's kind
+# (file or directory) is not the one it needs, or to a name too long for it
 FILE_SYSTEM_REFUSALS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENOTDIR, errno.EISDIR,
-                        errno.EEXIST}
+                        errno.EEXIST, errno.ENAMETOOLONG}
 
 
 @contextlib.contextmanager

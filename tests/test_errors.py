@@ -43,7 +43,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'reward model not there', 'eval: a run without a checkpoint', 'binary feedback for a pair loss',
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
          'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template',
-         'load_from a run directory', 'demonstrations for a pair loss', 'an optimizer that cannot step a model']
+         'load_from a run directory', 'demonstrations for a pair loss', 'an optimizer that cannot step a model',
+         "eval.py's mode given to train.py", 'loss.name on the command line']
 
 
 @pytest.fixture(scope='module')
@@ -231,6 +232,12 @@ def cases(tmp_path, made_once):
                           f"mean Adam?)"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
+        'loss.name on the command line': ('train.py', ['++loss.name=sft'], "++loss.name=sft: loss.name is the name "
+                                          "of the loss YAML that loss=<name> chooses (a resume checks it): choose the "
+                                          "loss with loss=<name>"),
+        "eval.py's mode given to train.py": ('train.py', ['++mode=eval'], "mode=eval: train.py trains, with "
+                                             "mode=train; eval.py does the others: python eval.py --config-path=<a run "
+                                             "directory> ++mode=eval"),
         'eval: unknown mode': ('eval.py', ['++mode=samples'], "++mode=samples: mode must be one of train, sample, eval, "
                                                               "alpacaeval, reward, lm_eval (did you mean sample?)"),
     }
@@ -445,6 +452,9 @@ def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_e
     with pytest.raises(SystemExit), reported_as_one_line('eval.py'):
         os.makedirs(a_file, exist_ok=True)  # e.g. ++samples_dir=<a file>
     assert capsys.readouterr().err == f'eval.py: {a_file}: a file, where a directory must be\n'
+    with pytest.raises(SystemExit), reported_as_one_line('train.py'):
+        os.makedirs(tmp_path / ('x' * 300))  # e.g. an exp_name a sweep built from many values
+    assert capsys.readouterr().err == f"train.py: {tmp_path / ('x' * 300)}: File name too long\n"
     with pytest.raises(ConnectionResetError), reported_as_one_line('train.py'):
         raise ConnectionResetError(errno.ECONNRESET, 'Connection reset by peer')
 
