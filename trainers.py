@@ -317,7 +317,8 @@ class OnlinePPOTrainer(PPOTrainer):
         rows = rl.rollout_sequences(batch[schema.PROMPT_INPUT_IDS], batch[schema.PROMPT_ATTENTION_MASK],
                                     [sample.token_ids for sample in samples], self.tokenizer.pad_token_id)
         completions = [sample.text for sample in samples]
-        names = [f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
+        names = [f'held-out prompt {prompt_id} after step {self.batch_counter}' if not self.policy.training  # evaluation
+                 else f'step {self.batch_counter} prompt {prompt_id}' for prompt_id in batch[schema.PROMPT_ID]]
         scores = checked_scores(self.reward_function or self.reward_model, batch[schema.PROMPT_AS_GIVEN], completions,
                                 names, batch[schema.PROMPT_EXTRA])
         parts = {name: torch.tensor(values) for name, values in part_values(scores, 'reward_parts/').items()}

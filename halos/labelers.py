@@ -70,13 +70,19 @@ def checked_scores(labeler: Labeler, prompts: Sequence[Prompt], completions: Seq
     try:
         scores = list(labeler(prompts, completions, extras or [{}] * len(completions)))
     except SampleFailed as failure:
-        where = names[failure.index] if failure.index is not None else \
-            f"the {len(names)} completions {names[0]} to {names[-1]}"
+        where = names[failure.index] if failure.index is not None else the_batch(names)
         raise LabelError(f"{labeler_name} failed on {where}: {failure.reason}") from None
     if len(scores) != len(completions):
-        raise LabelError(f"{labeler_name} gave {len(scores)} scores for {len(completions)} completions")
+        raise LabelError(f"{labeler_name} gave {len(scores)} scores for {the_batch(names)}")
     return [checked_score(score, labeler_name, getattr(labeler, 'may_abstain', True), name)
             for score, name in zip(scores, names)]
+
+
+def the_batch(names: Sequence[str]) -> str:
+    """A batch of completions, by the samples it holds (`names`), for a message."""
+    if len(set(names)) == 1:
+        return f"the batch of {len(names)} completions of {names[0]}"
+    return f"the batch of {len(names)} completions from {names[0]} to {names[-1]}"
 
 
 class PartedScore(float):

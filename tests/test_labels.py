@@ -95,8 +95,11 @@ def test_only_a_labeler_that_may_abstain_gives_none():
     judge = Labeler([None, 7.0])
     judge.may_abstain = True
     assert checked_scores(judge, ['p', 'q'], ['c', 'd'], ['one', 'two']) == [None, 7.0]
-    with pytest.raises(LabelError, match=r'^a test labeler gave 1 scores for 2 completions$'):
+    with pytest.raises(LabelError, match=r'^a test labeler gave 1 scores for the batch of 2 completions from one to '
+                                         r'two$'):
         checked_scores(Labeler([1.0]), ['p', 'q'], ['c', 'd'], ['one', 'two'])
+    with pytest.raises(LabelError, match=r'^a test labeler gave 3 scores for the batch of 2 completions of one$'):
+        checked_scores(Labeler([1.0] * 3), ['p', 'p'], ['c', 'd'], ['one', 'one'])
 
 
 FIELDS = """
@@ -212,9 +215,9 @@ def test_a_reward_function_that_names_completions_is_called_once_per_batch_as_tr
     assert calling(tmp_path, 'trl_no_prompts')(['p', 'q'], ['ab', 'c'], [{'level': 1}, {}]) == [2.0, 1.0]
     with pytest.raises(LabelError) as error:
         calling(tmp_path, 'trl_scalar')(['p', 'q'], ['a', 'b'], [{}, {}])
-    assert str(error.value) == (f"reward function {tmp_path / 'conventions.py'}:trl_scalar failed on the 2 completions "
-                                f"sample 0 to sample 1: it gave 1.0, not a list of one score per completion")
-    with pytest.raises(LabelError, match=r"trl_raises failed on the 2 completions sample 0 to sample 1: it raised "
+    assert str(error.value) == (f"reward function {tmp_path / 'conventions.py'}:trl_scalar failed on the batch of 2 "
+                                f"completions from sample 0 to sample 1: it gave 1.0, not a list of one score per completion")
+    with pytest.raises(LabelError, match=r"trl_raises failed on the batch of 2 completions from sample 0 to sample 1: it raised "
                                          r"RuntimeError: the sandbox is down$"):
         calling(tmp_path, 'trl_raises')(['p', 'q'], ['a', 'b'], [{}, {}])
     with pytest.raises(LabelError, match=r"trl_style failed on sample 2: it takes answer, which its prompt's record "
@@ -388,7 +391,7 @@ def test_a_reward_function_that_calls_exit_is_named_with_its_sample_instead_of_e
                                        'async def later(prompt, completion):\n    sys.exit("done")\n'
                                        'def batch(prompts, completions):\n    exit()\n')
     for name, says in [('reward', 'sample b: it raised SystemExit: 3'), ('later', 'sample a: it raised SystemExit: done'),
-                       ('batch', 'the 2 completions sample a to sample b: it raised SystemExit: None')]:
+                       ('batch', 'the batch of 2 completions from sample a to sample b: it raised SystemExit: None')]:
         with pytest.raises(LabelError) as error:
             checked_scores(reward_function_labeler(f'{tmp_path}/exits.py:{name}'), ['p', 'q'], ['a', 'b'],
                            ['sample a', 'sample b'])

@@ -151,3 +151,17 @@ def test_a_reward_model_scores_each_sample_as_the_reward_model_labeller_does(tmp
     expected = RewardModelLabeler(str(tmp_path / 'rm'))(prompts, completions, [{}] * len(prompts))
     assert rollout.metrics['rewards/score'].tolist() == pytest.approx(expected, abs=1e-5)
     assert len({round(s, 6) for s in expected}) > 1
+
+
+def test_a_bad_score_names_a_training_sample_by_its_step_and_a_held_out_one_as_held_out(tmp_path):
+    from halos.labelers import LabelError
+    (tmp_path / 'none.py').write_text('def reward(prompt, completion):\n    return None\n')
+    overrides = [o for o in ppo_overrides(four_prompts(tmp_path), 4) if not o.startswith('++loss.reward_function')]
+    trainer = build_trainer(make_config(tmp_path, *overrides, f'++loss.reward_function={tmp_path}/none.py:reward',
+                                        loss='ppo-online'))
+    batch = next(iter(trainer.train_iterator))
+    for training, named in ((True, 'step 0 prompt'), (False, 'held-out prompt')):
+        trainer.policy.train(training)
+        with pytest.raises(LabelError) as error:
+            trainer.experience([batch])
+        assert f"gave None for {named} {batch[schema.PROMPT_ID][0]}" in str(error.value)
