@@ -110,6 +110,9 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
         raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: {refusal}") from None
 
 
+LARGEST_SCORE = torch.finfo(torch.float32).max
+
+
 class NotAScore(ValueError):
     """Why a value is not a score."""
 
@@ -126,6 +129,8 @@ def score_of(value) -> float:
                    f"named {BATCH_PARAMETER} is given a batch, as TRL's are)") \
             if isinstance(value, (list, tuple)) else ''
         raise NotAScore(f"a score must be a finite number{batched}")
+    if abs(number) > LARGEST_SCORE:
+        raise NotAScore(f"a score must lie within +-{LARGEST_SCORE:.3g}, float32's range, in which training computes")
     return number
 
 
@@ -136,9 +141,13 @@ def parts_score(value: Mapping) -> PartedScore:
     if bad or not parts:
         raise NotAScore(f"a score's parts must be finite numbers ({f'not {bad[0]}' if bad else 'it has none'})")
     try:
-        return PartedScore.of(parts)
+        score = PartedScore.of(parts)
     except OverflowError:  # finite parts whose sum is not
         raise NotAScore("the sum of its parts is not a finite number") from None
+    if abs(score) > LARGEST_SCORE:
+        raise NotAScore(f"the sum of its parts must lie within +-{LARGEST_SCORE:.3g}, float32's range, in which "
+                        f"training computes")
+    return score
 
 
 def shortened(value) -> str:
@@ -368,8 +377,9 @@ class RewardFunctionsLabeler:
             total += weight * parts[name]
         if not parts:
             raise SampleFailed(index, "none of the reward functions applies to it (each gave None)")
-        if not math.isfinite(total):
-            raise SampleFailed(index, f"the weighted sum of its scores {parts} is not a finite number")
+        if not math.isfinite(total) or abs(total) > LARGEST_SCORE:
+            raise SampleFailed(index, f"the weighted sum of its scores {parts} is not a finite number within "
+                                      f"+-{LARGEST_SCORE:.3g}, float32's range, in which training computes")
         score = PartedScore(total)
         score.parts = parts
         return score
