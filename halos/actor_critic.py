@@ -36,6 +36,9 @@ class ActorCriticTrainer(BasicTrainer):
         KL_coef: float = setting(0.1, 'weight of the KL term', at_least(0))
         archangel: bool = setting(False, "the formulas that trained the Archangel models (HALOs 406ed27)")
 
+    def steps_per_batch(self) -> int:
+        return self.params.ppo_epochs
+
     def rollout(self, batch: Dict) -> rl.Rollout:
         """The microbatch's completions with their scores."""
         raise NotImplementedError

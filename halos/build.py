@@ -399,6 +399,16 @@ def warn_of_an_unreached_n_examples(run: RunSettings, train_loader) -> None:
                     f"n_examples={run.n_examples}; ++n_epochs=null trains n_examples examples")
 
 
+def warn_of_a_warmup_past_the_run(run: RunSettings, trainer) -> None:
+    """A linear warmup as long as the run keeps the learning rate below lr to its end (HALOs' default warmup
+    outlasts a short run); online rounds, whose steps add up round by round, are not checked."""
+    steps = -(-len(trainer.train_iterator) // trainer.accumulation_steps) * trainer.steps_per_batch()
+    if 0 < steps <= run.warmup_steps:
+        rank0_print(f"warning: warmup_steps={run.warmup_steps} outlasts the run's {steps} optimizer steps, so the "
+                    f"learning rate never reaches lr={run.lr:g} (at the last step it is "
+                    f"{steps / (run.warmup_steps + 1):.0%} of it): lower warmup_steps")
+
+
 def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
     """Name a dataset of several that gives the loss nothing to train on (prompts alone, or feedback of a kind
     its loader does not read) while the others train."""
@@ -514,8 +524,11 @@ def build_trainer(run: RunSettings):
             warn_on_shared_held_out(train_loader.items, eval_loader.items)
             check_prompt_fields(rollouts.held_out_labeler, eval_loader.items, 'the held-out prompts')
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.model.load_from, run.model.load_lora_from)
-    return trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
-                         reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
+    trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, train_loader, eval_loader, policy,
+                            reference_model, rank=get_rank(), world_size=get_world_size(), **extra)
+    if train_loader is not None:
+        warn_of_a_warmup_past_the_run(run, trainer)
+    return trainer
 
 
 def unknown_override(key: str, override: str) -> str:

@@ -329,6 +329,10 @@ class BasicTrainer:
         for name, values in metrics.items():
             self.train_metrics.add(name, values)
 
+    def steps_per_batch(self) -> int:
+        """The optimizer steps of one train_step (PPO's epochs and GRPO's mu take several)."""
+        return 1
+
     def train_step(self, microbatches: List[Dict]) -> float:
         """One optimizer step on G microbatches (fewer at the very end); returns the last microbatch's loss."""
         for batch in microbatches:

@@ -120,6 +120,9 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         mask_truncated: bool = setting(False, 'a completion cut at the length limit (no EOS) carries no loss '
                                               "(DAPO's overlong filtering)")
 
+    def steps_per_batch(self) -> int:
+        return self.params.mu
+
     @classmethod
     def uses_reference(cls, params) -> bool:
         """At beta = 0 nothing reads the reference: it is not loaded, and kl/start is not monitored."""

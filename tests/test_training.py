@@ -1033,3 +1033,15 @@ def test_a_loss_that_returns_other_than_one_loss_per_example_stops_the_step(tmp_
     trainer.loss = right
     loss_value, _ = trainer.get_batch_metrics(batch, 'train')
     assert loss_value.shape == ()
+
+
+def test_a_warmup_that_outlasts_the_run_is_warned_of_counting_each_steps_optimizer_passes(tmp_path, capsys):
+    four_steps = ('++n_examples=8', '++model.batch_size=2', '++n_eval_examples=0')
+    build_trainer(make_config(tmp_path, *four_steps, '++warmup_steps=4', '++lr=1e-5', loss='sft'))
+    assert ("warning: warmup_steps=4 outlasts the run's 4 optimizer steps, so the learning rate never reaches lr=1e-05 "
+            "(at the last step it is 80% of it): lower warmup_steps") in capsys.readouterr().out
+    build_trainer(make_config(tmp_path, *four_steps, '++warmup_steps=3', loss='sft'))  # its last step is at lr
+    assert 'warmup_steps' not in capsys.readouterr().out
+    reward = f'++online.reward_function={ROOT}/tests/rewards.py:vowels'
+    build_trainer(make_config(tmp_path, *four_steps, '++warmup_steps=4', '++loss.mu=2', reward, loss='grpo-online'))
+    assert 'warmup_steps' not in capsys.readouterr().out  # 4 steps of 2 passes each
