@@ -147,6 +147,10 @@ def check_consistency(run: RunSettings) -> None:
     if model.use_peft and humanline:
         raise ConfigError("loss.humanline=true with model.use_peft=true: under LoRA the reference is the base model "
                           "with the adapters off, so it cannot follow the policy step by step; train without LoRA")
+    if run.max_new_tokens is not None and run.max_new_tokens >= model.max_length:
+        rank0_print(f"warning: max_new_tokens={run.max_new_tokens} is not below model.max_length={model.max_length}, "
+                    f"which bounds a prompt and its completion together: a completion gets at most max_length less "
+                    f"its prompt's tokens")
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
     if run.online.sampler == 'vllm':

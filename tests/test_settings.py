@@ -345,6 +345,13 @@ def test_saved_adapters_without_lora_are_refused_and_lora_keys_beside_them_are_w
             "settings of their adapter_config.json" in capsys.readouterr().out)
 
 
+def test_a_max_new_tokens_that_max_length_never_leaves_room_for_is_warned_of(tmp_path, capsys):
+    make_config(tmp_path, '++max_new_tokens=500', '++model.max_length=128', loss='sft')
+    assert ("warning: max_new_tokens=500 is not below model.max_length=128, which bounds a prompt and its completion "
+            "together: a completion gets at most max_length less its prompt's tokens") in capsys.readouterr().out
+    make_config(tmp_path, '++max_new_tokens=100', '++model.max_length=128', loss='sft')
+    assert 'warning' not in capsys.readouterr().out
+
 def test_online_ppo_is_warned_of_online_keys_it_does_not_read_and_not_of_its_sampler(tmp_path, capsys):
     function = f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'
     make_config(tmp_path, function, '++online.sampler=halos', loss='ppo-online')
