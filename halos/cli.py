@@ -13,7 +13,7 @@ import sys
 from typing import Callable, List, Optional
 
 import yaml
-from hydra.errors import HydraException, MissingConfigException
+from hydra.errors import HydraException, MissingConfigException, OverrideParseException
 from omegaconf.errors import OmegaConfBaseException
 
 from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one_line
@@ -158,10 +158,26 @@ def unnamed_group_choice(arguments: List[str]) -> Optional[str]:
     return None
 
 
+def unparsed_override(error: OverrideParseException) -> str:
+    """An override Hydra's grammar cannot read, with the character it stopped at where it says which (a value
+    holding it reads once quoted)."""
+    lines = error.message.split('\n')
+    label = 'LexerNoViableAltException: '
+    if lines[0].startswith(label) and len(lines) > 1 and '^' in lines[1]:
+        column = lines[1].index('^') - len(label)
+        if 0 <= column < len(error.override):
+            key, _, value = error.override.partition('=')
+            return (f"{error.override}: Hydra reads {error.override[column]!r} only inside quotes: quote the value "
+                    f"inside the shell's quotes, '{key}=\"{value}\"'")
+    return f"{error.override}: Hydra cannot read it: {lines[0]}"
+
+
 def composition_message(error: Exception) -> str:
     """Hydra's message as one line; an unknown choice of a config group with the choices there are."""
     if isinstance(error, yaml.YAMLError):
         return yaml_error_line(error)
+    if isinstance(error, OverrideParseException):
+        return unparsed_override(error)
     choice = unnamed_group_choice(sys.argv[1:]) if isinstance(error, ValueError) else None
     if choice:
         return choice

@@ -44,7 +44,8 @@ CASES = ['missing field', 'not UTF-8', 'empty feedback file', 'identical outputs
          'online prompts not there', 'unknown key without ++', 'unknown loss key without ++',
          'unknown key without ++, nothing close', 'load_from an optimizer file', 'no chat template',
          'load_from a run directory', 'demonstrations for a pair loss', 'an optimizer that cannot step a model',
-         "eval.py's mode given to train.py", 'loss.name on the command line']
+         "eval.py's mode given to train.py", 'loss.name on the command line', 'a character Hydra reads only quoted',
+         'an override Hydra cannot read']
 
 
 @pytest.fixture(scope='module')
@@ -232,6 +233,11 @@ def cases(tmp_path, made_once):
                           f"mean Adam?)"),
         'eval: unknown key': ('eval.py', ['++n_sample=3'],
                               "++n_sample=3: no config defines the key 'n_sample'; did you mean n_samples?"),
+        'a character Hydra reads only quoted': ('train.py', ['++exp_name=run_✓'], "++exp_name=run_✓: Hydra reads "
+                                                "'✓' only inside quotes: quote the value inside the shell's quotes, "
+                                                "'++exp_name=\"run_✓\"'"),
+        'an override Hydra cannot read': ('train.py', ['++lr=[1,'], "++lr=[1,: Hydra cannot read it: no viable "
+                                                                   "alternative at input '[1,'"),
         'loss.name on the command line': ('train.py', ['++loss.name=sft'], "++loss.name=sft: loss.name is the name "
                                           "of the loss YAML that loss=<name> chooses (a resume checks it): choose the "
                                           "loss with loss=<name>"),
