@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from halos import batch as schema
-from halos.batching import DataLoader, PairItem, ScoredItem
+from halos.batching import DataLoader, PairItem, ScoredItem, json_digest
 from halos.datasets import (DATASETS, get_alpacaeval, get_hh, get_hh_harmless, get_hh_helpful, get_oasst,
                             get_shp, get_ultrabin, load_dataset, load_raw_records)
 from halos.errors import ConfigError, DataError
@@ -267,6 +267,11 @@ class PromptDataLoader(DataLoader):
 
     def flatten(self, examples):
         return list(examples)
+
+    def fields_digest(self) -> str:
+        """A digest of the prompts' own fields, in the items' order: what a reward function is given beside each
+        prompt (an answer), which a resumed run must find as its checkpoint did."""
+        return json_digest([example.extra for example in self.items])
 
     def tokenize_items(self, items, global_batch):
         elements = []

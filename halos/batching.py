@@ -109,6 +109,14 @@ def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[st
     return examples, counts
 
 
+def json_digest(values: Iterable) -> str:
+    """A short digest of values, each as JSON, in their order."""
+    hashed = hashlib.sha256()
+    for value in values:
+        hashed.update(json.dumps(value, default=str).encode())
+    return hashed.hexdigest()[:16]
+
+
 class DataLoader:
     """Base loader: flattening into items is up to the subclass; batching, tokenization and sharding live here.
 
@@ -287,11 +295,8 @@ class DataLoader:
 
     def digest(self) -> str:
         """A digest of the items, in their order: what a checkpoint's data position counts batches of."""
-        hashed = hashlib.sha256()
-        for item in self.items:
-            fields = [item.prompt] if isinstance(item, Example) else [item[0].prompt, *item[1:]]
-            hashed.update(json.dumps(fields, default=str).encode())
-        return hashed.hexdigest()[:16]
+        return json_digest([item.prompt] if isinstance(item, Example) else [item[0].prompt, *item[1:]]
+                           for item in self.items)
 
     def examples_per_epoch(self) -> int:
         """The training examples of one epoch (every epoch holds as many: only their order changes)."""

@@ -169,6 +169,8 @@ class BasicTrainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda step: min(1.0, (step + 1) / (warmup + 1)))
         # the items a data position counts batches of (online rounds build a loader per round: none here)
         self.data_digest = train_iterator.digest() if hasattr(train_iterator, 'digest') else None
+        # and the fields its prompts give a reward function (an answer), where it samples online
+        self.fields_digest = train_iterator.fields_digest() if hasattr(train_iterator, 'fields_digest') else None
         self.example_counter = 0   # training examples seen (global)
         self.batch_counter = 0     # optimizer steps taken
         self.batches_seen = 0      # global microbatches consumed: the data position
@@ -483,13 +485,18 @@ class BasicTrainer:
         """Counters, data position and RNG: what resuming needs beyond the weights and the optimizer."""
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                 'batches_seen': self.batches_seen, 'completed_rounds': self.completed_rounds,
-                'finished': self.finished, 'rng': checkpoint.get_rng_state(), 'data_digest': self.data_digest}
+                'finished': self.finished, 'rng': checkpoint.get_rng_state(), 'data_digest': self.data_digest,
+                'fields_digest': self.fields_digest}
 
     def restore_trainer_state(self, state: Dict) -> None:
         if None not in (state.get('data_digest'), self.data_digest) and state['data_digest'] != self.data_digest:
             raise ConfigError("resume=true: the training data is not the data the checkpoint was trained on (its "
                               "records changed), so its data position would point into other data: resume with that "
                               "data, or start a new exp_name from the checkpoint (++model.load_from=...)")
+        if None not in (state.get('fields_digest'), self.fields_digest) and state['fields_digest'] != self.fields_digest:
+            raise ConfigError("resume=true: the prompts' own fields (what a reward function is given beside each "
+                              "prompt, such as its answer) are not those the checkpoint was trained with: resume with "
+                              "that data, or start a new exp_name from the checkpoint (++model.load_from=...)")
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
         self.finished = state.get('finished', False)

@@ -106,6 +106,8 @@ class OnlineRounds:
         self.make_sampler, self.labeler, self.held_out_labeler, self.monitor = make_sampler, labeler, held_out_labeler, \
             monitor
         self.pool = list(prompt_loader.items)
+        # a resume checks the pool, whose blocks the rounds sample, as a step-level run checks its data
+        trainer.data_digest, trainer.fields_digest = prompt_loader.digest(), prompt_loader.fields_digest()
         if settings.prompts_per_round > len(self.pool):
             rank0_print(f"warning: online.prompts_per_round={settings.prompts_per_round}, but the prompt pool holds "
                         f"{len(self.pool)} prompts: every round samples all of them")

@@ -470,3 +470,34 @@ def test_online_rounds_resume_exactly_without_resampling_or_relabelling(tmp_path
     evaluations = [json.loads(line) for line in open(tmp_path / 'whole' / 'metrics.jsonl') if 'reward_eval/mean' in line]
     assert [e['round'] for e in evaluations] == [0, 1, 2, 3] and all(e['reward_eval/n'] == 8 for e in evaluations)
     assert (tmp_path / 'whole' / 'rounds' / 'reward_per_round.png').stat().st_size > 1000
+
+
+@pytest.mark.parametrize('rounds', [True, False])
+def test_a_resume_on_prompts_whose_text_or_own_fields_changed_is_refused(tmp_path, rounds):
+    """Online rounds check their prompt pool as step-level RL checks its data, and both the fields a reward function
+    is given: a changed answer would change the reward halfway through the run."""
+    from halos.build import build_online_rounds
+    from halos.errors import ConfigError
+    prompts = tmp_path / 'sums.jsonl'
+    write = lambda shift, word: prompts.write_text(''.join(
+        json.dumps({'prompt': f'{word} {i}+1?', 'answer': str(i + shift)}) + '\n' for i in range(6)))
+    reward = f'++online.reward_function={REWARD}:answer_count'
+
+    def trainer():
+        if not rounds:
+            return build_trainer(make_config(tmp_path, f'datasets=[{prompts}]', reward, '++n_examples=4',
+                                             loss='grpo-online'))
+        run = make_config(tmp_path, *online_overrides(tmp_path), f'++online.prompts={prompts}', reward,
+                          f'++online.eval_prompts={prompts}')
+        built = build_trainer(run)
+        build_online_rounds(run, built)
+        return built
+    write(1, 'What is')
+    state = trainer().trainer_state()
+    trainer().restore_trainer_state(state)  # the same prompts
+    write(2, 'What is')
+    with pytest.raises(ConfigError, match=r"^resume=true: the prompts' own fields \(what a reward function is given "):
+        trainer().restore_trainer_state(state)
+    write(1, 'Compute')
+    with pytest.raises(ConfigError, match=r'^resume=true: the training data is not the data the checkpoint was '):
+        trainer().restore_trainer_state(state)
