@@ -169,8 +169,9 @@ KEPT_ON_RESUME = ('loss.name', 'model.name_or_path', 'model.use_peft',
 
 # what scores and samples the run's online steps: a resume may change it (to fix a broken reward function), and is
 # told that the steps before and after its checkpoint differ in it
-WARNED_ON_RESUME = ('online.labeler', 'online.reward_function', 'online.reward_weights', 'online.reward_model',
-                    'online.judge', 'temperature', 'top_p', 'top_k', 'max_new_tokens')
+LABELLING_KEYS = ('online.labeler', 'online.reward_function', 'online.reward_weights', 'online.reward_model',
+                  'online.judge')
+WARNED_ON_RESUME = (*LABELLING_KEYS, 'temperature', 'top_p', 'top_k', 'max_new_tokens')
 
 
 def check_same_run(run: RunSettings) -> None:
@@ -180,11 +181,13 @@ def check_same_run(run: RunSettings) -> None:
     if not os.path.exists(saved_path):
         return
     saved, now = OmegaConf.load(saved_path), OmegaConf.create(as_dict(run))
-    changed = [f'{key}={shown_value(setting(now, key))} (was {shown_value(setting(saved, key))})'
-               for key in WARNED_ON_RESUME if setting(saved, key) != setting(now, key)]
+    changed = [key for key in WARNED_ON_RESUME if setting(saved, key) != setting(now, key)]
     if changed and (run.online.rounds > 0 or trainers.get_trainer_class(run.loss.trainer).trains_on_prompts):
-        rank0_print(f"warning: resume=true with {', '.join(changed)}: the steps before the checkpoint were sampled "
-                    f"or scored the old way, and metrics.jsonl holds both")
+        shown = ', '.join(f'{key}={shown_value(setting(now, key))} (was {shown_value(setting(saved, key))})'
+                          for key in changed)
+        relabel = labelled_rounds_note(run) if set(changed) & set(LABELLING_KEYS) else ''
+        rank0_print(f"warning: resume=true with {shown}: what the run sampled or scored before this resume was done "
+                    f"the old way, and metrics.jsonl holds both{relabel}")
     for key in (*KEPT_ON_RESUME, *(f'loss.{spec.name}' for spec in dataclasses.fields(run.loss.params))):
         shown = 'loss' if key == 'loss.name' else key  # a loss is chosen as loss=<name>
         before, after = setting(saved, key), setting(now, key)
@@ -194,6 +197,18 @@ def check_same_run(run: RunSettings) -> None:
             raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={shown_value(before)}, not "
                               f"{shown_value(after)}; resume with {shown}={shown_value(before)}, or start a new exp_name "
                               f"from it (++model.load_from={run.local_run_dir}/{checkpoint.LATEST}/{start})")
+
+
+def labelled_rounds_note(run: RunSettings) -> str:
+    """The rounds on disk whose feedback the labeller labelled before a resume changed it: one not yet trained
+    trains on that feedback as it is, unless its feedback.jsonl is deleted ('' where there are none)."""
+    rounds = os.path.join(run.local_run_dir, 'rounds')
+    labelled = sorted(int(name) for name in (os.listdir(rounds) if os.path.isdir(rounds) else [])
+                      if name.isdigit() and os.path.exists(os.path.join(rounds, name, 'feedback.jsonl')))
+    if not labelled:
+        return ''
+    return (f"; rounds {', '.join(map(str, labelled))} in {rounds} hold feedback labelled the old way, which a round "
+            f"not yet trained trains on: delete a round's feedback.jsonl to label its samples again")
 
 
 def setting(config, key: str):

@@ -458,8 +458,21 @@ def test_a_resume_that_changes_how_an_online_run_scores_or_samples_is_warned_of(
                                      '++temperature=0.5', '++resume=true', loss='grpo-online'))
     assert capsys.readouterr().out == (
         f"warning: resume=true with online.reward_function={reward}:characters (was {reward}:vowels), temperature=0.5 "
-        f"(was null): the steps before the checkpoint were sampled or scored the old way, and metrics.jsonl holds "
+        f"(was null): what the run sampled or scored before this resume was done the old way, and metrics.jsonl holds "
         f"both\n")
+    rounds = ['++online.rounds=3', f'++online.reward_function={reward}:vowels']
+    run = make_config(tmp_path, *rounds, loss='dpo')
+    OmegaConf.save(OmegaConf.create(as_dict(run)), os.path.join(run.local_run_dir, 'config.yaml'))
+    for round_index, name in ((0, 'feedback.jsonl'), (1, 'feedback.jsonl'), (2, 'samples.jsonl')):
+        os.makedirs(os.path.join(run.local_run_dir, 'rounds', str(round_index)))
+        open(os.path.join(run.local_run_dir, 'rounds', str(round_index), name), 'w').close()
+    train.check_same_run(make_config(tmp_path, *rounds, '++temperature=0.5', '++resume=true', loss='dpo'))
+    assert 'rounds 0, 1' not in capsys.readouterr().out  # sampling changed, not the labels
+    train.check_same_run(make_config(tmp_path, *rounds, f'++online.reward_function={reward}:characters',
+                                     '++resume=true', loss='dpo'))
+    assert capsys.readouterr().out.endswith(
+        f"; rounds 0, 1 in {run.local_run_dir}/rounds hold feedback labelled the old way, which a round not yet "
+        f"trained trains on: delete a round's feedback.jsonl to label its samples again\n")
 
 
 def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_the_rest(tmp_path):
