@@ -20,7 +20,7 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  the starting model (the mean summed log-ratio of the samples), and appends them (with each
                  part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go
                  to <samples_dir>/<exp_name>.json ({sampled_at, config, samples: [{prompt, policy, reward,
-                 reward_parts?, prompt_id}]}, the prompt rendered with the run's prefixes as in mode=sample;
+                 reward_parts?, prompt_id}]}, the prompt as the policy was given it, as in mode=sample;
                  compare.py reads it)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
                  merged (what its HF export holds): ++lm_eval.tasks=[halos_basics,...]; prints lm-eval's table,
@@ -54,7 +54,6 @@ from halos.build import (build_labeler, build_loader, build_rollouts, load_model
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
 from halos.cli import primary_config_dir, run_hydra, skipped_task_files, task_overrides
 from halos.errors import ConfigError, MissingFileError, describe_error, reported_as_one_line
-from halos.examples import render_turns
 from halos.jsonl import append_json_lines, write_json, write_jsonl
 from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
@@ -208,11 +207,9 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             batch_rewards = checked_scores(labeler, given[schema.PROMPT_AS_GIVEN], [s.text for s in samples],
                                            [f'prompt {prompt_id}' for prompt_id in given[schema.PROMPT_ID]],
                                            given[schema.PROMPT_EXTRA])
-            records += [{'prompt': render_turns(turns, run.human_prefix, run.human_suffix, run.assistant_prefix,
-                                                run.assistant_suffix),
-                         'policy': s.text, 'reward': r, **reward_parts_field(r), 'prompt_id': prompt_id}
-                        for turns, s, r, prompt_id in zip(batch[schema.PROMPT_TURNS], samples, batch_rewards,
-                                                          batch[schema.PROMPT_ID])]
+            records += [{'prompt': prompt, 'policy': s.text, 'reward': r, **reward_parts_field(r), 'prompt_id': prompt_id}
+                        for prompt, s, r, prompt_id in zip(batch[schema.PROMPT_TEXT], samples, batch_rewards,
+                                                           batch[schema.PROMPT_ID])]
             rewards += batch_rewards
             lengths += [len(s.text.split()) for s in samples]
             log_ratios += [0.0] * len(samples) if is_start else log_ratios_to_start(

@@ -53,6 +53,9 @@ def evaluations(runs, tmp_path_factory):
                                      '++model.max_length=96')),
         'csft': (runs['csft'], ('++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96')),
         'chat': (runs['chat'], ('++mode=sample', '++n_samples=2', '++model.eval_batch_size=2', '++model.max_length=160')),
+        'chat reward': (runs['chat'], ('++mode=reward', '++n_samples=2', '++model.eval_batch_size=2',
+                                       '++model.max_length=160', f"++prompts=[{DATA}/upbeat/test_prompts.jsonl]",
+                                       f"++reward_function={ROOT}/tests/rewards.py:vowels")),
     }
     directory = lambda name: out / re.sub(r'\W+', '_', name)
     return {name: (eval_in_process(run_dir, *overrides, f'++samples_dir={directory(name)}'), directory(name))
@@ -224,7 +227,9 @@ def test_chat_template_runs_render_train_export_and_sample_with_the_template(run
     assert exported.chat_template == tokenizer.chat_template and exported.chat_template
     samples = samples_of(evaluations, 'chat', 'chat')['samples']
     assert len(samples) == 2
-    for sample in samples:
+    scored = samples_of(evaluations, 'chat reward', 'chat')['samples']  # mode=reward's, as the policy was given them
+    assert len(scored) == 2
+    for sample in samples + scored:
         assert sample['prompt'].startswith('<|im_start|>system\n') and sample['prompt'].endswith('<|im_start|>assistant\n')
         assert '<|user|>' not in sample['prompt']
 
