@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List
 
 from halos import batch as schema
-from halos.batching import DataLoader, PairItem, ScoredItem, json_digest
+from halos.batching import Cuts, DataLoader, PairItem, ScoredItem, json_digest
 from halos.datasets import (DATASETS, get_alpacaeval, get_hh, get_hh_harmless, get_hh_helpful, get_oasst,
                             get_shp, get_ultrabin, load_dataset, load_raw_records)
 from halos.errors import ConfigError, DataError
@@ -267,6 +267,14 @@ class PromptDataLoader(DataLoader):
 
     def flatten(self, examples):
         return list(examples)
+
+    def cuts(self, limit: int = 64) -> Cuts:
+        """Of the first `limit` prompts, how many tokenize_prompt cuts to max_prompt_length (with no completion
+        to fit after it, every longer one is cut)."""
+        examples = list(self.full_data.values())[:limit]
+        cut = sum(len(self.encode_prompt(self.prompt_text(example) + self.prompt_suffix)) > self.max_prompt_length
+                  for example in examples)
+        return Cuts(0, 0, cut, len(examples))
 
     def fields_digest(self) -> str:
         """A digest of the prompts' own fields, in the items' order: what a reward function is given beside each

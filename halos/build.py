@@ -437,9 +437,10 @@ def warn_of_cuts(run: RunSettings, train_loader) -> None:
                     f"{cuts.completions} completions of {data} (with model.max_prompt_length="
                     f"{model.max_prompt_length}): raise model.max_length to train on whole completions")
     if cuts.prompts_cut > cuts.prompts / 2:
+        where = 'where a completion would not fit after them' if cuts.completions else 'before they are sampled'
         rank0_print(f"warning: model.max_prompt_length={model.max_prompt_length} cuts {cuts.prompts_cut} of the "
-                    f"first {cuts.prompts} prompts of {data}, where a completion would not fit after them: raise "
-                    f"model.max_prompt_length (and model.max_length) to train on whole prompts")
+                    f"first {cuts.prompts} prompts of {data}, {where}: raise model.max_prompt_length (and "
+                    f"model.max_length) to train on whole prompts")
 
 
 def start_wandb(run: RunSettings, name: str, **options):
@@ -611,6 +612,7 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
         if online.eval_prompts else None
     if held_out is not None:
         warn_on_shared_held_out(pool.items, held_out.items)
+    warn_of_cuts(run, pool)
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path]),  # n_epochs, n_examples: a round's
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))

@@ -839,6 +839,17 @@ def test_a_max_length_that_cuts_most_completions_or_prompts_is_warned_of(tmp_pat
         assert (f"warning: model.max_prompt_length=20 cuts 3 of the first 4 prompts of {path}, where a completion "
                 f"would not fit after them: raise model.max_prompt_length (and model.max_length) to train on whole "
                 f"prompts" in out) == (warned == 'prompts'), out
+    prompts = tmp_path / 'prompts.jsonl'  # sampled, a prompt is cut wherever it is longer
+    prompts.write_text(''.join(json.dumps({'prompt': prompt}) + '\n' for prompt in (long_prompt, long_prompt + '!', 'Hi.')))
+    run = make_config(tmp_path, f'datasets=[{prompts}]', '++model.max_length=32', '++model.max_prompt_length=20')
+    prompt_loader = build_loader(run, tokenizer, 'train', loader_class=D.PromptDataLoader)
+    assert prompt_loader.cuts() == (0, 0, 2, 3)
+    capsys.readouterr()
+    warn_of_cuts(run, prompt_loader)
+    assert capsys.readouterr().out == (f"warning: model.max_prompt_length=20 cuts 2 of the first 3 prompts of {prompts}, "
+                                       f"before they are sampled: raise model.max_prompt_length (and model.max_length) "
+                                       f"to train on whole prompts\n")
+
 
 def test_prompt_fields_that_a_sample_record_replaces_are_warned_of_once(tmp_path, capsys):
     path = tmp_path / 'prompts.jsonl'
