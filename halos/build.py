@@ -186,12 +186,13 @@ def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
     """Name keys set where the run reads none of them: online keys of an offline run (the held-out keys aside,
     which eval.py reads; and the sampler's, where the trainer samples), LoRA keys without LoRA or where saved
     adapters give them."""
-    read = ('online.eval_', *(('online.sampler', 'online.vllm_') if trainer_class.trains_on_prompts else ()))
+    # online PPO reads its sampler's keys; an offline run's held-out keys are kept for an online run from it
+    read = ('online.sampler', 'online.vllm_') if trainer_class.trains_on_prompts else ('online.eval_',)
     unread = [key for key in changed_keys(run.online, 'online.') if not key.startswith(read)]
     if unread and not (run.online.rounds > 0 or trainer_class.samples_online):
-        how = ("samples with its own keys (loss.reward_function, loss.reward_model) and reads no other online key"
-               if trainer_class.trains_on_prompts else "trains offline on its datasets and reads no online key: "
-                                                       "++online.rounds=N trains in online rounds")
+        how = ("samples with its own keys (loss.reward_function, loss.reward_model) and reads no other online key: "
+               "it evaluates on the test split of its datasets" if trainer_class.trains_on_prompts else
+               "trains offline on its datasets and reads no online key: ++online.rounds=N trains in online rounds")
         rank0_print(f"warning: {', '.join(unread)} set, but loss={run.loss.name} with online.rounds=0 {how}")
     lora_keys = changed_keys(run.model.peft, 'model.peft.')
     if lora_keys and not run.model.use_peft:

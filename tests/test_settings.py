@@ -356,9 +356,11 @@ def test_online_ppo_is_warned_of_online_keys_it_does_not_read_and_not_of_its_sam
     function = f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'
     make_config(tmp_path, function, '++online.sampler=halos', loss='ppo-online')
     assert 'warning' not in capsys.readouterr().out
-    make_config(tmp_path, function, '++online.reward_function=r.py:f', loss='ppo-online')
-    assert ("warning: online.reward_function set, but loss=ppo-online with online.rounds=0 samples with its own keys "
-            "(loss.reward_function, loss.reward_model) and reads no other online key" in capsys.readouterr().out)
+    make_config(tmp_path, function, '++online.reward_function=r.py:f', '++online.eval_prompts=[held.jsonl]',
+                loss='ppo-online')
+    assert ("warning: online.reward_function, online.eval_prompts set, but loss=ppo-online with online.rounds=0 samples "
+            "with its own keys (loss.reward_function, loss.reward_model) and reads no other online key: it evaluates "
+            "on the test split of its datasets" in capsys.readouterr().out)
 
 
 def test_online_feedback_options_that_the_feedback_kind_would_ignore_are_refused(tmp_path):
