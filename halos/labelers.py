@@ -282,8 +282,8 @@ class RewardFunctionLabeler:
         missing = sorted(self.needs - extra.keys())
         if not missing:
             return None
-        return (f"it takes {', '.join(missing)}, which its prompt's record lacks (the prompt's own fields: "
-                f"{', '.join(sorted(extra)) or 'none'})")
+        return (f"it takes {', '.join(missing)}, which its prompt's record lacks (a field given as null counts as "
+                f"absent; the prompt's own fields: {', '.join(sorted(extra)) or 'none'})")
 
     def given(self, extra: Dict) -> Dict:
         """The prompt's fields that the function takes."""

@@ -149,7 +149,8 @@ def test_a_reward_function_is_given_the_prompt_fields_it_names(tmp_path):
     with pytest.raises(LabelError) as error:
         label('by_name', ['4m', '5m'], [{'answer': '4'}, {'level': 2}])
     assert str(error.value) == (f"reward function {tmp_path / 'fields.py'}:by_name failed on sample 1: it takes "
-                                f"answer, which its prompt's record lacks (the prompt's own fields: level)")
+                                f"answer, which its prompt's record lacks (a field given as null counts as absent; "
+                                f"the prompt's own fields: level)")
 
 
 CALLING_CONVENTIONS = """
@@ -231,7 +232,8 @@ def test_a_reward_function_that_names_completions_is_called_once_per_batch_as_tr
                                          r"RuntimeError: the sandbox is down$"):
         calling(tmp_path, 'trl_raises')(['p', 'q'], ['a', 'b'], [{}, {}])
     with pytest.raises(LabelError, match=r"trl_style failed on sample 2: it takes answer, which its prompt's record "
-                                         r"lacks \(the prompt's own fields: none\)$"):
+                                         r"lacks \(a field given as null counts as absent; the prompt's own "
+                                         r"fields: none\)$"):
         label(['p', 'q', 'r'], ['4', '5', '6'], [{'answer': '4'}, {'answer': '4'}, {}])
 
 
@@ -325,8 +327,8 @@ def test_several_reward_functions_score_the_weighted_sum_with_each_functions_sco
     with pytest.raises(LabelError) as error:
         label(['length', 'needs_answer'], ['4', '5'], extras=[{'answer': '4'}, {}])
     assert str(error.value) == (f"reward functions {spec('length')}, {spec('needs_answer')} failed on sample 1: "
-                                f"{spec('needs_answer')}: it takes answer, which its prompt's record lacks (the "
-                                f"prompt's own fields: none)")
+                                f"{spec('needs_answer')}: it takes answer, which its prompt's record lacks (a field "
+                                f"given as null counts as absent; the prompt's own fields: none)")
     with pytest.raises(ConfigError, match=rf"^the reward functions .* name {spec('length')} twice: give each once "
                                           rf"\(a weight scales one\)$"):
         reward_function_labeler([spec('length'), spec('has_x'), spec('length')])
@@ -471,7 +473,8 @@ def test_a_round_prompt_without_the_field_its_reward_function_needs_stops_the_ru
         halos.build.build_trainer(run)
     assert str(error.value) == (f"reward functions {REWARD}:vowels, {REWARD}:answer_count cannot score the prompt "
                                 f"pool: {questions}: record 2: {REWARD}:answer_count: it takes answer, which its "
-                                f"prompt's record lacks (the prompt's own fields: level)")
+                                f"prompt's record lacks (a field given as null counts as absent; the prompt's own "
+                                f"fields: level)")
 
 
 def stops_then_resumes(tmp_path, capsys, name, broken, fixed, expected, loss='dpo'):

@@ -317,7 +317,8 @@ def test_a_prompt_without_the_field_its_reward_function_takes_stops_the_run_befo
     prompts = tmp_path / 'questions.jsonl'
     monkeypatch.setattr(halos.build, 'load_models', lambda *args: pytest.fail('the models loaded'))
     refusal = f"reward function {REWARD}:answer_count cannot score the training prompts: {prompts}: record {{}}: it " \
-              f"takes answer, which its prompt's record lacks (the prompt's own fields: {{}})"
+              f"takes answer, which its prompt's record lacks (a field given as null counts as absent; the prompt's " \
+              f"own fields: {{}})"
     records = [{'prompt': 'What is 2+2?', 'answer': '4'}, {'prompt': 'What is 3+3?', 'level': 1}]
     many = [{'prompt': f'What is {n}+{n}?'} for n in range(12)]  # the first in the file, however the loader orders them
     for lines, expected in ((records, refusal.format(2, 'level')),
