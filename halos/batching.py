@@ -14,7 +14,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optiona
 from halos import batch as schema
 from halos.datasets import load_dataset
 from halos.errors import ConfigError, DataError
-from halos.examples import Example
+from halos.examples import Example, chat_template_prompt
 from utils import rank0_print
 
 
@@ -324,7 +324,7 @@ class DataLoader:
     # --- tokenization
     def prompt_text(self, example: Example) -> str:
         if self.use_chat_template:
-            return self.tokenizer.apply_chat_template(example.turns, tokenize=False, add_generation_prompt=True)
+            return chat_template_prompt(self.tokenizer, example.turns)
         return example.prompt
 
     def encode_prompt(self, text: str) -> List[int]:

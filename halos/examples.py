@@ -123,19 +123,42 @@ class Formatting:
 
 def render_turns(turns: List[Dict[str, str]], human_prefix: str, human_suffix: str,
                  assistant_prefix: str, assistant_suffix: str) -> str:
-    """Prompt string: each turn as prefix + text + suffix of its role, then assistant_prefix.
+    """Prompt string: each turn as prefix + text + suffix of its role, then assistant_prefix; a prompt that ends
+    in an assistant turn (a prefilled reply) ends in that turn, open, for the completion to continue.
 
     A system turn is written as its bare text before the first human turn.
     """
     rendered = []
-    for turn in turns:
+    for number, turn in enumerate(turns, 1):
         if turn['role'] == 'assistant':
-            rendered.append(assistant_prefix + turn['content'] + assistant_suffix)
+            left_open = number == len(turns)
+            rendered.append(assistant_prefix + turn['content'] + ('' if left_open else assistant_suffix))
         elif turn['role'] == 'system':
             rendered.append(turn['content'])
         else:
             rendered.append(human_prefix + turn['content'] + human_suffix)
-    return ''.join(rendered) + assistant_prefix
+    return ''.join(rendered) + ('' if ends_in_reply(turns) else assistant_prefix)
+
+
+def ends_in_reply(turns: List[Dict[str, str]]) -> bool:
+    """Whether a prompt ends in the assistant's turn: the start of the reply, which its completion continues (as
+    TRL's continue_final_message)."""
+    return bool(turns) and turns[-1]['role'] == 'assistant'
+
+
+def chat_template_prompt(tokenizer, turns: List[Dict[str, str]]) -> str:
+    """A prompt rendered by the tokenizer's chat template: a new assistant turn opened, or a prefilled one left
+    open (ends_in_reply)."""
+    if ends_in_reply(turns):
+        return tokenizer.apply_chat_template(turns, tokenize=False, continue_final_message=True)
+    return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+
+
+def with_completion(turns: List[Dict[str, str]], completion: str) -> List[Dict[str, str]]:
+    """The conversation of a prompt and its completion: the reply's own turn, or the end of a prefilled one."""
+    if ends_in_reply(turns):
+        return [*turns[:-1], {'role': 'assistant', 'content': turns[-1]['content'] + completion}]
+    return [*turns, {'role': 'assistant', 'content': completion}]
 
 
 def add_comparison(dataset: Dataset, turns: List[Dict[str, str]], completions: Tuple[str, str], preferred: int,

@@ -35,7 +35,7 @@ import torch
 import models
 from halos.batching import encode_completion, encode_prompt
 from halos.errors import ConfigError, DataError, MissingFileError, UserError, describe_error, one_line
-from halos.examples import Formatting
+from halos.examples import Formatting, chat_template_prompt, with_completion
 from utils import rank0_print
 
 Prompt = Union[str, List[Dict[str, str]]]
@@ -525,14 +525,13 @@ class RewardModelLabeler:
         turns = as_turns(prompt)
         if self.halos_format is not None:
             use_chat_template, formatting = self.halos_format
-            prompt_text = self.tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True) \
-                if use_chat_template else formatting.prompt(turns)
+            prompt_text = chat_template_prompt(self.tokenizer, turns) if use_chat_template else formatting.prompt(turns)
             prompt_ids = encode_prompt(self.tokenizer, prompt_text, use_chat_template)
             completion_ids = encode_completion(self.tokenizer, completion + formatting.assistant_suffix)
         elif self.tokenizer.chat_template:
             prompt_ids = []
-            completion_ids = self.tokenizer.apply_chat_template(turns + [{'role': 'assistant', 'content': completion}],
-                                                                tokenize=True, return_dict=False)
+            completion_ids = self.tokenizer.apply_chat_template(with_completion(turns, completion), tokenize=True,
+                                                                return_dict=False)
         else:
             prompt_ids = encode_prompt(self.tokenizer, Formatting().prompt(turns), False)
             completion_ids = encode_completion(self.tokenizer, completion)

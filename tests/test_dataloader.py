@@ -412,6 +412,21 @@ def test_chat_template_renders_prompts(tokenizer):
     assert batch['target_input_ids'][0][length - 1] == tokenizer.eos_token_id
 
 
+
+def test_a_prompt_that_ends_in_the_assistants_turn_is_continued_as_trl_continues_a_final_message(tokenizer, tmp_path):
+    from halos.examples import render_turns, with_completion
+    prefilled = [{'role': 'user', 'content': 'What is 2+2?'}, {'role': 'assistant', 'content': 'The answer is'}]
+    assert render_turns(prefilled, 'H: ', '\n', 'A: ', '<end>\n') == 'H: What is 2+2?\nA: The answer is'
+    assert render_turns(prefilled[:1], 'H: ', '\n', 'A: ', '<end>\n') == 'H: What is 2+2?\nA: '
+    assert with_completion(prefilled, ' 4.') == [prefilled[0], {'role': 'assistant', 'content': 'The answer is 4.'}]
+    path = tmp_path / 'prompts.jsonl'
+    path.write_text(json.dumps({'prompt': prefilled}) + '\n')
+    prompts = loader(D.PromptDataLoader, [str(path)], tokenizer, use_chat_template=True, data_dir=None)
+    assert prompts.prompt_text(prompts.items[0]) == tokenizer.apply_chat_template(
+        prefilled, tokenize=False, continue_final_message=True)
+    assert prompts.prompt_text(prompts.items[0]).endswith('<|im_start|>assistant\nThe answer is')
+
+
 # ---------------------------------------------------------------- errors
 
 @pytest.mark.parametrize('file,pattern', [
