@@ -13,7 +13,7 @@ halos.batching.DataLoader; each loader below says only how Examples become items
 """
 import random
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, NamedTuple
 
 from halos import batch as schema
 from halos.batching import Cuts, DataLoader, PairItem, ScoredItem, json_digest
@@ -255,11 +255,29 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
         return elements
 
 
+class RepeatedPrompt(NamedTuple):
+    """A prompt that fills a batch up to a multiple of the processes (sampling keeps no sample of it)."""
+    example: Example
+
+
 class PromptDataLoader(DataLoader):
     """One item per prompt, with no completion: what sampling needs (eval.py's k samples per prompt, online
     rounds, online PPO). Prompts come from any dataset or from a prompts file ({"prompt": ...} records).
-    `prompt_suffix` is appended to every prompt (a CSFT policy's desirable control token)."""
+    `prompt_suffix` is appended to every prompt (a CSFT policy's desirable control token).
+
+    Every prompt is sampled: a last batch that does not divide among the processes is filled up with repeats
+    of its own prompts, marked schema.REPEATED (sample_records keeps none of their samples; a step-level run
+    trains on them, as torch's DistributedSampler pads)."""
     kinds = ()
+
+    def epoch_batches(self, rng):
+        order = list(self.items)
+        rng.shuffle(order)
+        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
+        if batches and len(batches[-1]) % self.world_size:
+            short = self.world_size - len(batches[-1]) % self.world_size
+            batches[-1] = batches[-1] + [RepeatedPrompt(example) for example in (batches[-1] * short)[:short]]
+        return batches
 
     def __init__(self, *args, prompt_suffix: str = '', **kwargs):
         self.prompt_suffix = prompt_suffix
@@ -283,11 +301,12 @@ class PromptDataLoader(DataLoader):
 
     def tokenize_items(self, items, global_batch):
         elements = []
-        for example in items:
+        for item in items:
+            example = item.example if isinstance(item, RepeatedPrompt) else item
             element = self.tokenize_prompt(example, self.prompt_text(example) + self.prompt_suffix)
             element.update({schema.PROMPT_ID: example.group_key(), schema.PROMPT_TURNS: example.turns,
-                            schema.PROMPT_AS_GIVEN: example.given_prompt(),
-                            schema.PROMPT_EXTRA: example.extra, schema.DATASET: example.dataset_name})
+                            schema.PROMPT_AS_GIVEN: example.given_prompt(), schema.PROMPT_EXTRA: example.extra,
+                            schema.DATASET: example.dataset_name, schema.REPEATED: isinstance(item, RepeatedPrompt)})
             elements.append(element)
         return elements
 

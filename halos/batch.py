@@ -39,6 +39,7 @@ WEIGHT = 'weight'  # [B] float: each item's weight in the loss (1 unless the dat
 PROMPT_TURNS, DATASET = 'prompt_turns', 'dataset'  # [B] each prompt as {role, content} turns, [B] its dataset
 PROMPT_AS_GIVEN = 'prompt_as_given'  # [B] each prompt as its record gave it: its text, or its turns
 PROMPT_EXTRA = 'prompt_extra'  # [B] each prompt's own fields in its prompts file ({} for none), by name
+REPEATED = 'repeated'  # [B] bool: a prompt repeated to fill a batch that divides among the processes
 ORIGINAL_PROMPT = 'original_prompt'
 IGNORE_INDEX = -100  # the label of a position that is not scored
 

@@ -243,9 +243,18 @@ class DataLoader:
 
         A last, smaller batch is kept (trimmed to a multiple of the number of processes) rather than
         dropped; what has to be left out is counted (a different item each epoch, as the order is shuffled).
+        An epoch of fewer items than processes (an online round that gave one pair) repeats them so that each
+        process has one, as torch's DistributedSampler pads, instead of leaving nothing.
         """
         order = list(self.items)
         rng.shuffle(order)
+        if 0 < len(order) < self.world_size:
+            if not self.warned_of_left_out:
+                self.warned_of_left_out = True
+                rank0_print(f"warning: [{self.split}] {', '.join(self.dataset_names)} gives {len(order)} of what "
+                            f"{type(self).__name__} iterates, fewer than the {self.world_size} processes: repeated so "
+                            f"that each process has one")
+            return [[order[i % len(order)] for i in range(self.world_size)]]
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if batches and len(batches[-1]) % self.world_size:
             keep = len(batches[-1]) - len(batches[-1]) % self.world_size

@@ -346,7 +346,9 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         labeler = self.rollouts.held_out_labeler
         scores = checked_scores(labeler, batch[schema.PROMPT_AS_GIVEN], [s.text for s in samples], names,
                                 batch[schema.PROMPT_EXTRA])
-        scored = [(score, sample.token_ids) for score, sample in zip(scores, samples) if score is not None]
+        repeated = batch.get(schema.REPEATED, [False] * len(samples))  # filling a batch up: counted once
+        scored = [(score, sample.token_ids) for score, sample, again in zip(scores, samples, repeated)
+                  if score is not None and not again]
         self.scored_enough(scores, labeler, f'the held-out reward after step {self.batch_counter}')
         self.held_out += scored
         return torch.zeros(()), {f'reward_{mode}/mean': torch.tensor([score for score, _ in scored]),

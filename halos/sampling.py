@@ -273,10 +273,13 @@ def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optio
     """k samples of every prompt of a PromptDataLoader, as HALOs' sample records: {output, prompt (as its record
     gave it: a string or turns), prompt_id (a digest of the prompt, stable across runs and rounds), sample_id,
     generator, dataset, type: 'sample'}, whether it ended with EOS (`finished`) and the prompt's own fields,
-    prompt by prompt. `limit` stops after that many prompts."""
+    prompt by prompt (a prompt repeated to fill a batch up once: schema.REPEATED). `limit` stops after that many
+    prompts."""
     records, n_prompts = [], 0
     for batch in loader:
         for i, samples in enumerate(sample(batch, k)):
+            if batch.get(schema.REPEATED, [False] * (i + 1))[i]:  # it fills the batch up; its own item is sampled
+                continue
             if limit is not None and n_prompts >= limit:
                 return records
             records += [{**batch[schema.PROMPT_EXTRA][i], 'output': s.text, 'prompt': batch[schema.PROMPT_AS_GIVEN][i],

@@ -281,6 +281,31 @@ def test_items_left_out_of_a_last_batch_that_does_not_divide_among_the_processes
                                        "shuffled)\n")
     one = loader(D.PairedPreferenceDataLoader, [str(path)], tokenizer, batch_size=4, n_epochs=2)
     assert sum(len(batch['prompt_text']) for batch in one) == 18 and 'warning' not in capsys.readouterr().out
+    path.write_text(json.dumps({'prompt': 'Say 0.', 'output_A': 'yes', 'output_B': 'no', 'label': 1}) + '\n')
+    for rank in (0, 1):  # one pair (an online round's, say) on two processes: each has it, where trimming left none
+        alone = loader(D.PairedPreferenceDataLoader, [str(path)], tokenizer, batch_size=4, rank=rank, world_size=2)
+        assert [batch['prompt_text'] for batch in alone] == [['\n<|user|>\nSay 0.\n<|assistant|>\n']]
+    assert capsys.readouterr().out.count(f"warning: [train] {path} gives 1 of what PairedPreferenceDataLoader iterates, "
+                                         f"fewer than the 2 processes: repeated so that each process has one\n") == 2
+
+
+def test_every_prompt_is_sampled_once_where_a_batch_does_not_divide_among_the_processes(tmp_path, tokenizer):
+    """A last batch of prompts is filled up with repeats, marked, so that each process samples as many; the samples
+    of the repeats are not kept (an online round sampling 3 prompts on 2 processes kept 2 of them)."""
+    from halos.sampling import Sample, sample_records
+    path = tmp_path / 'prompts.jsonl'
+    path.write_text(''.join(json.dumps({'prompt': f'Say {i}.'}) + '\n' for i in range(3)))
+    fake = lambda batch, k: [[Sample(f'{prompt_id} #{j}', [1], True) for j in range(k)]
+                             for prompt_id in batch['prompt_id']]
+    records, repeated = [], 0
+    for rank in (0, 1):
+        ranked = loader(D.PromptDataLoader, [str(path)], tokenizer, batch_size=4, rank=rank, world_size=2)
+        batches = list(ranked)
+        assert [len(batch['prompt_text']) for batch in batches] == [2]
+        repeated += sum(batch['repeated'].count(True) for batch in batches)
+        records += sample_records(fake, ranked, 2, 'test')
+    assert repeated == 1 and len(records) == 3 * 2
+    assert sorted(r['prompt'] for r in records) == sorted(f'Say {i}.' for i in range(3) for _ in range(2))
 
 
 def test_kl_rows_are_tokenized_only_for_trainers_that_read_them(tmp_path, tokenizer):
