@@ -83,7 +83,7 @@ def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,
     pairwise and scalar feedback learn from the differences between a prompt's samples, binary feedback against a
     mean or median threshold from the differences between samples."""
     if labelled and not any(sample['output'].strip() for sample in labelled):
-        return f"every one of the {len(labelled)} completions is empty"
+        return f"every one of the {len(labelled)} completions is empty or whitespace"
     if kind == 'binary' and threshold in ('mean', 'median') and len({r['label'] for r in records}) == 1:
         return f"0 undesirable samples: every reward reaches the {threshold} threshold, as the rewards are tied"
     if kind not in TRAINING_UNITS:

@@ -779,7 +779,7 @@ def test_an_empty_completion_is_scored_but_never_written_as_feedback(tmp_path, c
     assert label.main([str(samples), str(output), '--reward-function', f'{REWARD}:characters',
                        '--feedback', feedback]) == 2
     assert capsys.readouterr().err.strip() == (f"label.py: {samples}: no {feedback} feedback to write: every one of "
-                                               f"the 2 completions is empty")
+                                               f"the 2 completions is empty or whitespace")
 
 
 def test_label_py_warns_of_binary_feedback_that_a_fixed_threshold_makes_one_class(tmp_path, capsys):
