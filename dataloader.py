@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Dict, List, NamedTuple
 
 from halos import batch as schema
-from halos.batching import Cuts, DataLoader, PairItem, ScoredItem, json_digest
+from halos.batching import Cuts, DataLoader, PairItem, ScoredItem, json_digest, repeats_to_divide
 from halos.datasets import (DATASETS, get_alpacaeval, get_hh, get_hh_harmless, get_hh_helpful, get_oasst,
                             get_shp, get_ultrabin, load_dataset, load_raw_records)
 from halos.errors import ConfigError, DataError
@@ -270,18 +270,12 @@ class PromptDataLoader(DataLoader):
     trains on them, as torch's DistributedSampler pads)."""
     kinds = ()
 
-    def epoch_batches(self, rng):
-        order = list(self.items)
-        rng.shuffle(order)
-        batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
-        if batches and len(batches[-1]) % self.world_size:
-            short = self.world_size - len(batches[-1]) % self.world_size
-            batches[-1] = batches[-1] + [RepeatedPrompt(example) for example in (batches[-1] * short)[:short]]
-        return batches
-
     def __init__(self, *args, prompt_suffix: str = '', **kwargs):
         self.prompt_suffix = prompt_suffix
         super().__init__(*args, **kwargs)
+
+    def divisible(self, last, n_items):
+        return last + [RepeatedPrompt(example) for example in repeats_to_divide(last, self.world_size)]
 
     def flatten(self, examples):
         return list(examples)

@@ -117,6 +117,11 @@ def json_digest(values: Iterable) -> str:
     return hashed.hexdigest()[:16]
 
 
+def repeats_to_divide(batch: List, world_size: int) -> List:
+    """The batch's own items, in turn, that fill it up to a multiple of world_size."""
+    return (batch * world_size)[:-len(batch) % world_size]
+
+
 class DataLoader:
     """Base loader: flattening into items is up to the subclass; batching, tokenization and sharding live here.
 
@@ -239,34 +244,38 @@ class DataLoader:
 
     # --- batching
     def epoch_batches(self, rng: random.Random) -> List[List[Tuple]]:
-        """One epoch of global batches: the items shuffled, cut into batch_size chunks.
-
-        A last, smaller batch is kept (trimmed to a multiple of the number of processes) rather than
-        dropped; what has to be left out is counted (a different item each epoch, as the order is shuffled).
-        An epoch of fewer items than processes (an online round that gave one pair) repeats them so that each
-        process has one, as torch's DistributedSampler pads, instead of leaving nothing.
-        """
+        """One epoch of global batches: the items shuffled, cut into batch_size chunks, the last one kept and made
+        to divide among the processes (`divisible`)."""
         order = list(self.items)
         rng.shuffle(order)
-        if 0 < len(order) < self.world_size:
-            if not self.warned_of_left_out:
-                self.warned_of_left_out = True
-                rank0_print(f"warning: [{self.split}] {', '.join(self.dataset_names)} gives {len(order)} of what "
-                            f"{type(self).__name__} iterates, fewer than the {self.world_size} processes: repeated so "
-                            f"that each process has one")
-            return [[order[i % len(order)] for i in range(self.world_size)]]
         batches = [order[start:start + self.batch_size] for start in range(0, len(order), self.batch_size)]
         if batches and len(batches[-1]) % self.world_size:
-            keep = len(batches[-1]) - len(batches[-1]) % self.world_size
-            if not self.warned_of_left_out:
-                self.warned_of_left_out = True
-                rank0_print(f"warning: [{self.split}] the last batch of each epoch leaves out "
-                            f"{len(batches[-1]) - keep} of {len(order)} items so that it divides among the "
-                            f"{self.world_size} processes (another one each epoch: the order is shuffled)")
-            batches[-1] = batches[-1][:keep]
+            batches[-1] = self.divisible(batches[-1], len(order))
             if not batches[-1]:
                 batches.pop()
         return batches
+
+    def divisible(self, last: List, n_items: int) -> List:
+        """An epoch's last batch made to divide among the processes: trimmed, the items it leaves out warned of (a
+        different one each epoch, as the order is shuffled); where the epoch holds fewer items than processes (an
+        online round that gave one pair), filled up with repeats instead, as torch's DistributedSampler pads, so
+        that each process has one."""
+        if n_items < self.world_size:
+            self.warn_once(f"warning: [{self.split}] {', '.join(self.dataset_names)} gives {n_items} of what "
+                           f"{type(self).__name__} iterates, fewer than the {self.world_size} processes: repeated so "
+                           f"that each process has one")
+            return last + repeats_to_divide(last, self.world_size)
+        keep = len(last) - len(last) % self.world_size
+        self.warn_once(f"warning: [{self.split}] the last batch of each epoch leaves out {len(last) - keep} of "
+                       f"{n_items} items so that it divides among the {self.world_size} processes (another one "
+                       f"each epoch: the order is shuffled)")
+        return last[:keep]
+
+    def warn_once(self, message: str) -> None:
+        """How an epoch's last batch was made to divide, said at the first epoch (every epoch's is alike)."""
+        if not self.warned_of_left_out:
+            self.warned_of_left_out = True
+            rank0_print(message)
 
     def plan(self) -> Iterator[List[Tuple]]:
         """The global batches of the whole run, untokenized: epochs until n_epochs or n_examples."""
