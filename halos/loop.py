@@ -489,14 +489,14 @@ class BasicTrainer:
                 'fields_digest': self.fields_digest}
 
     def restore_trainer_state(self, state: Dict) -> None:
-        if None not in (state.get('data_digest'), self.data_digest) and state['data_digest'] != self.data_digest:
-            raise ConfigError("resume=true: the training data is not the data the checkpoint was trained on (its "
-                              "records changed), so its data position would point into other data: resume with that "
-                              "data, or start a new exp_name from the checkpoint (++model.load_from=...)")
-        if None not in (state.get('fields_digest'), self.fields_digest) and state['fields_digest'] != self.fields_digest:
-            raise ConfigError("resume=true: the prompts' own fields (what a reward function is given beside each "
-                              "prompt, such as its answer) are not those the checkpoint was trained with: resume with "
-                              "that data, or start a new exp_name from the checkpoint (++model.load_from=...)")
+        for key, changed in (('data_digest', "the training data is not the data the checkpoint was trained on (its "
+                                              "records changed), so its data position would point into other data"),
+                             ('fields_digest', "the prompts' own fields (what a reward function is given beside each "
+                                               "prompt, such as its answer) are not those the checkpoint was trained "
+                                               "with")):
+            if None not in (state.get(key), getattr(self, key)) and state[key] != getattr(self, key):
+                raise ConfigError(f"resume=true: {changed}: resume with that data, or start a new exp_name from the "
+                                  f"checkpoint (++model.load_from=...)")
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
         self.finished = state.get('finished', False)
