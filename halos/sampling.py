@@ -277,8 +277,9 @@ def sample_records(sample: Sampler, loader, k: int, generator: str, limit: Optio
     prompts."""
     records, n_prompts = [], 0
     for batch in loader:
+        repeated = batch.get(schema.REPEATED) or [False] * schema.batch_size(batch)
         for i, samples in enumerate(sample(batch, k)):
-            if batch.get(schema.REPEATED, [False] * (i + 1))[i]:  # it fills the batch up; its own item is sampled
+            if repeated[i]:  # it fills the batch up; its own item is sampled
                 continue
             if limit is not None and n_prompts >= limit:
                 return records
