@@ -59,6 +59,7 @@ from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
+from halos.actor_critic import ActorCriticTrainer
 from halos.preference import RewardModelTrainer
 from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict
@@ -132,8 +133,8 @@ def evaluate(run: RunSettings) -> dict:
     """The run's trainer evaluation (its loss and metrics) on the test split; online RL's on the held-out prompts
     that its training evaluated on."""
     trainer_class = trainers.get_trainer_class(run.loss.trainer)
-    if issubclass(trainer_class, RewardModelTrainer) and run.saved_policy:
-        check_score_head(run)
+    if run.saved_policy:
+        check_trained_head(run, trainer_class)
     tokenizer = load_run_tokenizer(run)
     eval_loader = build_loader(run, tokenizer, 'test',
                                own_held_out_prompts(run) if trainer_class.samples_online else None)
@@ -151,18 +152,28 @@ def evaluate(run: RunSettings) -> dict:
     return {'metadata': as_dict(run), 'results': trainer.evaluate()}
 
 
-def check_score_head(run: RunSettings) -> None:
-    """A reward model's saved_policy holds its trained score head: a policy's checkpoint would load with a freshly
-    initialised one (as training a reward model from an SFT policy does), and the evaluation would score at random."""
+def check_trained_head(run: RunSettings, trainer_class) -> None:
+    """A reward model's saved_policy holds the score head it trained, and a PPO policy's its value head: another
+    policy's checkpoint loads with a freshly initialised head (as training from an SFT policy starts). A reward
+    model would then score at random, so it is refused; PPO's evaluation is warned of what the fresh head sets."""
+    if issubclass(trainer_class, RewardModelTrainer):
+        if not has_head(run, 'score'):
+            raise ConfigError(f"saved_policy={run.saved_policy} has no score head (a policy's checkpoint, not a reward "
+                              f"model's): {run.exp_name} is a reward model (loss={run.loss.name}), evaluated by the "
+                              f"head it trained; give its checkpoint, <its run>/LATEST/policy.pt or <its run>/LATEST/hf")
+    elif issubclass(trainer_class, ActorCriticTrainer) and not has_head(run, 'v_head'):
+        print(f"warning: saved_policy={run.saved_policy} holds no value head (it is not a PPO run's policy.pt), so "
+              f"its evaluation's values, and the advantages and losses made from them, come from a freshly "
+              f"initialised head")
+
+
+def has_head(run: RunSettings, head: str) -> bool:
+    """Whether the saved policy holds the head `head` (an HF directory holds a score head as a sequence
+    classifier, and never a value head: PPO's export leaves it in policy.pt)."""
     path = models.resolve_load_from(run.saved_policy, run.cache_dir)
     if os.path.isdir(path):
-        if models.is_sequence_classifier(path):
-            return
-    elif any('score' in key.split('.') for key in checkpoint.state_keys(path)):
-        return
-    raise ConfigError(f"saved_policy={run.saved_policy} has no score head (a policy's checkpoint, not a reward "
-                      f"model's): {run.exp_name} is a reward model (loss={run.loss.name}), evaluated by the head it "
-                      f"trained; give its checkpoint, <its run>/LATEST/policy.pt or <its run>/LATEST/hf")
+        return head == 'score' and models.is_sequence_classifier(path)
+    return any(head in key.split('.') for key in checkpoint.state_keys(path))
 
 
 def log_ratios_to_start(run: RunSettings, policy, start, batch: Dict, samples: List[Sample], pad_token_id: int,
@@ -289,12 +300,12 @@ def check_task_builds(task_manager, task: str) -> None:
 
 def own_held_out_prompts(run: RunSettings):
     """The prompts a run measured itself on: online rounds' online.eval_prompts; online RL's, else the test split
-    of the prompts it trained on; any other run's datasets (their test split, as mode=sample samples)."""
+    of the prompts it trained on; any other run's, else its datasets (their test split, as mode=sample samples)."""
     if run.online.rounds > 0:
         return run.online.eval_prompts
     if trainers.get_trainer_class(run.loss.trainer).samples_online:
         return run.online.eval_prompts or run.online.prompts or run.datasets
-    return run.datasets
+    return run.online.eval_prompts or run.datasets
 
 
 def own_reward_function(run: RunSettings):

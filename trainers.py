@@ -300,7 +300,8 @@ class OnlinePPOTrainer(PPOTrainer):
         def __post_init__(self):
             if bool(self.reward_function) == bool(self.reward_model):
                 raise ConfigError("loss=ppo-online scores its samples with one of loss.reward_function=file.py:function "
-                                  "or loss.reward_model=<sequence classifier>: give exactly one")
+                                  "or loss.reward_model=<sequence classifier>: give exactly one (online.reward_function "
+                                  "and online.reward_model are the labellers of online rounds, which it does not read)")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)

@@ -522,6 +522,8 @@ def build_trainer(run: RunSettings):
         warn_of_an_unreached_n_examples(run, train_loader)
         warn_of_unused_datasets(run, train_loader)
         warn_of_cuts(run, train_loader)
+        if eval_loader is not None and not sampled:
+            warn_on_shared_held_out(train_loader.full_data.values(), eval_loader.full_data.values(), sampled=False)
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)
@@ -645,13 +647,18 @@ def check_prompt_fields(labeler, examples, what: str) -> None:
         check_prompts(labeler, examples, what)
 
 
-def warn_on_shared_held_out(train_items, held_out_items) -> None:
+def warn_on_shared_held_out(train_items, held_out_items, sampled: bool = True) -> None:
     """Warn (rank 0) when held-out prompts are also training prompts: the held-out reward checks the training
-    reward (the monitors compare them), which a training prompt cannot do."""
+    reward (the monitors compare them), which a training prompt cannot do, and an offline evaluation on them
+    measures how well the training data is fitted, not how the policy does on other prompts."""
     shared = len(prompt_digests(held_out_items) & prompt_digests(train_items))
-    if shared:
+    if shared and sampled:
         rank0_print(f"warning: {shared} of the {len(held_out_items)} held-out prompts are also training prompts, so "
                     f"the held-out reward is not held out there: give online.eval_prompts a file of other prompts")
+    elif shared:
+        rank0_print(f"warning: {shared} of the {len(held_out_items)} evaluation prompts are also training prompts, "
+                    f"so the evaluation is not held out there (a feedback file's records without a 'split' field "
+                    f"serve both splits: give the held-out ones \"split\": \"test\")")
 
 
 def prompt_digests(examples) -> set:

@@ -17,6 +17,7 @@ PartedScore: the monitors log each part's mean). A reward function that raises, 
 anything else, stops the run with one line naming the labeler, the sample and the value or exception.
 """
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -186,19 +187,9 @@ def load_reward_function(spec: str) -> Callable[..., float]:
         raise ConfigError(f"reward function {spec!r}: give it as path/to/file.py:function or module:function")
     if location.endswith('.py') and not os.path.exists(location):
         raise MissingFileError(f"reward function {spec!r}: no file {location}")
-    return imported_function(spec, *function_identity(spec))
-
-
-@functools.lru_cache(maxsize=None)
-def imported_function(spec: str, location: str, name: str) -> Callable[..., float]:
+    location, name = function_identity(spec)
     try:
-        if location.endswith('.py'):
-            module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0],
-                                                                 location)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(location)
+        module = imported_module(location)
     except SyntaxError as error:
         raise ConfigError(f"reward function {spec!r}: {error.filename or location} line {error.lineno}: "
                           f"{error.msg}") from None
@@ -210,6 +201,18 @@ def imported_function(spec: str, location: str, name: str) -> Callable[..., floa
             f"has no function {name!r}"
         raise ConfigError(f"reward function {spec!r}: {location} {what}")
     return function
+
+
+@functools.lru_cache(maxsize=None)
+def imported_module(location: str):
+    """The module of a file's absolute path, or of a module's name: imported once per process, so that the reward
+    functions of one file share what it holds (a client, a cache, a model it loads)."""
+    if not location.endswith('.py'):
+        return importlib.import_module(location)
+    module_spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(location))[0], location)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module
 
 
 BATCH_PARAMETER = 'completions'  # a reward function that names it is called as TRL calls its reward functions
@@ -291,27 +294,37 @@ class RewardFunctionLabeler:
                 if (self.takes is None or name in self.takes) and name not in self.filled}
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+        self.check_fields(extras)
+        return self.scores(awaited(self.started(prompts, completions, extras)))
+
+    def check_fields(self, extras: Sequence[Dict]) -> None:
         for index, extra in enumerate(extras):
             lacking = self.lacking(extra)
             if lacking:
                 raise SampleFailed(index, lacking)
-        if self.batched:
-            return self.score_batch(prompts, completions, extras)
-        results = awaited([outcome(functools.partial(self.function, prompt, completion, **self.given(extra)))
-                           for prompt, completion, extra in zip(prompts, completions, extras)])
-        for index, result in enumerate(results):
-            if isinstance(result, FAILURES):
-                raise SampleFailed(index, f"it raised {describe_error(result)}")
-        return results
 
-    def score_batch(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+    def started(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+        """The function called on the completions: its results, the failures it raised, or, where it is `async
+        def`, the awaitables to await (with those of other functions, so that they overlap)."""
+        if not self.batched:
+            return [outcome(functools.partial(self.function, prompt, completion, **self.given(extra)))
+                    for prompt, completion, extra in zip(prompts, completions, extras)]
         names = sorted({name for extra in extras for name in self.given(extra)})
         arguments = {name: [extra.get(name) for extra in extras] for name in names}
         arguments[BATCH_PARAMETER] = [text if isinstance(prompt, str) else [{'role': 'assistant', 'content': text}]
                                       for prompt, text in zip(prompts, completions)]
         if 'prompts' in self.filled or self.takes is None:
             arguments['prompts'] = list(prompts)
-        result, = awaited([outcome(functools.partial(self.function, **arguments))])
+        return [outcome(functools.partial(self.function, **arguments))]
+
+    def scores(self, results: List) -> List:
+        """The scores of the finished calls (`started`, awaited), or the failure of the first that failed."""
+        if not self.batched:
+            for index, result in enumerate(results):
+                if isinstance(result, FAILURES):
+                    raise SampleFailed(index, f"it raised {describe_error(result)}")
+            return results
+        result, = results
         if isinstance(result, FAILURES):
             raise SampleFailed(None, f"it raised {describe_error(result)}")
         try:
@@ -354,12 +367,15 @@ class RewardFunctionsLabeler:
         return reasons[0] if reasons else None
 
     def __call__(self, prompts: Sequence[Prompt], completions: Sequence[str], extras: Sequence[Dict]) -> List:
+        for function in self.functions:  # before any is called
+            with named_in_failures(function):
+                function.check_fields(extras)
+        started = [function.started(prompts, completions, extras) for function in self.functions]
+        finished = iter(awaited([result for results in started for result in results]))  # async ones overlap
         columns = []
-        for function in self.functions:
-            try:
-                columns.append(function(prompts, completions, extras))
-            except SampleFailed as failure:
-                raise SampleFailed(failure.index, f"{function.spec}: {failure.reason}") from None
+        for function, results in zip(self.functions, started):
+            with named_in_failures(function):
+                columns.append(function.scores([next(finished) for _ in results]))
             if len(columns[-1]) != len(completions):
                 raise SampleFailed(None, f"{function.spec} gave {len(columns[-1])} scores for {len(completions)} "
                                          f"completions")
@@ -383,6 +399,15 @@ class RewardFunctionsLabeler:
         score = PartedScore(total)
         score.parts = parts
         return score
+
+
+@contextlib.contextmanager
+def named_in_failures(function: RewardFunctionLabeler):
+    """A failure of one of several reward functions, named with its spec."""
+    try:
+        yield
+    except SampleFailed as failure:
+        raise SampleFailed(failure.index, f"{function.spec}: {failure.reason}") from None
 
 
 def reward_function_labeler(spec: Union[str, Sequence[str]], weights: Optional[Sequence[float]] = None):

@@ -251,6 +251,8 @@ class OnlineRounds:
             trainer.train()
             trainer.completed_rounds, trainer.batches_seen = round_index + 1, 0
             self.evaluate_reward(round_index + 1)  # before the checkpoint: a policy the monitors stop is not saved
+            if round_index + 1 == self.settings.rounds:
+                break  # the run's final save follows its final evaluation
             trainer.save_checkpoint()
             if trainer.stop_asked():  # before the next round's sampling, which may outlast a scheduler's grace
                 raise trainer.stopped()

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import dataloader
+import trainers
 from halos.build import build_loader
 from halos.errors import ConfigError
 from halos.labelers import checked_scores
@@ -256,8 +257,10 @@ def test_vllm_generates_only_when_installed_and_a_gpu_is_present(monkeypatch, in
     # online rounds: their held-out prompts alone
     ('dpo', ['datasets=[pairs.jsonl]', '++online.rounds=1', '++online.reward_function=r.py:vowels',
              '++online.eval_prompts=[held.jsonl]'], ['held.jsonl'], 'r.py:vowels'),
-    # an offline run: the test split of its datasets, as mode=sample; it has no reward function of its own
+    # an offline run: the test split of its datasets, as mode=sample, or its held-out prompts where it sets them
     ('dpo', ['datasets=[pairs.jsonl]', '++online.reward_function=r.py:vowels'], ['pairs.jsonl'], 'r.py:vowels'),
+    ('dpo', ['datasets=[pairs.jsonl]', '++online.eval_prompts=[held.jsonl]', '++online.eval_reward_function=r.py:gold'],
+     ['held.jsonl'], 'r.py:gold'),
     ('dpo', ['datasets=[pairs.jsonl]'], ['pairs.jsonl'], None),
     # online rounds without held-out prompts measured none
     ('dpo', ['datasets=[pairs.jsonl]', '++online.rounds=1', '++online.reward_function=r.py:vowels'], None,
@@ -407,18 +410,36 @@ def test_eval_mode_of_a_reward_model_refuses_a_saved_policy_without_a_score_head
     from halos.checkpoint import save_policy_file
     from helpers import tiny_reward_model
     run = make_config(tmp_path, loss='bradley-terry')
+    reward_model = trainers.get_trainer_class(run.loss.trainer)
     weights = {'model.norm.weight': torch.ones(2)}
     save_policy_file(str(tmp_path / 'policy.pt'), 1, {**weights, 'lm_head.weight': torch.ones(2, 2)}, {})
     save_policy_file(str(tmp_path / 'rm.pt'), 1, {**weights, 'score.weight': torch.ones(1, 2)}, {})
     save_policy_file(str(tmp_path / 'lora.pt'), 1, {'base_model.model.score.modules_to_save.default.weight':
                                                     torch.ones(1, 2)}, {})
     for held in ('rm.pt', 'lora.pt', os.path.basename(tiny_reward_model(tmp_path / 'rm'))):
-        eval_script.check_score_head(dataclasses.replace(run, saved_policy=str(tmp_path / held)))
+        eval_script.check_trained_head(dataclasses.replace(run, saved_policy=str(tmp_path / held)), reward_model)
     with pytest.raises(ConfigError) as error:
-        eval_script.check_score_head(dataclasses.replace(run, saved_policy=str(tmp_path / 'policy.pt')))
+        eval_script.check_trained_head(dataclasses.replace(run, saved_policy=str(tmp_path / 'policy.pt')), reward_model)
     assert str(error.value) == (f"saved_policy={tmp_path}/policy.pt has no score head (a policy's checkpoint, not a "
                                 f"reward model's): test is a reward model (loss=bradley-terry), evaluated by the head "
                                 f"it trained; give its checkpoint, <its run>/LATEST/policy.pt or <its run>/LATEST/hf")
+
+
+def test_eval_mode_of_ppo_warns_of_a_saved_policy_without_a_value_head(tmp_path, capsys):
+    import dataclasses
+
+    from halos.checkpoint import save_policy_file
+    run = make_config(tmp_path, loss='ppo')
+    ppo = trainers.get_trainer_class(run.loss.trainer)
+    weights = {'model.norm.weight': torch.ones(2), 'lm_head.weight': torch.ones(2, 2)}
+    save_policy_file(str(tmp_path / 'ppo.pt'), 1, {**weights, 'v_head.mlp.0.weight': torch.ones(2, 2)}, {})
+    save_policy_file(str(tmp_path / 'sft.pt'), 1, weights, {})
+    eval_script.check_trained_head(dataclasses.replace(run, saved_policy=str(tmp_path / 'ppo.pt')), ppo)
+    assert capsys.readouterr().out == ''
+    eval_script.check_trained_head(dataclasses.replace(run, saved_policy=str(tmp_path / 'sft.pt')), ppo)
+    assert capsys.readouterr().out == (
+        f"warning: saved_policy={tmp_path}/sft.pt holds no value head (it is not a PPO run's policy.pt), so its "
+        f"evaluation's values, and the advantages and losses made from them, come from a freshly initialised head\n")
 
 
 def test_a_saved_policy_of_another_shape_is_refused_by_its_own_name(tmp_path):

@@ -197,6 +197,18 @@ async def limited(prompt, completion):
         await asyncio.sleep(0)
         return 1.0
 
+IN_FLIGHT, PEAK = [0], [0]
+
+async def in_flight(prompt, completion):
+    IN_FLIGHT[0] += 1
+    await asyncio.sleep(0.01)
+    PEAK[0] = max(PEAK[0], IN_FLIGHT[0])
+    IN_FLIGHT[0] -= 1
+    return 1.0
+
+async def trl_in_flight(completions, **kwargs):
+    return [await in_flight(None, completion) for completion in completions]
+
 def one_argument(completion):
     return 1.0
 
@@ -259,6 +271,22 @@ def test_an_async_reward_function_scores_the_completions_of_a_call_concurrently(
     with pytest.raises(LabelError, match=r'exits failed on sample 0: it raised SystemExit: 3$'):  # the loop lives on
         calling(tmp_path, 'exits')(['p'], ['a'], [{}])
     assert limited(['p'], ['a'], [{}]) == [1.0]
+
+
+def test_the_async_functions_of_a_list_score_at_once(tmp_path):
+    from halos.labelers import RewardFunctionsLabeler, load_reward_function
+    (tmp_path / 'conventions.py').write_text(CALLING_CONVENTIONS)
+    specs = [f"{tmp_path / 'conventions.py'}:{name}" for name in ('in_flight', 'trl_in_flight', 'one_async')]
+    scores = checked_scores(RewardFunctionsLabeler(specs, [1.0, 2.0, 1.0]), ['p', 'q'], ['4', '5'],
+                            ['sample 0', 'sample 1'], [{'answer': '4'}] * 2)
+    assert scores == [4.0, 3.0] and [s.parts for s in scores] == [
+        {'in_flight': 1.0, 'trl_in_flight': 1.0, 'one_async': 1.0},
+        {'in_flight': 1.0, 'trl_in_flight': 1.0, 'one_async': 0.0}]
+    # each completion's own call, and the batch's call (which scores its completions one after another)
+    assert load_reward_function(specs[0]).__globals__['PEAK'] == [3]
+    # the functions of one file share its module, however the file is named
+    assert load_reward_function(specs[1]).__globals__ is load_reward_function(
+        f"{tmp_path}/./conventions.py:one_async").__globals__ is load_reward_function(specs[0]).__globals__
 
 
 def test_an_async_reward_function_is_awaited_from_a_caller_whose_own_loop_runs(tmp_path):

@@ -324,8 +324,10 @@ def test_eval_py_reward_mode_names_what_it_lacks(tmp_path, capsys):
 
 def test_eval_py_measures_an_online_rounds_run_by_its_own_held_out_reward(tmp_path, capsys):
     from helpers import eval_in_process, train_in_process
-    train_in_process(tmp_path, *online_overrides(tmp_path), '++online.rounds=1', '++online.prompts_per_round=2',
-                     '++online.samples_per_prompt=2', '++max_new_tokens=4', exp_name='online')
+    trained = train_in_process(tmp_path, *online_overrides(tmp_path), '++online.rounds=1',
+                               '++online.prompts_per_round=2', '++online.samples_per_prompt=2', '++max_new_tokens=4',
+                               exp_name='online')
+    assert trained.count('saved checkpoint') == 1  # the last round's is the final one, saved once
     out = ['++max_new_tokens=4', '++n_samples=3', f'++samples_dir={tmp_path / "out"}']
     eval_in_process(tmp_path / 'online', '++mode=reward', *out)
     measured, = [json.loads(line) for line in open(tmp_path / 'out' / 'rewards.jsonl')]

@@ -165,3 +165,13 @@ def test_a_bad_score_names_a_training_sample_by_its_step_and_a_held_out_one_as_h
         with pytest.raises(LabelError) as error:
             trainer.experience([batch])
         assert f"gave None for {named} {batch[schema.PROMPT_ID][0]}" in str(error.value)
+
+
+def test_online_ppo_names_its_own_reward_keys_where_an_online_labeller_is_given(tmp_path):
+    from halos.errors import ConfigError
+    with pytest.raises(ConfigError) as error:
+        make_config(tmp_path, f'++online.reward_function={REWARD}:vowels', loss='ppo-online')
+    assert str(error.value).endswith(
+        "loss=ppo-online scores its samples with one of loss.reward_function=file.py:function or loss.reward_model="
+        "<sequence classifier>: give exactly one (online.reward_function and online.reward_model are the labellers "
+        "of online rounds, which it does not read)")

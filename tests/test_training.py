@@ -214,6 +214,19 @@ def test_load_from_initialises_the_policy_and_the_reference(tmp_path, tokenizer,
     assert not torch.equal(base['model.embed_tokens.weight'], state['model.embed_tokens.weight'])
 
 
+def test_an_evaluation_on_training_prompts_warns(tmp_path, capsys):
+    pairs = [{'prompt': f'Question {i}?', 'output_A': 'Yes.', 'output_B': 'No.', 'label': 1} for i in range(4)]
+    pairs[3]['split'] = 'test'
+    feedback = tmp_path / 'pairs.jsonl'
+    feedback.write_text(''.join(json.dumps(pair) + '\n' for pair in pairs))
+    build_trainer(make_config(tmp_path, loss='dpo', datasets=f'[{feedback}]'))
+    assert ("warning: 3 of the 4 evaluation prompts are also training prompts, so the evaluation is not held out "
+            "there (a feedback file's records without a 'split' field serve both splits: give the held-out ones "
+            "\"split\": \"test\")") in capsys.readouterr().out
+    build_trainer(make_config(tmp_path, loss='dpo'))  # hh's own test split
+    assert 'also training prompts' not in capsys.readouterr().out
+
+
 def test_load_from_errors_are_clear(tmp_path):
     config = make_config(tmp_path, '++model.load_from=no_such_run/LATEST/policy.pt')
     with pytest.raises(FileNotFoundError, match="model.load_from='no_such_run/LATEST/policy.pt' does not exist"):
