@@ -5,8 +5,9 @@
 
 The samples file is what `eval.py ++mode=sample` writes. For each sample the judge sees the
 conversation and the two responses, in an order drawn at random per comparison from `--seed`, and is
-asked which is more helpful, harmless and concise. Every judgment is appended to a JSONL cache as soon
-as it arrives, so an interrupted or repeated run judges only what is missing. One summary line
+asked which is more helpful, harmless and concise (two responses of the same text are a tie, not asked).
+Every judgment is appended to a JSONL cache as soon as it arrives, so an interrupted or repeated run judges
+only what is missing (an empty answer is a failure, asked again). One summary line
 (wins, losses, ties, failures, the win rate with its 95% Wilson interval, the win rate in each
 position) is appended to `--results_file`.
 
@@ -167,7 +168,17 @@ def build_comparisons(config: dict, samples: List[dict], args: argparse.Namespac
     if repeats:
         print(f"warning: {args.file}: {repeats} of the {len(comparisons)} samples repeat another's prompt and "
               f"responses; each counts in the win rate and its interval (judged once)", file=sys.stderr)
+    same = sum(is_a_draw(c) for c in comparisons)
+    if same:
+        print(f"warning: {args.file}: {same} of the {len(comparisons)} samples give {args.candidate_key} and "
+              f"{args.baseline_key} the same response (up to its last full sentence): each is a tie, not asked of "
+              f"the judge", file=sys.stderr)
     return comparisons
+
+
+def is_a_draw(comparison: Comparison) -> bool:
+    """The two responses are one text: a judge made to pick one would pick by position alone."""
+    return comparison.candidate == comparison.baseline
 
 
 # --- the judge prompt and its answer
@@ -210,7 +221,9 @@ def plan_judgments(comparisons: List[Comparison], args: argparse.Namespace, user
     rng = random.Random(args.seed)
     judgments = []
     for comparison in comparisons:
-        candidate_first = rng.random() < 0.5
+        candidate_first = rng.random() < 0.5  # drawn for a draw too: the others keep their order, and their cache
+        if is_a_draw(comparison):
+            continue
         orders = [(CANDIDATE, BASELINE), (BASELINE, CANDIDATE)] if args.both_orders else \
             [(CANDIDATE, BASELINE) if candidate_first else (BASELINE, CANDIDATE)]
         for order in orders:
@@ -290,7 +303,10 @@ def judgment_outcome(judgment: Judgment, records: Dict[str, dict], errors: Dict[
 
 
 def comparison_outcome(outcomes: List[str]) -> str:
-    """One comparison from its judgments: a failure if any failed, a tie if the orders disagree."""
+    """One comparison from its judgments: a failure if any failed, a tie if the orders disagree or there are none
+    (a draw)."""
+    if not outcomes:
+        return 'tie'
     for failure in ('error', 'unparseable'):
         if failure in outcomes:
             return failure
@@ -310,12 +326,13 @@ def order_win_rates(judgments: List[Judgment], outcomes: List[str]) -> dict:
             'first_position_picked': rate(first_picked)}
 
 
-def summarize(judgments: List[Judgment], records: Dict[str, dict], errors: Dict[str, str]) -> dict:
+def summarize(comparisons: List[Comparison], judgments: List[Judgment], records: Dict[str, dict],
+              errors: Dict[str, str]) -> dict:
     """Wins, losses, ties and failures over comparisons; win rate (ties count 1/2) over judged ones with its CI."""
     outcomes = [judgment_outcome(j, records, errors) for j in judgments]
-    by_comparison: Dict[int, List[str]] = {}
+    by_comparison: Dict[int, List[str]] = {comparison.index: [] for comparison in comparisons}
     for judgment, outcome in zip(judgments, outcomes):
-        by_comparison.setdefault(judgment.comparison.index, []).append(outcome)
+        by_comparison[judgment.comparison.index].append(outcome)
     results = [comparison_outcome(o) for o in by_comparison.values()]
     wins, losses, ties = results.count(CANDIDATE), results.count(BASELINE), results.count('tie')
     unparseable, failed_requests = results.count('unparseable'), results.count('error')
@@ -381,7 +398,8 @@ def run(args: argparse.Namespace) -> dict:
     config, samples = load_samples(args.file, [args.history_key, args.candidate_key, args.baseline_key])
     user_tag = config.get('human_prefix', '\n<|user|>\n').strip() or 'the user'
     assistant_tag = config.get('assistant_prefix', '\n<|assistant|>\n').strip() or 'the assistant'
-    judgments = plan_judgments(build_comparisons(config, samples, args), args, user_tag, assistant_tag)
+    comparisons = build_comparisons(config, samples, args)
+    judgments = plan_judgments(comparisons, args, user_tag, assistant_tag)
     client = make_client(args.base_url, args.timeout, args.max_retries)
     cache = JudgmentCache(args.cache)
     try:
@@ -392,12 +410,14 @@ def run(args: argparse.Namespace) -> dict:
         errors, requested = judge_missing(judgments, client, args, cache, response_format)
     finally:
         cache.close()
-    summary = summarize(judgments, cache.records, errors)
+    summary = summarize(comparisons, judgments, cache.records, errors)
     if summary['win_rate'] is None:
         last_error = f"; last error: {list(errors.values())[-1]}" if errors else ''
+        kept = f"; the answers that named neither are cached in {args.cache}, which a rerun reads: delete it to ask " \
+               f"again" if summary['unparseable'] else ''
         raise CompareError(f"no comparison of {summary['total']} got a verdict ({summary['unparseable']} answers named "
                            f"neither response, {summary['errors']} requests failed{last_error}); nothing appended to "
-                           f"{args.results_file}")
+                           f"{args.results_file}{kept}")
     result = result_line(args, config, samples, summary, requested, len({j.key for j in judgments}),
                          response_format is not None)
     if args.save_csv:  # before the result line: a CSV that cannot be written leaves the results file as it was

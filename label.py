@@ -14,20 +14,22 @@ reward model (any HF sequence-classification model) or an LLM judge (a pointwise
 cached, so a rerun asks nothing twice). A sample that gets no score is dropped and counted; fewer than --min-scored
 of them scored, a labeller that fails or gives anything but a finite number, or feedback with nothing to train on
 stops with one line and exit status 2. The feedback (binary, pairwise, scalar or best; see halos/labelling.py) is
-written as JSON Lines, the format `datasets=[file]` reads.
+written as JSON Lines, the format `datasets=[file]` reads; an existing output is replaced only where it holds
+feedback (a rerun's), so samples given as the output by mistake are left as they were.
 """
 import argparse
 import json
+import os
 import sys
 from typing import List, Optional, Sequence
 
 from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
 from halos.examples import prompt_digest
 from halos.feedback import another_prompt, checked_turns, read_records
-from halos.jsonl import check_distinct_files, write_jsonl
+from halos.jsonl import check_distinct_files, read_json_lines, write_jsonl
 from halos.labelers import make_labeler
-from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, PAIR_MODES, build_feedback, kind_defaults,
-                             label_samples, one_class, scored_enough, why_no_training_data)
+from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, FEEDBACK_TYPES, PAIR_MODES, build_feedback,
+                             kind_defaults, label_samples, one_class, scored_enough, why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -128,9 +130,28 @@ def checked_sample(record, where: str) -> dict:
     return {**record, 'prompt_id': str(given) if given is not None else prompt_digest(record['prompt'])}
 
 
+def check_replaceable(path: str) -> None:
+    """The output replaces only a file of feedback records (a label.py run's, written again): samples given as
+    the output by mistake (the arguments swapped, another run's samples) are left as they were."""
+    if not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    try:
+        types = [record.get('type') for record in read_json_lines(path)]
+    except DataError as error:
+        reason = str(error)
+    else:
+        other = next((number for number, kind in enumerate(types, 1) if kind not in FEEDBACK_TYPES), None)
+        if other is None:
+            return
+        reason = f"record {other} is not feedback: its 'type' is none of {', '.join(FEEDBACK_TYPES)}"
+    raise DataError(f"output {path} holds something other than feedback that label.py wrote ({reason}): give the "
+                    f"output another path (nothing was written)")
+
+
 def run(args: argparse.Namespace) -> dict:
     cache = args.cache or args.output.rsplit('.jsonl', 1)[0] + '.judgments.jsonl'
     check_distinct_files({'samples': args.samples, 'output': args.output, '--cache': cache})
+    check_replaceable(args.output)
     samples = read_samples(args.samples)
     kind = 'function' if args.reward_function else 'reward_model' if args.reward_model else 'judge'
     labeler = make_labeler(kind, args.reward_function, args.reward_model, args.judge, args.base_url, cache,

@@ -172,7 +172,11 @@ def ask(client: openai.OpenAI, model: str, messages: List[dict], max_tokens: int
     choices = getattr(completion, 'choices', None)
     if not choices or not hasattr(choices[0], 'message'):
         raise ValueError(f"the judge server sent no completion: {str(completion)[:80]!r}")
-    return choices[0].message.content or ''
+    answer = choices[0].message.content or ''
+    if not answer.strip():  # a failure to ask again, not an answer to keep
+        raise ValueError(f"the judge gave an empty answer (one that reasons before it answers may spend all of its "
+                         f"{max_tokens} tokens first)")
+    return answer
 
 
 def cache_key(messages: List[Dict[str, str]], judge: str, prompt_version: str, seed: int, max_tokens: int) -> str:

@@ -26,6 +26,7 @@ from halos.feedback import extra_fields
 from halos.labelers import LabelError, checked_scores, parts_of
 
 FEEDBACK_KINDS = ('binary', 'pairwise', 'scalar', 'best')
+FEEDBACK_TYPES = ('binary_feedback', 'pairwise_feedback', 'scalar_feedback')  # the `type` of the records written
 PAIR_MODES = ('max', 'min', 'random')
 # the options of building feedback that only some of its kinds read (label.py's --threshold, online.threshold, ...)
 FEEDBACK_OPTIONS = {'threshold': ('binary', 'pairwise'), 'per_prompt': ('binary',), 'pair_mode': ('pairwise',)}

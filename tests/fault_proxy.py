@@ -8,6 +8,7 @@ Chat-completion requests are numbered from 1 in the order they arrive. A request
 - '500': HTTP 500 with an error body (the first `fail_first`, every `fail_every`-th, and those in `fail`);
 - 'hang': no answer for `hang_seconds` (longer than the client's timeout), then the connection closes;
 - 'garbage_text': HTTP 200 with a well-formed completion whose text names no response;
+- 'empty': HTTP 200 with a well-formed completion whose content is null (a reasoning judge out of tokens);
 - 'garbage_json': HTTP 200, Content-Type application/json, with a body that is not JSON;
 - an HTTP error status of its own (`status={number: code}`, e.g. 401 or 404), with an OpenAI-style error body;
 - 'die': the proxy stops listening and drops the connection, as a server that went away.
@@ -36,12 +37,14 @@ GARBAGE_TEXT = 'banana bread is nice this time of year'
 class FaultProxy:
     def __init__(self, upstream: Optional[str], fail_first: int = 0, fail_every: int = 0, fail: Iterable[int] = (),
                  hang: Iterable[int] = (), garbage_text: Iterable[int] = (), garbage_json: Iterable[int] = (),
+                 empty: Iterable[int] = (),
                  hang_seconds: float = 10.0, status: Optional[Dict[int, int]] = None, die: Iterable[int] = (),
                  models_status: Optional[int] = None):
         parts = urllib.parse.urlsplit(upstream or 'http://local/v1')
         self.upstream_root = f'{parts.scheme}://{parts.netloc}' if upstream else None
         self.fail_first, self.fail_every, self.fail = fail_first, fail_every, set(fail)
         self.hang, self.garbage_text, self.garbage_json = set(hang), set(garbage_text), set(garbage_json)
+        self.empty = set(empty)
         self.status, self.die, self.models_status = dict(status or {}), set(die), models_status
         self.hang_seconds = hang_seconds
         self.lock = threading.Lock()
@@ -75,7 +78,7 @@ class FaultProxy:
             self.faults.clear()
             self.answered.clear()
             self.fail_first, self.fail_every = plan.get('fail_first', 0), plan.get('fail_every', 0)
-            for name in ('fail', 'hang', 'garbage_text', 'garbage_json', 'die'):
+            for name in ('fail', 'hang', 'garbage_text', 'garbage_json', 'empty', 'die'):
                 setattr(self, name, set(plan.get(name, ())))
             self.status, self.models_status = dict(plan.get('status', {})), plan.get('models_status')
 
@@ -84,7 +87,7 @@ class FaultProxy:
             return '500'
         if number in self.status:
             return str(self.status[number])
-        for name in ('hang', 'garbage_text', 'garbage_json', 'die'):
+        for name in ('hang', 'garbage_text', 'garbage_json', 'empty', 'die'):
             if number in getattr(self, name):
                 return name
         return None
@@ -137,6 +140,8 @@ class FaultProxy:
                     self.close_connection = True
                 elif fault == 'garbage_text':
                     self.reply(200, json.dumps(completion(GARBAGE_TEXT)).encode())
+                elif fault == 'empty':
+                    self.reply(200, json.dumps(completion(None)).encode())
                 else:
                     self.reply(200, b'{"id": "chatcmpl-1", "choices": [{"message": ')
 
@@ -181,7 +186,7 @@ def error_body(status: int) -> dict:
     return {'error': {'message': messages.get(status, f'injected HTTP {status}'), 'code': status}}
 
 
-def completion(text: str) -> dict:
+def completion(text: Optional[str]) -> dict:
     """A well-formed chat completion carrying `text`."""
     return {'id': 'chatcmpl-injected', 'object': 'chat.completion', 'created': int(time.time()), 'model': 'judge',
             'choices': [{'index': 0, 'message': {'role': 'assistant', 'content': text}, 'finish_reason': 'stop'}],

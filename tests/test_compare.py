@@ -180,7 +180,7 @@ def test_summary_counts_wins_losses_ties_and_failures():
         else:
             position = None if winner is None else judgment.order.index(winner)
             records[judgment.key] = {'key': judgment.key, 'position': position}
-    summary = compare.summarize(judgments, records, errors)
+    summary = compare.summarize(comparisons, judgments, records, errors)
     assert {k: summary[k] for k in ('total', 'wins', 'losses', 'ties', 'failures', 'unparseable', 'errors')} == \
         {'total': 5, 'wins': 1, 'losses': 1, 'ties': 1, 'failures': 2, 'unparseable': 1, 'errors': 1}
     assert summary['win_rate'] == pytest.approx(0.5)
@@ -274,6 +274,28 @@ def test_samples_that_repeat_a_prompt_and_its_responses_are_warned_of(capsys):
     assert capsys.readouterr().err == ''
 
 
+def test_the_same_response_twice_is_a_tie_that_the_judge_is_not_asked(tmp_path, capsys):
+    samples = [{'prompt': 'q', 'policy': 'Same. Cut o', 'chosen': 'Same.'}, {'prompt': 'q2', 'policy': 'a.', 'chosen': 'b.'},
+               {'prompt': 'q3', 'policy': '', 'chosen': ' '}]
+    args = args_for(both_orders=True, sleep_time=0, verbose=False)
+    comparisons = compare.build_comparisons({}, samples, args)
+    assert capsys.readouterr().err.strip() == (
+        "warning: unused.json: 2 of the 3 samples give policy and chosen the same response (up to its last full "
+        "sentence): each is a tie, not asked of the judge")
+    judgments = compare.plan_judgments(comparisons, args, 'user', 'assistant')
+    assert {j.comparison.index for j in judgments} == {1}
+    # the other comparisons keep the order they had beside a draw
+    alone = compare.plan_judgments(comparisons, args_for(), 'user', 'assistant')
+    assert alone[0].order == compare.plan_judgments(
+        [compare.Comparison(0, 'q', 'c', 'b'), comparisons[1]], args_for(), 'user', 'assistant')[1].order
+    client = CountingClient()
+    with compare.JudgmentCache(str(tmp_path / 'judgments.jsonl')) as cache:
+        errors, requested = compare.judge_missing(judgments, client, args, cache)
+        summary = compare.summarize(comparisons, judgments, cache.records, errors)
+    assert requested == 2 and {k: summary[k] for k in ('total', 'wins', 'losses', 'ties', 'failures')} == \
+        {'total': 3, 'wins': 0, 'losses': 0, 'ties': 3, 'failures': 0}  # 'Response 1' in both orders: a tie too
+
+
 def test_identical_comparisons_share_one_judgment_and_the_cache_answers_a_rerun(tmp_path):
     comparisons = [compare.Comparison(0, 'q', 'same answer', 'other'), compare.Comparison(1, 'q', 'same answer', 'other'),
                    compare.Comparison(2, 'q2', 'c', 'b')]
@@ -284,7 +306,7 @@ def test_identical_comparisons_share_one_judgment_and_the_cache_answers_a_rerun(
     cache = compare.JudgmentCache(str(tmp_path / 'judgments.jsonl'))
     errors, requested = compare.judge_missing(judgments, client, args, cache)
     assert errors == {} and requested == 4 and len(client.requests) == 4
-    summary = compare.summarize(judgments, cache.records, errors)
+    summary = compare.summarize(comparisons, judgments, cache.records, errors)
     assert summary['total'] == 3 and summary['ties'] == 3  # 'Response 1' in both orders: the orders disagree
     cache.close()
     reopened = compare.JudgmentCache(str(tmp_path / 'judgments.jsonl'))
@@ -425,8 +447,24 @@ def test_an_unknown_judge_model_stops_the_run_and_names_the_judge(tmp_path, caps
 def test_a_judge_that_never_names_a_response_appends_no_result(tmp_path, capsys, monkeypatch):
     message, server = fake_server_error(tmp_path, capsys, monkeypatch, garbage_text=range(1, 100))
     assert message == (f"compare.py: no comparison of 4 got a verdict (4 answers named neither response, 0 requests "
-                       f"failed); nothing appended to {tmp_path}/results.jsonl")
+                       f"failed); nothing appended to {tmp_path}/results.jsonl; the answers that named neither are "
+                       f"cached in {tmp_path}/results.judgments.jsonl, which a rerun reads: delete it to ask again")
     assert server.chat_requests == 4 and not (tmp_path / 'results.jsonl').exists()
+
+
+def test_an_empty_answer_is_a_failed_request_that_a_rerun_asks_again(tmp_path, capsys, monkeypatch):
+    samples = write_samples(tmp_path / 'samples.json', 4)
+    with FaultProxy(None, empty=range(1, 5)) as server:
+        argv = ['-f', str(samples), '-r', str(tmp_path / 'results.jsonl'), '--base-url', server.base_url, '-st', '0',
+                '--concurrency', '1', '--max-retries', '1', '-v', 'false']
+        message = compare_error(capsys, monkeypatch, argv)
+        assert message == (
+            f"compare.py: no comparison of 4 got a verdict (0 answers named neither response, 4 requests failed; last "
+            f"error: ValueError: the judge gave an empty answer (one that reasons before it answers may spend all of "
+            f"its 10 tokens first)); nothing appended to {tmp_path}/results.jsonl")
+        assert not (tmp_path / 'results.judgments.jsonl').exists()
+        assert compare.main(argv) == 0
+    assert server.chat_requests == 8 and result_lines(tmp_path)[0]['judgments'] == {'requested': 4, 'cached': 0}
 
 
 def test_a_lost_server_keeps_what_was_judged_and_says_how_to_continue(tmp_path, capsys, monkeypatch):

@@ -2,6 +2,7 @@
 per-example weights, prompt rotation, label.py, the judge labeler's cache, and rounds that resume exactly."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -185,6 +186,20 @@ def test_label_py_writes_feedback_that_trains(tmp_path):
     assert {r['prompt_id'] for r in records} == {'p0', 'p1', 'p2'}
     trainer = build_trainer(make_config(tmp_path, f'datasets=[{out}]', '++n_examples=3', '++model.batch_size=1'))
     assert len(trainer.train_iterator.items) == 3
+    assert label.main([samples, out, '--reward-function', f'{REWARD}:vowels', '--feedback', 'binary']) == 0  # again
+
+
+def test_label_py_replaces_no_file_but_its_own_feedback(tmp_path, capsys):
+    import label
+    samples, other = sample_file(tmp_path), str(tmp_path / 'other_samples.jsonl')
+    shutil.copy(samples, other)
+    kept = open(other).read()
+    assert label.main([samples, other, '--reward-function', f'{REWARD}:vowels']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"label.py: output {other} holds something other than feedback that label.py wrote (record 1 is not "
+        f"feedback: its 'type' is none of binary_feedback, pairwise_feedback, scalar_feedback): give the output "
+        f"another path (nothing was written)")
+    assert open(other).read() == kept
 
 
 def test_label_py_names_a_bad_sample_and_a_missing_function(tmp_path, capsys):
