@@ -167,8 +167,21 @@ def check_consistency(run: RunSettings) -> None:
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, which "
                           f"loss={loss.name} does not score with (online rounds and online RL do): leave it null")
     warn_of_unread_keys(run, trainer_class)
+    warn_of_a_reference_without_the_loaded_adapters(run, trainer_class)
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         reward_function_labeler(loss.params.reward_function)
+
+
+def warn_of_a_reference_without_the_loaded_adapters(run: RunSettings, trainer_class: type) -> None:
+    """Under LoRA the reference is the policy with its adapters off: adapters continued from an SFT run leave the
+    SFT policy out of it, which the recipe of SFT then DPO means to keep."""
+    if run.model.load_lora_from and trainer_class.uses_reference(run.loss.params):
+        start = f"model.load_from={run.model.load_from}" if run.model.load_from else \
+            f"the base model {run.model.name_or_path}"
+        rank0_print(f"warning: the reference model is the policy with its adapters off, {start}, not the policy "
+                    f"that the adapters of model.load_lora_from={run.model.load_lora_from} make: to keep that policy "
+                    f"as the reference, train fresh adapters on its merged model (++model.load_from=<its run>/LATEST/hf "
+                    f"without model.load_lora_from)")
 
 
 def changed_keys(section, prefix: str = '') -> List[str]:

@@ -203,3 +203,15 @@ def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_gi
         f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: give its merged model, "
         f"{tmp_path}/run/LATEST/hf, or continue its adapters with model.use_peft=true "
         f"model.load_lora_from={tmp_path}/run/LATEST/adapter")
+
+
+def test_continued_adapters_with_a_reference_warn_that_the_reference_lacks_them(tmp_path, capsys):
+    adapter = str(tmp_path / 'sft' / 'LATEST' / 'adapter')
+    make_config(tmp_path, '++model.use_peft=true', f'++model.load_lora_from={adapter}', loss='dpo')
+    assert capsys.readouterr().out.strip() == (
+        f"warning: the reference model is the policy with its adapters off, the base model embedded:tiny-smollm2, "
+        f"not the policy that the adapters of model.load_lora_from={adapter} make: to keep that policy as the "
+        f"reference, train fresh adapters on its merged model (++model.load_from=<its run>/LATEST/hf without "
+        f"model.load_lora_from)")
+    make_config(tmp_path, '++model.use_peft=true', f'++model.load_lora_from={adapter}', loss='sft')
+    assert 'reference' not in capsys.readouterr().out
