@@ -21,7 +21,8 @@ mode=reward      one sample per prompt of ++prompts=<prompts file or datasets> (
                  part's mean, for a reward given in parts) to <samples_dir>/rewards.jsonl; the samples go
                  to <samples_dir>/<exp_name>.json ({sampled_at, config, samples: [{prompt, policy, reward,
                  reward_parts?, prompt_id}]}, the prompt as the policy was given it, as in mode=sample;
-                 compare.py reads it)
+                 compare.py reads it; a file there that mode=sample wrote is kept as <exp_name>.sample.json,
+                 and the other way round)
 mode=lm_eval     lm-eval-harness (requirements-eval.txt) on the policy, its final weights with any LoRA adapter
                  merged (what its HF export holds): ++lm_eval.tasks=[halos_basics,...]; prints lm-eval's table,
                  writes its results to <local_run_dir>/lm_eval.json and logs them to wandb
@@ -431,19 +432,16 @@ def run_evaluation(run: RunSettings) -> None:
         print(f'wrote {len(records)} samples ({run.num_samples_per_prompt} per prompt) to {path}')
     elif run.mode == 'sample':
         samples = sample(run, run.datasets)
-        path = os.path.join(run.samples_dir, f'{run.exp_name}.json')
-        write_json(path, {'sampled_at': str(datetime.datetime.now()),
-                          'config': as_dict(run), 'samples': samples})
+        path = write_samples_file(run, samples, str(datetime.datetime.now()))
         print(f'wrote {len(samples)} samples to {path}')
     elif run.mode == 'eval':
         print(json.dumps(evaluate(run)['results'], indent=2))
     elif run.mode == 'reward':
         samples, result = reward(run)
         append_json_lines(os.path.join(run.samples_dir, 'rewards.jsonl'), [result])
-        write_json(os.path.join(run.samples_dir, f'{run.exp_name}.json'),
-                   {'sampled_at': result['sampled_at'], 'config': as_dict(run),
-                    'samples': samples})
+        path = write_samples_file(run, samples, result['sampled_at'])
         print(reward_line(result))
+        print(f'wrote its {len(samples)} samples to {path}')
     elif run.mode == 'lm_eval':
         lm_eval_results(run)
     else:
@@ -452,6 +450,29 @@ def run_evaluation(run: RunSettings) -> None:
         write_json(path, [{'instruction': s['original_prompt'], 'output': s['policy'].strip(),
                            'reference': s['chosen'].strip(), 'generator': run.exp_name} for s in samples])
         print(f'wrote {len(samples)} AlpacaEval outputs to {path}')
+
+
+def write_samples_file(run: RunSettings, samples: List[dict], sampled_at: str) -> str:
+    """<samples_dir>/<exp_name>.json, which mode=sample and mode=reward both write (compare.py reads either): a
+    file the other mode wrote is kept beside it, as <exp_name>.<that mode>.json."""
+    path = os.path.join(run.samples_dir, f'{run.exp_name}.json')
+    other = written_by(path)
+    if other not in (None, run.mode):
+        kept = os.path.join(run.samples_dir, f'{run.exp_name}.{other}.json')
+        os.replace(path, kept)
+        print(f'kept the samples that mode={other} wrote to {path} as {kept}')
+    write_json(path, {'sampled_at': sampled_at, 'config': as_dict(run), 'samples': samples})
+    return path
+
+
+def written_by(path: str) -> Optional[str]:
+    """The mode of the eval.py run that wrote the samples file at `path` (None: no such file of eval.py's)."""
+    try:
+        with open(path, encoding='utf-8') as f:
+            mode = json.load(f)['config']['mode']
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return mode if isinstance(mode, str) and mode.isidentifier() else None
 
 
 def main() -> None:

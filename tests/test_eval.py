@@ -452,3 +452,16 @@ def test_a_saved_policy_of_another_shape_is_refused_by_its_own_name(tmp_path):
         eval_script.check_saved_policy(dataclasses.replace(make_config(tmp_path, loss='sft'), saved_policy=str(wider)))
     assert str(error.value) == (f"saved_policy={wider} is not a checkpoint of model.name_or_path=embedded:tiny-smollm2: "
                                 f"its hidden_size 64, not 32 (give the model it was trained from)")
+
+
+def test_a_samples_file_that_the_other_mode_wrote_is_kept_beside_it(tmp_path, capsys):
+    import dataclasses
+    run = dataclasses.replace(make_config(tmp_path), samples_dir=str(tmp_path / 'out'), mode='sample')
+    os.makedirs(run.samples_dir)
+    path = eval_script.write_samples_file(run, [{'prompt': 'p', 'policy': 'a', 'chosen': 'b'}], 'then')
+    eval_script.write_samples_file(run, [{'prompt': 'p', 'policy': 'c', 'chosen': 'b'}], 'now')  # its own: replaced
+    assert path == f'{tmp_path}/out/{run.exp_name}.json' and capsys.readouterr().out == ''
+    eval_script.write_samples_file(dataclasses.replace(run, mode='reward'), [{'prompt': 'p', 'policy': 'd'}], 'later')
+    kept = f'{tmp_path}/out/{run.exp_name}.sample.json'
+    assert capsys.readouterr().out == f'kept the samples that mode=sample wrote to {path} as {kept}\n'
+    assert [json.load(open(name))['samples'][0]['policy'] for name in (kept, path)] == ['c', 'd']
