@@ -119,6 +119,10 @@ def check_output(parser: ArgumentParser, path: str) -> None:
 def plot_curves(run_dirs: List[str], output: str) -> int:
     with reported_as_one_line('visualize.py'):
         for run_dir in run_dirs:
+            if not os.path.isdir(run_dir):
+                what = 'a file: give the run directory that holds metrics.jsonl' if os.path.exists(run_dir) else \
+                    'no such directory'
+                raise MissingFileError(f"{run_dir}: {what}")
             if not os.path.isfile(os.path.join(run_dir, 'metrics.jsonl')):
                 raise MissingFileError(f"{run_dir}: no metrics.jsonl (not a run directory)")
         names = [os.path.basename(os.path.normpath(run_dir)) for run_dir in run_dirs]

@@ -192,9 +192,16 @@ def check_policy_file(path: str, key: str) -> None:
     """Stop at once, naming `key` and what the file holds, unless `path` is a torch-saved file or an HF model
     directory (the two things a policy loads from); cheap: only the file's start or zip index is read."""
     if os.path.isdir(path):
-        latest = os.path.join(path, "LATEST", POLICY)
+        latest = os.path.join(path, LATEST, POLICY)
         if os.path.exists(latest):
+            if os.path.isdir(os.path.join(path, LATEST, ADAPTER)):  # a LoRA run's policy.pt holds its adapters alone
+                latest = f"{os.path.join(path, LATEST, HF_EXPORT)} (its merged model, which its final save writes)"
             raise DataError(f"{key}={path}: a run directory; give its checkpoint, {key}={latest}")
+        if os.path.exists(os.path.join(path, "adapter_config.json")):
+            merged = os.path.join(os.path.dirname(os.path.normpath(path)), HF_EXPORT)
+            instead = f"the merged model that their run saves beside them, {key}={merged}" \
+                if os.path.basename(os.path.normpath(path)) == ADAPTER else "a whole model (an HF directory or a policy.pt)"
+            raise DataError(f"{key}={path}: LoRA adapters, not a whole model; give {instead}")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise DataError(f"{key}={path}: a directory with neither {POLICY} nor config.json, so not a run's "
                             f"checkpoint nor an HF model directory")

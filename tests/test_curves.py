@@ -95,7 +95,9 @@ def test_visualize_plots_the_curves_of_several_runs(tmp_path):
 
 
 @pytest.mark.parametrize('arguments, message', [
-    (['--curves', 'no_such_run'], 'no_such_run: no metrics.jsonl (not a run directory)'),
+    (['--curves', 'no_such_run'], 'no_such_run: no such directory'),
+    (['--curves', 'empty/metrics.jsonl'], 'empty/metrics.jsonl: a file: give the run directory that holds metrics.jsonl'),
+    (['--curves', 'garbled/..'], 'garbled/..: no metrics.jsonl (not a run directory)'),
     (['a.jsonl', 'b.jsonl'], 'one results file'),
     (['--curves', 'empty'], 'empty/metrics.jsonl: no metrics yet (no record of a step or round: the run logged '
                             'nothing)'),

@@ -14,8 +14,8 @@ import models
 import train
 from halos import lora
 from halos.build import build_trainer
-from halos.checkpoint import load_policy_file
-from halos.errors import ConfigError, MissingFileError
+from halos.checkpoint import check_policy_file, load_policy_file
+from halos.errors import ConfigError, DataError, MissingFileError
 from helpers import ROOT, checked, make_config, run_train, train_command, train_in_process, whole_and_killed
 
 LORA = ['++model.use_peft=true', '++model.peft.lora_r=4', '++model.peft.lora_alpha=8', '++model.peft.lora_dropout=0.0',
@@ -215,3 +215,18 @@ def test_continued_adapters_with_a_reference_warn_that_the_reference_lacks_them(
         f"model.load_lora_from)")
     make_config(tmp_path, '++model.use_peft=true', f'++model.load_lora_from={adapter}', loss='sft')
     assert 'reference' not in capsys.readouterr().out
+
+
+def test_a_lora_run_or_its_adapters_given_as_a_whole_model_name_the_merged_model(tmp_path):
+    latest = tmp_path / 'run' / 'LATEST'
+    (latest / 'adapter').mkdir(parents=True)
+    (latest / 'policy.pt').write_bytes(b'')
+    (latest / 'adapter' / 'adapter_config.json').write_text('{}')
+    with pytest.raises(DataError) as error:
+        check_policy_file(str(tmp_path / 'run'), 'model.load_from')
+    assert str(error.value) == (f"model.load_from={tmp_path}/run: a run directory; give its checkpoint, "
+                                f"model.load_from={latest}/hf (its merged model, which its final save writes)")
+    with pytest.raises(DataError) as error:
+        check_policy_file(str(latest / 'adapter'), 'saved_policy')
+    assert str(error.value) == (f"saved_policy={latest}/adapter: LoRA adapters, not a whole model; give the merged "
+                                f"model that their run saves beside them, saved_policy={latest}/hf")
