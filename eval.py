@@ -51,6 +51,7 @@ import models
 import trainers
 from halos import batch as schema
 from halos import checkpoint, lora, rl
+from halos.actor_critic import ActorCriticTrainer
 from halos.build import (build_labeler, build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
                          missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
 from halos.cli import primary_config_dir, run_hydra, skipped_task_files, task_overrides
@@ -60,7 +61,6 @@ from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
-from halos.actor_critic import ActorCriticTrainer
 from halos.preference import RewardModelTrainer
 from halos.sampling import Sample, make_sampler, sample_records
 from halos.settings import RunSettings, as_dict
@@ -472,7 +472,7 @@ def written_by(path: str) -> Optional[str]:
             mode = json.load(f)['config']['mode']
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return mode if isinstance(mode, str) and mode.isidentifier() else None
+    return mode if mode in MODES else None
 
 
 def main() -> None:
