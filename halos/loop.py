@@ -317,10 +317,12 @@ class BasicTrainer:
         saved = f"the last checkpoint in {latest} is intact (resume with ++resume=true)" \
             if checkpoint.resolve_checkpoint_dir(latest) else "no checkpoint had been written yet"
         where = f"on this rank ({self.rank}), first prompt {first_prompt[:80]!r}" if not finite else "on another rank"
+        check = f"before any update, so not from the learning rate: check that example, the starting model and " \
+                f"{type(self).__name__}.loss" if self.policy_updates == 0 else \
+            "lower lr (or raise warmup_steps), or check that example"
         raise TrainingDiverged(
             f"non-finite training loss at optimizer step {self.batch_counter}, after microbatch {self.batches_seen} "
-            f"({self.example_counter} examples) {where}: lower lr (or raise warmup_steps), or check that "
-            f"example. Nothing was saved: {saved}.")
+            f"({self.example_counter} examples) {where}: {check}. Nothing was saved: {saved}.")
 
     def accumulate(self, loss: torch.Tensor, metrics: Dict[str, torch.Tensor], first_prompt: str,
                    n_microbatches: int) -> None:

@@ -347,12 +347,18 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
     key's type and checked against its rule, a key it lacks given its default. A ConfigError names the first
     bad or unknown key."""
     fields = {f.name: f for f in dataclasses.fields(schema) if not is_params(f)}
-    hints = typing.get_type_hints(schema)
+    try:
+        hints = typing.get_type_hints(schema)
+    except NameError as error:  # a type written as a string, misspelt
+        raise ConfigError(f"{schema.__qualname__}: the type of one of its keys names what is not defined ({error})") \
+            from None
     for key in node:
         if key not in fields:
             raise ConfigError(unknown_key(prefix + str(key), [prefix + name for name in fields], overrides))
     values = {}
     for name, spec in fields.items():
+        if not dataclasses.is_dataclass(hints[name]):
+            check_declaration(schema, spec, hints[name])
         if name not in node:
             continue
         value, key = node[name], prefix + name
@@ -371,6 +377,39 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
             raise ConfigError(f"{overrides.named(key, value)}: {key} must be {described(hints[name], rule)}"
                               f"{closest_choice(value, rule)}") from None
     return schema(**values)
+
+
+def check_declaration(schema: type, spec: dataclasses.Field, kind: Any) -> None:
+    """A key declares a type that settings read, and a default that meets its type and rule: a Params class of
+    one's own that does not stops the run naming the class, not the value."""
+    where = f"{schema.__qualname__}.{spec.name}"
+    if not readable(kind):
+        raise ConfigError(f"{where}: its type {typing_name(kind)} is not one a setting reads (bool, int, float, str, "
+                          f"Any, a List of one of them, or an Optional or Union of these)")
+    default = spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
+    if default is dataclasses.MISSING or default == REQUIRED:
+        return
+    rule = spec.metadata.get('rule')
+    try:
+        value = converted(default, kind)
+        if value is not None and rule is not None and not all(rule.holds(v) for v in each(value)):
+            raise WrongType
+    except WrongType:
+        raise ConfigError(f"{where}: its default {default!r} is not {described(kind, rule)}; declare a default "
+                          f"that is") from None
+
+
+def readable(kind: Any) -> bool:
+    """Whether `converted` reads values of this type."""
+    if kind in (Any, bool, int, float, str, type(None)):
+        return True
+    if typing.get_origin(kind) in (Union, types.UnionType):
+        return all(readable(option) for option in typing.get_args(kind))
+    return typing.get_origin(kind) is list and typing.get_args(kind)[:1] in ((bool,), (int,), (float,), (str,))
+
+
+def typing_name(kind: Any) -> str:
+    return kind.__name__ if isinstance(kind, type) else str(kind).replace('typing.', '')
 
 
 def closest_choice(value: Any, rule: Optional[Rule]) -> str:

@@ -170,6 +170,42 @@ def test_an_unknown_key_names_the_closest_ones_that_exist(override, message):
     assert refused('dpo', override).startswith(message)
 
 
+def test_a_params_class_of_ones_own_with_a_default_or_a_type_that_settings_cannot_hold_is_named():
+    from typing import Tuple
+
+    from halos.settings import Overrides, greater_than, setting, typed
+
+    @dataclasses.dataclass(frozen=True)
+    class Params:
+        beta: float = setting(-1.0, 'the temperature', greater_than(0))
+
+    @dataclasses.dataclass(frozen=True)
+    class Steps:
+        steps: int = setting(2.5, 'inner steps')
+
+    @dataclasses.dataclass(frozen=True)
+    class Pair:
+        weights: Tuple[float, float] = setting((1.0, 1.0), 'two weights')
+
+    @dataclasses.dataclass(frozen=True)
+    class Misspelt:
+        beta: 'flaot' = setting(0.1, 'the temperature')  # noqa: F821
+    expected = [
+        (Params, {}, f"{Params.__qualname__}.beta: its default -1.0 is not a number > 0; declare a default that is"),
+        (Steps, {'steps': 2}, f"{Steps.__qualname__}.steps: its default 2.5 is not an integer; declare a default that is"),
+        (Pair, {'weights': [1.0, 0.5]}, f"{Pair.__qualname__}.weights: its type Tuple[float, float] is not one a "
+                                        f"setting reads (bool, int, float, str, Any, a List of one of them, or an "
+                                        f"Optional or Union of these)"),
+        (Misspelt, {}, f"{Misspelt.__qualname__}: the type of one of its keys names what is not defined (name 'flaot' "
+                       f"is not defined)")]
+    for schema, node, message in expected:
+        with pytest.raises(ConfigError) as error:
+            typed(schema, node, Overrides(), 'loss.')
+        assert str(error.value) == message
+    with pytest.raises(ConfigError):  # the class is checked, whether or not the key is given
+        typed(Params, {'beta': 0.5}, Overrides(), 'loss.')
+
+
 @pytest.mark.parametrize('name', ['..', 'runs/../..', 'a//b', 'a/'])
 def test_a_run_name_stays_a_directory_under_cache_dir(name):
     assert refused('dpo', f'exp_name={name}') == (

@@ -177,6 +177,15 @@ def test_non_finite_loss_stops_with_step_and_batch_named(tmp_path):
     assert saved['step_idx'] == 8
 
 
+def test_a_non_finite_loss_before_any_update_does_not_blame_the_learning_rate(tmp_path):
+    trainer = build_trainer(make_config(tmp_path, '++n_examples=4', loss='dpo'))
+    trainer.loss = lambda *args, **kwargs: [value * float('nan') for value in type(trainer).loss(trainer, *args, **kwargs)]
+    with pytest.raises(FloatingPointError) as error:
+        trainer.train()
+    assert ": before any update, so not from the learning rate: check that example, the starting model and " \
+           "DPOTrainer.loss. Nothing was saved: no checkpoint had been written yet." in str(error.value)
+
+
 # ---------------------------------------------------------------- load_from
 
 def perturbed_tiny_model():
