@@ -495,5 +495,14 @@ class ReinforcePPTrainer(OnlineGroupTrainer):
 
 
 def get_trainer_class(name: str) -> type:
-    """The trainer class called `name` in this module (so a subclass added here is found by its YAML)."""
-    return find_class(globals(), BasicTrainer, name, 'loss.trainer', 'a trainer')
+    """The trainer class called `name` in this module (so a subclass added here is found by its YAML), once it
+    has what its family calls: a loss, and a family that computes it (BasicTrainer alone computes none)."""
+    trainer_class = find_class(globals(), BasicTrainer, name, 'loss.trainer', 'a trainer')
+    if trainer_class.get_batch_metrics is BasicTrainer.get_batch_metrics:
+        raise ConfigError(f"loss.trainer={name}: it subclasses BasicTrainer, which computes no loss; subclass the "
+                          f"family of its data instead (SFTTrainer, PairedPreferenceTrainer, UnpairedPreferenceTrainer, "
+                          f"...; docs/extending.md) and write its loss()")
+    if not callable(getattr(trainer_class, 'loss', None)):
+        raise ConfigError(f"loss.trainer={name}: it has no loss() method, which its family calls with the batch's "
+                          f"log-probs (docs/extending.md)")
+    return trainer_class

@@ -31,6 +31,11 @@ class MissingFileError(UserError, FileNotFoundError):
     """A file or directory the run needs (data, checkpoint, model) that is not there."""
 
 
+class ContractError(UserError, TypeError):
+    """A trainer, loss or dataset of one's own that gives halos what it does not take; the message names the
+    class or function and what it must give."""
+
+
 class TrainingDiverged(UserError, FloatingPointError):
     """A non-finite training loss: too high a learning rate, or data that drives the loss there."""
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import models
 from halos import batch as schema
 from halos import checkpoint, lora
-from halos.errors import ConfigError, StoppedBySignal, TrainingDiverged
+from halos.errors import ConfigError, ContractError, StoppedBySignal, TrainingDiverged
 from halos.examples import Formatting
 from halos.jsonl import append_json_lines, keep_json_lines
 from halos.losses import humanline_logratios
@@ -298,11 +298,15 @@ class BasicTrainer:
 
     def example_mean(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted mean of loss()'s per-example losses. A loss() that returns another shape stops here: broadcast
-        or summed, its losses would train on another objective without a word."""
+        or summed, its losses would train on another objective without a word; and so does one whose losses
+        carry no gradient (detached), which would train nothing."""
         if not isinstance(losses, torch.Tensor) or losses.shape != weights.shape:
             shape = list(losses.shape) if isinstance(losses, torch.Tensor) else type(losses).__name__
-            raise TypeError(f"{type(self).__name__}.loss returned losses of shape {shape}: it must return one loss per "
-                            f"example of the batch, shape {list(weights.shape)}")
+            raise ContractError(f"{type(self).__name__}.loss returned losses of shape {shape}: it must return one loss "
+                                f"per example of the batch, shape {list(weights.shape)}")
+        if torch.is_grad_enabled() and not losses.requires_grad:
+            raise ContractError(f"{type(self).__name__}.loss returned losses without a gradient (detached, or not "
+                                f"computed from the policy's log-probs), which would train nothing")
         return weighted_mean(losses, weights)
 
     def global_batch_size(self, batch: Dict) -> int:

@@ -170,6 +170,23 @@ def test_an_unknown_key_names_the_closest_ones_that_exist(override, message):
     assert refused('dpo', override).startswith(message)
 
 
+def test_a_trainer_of_ones_own_without_a_loss_or_a_family_that_computes_one_is_named(monkeypatch):
+    from halos.loop import BasicTrainer
+    monkeypatch.setattr(trainers, 'BareTrainer', type('BareTrainer', (BasicTrainer,), {}), raising=False)
+    monkeypatch.setattr(trainers, 'NoLossTrainer', type('NoLossTrainer', (trainers.PairedPreferenceTrainer,), {}),
+                        raising=False)
+    with pytest.raises(ConfigError) as error:
+        trainers.get_trainer_class('BareTrainer')
+    assert str(error.value) == (
+        "loss.trainer=BareTrainer: it subclasses BasicTrainer, which computes no loss; subclass the family of its data "
+        "instead (SFTTrainer, PairedPreferenceTrainer, UnpairedPreferenceTrainer, ...; docs/extending.md) and write "
+        "its loss()")
+    with pytest.raises(ConfigError) as error:
+        trainers.get_trainer_class('NoLossTrainer')
+    assert str(error.value) == ("loss.trainer=NoLossTrainer: it has no loss() method, which its family calls with the "
+                                "batch's log-probs (docs/extending.md)")
+
+
 def test_a_params_class_of_ones_own_with_a_default_or_a_type_that_settings_cannot_hold_is_named():
     from typing import Tuple
 

@@ -1061,10 +1061,16 @@ def test_a_loss_that_returns_other_than_one_loss_per_example_stops_the_step(tmp_
             trainer.loss = lambda *args: wrong(right(*args))
         else:
             trainer.loss = lambda *args: (wrong(right(*args)[0]), *right(*args)[1:])
-        with pytest.raises(TypeError) as error:
+        with pytest.raises(UserError) as error:  # one line, exit status 2
             trainer.get_batch_metrics(batch, 'train')
         assert str(error.value) == (f"{type(trainer).__name__}.loss returned losses of shape {shape}: it must return "
                                     f"one loss per example of the batch, shape [4]")
+    trainer.loss = lambda *args: right(*args).detach() if loss == 'sft' else \
+        (right(*args)[0].detach(), *right(*args)[1:])
+    with pytest.raises(UserError) as error:
+        trainer.get_batch_metrics(batch, 'train')
+    assert str(error.value) == (f"{type(trainer).__name__}.loss returned losses without a gradient (detached, or not "
+                                f"computed from the policy's log-probs), which would train nothing")
     trainer.loss = right
     loss_value, _ = trainer.get_batch_metrics(batch, 'train')
     assert loss_value.shape == ()
