@@ -12,8 +12,8 @@ import random
 import re
 from typing import Callable, Dict, List, Optional, Tuple
 
-from halos.errors import DataError, HubUnavailableError, MissingFileError
-from halos.examples import Dataset, Formatting, add_comparison
+from halos.errors import DataError, HubUnavailableError, MissingFileError, shortened
+from halos.examples import Dataset, Example, Formatting, add_comparison
 from halos.feedback import FILE_TYPES, checked_turns, file_type, get_feedback_file, read_records
 
 NUMBER, OPTIONAL_NUMBER, INTEGER, TEXT, OPTIONAL_TEXT, LIST = (
@@ -294,4 +294,40 @@ def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, as
         return get_feedback_file(name, split, *formatting)
     get = DATASETS[name]
     options = {'seed': seed} if 'seed' in inspect.signature(get).parameters else {}
-    return get(split, *formatting, data_dir=data_dir, **options)
+    return checked_dataset(get(split, *formatting, data_dir=data_dir, **options), f"dataset {name} ({get.__name__})")
+
+
+def checked_dataset(dataset, where: str):
+    """What a dataset function returned, once it is a Dataset whose Examples hold what the loaders read (a
+    function of one's own that gives anything else stops here, naming itself and the prompt, instead of
+    training on something else or failing deep inside a loader)."""
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"{where} returned {type(dataset).__name__}, not a halos.examples.Dataset")
+    for key, example in dataset.items():
+        problem = example_problem(example)
+        if problem:
+            raise DataError(f"{where}: the Example of prompt {key[:60]!r}: {problem}")
+    return dataset
+
+
+def example_problem(example: Example) -> Optional[str]:
+    """What in an Example the loaders cannot read, in a few words (None: nothing)."""
+    if not isinstance(example.prompt, str) or not example.prompt:
+        return f"prompt is {example.prompt!r}, not a formatted prompt string"
+    generations = example.generations
+    if not isinstance(generations, list) or not all(isinstance(text, str) for text in generations):
+        return f"generations is {shortened(generations)}, not a list of completion strings"
+    for name in ('desirable', 'scores', 'weights'):
+        values = getattr(example, name)
+        if values and len(values) != len(generations):
+            return f"{name} holds {len(values)} values for its {len(generations)} generations: give one per generation"
+    for pair in example.pairs:
+        if not (isinstance(pair, (tuple, list)) and len(pair) == 2 and
+                all(isinstance(i, int) and 0 <= i < len(generations) for i in pair)):
+            return f"pair {pair!r} is not two indices of its {len(generations)} generations"
+        if pair[0] == pair[1]:
+            return f"pair {pair!r} prefers a generation to itself"
+    if generations and not example.demonstrated and not -len(generations) <= example.sft_index < len(generations):
+        return f"sft_index {example.sft_index} is not an index of its {len(generations)} generations"
+    return None
+

@@ -65,6 +65,12 @@ def one_line(error: Exception) -> str:
     return ' '.join(str(error).split())
 
 
+def shortened(value) -> str:
+    """A value's repr, cut to fit in a message."""
+    shown = repr(value)
+    return shown if len(shown) <= 80 else shown[:77] + '...'
+
+
 def describe_error(error: BaseException) -> str:
     """`<type>: <message>` (the message cut to 200 characters), or the type alone when it has none."""
     return f"{type(error).__name__}: {str(error)[:200]}" if str(error) else type(error).__name__

@@ -99,6 +99,9 @@ class Dataset:
     def items(self):
         return self.data.items()
 
+    def values(self):
+        return self.data.values()
+
     def num_pairs(self) -> int:
         return sum(len(example.pairs) for example in self.data.values())
 

@@ -35,7 +35,7 @@ import torch
 
 import models
 from halos.batching import encode_completion, encode_prompt
-from halos.errors import ConfigError, DataError, MissingFileError, UserError, describe_error, one_line
+from halos.errors import ConfigError, DataError, MissingFileError, UserError, describe_error, one_line, shortened
 from halos.examples import Formatting, chat_template_prompt, with_completion
 from utils import rank0_print
 
@@ -149,11 +149,6 @@ def parts_score(value: Mapping) -> PartedScore:
         raise NotAScore(f"the sum of its parts must lie within +-{LARGEST_SCORE:.3g}, float32's range, in which "
                         f"training computes")
     return score
-
-
-def shortened(value) -> str:
-    shown = repr(value)
-    return shown if len(shown) <= 80 else shown[:77] + '...'
 
 
 def as_number(value) -> Optional[float]:

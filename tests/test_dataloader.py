@@ -920,3 +920,31 @@ def test_a_prompt_listed_twice_with_two_answers_is_refused_and_listed_twice_alik
         D.load_dataset(str(path), 'train', **FORMAT)
     assert str(error.value) == (f"{path}: record 4: field 'answer' is 5, where this prompt's first record ({path}: "
                                 f"record 2) gives 4: one prompt, one value")
+
+
+def test_a_dataset_function_of_ones_own_that_gives_what_the_loaders_cannot_read_is_named():
+    import dataclasses
+
+    from halos.datasets import checked_dataset
+    from halos.errors import DataError
+    from halos.examples import Dataset, Example
+    good = Example(prompt='\n<|user|>\nQ?\n<|assistant|>\n', generations=['a', 'b'], pairs=[(0, 1)], sft_index=0)
+
+    def dataset_of(example):
+        dataset = Dataset('mine')
+        dataset[example.prompt if isinstance(example.prompt, str) else 'Q?'] = example
+        return dataset
+    assert checked_dataset(dataset_of(good), 'dataset mine (get_mine)').num_pairs() == 1
+    with pytest.raises(DataError, match=r'^dataset mine \(get_mine\) returned list, not a halos.examples.Dataset$'):
+        checked_dataset([good], 'dataset mine (get_mine)')
+    for change, problem in [({'generations': 'ab'}, "generations is 'ab', not a list of completion strings"),
+                            ({'pairs': [(0, 0)]}, 'pair (0, 0) prefers a generation to itself'),
+                            ({'pairs': [(0, 2)]}, 'pair (0, 2) is not two indices of its 2 generations'),
+                            ({'desirable': [True]}, 'desirable holds 1 values for its 2 generations: give one per '
+                                                    'generation'),
+                            ({'sft_index': 5}, 'sft_index 5 is not an index of its 2 generations'),
+                            ({'prompt': None}, 'prompt is None, not a formatted prompt string')]:
+        with pytest.raises(DataError) as error:
+            checked_dataset(dataset_of(dataclasses.replace(good, **change)), 'dataset mine (get_mine)')
+        prompt = good.prompt if change.get('prompt', '') is not None else 'Q?'
+        assert str(error.value) == f"dataset mine (get_mine): the Example of prompt {prompt!r}: {problem}"
