@@ -104,6 +104,9 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
             raise ConfigError(unknown_key(f'loss.{key}', names, overrides, otherwise=(
                 f"{fixed.trainer}.Params declares {declared} (a loss declares its keys in its trainer's Params)")))
     params = typed(trainer_class.Params, {k: v for k, v in rest.items() if k in trainer_keys}, overrides, 'loss.')
+    if getattr(params, 'humanline', False) and not trainer_class.uses_reference(params):
+        raise ConfigError(f"loss.humanline=true: {fixed.trainer} loads no reference model, whose per-token log-ratios "
+                          f"humanline clamps")
     loader_params = typed(loader_class.Params, {k: v for k, v in rest.items() if k in loader_keys}, overrides, 'loss.')
     return dataclasses.replace(fixed, params=params, loader_params=loader_params)
 

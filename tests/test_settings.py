@@ -187,6 +187,20 @@ def test_a_trainer_of_ones_own_without_a_loss_or_a_family_that_computes_one_is_n
                                 "batch's log-probs (docs/extending.md)")
 
 
+def test_humanline_on_a_trainer_of_ones_own_without_a_reference_is_refused(tmp_path, monkeypatch):
+    from halos.loop import Humanline
+
+    @dataclasses.dataclass(frozen=True)
+    class Params(trainers.SLiCTrainer.Params, Humanline):
+        pass
+    monkeypatch.setattr(trainers, 'ClampedSLiCTrainer', type('ClampedSLiCTrainer', (trainers.SLiCTrainer,),
+                                                              {'Params': Params}), raising=False)
+    with pytest.raises(ConfigError) as error:
+        make_config(tmp_path, '++loss.trainer=ClampedSLiCTrainer', '++loss.humanline=true', loss='slic')
+    assert str(error.value) == ("loss.humanline=true: ClampedSLiCTrainer loads no reference model, whose per-token "
+                                "log-ratios humanline clamps")
+
+
 def test_a_params_class_of_ones_own_with_a_default_or_a_type_that_settings_cannot_hold_is_named():
     from typing import Tuple
 
