@@ -10,6 +10,7 @@ dataloader.py), declared where the loss reads them; halos/build.py checks that s
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -271,7 +272,7 @@ class WrongType(Exception):
 def converted(value: Any, kind: Any) -> Any:
     """`value` as `kind` (bool, int, float, str, a list of them, Optional or Union of them, Any); else WrongType.
     A lone string (or, for a list of numbers, a lone number) stands for a list of one; an integral float is an int;
-    a number is a string where one is asked."""
+    a number is a string where one is asked, and a string that writes a number (quoted in a YAML) is that number."""
     if kind is Any:
         return value
     options = typing.get_args(kind)
@@ -295,6 +296,8 @@ def converted(value: Any, kind: Any) -> Any:
     if kind is bool and isinstance(value, bool):
         return value
     if kind is int and (isinstance(value, int) or isinstance(value, float) and value.is_integer()):
+        return int(value)
+    if kind is int and isinstance(value, str) and re.fullmatch(r'\s*[+-]?\d+\s*', value):
         return int(value)
     if kind is float and isinstance(value, (int, float, str)):
         try:

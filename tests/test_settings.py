@@ -187,6 +187,14 @@ def test_a_trainer_of_ones_own_without_a_loss_or_a_family_that_computes_one_is_n
                                 "batch's log-probs (docs/extending.md)")
 
 
+def test_a_number_written_as_a_string_is_that_number(tmp_path):
+    """As a YAML value quoted by hand ("128") reads: an integer or a float key takes it."""
+    run = make_config(tmp_path, "++model.max_length='256'", "++lr='1e-5'")
+    assert (run.model.max_length, run.lr) == (256, 1e-5) and isinstance(run.model.max_length, int)
+    assert refused('dpo', "++model.max_length='25.6'") == "++model.max_length='25.6': model.max_length must be an " \
+                                                          "integer >= 2"
+
+
 def test_humanline_on_a_trainer_of_ones_own_without_a_reference_is_refused(tmp_path, monkeypatch):
     from halos.loop import Humanline
 
