@@ -514,7 +514,7 @@ def test_judging_end_to_end_counts_add_up_and_a_rerun_judges_nothing(tmp_path, p
 
 @pytest.mark.slow
 def test_a_killed_run_resumes_without_judging_anything_twice(tmp_path, proxy):
-    n = 6
+    n = 5  # the sixth shipped sample's two replies read alike up to their last full sentence: a draw, not asked
     write_samples(tmp_path / 'samples.json', n)
     cache = tmp_path / 'results.judgments.jsonl'
     process = subprocess.Popen(compare_command(tmp_path, proxy.base_url, '--concurrency', '1'), cwd=tmp_path,
@@ -545,7 +545,7 @@ def test_a_killed_run_resumes_without_judging_anything_twice(tmp_path, proxy):
 def test_injected_faults_lose_or_double_no_judgment_and_count_failures(tmp_path, proxy):
     """Requests 1-2 get a 500 and 4 hangs past the timeout (all retried); 6 gets an answer naming no response
     (cached, unparseable); 8 gets invalid JSON (a failure, judged again by the next run)."""
-    n = 6
+    n = 5  # each sample one judgment: none is a draw
     write_samples(tmp_path / 'samples.json', n)
     proxy.reset(fail_first=2, hang={4}, garbage_text={6}, garbage_json={8})
     proxy.hang_seconds = 16
