@@ -321,23 +321,27 @@ def trains_online_ppo(run: RunSettings) -> bool:
 
 
 def own_labeler(run: RunSettings) -> Optional[str]:
-    """What a run trained online scored its held-out samples with where no reward function did: its reward model
-    or judge (None: a reward function, or nothing)."""
-    if trains_online_ppo(run):
-        return 'reward_model' if run.loss.params.reward_model else None
-    online_rl = trainers.get_trainer_class(run.loss.trainer).samples_online
-    trained_online = run.online.rounds > 0 or online_rl
-    scored_by_labeler = trained_online and not run.online.eval_reward_function and run.online.labeler != 'function'
-    return run.online.labeler if scored_by_labeler else None
+    """What a run scored with where no reward function did (None: a reward function, or nothing): PPO's reward
+    model (loss.reward_model, online or offline), else its labeller's reward model or judge (online.labeler; an
+    offline run's where it is given)."""
+    if own_reward_model(run):
+        return 'reward_model'
+    if trains_online_ppo(run) or run.online.eval_reward_function or run.online.labeler == 'function':
+        return None
+    return run.online.labeler
+
+
+def own_reward_model(run: RunSettings) -> Optional[str]:
+    """The reward model that PPO (loss.reward_model) scored with."""
+    return getattr(run.loss.params, 'reward_model', None) if run.online.rounds == 0 else None
 
 
 def reward_labeler(run: RunSettings):
     """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list; else
     the run's own reward model or judge."""
     if not run.reward_function:
-        if trains_online_ppo(run):
-            return make_labeler('reward_model', reward_model=run.loss.params.reward_model,
-                                max_length=run.model.max_length)
+        if own_reward_model(run):
+            return make_labeler('reward_model', reward_model=own_reward_model(run))
         return build_labeler(run, os.path.join(run.local_run_dir, 'judgments.jsonl'))
     own = run.reward_function == run.online.reward_function and not trains_online_ppo(run)
     return reward_function_labeler(run.reward_function, run.online.reward_weights if own else None)
@@ -369,7 +373,9 @@ def checked(run: RunSettings) -> RunSettings:
             ("++prompts=<prompts file or dataset names> (the run trained in online rounds and measured no held-out "
              "prompts: online.eval_prompts)" if run.online.rounds > 0 else "++prompts=<prompts file or dataset "
              "names> (the run has no held-out prompts of its own: online.eval_prompts, or its datasets)", run.prompts),
-            ("++reward_function=path/to/file.py:function (the run scored with none of its own)",
+            ("++reward_function=path/to/file.py:function (the run scored with none of its own), or a reward model "
+             "or judge: ++online.labeler=reward_model ++online.reward_model=<dir> (or ++online.labeler=judge "
+             "++online.judge=<name>)",
              run.reward_function or own_labeler(run))] if not given]
         if lacking:
             raise ConfigError(f"mode=reward needs {' and '.join(lacking)}")

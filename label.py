@@ -28,7 +28,7 @@ from halos.examples import prompt_digest
 from halos.feedback import another_prompt, checked_turns, read_records
 from halos.jsonl import check_distinct_files, read_json_lines, write_jsonl
 from halos.labelers import make_labeler
-from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, FEEDBACK_TYPES, PAIR_MODES, build_feedback,
+from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, FEEDBACK_TYPES, PAIR_MODES, build_feedback, by_prompt,
                              kind_defaults, label_samples, one_class, scored_enough, why_no_training_data)
 
 
@@ -48,8 +48,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--base-url', help='the judge server (default: OPENAI_BASE_URL, else OpenAI)')
     parser.add_argument('--cache', help='the judgment cache (default: <output without .jsonl>.judgments.jsonl)')
     parser.add_argument('--concurrency', type=positive_int, default=4, help='judge requests in flight at once')
-    parser.add_argument('--max-length', type=positive_int, default=2048,
-                        help="the reward model's longest input, in tokens")
+    parser.add_argument('--max-length', type=positive_int,
+                        help="the reward model's longest input, in tokens (default: the length a halos reward model "
+                             "trained at, else 2048)")
     parser.add_argument('--feedback', choices=FEEDBACK_KINDS, default='pairwise')
     parser.add_argument('--threshold', type=threshold,
                         help='binary: mean, median (the default) or a number; pairwise: the least reward gap of a '
@@ -160,6 +161,9 @@ def run(args: argparse.Namespace) -> dict:
     scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)
     reason = why_no_training_data(labelled, records, args.feedback, args.threshold)
+    if reason and len(by_prompt(samples)) == len(samples):  # as eval.py's mode=sample and mode=reward sample
+        reason += ("; each prompt has one sample (eval.py ++mode=sample ++num_samples_per_prompt=k samples k per "
+                   "prompt; eval.py ++mode=reward measures a policy by one per prompt)")
     if reason:
         raise DataError(f"{args.samples}: no {args.feedback} feedback to write: {reason}")
     lopsided = one_class(records, args.feedback, args.threshold)

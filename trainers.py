@@ -233,8 +233,8 @@ class PPOTrainer(ActorCriticTrainer):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         model = self.settings.model
-        self.reward_model = RewardModelLabeler(self.params.reward_model, model.reference_dtype, model.max_length,
-                                               self.device) if self.params.reward_model else None
+        self.reward_model = RewardModelLabeler(self.params.reward_model, model.reference_dtype,
+                                               device=self.device) if self.params.reward_model else None
 
     def loss(self, policy_logps, values, part, n_tokens):
         """L = mean(max(-A r, -A clip(r, 1 - c, 1 + c))) + critic_coef 1/2 mean((V - G)^2)

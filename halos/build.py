@@ -617,7 +617,7 @@ def monitor_settings(run: RunSettings) -> MonitorSettings:
 def build_labeler(run: RunSettings, cache_path: str):
     online = run.online
     return make_labeler(online.labeler, online.reward_function, online.reward_model, online.judge,
-                        online.base_url, cache_path, run.model.max_length, reward_weights=online.reward_weights)
+                        online.base_url, cache_path, reward_weights=online.reward_weights)
 
 
 def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:

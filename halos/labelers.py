@@ -479,16 +479,28 @@ def classifier_scores(logits: torch.Tensor) -> torch.Tensor:
 
 
 REWARD_MODEL_FORMAT = 'halos_reward_model.json'  # how a halos-trained reward model's inputs were formatted
+DEFAULT_REWARD_MODEL_LENGTH = 2048  # the longest input of a reward model that records none
 
 
-def write_reward_model_format(directory: str, formatting: Formatting, use_chat_template: bool) -> None:
-    """Record, next to an exported reward model, how its training inputs were formatted."""
+@dataclasses.dataclass(frozen=True)
+class RewardModelFormat:
+    """How a halos reward model's training inputs were formatted, and their longest length (None: not recorded,
+    by an export older than the record)."""
+    use_chat_template: bool
+    formatting: Formatting
+    max_length: Optional[int] = None
+
+
+def write_reward_model_format(directory: str, formatting: Formatting, use_chat_template: bool,
+                              max_length: int) -> None:
+    """Record, next to an exported reward model, how its training inputs were formatted and cut."""
     with open(os.path.join(directory, REWARD_MODEL_FORMAT), 'w') as f:
-        json.dump({'use_chat_template': use_chat_template, **dataclasses.asdict(formatting)}, f, indent=1)
+        json.dump({'use_chat_template': use_chat_template, **dataclasses.asdict(formatting), 'max_length': max_length},
+                  f, indent=1)
 
 
-def read_reward_model_format(path: str) -> Optional[Tuple[bool, Formatting]]:
-    """(use_chat_template, formatting) as write_reward_model_format recorded them; None without the file."""
+def read_reward_model_format(path: str) -> Optional[RewardModelFormat]:
+    """The format write_reward_model_format recorded; None without the file."""
     if not os.path.exists(path):
         return None
     try:
@@ -498,11 +510,13 @@ def read_reward_model_format(path: str) -> Optional[Tuple[bool, Formatting]]:
         raise DataError(f"{path}: not readable as the reward model's format ({one_line(error)}); delete it to read "
                         f"inputs through the tokenizer's chat template") from None
     names = ['human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix']
+    length = recorded.get('max_length') if isinstance(recorded, dict) else None
     if not (isinstance(recorded, dict) and isinstance(recorded.get('use_chat_template'), bool)
-            and all(isinstance(recorded.get(name), str) for name in names)):
+            and all(isinstance(recorded.get(name), str) for name in names)
+            and (length is None or isinstance(length, int) and not isinstance(length, bool) and length > 0)):
         raise DataError(f"{path}: the reward model's format needs use_chat_template (true/false) and "
-                        f"{', '.join(names)} (strings)")
-    return recorded['use_chat_template'], Formatting(*(recorded[name] for name in names))
+                        f"{', '.join(names)} (strings), and may give max_length (an integer > 0)")
+    return RewardModelFormat(recorded['use_chat_template'], Formatting(*(recorded[name] for name in names)), length)
 
 
 @torch.no_grad()
@@ -528,15 +542,17 @@ class RewardModelLabeler:
     """
     may_abstain = False
 
-    def __init__(self, path: str, dtype: str = 'float32', max_length: int = 2048, device=None):
+    def __init__(self, path: str, dtype: str = 'float32', max_length: Optional[int] = None, device=None):
         self.name = f'reward model {path}'
         self.model, self.tokenizer = models.load_reward_model(path, dtype)
         self.device = device or torch.device('cuda' if torch.cuda.is_available() else 'cpu')
         self.model.to(self.device)
-        self.max_length = max_length
         self.warned_of_cuts = False
         self.halos_format = read_reward_model_format(os.path.join(models.resolve_model_path(path), REWARD_MODEL_FORMAT))
-        if self.halos_format is not None and self.halos_format[0] and not self.tokenizer.chat_template:
+        # its own training length unless one is given: every caller then scores an input alike
+        self.max_length = max_length or (self.halos_format and self.halos_format.max_length) or \
+            DEFAULT_REWARD_MODEL_LENGTH
+        if self.halos_format is not None and self.halos_format.use_chat_template and not self.tokenizer.chat_template:
             raise ConfigError(f"reward model {path!r} was trained on chat-template text ({REWARD_MODEL_FORMAT} says "
                               f"use_chat_template: true), but its tokenizer has no chat template: restore its "
                               f"tokenizer files from the run's LATEST/hf export")
@@ -544,7 +560,7 @@ class RewardModelLabeler:
     def token_ids(self, prompt: Prompt, completion: str) -> List[int]:
         turns = as_turns(prompt)
         if self.halos_format is not None:
-            use_chat_template, formatting = self.halos_format
+            use_chat_template, formatting = self.halos_format.use_chat_template, self.halos_format.formatting
             prompt_text = chat_template_prompt(self.tokenizer, turns) if use_chat_template else formatting.prompt(turns)
             prompt_ids = encode_prompt(self.tokenizer, prompt_text, use_chat_template)
             completion_ids = encode_completion(self.tokenizer, completion + formatting.assistant_suffix)
@@ -658,7 +674,7 @@ LABELERS = ('function', 'reward_model', 'judge')
 
 def make_labeler(kind: str, reward_function: Union[str, Sequence[str], None] = None, reward_model: Optional[str] = None,
                  judge_model: Optional[str] = None, base_url: Optional[str] = None, cache_path: Optional[str] = None,
-                 max_length: int = 2048, concurrency: int = 4,
+                 max_length: Optional[int] = None, concurrency: int = 4,
                  reward_weights: Optional[Sequence[float]] = None) -> Labeler:
     """The labeler of `kind` (function, reward_model or judge) from its settings; a ConfigError names what is missing."""
     needs = {'function': ('reward_function', reward_function), 'reward_model': ('reward_model', reward_model),

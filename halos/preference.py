@@ -113,4 +113,5 @@ class RewardModelTrainer(PairedPreferenceTrainer):
 
     def export_hf(self, directory, policy_state):
         super().export_hf(directory, policy_state)
-        write_reward_model_format(directory, self.settings.formatting, self.settings.use_chat_template)
+        write_reward_model_format(directory, self.settings.formatting, self.settings.use_chat_template,
+                                  self.settings.model.max_length)

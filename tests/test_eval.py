@@ -280,7 +280,9 @@ def test_reward_mode_defaults_to_the_held_out_prompts_and_reward_of_a_run_traine
             eval_script.checked(run)
         lacking = '++prompts=<prompts file or dataset names> (the run trained in online rounds and measured no ' \
                   'held-out prompts: online.eval_prompts)' if prompts is None else \
-                  '++reward_function=path/to/file.py:function (the run scored with none of its own)'
+                  '++reward_function=path/to/file.py:function (the run scored with none of its own), or a reward ' \
+                  'model or judge: ++online.labeler=reward_model ++online.reward_model=<dir> (or ' \
+                  '++online.labeler=judge ++online.judge=<name>)'
         assert str(error.value) == f'mode=reward needs {lacking}'
         return
     run = eval_script.checked(run)
@@ -384,7 +386,9 @@ def test_reward_mode_scores_with_the_reward_model_a_run_trained_online_scored_wi
     (tmp_path / 'held.jsonl').write_text('{"prompt": "Hi."}\n')
     for loss, overrides in (('dpo', ['++online.rounds=1', '++online.labeler=reward_model', f'++online.reward_model={rm}',
                                      f'++online.eval_prompts=[{tmp_path}/held.jsonl]']),
-                            ('ppo-online', [f'++loss.reward_model={rm}'])):
+                            ('ppo-online', [f'++loss.reward_model={rm}']),
+                            ('ppo', [f'++loss.reward_model={rm}']),  # offline PPO scored its data with one
+                            ('dpo', ['++online.labeler=reward_model', f'++online.reward_model={rm}'])):  # given one
         run = eval_script.checked(dataclasses.replace(make_config(tmp_path, *overrides, loss=loss), mode='reward'))
         assert run.reward_function is None and eval_script.own_labeler(run) == 'reward_model'
         labeler = eval_script.reward_labeler(run)

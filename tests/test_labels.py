@@ -744,7 +744,10 @@ def test_label_py_refuses_an_option_its_feedback_kind_would_ignore(tmp_path, cap
 @pytest.mark.parametrize('content, says', [
     ('{"use_chat_template": false', "not readable as the reward model's format (Expecting ',' delimiter"),
     ('{"use_chat_template": "no"}', "the reward model's format needs use_chat_template (true/false) and human_prefix, "
-                                    "human_suffix, assistant_prefix, assistant_suffix (strings)"),
+                                    "human_suffix, assistant_prefix, assistant_suffix (strings), and may give "
+                                    "max_length (an integer > 0)"),
+    ('{"use_chat_template": false, "human_prefix": "", "human_suffix": "", "assistant_prefix": "", '
+     '"assistant_suffix": "", "max_length": "2k"}', "the reward model's format needs use_chat_template"),
 ])
 def test_a_broken_reward_model_format_file_is_named(tmp_path, content, says):
     from halos.labelers import read_reward_model_format
@@ -774,6 +777,18 @@ def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from
     assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:constant',
                        '--feedback', 'binary', '--threshold', '0.5']) == 0
     assert [json.loads(line)['label'] for line in open(tmp_path / 'out.jsonl')] == [1, 1, 1, 1]
+
+
+def test_label_py_says_what_to_do_with_one_sample_per_prompt(tmp_path, capsys):
+    samples = tmp_path / 'samples.jsonl'
+    samples.write_text('{"prompt": "hi", "output": "hello"}\n{"prompt": "yo", "output": "a longer hello"}\n')
+    assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-function', f'{REWARD}:vowels',
+                       '--feedback', 'scalar']) == 2
+    assert capsys.readouterr().err.strip() == (
+        f"label.py: {samples}: no scalar feedback to write: 0 groups whose scores differ: no prompt of 2 has two "
+        f"samples with different rewards (2 have fewer than 2 scored samples); each prompt has one sample (eval.py "
+        f"++mode=sample ++num_samples_per_prompt=k samples k per prompt; eval.py ++mode=reward measures a policy by "
+        f"one per prompt)")
 
 
 def test_a_judge_url_without_its_scheme_is_named_with_the_fix(tmp_path, capsys):

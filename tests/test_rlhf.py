@@ -35,7 +35,11 @@ def test_the_exported_reward_model_scores_like_the_trainer_and_the_labeler(tmp_p
     saved = load_policy_file(run_dir / 'LATEST' / 'policy.pt')
     assert 'score.weight' in saved['state'] and 'rewards_eval/accuracies' in saved['metrics']
     exported = AutoModelForSequenceClassification.from_pretrained(run_dir / 'LATEST' / 'hf').eval()
-    assert json.load(open(run_dir / 'LATEST' / 'hf' / 'halos_reward_model.json'))['use_chat_template'] is False
+    recorded = json.load(open(run_dir / 'LATEST' / 'hf' / 'halos_reward_model.json'))
+    assert recorded['use_chat_template'] is False
+    # its training length is every labeller's cut, unless one is given
+    length = make_config(tmp_path, loss='bradley-terry').model.max_length
+    assert recorded['max_length'] == RewardModelLabeler(str(run_dir / 'LATEST' / 'hf')).max_length == length
 
     trainer = build_trainer(make_config(tmp_path / 'again', f'++model.load_from={run_dir / "LATEST" / "policy.pt"}',
                                         loss='bradley-terry'))
