@@ -177,6 +177,13 @@ def missing_model(name_or_path: str) -> Optional[str]:
     if not os.path.isdir(directory):
         return 'no such directory (a model is a local HF directory, a hub id or embedded:<name>)'
     if not any(os.path.exists(os.path.join(directory, name)) for name in ('config.json', 'tokenizer_config.json')):
+        if os.path.isdir(os.path.join(directory, LATEST)):
+            return f'a run directory, not a model: give its HF export, {os.path.join(name_or_path, LATEST, "hf")}'
+        if os.path.exists(os.path.join(directory, 'adapter_config.json')):
+            merged = os.path.join(os.path.dirname(os.path.normpath(name_or_path)), 'hf')
+            halos_run = os.path.basename(os.path.normpath(directory)) == 'adapter'
+            return 'LoRA adapters, not a whole model' + \
+                (f': give the merged model their run saves beside them, {merged}' if halos_run else '')
         return 'not an HF model directory (it has no config.json or tokenizer_config.json)'
     return None
 

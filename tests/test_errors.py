@@ -140,7 +140,9 @@ def cases(tmp_path, made_once):
                                              f"++saved_policy=<a policy.pt or an HF directory>"),
         'eval: no reward function': ('eval.py', ['++mode=reward'],
                                      "mode=reward needs ++reward_function=path/to/file.py:function (the run scored "
-                                     "with none of its own)"),
+                                     "with none of its own), or a reward model or judge: ++online.labeler="
+                                     "reward_model ++online.reward_model=<dir> (or ++online.labeler=judge "
+                                     "++online.judge=<name>)"),
         'missing field': ('train.py', [f'datasets=[{missing}]'],
                           f"{missing}: record 3: missing field 'output_B'"),
         'not UTF-8': ('train.py', [f'datasets=[{latin1}]'],

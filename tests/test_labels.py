@@ -694,6 +694,13 @@ def test_label_py_names_a_reward_model_that_is_not_there(tmp_path, capsys):
         message = capsys.readouterr().err.strip()
         assert message.startswith(f"label.py: model '{latest}/policy.pt': a file, not a model directory") and \
             message.endswith(says)
+    (latest / 'adapter').mkdir()
+    (latest / 'adapter' / 'adapter_config.json').write_text('{}')
+    for given, says in ((tmp_path / 'run', f"a run directory, not a model: give its HF export, {latest}/hf"),
+                        (latest / 'adapter', f"LoRA adapters, not a whole model: give the merged model their run "
+                                             f"saves beside them, {latest}/hf")):
+        assert label.main([str(samples), str(tmp_path / 'out.jsonl'), '--reward-model', str(given)]) == 2
+        assert capsys.readouterr().err.strip() == f"label.py: model '{given}': {says}"
 
 
 def test_label_py_says_which_samples_it_reads_when_given_eval_pys_compare_file(tmp_path, capsys):
