@@ -336,7 +336,7 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
             return
         except RuntimeError as error:  # what state_mismatch cannot see (a module's own load hooks)
             mismatch = str(error)
-    raise ConfigError(f"load_from {path} does not match the model {model.config._name_or_path}: {mismatch} (a "
+    raise ConfigError(f"{path} does not match the model {model.config._name_or_path}: {mismatch} (a "
                       f"checkpoint of another model or size?)")
 
 
