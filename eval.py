@@ -143,7 +143,7 @@ def evaluate(run: RunSettings) -> dict:
         raise ConfigError(f"mode=eval: {run.exp_name} trained in online rounds on prompts, which hold no completions "
                           f"to evaluate its loss on; its measure is the held-out reward: ++mode=reward (on "
                           f"{'online.eval_prompts' if run.online.eval_prompts else '++prompts=<held-out prompts>'}, "
-                          f"scored by the run's reward function), or give ++datasets=[feedback files] for the loss")
+                          f"scored as the run scored them), or give ++datasets=[feedback files] for the loss")
     policy, reference_model = load_models(run, trainer_class, tokenizer, run.saved_policy,
                                           saved_adapter(run.saved_policy) if run.model.use_peft else None)
     policy.eval()

@@ -357,8 +357,8 @@ def test_eval_py_measures_an_online_rounds_run_by_its_own_held_out_reward(tmp_pa
         eval_in_process(tmp_path / 'online', '++mode=eval', *out)
     assert capsys.readouterr().err.strip().splitlines()[-1] == (
         "eval.py: mode=eval: online trained in online rounds on prompts, which hold no completions to evaluate its "
-        "loss on; its measure is the held-out reward: ++mode=reward (on online.eval_prompts, scored by the run's "
-        "reward function), or give ++datasets=[feedback files] for the loss")
+        "loss on; its measure is the held-out reward: ++mode=reward (on online.eval_prompts, scored as the run "
+        "scored them), or give ++datasets=[feedback files] for the loss")
 
 
 def test_the_shipped_upbeat_feedback_is_what_its_reward_function_says():
