@@ -340,8 +340,9 @@ def reward_labeler(run: RunSettings):
     """mode=reward's labeler: its reward function, weighted as in training where it is the run's own list; else
     the run's own reward model or judge."""
     if not run.reward_function:
-        if own_reward_model(run):
-            return make_labeler('reward_model', reward_model=own_reward_model(run))
+        reward_model = own_reward_model(run)
+        if reward_model:
+            return make_labeler('reward_model', reward_model=reward_model)
         return build_labeler(run, os.path.join(run.local_run_dir, 'judgments.jsonl'))
     own = run.reward_function == run.online.reward_function and not trains_online_ppo(run)
     return reward_function_labeler(run.reward_function, run.online.reward_weights if own else None)

@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from halos.checkpoint import LATEST, load_policy_file
+from halos.checkpoint import HF_EXPORT, LATEST, load_policy_file, merged_model_beside
 from halos.errors import FILE_SYSTEM_REFUSALS, ConfigError, MissingFileError
 
 EMBEDDED_PREFIX = 'embedded:'
@@ -170,7 +170,7 @@ def missing_model(name_or_path: str) -> Optional[str]:
         return None
     directory = os.path.expanduser(name_or_path)
     if os.path.isfile(directory):
-        export = os.path.join(os.path.dirname(directory), 'hf')
+        export = os.path.join(os.path.dirname(directory), HF_EXPORT)
         hint = f': give the HF export beside it, {export}' if os.path.isdir(export) else \
             ' (a training checkpoint? its run exports an HF directory, LATEST/hf, when it ends)'
         return f'a file, not a model directory{hint}'
@@ -178,12 +178,11 @@ def missing_model(name_or_path: str) -> Optional[str]:
         return 'no such directory (a model is a local HF directory, a hub id or embedded:<name>)'
     if not any(os.path.exists(os.path.join(directory, name)) for name in ('config.json', 'tokenizer_config.json')):
         if os.path.isdir(os.path.join(directory, LATEST)):
-            return f'a run directory, not a model: give its HF export, {os.path.join(name_or_path, LATEST, "hf")}'
+            return f'a run directory, not a model: give its HF export, {os.path.join(name_or_path, LATEST, HF_EXPORT)}'
         if os.path.exists(os.path.join(directory, 'adapter_config.json')):
-            merged = os.path.join(os.path.dirname(os.path.normpath(name_or_path)), 'hf')
-            halos_run = os.path.basename(os.path.normpath(directory)) == 'adapter'
+            merged = merged_model_beside(name_or_path)
             return 'LoRA adapters, not a whole model' + \
-                (f': give the merged model their run saves beside them, {merged}' if halos_run else '')
+                (f': give the merged model their run saves beside them, {merged}' if merged else '')
         return 'not an HF model directory (it has no config.json or tokenizer_config.json)'
     return None
 
@@ -206,7 +205,7 @@ def from_pretrained(loader, name_or_path: str, **options):
             raise
         if os.path.exists(os.path.join(path, 'config.yaml')):  # it holds a tokenizer, so it got this far
             raise ConfigError(f"model {name_or_path!r}: a halos run directory, not a model: give its trained model, "
-                              f"{os.path.join(name_or_path, LATEST, 'hf')}") from None
+                              f"{os.path.join(name_or_path, LATEST, HF_EXPORT)}") from None
         raise ConfigError(f"model {name_or_path!r}: {str(error).strip().splitlines()[0]}") from error
 
 

@@ -198,9 +198,9 @@ def check_policy_file(path: str, key: str) -> None:
                 latest = f"{os.path.join(path, LATEST, HF_EXPORT)} (its merged model, which its final save writes)"
             raise DataError(f"{key}={path}: a run directory; give its checkpoint, {key}={latest}")
         if os.path.exists(os.path.join(path, "adapter_config.json")):
-            merged = os.path.join(os.path.dirname(os.path.normpath(path)), HF_EXPORT)
-            instead = f"the merged model that their run saves beside them, {key}={merged}" \
-                if os.path.basename(os.path.normpath(path)) == ADAPTER else "a whole model (an HF directory or a policy.pt)"
+            merged = merged_model_beside(path)
+            instead = f"the merged model that their run saves beside them, {key}={merged}" if merged else \
+                "a whole model (an HF directory or a policy.pt)"
             raise DataError(f"{key}={path}: LoRA adapters, not a whole model; give {instead}")
         if not os.path.exists(os.path.join(path, "config.json")):
             raise DataError(f"{key}={path}: a directory with neither {POLICY} nor config.json, so not a run's "
@@ -210,6 +210,13 @@ def check_policy_file(path: str, key: str) -> None:
         return
     raise DataError(f"{key}={path}: not a checkpoint (a {POLICY} that torch.save wrote): "
                     f"it holds {file_contents(path)}")
+
+
+def merged_model_beside(adapter_dir: str) -> Optional[str]:
+    """The merged model a run saves beside its adapters (LATEST/adapter -> LATEST/hf); None for adapters that
+    are not a run's."""
+    directory = os.path.normpath(adapter_dir)
+    return os.path.join(os.path.dirname(directory), HF_EXPORT) if os.path.basename(directory) == ADAPTER else None
 
 
 def zip_names(path: str) -> List[str]:
