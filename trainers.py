@@ -165,6 +165,7 @@ class KTOZeroTrainer(UnpairedPreferenceTrainer):
 class KTOTrainer(UnpairedPreferenceTrainer):
     """KTO with the reference point z0 estimated from mismatched (x_i, y_{i+1}) 'KL' examples."""
     prefixes = (schema.TARGET, schema.KL)
+    loss_returns = ('losses', 'chosen_rewards', 'rejected_rewards', 'KL')
 
     @dataclass(frozen=True)
     class Params(UnpairedPreferenceTrainer.Params):
@@ -201,7 +202,7 @@ class KTOTrainer(UnpairedPreferenceTrainer):
         policy_chosen_logps, policy_rejected_logps, policy_KL_logps = self.policy_logps_with_kl(batch)
         reference_target_logps, reference_KL_logps = self.reference_logps(batch)
         reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, reference_target_logps)
-        losses, chosen_rewards, rejected_rewards, KL = self.loss(
+        losses, chosen_rewards, rejected_rewards, KL = self.checked_loss(
             policy_chosen_logps, policy_rejected_logps, policy_KL_logps,
             reference_chosen_logps, reference_rejected_logps, reference_KL_logps)
         accuracies = unpaired_accuracies(chosen_rewards - self.params.beta * KL, rejected_rewards - self.params.beta * KL)

@@ -25,6 +25,7 @@ class ActorCriticTrainer(BasicTrainer):
     abstract = True
     reference_logps_cacheable = False  # the behaviour policy's per-token log-probs
     lora_heads = ('v_head',)
+    loss_returns = ('loss', 'stats')
 
     @dataclass(frozen=True)
     class Params:
@@ -115,7 +116,7 @@ class ActorCriticTrainer(BasicTrainer):
         policy_logps = get_batch_logps(outputs.logits, part.labels, token_level=True)
         # gradients are averaged over ranks: dividing by the mean count makes a global (weighted) token mean
         n_tokens = all_reduce_mean(part.token_weights.sum())
-        loss, stats = self.loss(policy_logps, values, part, n_tokens)
+        loss, stats = self.checked_loss(policy_logps, values, part, n_tokens)
         with torch.no_grad():
             entropy = (entropy_from_logits(outputs.logits[:, :-1]) * part.mask).sum() / all_reduce_mean(part.mask.sum())
             sequence_ratios = torch.exp(((policy_logps - part.old_logps) * part.mask).sum(-1))

@@ -111,6 +111,7 @@ class BasicTrainer:
     labels_read: Tuple[str, ...] = ()  # the label fields of a batch its loss reads (is_desirable, score)
     lora_task_type = 'CAUSAL_LM'             # under model.use_peft: peft's task type of the policy
     lora_heads: Tuple[str, ...] = ()         # and its modules that train whole (no adapter)
+    loss_returns: Tuple[str, ...] = ()       # what loss() returns, in order, where it returns a tuple
 
     @classmethod
     def fits_loader(cls, loader: type) -> bool:
@@ -295,6 +296,16 @@ class BasicTrainer:
     # --- the loop
     def get_batch_metrics(self, batch: Dict, mode: str) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         raise NotImplementedError
+
+    def checked_loss(self, *inputs) -> tuple:
+        """self.loss(*inputs), which must return the tuple `loss_returns`: unpacked where it returns anything else,
+        a tensor would be split along its examples, or stop in a bare unpacking error."""
+        returned = self.loss(*inputs)
+        if not isinstance(returned, tuple) or len(returned) != len(self.loss_returns):
+            what = f'{len(returned)} values' if isinstance(returned, tuple) else f'a {type(returned).__name__}'
+            raise ContractError(f"{type(self).__name__}.loss returned {what}: it must return the tuple "
+                                f"({', '.join(self.loss_returns)})")
+        return returned
 
     def example_mean(self, losses: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """The weighted mean of loss()'s per-example losses. A loss() that returns another shape stops here: broadcast

@@ -104,6 +104,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
     """The step-level loop; trains on a PromptDataLoader (model.batch_size prompts x k samples a microbatch)."""
     abstract = True
     use_reference_model = True
+    loss_returns = ('token_losses', 'stats')
     samples_online = True   # the wiring gives it Rollouts; online.rounds stays 0
     trains_on_prompts = True
     baseline_of = 'prompt'  # the samples its baseline compares a score with: its prompt's (a group), or the step's
@@ -296,7 +297,7 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             part.old_logps = logps.detach()
         # without a reference (beta = 0) the policy stands in for it: its KL is exactly 0 (never 0 times an overflow)
         reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps
-        token_losses, stats = self.loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
+        token_losses, stats = self.checked_loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
         loss = self.reduced(token_losses, part.mask, part.weights, step_tokens)
         token_mean = lambda values: (values * part.mask).sum(-1) / part.mask.sum(-1).clamp(min=1)
         metrics = {'loss/train': loss.detach().reshape(1), 'clipfrac_train/policy': token_mean(stats['clipped'])}

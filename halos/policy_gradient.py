@@ -59,6 +59,7 @@ class GroupTrainer(PolicyGradientTrainer):
     global microbatch); the reference model is the old policy."""
     abstract = True
     labels_read = (schema.SCORE, schema.PROMPT_ID)
+    loss_returns = ('token_losses', 'stats')
 
     @dataclass(frozen=True)
     class Params(Humanline, Reduction):
@@ -88,7 +89,7 @@ class GroupTrainer(PolicyGradientTrainer):
         log_ratios = policy_logps - reference_logps  # the reference is the old policy
         if self.humanline:
             log_ratios, inside = humanline_logratios(policy_logps, reference_logps, mask, *self.humanline_band)
-        token_losses, stats = self.loss(log_ratios, reference_logps - policy_logps, advantages)
+        token_losses, stats = self.checked_loss(log_ratios, reference_logps - policy_logps, advantages)
         loss = self.reduced(token_losses, mask, batch[schema.WEIGHT].to(self.device), n_step_tokens)
         token_mean = lambda values: (values * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         metrics = {f'loss/{mode}': loss.detach().reshape(1), f'rewards_{mode}/scores': scores,

@@ -19,6 +19,7 @@ class PreferenceTrainer(BasicTrainer):
     """Shared metrics of the preference trainers; subclasses provide `compute_losses`. Under humanline every
     loss() sees clamped log-ratios (BasicTrainer.policy_logps)."""
     abstract = True
+    loss_returns = ('losses', 'chosen_rewards', 'rejected_rewards')
 
     def compute_losses(self, batch: Dict):
         """-> (losses [n], chosen_rewards, rejected_rewards, accuracies [n], extra metrics {name: value})."""
@@ -47,10 +48,10 @@ class PairedPreferenceTrainer(PreferenceTrainer):
         policy_chosen_logps, policy_rejected_logps = self.policy_logps(batch, self.prefixes)
         if self.use_reference_model:
             reference_chosen_logps, reference_rejected_logps = self.reference_logps(batch)
-            losses, chosen_rewards, rejected_rewards = self.loss(
+            losses, chosen_rewards, rejected_rewards = self.checked_loss(
                 policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         else:
-            losses, chosen_rewards, rejected_rewards = self.loss(policy_chosen_logps, policy_rejected_logps)
+            losses, chosen_rewards, rejected_rewards = self.checked_loss(policy_chosen_logps, policy_rejected_logps)
         accuracies = (chosen_rewards > rejected_rewards).float()  # each chosen against its own rejected
         extra = {'logps_{mode}/chosen': policy_chosen_logps.detach(), 'logps_{mode}/rejected': policy_rejected_logps.detach()}
         return losses, chosen_rewards, rejected_rewards, accuracies, extra
@@ -80,7 +81,7 @@ class UnpairedPreferenceTrainer(PreferenceTrainer):
     def compute_losses(self, batch):
         policy_chosen_logps, policy_rejected_logps = self.split_by_status(batch, self.policy_logps(batch, self.prefixes)[0])
         reference_chosen_logps, reference_rejected_logps = self.split_by_status(batch, self.reference_logps(batch)[0])
-        losses, chosen_rewards, rejected_rewards = self.loss(
+        losses, chosen_rewards, rejected_rewards = self.checked_loss(
             policy_chosen_logps, policy_rejected_logps, reference_chosen_logps, reference_rejected_logps)
         return losses, chosen_rewards, rejected_rewards, unpaired_accuracies(chosen_rewards, rejected_rewards), {}
 
@@ -107,7 +108,7 @@ class RewardModelTrainer(PairedPreferenceTrainer):
             logits = classifier_logits(self.policy, sequences.input_ids, sequences.attention_mask, sequences.labels,
                                        share_prompts=self.share_prompts)
         chosen_scores, rejected_scores = classifier_scores(logits.float()).split(schema.rows_per_kind(batch, self.prefixes))
-        losses, chosen_rewards, rejected_rewards = self.loss(chosen_scores, rejected_scores)
+        losses, chosen_rewards, rejected_rewards = self.checked_loss(chosen_scores, rejected_scores)
         accuracies = (chosen_rewards > rejected_rewards).float()  # a tie is wrong
         return losses, chosen_rewards, rejected_rewards, accuracies, {}
 

@@ -1076,6 +1076,21 @@ def test_a_loss_that_returns_other_than_one_loss_per_example_stops_the_step(tmp_
     assert loss_value.shape == ()
 
 
+@pytest.mark.parametrize('loss, returns', [('dpo', 'losses, chosen_rewards, rejected_rewards'),
+                                           ('kto', 'losses, chosen_rewards, rejected_rewards, KL')])
+def test_a_loss_that_returns_other_than_its_tuple_is_named_with_what_it_must_return(tmp_path, loss, returns):
+    """Unpacked, a loss() that returns its losses alone would split them along the batch's examples (a batch of
+    three) or stop in Python's bare unpacking error."""
+    trainer = build_trainer(make_config(tmp_path, '++n_examples=3', '++model.batch_size=3', loss=loss))
+    batch = next(iter(trainer.train_iterator))
+    right = trainer.loss
+    for wrong, what in [(lambda *args: right(*args)[0], 'a Tensor'), (lambda *args: right(*args)[:2], '2 values')]:
+        trainer.loss = wrong
+        with pytest.raises(UserError) as error:
+            trainer.get_batch_metrics(batch, 'train')
+        assert str(error.value) == f"{type(trainer).__name__}.loss returned {what}: it must return the tuple ({returns})"
+
+
 def test_a_warmup_that_outlasts_the_run_is_warned_of_counting_each_steps_optimizer_passes(tmp_path, capsys):
     four_steps = ('++n_examples=8', '++model.batch_size=2', '++n_eval_examples=0')
     build_trainer(make_config(tmp_path, *four_steps, '++warmup_steps=4', '++lr=1e-5', loss='sft'))
