@@ -436,11 +436,12 @@ def run_evaluation(run: RunSettings) -> None:
         records = sample_k(run)
         path = os.path.join(run.samples_dir, f'{run.exp_name}_samples.jsonl')
         write_jsonl(path, records)
-        print(f'wrote {len(records)} samples ({run.num_samples_per_prompt} per prompt) to {path}')
+        print(f'wrote {len(records)} samples ({run.num_samples_per_prompt} per prompt) to {path}'
+              f'{all_there_are(run, len(records) // run.num_samples_per_prompt)}')
     elif run.mode == 'sample':
         samples = sample(run, run.datasets)
         path = write_samples_file(run, samples, str(datetime.datetime.now()))
-        print(f'wrote {len(samples)} samples to {path}')
+        print(f'wrote {len(samples)} samples to {path}{all_there_are(run, len(samples))}')
     elif run.mode == 'eval':
         print(json.dumps(evaluate(run)['results'], indent=2))
     elif run.mode == 'reward':
@@ -448,7 +449,7 @@ def run_evaluation(run: RunSettings) -> None:
         append_json_lines(os.path.join(run.samples_dir, 'rewards.jsonl'), [result])
         path = write_samples_file(run, samples, result['sampled_at'])
         print(reward_line(result))
-        print(f'wrote its {len(samples)} samples to {path}')
+        print(f'wrote its {len(samples)} samples to {path}{all_there_are(run, len(samples))}')
     elif run.mode == 'lm_eval':
         lm_eval_results(run)
     else:
@@ -456,7 +457,14 @@ def run_evaluation(run: RunSettings) -> None:
         path = os.path.join(run.samples_dir, f'alpaca_{run.exp_name}.json')
         write_json(path, [{'instruction': s['original_prompt'], 'output': s['policy'].strip(),
                            'reference': s['chosen'].strip(), 'generator': run.exp_name} for s in samples])
-        print(f'wrote {len(samples)} AlpacaEval outputs to {path}')
+        print(f'wrote {len(samples)} AlpacaEval outputs to {path}{all_there_are(run, len(samples))}')
+
+
+def all_there_are(run: RunSettings, n_prompts: int) -> str:
+    """What a line of what was written adds where n_samples asked for more prompts than there are."""
+    if run.n_samples is None or n_prompts >= run.n_samples:
+        return ''
+    return f' (n_samples={run.n_samples}, but there are only {n_prompts} prompts: all of them)'
 
 
 def write_samples_file(run: RunSettings, samples: List[dict], sampled_at: str) -> str:

@@ -53,6 +53,8 @@ def evaluations(runs, tmp_path_factory):
         'alpacaeval': (runs['sft'], ('++mode=alpacaeval', '++n_samples=3', '++model.eval_batch_size=3',
                                      '++model.max_length=96')),
         'csft': (runs['csft'], ('++mode=sample', '++n_samples=3', '++model.eval_batch_size=3', '++model.max_length=96')),
+        'more than there are': (runs['sft'], ('++mode=sample', '++n_samples=50', '++model.eval_batch_size=11',
+                                              '++model.max_length=96', '++max_new_tokens=4')),
         'chat': (runs['chat'], ('++mode=sample', '++n_samples=2', '++model.eval_batch_size=2', '++model.max_length=160')),
         'chat reward': (runs['chat'], ('++mode=reward', '++n_samples=2', '++model.eval_batch_size=2',
                                        '++model.max_length=160', f"++prompts=[{DATA}/upbeat/test_prompts.jsonl]",
@@ -94,6 +96,14 @@ def test_sampling_writes_the_documented_json_deterministically(evaluations):
     assert len(other_seed) == 11   # every prompt of hh/test
     first_seed = {s['prompt']: s['policy'] for s in data['samples']}
     assert any(first_seed[s['prompt']] != s['policy'] for s in other_seed if s['prompt'] in first_seed)
+
+
+@pytest.mark.slow
+def test_n_samples_beyond_the_prompts_says_all_of_them_were_sampled(evaluations):
+    printed, samples_dir = evaluations['more than there are']
+    assert f"wrote 11 samples to {samples_dir / 'sft.json'} (n_samples=50, but there are only 11 prompts: all of " \
+           f"them)" in printed
+    assert len(samples_of(evaluations, 'more than there are')['samples']) == 11
 
 
 def greedy_completions(model_dir, tokenizer, prompts, max_length):
