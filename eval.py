@@ -53,8 +53,10 @@ from halos import batch as schema
 from halos import checkpoint, lora, rl
 from halos.actor_critic import ActorCriticTrainer
 from halos.build import (build_labeler, build_loader, build_rollouts, load_models, load_run_tokenizer, loop_settings,
-                         missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb)
+                         missing_keys_error, run_settings, sampling_options, saved_adapter, start_wandb,
+                         warn_on_shared_held_out)
 from halos.cli import primary_config_dir, run_hydra, skipped_task_files, task_overrides
+from halos.datasets import is_feedback_file
 from halos.errors import ConfigError, MissingFileError, describe_error, reported_as_one_line
 from halos.jsonl import append_json_lines, write_json, write_jsonl
 from halos.labelers import checked_scores, make_labeler, reward_function_labeler
@@ -200,6 +202,7 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
     tokenizer = load_run_tokenizer(run)
     loader = build_loader(run, tokenizer, 'test', run.prompts, loader_class=dataloader.PromptDataLoader,
                           n_examples=run.n_samples)
+    warn_of_training_prompts(run, tokenizer, loader.items)
     policy = load_policy(run, tokenizer)
     is_start = run.saved_policy == run.model.load_from and not run.model.use_peft  # its KL is 0
     start = None if is_start else models.load_causal_lm(
@@ -234,6 +237,16 @@ def reward(run: RunSettings) -> Tuple[List[dict], dict]:
             'kl': statistics.fmean(log_ratios),
             **({'reward_parts': parts} if parts else {}),
             'sampled_at': str(datetime.datetime.now())}
+
+
+def warn_of_training_prompts(run: RunSettings, tokenizer, held_out: list) -> None:
+    """Held-out prompts that the run also trained on (a file without 'split' fields serves both splits) are warned
+    of, as training warned of them; a hub dataset's splits are its own, so only files are read again."""
+    files = [name for name in run.online.prompts or run.datasets if is_feedback_file(name)]
+    if files:
+        training = build_loader(run, tokenizer, 'train', files, loader_class=dataloader.PromptDataLoader,
+                                n_examples=None, n_epochs=1)
+        warn_on_shared_held_out(training.items, held_out, remedy='give ++prompts=<a file of other prompts>')
 
 
 def reward_line(result: dict) -> str:

@@ -539,7 +539,9 @@ def build_trainer(run: RunSettings):
         warn_of_unused_datasets(run, train_loader)
         warn_of_cuts(run, train_loader)
         if eval_loader is not None and not sampled:
-            warn_on_shared_held_out(train_loader.full_data.values(), eval_loader.full_data.values(), sampled=False)
+            warn_on_shared_held_out(train_loader.full_data.values(), eval_loader.full_data.values(), 'evaluation',
+                                    "a feedback file's records without a 'split' field serve both splits: give the "
+                                    "held-out ones \"split\": \"test\"")
     extra = {}
     if sampled:
         extra['rollouts'] = rollouts = build_rollouts(run)
@@ -663,18 +665,15 @@ def check_prompt_fields(labeler, examples, what: str) -> None:
         check_prompts(labeler, examples, what)
 
 
-def warn_on_shared_held_out(train_items, held_out_items, sampled: bool = True) -> None:
+def warn_on_shared_held_out(train_items, held_out_items, measure: str = 'held-out reward',
+                            remedy: str = 'give online.eval_prompts a file of other prompts') -> None:
     """Warn (rank 0) when held-out prompts are also training prompts: the held-out reward checks the training
     reward (the monitors compare them), which a training prompt cannot do, and an offline evaluation on them
     measures how well the training data is fitted, not how the policy does on other prompts."""
     shared = len(prompt_digests(held_out_items) & prompt_digests(train_items))
-    if shared and sampled:
+    if shared:
         rank0_print(f"warning: {shared} of the {len(held_out_items)} held-out prompts are also training prompts, so "
-                    f"the held-out reward is not held out there: give online.eval_prompts a file of other prompts")
-    elif shared:
-        rank0_print(f"warning: {shared} of the {len(held_out_items)} evaluation prompts are also training prompts, "
-                    f"so the evaluation is not held out there (a feedback file's records without a 'split' field "
-                    f"serve both splits: give the held-out ones \"split\": \"test\")")
+                    f"the {measure} is not held out there: {remedy}")
 
 
 def prompt_digests(examples) -> set:

@@ -186,6 +186,23 @@ def test_eval_mode_of_a_step_level_rl_run_gives_its_held_out_reward(tmp_path):
     assert 0 < results['completions_eval/length'] <= 4 and results['reward_eval/mean'] >= 0
 
 
+def test_mode_reward_on_prompts_the_run_trained_on_warns(tmp_path, capsys):
+    """A prompts file without 'split' fields serves both splits, so its held-out reward is a training reward."""
+    import models
+    prompts = tmp_path / 'prompts.jsonl'
+    prompts.write_text(''.join(json.dumps({'prompt': f'Question {i}?'}) + '\n' for i in range(4)) +
+                       json.dumps({'prompt': 'A held-out question?', 'split': 'test'}) + '\n')
+    reward = f"++online.reward_function={os.path.join(ROOT, 'tests', 'rewards.py')}:vowels"
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    for datasets, prompts_file, warned in [(f'[{prompts}]', prompts, True), ('[hh]', prompts, False)]:
+        run = make_config(tmp_path, reward, loss='grpo-online', datasets=datasets)
+        held_out = build_loader(run, tokenizer, 'test', [str(prompts_file)], loader_class=dataloader.PromptDataLoader)
+        eval_script.warn_of_training_prompts(run, tokenizer, held_out.items)
+        printed = capsys.readouterr().out
+        assert ("warning: 4 of the 5 held-out prompts are also training prompts, so the held-out reward is not held "
+                "out there: give ++prompts=<a file of other prompts>" in printed) == warned
+
+
 def test_csft_sampling_prompts_end_in_the_desirable_control_token(tmp_path):
     import models
     config = make_config(tmp_path, '++n_samples=5', '++model.eval_batch_size=5', loss='csft')

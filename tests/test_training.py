@@ -229,9 +229,9 @@ def test_an_evaluation_on_training_prompts_warns(tmp_path, capsys):
     feedback = tmp_path / 'pairs.jsonl'
     feedback.write_text(''.join(json.dumps(pair) + '\n' for pair in pairs))
     build_trainer(make_config(tmp_path, loss='dpo', datasets=f'[{feedback}]'))
-    assert ("warning: 3 of the 4 evaluation prompts are also training prompts, so the evaluation is not held out "
-            "there (a feedback file's records without a 'split' field serve both splits: give the held-out ones "
-            "\"split\": \"test\")") in capsys.readouterr().out
+    assert ("warning: 3 of the 4 held-out prompts are also training prompts, so the evaluation is not held out "
+            "there: a feedback file's records without a 'split' field serve both splits: give the held-out ones "
+            "\"split\": \"test\"") in capsys.readouterr().out
     build_trainer(make_config(tmp_path, loss='dpo'))  # hh's own test split
     assert 'also training prompts' not in capsys.readouterr().out
 
