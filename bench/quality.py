@@ -49,9 +49,10 @@ UPBEAT = os.path.join(ROOT, 'data', 'upbeat')
 if ROOT not in sys.path:
     sys.path.insert(1, ROOT)
 
-from halos.errors import (ArgumentParser, ConfigError, positive_int,  # noqa: E402  (after the path insert)
-                          reported_as_one_line, wait_passing_stops)
-from halos.jsonl import append_json_lines, read_json_lines  # noqa: E402
+from halos.errors import (ArgumentParser, ConfigError, non_negative_int,  # noqa: E402  (after the path insert)
+                          non_negative_number, positive_int, positive_number, reported_as_one_line,
+                          wait_passing_stops)
+from halos.jsonl import append_json_lines, read_json_lines, write_text  # noqa: E402
 from halos.labelers import reward_function_labeler  # noqa: E402
 
 
@@ -106,20 +107,20 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--model', default='smollm2', help='a config/model/ name (the starting model)')
     parser.add_argument('--load-from', help='start every method from this checkpoint (model.load_from)')
     parser.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    parser.add_argument('--samples-per-prompt', type=int, default=4, help='k: the budget is k x the train prompts')
+    parser.add_argument('--samples-per-prompt', type=positive_int, default=4, help='k: the budget is k x the train prompts')
     parser.add_argument('--rounds', type=positive_int, default=3,
                         help='online DPO: the budget split into this many rounds')
-    parser.add_argument('--max-new-tokens', type=int, default=48)
-    parser.add_argument('--temperature', type=float, default=0.7)
-    parser.add_argument('--top-p', type=float, default=0.95)
-    parser.add_argument('--top-k', type=int, default=0)
+    parser.add_argument('--max-new-tokens', type=positive_int, default=48)
+    parser.add_argument('--temperature', type=non_negative_number, default=0.7)
+    parser.add_argument('--top-p', type=positive_number, default=0.95)
+    parser.add_argument('--top-k', type=non_negative_int, default=0)
     parser.add_argument('--eval-batch-size', type=int, default=None,
                         help='prompts sampled at once (model.eval_batch_size; default: the model config\'s)')
     parser.add_argument('--round-eval', default=True, action=argparse.BooleanOptionalAction,
                         help='online DPO: the held-out reward before and after every round (its curve)')
     parser.add_argument('--autocast-dtype', default=None, choices=('bfloat16', 'float16'),
                         help='model.autocast_dtype of every training, sampling and held-out run (default: fp32)')
-    parser.add_argument('--lr', type=float, default=2e-5)
+    parser.add_argument('--lr', type=positive_number, default=2e-5)
     parser.add_argument('--prompts-per-round', type=positive_int, default=None,
                         help='online DPO: prompts per round (default: the train prompts / rounds)')
     parser.add_argument('--epochs', type=positive_int, default=2, help='offline methods and each online DPO round')
@@ -130,9 +131,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help='runs, samples and feedback (cleared at the start unless --reuse)')
     parser.add_argument('--reuse', action='store_true',
                         help="keep the work directory: reuse the samples and feedback on disk, keep the rows of an "
-                             "earlier report with the same --tag that trained with the same overrides, skip the "
-                             "sweep's trials recorded in quality-<tag>-trials.jsonl, and resume any other run from its "
-                             "LATEST checkpoint")
+                             "earlier report with the same --tag that trained with the same overrides (and those of "
+                             "the methods not given), skip the sweep's trials recorded in quality-<tag>-trials.jsonl, "
+                             "and resume any other run from its LATEST checkpoint; all under the same arguments")
     parser.add_argument('--results-dir', default=os.path.join(ROOT, 'bench', 'results'))
     parser.add_argument('--tag', default=None, help='the results file name: quality-<tag> (default: the date)')
     parser.add_argument('--extra', action='append', default=[],
@@ -148,7 +149,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     args.reward_function, args.work_dir = reward_function_in_root(args.reward_function), in_root(args.work_dir)
     unknown = [name for name in args.methods.split(',') if name not in METHODS]
     if unknown:
-        parser.error(f"--methods: unknown {', '.join(unknown)}; the methods are {', '.join(METHODS)}")
+        parser.error(f"--methods: unknown {', '.join(map(repr, unknown))}; the methods are {', '.join(METHODS)}")
     return args
 
 
@@ -441,8 +442,10 @@ def trial(run: Runner, args, variant: Method, overrides: Tuple[str, ...], budget
 
 
 def gap_in_se(row: dict, start: dict) -> float:
-    """The gain over the starting model in standard errors of the difference of the two means."""
-    return (row['reward_mean'] - start['reward_mean']) / math.hypot(row['reward_se'], start['reward_se'])
+    """The gain over the starting model in standard errors of the difference of the two means (infinite where
+    neither mean varies: every sample scored alike)."""
+    gain, se = row['reward_mean'] - start['reward_mean'], math.hypot(row['reward_se'], start['reward_se'])
+    return gain / se if se else math.copysign(math.inf, gain) if gain else 0.0
 
 
 def markdown(report: dict) -> str:
@@ -553,19 +556,18 @@ def report_of(args, start: dict, rows: List[dict], commands: List[str], budget: 
             'prompts_test': args.prompts_test, 'reward_function': args.reward_function, 'n_train_prompts': n_prompts,
             'samples_per_prompt': args.samples_per_prompt, 'budget': budget, 'temperature': args.temperature,
             'max_new_tokens': args.max_new_tokens, 'autocast_dtype': args.autocast_dtype, 'machine': machine(),
-            'sampling_seconds': sampling_seconds,
+            'sampling_seconds': sampling_seconds, 'settings': measured_under(args),
             'start': start, 'methods': rows, 'commands': commands, 'wall_seconds': time.time() - started,
             'finished_at': datetime.datetime.now().isoformat()}
 
 
 def write_report(report: dict, results_dir: str, tag: str) -> str:
-    """quality-<tag>.json, .md, -reward.png and -frontier.png in results_dir; returns their common stem."""
-    os.makedirs(results_dir, exist_ok=True)
+    """quality-<tag>.json, .md, -reward.png and -frontier.png in results_dir, each written whole or not at all;
+    returns their common stem."""
     stem = os.path.join(results_dir, f'quality-{tag}')
-    with open(f'{stem}.json', 'w') as f:
-        json.dump(report, f, indent=2)
-    with open(f'{stem}.md', 'w') as f:
-        f.write(markdown(report))
+    table = markdown(report)
+    write_text(f'{stem}.json', json.dumps(report, indent=2))  # as NaN, the SE of one prompt, which it reads back
+    write_text(f'{stem}.md', table)
     plot(report, f'{stem}-reward.png', f'{stem}-frontier.png')
     return stem
 
@@ -590,6 +592,14 @@ def measured(run: Runner, args, earlier: Optional[dict], method: Method, budget:
     return kept_row(earlier, method) or run_method(run, args, method, budget, n_prompts, feedback)
 
 
+def with_earlier_rows(earlier: Optional[dict], rows: List[dict]) -> List[dict]:
+    """The table: these rows, and an earlier report's rows (--reuse) of the methods they do not measure (again),
+    in the order of METHODS; a table fills over several invocations."""
+    measured = {row['method'] for row in rows}
+    kept = [row for row in (earlier['methods'] if earlier else []) if row['method'] not in measured]
+    return sorted(kept + rows, key=lambda row: list(METHODS).index(row['method']))
+
+
 def kept_row(earlier: Optional[dict], method: Method) -> Optional[dict]:
     """The earlier report's row of `method` if it trained with the same overrides: --reuse keeps it as measured,
     on this machine or on another one holding the results (the table of a long sweep fills over several runs)."""
@@ -605,6 +615,26 @@ def existing_file(path: str) -> str:
 
 
 WORK_ENTRIES = ('samples', 'feedback', 'rewards', 'sweep')  # and quality_<method> runs, quality-<tag> reports
+SETTINGS_FILE = 'quality-settings.json'  # in the work directory: the arguments its samples and runs were made under
+# The arguments that samples, runs and rows depend on: --reuse keeps them only under the same values.
+MEASURED_UNDER = ('model', 'load_from', 'prompts_train', 'prompts_test', 'reward_function', 'samples_per_prompt',
+                  'rounds', 'prompts_per_round', 'max_new_tokens', 'temperature', 'top_p', 'top_k', 'autocast_dtype',
+                  'chat_template', 'lr', 'epochs', 'batch_size', 'seed', 'extra', 'val_prompts')
+
+
+def measured_under(args) -> dict:
+    return {name: getattr(args, name) for name in MEASURED_UNDER}
+
+
+def check_same_settings(args, recorded: Optional[dict], what: str) -> None:
+    """What --reuse keeps was made under the same arguments: samples, runs or rows made under others would stand
+    in the table as this invocation's."""
+    now = measured_under(args)
+    changed = [name for name in MEASURED_UNDER if recorded and name in recorded and recorded[name] != now[name]]
+    if changed:
+        shown = ', '.join(f"--{name.replace('_', '-')} {recorded[name]} (now {now[name]})" for name in changed)
+        raise ConfigError(f"--reuse: {what} was made with {shown}: give the same arguments, or another --work-dir "
+                          f"and --tag to measure anew")
 
 
 def check_clearable(work_dir: str) -> None:
@@ -634,6 +664,13 @@ def measure(args: argparse.Namespace) -> dict:
         shutil.rmtree(os.path.join(ROOT, args.work_dir), ignore_errors=True)
     tag = args.tag or datetime.datetime.now().strftime('%Y%m%dT%H%M%S')
     earlier = earlier_report(args, tag)
+    settings_path = os.path.join(ROOT, args.work_dir, SETTINGS_FILE)
+    if args.reuse:
+        check_same_settings(args, earlier and earlier.get('settings'), f'the report quality-{tag}')
+        if os.path.exists(settings_path):
+            with open(settings_path) as f:
+                check_same_settings(args, json.load(f), f'--work-dir {args.work_dir}')
+    write_text(settings_path, json.dumps(measured_under(args), indent=2))
     run, invoked, started = Runner(), time.time(), wall_start(earlier)
     run.commands = list(earlier['commands']) if earlier else []
     n_prompts = count_lines(args.prompts_train)
@@ -647,7 +684,8 @@ def measure(args: argparse.Namespace) -> dict:
     for method in methods:  # the report is rewritten after every method: a crash keeps the rows done
         tuned = dataclasses.replace(method, overrides=(*method.overrides, *chosen.get(method.name, {}).get('chosen', ())))
         rows.append(measured(run, args, earlier, tuned, budget, n_prompts, feedback))
-        report = report_of(args, start, rows, run.commands, budget, n_prompts, sampling_seconds, started, chosen)
+        report = report_of(args, start, with_earlier_rows(earlier, rows), run.commands, budget, n_prompts,
+                           sampling_seconds, started, {**(earlier or {}).get('sweep', {}), **chosen})
         stem = write_report(report, args.results_dir, tag)
     print('\n' + markdown(report).split('## Commands')[0])
     print(f'wrote {stem}.md, .json, -reward.png and -frontier.png in {time.time() - invoked:.0f} s '

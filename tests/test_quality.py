@@ -133,6 +133,65 @@ def test_reuse_keeps_a_row_only_if_it_trained_with_the_same_overrides():
     assert kept_row(None, dpo) is None
 
 
+def test_reuse_keeps_only_what_was_made_under_the_same_arguments(tmp_path):
+    """Rows, samples or runs made with another learning rate or k would stand in the table as this invocation's."""
+    sys.path.insert(0, ROOT)
+    from bench.quality import check_same_settings, measured_under, parse_args
+    from halos.errors import ConfigError
+    recorded = measured_under(parse_args(['--lr', '2e-5', '--samples-per-prompt', '2']))
+    check_same_settings(parse_args(['--lr', '2e-5', '--samples-per-prompt', '2', '--methods', 'dpo']), recorded, 'x')
+    check_same_settings(parse_args(['--lr', '1e-3']), None, 'x')  # nothing recorded: a report from before
+    with pytest.raises(ConfigError) as error:
+        check_same_settings(parse_args(['--lr', '1e-3', '--samples-per-prompt', '3']), recorded, 'the report quality-t1')
+    assert str(error.value) == ("--reuse: the report quality-t1 was made with --samples-per-prompt 2 (now 3), --lr "
+                                "2e-05 (now 0.001): give the same arguments, or another --work-dir and --tag to "
+                                "measure anew")
+
+
+def test_reuse_with_fewer_methods_keeps_the_other_rows_of_the_table():
+    sys.path.insert(0, ROOT)
+    from bench.quality import with_earlier_rows
+    earlier = {'methods': [{'method': 'dpo', 'reward_mean': 0.1}, {'method': 'kto', 'reward_mean': 0.2}]}
+    again = {'method': 'dpo', 'reward_mean': 0.3}
+    assert with_earlier_rows(earlier, [again]) == [again, earlier['methods'][1]]
+    assert with_earlier_rows(None, [again]) == [again]
+    assert with_earlier_rows(earlier, [{'method': 'sft-best'}])[0] == {'method': 'sft-best'}  # in METHODS' order
+
+
+def test_a_reward_that_never_varies_gives_an_infinite_gap_and_the_report_is_written_whole(tmp_path, monkeypatch):
+    """Every held-out sample scored alike gives standard errors of 0: the gap is infinite (or 0), not a crash
+    that leaves an emptied table."""
+    sys.path.insert(0, ROOT)
+    from bench import quality
+    start = {'reward_mean': 0.0, 'reward_se': 0.0}
+    assert quality.gap_in_se({'reward_mean': 1.0, 'reward_se': 0.0}, start) == math.inf
+    assert quality.gap_in_se({'reward_mean': -1.0, 'reward_se': 0.0}, start) == -math.inf
+    assert quality.gap_in_se({'reward_mean': 0.0, 'reward_se': 0.0}, start) == 0.0
+    assert quality.gap_in_se({'reward_mean': 0.3, 'reward_se': 0.3}, {'reward_mean': 0.0, 'reward_se': 0.4}) == \
+        pytest.approx(0.6)
+    (tmp_path / 'quality-t.md').write_text('the table so far')
+    monkeypatch.setattr(quality, 'markdown', lambda report: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        quality.write_report({'methods': []}, str(tmp_path), 't')
+    assert (tmp_path / 'quality-t.md').read_text() == 'the table so far'
+
+
+def test_arguments_a_sampling_run_would_refuse_stop_it_at_once(capsys):
+    sys.path.insert(0, ROOT)
+    from bench.quality import parse_args
+    for argument, value, reason in [('--samples-per-prompt', '0',
+                                     'argument --samples-per-prompt: 0 is not an integer >= 1'),
+                                    ('--max-new-tokens', '-1', 'argument --max-new-tokens: -1 is not an integer >= 1'),
+                                    ('--top-p', '0', 'argument --top-p: 0 is not a number > 0'),
+                                    ('--methods', 'dpo,', "--methods: unknown ''; the methods are sft-best, dpo, ipo, "
+                                     "simpo, kto, grpo, online-dpo, online-ppo, grpo-rounds, grpo-online, dr-grpo, "
+                                     "dapo, gspo, rloo, reinforce-pp")]:
+        with pytest.raises(SystemExit) as exit:
+            parse_args([argument, value])
+        assert exit.value.code == 2
+        assert capsys.readouterr().err.strip().split(': ', 1)[1] == f'{reason} (--help lists the arguments)'
+
+
 def test_reuse_keeps_a_methods_sweep_only_if_it_tried_the_same_grid():
     sys.path.insert(0, ROOT)
     from bench.quality import METHODS, grid, kept_sweep
