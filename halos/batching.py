@@ -95,16 +95,23 @@ def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
 
 def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[str, str, str, str],
                   data_dir: Optional[str], seed: int) -> Tuple[Dict[str, Example], Counter]:
-    """The Examples of every named dataset (a later dataset's prompt replaces an earlier one's), with counts."""
+    """The Examples of every named dataset, with counts. A later dataset's prompt replaces an earlier one's (as in
+    HALOs), which is warned of: feedback on one prompt split over two files trains on the later file's alone."""
     examples: Dict[str, Example] = {}
     counts: Counter = Counter()
-    for name in dataset_names:
+    for index, name in enumerate(dataset_names):
+        if name in dataset_names[:index]:
+            rank0_print(f"warning: [{split}] datasets names {name} twice: it is read once")
+            continue
         dataset = load_dataset(name, split, *formatting, data_dir=data_dir, seed=seed)
         overlap = sum(key in examples for key in dataset)
         counts[f'{name}: prompts'] += len(dataset)
         counts.update({f'{name}: {what}': n for what, n in dataset.counts.items()})
         if overlap:
             counts[f'{name}: prompts that replaced an earlier dataset\'s prompt'] += overlap
+            rank0_print(f"warning: [{split}] {overlap} of the {len(dataset)} prompts of {name} are also prompts of "
+                        f"{', '.join(dataset_names[:index])}, whose examples of them it replaces (as in HALOs): "
+                        f"give feedback on one prompt in one file to train on all of it")
         examples.update(dataset.data)
     return examples, counts
 

@@ -289,6 +289,26 @@ def test_items_left_out_of_a_last_batch_that_does_not_divide_among_the_processes
                                          f"fewer than the 2 processes: repeated so that each process has one\n") == 2
 
 
+def test_a_prompt_in_two_datasets_is_the_later_ones_and_a_dataset_named_twice_is_read_once(tmp_path, tokenizer,
+                                                                                              capsys):
+    """As in HALOs, a later dataset's prompt replaces an earlier one's: warned of, as the earlier file's feedback
+    on it is not trained on."""
+    binary, pairs = tmp_path / 'binary.jsonl', tmp_path / 'pairs.jsonl'
+    binary.write_text(''.join(json.dumps({'prompt': f'Say {i}.', 'output': out, 'label': label}) + '\n'
+                              for i in range(4) for out, label in (('yes', 1), ('no', 0))))
+    pairs.write_text(''.join(json.dumps({'prompt': f'Say {i}.', 'output_A': 'sure', 'output_B': 'no', 'label': 1}) +
+                             '\n' for i in range(3)))
+    capsys.readouterr()
+    mixed = loader(D.UnpairedPreferenceDataLoader, [str(binary), str(pairs)], tokenizer)
+    assert capsys.readouterr().out.count(
+        f"warning: [train] 3 of the 3 prompts of {pairs} are also prompts of {binary}, whose examples of them it "
+        f"replaces (as in HALOs): give feedback on one prompt in one file to train on all of it\n") == 1
+    assert sorted(mixed.full_data['\n<|user|>\nSay 0.\n<|assistant|>\n'].generations) == ['no', 'sure']
+    twice = loader(D.UnpairedPreferenceDataLoader, [str(binary), str(binary)], tokenizer)
+    assert f"warning: [train] datasets names {binary} twice: it is read once\n" in capsys.readouterr().out
+    assert twice.counts[f'{binary}: prompts'] == 4 and len(twice.items) == 8
+
+
 def test_every_prompt_is_sampled_once_where_a_batch_does_not_divide_among_the_processes(tmp_path, tokenizer):
     """A last batch of prompts is filled up with repeats, marked, so that each process samples as many; the samples
     of the repeats are not kept (an online round sampling 3 prompts on 2 processes kept 2 of them)."""
