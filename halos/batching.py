@@ -15,6 +15,7 @@ from halos import batch as schema
 from halos.datasets import load_dataset
 from halos.errors import ConfigError, DataError
 from halos.examples import Example, chat_template_prompt
+from halos.feedback import NoRecordsForSplit
 from utils import rank0_print
 
 
@@ -96,14 +97,20 @@ def held_feedback_kinds(examples: Iterable[Example]) -> List[str]:
 def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[str, str, str, str],
                   data_dir: Optional[str], seed: int) -> Tuple[Dict[str, Example], Counter]:
     """The Examples of every named dataset, with counts. A later dataset's prompt replaces an earlier one's (as in
-    HALOs), which is warned of: feedback on one prompt split over two files trains on the later file's alone."""
+    HALOs), which is warned of: feedback on one prompt split over two files trains on the later file's alone. A
+    file with no records of this split is warned of where the others give some."""
     examples: Dict[str, Example] = {}
     counts: Counter = Counter()
+    lacking_split: List[NoRecordsForSplit] = []
     for index, name in enumerate(dataset_names):
         if name in dataset_names[:index]:
             rank0_print(f"warning: [{split}] datasets names {name} twice: it is read once")
             continue
-        dataset = load_dataset(name, split, *formatting, data_dir=data_dir, seed=seed)
+        try:
+            dataset = load_dataset(name, split, *formatting, data_dir=data_dir, seed=seed)
+        except NoRecordsForSplit as error:
+            lacking_split.append(error)
+            continue
         overlap = sum(key in examples for key in dataset)
         counts[f'{name}: prompts'] += len(dataset)
         counts.update({f'{name}: {what}': n for what, n in dataset.counts.items()})
@@ -113,6 +120,10 @@ def load_examples(dataset_names: Sequence[str], split: str, formatting: Tuple[st
                         f"{', '.join(dataset_names[:index])}, whose examples of them it replaces (as in HALOs): "
                         f"give feedback on one prompt in one file to train on all of it")
         examples.update(dataset.data)
+    if lacking_split and not examples:
+        raise lacking_split[0]
+    for error in lacking_split:
+        rank0_print(f"warning: [{split}] {error}: it adds nothing to this split, which the other datasets give")
     return examples, counts
 
 

@@ -34,6 +34,11 @@ from halos.examples import ROLES, Dataset, render_turns
 from utils import rank0_print
 
 
+class NoRecordsForSplit(DataError):
+    """A feedback file whose records all name another split: alone, it stops the run; beside other datasets, it
+    adds nothing to this split."""
+
+
 PAIR_FIELDS = (('output_A', 'output_B'), ('chosen', 'rejected'))  # halos' (with a label), TRL's (chosen preferred)
 FILE_TYPES = ('.json', '.jsonl', '.parquet')
 SPLITS = ('train', 'test')
@@ -395,7 +400,7 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         warn_of_shadowed_fields(path, tuple(sorted(shadowed)))
     if not dataset.data:
         splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
-        raise DataError(f"{path}: no records for split '{split}': every record's 'split' field names another "
+        raise NoRecordsForSplit(f"{path}: no records for split '{split}': every record's 'split' field names another "
                         f"split ({', '.join(splits)}); records without a 'split' field are used for both splits")
 
     best_scored = lambda scores: max(range(len(scores)), key=lambda i: -math.inf if scores[i] is None else scores[i])

@@ -309,6 +309,24 @@ def test_a_prompt_in_two_datasets_is_the_later_ones_and_a_dataset_named_twice_is
     assert twice.counts[f'{binary}: prompts'] == 4 and len(twice.items) == 8
 
 
+def test_a_file_without_records_of_a_split_adds_nothing_to_it_beside_other_datasets(tmp_path, tokenizer, capsys):
+    from halos.errors import DataError
+    train_only, both = tmp_path / 'train_only.jsonl', tmp_path / 'both.jsonl'
+    train_only.write_text(json.dumps({'prompt': 'Hi.', 'output_A': 'a', 'output_B': 'b', 'label': 1,
+                                      'split': 'train'}) + '\n')
+    both.write_text(json.dumps({'prompt': 'Hello.', 'output_A': 'a', 'output_B': 'b', 'label': 1}) + '\n')
+    reason = (f"{train_only}: no records for split 'test': every record's 'split' field names another split "
+              f"(train); records without a 'split' field are used for both splits")
+    capsys.readouterr()
+    mixed = loader(D.PairedPreferenceDataLoader, [str(train_only), str(both)], tokenizer, split='test')
+    assert [item.prompt for item in mixed.full_data.values()] == ['\n<|user|>\nHello.\n<|assistant|>\n']
+    assert capsys.readouterr().out.startswith(
+        f"warning: [test] {reason}: it adds nothing to this split, which the other datasets give\n")
+    with pytest.raises(DataError) as error:
+        loader(D.PairedPreferenceDataLoader, [str(train_only)], tokenizer, split='test')
+    assert str(error.value) == reason
+
+
 def test_every_prompt_is_sampled_once_where_a_batch_does_not_divide_among_the_processes(tmp_path, tokenizer):
     """A last batch of prompts is filled up with repeats, marked, so that each process samples as many; the samples
     of the repeats are not kept (an online round sampling 3 prompts on 2 processes kept 2 of them)."""
