@@ -23,7 +23,7 @@ from halos.errors import ConfigError, DataError
 from halos.examples import Dataset, Example, render_turns
 from halos.feedback import get_feedback_file, read_json_records
 from halos.settings import Rule, setting
-from utils import find_class
+from utils import find_class, rank0_print
 
 __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get_feedback_file', 'get_hh',
            'get_hh_harmless', 'get_hh_helpful', 'get_oasst', 'get_shp', 'get_ultrabin', 'load_dataset',
@@ -42,6 +42,11 @@ class SFTDataLoader(DataLoader):
         super().__init__(*args, **kwargs)
 
     def flatten(self, examples):
+        undesirable_only = sum(bool(example.desirable) and True not in example.desirable for example in examples)
+        if undesirable_only and self.split == 'train':
+            rank0_print(f"warning: [train] {undesirable_only} of the {len(examples)} prompts have only outputs labelled "
+                        f"undesirable, and SFT's target there is one of them (the best-rewarded, else the first; as "
+                        f"in HALOs): leave them out of the data to imitate desirable outputs alone")
         return [(example, target) for example in examples
                 for target in example.sft_targets()[:self.max_prompt_count]]  # eval.py samples each prompt once
 

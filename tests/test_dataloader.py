@@ -327,6 +327,23 @@ def test_a_file_without_records_of_a_split_adds_nothing_to_it_beside_other_datas
     assert str(error.value) == reason
 
 
+def test_sft_on_prompts_whose_outputs_are_all_undesirable_is_warned_of(tmp_path, tokenizer, capsys):
+    """As in HALOs, such a prompt's SFT target is one of its undesirable outputs (the best-rewarded)."""
+    binary = tmp_path / 'binary.jsonl'
+    binary.write_text(''.join(json.dumps(record) + '\n' for record in [
+        {'prompt': 'Hi.', 'output': 'Hello!', 'label': 1}, {'prompt': 'Hi.', 'output': 'Go away.', 'label': 0},
+        {'prompt': 'Lunch?', 'output': 'No.', 'label': 0, 'reward': 0.1},
+        {'prompt': 'Lunch?', 'output': 'Sandwiches, I guess.', 'label': 0, 'reward': 0.4}]))
+    capsys.readouterr()
+    sft = loader(D.SFTDataLoader, [str(binary)], tokenizer)
+    assert sorted(target for _, target in sft.items) == ['Hello!', 'Sandwiches, I guess.']
+    assert ("warning: [train] 1 of the 2 prompts have only outputs labelled undesirable, and SFT's target there is "
+            "one of them (the best-rewarded, else the first; as in HALOs): leave them out of the data to imitate "
+            "desirable outputs alone") in capsys.readouterr().out
+    loader(D.SFTDataLoader, [str(binary)], tokenizer, split='test')  # eval.py samples their prompts: no warning
+    assert 'warning' not in capsys.readouterr().out
+
+
 def test_every_prompt_is_sampled_once_where_a_batch_does_not_divide_among_the_processes(tmp_path, tokenizer):
     """A last batch of prompts is filled up with repeats, marked, so that each process samples as many; the samples
     of the repeats are not kept (an online round sampling 3 prompts on 2 processes kept 2 of them)."""
