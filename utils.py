@@ -33,7 +33,9 @@ def get_world_size() -> int:
 
 
 def on_rank0() -> bool:
-    return get_rank() == 0
+    """Rank 0 of the process group; before torchrun's processes join it (while the settings are read), the one
+    torchrun named rank 0."""
+    return get_rank() == 0 if is_distributed() else os.environ.get('RANK', '0') == '0'
 
 
 def rank0_print(*args, **kwargs) -> None:

@@ -353,7 +353,7 @@ def derived(run: RunSettings) -> RunSettings:
     eval_every = run.eval_every
     if eval_every % step_examples:
         eval_every = max(step_examples, eval_every - eval_every % step_examples)
-        rank0_print(f"eval_every={run.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
+        rank0_print(f"note: eval_every={run.eval_every} is not a multiple of batch_size x gradient_accumulation_steps "
                     f"= {step_examples}; using {eval_every} so that checkpoints fall on optimizer steps")
     online = dataclasses.replace(run.online, reward_model=models.in_cache_dir(run.online.reward_model, run.cache_dir))
     params = run.loss.params

@@ -1091,6 +1091,17 @@ def test_a_loss_that_returns_other_than_its_tuple_is_named_with_what_it_must_ret
         assert str(error.value) == f"{type(trainer).__name__}.loss returned {what}: it must return the tuple ({returns})"
 
 
+def test_a_note_on_the_settings_is_printed_by_torchruns_rank_0_alone_before_the_processes_join(tmp_path, capsys,
+                                                                                                 monkeypatch):
+    """Every process reads the settings before the process group forms: rank 0's note speaks for them all."""
+    note = ("note: eval_every=7 is not a multiple of batch_size x gradient_accumulation_steps = 4; using 4 so that "
+            "checkpoints fall on optimizer steps")
+    for rank, printed in [('1', False), ('0', True)]:
+        monkeypatch.setenv('RANK', rank)
+        make_config(tmp_path, '++eval_every=7', '++model.batch_size=4')
+        assert (note in capsys.readouterr().out) == printed
+
+
 def test_a_warmup_that_outlasts_the_run_is_warned_of_counting_each_steps_optimizer_passes(tmp_path, capsys):
     four_steps = ('++n_examples=8', '++model.batch_size=2', '++n_eval_examples=0')
     build_trainer(make_config(tmp_path, *four_steps, '++warmup_steps=4', '++lr=1e-5', loss='sft'))
