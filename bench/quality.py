@@ -107,7 +107,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument('--model', default='smollm2', help='a config/model/ name (the starting model)')
     parser.add_argument('--load-from', help='start every method from this checkpoint (model.load_from)')
     parser.add_argument('--methods', default=','.join(METHODS), help=f"comma-separated, of {', '.join(METHODS)}")
-    parser.add_argument('--samples-per-prompt', type=positive_int, default=4, help='k: the budget is k x the train prompts')
+    parser.add_argument('--samples-per-prompt', type=positive_int, default=4,
+                        help='k: the budget is k x the train prompts')
     parser.add_argument('--rounds', type=positive_int, default=3,
                         help='online DPO: the budget split into this many rounds')
     parser.add_argument('--max-new-tokens', type=positive_int, default=48)

@@ -400,8 +400,9 @@ def get_feedback_file(path: str, split: str, human_prefix: str, human_suffix: st
         warn_of_shadowed_fields(path, tuple(sorted(shadowed)))
     if not dataset.data:
         splits = sorted({str(record.get('split')) for record in records if isinstance(record, dict)})
-        raise NoRecordsForSplit(f"{path}: no records for split '{split}': every record's 'split' field names another "
-                        f"split ({', '.join(splits)}); records without a 'split' field are used for both splits")
+        raise NoRecordsForSplit(f"{path}: no records for split '{split}': every record's 'split' field names "
+                                f"another split ({', '.join(splits)}); records without a 'split' field are used for "
+                                f"both splits")
 
     best_scored = lambda scores: max(range(len(scores)), key=lambda i: -math.inf if scores[i] is None else scores[i])
     for example in dataset.data.values():

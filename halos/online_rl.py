@@ -297,7 +297,8 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
             part.old_logps = logps.detach()
         # without a reference (beta = 0) the policy stands in for it: its KL is exactly 0 (never 0 times an overflow)
         reference_logps = logps.detach() if part.reference_logps is None else part.reference_logps
-        token_losses, stats = self.checked_loss(logps - part.old_logps, reference_logps - logps, part.advantages, part.mask)
+        token_losses, stats = self.checked_loss(logps - part.old_logps, reference_logps - logps, part.advantages,
+                                                part.mask)
         loss = self.reduced(token_losses, part.mask, part.weights, step_tokens)
         token_mean = lambda values: (values * part.mask).sum(-1) / part.mask.sum(-1).clamp(min=1)
         metrics = {'loss/train': loss.detach().reshape(1), 'clipfrac_train/policy': token_mean(stats['clipped'])}
