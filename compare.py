@@ -31,8 +31,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import openai
 from tqdm import tqdm
 
-from halos.errors import (ArgumentParser, UserError, describe_error, non_negative_int, non_negative_number,
-                          positive_int, positive_number, reported)
+from halos.errors import (ArgumentParser, UserError, describe_error, exit_at_the_next_interrupt, non_negative_int,
+                          non_negative_number, positive_int, positive_number, reported)
 from halos.jsonl import append_json_lines, check_appendable, check_distinct_files, write_text
 from halos.judge import (JudgmentCache, RequestPacer, ask, ask_all, check_reachable,  # noqa: F401
                          cache_key, constrained, fatal_error_message, json_field, make_client, public_url, server_url)
@@ -433,6 +433,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as error:  # a CompareError, or the judge unreachable or refusing
         return reported('compare.py', error)
     except KeyboardInterrupt:
+        exit_at_the_next_interrupt()
         print(f"compare.py: interrupted; every judgment received is in {args.cache}, rerun to continue", file=sys.stderr)
         return 130
     interval = result['win_rate_ci95']

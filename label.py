@@ -23,7 +23,8 @@ import os
 import sys
 from typing import List, Optional, Sequence
 
-from halos.errors import ArgumentParser, DataError, UserError, finite_number, positive_int, reported
+from halos.errors import (ArgumentParser, DataError, UserError, exit_at_the_next_interrupt, finite_number, positive_int,
+                          reported)
 from halos.examples import prompt_digest
 from halos.feedback import another_prompt, checked_turns, read_records
 from halos.jsonl import check_distinct_files, read_json_lines, write_jsonl
@@ -180,6 +181,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except UserError as error:
         return reported('label.py', error)
     except KeyboardInterrupt:
+        exit_at_the_next_interrupt()
         print(f"\nlabel.py: interrupted before {args.output} was written (a judge's answers so far are cached for "
               f"the rerun)", file=sys.stderr)
         return 130

@@ -28,7 +28,8 @@ from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
 from halos.cli import config_choices, run_hydra, task_overrides
 from halos.datasets import DATASETS
-from halos.errors import ConfigError, first_on_its_node, met_alike_by_every_process, reported_as_one_line
+from halos.errors import (ConfigError, exit_at_the_next_interrupt, first_on_its_node, met_alike_by_every_process,
+                          reported_as_one_line)
 from halos.loop import METRICS
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
@@ -288,6 +289,7 @@ def train_with(run: RunSettings) -> None:
     try:
         launch(run)
     except KeyboardInterrupt:
+        exit_at_the_next_interrupt()
         if first_on_its_node():
             print(f"\n{what_an_interrupt_left(run)}", file=sys.stderr)
         sys.exit(130)

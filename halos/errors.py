@@ -136,6 +136,7 @@ def reported_as_one_line(program: str):
     except KeyboardInterrupt:
         if show_traceback():
             raise
+        exit_at_the_next_interrupt()
         if first_on_its_node():
             print(f'\n{program}: interrupted', file=sys.stderr, flush=True)
         sys.exit(130)
@@ -146,6 +147,12 @@ def reported_as_one_line(program: str):
         print(f'{program}: `{command}` failed with exit status {error.returncode} (its message is above)',
               file=sys.stderr, flush=True)
         sys.exit(error.returncode if error.returncode > 0 else 1)
+
+
+def exit_at_the_next_interrupt() -> None:
+    """Once a Ctrl-C is answered, another one ends the process at once (status 130): pressed again while the
+    exit handlers run (wandb's), it would otherwise end in a traceback from the one it cut short."""
+    signal.signal(signal.SIGINT, lambda signum, frame: os._exit(130))
 
 
 def wait_passing_stops(pid: int) -> int:

@@ -418,7 +418,16 @@ def test_an_output_that_is_an_input_stops_label_py_and_compare_py_before_anythin
     assert samples.read_text() == content and eval_samples.read_text() == '{"config": {}, "samples": []}'
 
 
-def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch):
+@pytest.fixture
+def sigint_handler_kept():
+    """An answered Ctrl-C sets the next one's handler: this test process keeps its own."""
+    import signal
+    kept = signal.getsignal(signal.SIGINT)
+    yield
+    signal.signal(signal.SIGINT, kept)
+
+
+def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, capsys, monkeypatch, sigint_handler_kept):
     import label
     from halos.errors import reported_as_one_line
     monkeypatch.delenv('HYDRA_FULL_ERROR', raising=False)
@@ -437,6 +446,26 @@ def test_ctrl_c_in_an_entry_point_ends_with_one_line_and_status_130(tmp_path, ca
     assert label.main([str(tmp_path / 'samples.jsonl'), str(tmp_path / 'out.jsonl'), '--reward-function', 'r.py:f']) == 130
     assert last_line(capsys.readouterr().err) == (f"label.py: interrupted before {tmp_path}/out.jsonl was written (a "
                                                   f"judge's answers so far are cached for the rerun)")
+
+
+def test_a_second_ctrl_c_while_the_exit_handlers_run_ends_the_process_without_a_traceback(tmp_path):
+    """As a user pressing Ctrl-C twice (or `timeout -s INT`, which signals the process and its group) does."""
+    import signal
+    import time
+    ready = tmp_path / 'ready'
+    script = (f"import atexit, pathlib, sys, time\nsys.path.insert(0, {ROOT!r})\n"
+              f"from halos.errors import reported_as_one_line\n"
+              f"atexit.register(lambda: (pathlib.Path({str(ready)!r}).write_text('exiting'), time.sleep(30)))\n"
+              f"with reported_as_one_line('train.py'):\n"
+              f"    pathlib.Path({str(ready)!r}).write_text('running')\n"
+              f"    time.sleep(30)\n")
+    process = subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.PIPE, text=True)
+    for state in ('running', 'exiting'):
+        while not (ready.exists() and ready.read_text() == state):
+            time.sleep(0.05)
+        process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=20) == 130
+    assert process.stderr.read() == '\ntrain.py: interrupted\n'
 
 
 def test_a_file_system_refusal_ends_with_one_line_naming_the_path_and_other_os_errors_keep_their_traceback(
