@@ -30,7 +30,8 @@ from halos.feedback import another_prompt, checked_turns, read_records
 from halos.jsonl import check_distinct_files, read_json_lines, write_jsonl
 from halos.labelers import make_labeler
 from halos.labelling import (FEEDBACK_KINDS, FEEDBACK_OPTIONS, FEEDBACK_TYPES, PAIR_MODES, build_feedback, by_prompt,
-                             kind_defaults, label_samples, one_class, scored_enough, why_no_training_data)
+                             kind_defaults, label_samples, one_class, scored_enough, unscored_note,
+                             why_no_training_data)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -162,6 +163,8 @@ def run(args: argparse.Namespace) -> dict:
     scored_enough(len(labelled), len(samples), args.min_scored, labeler, args.samples)
     records = build_feedback(labelled, args.feedback, args.threshold, args.per_prompt, args.pair_mode, args.seed)
     reason = why_no_training_data(labelled, records, args.feedback, args.threshold)
+    if reason:
+        reason += unscored_note(len(labelled), len(samples), labeler)
     if reason and len(by_prompt(samples)) == len(samples):  # as eval.py's mode=sample and mode=reward sample
         reason += ("; each prompt has one sample (eval.py ++mode=sample ++num_samples_per_prompt=k samples k per "
                    "prompt; eval.py ++mode=reward measures a policy by one per prompt)")

@@ -344,8 +344,8 @@ class RewardFunctionsLabeler:
             raise ConfigError(f"the reward functions {', '.join(specs)} name {twice[0]} twice: give each once (a "
                               f"weight scales one)")
         if weights is not None and len(weights) != len(specs):
-            raise ConfigError(f"{len(weights)} reward weights for the {len(specs)} reward functions {', '.join(specs)}: "
-                              f"give one weight per function")
+            raise ConfigError(f"{len(weights)} reward weight{'s' * (len(weights) != 1)} for the {len(specs)} reward "
+                              f"function{'s' * (len(specs) != 1)} {', '.join(specs)}: give one weight per function")
         if weights is not None and not any(weights):
             raise ConfigError(f"the reward weights of {', '.join(specs)} are all 0, so every score would be 0: give "
                               f"some function a weight")

@@ -69,6 +69,15 @@ def scored_enough(n_scored: int, n_samples: int, least_share: float, labeler, wh
                      f"{share}{last_error_note(labeler)}")
 
 
+def unscored_note(n_scored: int, n_samples: int, labeler) -> str:
+    """'; <labeler> scored n of the N samples; last error: ...' where some samples went unscored (which may be
+    why they give nothing to train on), else ''."""
+    if n_scored == n_samples:
+        return ''
+    return (f"; {getattr(labeler, 'name', 'the labeler')} scored {n_scored} of the {n_samples} samples"
+            f"{last_error_note(labeler)}")
+
+
 def last_error_note(labeler) -> str:
     """'; last error: ...' where the labeller kept one (a judge's failed requests), else ''."""
     last_error = getattr(labeler, 'last_error', None)
@@ -93,7 +102,8 @@ def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,
     too_few = sum(len(group) < 2 for group in groups)
     differing = sum(len({s['reward'] for s in group}) > 1 for group in groups)
     if differing == 0:
-        unscored = f" ({too_few} have fewer than 2 scored samples)" if too_few else ''
+        unscored = f" ({too_few} of them {'has' if too_few == 1 else 'have'} fewer than 2 scored samples)" \
+            if too_few else ''
         return f"0 {TRAINING_UNITS[kind]}: no prompt of {len(groups)} has two samples with different rewards{unscored}"
     if not records:
         return f"0 {TRAINING_UNITS[kind]}: no pair of different samples differs by more than the threshold"

@@ -30,7 +30,7 @@ from halos.feedback import extra_fields, read_json_records
 from halos.jsonl import logged_number, read_json_lines, write_jsonl
 from halos.labelers import LabelError, checked_scores
 from halos.labelling import (build_feedback, kind_defaults, label_samples, one_class, sample_name,
-                             scored_enough, why_no_training_data)
+                             scored_enough, unscored_note, why_no_training_data)
 from halos.monitors import (HackingMonitor, Observation, part_means, repeated_ngram_share, reward_summary,
                             sample_stats)
 from halos.sampling import Sampler, sample_records
@@ -172,6 +172,7 @@ class OnlineRounds:
         records = build_feedback(labelled, s.feedback, threshold, s.per_prompt, pair_mode, self.seed + round_index)
         reason = why_no_training_data(labelled, records, s.feedback, threshold)
         if reason:
+            reason += unscored_note(len(labelled), len(samples), self.labeler)
             raise DataError(f"round {round_index}: {reason}; sample more per prompt (online.samples_per_prompt) or "
                             f"at a higher temperature, change online.threshold, or delete {self.path(round_index, '')} "
                             f"to sample the round again")

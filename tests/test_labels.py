@@ -369,7 +369,7 @@ def test_several_reward_functions_score_the_weighted_sum_with_each_functions_sco
                                 f"would be 0: give some function a weight")
     with pytest.raises(ConfigError) as error:
         reward_function_labeler([spec('length'), spec('has_x')], [1.0])
-    assert str(error.value) == (f"1 reward weights for the 2 reward functions {spec('length')}, {spec('has_x')}: "
+    assert str(error.value) == (f"1 reward weight for the 2 reward functions {spec('length')}, {spec('has_x')}: "
                                 f"give one weight per function")
 
 
@@ -786,6 +786,18 @@ def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from
     assert [json.loads(line)['label'] for line in open(tmp_path / 'out.jsonl')] == [1, 1, 1, 1]
 
 
+def test_samples_the_labeller_left_unscored_are_named_where_nothing_is_left_to_train_on():
+    """A judge that failed on most samples, not the sampling, is then why the prompts give no pair."""
+    from types import SimpleNamespace
+    from halos.labelling import unscored_note, why_no_training_data
+    judge = SimpleNamespace(name='judge fake', last_error='Error code: 500')
+    labelled = [{'prompt_id': 'p1', 'prompt': 'hi', 'output': 'a', 'reward': 1.0}]
+    assert why_no_training_data(labelled, [], 'pairwise') + unscored_note(1, 6, judge) == (
+        "0 pairs: no prompt of 1 has two samples with different rewards (1 of them has fewer than 2 scored samples); "
+        "judge fake scored 1 of the 6 samples; last error: Error code: 500")
+    assert unscored_note(6, 6, judge) == ''
+
+
 def test_label_py_says_what_to_do_with_one_sample_per_prompt(tmp_path, capsys):
     samples = tmp_path / 'samples.jsonl'
     samples.write_text('{"prompt": "hi", "output": "hello"}\n{"prompt": "yo", "output": "a longer hello"}\n')
@@ -793,7 +805,7 @@ def test_label_py_says_what_to_do_with_one_sample_per_prompt(tmp_path, capsys):
                        '--feedback', 'scalar']) == 2
     assert capsys.readouterr().err.strip() == (
         f"label.py: {samples}: no scalar feedback to write: 0 groups whose scores differ: no prompt of 2 has two "
-        f"samples with different rewards (2 have fewer than 2 scored samples); each prompt has one sample (eval.py "
+        f"samples with different rewards (2 of them have fewer than 2 scored samples); each prompt has one sample (eval.py "
         f"++mode=sample ++num_samples_per_prompt=k samples k per prompt; eval.py ++mode=reward measures a policy by "
         f"one per prompt)")
 
