@@ -301,8 +301,9 @@ class BasicTrainer:
         """self.loss(*inputs), which must return the tuple `loss_returns`: unpacked where it returns anything else,
         a tensor would be split along its examples, or stop in a bare unpacking error."""
         returned = self.loss(*inputs)
-        if not isinstance(returned, tuple) or len(returned) != len(self.loss_returns):
-            what = f'{len(returned)} values' if isinstance(returned, tuple) else f'a {type(returned).__name__}'
+        listed = isinstance(returned, (tuple, list))  # a list unpacks as well
+        if not listed or len(returned) != len(self.loss_returns):
+            what = f'{len(returned)} values' if listed else f'a {type(returned).__name__}'
             raise ContractError(f"{type(self).__name__}.loss returned {what}: it must return the tuple "
                                 f"({', '.join(self.loss_returns)})")
         return returned

@@ -392,8 +392,8 @@ def test_upbeat_data_writes_no_file_where_one_kind_of_feedback_would_have_nothin
                                 'scalar': build_feedback(labelled, 'scalar')}
     with pytest.raises(DataError) as error:
         upbeat_data.check_learnable(one_each, outputs(one_each))
-    assert str(error.value) == ("pairs: 0 pairs: no prompt of 3 has two samples with different rewards (3 have fewer "
-                                "than 2 scored samples); nothing written (sample more per prompt, longer or at a "
+    assert str(error.value) == ("pairs: 0 pairs: no prompt of 3 has two samples with different rewards (3 of them "
+                                "have fewer than 2 scored samples); nothing written (sample more per prompt, longer or at a "
                                 "higher temperature)")
     two_each = one_each + [{**sample, 'output': 'again', 'reward': sample['reward'] + 1} for sample in one_each]
     upbeat_data.check_learnable(two_each, outputs(two_each))
