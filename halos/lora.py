@@ -60,6 +60,12 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
         raise ConfigError(f"model.peft.target_modules: no module of the model that LoRA adapts (a linear, embedding or "
                           f"convolution layer) is named {' or '.join(unmatched)}{a_name}; its linear layers are "
                           f"{', '.join(names)} (or give all-linear)")
+    tied = tied_targets(model, config.target_modules)
+    if tied:
+        raise ConfigError(f"model.peft.target_modules names {tied[0]}, whose weight the model shares between its input "
+                          f"embeddings and its output layer (tie_word_embeddings): merged into the export, its adapter "
+                          f"would change both; adapt other modules (its linear layers are "
+                          f"{', '.join(linear_layer_names(model))}, or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
@@ -91,6 +97,19 @@ def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
         return [] if matched else [targets]
     return sorted(target for target in targets if not any(name == target or name.endswith('.' + target)
                                                            for name in names))
+
+
+def tied_targets(model: torch.nn.Module, targets) -> List[str]:
+    """The targeted modules that hold the weight a model ties between its input embeddings and its output layer
+    (all-linear leaves the output layer out), matched as unmatched_targets matches."""
+    embeddings = getattr(model, 'get_input_embeddings', lambda: None)()
+    head = getattr(model, 'get_output_embeddings', lambda: None)()
+    if embeddings is None or head is None or embeddings.weight is not head.weight:
+        return []
+    names = [name for name, module in model.named_modules() if module is embeddings or module is head]
+    if isinstance(targets, str):
+        return [] if targets.lower() == 'all-linear' else [name for name in names if re.fullmatch(targets, name)]
+    return [name for name in names if any(name == target or name.endswith('.' + target) for target in targets)]
 
 
 def linear_layer_names(model: torch.nn.Module) -> List[str]:

@@ -44,6 +44,10 @@ def between(low: float, high: float) -> Rule:
     return Rule(lambda value: low <= value <= high, f'in [{low}, {high}]')
 
 
+def half_open(low: float, high: float) -> Rule:
+    return Rule(lambda value: low <= value < high, f'in [{low}, {high})')
+
+
 def one_of(*choices: str) -> Rule:
     return Rule(lambda value: value in choices, 'one of ' + ', '.join(choices), names_values=True, choices=choices)
 
@@ -95,7 +99,8 @@ class PeftSettings:
     lora_r: int = setting(64, 'rank of the LoRA adapters', at_least(1))
     lora_alpha: float = setting(256.0, 'LoRA scale alpha (the update is alpha / r times the adapter product)',
                                 greater_than(0))
-    lora_dropout: float = setting(0.05, 'dropout on the adapters', between(0, 1))
+    lora_dropout: float = setting(0.05, 'dropout on the adapters (1 would drop every input, so nothing trains)',
+                                  half_open(0, 1))
     target_modules: Union[str, List[str]] = setting(
         'all-linear', "'all-linear', or a list of module names",
         Rule(bool, 'all-linear or a list of module names', names_values=True))

@@ -126,6 +126,26 @@ def test_target_modules_that_match_nothing_name_the_linear_layers(tmp_path):
                                                      for i in range(len(regex.policy.base_model.model.model.layers))]
 
 
+def test_target_modules_that_hold_the_tied_embedding_weight_are_refused(tmp_path):
+    """The tiny model, as SmolLM2, ties its output layer to its input embeddings: an adapter merged into the one
+    shared weight would change both."""
+    message = ("model.peft.target_modules names {}, whose weight the model shares between its input embeddings and its "
+               "output layer (tie_word_embeddings): merged into the export, its adapter would change both; adapt other "
+               "modules (its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
+               "v_proj, or give all-linear)")
+    for targets, named in [('[q_proj,lm_head]', 'lm_head'), ('[embed_tokens]', 'model.embed_tokens'),
+                           ("'lm_head'", 'lm_head')]:
+        with pytest.raises(ConfigError) as error:
+            build_trainer(make_config(tmp_path, *LORA, f'++model.peft.target_modules={targets}', loss='sft'))
+        assert str(error.value) == message.format(named)
+
+
+def test_a_lora_dropout_of_1_is_refused_as_it_would_train_nothing(tmp_path):
+    with pytest.raises(ConfigError) as error:
+        make_config(tmp_path, '++model.use_peft=true', '++model.peft.lora_dropout=1')
+    assert str(error.value) == '++model.peft.lora_dropout=1: model.peft.lora_dropout must be a number in [0, 1)'
+
+
 def test_adapters_of_another_model_size_are_refused_in_one_line(tmp_path):
     import transformers
 
