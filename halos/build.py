@@ -348,7 +348,8 @@ def check_labeler(run: RunSettings, who: str) -> None:
 
 
 def derived(run: RunSettings) -> RunSettings:
-    """eval_every on an optimizer step; reward models found relative to cache_dir, as model.load_from is."""
+    """eval_every on an optimizer step; reward models and saved adapters found relative to cache_dir, as
+    model.load_from is."""
     step_examples = run.model.batch_size * run.model.gradient_accumulation_steps
     eval_every = run.eval_every
     if eval_every % step_examples:
@@ -359,7 +360,8 @@ def derived(run: RunSettings) -> RunSettings:
     params = run.loss.params
     if getattr(params, 'reward_model', None):
         params = dataclasses.replace(params, reward_model=models.in_cache_dir(params.reward_model, run.cache_dir))
-    return dataclasses.replace(run, eval_every=eval_every, online=online,
+    model = dataclasses.replace(run.model, load_lora_from=models.in_cache_dir(run.model.load_lora_from, run.cache_dir))
+    return dataclasses.replace(run, eval_every=eval_every, online=online, model=model,
                                loss=dataclasses.replace(run.loss, params=params))
 
 

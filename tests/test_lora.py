@@ -237,6 +237,14 @@ def test_continued_adapters_with_a_reference_warn_that_the_reference_lacks_them(
     assert 'reference' not in capsys.readouterr().out
 
 
+def test_saved_adapters_are_found_relative_to_cache_dir_as_load_from_is(tmp_path, monkeypatch):
+    (tmp_path / 'cache' / 'sft' / 'LATEST' / 'adapter').mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)  # elsewhere than cache_dir
+    run = make_config(tmp_path / 'cache', '++model.use_peft=true', '++model.load_lora_from=sft/LATEST/adapter',
+                      loss='sft')
+    assert run.model.load_lora_from == str(tmp_path / 'cache' / 'sft' / 'LATEST' / 'adapter')
+
+
 def test_a_lora_run_or_its_adapters_given_as_a_whole_model_name_the_merged_model(tmp_path):
     latest = tmp_path / 'run' / 'LATEST'
     (latest / 'adapter').mkdir(parents=True)
