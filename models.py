@@ -21,7 +21,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from halos.checkpoint import HF_EXPORT, LATEST, load_policy_file, merged_model_beside
+from halos.checkpoint import ADAPTER, HF_EXPORT, LATEST, load_policy_file, merged_model_beside
 from halos.errors import FILE_SYSTEM_REFUSALS, ConfigError, MissingFileError
 
 EMBEDDED_PREFIX = 'embedded:'
@@ -322,9 +322,11 @@ def load_state_into(model: torch.nn.Module, state: dict, path: str) -> None:
                           f"scores samples with it")
     if any('lora_' in key for key in state) and not any('lora_' in key for key in own):
         run = os.path.dirname(os.path.dirname(os.path.abspath(path)))
+        merged, adapters = os.path.join(run, LATEST, HF_EXPORT), os.path.join(run, LATEST, ADAPTER)
+        merged_note = f"give its merged model, {merged}, or" if os.path.isdir(merged) else \
+            f"its run has not written its merged model yet ({merged}, at its final save):"
         raise ConfigError(f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: "
-                          f"give its merged model, {run}/{LATEST}/hf, or continue its adapters with "
-                          f"model.use_peft=true model.load_lora_from={run}/{LATEST}/adapter")
+                          f"{merged_note} continue its adapters with model.use_peft=true model.load_lora_from={adapters}")
     state = {key: value for key, value in state.items() if key in own or not key.startswith(HEADS_A_MODEL_MAY_LACK)}
     state.update({key: value for key, value in own.items()
                   if key.startswith(HEADS_A_CHECKPOINT_MAY_LACK) and key not in state})

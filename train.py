@@ -193,11 +193,12 @@ def check_same_run(run: RunSettings) -> None:
         shown = 'loss' if key == 'loss.name' else key  # a loss is chosen as loss=<name>
         before, after = setting(saved, key), setting(now, key)
         if before is not None and before != after:
-            # a LoRA run's policy.pt holds its adapters alone: a new run starts from its merged model
-            start = 'hf' if OmegaConf.select(saved, 'model.use_peft') else checkpoint.POLICY
+            # a LoRA run's policy.pt holds its adapters alone
+            start = checkpoint.start_from_lora_run(run.local_run_dir) if OmegaConf.select(saved, 'model.use_peft') \
+                else f'++model.load_from={run.local_run_dir}/{checkpoint.LATEST}/{checkpoint.POLICY}'
             raise ConfigError(f"resume=true: {run.local_run_dir} was trained with {shown}={shown_value(before)}, not "
                               f"{shown_value(after)}; resume with {shown}={shown_value(before)}, or start a new exp_name "
-                              f"from it (++model.load_from={run.local_run_dir}/{checkpoint.LATEST}/{start})")
+                              f"from it ({start})")
 
 
 def labelled_rounds_note(run: RunSettings) -> str:

@@ -212,6 +212,15 @@ def check_policy_file(path: str, key: str) -> None:
                     f"it holds {file_contents(path)}")
 
 
+def start_from_lora_run(run_dir: str) -> str:
+    """The overrides that start a new run from a LoRA run: its merged model, which its final save writes, else
+    (a run stopped before its end) its adapters, continued."""
+    merged = os.path.join(run_dir, LATEST, HF_EXPORT)
+    if os.path.isdir(merged):
+        return f'++model.load_from={merged}'
+    return f'++model.use_peft=true ++model.load_lora_from={os.path.join(run_dir, LATEST, ADAPTER)}'
+
+
 def merged_model_beside(adapter_dir: str) -> Optional[str]:
     """The merged model a run saves beside its adapters (LATEST/adapter -> LATEST/hf); None for adapters that
     are not a run's."""

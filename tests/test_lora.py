@@ -220,9 +220,20 @@ def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_gi
     with pytest.raises(ConfigError) as error:
         models.load_state_into(tiny, adapters_only, path)
     assert str(error.value) == (
+        f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: its run has not "
+        f"written its merged model yet ({tmp_path}/run/LATEST/hf, at its final save): continue its adapters with "
+        f"model.use_peft=true model.load_lora_from={tmp_path}/run/LATEST/adapter")
+    (tmp_path / 'run' / 'LATEST' / 'hf').mkdir(parents=True)  # the run has ended
+    with pytest.raises(ConfigError) as error:
+        models.load_state_into(tiny, adapters_only, path)
+    assert str(error.value) == (
         f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: give its merged model, "
         f"{tmp_path}/run/LATEST/hf, or continue its adapters with model.use_peft=true "
         f"model.load_lora_from={tmp_path}/run/LATEST/adapter")
+    from halos.checkpoint import start_from_lora_run
+    assert start_from_lora_run(str(tmp_path / 'run')) == f'++model.load_from={tmp_path}/run/LATEST/hf'
+    assert start_from_lora_run(str(tmp_path / 'other')) == \
+        f'++model.use_peft=true ++model.load_lora_from={tmp_path}/other/LATEST/adapter'
 
 
 def test_continued_adapters_with_a_reference_warn_that_the_reference_lacks_them(tmp_path, capsys):
