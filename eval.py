@@ -76,16 +76,25 @@ def load_policy(run: RunSettings, tokenizer):
     """The saved policy as a plain causal LM (a PPO policy's value head is dropped: sampling needs none; a
     LoRA run's policy.pt holds its adapters alone: those beside it are merged into its base model, while its HF
     export is the merged model already)."""
-    saved = models.resolve_load_from(run.saved_policy, run.cache_dir) if run.saved_policy else None
-    adapters = run.model.use_peft and saved is not None and not os.path.isdir(saved)
+    adapters = saved_lora_adapters(run)
     policy = models.load_causal_lm(run.model.name_or_path, run.model.policy_dtype,
                                    use_flash_attention=run.model.use_flash_attention,
                                    load_from=run.model.load_from if adapters else run.saved_policy,
                                    cache_dir=run.cache_dir, vocab_size=len(tokenizer))
     if adapters:
-        policy = lora.with_lora(policy, None, saved_adapter(saved), 'saved_policy').merge_and_unload()
+        policy = lora.with_lora(policy, None, adapters, 'saved_policy').merge_and_unload()
     disable_dropout(policy)
     return policy.eval()
+
+
+def saved_lora_adapters(run: RunSettings) -> Optional[str]:
+    """The adapters beside the saved policy.pt of a LoRA run (which holds them alone); None for a whole model,
+    such as an HF directory or the policy.pt of a run without LoRA given as saved_policy."""
+    if not (run.model.use_peft and run.saved_policy):
+        return None
+    saved = models.resolve_load_from(run.saved_policy, run.cache_dir)
+    adapters = saved_adapter(saved)
+    return adapters if not os.path.isdir(saved) and os.path.isdir(adapters) else None
 
 
 def sampling_loader(run: RunSettings, tokenizer, dataset_names) -> dataloader.SFTDataLoader:
@@ -146,8 +155,10 @@ def evaluate(run: RunSettings) -> dict:
                           f"to evaluate its loss on; its measure is the held-out reward: ++mode=reward (on "
                           f"{'online.eval_prompts' if run.online.eval_prompts else '++prompts=<held-out prompts>'}, "
                           f"scored as the run scored them), or give ++datasets=[feedback files] for the loss")
-    policy, reference_model = load_models(run, trainer_class, tokenizer, run.saved_policy,
-                                          saved_adapter(run.saved_policy) if run.model.use_peft else None)
+    adapters = saved_lora_adapters(run)
+    if run.model.use_peft and not adapters:  # a whole model given as saved_policy
+        run = dataclasses.replace(run, model=dataclasses.replace(run.model, use_peft=False))
+    policy, reference_model = load_models(run, trainer_class, tokenizer, run.saved_policy, adapters)
     policy.eval()
     extra = {'rollouts': build_rollouts(run)} if trainer_class.samples_online else {}  # it samples and scores
     trainer = trainer_class(tokenizer, loop_settings(run), run.loss.params, None, eval_loader, policy, reference_model,

@@ -8,6 +8,7 @@ gets `AdaptersOff(policy)`: the same weights run with the adapters disabled, so 
 Checkpoints hold the trainable state (policy.pt), the adapter as peft writes it (`adapter/`, loadable with
 PeftModel.from_pretrained) and, at the end, the merged model (`hf/`).
 """
+import json
 import os
 import re
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
@@ -51,6 +52,7 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
             what = 'holds no adapter_config.json' if os.path.isdir(adapter_dir) else 'is no directory'
             raise MissingFileError(f"{key}={adapter_dir!r} {what} (give a run's LATEST/adapter directory, or any "
                                    f"directory PeftModel.save_pretrained wrote)")
+        check_adapter_task(adapter_dir, config.task_type if config is not None else 'CAUSAL_LM', key)
         return saved_adapters_on(model, adapter_dir, key)
     unmatched = unmatched_targets(model, config.target_modules)
     if unmatched:
@@ -67,6 +69,20 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
                           f"would change both; adapt other modules (its linear layers are "
                           f"{', '.join(linear_layer_names(model))}, or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
+
+
+ADAPTED_MODELS = {'CAUSAL_LM': 'a policy', 'SEQ_CLS': 'a reward model (loss=bradley-terry)'}
+
+
+def check_adapter_task(adapter_dir: str, task_type: str, key: str) -> None:
+    """Saved adapters are of the kind of model they are loaded into: a reward model's adapters (and its score
+    head) on a policy would load as a policy that lost its head, and generate."""
+    with open(os.path.join(adapter_dir, 'adapter_config.json')) as f:
+        saved = json.load(f).get('task_type') or 'CAUSAL_LM'
+    if saved != task_type and {saved, task_type} <= set(ADAPTED_MODELS):
+        scorer = '; label.py --reward-model <its run>/LATEST/hf scores samples with it' if saved == 'SEQ_CLS' else ''
+        raise ConfigError(f"{key}={adapter_dir!r} holds the adapters of {ADAPTED_MODELS[saved]}, not of "
+                          f"{ADAPTED_MODELS[task_type]} (their adapter_config.json's task_type is {saved}){scorer}")
 
 
 def saved_adapters_on(model: torch.nn.Module, adapter_dir: str, key: str) -> torch.nn.Module:

@@ -1,6 +1,8 @@
 """LoRA through peft: only the adapters train, the reference is the base model with the adapters off, the
 merged export and the adapter directory give the adapted model's logits, resume is exact, and 2 processes
 give what 1 process gives."""
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -234,6 +236,38 @@ def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_gi
     assert start_from_lora_run(str(tmp_path / 'run')) == f'++model.load_from={tmp_path}/run/LATEST/hf'
     assert start_from_lora_run(str(tmp_path / 'other')) == \
         f'++model.use_peft=true ++model.load_lora_from={tmp_path}/other/LATEST/adapter'
+
+
+def test_a_reward_models_adapters_are_refused_as_a_policys_and_a_policys_as_a_reward_models(tmp_path):
+    adapters = tmp_path / 'rm' / 'LATEST' / 'adapter'
+    adapters.mkdir(parents=True)
+    (adapters / 'adapter_config.json').write_text(json.dumps({'task_type': 'SEQ_CLS', 'peft_type': 'LORA'}))
+    tiny = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
+    with pytest.raises(ConfigError) as error:
+        lora.with_lora(tiny, None, str(adapters), 'saved_policy')
+    assert str(error.value) == (
+        f"saved_policy='{adapters}' holds the adapters of a reward model (loss=bradley-terry), not of a policy "
+        f"(their adapter_config.json's task_type is SEQ_CLS); label.py --reward-model <its run>/LATEST/hf scores "
+        f"samples with it")
+    (adapters / 'adapter_config.json').write_text(json.dumps({'task_type': 'CAUSAL_LM', 'peft_type': 'LORA'}))
+    settings = make_config(tmp_path, *LORA, loss='bradley-terry').model.peft
+    with pytest.raises(ConfigError, match=r"holds the adapters of a policy, not of a reward model \(loss=bradley-terry"):
+        lora.with_lora(tiny, lora.lora_config(settings, 'SEQ_CLS', ('score',)), str(adapters))
+
+
+def test_eval_merges_the_adapters_beside_a_lora_runs_policy_file_and_reads_any_other_as_a_whole_model(tmp_path):
+    import importlib
+    eval_script = importlib.import_module('eval')
+    lora_run, whole_run = tmp_path / 'lora' / 'LATEST', tmp_path / 'whole' / 'LATEST'
+    for directory in (lora_run / 'adapter', whole_run):
+        directory.mkdir(parents=True)
+    (lora_run / 'policy.pt').write_bytes(b'')
+    (whole_run / 'policy.pt').write_bytes(b'')
+    run = make_config(tmp_path, *LORA, loss='sft')
+    assert eval_script.saved_lora_adapters(dataclasses.replace(run, saved_policy=str(lora_run / 'policy.pt'))) == \
+        str(lora_run / 'adapter')
+    assert eval_script.saved_lora_adapters(dataclasses.replace(run, saved_policy=str(whole_run / 'policy.pt'))) is None
+    assert eval_script.saved_lora_adapters(dataclasses.replace(run, saved_policy=str(whole_run))) is None
 
 
 def test_continued_adapters_with_a_reference_warn_that_the_reference_lacks_them(tmp_path, capsys):
