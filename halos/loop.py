@@ -32,8 +32,9 @@ from halos.packing import segment_attention_supported, sequence_logps, token_lev
 from halos.sampling import Sampler, SamplingOptions
 from halos.settings import ModelSettings, setting
 from halos.vllm_engine import EngineChoice, PolicySampler
-from utils import (MetricAccumulator, add_margins, all_reduce_sum, autocast, barrier, chunked, clip_gradient_norm,
-                   completion_lengths, find_class, formatted_dict, on_rank0, rank0_print, weighted_mean)
+from utils import (MetricAccumulator, add_margins, all_gather_list, all_reduce_sum, autocast, barrier, chunked,
+                   clip_gradient_norm, completion_lengths, find_class, formatted_dict, on_rank0, rank0_print,
+                   weighted_mean)
 
 
 def build_optimizer(name: str, parameters: List[torch.nn.Parameter], lr: float, sharded: bool) -> torch.optim.Optimizer:
@@ -518,7 +519,8 @@ class BasicTrainer:
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
         self.finished = state.get('finished', False)
-        checkpoint.set_rng_state(state['rng'])
+        rank_rngs = state.get('rank_rngs', [])  # a checkpoint of another world size: rank 0's for all
+        checkpoint.set_rng_state(rank_rngs[self.rank] if len(rank_rngs) == self.world_size else state['rng'])
         if on_rank0():  # the steps after the checkpoint are trained, and logged, again
             keep_json_lines(os.path.join(self.run_dir, METRICS), lambda line: line['step'] <= self.example_counter)
 
@@ -528,9 +530,11 @@ class BasicTrainer:
         self.finished = final
         policy_state, optimizer_state = self.policy_state_dict(), self.optimizer_state_dict()
         reference_state = self.full_state_dict(self.reference_model) if self.reference_moves else None
+        rank_rngs = all_gather_list([checkpoint.get_rng_state()])  # each rank's own dropout and sampling noise
         if on_rank0():
             saved = checkpoint.Checkpoint(policy_state, optimizer_state, self.scheduler.state_dict(),
-                                          self.trainer_state(), self.last_eval_metrics, reference_state=reference_state)
+                                          {**self.trainer_state(), 'rank_rngs': rank_rngs}, self.last_eval_metrics,
+                                          reference_state=reference_state)
             exports = {}
             if lora.is_lora(self.policy):
                 exports[checkpoint.ADAPTER] = lambda directory: lora.save_adapter(self.policy, policy_state, directory)

@@ -513,6 +513,25 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints_and_records_and_keeps_
 
 
 @pytest.mark.slow
+def test_each_rank_resumes_its_own_random_state(tmp_path):
+    """Under torchrun each rank draws its own dropout (LoRA's) and sampling noise: a checkpoint keeps every rank's
+    random state, and a rank resumes its own (one of another world size, rank 0's)."""
+    from halos import checkpoint
+    trainer = build_trainer(make_config(tmp_path, '++n_examples=4', loss='sft'))
+    trainer.save_checkpoint()
+    saved = torch.load(tmp_path / 'test' / 'LATEST' / 'trainer_state.pt', weights_only=True)
+    assert len(saved['rank_rngs']) == 1 and torch.equal(saved['rank_rngs'][0]['torch'], saved['rng']['torch'])
+    states = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        states.append(checkpoint.get_rng_state())
+    trainer.rank, trainer.world_size = 1, 2
+    trainer.restore_trainer_state({**trainer.trainer_state(), 'rng': states[0], 'rank_rngs': states})
+    assert torch.equal(torch.get_rng_state(), states[1]['torch'])
+    trainer.restore_trainer_state({**trainer.trainer_state(), 'rng': states[0], 'rank_rngs': states[:1]})
+    assert torch.equal(torch.get_rng_state(), states[0]['torch'])
+
+
 def test_killed_run_resumes_where_it_stopped_to_the_same_policy(tmp_path):
     """Killed at a random moment (mid-step, mid-eval or mid-save), then resumed: it starts after the last
     checkpoint, does only the remaining steps, and ends with the policy of an uninterrupted run."""
