@@ -58,7 +58,7 @@ from halos.build import (build_labeler, build_loader, build_rollouts, load_model
 from halos.cli import primary_config_dir, run_hydra, skipped_task_files, task_overrides
 from halos.datasets import is_feedback_file
 from halos.errors import ConfigError, MissingFileError, describe_error, reported_as_one_line
-from halos.jsonl import append_json_lines, write_json, write_jsonl
+from halos.jsonl import append_json_lines, write_json, write_jsonl, write_text
 from halos.labelers import checked_scores, make_labeler, reward_function_labeler
 from halos.labelling import reward_parts_field
 from halos.monitors import part_means, reward_summary
@@ -294,18 +294,33 @@ def lm_eval_results(run: RunSettings) -> dict:
     results = lm_eval.simple_evaluate(model=model, tasks=list(settings.tasks), num_fewshot=settings.num_fewshot,
                                       limit=settings.limit, task_manager=task_manager)
     print(make_table(results))
-    os.makedirs(run.local_run_dir, exist_ok=True)
     path = os.path.join(run.local_run_dir, 'lm_eval.json')
-    with open(path, 'w') as f:
-        json.dump({'saved_policy': run.saved_policy, 'results': results['results'], 'versions': results['versions'],
-                   'n-shot': results['n-shot'], 'config': {key: str(value) for key, value in results['config'].items()}},
-                  f, indent=2, default=str)
+    record = {'saved_policy': run.saved_policy, 'results': results['results'], 'versions': results['versions'],
+              'n-shot': results['n-shot'], 'n-samples': results.get('n-samples', {}),
+              'config': {key: str(value) for key, value in results['config'].items()}}
+    write_text(path, json.dumps(with_earlier_tasks(path, record), indent=2, default=str))
     print(f'wrote the results to {path}')
     if run.wandb.enabled and not run.debug:
         with start_wandb(run, f'{run.exp_name}-lm_eval') as logged:
             logged.log({f'lm_eval/{task}/{metric}': value for task, metrics in results['results'].items()
                         for metric, value in metrics.items() if isinstance(value, (int, float))})
     return results
+
+
+def with_earlier_tasks(path: str, record: dict) -> dict:
+    """The results of the tasks evaluated now, and those of other tasks that the file at `path` holds for the
+    same saved policy: a run's tasks may be evaluated one invocation at a time. Another policy's are replaced."""
+    if not os.path.exists(path):
+        return record
+    with open(path) as f:
+        earlier = json.load(f)
+    if earlier.get('saved_policy') != record['saved_policy']:
+        print(f"note: {path} held the results of saved_policy={earlier.get('saved_policy')}: replaced")
+        return record
+    return {**record, **{key: {**earlier.get(key, {}), **record[key]} for key in TASK_KEYED}}
+
+
+TASK_KEYED = ('results', 'versions', 'n-shot', 'n-samples')  # lm-eval's results by task
 
 
 def check_task_builds(task_manager, task: str) -> None:

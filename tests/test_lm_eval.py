@@ -104,3 +104,24 @@ def test_a_task_whose_data_is_missing_or_broken_stops_before_the_policy_loads(tm
         eval_py.check_task_builds(TaskManager(include_path=[str(tasks)], include_defaults=False), 'broken')
     assert str(error.value).startswith(f"lm_eval.tasks: task broken ({tasks}/broken.yaml) does not build: ArrowInvalid: "
                                        f"JSON parse")
+
+
+def test_the_results_file_keeps_the_other_tasks_of_the_same_policy_and_replaces_another_policys(tmp_path, capsys):
+    """A run's tasks may be evaluated one invocation at a time, each adding its own."""
+    import importlib
+    eval_script = importlib.import_module('eval')
+    path = tmp_path / 'lm_eval.json'
+    record = lambda policy, task, acc: {'saved_policy': policy, 'results': {task: {'acc,none': acc}},
+                                        'versions': {task: 1}, 'n-shot': {task: 0}, 'n-samples': {task: {'effective': 2}},
+                                        'config': {'limit': '2'}}
+    assert eval_script.with_earlier_tasks(str(path), record('a.pt', 'one', 0.5)) == record('a.pt', 'one', 0.5)
+    path.write_text(json.dumps(record('a.pt', 'one', 0.5)))
+    both = eval_script.with_earlier_tasks(str(path), record('a.pt', 'two', 0.25))
+    assert both['results'] == {'one': {'acc,none': 0.5}, 'two': {'acc,none': 0.25}}
+    assert both['n-shot'] == {'one': 0, 'two': 0} and both['saved_policy'] == 'a.pt'
+    again = eval_script.with_earlier_tasks(str(path), record('a.pt', 'one', 0.75))
+    assert again['results'] == {'one': {'acc,none': 0.75}}
+    other = eval_script.with_earlier_tasks(str(path), record('b.pt', 'two', 0.25))
+    assert other == record('b.pt', 'two', 0.25)
+    assert capsys.readouterr().out == f"note: {path} held the results of saved_policy=a.pt: replaced\n"
+
