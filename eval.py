@@ -438,16 +438,21 @@ def evaluation(config: DictConfig) -> None:
 def where_it_is(run: RunSettings, config_dir: Optional[str], overrides: Sequence[str]) -> RunSettings:
     """A run directory given as --config-path that is no longer where its config.yaml says (copied, moved, or
     fetched from a cluster) is read where it is: its own LATEST/policy.pt and tokenizer, not those of the paths
-    it was saved with, unless the command line names them."""
-    if config_dir is None or not os.path.isdir(os.path.join(config_dir, checkpoint.LATEST)) or \
-            os.path.exists(run.local_run_dir) and os.path.samefile(config_dir, run.local_run_dir):
+    it was saved with, unless the command line names them. A copy of its config.yaml alone reads the run it
+    was saved from, and says so."""
+    if config_dir is None or os.path.exists(run.local_run_dir) and os.path.samefile(config_dir, run.local_run_dir):
         return run
     named = {override.lstrip('+').split('=')[0] for override in overrides}
     if named & {'local_run_dir', 'cache_dir', 'exp_name'}:
         return run
     saved_default = os.path.join(run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY)
-    policy = os.path.join(config_dir, checkpoint.LATEST, checkpoint.POLICY) \
-        if run.saved_policy == saved_default and 'saved_policy' not in named else run.saved_policy
+    reads_its_checkpoint = run.saved_policy == saved_default and 'saved_policy' not in named
+    if not os.path.isdir(os.path.join(config_dir, checkpoint.LATEST)):
+        if reads_its_checkpoint and not os.path.isdir(os.path.join(config_dir, 'loss')):  # not a config tree
+            print(f"note: {config_dir} holds no checkpoint: reading that of the run its config.yaml was saved from, "
+                  f"{run.local_run_dir} (where mode=lm_eval also writes)")
+        return run
+    policy = os.path.join(config_dir, checkpoint.LATEST, checkpoint.POLICY) if reads_its_checkpoint else run.saved_policy
     print(f"note: {config_dir} holds the run saved as {run.local_run_dir}: reading it where it is")
     return dataclasses.replace(run, local_run_dir=config_dir, saved_policy=policy)
 

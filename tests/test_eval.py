@@ -402,6 +402,16 @@ def test_a_run_directory_read_elsewhere_than_it_was_saved_gives_its_own_checkpoi
         assert eval_script.where_it_is(run, config_dir, overrides) == run  # halos' config, none, or told where
     os.makedirs(os.path.join(run.local_run_dir, 'LATEST'))
     assert eval_script.where_it_is(run, run.local_run_dir, []) == run  # where it was saved
+    capsys.readouterr()
+    config_only = tmp_path / 'config_only'
+    config_only.mkdir()
+    assert eval_script.where_it_is(run, str(config_only), ['++mode=eval']) == run
+    assert capsys.readouterr().out == (f"note: {config_only} holds no checkpoint: reading that of the run its "
+                                       f"config.yaml was saved from, {run.local_run_dir} (where mode=lm_eval also "
+                                       f"writes)\n")
+    (config_only / 'loss').mkdir()  # a tree of configs to compose from, as halos' config/
+    assert eval_script.where_it_is(run, str(config_only), ['++mode=eval']) == run
+    assert capsys.readouterr().out == ''
 
 
 def test_reward_mode_scores_with_the_reward_model_a_run_trained_online_scored_with(tmp_path):
