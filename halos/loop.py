@@ -179,6 +179,7 @@ class BasicTrainer:
         self.grad_norm = float('nan')
         self.last_checkpoint_time = time.time()
         self.stop_signal: Optional[int] = None  # a signal that asked the run to stop after its current step
+        self.next_eval: Optional[int] = None    # while train() runs: the example count of its next evaluation
         self.last_eval_metrics: Dict[str, float] = {}
         self.train_metrics = MetricAccumulator()
         self.completed_rounds = 0  # online rounds trained (halos/online.py)
@@ -371,14 +372,15 @@ class BasicTrainer:
         with tqdm(total=len(self.train_iterator), initial=self.batches_seen, desc='training',
                   disable=not on_rank0()) as progress:  # closed before an error's line is printed
             last_log = time.time()
-            next_eval = 0 if self.do_first_eval and not self.batches_seen else \
-                (self.example_counter // self.eval_every + 1) * self.eval_every
+            if self.next_eval is None:  # else resumed: the evaluation that was due when it stopped runs first
+                self.next_eval = 0 if self.do_first_eval and not self.batches_seen else \
+                    (self.example_counter // self.eval_every + 1) * self.eval_every
             self.policy.train()
             stop = False
             for microbatches in chunked(self.train_iterator, self.accumulation_steps):
-                if self.example_counter >= next_eval:
+                if self.example_counter >= self.next_eval:
                     self.evaluate()
-                    next_eval = (self.example_counter // self.eval_every + 1) * self.eval_every
+                    self.next_eval = (self.example_counter // self.eval_every + 1) * self.eval_every
                     if self.example_counter > 0:
                         self.save_checkpoint()
 
@@ -401,6 +403,7 @@ class BasicTrainer:
                     self.save_checkpoint()
                 if stop:
                     break
+        self.next_eval = None  # the next train() (an online round's) schedules its own
         if self.train_metrics.counts:
             self.log_train_metrics(None)
         if stop:
@@ -505,7 +508,7 @@ class BasicTrainer:
         return {'example_counter': self.example_counter, 'batch_counter': self.batch_counter,
                 'batches_seen': self.batches_seen, 'completed_rounds': self.completed_rounds,
                 'finished': self.finished, 'rng': checkpoint.get_rng_state(), 'data_digest': self.data_digest,
-                'fields_digest': self.fields_digest}
+                'fields_digest': self.fields_digest, 'next_eval': self.next_eval}
 
     def restore_trainer_state(self, state: Dict) -> None:
         for key, changed in (('data_digest', "the training data is not the data the checkpoint was trained on (its "
@@ -518,7 +521,7 @@ class BasicTrainer:
                                   f"checkpoint (++model.load_from=...)")
         self.example_counter, self.batch_counter = state['example_counter'], state['batch_counter']
         self.batches_seen, self.completed_rounds = state['batches_seen'], state.get('completed_rounds', 0)
-        self.finished = state.get('finished', False)
+        self.finished, self.next_eval = state.get('finished', False), state.get('next_eval')
         rank_rngs = state.get('rank_rngs', [])  # a checkpoint of another world size: rank 0's for all
         checkpoint.set_rng_state(rank_rngs[self.rank] if len(rank_rngs) == self.world_size else state['rng'])
         if on_rank0():  # the steps after the checkpoint are trained, and logged, again

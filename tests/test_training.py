@@ -591,6 +591,24 @@ def test_sigterm_saves_the_step_stops_and_the_resumed_run_ends_with_the_uninterr
         assert torch.allclose(tensor, resumed['state'][name], atol=1e-6), name
 
 
+def test_an_evaluation_due_when_a_run_stopped_runs_when_it_resumes(tmp_path, monkeypatch):
+    """A stop at a step that reaches eval_every comes before that evaluation (it runs at the next step's start):
+    the resumed run runs it first, so its metrics hold every evaluation the uninterrupted run's do."""
+    from halos.loop import BasicTrainer
+    from halos.errors import StoppedBySignal
+    common = ['++n_examples=16', '++model.batch_size=4', '++eval_every=8', '++do_first_eval=false']
+    evaluated = lambda name: [record['step'] for record in map(json.loads, open(tmp_path / name / 'metrics.jsonl'))
+                              if 'loss/eval' in record]
+    train_in_process(tmp_path, *common, loss='sft', exp_name='whole')
+    monkeypatch.setattr(BasicTrainer, 'stop_asked', lambda trainer: trainer.example_counter == 8)
+    with pytest.raises(SystemExit):
+        train_in_process(tmp_path, *common, loss='sft', exp_name='stopped')
+    assert evaluated('stopped') == []
+    monkeypatch.undo()
+    train_in_process(tmp_path, *common, '++resume=true', loss='sft', exp_name='stopped')
+    assert evaluated('stopped') == evaluated('whole') == [8, 16]
+
+
 SPAWNED = """
 import sys
 sys.path[:0] = [{root!r}, {tests!r}]
