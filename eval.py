@@ -462,6 +462,9 @@ def check_saved_policy(run: RunSettings) -> None:
     try:
         path = models.resolve_load_from(run.saved_policy, run.cache_dir)
     except MissingFileError:
+        if run.saved_policy != os.path.join(run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY):
+            raise MissingFileError(f"saved_policy={run.saved_policy} does not exist (looked in cache_dir="
+                                   f"{run.cache_dir} and the working directory)") from None
         raise MissingFileError(f"saved_policy={run.saved_policy} does not exist: the run has no checkpoint yet (train "
                                f"it, or continue it with ++resume=true), or give ++saved_policy=<a policy.pt or an "
                                f"HF directory>") from None

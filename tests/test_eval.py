@@ -386,6 +386,22 @@ def test_an_empty_prompts_list_and_the_mode_of_a_training_config_are_refused(tmp
     assert str(error.value) == 'mode=train: eval.py takes ++mode=<sample|eval|alpacaeval|reward|lm_eval>'
 
 
+def test_a_missing_saved_policy_is_named_as_the_runs_checkpoint_not_yet_written_or_as_the_path_given(tmp_path):
+    import dataclasses
+    from halos.errors import MissingFileError
+    run = make_config(tmp_path, loss='sft')
+    own = dataclasses.replace(run, saved_policy=os.path.join(run.local_run_dir, 'LATEST', 'policy.pt'))
+    with pytest.raises(MissingFileError) as error:
+        eval_script.check_saved_policy(own)
+    assert str(error.value) == (f"saved_policy={own.saved_policy} does not exist: the run has no checkpoint yet (train "
+                                f"it, or continue it with ++resume=true), or give ++saved_policy=<a policy.pt or an HF "
+                                f"directory>")
+    with pytest.raises(MissingFileError) as error:
+        eval_script.check_saved_policy(dataclasses.replace(run, saved_policy='sft1/LATEST/hf_nope'))
+    assert str(error.value) == (f"saved_policy=sft1/LATEST/hf_nope does not exist (looked in cache_dir={tmp_path} and "
+                                f"the working directory)")
+
+
 def test_a_run_directory_read_elsewhere_than_it_was_saved_gives_its_own_checkpoint(tmp_path, capsys):
     run = make_config(tmp_path, loss='sft')
     saved = os.path.join(run.local_run_dir, 'LATEST', 'policy.pt')
