@@ -219,19 +219,15 @@ def test_a_lora_runs_policy_file_given_as_a_whole_model_is_named_with_what_to_gi
     tiny = models.load_causal_lm('embedded:tiny-smollm2', 'float32')
     adapters_only = {'base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight': torch.zeros(4, 64)}
     path = str(tmp_path / 'run' / 'LATEST' / 'policy.pt')
-    with pytest.raises(ConfigError) as error:
-        models.load_state_into(tiny, adapters_only, path)
-    assert str(error.value) == (
-        f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: its run has not "
-        f"written its merged model yet ({tmp_path}/run/LATEST/hf, at its final save): continue its adapters with "
-        f"model.use_peft=true model.load_lora_from={tmp_path}/run/LATEST/adapter")
-    (tmp_path / 'run' / 'LATEST' / 'hf').mkdir(parents=True)  # the run has ended
-    with pytest.raises(ConfigError) as error:
-        models.load_state_into(tiny, adapters_only, path)
-    assert str(error.value) == (
-        f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: give its merged model, "
-        f"{tmp_path}/run/LATEST/hf, or continue its adapters with model.use_peft=true "
-        f"model.load_lora_from={tmp_path}/run/LATEST/adapter")
+    says = f"{path} holds LoRA adapters (a run trained with model.use_peft=true), not a whole model: "
+    continued = f"continue its adapters with model.use_peft=true model.load_lora_from={tmp_path}/run/LATEST/adapter"
+    for ended, hint in [(False, f"its run has not written its merged model yet ({tmp_path}/run/LATEST/hf, at its "
+                                f"final save): "), (True, f"give its merged model, {tmp_path}/run/LATEST/hf, or ")]:
+        if ended:
+            (tmp_path / 'run' / 'LATEST' / 'hf').mkdir(parents=True)
+        with pytest.raises(ConfigError) as error:
+            models.load_state_into(tiny, adapters_only, path)
+        assert str(error.value) == says + hint + continued
     from halos.checkpoint import start_from_lora_run
     assert start_from_lora_run(str(tmp_path / 'run')) == f'++model.load_from={tmp_path}/run/LATEST/hf'
     assert start_from_lora_run(str(tmp_path / 'other')) == \

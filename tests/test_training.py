@@ -595,7 +595,6 @@ def test_an_evaluation_due_when_a_run_stopped_runs_when_it_resumes(tmp_path, mon
     """A stop at a step that reaches eval_every comes before that evaluation (it runs at the next step's start):
     the resumed run runs it first, so its metrics hold every evaluation the uninterrupted run's do."""
     from halos.loop import BasicTrainer
-    from halos.errors import StoppedBySignal
     common = ['++n_examples=16', '++model.batch_size=4', '++eval_every=8', '++do_first_eval=false']
     evaluated = lambda name: [record['step'] for record in map(json.loads, open(tmp_path / name / 'metrics.jsonl'))
                               if 'loss/eval' in record]
