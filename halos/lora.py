@@ -64,10 +64,12 @@ def with_lora(model: torch.nn.Module, config, adapter_dir: Optional[str] = None,
                           f"{', '.join(names)} (or give all-linear)")
     tied = tied_targets(model, config.target_modules)
     if tied:
+        shared = {name.rsplit('.', 1)[-1] for name in tied_modules(model)}
+        others = [name for name in linear_layer_names(model) if name not in shared]
         raise ConfigError(f"model.peft.target_modules names {tied[0]}, whose weight the model shares between its input "
                           f"embeddings and its output layer (tie_word_embeddings): merged into the export, its adapter "
-                          f"would change both; adapt other modules (its linear layers are "
-                          f"{', '.join(linear_layer_names(model))}, or give all-linear)")
+                          f"would change both; adapt other modules (its other linear layers are {', '.join(others)}, "
+                          f"or give all-linear)")
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
@@ -115,14 +117,19 @@ def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
                                                            for name in names))
 
 
-def tied_targets(model: torch.nn.Module, targets) -> List[str]:
-    """The targeted modules that hold the weight a model ties between its input embeddings and its output layer
-    (all-linear leaves the output layer out), matched as unmatched_targets matches."""
+def tied_modules(model: torch.nn.Module) -> List[str]:
+    """The input embeddings and the output layer, where the model ties their weight (tie_word_embeddings)."""
     embeddings = getattr(model, 'get_input_embeddings', lambda: None)()
     head = getattr(model, 'get_output_embeddings', lambda: None)()
     if embeddings is None or head is None or embeddings.weight is not head.weight:
         return []
-    names = [name for name, module in model.named_modules() if module is embeddings or module is head]
+    return [name for name, module in model.named_modules() if module is embeddings or module is head]
+
+
+def tied_targets(model: torch.nn.Module, targets) -> List[str]:
+    """The targeted modules that hold the weight a model ties between its input embeddings and its output layer
+    (all-linear leaves the output layer out), matched as unmatched_targets matches."""
+    names = tied_modules(model)
     if isinstance(targets, str):
         return [] if targets.lower() == 'all-linear' else [name for name in names if re.fullmatch(targets, name)]
     return [name for name in names if any(name == target or name.endswith('.' + target) for target in targets)]

@@ -133,8 +133,8 @@ def test_target_modules_that_hold_the_tied_embedding_weight_are_refused(tmp_path
     shared weight would change both."""
     message = ("model.peft.target_modules names {}, whose weight the model shares between its input embeddings and its "
                "output layer (tie_word_embeddings): merged into the export, its adapter would change both; adapt other "
-               "modules (its linear layers are down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, "
-               "v_proj, or give all-linear)")
+               "modules (its other linear layers are down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj, "
+               "or give all-linear)")
     for targets, named in [('[q_proj,lm_head]', 'lm_head'), ('[embed_tokens]', 'model.embed_tokens'),
                            ("'lm_head'", 'lm_head')]:
         with pytest.raises(ConfigError) as error:
