@@ -462,7 +462,7 @@ def check_saved_policy(run: RunSettings) -> None:
     try:
         path = models.resolve_load_from(run.saved_policy, run.cache_dir)
     except MissingFileError:
-        if run.saved_policy != os.path.join(run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY):
+        if not run.saved_policy.endswith(os.path.join(checkpoint.LATEST, checkpoint.POLICY)):  # not a run's
             raise MissingFileError(f"saved_policy={run.saved_policy} does not exist (looked in cache_dir="
                                    f"{run.cache_dir} and the working directory)") from None
         raise MissingFileError(f"saved_policy={run.saved_policy} does not exist: the run has no checkpoint yet (train "
