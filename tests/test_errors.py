@@ -461,7 +461,7 @@ def test_a_second_ctrl_c_while_the_exit_handlers_run_ends_the_process_without_a_
               f"    time.sleep(30)\n")
     process = subprocess.Popen([sys.executable, '-c', script], stderr=subprocess.PIPE, text=True)
     for state in ('running', 'exiting'):
-        while not (ready.exists() and ready.read_text() == state):
+        while not (ready.exists() and ready.read_text() == state) and process.poll() is None:
             time.sleep(0.05)
         process.send_signal(signal.SIGINT)
     assert process.wait(timeout=20) == 130
