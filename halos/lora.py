@@ -103,18 +103,23 @@ def saved_adapters_on(model: torch.nn.Module, adapter_dir: str, key: str) -> tor
 
 
 def unmatched_targets(model: torch.nn.Module, targets) -> List[str]:
-    """The target_modules that name no module of `model` that peft adapts, matched as peft matches them: a list
-    entry by the module name's last parts, a string as a regular expression of the whole name (all-linear matches
-    always)."""
+    """The target_modules that name no module of `model` that peft adapts (all-linear matches always)."""
     from transformers.pytorch_utils import Conv1D
     adaptable = (torch.nn.Linear, torch.nn.Embedding, torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d,
                  torch.nn.MultiheadAttention, Conv1D)
     names = [name for name, module in model.named_modules() if isinstance(module, adaptable)]
     if isinstance(targets, str):
-        matched = targets.lower() == 'all-linear' or any(re.fullmatch(targets, name) for name in names)
+        matched = targets.lower() == 'all-linear' or any(named_by(targets, name) for name in names)
         return [] if matched else [targets]
-    return sorted(target for target in targets if not any(name == target or name.endswith('.' + target)
-                                                           for name in names))
+    return sorted(target for target in targets if not any(named_by([target], name) for name in names))
+
+
+def named_by(targets, name: str) -> bool:
+    """Whether target_modules name the module `name`, as peft matches them: a string as a regular expression of
+    the whole name, a list entry by the name's last parts."""
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == target or name.endswith('.' + target) for target in targets)
 
 
 def tied_modules(model: torch.nn.Module) -> List[str]:
@@ -128,11 +133,10 @@ def tied_modules(model: torch.nn.Module) -> List[str]:
 
 def tied_targets(model: torch.nn.Module, targets) -> List[str]:
     """The targeted modules that hold the weight a model ties between its input embeddings and its output layer
-    (all-linear leaves the output layer out), matched as unmatched_targets matches."""
-    names = tied_modules(model)
-    if isinstance(targets, str):
-        return [] if targets.lower() == 'all-linear' else [name for name in names if re.fullmatch(targets, name)]
-    return [name for name in names if any(name == target or name.endswith('.' + target) for target in targets)]
+    (all-linear leaves the output layer out)."""
+    if isinstance(targets, str) and targets.lower() == 'all-linear':
+        return []
+    return [name for name in tied_modules(model) if named_by(targets, name)]
 
 
 def linear_layer_names(model: torch.nn.Module) -> List[str]:
