@@ -112,6 +112,7 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
 
 
 LARGEST_SCORE = torch.finfo(torch.float32).max
+IN_RANGE = f"within +-{LARGEST_SCORE:.3g}, float32's range, in which training computes"
 
 
 class NotAScore(ValueError):
@@ -131,7 +132,7 @@ def score_of(value) -> float:
             if isinstance(value, (list, tuple)) else ''
         raise NotAScore(f"a score must be a finite number{batched}")
     if abs(number) > LARGEST_SCORE:
-        raise NotAScore(f"a score must lie within +-{LARGEST_SCORE:.3g}, float32's range, in which training computes")
+        raise NotAScore(f"a score must lie {IN_RANGE}")
     return number
 
 
@@ -146,8 +147,7 @@ def parts_score(value: Mapping) -> PartedScore:
     except OverflowError:  # finite parts whose sum is not
         raise NotAScore("the sum of its parts is not a finite number") from None
     if abs(score) > LARGEST_SCORE:
-        raise NotAScore(f"the sum of its parts must lie within +-{LARGEST_SCORE:.3g}, float32's range, in which "
-                        f"training computes")
+        raise NotAScore(f"the sum of its parts must lie {IN_RANGE}")
     return score
 
 
@@ -389,8 +389,7 @@ class RewardFunctionsLabeler:
         if not parts:
             raise SampleFailed(index, "none of the reward functions applies to it (each gave None)")
         if not math.isfinite(total) or abs(total) > LARGEST_SCORE:
-            raise SampleFailed(index, f"the weighted sum of its scores {parts} is not a finite number within "
-                                      f"+-{LARGEST_SCORE:.3g}, float32's range, in which training computes")
+            raise SampleFailed(index, f"the weighted sum of its scores {parts} is not a finite number {IN_RANGE}")
         score = PartedScore(total)
         score.parts = parts
         return score

@@ -382,8 +382,9 @@ def typed(schema: type, node: Mapping, overrides: Overrides, prefix: str = ''):
             if values[name] is not None and rule is not None and not all(rule.holds(v) for v in each(values[name])):
                 raise WrongType
         except WrongType:
-            raise ConfigError(f"{overrides.named(key, value)}: {key} must be {described(hints[name], rule)}"
-                              f"{closest_choice(value, rule)}") from None
+            takes = described(hints[name], rule)
+            raise ConfigError(f"{overrides.named(key, value)}: {key} must be {takes}{closest_choice(value, rule)}"
+                              f"{not_finite(value) if 'number' in takes else ''}") from None
     return schema(**values)
 
 
@@ -427,6 +428,18 @@ def closest_choice(value: Any, rule: Optional[Rule]) -> str:
     close = [choice for choice in rule.choices if choice.lower() == value.lower()] or \
         difflib.get_close_matches(value, rule.choices, n=1, cutoff=0.75)
     return f' (did you mean {close[0]}?)' if close else ''
+
+
+def not_finite(value: Any) -> str:
+    """' (nan is not finite)' for a value that is, or holds, a number that is not finite, else ''."""
+    for item in each(value):
+        try:
+            number = float(item) if isinstance(item, (float, str)) else None
+        except ValueError:
+            continue
+        if number is not None and not math.isfinite(number):
+            return f' ({item} is not finite)'
+    return ''
 
 
 def each(value: Any) -> List[Any]:
