@@ -26,7 +26,7 @@ import models
 import trainers
 from halos import checkpoint
 from halos.build import build_online_rounds, build_trainer, run_settings, start_wandb
-from halos.cli import config_choices, run_hydra, task_overrides
+from halos.cli import config_choices, loss_named_otherwise, run_hydra, task_overrides
 from halos.datasets import DATASETS
 from halos.errors import (ConfigError, exit_at_the_next_interrupt, first_on_its_node, met_alike_by_every_process,
                           reported_as_one_line)
@@ -281,6 +281,8 @@ def train(config: DictConfig) -> None:
         if run.mode != 'train':  # eval.py's modes
             raise ConfigError(f"mode={run.mode}: train.py trains, with mode=train; eval.py does the others: python "
                               f"eval.py --config-path=<a run directory> ++mode={run.mode}")
+        if (warning := loss_named_otherwise(run.loss.name)):
+            rank0_print(warning)
         run = dataclasses.replace(run, saved_policy=run.saved_policy or os.path.join(
             run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY))  # where eval.py finds the trained policy
         train_with(run)

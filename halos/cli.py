@@ -94,6 +94,17 @@ def task_overrides() -> List[str]:
     return OmegaConf.to_container(HydraConfig.get().overrides.task, resolve=False)
 
 
+def loss_named_otherwise(name: str) -> Optional[str]:
+    """A warning where the chosen loss YAML's `name:` is not its file's (a copy of another loss's YAML, its name left
+    as it was), else None: the messages, a resume's check and the run's config.yaml know the loss by that name."""
+    from hydra.core.hydra_config import HydraConfig
+    choice = HydraConfig.get().runtime.choices.get('loss')
+    if choice is None or choice == name:
+        return None
+    return (f"warning: loss={choice} chose {choice}.yaml, whose name: is {name}; this run is known as loss={name} in "
+            f"its messages, its config.yaml and a resume's check: write name: {choice} in {choice}.yaml")
+
+
 def primary_config_dir() -> Optional[str]:
     """The directory of the config.yaml the command composed from (--config-path), where it is a file system's."""
     from hydra.core.hydra_config import HydraConfig

@@ -362,6 +362,20 @@ def test_the_command_line_ends_a_bad_setting_with_one_line_and_status_2(tmp_path
                                              f"{', '.join(LOSSES)}"
 
 
+def test_a_copied_loss_yaml_that_keeps_another_losss_name_is_warned_of(tmp_path):
+    (tmp_path / 'config' / 'loss').mkdir(parents=True)
+    (tmp_path / 'config' / 'loss' / 'kto-copy.yaml').write_text(open(os.path.join(ROOT, 'config', 'loss',
+                                                                                  'kto.yaml')).read())
+    command = train_command(tmp_path, f'--config-dir={tmp_path / "config"}', loss='kto-copy')
+    command[command.index('datasets=[hh]')] = f'datasets=[{tmp_path / "missing.jsonl"}]'  # stops before the models
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2 and last_line(result.stderr).endswith('missing.jsonl: no such file (a .json/.jsonl/'
+                                                                        '.parquet file of feedback records or prompts)')
+    assert result.stdout.splitlines()[0] == (
+        "warning: loss=kto-copy chose kto-copy.yaml, whose name: is kto; this run is known as loss=kto in its messages, "
+        "its config.yaml and a resume's check: write name: kto-copy in kto-copy.yaml")
+
+
 def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
     make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
                 '++online.eval_prompts=[held.jsonl]', loss='sft')
