@@ -210,4 +210,13 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and 'primary config' in str(error):
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")
-    return one_line(error)
+    return one_line(error) + unread_config_dir(sys.argv[1:])
+
+
+def unread_config_dir(arguments: List[str]) -> str:
+    """Where a --config-dir holds a config.yaml: that Hydra does not compose from it, as the user may think."""
+    for flag, _, value in (argument.partition('=') for argument in arguments):
+        if flag in ('--config-dir', '-cd') and os.path.isfile(os.path.join(value, 'config.yaml')):
+            return (f" ({flag}={value} adds config groups, and its config.yaml is not read: to compose from it, give "
+                    f"--config-path={value})")
+    return ''

@@ -301,6 +301,15 @@ def test_eval_py_without_a_config_path_says_which_to_give(tmp_path):
         "or --config-path=config (halos' defaults)")
 
 
+def test_a_run_directory_given_as_config_dir_is_pointed_to_config_path(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'config.yaml').write_text('exp_name: run\n')
+    status, stderr = run_in_process(monkeypatch, capsys, 'train.py', [
+        '--config-dir', str(tmp_path), f'hydra.run.dir={tmp_path / "hydra"}', '++resume=true'])
+    assert status == 2 and last_line(stderr).endswith(
+        f"slic (--config-dir={tmp_path} adds config groups, and its config.yaml is not read: to compose from it, give "
+        f"--config-path={tmp_path})")
+
+
 def test_a_config_name_that_is_not_there_is_named(tmp_path, monkeypatch, capsys):
     status, stderr = run_in_process(monkeypatch, capsys, 'train.py', [
         '--config-name=nosuch', f'hydra.run.dir={tmp_path}', 'loss=sft', 'model=tiny'])
