@@ -33,7 +33,7 @@ from halos.errors import (ConfigError, exit_at_the_next_interrupt, first_on_its_
 from halos.loop import METRICS
 from halos.online_rl import ROLLOUTS
 from halos.run_lock import exclusive_run_dir
-from halos.settings import PeftSettings, RunSettings, as_dict
+from halos.settings import Overrides, PeftSettings, RunSettings, as_dict
 from utils import barrier, free_port, get_rank, get_world_size, init_distributed_from_env, rank0_print
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'config')
@@ -277,15 +277,27 @@ def spawn_workers(run: RunSettings, world_size: int) -> None:
 @hydra.main(version_base=None, config_path=CONFIG_DIR, config_name='config')
 def train(config: DictConfig) -> None:
     with reported_as_one_line('train.py'):
-        run = run_settings(config, task_overrides())
+        overrides = task_overrides()
+        run = run_settings(config, overrides)
         if run.mode != 'train':  # eval.py's modes
             raise ConfigError(f"mode={run.mode}: train.py trains, with mode=train; eval.py does the others: python "
                               f"eval.py --config-path=<a run directory> ++mode={run.mode}")
         if (warning := loss_named_otherwise(run.loss.name)):
             rank0_print(warning)
-        run = dataclasses.replace(run, saved_policy=run.saved_policy or os.path.join(
-            run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY))  # where eval.py finds the trained policy
-        train_with(run)
+        train_with(in_its_own_run_dir(run, overrides))
+
+
+def in_its_own_run_dir(run: RunSettings, overrides: Sequence[str]) -> RunSettings:
+    """The run with its run directory and the path of its policy, which eval.py reads. Another run's config.yaml
+    (--config-path=<its directory>) names that run's directory and policy: an exp_name or cache_dir given on the
+    command line trains in <cache_dir>/<exp_name> instead, and leaves the earlier run as it is."""
+    named, local_run_dir = Overrides(overrides).lines, run.local_run_dir
+    own = os.path.join(run.cache_dir, run.exp_name)
+    if {'exp_name', 'cache_dir'} & set(named) and 'local_run_dir' not in named and \
+            os.path.normpath(local_run_dir) != os.path.normpath(own):
+        local_run_dir = own
+    return dataclasses.replace(run, local_run_dir=local_run_dir,
+                               saved_policy=os.path.join(local_run_dir, checkpoint.LATEST, checkpoint.POLICY))
 
 
 def train_with(run: RunSettings) -> None:

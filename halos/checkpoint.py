@@ -84,7 +84,8 @@ def complete_checkpoint_dir(directory: str) -> str:
     holds a complete checkpoint."""
     resolved = resolve_checkpoint_dir(directory)
     if resolved is None or not os.path.exists(os.path.join(resolved, TRAINER_STATE)):
-        raise MissingFileError(f"resume=true but there is no complete checkpoint in {directory}")
+        raise MissingFileError(f"resume=true but there is no complete checkpoint in {directory} (to start afresh, "
+                               f"give ++resume=false)")
     missing = [name for name in (POLICY, OPTIMIZER, SCHEDULER) if not os.path.exists(os.path.join(resolved, name))]
     if missing:
         weights = '' if POLICY in missing else \

@@ -226,7 +226,8 @@ def cases(tmp_path, made_once):
                               f"cache_dir='{tmp_path}' and the working directory); give a policy.pt file or an HF "
                               f"model directory"),
         'resume without a checkpoint': ('train.py', ['++resume=true'],
-                                        f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST"),
+                                        f"resume=true but there is no complete checkpoint in {tmp_path}/test/LATEST (to start "
+                                        f"afresh, give ++resume=false)"),
         'an optimizer that cannot step a model': ('train.py', ['++optimizer=LBFGS'],
                                                   f"++optimizer=LBFGS: optimizer must be one of "
                                                   f"{', '.join(torch_optimizers())}"),

@@ -376,6 +376,20 @@ def test_a_copied_loss_yaml_that_keeps_another_losss_name_is_warned_of(tmp_path)
         "its config.yaml and a resume's check: write name: kto-copy in kto-copy.yaml")
 
 
+def test_another_runs_config_with_a_new_exp_name_or_cache_dir_trains_in_its_own_directory(tmp_path):
+    """train.py --config-path=<a run> exp_name=new: the config.yaml names the old run's directory and policy."""
+    import train
+    old = str(tmp_path / 'old')
+    saved = dataclasses.replace(make_config(tmp_path), local_run_dir=old, saved_policy=f'{old}/LATEST/policy.pt')
+    renamed = train.in_its_own_run_dir(dataclasses.replace(saved, exp_name='new'), ['exp_name=new'])
+    assert (renamed.local_run_dir, renamed.saved_policy) == (f'{tmp_path}/new', f'{tmp_path}/new/LATEST/policy.pt')
+    moved = train.in_its_own_run_dir(dataclasses.replace(saved, cache_dir='/data'), ['++cache_dir=/data'])
+    assert moved.local_run_dir == '/data/test'
+    again = train.in_its_own_run_dir(saved, ['++n_epochs=2'])  # the same run, trained again in its directory
+    assert (again.local_run_dir, again.saved_policy) == (old, f'{old}/LATEST/policy.pt')
+    assert train.in_its_own_run_dir(saved, ['exp_name=test', f'++local_run_dir={old}']).local_run_dir == old
+
+
 def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
     make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
                 '++online.eval_prompts=[held.jsonl]', loss='sft')
