@@ -248,6 +248,9 @@ def load_reward_model(path: str, dtype: str):
         raise ConfigError(f"reward model {path!r} is not a sequence classifier: its weights lack "
                           f"{', '.join(sorted(loading['missing_keys'])[:3])} (a causal LM? a reward model is an HF "
                           f"...ForSequenceClassification, such as a loss=bradley-terry run's LATEST/hf)")
+    if model.config.num_labels not in (1, 2):  # which class of several is the good one is a guess
+        raise ConfigError(f"reward model {path!r} is a classifier of {model.config.num_labels} classes: a reward model "
+                          f"gives one logit (or two, in HALOs' convention, whose second is the score)")
     if model.config.pad_token_id is None:
         model.config.pad_token_id = tokenizer.pad_token_id
     return model.eval().requires_grad_(False), tokenizer

@@ -78,6 +78,24 @@ def test_a_causal_lm_given_as_the_reward_model_is_refused_not_scored_by_a_random
                                 f"such as a loss=bradley-terry run's LATEST/hf)")
 
 
+def test_a_classifier_of_three_classes_given_as_the_reward_model_is_refused(tmp_path):
+    """Which of its logits is the reward is a guess; one logit or HALOs' two are read."""
+    import transformers
+
+    import models
+    from halos.errors import ConfigError
+    tokenizer = models.load_tokenizer('embedded:tiny-smollm2')
+    config = transformers.LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32,
+                                      num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+                                      num_labels=3, pad_token_id=tokenizer.pad_token_id)
+    transformers.LlamaForSequenceClassification(config).save_pretrained(tmp_path / 'sentiment')
+    tokenizer.save_pretrained(tmp_path / 'sentiment')
+    with pytest.raises(ConfigError) as error:
+        models.load_reward_model(str(tmp_path / 'sentiment'), 'float32')
+    assert str(error.value) == (f"reward model '{tmp_path / 'sentiment'}' is a classifier of 3 classes: a reward model "
+                                f"gives one logit (or two, in HALOs' convention, whose second is the score)")
+
+
 def test_a_reward_models_checkpoint_given_as_a_policy_is_named_as_one():
     import models
     from halos.errors import ConfigError
