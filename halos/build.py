@@ -142,7 +142,10 @@ def check_consistency(run: RunSettings) -> None:
     if humanline and run.cache_reference_logprobs:
         raise ConfigError("loss.humanline=true moves the reference to the policy at every step, so its log-probs "
                           "cannot be cached: set cache_reference_logprobs=false")
-    if run.cache_reference_logprobs and not trainer_class.reference_logps_cacheable:
+    if run.cache_reference_logprobs and not trainer_class.uses_reference(loss.params):
+        rank0_print(f"warning: cache_reference_logprobs=true, but loss={loss.name} loads no reference model with these "
+                    f"settings, so there is nothing to cache")
+    elif run.cache_reference_logprobs and not trainer_class.reference_logps_cacheable:
         raise ConfigError(f"loss={loss.name} needs per-token reference log-probs: set cache_reference_logprobs=false")
     if model.load_lora_from and not model.use_peft:
         raise ConfigError(f"model.load_lora_from={model.load_lora_from} continues saved LoRA adapters: set "

@@ -99,6 +99,9 @@ class Humanline:
             raise ConfigError(f"loss.log_epsilon_P={self.log_epsilon_P}, loss.log_epsilon_R={self.log_epsilon_R}: the "
                               f"band must hold 0 (log_epsilon_P <= 0 <= log_epsilon_R), or the reference itself is "
                               f"clamped")
+        if self.log_epsilon_P == self.log_epsilon_R:
+            raise ConfigError(f"loss.log_epsilon_P=loss.log_epsilon_R={self.log_epsilon_R}: a band of no width clamps "
+                              f"every token's log-ratio to 0 and leaves no gradient, so nothing would train")
 
 
 class BasicTrainer:

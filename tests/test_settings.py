@@ -278,6 +278,9 @@ def test_keys_that_must_agree_are_checked_together():
     assert refused('dpo', '++loss.log_epsilon_P=0.5') == (
         "loss.log_epsilon_P=0.5, loss.log_epsilon_R=1.5: the band must hold 0 (log_epsilon_P <= 0 <= log_epsilon_R), "
         "or the reference itself is clamped")
+    assert refused('dpo', '++loss.log_epsilon_P=0', '++loss.log_epsilon_R=0') == (
+        "loss.log_epsilon_P=loss.log_epsilon_R=0.0: a band of no width clamps every token's log-ratio to 0 and leaves "
+        "no gradient, so nothing would train")
     assert refused('dpo', '++lr=${nope}') == "++lr=${nope}: Interpolation key 'nope' not found"
     assert refused('ppo-online', '++loss.reward_function=no_such_file.py:reward') == \
         "reward function 'no_such_file.py:reward': no file no_such_file.py"
@@ -388,6 +391,15 @@ def test_another_runs_config_with_a_new_exp_name_or_cache_dir_trains_in_its_own_
     again = train.in_its_own_run_dir(saved, ['++n_epochs=2'])  # the same run, trained again in its directory
     assert (again.local_run_dir, again.saved_policy) == (old, f'{old}/LATEST/policy.pt')
     assert train.in_its_own_run_dir(saved, ['exp_name=test', f'++local_run_dir={old}']).local_run_dir == old
+
+
+def test_a_reference_cache_without_a_reference_model_is_warned_of(tmp_path, capsys):
+    for loss in ('simpo', 'sft'):
+        make_config(tmp_path, '++cache_reference_logprobs=true', loss=loss)
+        assert capsys.readouterr().out == (f"warning: cache_reference_logprobs=true, but loss={loss} loads no reference "
+                                           f"model with these settings, so there is nothing to cache\n")
+    make_config(tmp_path, '++cache_reference_logprobs=true', loss='kto')
+    assert 'warning' not in capsys.readouterr().out
 
 
 def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
