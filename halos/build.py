@@ -173,6 +173,7 @@ def check_consistency(run: RunSettings) -> None:
         raise ConfigError(f"online.reward_weights weighs the functions of online.reward_function, which "
                           f"loss={loss.name} does not score with (online rounds and online RL do): leave it null")
     warn_of_unread_keys(run, trainer_class)
+    warn_of_policy_gradient_keys(run)
     warn_of_a_reference_without_the_loaded_adapters(run, trainer_class)
     if getattr(loss.params, 'reward_function', None):  # online PPO scores its own samples
         reward_function_labeler(loss.params.reward_function)
@@ -196,6 +197,32 @@ def changed_keys(section, prefix: str = '') -> List[str]:
         return spec.default_factory() if spec.default_factory is not dataclasses.MISSING else spec.default
     return [f'{prefix}{spec.name}' for spec in dataclasses.fields(section)
             if default(spec) is not dataclasses.MISSING and getattr(section, spec.name) != default(spec)]
+
+
+def warn_of_policy_gradient_keys(run: RunSettings) -> None:
+    """Name a policy-gradient loss's keys set where they do nothing, and clip ranges that do not act as meant."""
+    params, changed = run.loss.params, changed_keys(run.loss.params, 'loss.')
+    warnings = []
+    if 'loss.max_refills' in changed and getattr(params, 'dynamic_sampling', True) is False:
+        warnings.append("loss.max_refills set, but loss.dynamic_sampling=false replaces no group: "
+                        "++loss.dynamic_sampling=true replaces the groups whose scores are all equal")
+    length = getattr(params, 'max_completion_length', None)
+    if length is not None and params.loss_type != 'dr_grpo':
+        warnings.append(f"loss.max_completion_length set, but loss.loss_type={params.loss_type} does not read it: "
+                        f"dr_grpo alone divides by that constant")
+    elif length is not None and run.max_new_tokens is not None and length < run.max_new_tokens:
+        warnings.append(f"loss.max_completion_length={length} is below max_new_tokens={run.max_new_tokens}: "
+                        f"dr_grpo divides by it as the longest a completion can be, so a long completion's tokens "
+                        f"weigh more than one sequence; set it to max_new_tokens, as TRL does")
+    if hasattr(params, 'epsilon_high'):  # a clip range [1 - epsilon, 1 + epsilon_high]
+        if params.epsilon >= 1:
+            warnings.append(f"loss.epsilon={params.epsilon} puts the clip range's lower side at "
+                            f"{1 - params.epsilon:g}: a ratio, always > 0, is never clipped from below")
+        if params.epsilon_high is not None and params.epsilon_high < params.epsilon:
+            warnings.append(f"loss.epsilon_high={params.epsilon_high} is below loss.epsilon={params.epsilon}: the "
+                            f"clip range is narrower above 1 than below, the reverse of DAPO's clip-higher")
+    for warning in warnings:
+        rank0_print(f"warning: {warning}")
 
 
 FORMATTING_KEYS = ('human_prefix', 'human_suffix', 'assistant_prefix', 'assistant_suffix')

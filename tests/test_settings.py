@@ -402,6 +402,29 @@ def test_a_reference_cache_without_a_reference_model_is_warned_of(tmp_path, caps
     assert 'warning' not in capsys.readouterr().out
 
 
+def test_policy_gradient_keys_that_do_nothing_and_odd_clip_ranges_are_warned_of(tmp_path, capsys):
+    reward = f'++online.reward_function={ROOT}/tests/rewards.py:vowels'
+    warned = {
+        ('grpo-online', '++loss.max_refills=7'): "loss.max_refills set, but loss.dynamic_sampling=false replaces no "
+        "group: ++loss.dynamic_sampling=true replaces the groups whose scores are all equal",
+        ('grpo-online', '++loss.max_completion_length=50'): "loss.max_completion_length set, but "
+        "loss.loss_type=grpo does not read it: dr_grpo alone divides by that constant",
+        ('dr-grpo', '++loss.max_completion_length=10', '++max_new_tokens=100'): "loss.max_completion_length=10 is "
+        "below max_new_tokens=100: dr_grpo divides by it as the longest a completion can be, so a long completion's "
+        "tokens weigh more than one sequence; set it to max_new_tokens, as TRL does",
+        ('grpo-online', '++loss.epsilon=1.5'): "loss.epsilon=1.5 puts the clip range's lower side at -0.5: a ratio, "
+        "always > 0, is never clipped from below",
+        ('rloo', '++loss.epsilon=0.3', '++loss.epsilon_high=0.1'): "loss.epsilon_high=0.1 is below loss.epsilon=0.3: "
+        "the clip range is narrower above 1 than below, the reverse of DAPO's clip-higher",
+    }
+    for (loss, *overrides), warning in warned.items():
+        make_config(tmp_path, reward, *overrides, loss=loss)
+        assert capsys.readouterr().out == f'warning: {warning}\n'
+    for loss in ('grpo-online', 'dr-grpo', 'dapo', 'gspo', 'rloo', 'reinforce-pp', 'grpo'):
+        make_config(tmp_path, *([] if loss == 'grpo' else [reward]), loss=loss)  # each preset as shipped
+        assert 'warning' not in capsys.readouterr().out
+
+
 def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
     make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
                 '++online.eval_prompts=[held.jsonl]', loss='sft')
