@@ -22,6 +22,7 @@ from halos.errors import USER_FULL_ERROR, ConfigError, one_line, reported_as_one
 CONFIG_FLAGS = ('--config-path', '-cp', '--config-name', '-cn', '--config-dir', '-cd')
 PATH_FLAGS = ('--config-path', '-cp', '--config-dir', '-cd')
 CONFIG_GROUPS = ('loss', 'model')
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def config_flags_first(arguments: List[str]) -> List[str]:
@@ -55,7 +56,7 @@ def config_path_flags(flag: str, value: Optional[str]) -> Optional[List[str]]:
 
 def config_choices(group: str) -> str:
     """The choices of a config group (config/<group>/*.yaml), comma-separated."""
-    directory = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'config', group)
+    directory = os.path.join(REPO, 'config', group)
     return ', '.join(sorted(name[:-len('.yaml')] for name in os.listdir(directory) if name.endswith('.yaml')))
 
 
@@ -195,6 +196,9 @@ def composition_message(error: Exception) -> str:
     if isinstance(error, MissingConfigException) and error.options and error.missing_cfg_file:
         group, _, name = error.missing_cfg_file.rpartition('/')
         return f"{group}={name}: config/{group} has no {name}.yaml; the choices are {', '.join(sorted(error.options))}"
+    ungrouped = ungrouped_config_path(error, sys.argv[1:])
+    if ungrouped:
+        return ungrouped
     unknown = re.search(r"Could not override '([^']+)'.*use \+(.+)$", str(error), re.DOTALL)
     if unknown:
         from halos.build import unknown_override
@@ -211,6 +215,19 @@ def composition_message(error: Exception) -> str:
         return ("no config.yaml to start from: give --config-path=<a run directory> (the config.yaml the run saved) "
                 "or --config-path=config (halos' defaults)")
     return one_line(error) + unread_config_dir(sys.argv[1:])
+
+
+def ungrouped_config_path(error: Exception, arguments: List[str]) -> Optional[str]:
+    """Where a config.yaml copied out of config/ (--config-path) chooses a loss or model that no group beside it
+    holds: that halos' groups are to be added."""
+    missing = re.match(r"(?:In '[^']+': Could not find '([a-z]+)/[^']*'|You must specify '([a-z]+)')", str(error))
+    group = missing and (missing.group(1) or missing.group(2))
+    path = next((value for flag, _, value in (argument.partition('=') for argument in arguments)
+                 if flag in ('--config-path', '-cp')), None)
+    if group not in CONFIG_GROUPS or path is None or os.path.isdir(os.path.join(path, group)):
+        return None
+    return (f"--config-path={path} has no {group}/ directory of config groups, which its config chooses from: "
+            f"add --config-dir={os.path.join(REPO, 'config')} to choose halos' {group}=<name>")
 
 
 def unread_config_dir(arguments: List[str]) -> str:

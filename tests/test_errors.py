@@ -311,6 +311,16 @@ def test_a_run_directory_given_as_config_dir_is_pointed_to_config_path(tmp_path,
         f"--config-path={tmp_path})")
 
 
+def test_a_copied_config_without_the_config_groups_beside_it_is_pointed_to_them(tmp_path, monkeypatch, capsys):
+    (tmp_path / 'my.yaml').write_text(open(os.path.join(ROOT, 'config', 'config.yaml')).read())
+    for choices in (['loss=dpo', 'model=tiny'], []):  # a loss it cannot find, or none to choose from
+        status, stderr = run_in_process(monkeypatch, capsys, 'train.py', [
+            f'--config-path={tmp_path}', '--config-name=my', f'hydra.run.dir={tmp_path / "hydra"}', *choices])
+        assert status == 2 and last_line(stderr) == (
+            f"train.py: --config-path={tmp_path} has no loss/ directory of config groups, which its config chooses "
+            f"from: add --config-dir={ROOT}/config to choose halos' loss=<name>")
+
+
 def test_a_config_name_that_is_not_there_is_named(tmp_path, monkeypatch, capsys):
     status, stderr = run_in_process(monkeypatch, capsys, 'train.py', [
         '--config-name=nosuch', f'hydra.run.dir={tmp_path}', 'loss=sft', 'model=tiny'])
