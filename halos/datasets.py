@@ -284,6 +284,17 @@ def check_dataset_name(name: str) -> None:
                         f"or a path to a .json/.jsonl/.parquet feedback file")
 
 
+def raw_hub_file_note(path: str) -> str:
+    """Where a file given as feedback lies as ++data_dir keeps a registered dataset's raw hub records
+    (DIR/<name>/<split>.jsonl): how to read it as that dataset."""
+    directory, name = os.path.split(os.path.dirname(os.path.abspath(path)))
+    split = os.path.splitext(os.path.basename(path))[0]
+    if name not in DATASETS or split not in ('train', 'test'):
+        return ''
+    return (f" (it lies as ++data_dir keeps the hub's raw '{name}' records, which are not feedback records: give "
+            f"datasets=[{name}] ++data_dir={os.path.relpath(directory)})")
+
+
 def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, assistant_prefix: str,
                  assistant_suffix: str, data_dir: Optional[str] = None, seed: int = 0) -> Dataset:
     """A registered dataset by name, or a feedback file by path. `seed` goes to the dataset functions that
@@ -291,7 +302,12 @@ def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, as
     formatting = (human_prefix, human_suffix, assistant_prefix, assistant_suffix)
     check_dataset_name(name)
     if is_feedback_file(name):
-        return get_feedback_file(name, split, *formatting)
+        try:
+            return get_feedback_file(name, split, *formatting)
+        except DataError as error:
+            if not raw_hub_file_note(name):
+                raise
+            raise type(error)(f"{error}{raw_hub_file_note(name)}") from None
     get = DATASETS[name]
     options = {'seed': seed} if 'seed' in inspect.signature(get).parameters else {}
     return checked_dataset(get(split, *formatting, data_dir=data_dir, **options), f"dataset {name} ({get.__name__})")

@@ -521,6 +521,15 @@ def test_bad_feedback_files_name_file_record_and_field(file, pattern):
         D.load_dataset(os.path.join(DATA, 'bad', file), 'train', **FORMAT)
 
 
+def test_a_raw_hub_file_given_as_feedback_is_pointed_to_its_dataset_name(monkeypatch):
+    monkeypatch.chdir(os.path.dirname(DATA))
+    with pytest.raises(D.DataError) as error:
+        D.load_dataset(os.path.join('data', 'hh', 'train.jsonl'), 'train', **FORMAT)
+    assert str(error.value) == ("data/hh/train.jsonl: record 1: missing field 'prompt' (it lies as ++data_dir keeps the "
+                                "hub's raw 'hh' records, which are not feedback records: give datasets=[hh] "
+                                "++data_dir=data)")
+
+
 @pytest.mark.parametrize('records,message', [
     ([{'prompt': 'a', 'output': 'x', 'reward': 1}, {'prompt': 'b', 'reward': 3}],
      "record 2: missing field 'output'"),  # a reward needs the output it rates, not a prompt alone
