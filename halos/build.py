@@ -96,8 +96,8 @@ def loss_settings(loss: dict, overrides: Overrides) -> LossSettings:
     rest = {key: value for key, value in loss.items() if key not in own}
     for key in rest:
         if key == 'humanline' and not issubclass(trainer_class.Params, Humanline):
-            raise ConfigError(f"loss.humanline: {fixed.trainer} has no per-token log-ratios to a reference model to "
-                              f"clamp (humanline works with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo)")
+            raise ConfigError(f"loss.humanline: {fixed.trainer} takes no humanline, as its Params are not a Humanline "
+                              f"(humanline works with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo)")
         if key not in trainer_keys and key not in loader_keys:
             names = [f'loss.{name}' for name in (*own, *trainer_keys, *loader_keys)]
             declared = ', '.join(trainer_keys) or 'no parameters'

@@ -271,7 +271,7 @@ def test_keys_that_must_agree_are_checked_together():
     assert refused('dpo', '++model.max_prompt_length=512') == \
         "model.max_prompt_length (512) must be below model.max_length (128), or no room is left for a completion"
     assert refused('dpo', '++n_epochs=null') == "set n_epochs or n_examples (both are null)"
-    assert refused('sft', '++loss.humanline=true').startswith("loss.humanline: SFTTrainer has no per-token log-ratios")
+    assert refused('sft', '++loss.humanline=true').startswith("loss.humanline: SFTTrainer takes no humanline")
     for loss in ('ppo', 'grpo'):
         assert refused(loss, '++cache_reference_logprobs=true') == \
             f"loss={loss} needs per-token reference log-probs: set cache_reference_logprobs=false"

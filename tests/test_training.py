@@ -1005,8 +1005,9 @@ def test_humanline_makes_the_reference_the_previous_policy_and_logs_the_unclampe
 
 
 @pytest.mark.parametrize('loss, overrides, message', [
-    ('ppo', [], 'PPOTrainer has no per-token log-ratios to a reference model to clamp'),
-    ('slic', [], 'SLiCTrainer has no per-token log-ratios'),
+    ('ppo', [], r'^loss.humanline: PPOTrainer takes no humanline, as its Params are not a Humanline \(humanline works '
+                r'with dpo, cdpo, ipo, kto, kto-simple, kto-zero, grpo\)$'),
+    ('slic', [], 'SLiCTrainer takes no humanline'),
     ('dpo', ['++cache_reference_logprobs=true'], 'cannot be cached: set cache_reference_logprobs=false')])
 def test_humanline_refuses_what_cannot_work(tmp_path, loss, overrides, message):
     with pytest.raises(ConfigError, match=message):
