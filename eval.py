@@ -399,6 +399,9 @@ def checked(run: RunSettings) -> RunSettings:
         run = dataclasses.replace(run, datasets=run.prompts)
     if run.mode in ('sample', 'eval') and not run.datasets:
         raise missing_keys_error(['datasets'])
+    if run.mode == 'eval' and run.n_eval_examples == 0:  # a run that trained without evaluating holds it
+        raise ConfigError("n_eval_examples=0: mode=eval would evaluate no example; give ++n_eval_examples=N (null: "
+                          "the whole test split)")
     if run.num_samples_per_prompt and run.mode != 'sample':
         raise ConfigError(f"num_samples_per_prompt={run.num_samples_per_prompt}: mode={run.mode} samples one "
                           f"completion per prompt; k completions per prompt are mode=sample's")

@@ -331,6 +331,17 @@ def test_reward_mode_weighs_a_runs_own_reward_functions_as_training_did(tmp_path
     assert checked_scores(eval_script.reward_labeler(eval_script.checked(other)), ['p'], ['c'], ['sample 0']) == [3.0]
 
 
+def test_mode_eval_of_no_example_is_refused(tmp_path):
+    """As a run trained with n_eval_examples=0 (no evaluation) leaves it in its config.yaml."""
+    import dataclasses
+    run = make_config(tmp_path, '++n_eval_examples=0', loss='sft')
+    with pytest.raises(ConfigError) as error:
+        eval_script.checked(dataclasses.replace(run, mode='eval'))
+    assert str(error.value) == ("n_eval_examples=0: mode=eval would evaluate no example; give ++n_eval_examples=N "
+                                "(null: the whole test split)")
+    assert eval_script.checked(dataclasses.replace(run, mode='eval', n_eval_examples=None)).n_eval_examples is None
+
+
 def test_prompts_choose_what_sample_mode_samples_and_k_samples_are_sample_modes_alone(tmp_path, capsys):
     import dataclasses
     run = make_config(tmp_path, loss='sft')
