@@ -206,7 +206,7 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
 
     def flatten(self, examples):
         rng = random.Random(self.seed)
-        items = []
+        items, largest = [], 0
         for example in examples:
             if example.scores and all(score is not None for score in example.scores):
                 scored = zip(example.generations, example.scores)
@@ -216,6 +216,12 @@ class GroupUnpairedPreferenceDataLoader(DataLoader):
                       for completion, score in scored]
             self.counts['groups larger than batch_size, cut into parts'] += len(scored) > self.batch_size
             items += scored
+            largest = max(largest, len(scored))
+        cut = self.counts['groups larger than batch_size, cut into parts']
+        if self.split == 'train' and cut:
+            rank0_print(f"warning: {cut} of {len(examples)} prompts have more completions than model.batch_size="
+                        f"{self.batch_size}: each is cut into parts of at most {self.batch_size}, and each part is a "
+                        f"group of its own (its own mean and std); model.batch_size={largest} keeps every group whole")
         group_scores: Dict[str, set] = {}
         for item in items:
             group_scores.setdefault(item.example.group_key(), set()).add(item.score)

@@ -245,7 +245,8 @@ class DataLoader:
                 continue
             why = f"frac_unique_{kind}={share} keeps none of the {len(found)} {kind} examples" if found else \
                 f"the training data ({', '.join(self.dataset_names)}) holds no {kind} examples"
-            rank0_print(f"warning: {why}: the loss sees only the other kind")
+            also = ", and evaluation too (frac_unique_* thins the test split alike, as in HALOs)" if found else ''
+            rank0_print(f"warning: {why}: the loss sees only the other kind{also}")
         return desirable[:n_desirable] + undesirable[:n_undesirable]
 
     def unary_labels(self, example: Example, rng: random.Random) -> List[Tuple[str, bool]]:

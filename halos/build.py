@@ -159,6 +159,10 @@ def check_consistency(run: RunSettings) -> None:
                     f"its prompt's tokens")
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
+    if schema.KL in trainer_class.prefixes and model.batch_size == 1:
+        rank0_print(f"warning: model.batch_size=1: loss={loss.name} estimates its reference point from each prompt "
+                    f"paired with another item's completion in the batch, and a batch of one pairs it with its own: "
+                    f"use model.batch_size >= 2")
     if run.online.sampler == 'vllm':
         chosen_sampler(EngineChoice('vllm'))  # where vLLM cannot run, the run stops before anything loads
     if online.rounds > 0 and trainer_class.samples_online:
@@ -476,6 +480,22 @@ def warn_of_unused_datasets(run: RunSettings, train_loader) -> None:
                         f"{kinds}), only on the other datasets")
 
 
+def warn_of_unbalanced_kto_weights(run: RunSettings, train_loader) -> None:
+    """KTO's paper keeps lambda_D n_D / (lambda_U n_U) in [1, 4/3]: name a run outside it, and the weight that
+    brings it to 1."""
+    params = run.loss.params
+    desirable, undesirable = (train_loader.counts.get(f'unary: {kind}', 0) for kind in ('desirable', 'undesirable'))
+    if not (hasattr(params, 'undesirable_weight') and desirable and undesirable):  # one kind alone is warned of
+        return
+    ratio = params.desirable_weight * desirable / (params.undesirable_weight * undesirable)
+    if 1 <= ratio <= 4 / 3:
+        return
+    balanced = params.desirable_weight * desirable / undesirable
+    rank0_print(f"warning: loss={run.loss.name}: desirable_weight x {desirable} desirable / (undesirable_weight x "
+                f"{undesirable} undesirable) = {ratio:.3g}, outside the [1, 4/3] that KTO's paper recommends: "
+                f"++loss.undesirable_weight={balanced:.3g} makes it 1")
+
+
 def warn_of_cuts(run: RunSettings, train_loader) -> None:
     """Say so where model.max_length cuts most completions, or model.max_prompt_length most prompts (checked on
     the first prompts): the loss then sees completions that stop where they did not end, or prompts that lost
@@ -570,6 +590,7 @@ def build_trainer(run: RunSettings):
         warn_of_an_unreached_n_examples(run, train_loader)
         warn_of_unused_datasets(run, train_loader)
         warn_of_cuts(run, train_loader)
+        warn_of_unbalanced_kto_weights(run, train_loader)
         if eval_loader is not None and not sampled:
             warn_on_shared_held_out(train_loader.full_data.values(), eval_loader.full_data.values(), 'evaluation',
                                     "a feedback file's records without a 'split' field serve both splits: give the "

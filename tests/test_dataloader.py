@@ -401,7 +401,7 @@ def test_a_fraction_that_keeps_none_of_a_kind_is_warned_of(tokenizer, capsys):
     kto = loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.0)
     assert not any(item.is_desirable for item in kto.items)
     assert ("warning: frac_unique_desirable=0.0 keeps none of the 35 desirable examples: the loss sees only the other "
-            "kind") in capsys.readouterr().out
+            "kind, and evaluation too (frac_unique_* thins the test split alike, as in HALOs)\n") in capsys.readouterr().out
     loader(D.UnpairedPreferenceDataLoader, ['hh'], tokenizer, frac_unique_desirable=0.2)
     assert 'warning' not in capsys.readouterr().out
 
@@ -412,7 +412,7 @@ def test_data_of_one_kind_is_warned_of_and_refused_where_each_batch_needs_both(t
                             for word in ('hi', 'yo', 'hey', 'bye')))
     assert len(loader(D.UnpairedPreferenceDataLoader, [str(path)], tokenizer).items) == 4
     assert (f"warning: the training data ({path}) holds no undesirable examples: the loss sees only the other "
-            f"kind") in capsys.readouterr().out
+            f"kind\n") in capsys.readouterr().out
     with pytest.raises(D.DataError) as error:
         loader(D.SimpleKTODataLoader, [str(path)], tokenizer)
     assert str(error.value) == (f"{path}: SimpleKTODataLoader fills each batch with 2 desirable and 2 undesirable "
@@ -851,13 +851,16 @@ def test_grpo_on_oasst_rewards_the_better_ranked_reply(tokenizer):
     assert scored[example.generations[better]] > scored[example.generations[worse]]
 
 
-def test_a_grpo_group_larger_than_the_batch_is_cut_into_shuffled_parts(tokenizer, tmp_path):
+def test_a_grpo_group_larger_than_the_batch_is_cut_into_shuffled_parts(tokenizer, tmp_path, capsys):
     """A file sorted by score would otherwise give a part of the best completions and one of the worst, each
     normalised against itself."""
     path = tmp_path / 'sorted.jsonl'
     path.write_text(''.join(json.dumps({'prompt': 'Rate me.', 'output': f'answer {score}', 'reward': score}) + '\n'
                             for score in range(8, 0, -1)))
     grouped = loader(D.GroupUnpairedPreferenceDataLoader, [str(path)], tokenizer, n_epochs=3)
+    assert capsys.readouterr().out.splitlines()[0] == ("warning: 1 of 1 prompts have more completions than model.batch_size=4: each "
+                                       "is cut into parts of at most 4, and each part is a group of its own (its own "
+                                       "mean and std); model.batch_size=8 keeps every group whole")
     parts = [[item.score for item in batch] for epoch in range(3)
              for batch in grouped.epoch_batches(random.Random(epoch))]
     assert all(len(part) == 4 for part in parts) and len(parts) == 6

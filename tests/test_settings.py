@@ -425,6 +425,24 @@ def test_policy_gradient_keys_that_do_nothing_and_odd_clip_ranges_are_warned_of(
         assert 'warning' not in capsys.readouterr().out
 
 
+def test_kto_weights_outside_the_papers_band_and_a_batch_of_one_are_warned_of(tmp_path, capsys):
+    from types import SimpleNamespace
+
+    from halos.build import warn_of_unbalanced_kto_weights
+    counts = SimpleNamespace(counts={'unary: desirable': 322, 'unary: undesirable': 118})
+    warn_of_unbalanced_kto_weights(make_config(tmp_path, loss='kto'), counts)
+    assert capsys.readouterr().out == (
+        "warning: loss=kto: desirable_weight x 322 desirable / (undesirable_weight x 118 undesirable) = 2.73, outside "
+        "the [1, 4/3] that KTO's paper recommends: ++loss.undesirable_weight=2.73 makes it 1\n")
+    for overrides, loss in ((['++loss.undesirable_weight=2.5'], 'kto'), ([], 'kto-zero')):  # 1.09; no weights
+        warn_of_unbalanced_kto_weights(make_config(tmp_path, *overrides, loss=loss), counts)
+        assert capsys.readouterr().out == ''
+    make_config(tmp_path, '++model.batch_size=1', loss='kto')
+    assert capsys.readouterr().out == (
+        "warning: model.batch_size=1: loss=kto estimates its reference point from each prompt paired with another "
+        "item's completion in the batch, and a batch of one pairs it with its own: use model.batch_size >= 2\n")
+
+
 def test_online_keys_of_an_offline_run_and_lora_keys_without_lora_are_warned_of(tmp_path, capsys):
     make_config(tmp_path, '++online.reward_function=r.py:f', '++online.prompts_per_round=4',
                 '++online.eval_prompts=[held.jsonl]', loss='sft')
