@@ -316,13 +316,15 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
     if kinds and written not in kinds:
         raise ConfigError(f"online.feedback={online.feedback}: loss={run.loss.name} trains on {' or '.join(kinds)} "
                           f"feedback; set online.feedback={kinds[0]}")
-    if online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt < 2:
-        raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {online.feedback} feedback compares "
-                          f"the samples of a prompt, so it needs at least 2")
-    if run.temperature == 0 and online.feedback in ('pairwise', 'scalar') and online.samples_per_prompt > 1:
-        raise ConfigError(f"temperature=0 decodes greedily, so the samples of a prompt are alike and "
-                          f"online.feedback={online.feedback} has nothing to compare: set temperature > 0 (null: the "
-                          f"model's)")
+    compares = online.feedback in ('pairwise', 'scalar', 'best') or online.feedback == 'binary' and online.per_prompt
+    feedback = f"online.feedback={online.feedback}" + (' with online.per_prompt=true' if online.feedback == 'binary'
+                                                       else '')
+    if compares and online.samples_per_prompt < 2:
+        raise ConfigError(f"online.samples_per_prompt={online.samples_per_prompt}: {feedback} compares the samples of "
+                          f"a prompt, so it needs at least 2")
+    if run.temperature == 0 and compares and online.samples_per_prompt > 1:
+        raise ConfigError(f"temperature=0 decodes greedily, so the samples of a prompt are alike and {feedback} has "
+                          f"nothing to compare: set temperature > 0 (null: the model's)")
     if online.feedback == 'best' and schema.SCORE in trainer_class.labels_read:
         raise ConfigError(f"online.feedback=best keeps one sample of each prompt, and loss={run.loss.name} compares "
                           f"the samples of a prompt: set online.feedback=scalar")

@@ -84,7 +84,7 @@ def last_error_note(labeler) -> str:
     return f"; last error: {last_error}" if last_error else ''
 
 
-TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ'}
+TRAINING_UNITS = {'pairwise': 'pairs', 'scalar': 'groups whose scores differ', 'best': 'best samples'}
 
 
 def why_no_training_data(labelled: List[Dict], records: List[Dict], kind: str,

@@ -771,6 +771,7 @@ def test_a_broken_reward_model_format_file_is_named(tmp_path, content, says):
     (['--feedback', 'binary', '--threshold', 'mean', '--per-prompt'],
      "0 undesirable samples: every reward reaches the mean threshold, as the rewards are tied"),
     (['--feedback', 'pairwise'], "0 pairs: no prompt of 2 has two samples with different rewards"),
+    (['--feedback', 'best'], "0 best samples: no prompt of 2 has two samples with different rewards"),
 ])
 def test_label_py_refuses_feedback_that_tied_rewards_leave_nothing_to_learn_from(tmp_path, capsys, options, says):
     samples = tmp_path / 'samples.jsonl'

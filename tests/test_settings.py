@@ -292,8 +292,14 @@ def test_keys_that_must_agree_are_checked_together():
     overrides = base_overrides('/tmp/unused') + ['++online.rounds=1', reward, '++online.samples_per_prompt=1']
     with pytest.raises(ConfigError) as error:
         run_settings(compose_config(overrides), overrides)
-    assert str(error.value) == ("online.samples_per_prompt=1: pairwise feedback compares the samples of a prompt, so "
-                                "it needs at least 2")
+    assert str(error.value) == ("online.samples_per_prompt=1: online.feedback=pairwise compares the samples of a "
+                                "prompt, so it needs at least 2")
+    one = ['++online.rounds=1', reward, '++online.samples_per_prompt=1']
+    assert refused('sft', *one, '++online.feedback=best') == (
+        "online.samples_per_prompt=1: online.feedback=best compares the samples of a prompt, so it needs at least 2")
+    assert refused('kto', *one, '++online.feedback=binary', '++online.per_prompt=true') == (
+        "online.samples_per_prompt=1: online.feedback=binary with online.per_prompt=true compares the samples of a "
+        "prompt, so it needs at least 2")
     assert refused('dpo', '++online.rounds=1', reward, '++online.feedback=binary') == \
         "online.feedback=binary: loss=dpo trains on pairwise feedback; set online.feedback=pairwise"
     assert refused('kto', '++online.rounds=1', reward, '++online.feedback=scalar') == \
