@@ -311,6 +311,9 @@ def check_online(run: RunSettings, trainer_class: type) -> None:
         raise ConfigError("online rounds train on new samples every round: set cache_reference_logprobs=false")
     if online.reference == 'previous' and not trainer_class.use_reference_model:
         raise ConfigError(f"online.reference=previous: {run.loss.trainer} has no reference model")
+    if online.reference == 'previous' and getattr(run.loss.params, 'humanline', False):
+        rank0_print("warning: online.reference=previous, but loss.humanline=true moves the reference to the policy "
+                    "at every step, so the round's start is never the reference")
     kinds = dataloader.get_dataloader_class(run.loss.dataloader).feedback_kinds
     written = 'binary' if online.feedback == 'best' else online.feedback  # the best sample, labelled desirable
     if kinds and written not in kinds:

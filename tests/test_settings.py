@@ -431,7 +431,7 @@ def test_policy_gradient_keys_that_do_nothing_and_odd_clip_ranges_are_warned_of(
         assert 'warning' not in capsys.readouterr().out
 
 
-def test_kto_weights_outside_the_papers_band_and_a_batch_of_one_are_warned_of(tmp_path, capsys):
+def test_kto_weights_outside_the_papers_band_a_batch_of_one_and_an_inert_reference_are_warned_of(tmp_path, capsys):
     from types import SimpleNamespace
 
     from halos.build import warn_of_unbalanced_kto_weights
@@ -443,6 +443,11 @@ def test_kto_weights_outside_the_papers_band_and_a_batch_of_one_are_warned_of(tm
     for overrides, loss in ((['++loss.undesirable_weight=2.5'], 'kto'), ([], 'kto-zero')):  # 1.09; no weights
         warn_of_unbalanced_kto_weights(make_config(tmp_path, *overrides, loss=loss), counts)
         assert capsys.readouterr().out == ''
+    make_config(tmp_path, '++online.rounds=1', f'++online.reward_function={ROOT}/tests/rewards.py:vowels',
+                '++online.feedback=binary', '++online.reference=previous', '++loss.humanline=true', loss='kto')
+    assert capsys.readouterr().out == (
+        "warning: online.reference=previous, but loss.humanline=true moves the reference to the policy at every step, "
+        "so the round's start is never the reference\n")
     make_config(tmp_path, '++model.batch_size=1', loss='kto')
     assert capsys.readouterr().out == (
         "warning: model.batch_size=1: loss=kto estimates its reference point from each prompt paired with another "
