@@ -20,6 +20,7 @@ from halos.batching import FEEDBACK_NAMES, held_feedback_kinds, item_example, lo
 from halos.datasets import check_dataset_name
 from halos.errors import ConfigError, DataError, describe_error, one_line
 from halos.examples import Formatting, prompt_digest
+from halos.feedback import NoRecordsForSplit
 from halos.labelers import (RewardFunctionLabeler, RewardFunctionsLabeler, check_prompts, make_labeler,
                             reward_function_labeler)
 from halos.labelling import FEEDBACK_OPTIONS
@@ -587,7 +588,10 @@ def build_trainer(run: RunSettings):
         check_round_prompt_fields(run)
     train_loader = None if online else build_loader(run, tokenizer, 'train', train_prompts)  # data errors surface
     evaluates = not online and run.n_eval_examples != 0  # (0: no evaluation, so no test split to read)
-    eval_loader = build_loader(run, tokenizer, 'test', held_out_prompts) if evaluates else None  # before models
+    try:
+        eval_loader = build_loader(run, tokenizer, 'test', held_out_prompts) if evaluates else None  # before models
+    except NoRecordsForSplit as error:  # a file of training records alone
+        raise NoRecordsForSplit(f"{error}; or train without evaluating: ++n_eval_examples=0") from None
     for loader in (train_loader, eval_loader):
         if loader is not None and not loader.items and loader.n_examples != 0:
             raise DataError(loader.why_no_items(losses_reading))

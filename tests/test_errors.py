@@ -199,7 +199,8 @@ def cases(tmp_path, made_once):
                          f"{role}: record 2: field 'prompt' turn 2 has role 'bot'; roles are user, assistant, system"),
         'one split only': ('train.py', [f'datasets=[{train_only}]'],
                            f"{train_only}: no records for split 'test': every record's 'split' field names another "
-                           f"split (train); records without a 'split' field are used for both splits"),
+                           f"split (train); records without a 'split' field are used for both splits; or train "
+                           f"without evaluating: ++n_eval_examples=0"),
         'unknown key': ('train.py', ['++model.bach_size=8'],
                         "++model.bach_size=8: no config defines the key 'model.bach_size'; did you mean model.batch_size or "
                         "model.eval_batch_size?"),
