@@ -72,9 +72,11 @@ def per_round(records: Sequence[dict], key: str) -> Dict[int, dict]:
 TRAINING_LOSSES = ('loss/train', 'loss/total')  # the total of online PPO's policy, value and KL terms
 
 
-def loss_panel(records: Sequence[dict]) -> Panel:
+def loss_panel(records: Sequence[dict]) -> Optional[Panel]:
     key = next((key for key in TRAINING_LOSSES if any(key in record for record in records)), TRAINING_LOSSES[0])
     x, y = points(records, key)
+    if not y:
+        return None
     window = smoothing_window(len(y))
     return Panel('loss', EXAMPLES, 'training loss (per example)',
                  [Series('per batch', x, y), Series(f'moving average of {window}', x, moving_average(y, window))])
@@ -157,6 +159,9 @@ def plot_training_curves(run_dirs: Mapping[str, str], out_path: str) -> str:
             raise DataError(f"{path}/metrics.jsonl: no metrics yet (no record of a step or round: the run logged "
                             f"nothing)")
         columns[name] = run_panels(records)
+        if not columns[name]:
+            raise DataError(f"{path}/metrics.jsonl: no training step yet (it holds the evaluation before the first "
+                            f"step alone)")
     present = {panel.title for panels in columns.values() for panel in panels}
     kinds = [title for title in TITLES if title in present]
     figure, axes = plt.subplots(len(kinds), len(columns), figsize=(4.2 * len(columns), 3.2 * len(kinds)),

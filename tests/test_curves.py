@@ -103,6 +103,8 @@ def test_visualize_plots_the_curves_of_several_runs(tmp_path):
                             'nothing)'),
     (['--curves', 'stepless'], 'stepless/metrics.jsonl: no metrics yet (no record of a step or round'),
     (['--curves', 'garbled'], 'garbled/metrics.jsonl: line 2 is not JSON (Expecting value)'),
+    (['--curves', 'first_eval'], 'first_eval/metrics.jsonl: no training step yet (it holds the evaluation before the '
+                                 'first step alone)'),
     (['--curves', 'text'], "text/metrics.jsonl: record 1: loss/train is 'abc', not a number"),
     (['empty'], "empty: a directory, not a compare.py results file; --curves plots a run directory's training curves"),
 ])
@@ -110,6 +112,7 @@ def test_visualize_names_a_wrong_argument(tmp_path, arguments, message):
     write_metrics(str(tmp_path / 'empty'), [])
     write_metrics(str(tmp_path / 'stepless'), [{'loss/train': 0.5}])
     write_metrics(str(tmp_path / 'text'), [{'step': 1, 'loss/train': 'abc'}])
+    write_metrics(str(tmp_path / 'first_eval'), [{'step': 0, 'loss/eval': 0.69, 'rewards_eval/margins': 0.0}])
     os.makedirs(tmp_path / 'garbled')
     (tmp_path / 'garbled' / 'metrics.jsonl').write_text('{"step": 1, "loss/train": 0.5}\nthis is not json\n')
     result = subprocess.run([sys.executable, os.path.join(ROOT, 'visualize.py'), *arguments], cwd=tmp_path,
