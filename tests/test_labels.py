@@ -566,7 +566,9 @@ def test_a_round_whose_samples_file_lost_records_is_named_on_resume(tmp_path, ca
 
 
 def judged_by(url):
-    return ['++online.labeler=judge', '++online.judge=smollm2', f'++online.base_url={url}', '++online.feedback=best']
+    """The fake judge scores every sample alike: against a fixed threshold each is a desirable SFT target."""
+    return ['++online.labeler=judge', '++online.judge=smollm2', f'++online.base_url={url}', '++online.feedback=binary',
+            '++online.threshold=1']
 
 
 def test_a_judge_server_that_is_down_stops_the_run_before_it_samples(tmp_path, capsys):
