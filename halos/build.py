@@ -160,6 +160,11 @@ def check_consistency(run: RunSettings) -> None:
                     f"its prompt's tokens")
     if run.mode != 'train':
         return  # eval.py neither trains nor labels: what it needs, it checks itself
+    if model.policy_dtype == 'float16':
+        rank0_print("warning: model.policy_dtype=float16 keeps the weights and the optimizer's state in float16, "
+                    "without loss scaling: small updates are lost and the optimizer's eps (1e-8) is 0 there, which "
+                    "turns weights without gradient to NaN; train in bfloat16, or in float32 with "
+                    "model.autocast_dtype=float16 to compute in float16")
     if schema.KL in trainer_class.prefixes and model.batch_size == 1:
         rank0_print(f"warning: model.batch_size=1: loss={loss.name} estimates its reference point from each prompt "
                     f"paired with another item's completion in the batch, and a batch of one pairs it with its own: "

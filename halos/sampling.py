@@ -19,6 +19,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from halos import batch as schema
+from halos.errors import TrainingDiverged
 from halos.packing import label_logps
 from utils import all_reduce_sum, autocast
 
@@ -103,9 +104,16 @@ def next_tokens(logits: torch.Tensor, options: SamplingOptions) -> torch.Tensor:
     if options.top_k:
         kth_largest = torch.topk(logits, min(options.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth_largest, float('-inf'))
-    if options.top_p < 1.0:
-        return nucleus_sample(logits.softmax(-1), options.top_p)
-    return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+    try:
+        if options.top_p < 1.0:
+            return nucleus_sample(logits.softmax(-1), options.top_p)
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(1)
+    except RuntimeError as error:  # torch.multinomial's refusal of NaN or inf, checked there at no cost here
+        if 'probability tensor contains' not in str(error):
+            raise
+        raise TrainingDiverged("sampling: the policy's next-token probabilities are NaN or inf, so its weights are "
+                               "(an optimizer step that diverged, as float16 weights do, or a checkpoint saved so): "
+                               "lower lr, or train with model.policy_dtype=bfloat16 or float32") from None
 
 
 def cache_keyword(model) -> str:

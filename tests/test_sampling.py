@@ -147,6 +147,17 @@ def test_sampled_tokens_follow_the_warped_distribution(temperature, top_k, top_p
     assert observed[expected == 0].sum() == 0  # nothing outside top-k / top-p is ever drawn
 
 
+@pytest.mark.parametrize('top_p', [1.0, 0.9])
+def test_a_policy_whose_weights_went_nan_is_named_not_a_torch_traceback(top_p):
+    from halos.errors import TrainingDiverged
+    logits = torch.tensor([[0.5, float('nan'), 1.0], [0.1, 0.2, 0.3]])
+    with pytest.raises(TrainingDiverged) as error:
+        next_tokens(logits, SamplingOptions(100, top_p=top_p, temperature=1.0))
+    assert str(error.value) == ("sampling: the policy's next-token probabilities are NaN or inf, so its weights are (an "
+                                "optimizer step that diverged, as float16 weights do, or a checkpoint saved so): lower "
+                                "lr, or train with model.policy_dtype=bfloat16 or float32")
+
+
 def test_nucleus_beyond_the_first_candidate_widths_is_exact():
     """nucleus_sample looks at the 64, then 1024 most likely tokens before sorting everything: rows whose
     nucleus needs each of the three draw only from transformers' top-p set, and the narrow row at its

@@ -431,7 +431,7 @@ def test_policy_gradient_keys_that_do_nothing_and_odd_clip_ranges_are_warned_of(
         assert 'warning' not in capsys.readouterr().out
 
 
-def test_kto_weights_outside_the_papers_band_a_batch_of_one_and_an_inert_reference_are_warned_of(tmp_path, capsys):
+def test_kto_weights_off_the_papers_band_and_other_settings_that_train_badly_are_warned_of(tmp_path, capsys):
     from types import SimpleNamespace
 
     from halos.build import warn_of_unbalanced_kto_weights
@@ -448,6 +448,9 @@ def test_kto_weights_outside_the_papers_band_a_batch_of_one_and_an_inert_referen
     assert capsys.readouterr().out == (
         "warning: online.reference=previous, but loss.humanline=true moves the reference to the policy at every step, "
         "so the round's start is never the reference\n")
+    make_config(tmp_path, '++model.policy_dtype=float16', loss='sft')
+    assert capsys.readouterr().out.startswith("warning: model.policy_dtype=float16 keeps the weights and the "
+                                              "optimizer's state in float16, without loss scaling")
     make_config(tmp_path, '++model.batch_size=1', loss='kto')
     assert capsys.readouterr().out == (
         "warning: model.batch_size=1: loss=kto estimates its reference point from each prompt paired with another "
