@@ -111,8 +111,8 @@ def checked_score(value, labeler_name: str, may_abstain: bool, name: str) -> Opt
         raise LabelError(f"{labeler_name} gave {shortened(value)} for {name}: {refusal}") from None
 
 
-LARGEST_SCORE = torch.finfo(torch.float32).max
-IN_RANGE = f"within +-{LARGEST_SCORE:.3g}, float32's range, in which training computes"
+LARGEST_SCORE = 1e30  # far below float32's largest, so that a batch's sums and means of scores stay finite too
+IN_RANGE = f"within +-{LARGEST_SCORE:g}, where the float32 sums and means of training stay finite"
 
 
 class NotAScore(ValueError):

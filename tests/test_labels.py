@@ -61,14 +61,15 @@ def test_anything_else_stops_with_the_labeler_the_sample_and_the_value(score):
     assert str(error.value) == f"a test labeler gave {score!r} for sample 2: a score must be a finite number{batched}"
 
 
-def test_a_score_beyond_float32s_range_stops_with_the_sample_as_an_infinite_one_would():
-    assert checked_scores(Labeler([3.0e38]), ['p'], ['c'], ['sample 1']) == [3.0e38]
-    for score, says in ((1e200, 'a score must'), (-1e39, 'a score must'), ({'a': 3e38, 'b': 3e38}, 'the sum of its '
-                                                                                               'parts must')):
+def test_a_score_whose_sums_would_overflow_float32_stops_with_the_sample_as_an_infinite_one_would():
+    """Two scores of 3e38 each lie in float32's range, but their sum, and so a group's mean, does not."""
+    assert checked_scores(Labeler([1e30, -1e30]), ['p', 'q'], ['c', 'd'], ['sample 1', 'sample 2']) == [1e30, -1e30]
+    for score, says in ((3e38, 'a score must'), (-1e39, 'a score must'), ({'a': 6e29, 'b': 6e29}, 'the sum of its '
+                                                                                                 'parts must')):
         with pytest.raises(LabelError) as error:
             checked_scores(Labeler([score]), ['p'], ['c'], ['sample 1'])
-        assert str(error.value) == (f"a test labeler gave {score!r} for sample 1: {says} lie within +-3.4e+38, "
-                                    f"float32's range, in which training computes")
+        assert str(error.value) == (f"a test labeler gave {score!r} for sample 1: {says} lie within +-1e+30, where "
+                                    f"the float32 sums and means of training stay finite")
 
 
 def test_a_score_in_named_parts_is_their_sum_and_keeps_them():
