@@ -323,9 +323,15 @@ class OnlineGroupTrainer(PolicyGradientTrainer):
         super().train()
         nothing_learned = self.nothing_learned()
         if nothing_learned:
-            raise DataError(f"{nothing_learned}, so nothing was learned: check it, or sample more completions per "
-                            f"prompt (online.samples_per_prompt) or at a higher temperature; the samples and scores "
-                            f"are in {os.path.join(self.run_dir, ROLLOUTS)}")
+            raise DataError(f"{nothing_learned}, so nothing was learned: check it, or {self.what_to_change()}; the "
+                            f"samples and scores are in {os.path.join(self.run_dir, ROLLOUTS)}")
+
+    def what_to_change(self) -> str:
+        """Where no sample has had an advantage: the length budget, where mask_truncated left every completion out
+        of the loss, else the sampling."""
+        if self.params.mask_truncated and self.steps_all_cut == self.batch_counter:
+            return "raise max_new_tokens (or model.max_length)"
+        return "sample more completions per prompt (online.samples_per_prompt) or at a higher temperature"
 
     def nothing_learned(self) -> Optional[str]:
         """Why no step so far had a sample with an advantage other than 0, else None."""

@@ -382,6 +382,9 @@ def test_a_truncated_completion_carries_no_loss_with_mask_truncated(tmp_path, ma
         "(every completion was cut at the length budget (max_new_tokens, or model.max_length less the prompt), and "
         "loss.mask_truncated=true leaves a cut completion out of the loss)" if mask_truncated else
         "so maybe too short to tell apart)")
+    assert trainer.what_to_change() == ("raise max_new_tokens (or model.max_length)" if mask_truncated else
+                                        "sample more completions per prompt (online.samples_per_prompt) or at a "
+                                        "higher temperature")
 
 
 def test_a_sample_the_judge_could_not_score_is_left_out_of_its_step(tmp_path):
