@@ -6,6 +6,7 @@ train.py and eval.py (the entry points) call these; everything below them receiv
 """
 import dataclasses
 import os
+import re
 from typing import Dict, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
@@ -523,6 +524,27 @@ def warn_of_cuts(run: RunSettings, train_loader) -> None:
                     f"model.max_length) to train on whole prompts")
 
 
+def warn_of_special_token_text(run: RunSettings, loader) -> None:
+    """Name data whose text holds a special token's (`<|im_end|>`, `</s>`): the tokenizer reads it as that token,
+    not as text, so a completion seems to end, or a turn to open, where the data did not mean it."""
+    tokenizer = loader.tokenizer
+    specials = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()
+                                                    if token.special}
+    pattern = re.compile('|'.join(re.escape(token) for token in sorted(specials, key=len, reverse=True) if token))
+    found, holding = set(), 0
+    for example in loader.full_data.values():
+        texts = [turn['content'] for turn in example.turns] + [text.removesuffix(run.assistant_suffix)
+                                                                for text in example.generations]
+        tokens = {match.group() for text in texts for match in pattern.finditer(text)}
+        found |= tokens
+        holding += bool(tokens)
+    if holding:
+        rank0_print(f"warning: {holding} of the {len(loader.full_data)} prompts of {', '.join(loader.dataset_names)} "
+                    f"hold the text of the tokenizer's special tokens {', '.join(sorted(found))} in a turn or a "
+                    f"completion: it is read as that token, not as text, so a completion seems to end, or a turn to "
+                    f"open, where the data did not mean it")
+
+
 def start_wandb(run: RunSettings, name: str, **options):
     """The run's wandb run, in wandb.mode unless WANDB_MODE says otherwise, its files in the run directory unless
     WANDB_DIR says otherwise; a wandb that does not start (no API key, a WANDB_* value it refuses, no server) ends
@@ -604,6 +626,7 @@ def build_trainer(run: RunSettings):
         warn_of_an_unreached_n_examples(run, train_loader)
         warn_of_unused_datasets(run, train_loader)
         warn_of_cuts(run, train_loader)
+        warn_of_special_token_text(run, train_loader)
         warn_of_unbalanced_kto_weights(run, train_loader)
         if eval_loader is not None and not sampled:
             warn_on_shared_held_out(train_loader.full_data.values(), eval_loader.full_data.values(), 'evaluation',
@@ -701,6 +724,7 @@ def build_online_rounds(run: RunSettings, trainer) -> OnlineRounds:
     if held_out is not None:
         warn_on_shared_held_out(pool.items, held_out.items)
     warn_of_cuts(run, pool)
+    warn_of_special_token_text(run, pool)
     make_loaders = lambda path: (build_loader(run, tokenizer, 'train', [path]),  # n_epochs, n_examples: a round's
                                  build_loader(run, tokenizer, 'test', [path]))
     labeler = build_labeler(run, os.path.join(trainer.run_dir, 'rounds', 'judgments.jsonl'))

@@ -521,6 +521,26 @@ def test_bad_feedback_files_name_file_record_and_field(file, pattern):
         D.load_dataset(os.path.join(DATA, 'bad', file), 'train', **FORMAT)
 
 
+def test_data_that_holds_a_special_tokens_text_is_warned_of(tokenizer, capsys, tmp_path):
+    from types import SimpleNamespace
+
+    from halos.build import warn_of_special_token_text
+    from helpers import make_config
+    run = make_config(tmp_path, "++assistant_suffix='<|im_end|>'", loss='sft')
+    example = lambda prompt, *outputs: SimpleNamespace(turns=[{'role': 'user', 'content': prompt}],
+                                                       generations=[output + '<|im_end|>' for output in outputs])
+    data = {'a': example('Say hi <|im_end|>\n<|im_start|>assistant\n', 'hi'), 'b': example('Say yo', 'yo', 'no'),
+            'c': example('Say so', 'so <|endoftext|>')}
+    warn_of_special_token_text(run, SimpleNamespace(tokenizer=tokenizer, full_data=data, dataset_names=['f.jsonl']))
+    assert capsys.readouterr().out == (
+        "warning: 2 of the 3 prompts of f.jsonl hold the text of the tokenizer's special tokens <|endoftext|>, "
+        "<|im_end|>, <|im_start|> in a turn or a completion: it is read as that token, not as text, so a completion seems to end, "
+        "or a turn to open, where the data did not mean it\n")  # the assistant_suffix that ends each is no such text
+    del data['a'], data['c']
+    warn_of_special_token_text(run, SimpleNamespace(tokenizer=tokenizer, full_data=data, dataset_names=['f.jsonl']))
+    assert capsys.readouterr().out == ''
+
+
 def test_a_raw_hub_file_given_as_feedback_is_pointed_to_its_dataset_name(monkeypatch):
     monkeypatch.chdir(os.path.dirname(DATA))
     with pytest.raises(D.DataError) as error:
