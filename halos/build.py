@@ -528,9 +528,11 @@ def warn_of_special_token_text(run: RunSettings, loader) -> None:
     """Name data whose text holds a special token's (`<|im_end|>`, `</s>`): the tokenizer reads it as that token,
     not as text, so a completion seems to end, or a turn to open, where the data did not mean it."""
     tokenizer = loader.tokenizer
-    specials = set(tokenizer.all_special_tokens) | {token.content for token in tokenizer.added_tokens_decoder.values()
-                                                    if token.special}
-    pattern = re.compile('|'.join(re.escape(token) for token in sorted(specials, key=len, reverse=True) if token))
+    specials = {token for token in tokenizer.all_special_tokens if token} | \
+        {token.content for token in tokenizer.added_tokens_decoder.values() if token.special and token.content}
+    if not specials:
+        return
+    pattern = re.compile('|'.join(re.escape(token) for token in sorted(specials, key=len, reverse=True)))
     found, holding = set(), 0
     for example in loader.full_data.values():
         texts = [turn['content'] for turn in example.turns] + [text.removesuffix(run.assistant_suffix)
