@@ -195,13 +195,13 @@ def test_a_number_written_as_a_string_is_that_number(tmp_path):
                                                           "integer >= 2"
 
 
-
 def test_a_number_that_is_not_finite_is_named_as_such():
     assert refused('grpo-online', '++online.reward_weights=[nan,1]') == (
         '++online.reward_weights=[nan,1]: online.reward_weights must be a list of numbers (or one number) or null '
         '(nan is not finite)')
     assert refused('dpo', "++lr='-inf'") == "++lr='-inf': lr must be a number > 0 (-inf is not finite)"
     assert refused('dpo', '++optimizer=inf').endswith('RMSprop, Rprop, SGD')  # not a number key: no such note
+
 
 def test_humanline_on_a_trainer_of_ones_own_without_a_reference_is_refused(tmp_path, monkeypatch):
     from halos.loop import Humanline
