@@ -31,6 +31,7 @@ __all__ = ['DATASETS', 'DataError', 'Dataset', 'Example', 'get_alpacaeval', 'get
            'UnpairedPreferenceDataLoader', 'SimpleKTODataLoader', 'ConditionalSFTDataLoader',
            'PairedPreferenceDataLoader', 'GroupUnpairedPreferenceDataLoader', 'PromptDataLoader', 'get_dataloader_class']
 
+
 class SFTDataLoader(DataLoader):
     """One item per SFT target: a prompt's generations[sft_index], or each of its demonstrations (at most
     max_prompt_count). `prompt_suffix` is appended to every prompt (how a CSFT model is asked for desirable

@@ -275,7 +275,6 @@ def warn_of_unread_keys(run: RunSettings, trainer_class: type) -> None:
                     f"tokenizer's chat template instead")
 
 
-
 def check_model_paths(run: RunSettings, training: bool = True) -> None:
     """A model the run loads, named by a local path that is not there, stops it before anything loads (checked
     when a run starts, not with the settings: a command may name the model that the command before it writes).

@@ -492,7 +492,6 @@ def test_chat_template_renders_prompts(tokenizer):
     assert batch['target_input_ids'][0][length - 1] == tokenizer.eos_token_id
 
 
-
 def test_a_prompt_that_ends_in_the_assistants_turn_is_continued_as_trl_continues_a_final_message(tokenizer, tmp_path):
     from halos.examples import render_turns, with_completion
     prefilled = [{'role': 'user', 'content': 'What is 2+2?'}, {'role': 'assistant', 'content': 'The answer is'}]

@@ -530,6 +530,7 @@ def test_a_max_new_tokens_that_max_length_never_leaves_room_for_is_warned_of(tmp
     make_config(tmp_path, '++max_new_tokens=100', '++model.max_length=128', loss='sft')
     assert 'warning' not in capsys.readouterr().out
 
+
 def test_online_ppo_is_warned_of_online_keys_it_does_not_read_and_not_of_its_sampler(tmp_path, capsys):
     function = f'++loss.reward_function={ROOT}/tests/rewards.py:vowels'
     make_config(tmp_path, function, '++online.sampler=halos', loss='ppo-online')

@@ -1014,7 +1014,6 @@ def test_humanline_refuses_what_cannot_work(tmp_path, loss, overrides, message):
         make_config(tmp_path, '++loss.humanline=true', *overrides, loss=loss)
 
 
-
 @pytest.mark.parametrize('name, kernel', [('AdamW', 'fused'), ('Adam', 'fused'), ('RMSprop', 'foreach')])
 def test_the_optimizer_takes_its_fast_kernel_and_makes_the_same_steps(name, kernel):
     """halos.loop.build_optimizer: the fused (else foreach) kernel in one process, torch's default when sharded;
