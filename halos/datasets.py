@@ -305,9 +305,10 @@ def load_dataset(name: str, split: str, human_prefix: str, human_suffix: str, as
         try:
             return get_feedback_file(name, split, *formatting)
         except DataError as error:
-            if not raw_hub_file_note(name):
+            note = raw_hub_file_note(name)
+            if not note:
                 raise
-            raise type(error)(f"{error}{raw_hub_file_note(name)}") from None
+            raise type(error)(f"{error}{note}") from None
     get = DATASETS[name]
     options = {'seed': seed} if 'seed' in inspect.signature(get).parameters else {}
     return checked_dataset(get(split, *formatting, data_dir=data_dir, **options), f"dataset {name} ({get.__name__})")
