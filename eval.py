@@ -65,7 +65,7 @@ from halos.monitors import part_means, reward_summary
 from halos.packing import sequence_logps
 from halos.preference import RewardModelTrainer
 from halos.sampling import Sample, make_sampler, sample_records
-from halos.settings import RunSettings, as_dict
+from halos.settings import Overrides, RunSettings, as_dict
 from utils import autocast, disable_dropout, set_seed, start_process
 
 MODES = ('sample', 'eval', 'alpacaeval', 'reward', 'lm_eval')
@@ -445,7 +445,7 @@ def where_it_is(run: RunSettings, config_dir: Optional[str], overrides: Sequence
     was saved from, and says so."""
     if config_dir is None or os.path.exists(run.local_run_dir) and os.path.samefile(config_dir, run.local_run_dir):
         return run
-    named = {override.lstrip('+').split('=')[0] for override in overrides}
+    named = set(Overrides(overrides).lines)
     if named & {'local_run_dir', 'cache_dir', 'exp_name'}:
         return run
     saved_default = os.path.join(run.local_run_dir, checkpoint.LATEST, checkpoint.POLICY)
